@@ -1,0 +1,124 @@
+//! The command line: parses arguments, sets up logging and the runtime, and
+//! runs the chosen command. The binary's `main` only calls [`main`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Config, LdapUrl};
+use crate::proxy::{LogSink, Proxy};
+
+#[derive(Debug, Parser)]
+#[command(name = "ldapsync", version, about = "LDAP proxy with a synchronization core")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Relay LDAP clients to the directory.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// TOML configuration file (see the README for every key).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Listen URL, e.g. ldap://127.0.0.1:3389; repeat for several. Replaces proxy.listen.
+    #[arg(long)]
+    listen: Vec<LdapUrl>,
+    /// Directory URL, tried in order; repeat for several. Replaces proxy.upstream.
+    #[arg(long)]
+    upstream: Vec<LdapUrl>,
+    /// Log filter, e.g. `debug` or `ldapsync=trace`. Replaces log.level; RUST_LOG wins over both.
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+impl ServeArgs {
+    /// The file's settings with the flags laid over them.
+    fn config(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        if !self.listen.is_empty() {
+            config.proxy.listen = self.listen.clone();
+        }
+        if !self.upstream.is_empty() {
+            config.proxy.upstream = self.upstream.clone();
+        }
+        if let Some(level) = &self.log_level {
+            config.log.level = level.clone();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// Runs the command line; errors are printed with their causes.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ldapsync: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn init_logging(level: &str) -> anyhow::Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(from_env) if !from_env.is_empty() => EnvFilter::try_new(from_env).context("RUST_LOG")?,
+        _ => EnvFilter::try_new(level).with_context(|| format!("log level {level:?}"))?,
+    };
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.config()?;
+    init_logging(&config.log.level)?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    runtime.block_on(async {
+        let proxy = Proxy::new(config.proxy, Arc::new(LogSink));
+        let listeners = proxy.bind().await?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        proxy.serve(listeners, shutdown).await;
+        Ok(())
+    })
+}
+
+/// SIGTERM or Ctrl-C starts a graceful shutdown.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops ldapsync gracefully");
+            let _ = tokio::signal::ctrl_c().await;
+            shutdown.cancel();
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
+    }
+    shutdown.cancel();
+}

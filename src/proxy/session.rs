@@ -1,0 +1,448 @@
+//! One client connection and the upstream connection that serves it.
+//!
+//! Three tasks per session, so that each direction applies TCP back-pressure
+//! on its own and a client that pipelines cannot deadlock the relay:
+//! - the session task reads client PDUs and writes them upstream;
+//! - the upstream task reads directory PDUs and queues them for the client,
+//!   completing operations and handing successful writes to the capture sink;
+//! - the writer task drains that bounded queue to the client socket.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use rasn_ldap::ResultCode;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::{sleep_until, timeout};
+use tokio_util::codec::{BytesCodec, FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, warn};
+
+use super::Shared;
+use super::capture::{CapturedWrite, WriteKind};
+use super::codec::{FrameError, PduCodec};
+use super::message::{self, Envelope, Op, STARTTLS_OID};
+use super::upstream;
+
+/// PDUs queued for the client before the directory's side is paused.
+const CLIENT_QUEUE: usize = 64;
+
+/// An operation the directory has not finished answering.
+struct Pending {
+    op: Op,
+    started: Instant,
+    /// The request, kept for capture when the operation is a write.
+    write: Option<(WriteKind, Bytes)>,
+}
+
+/// The operations in flight on one session, shared by its two relay tasks.
+#[derive(Default)]
+struct Inflight {
+    ops: Mutex<HashMap<i64, Pending>>,
+    drained: Notify,
+}
+
+impl Inflight {
+    fn insert(&self, id: i64, pending: Pending) {
+        self.ops.lock().unwrap().insert(id, pending);
+    }
+
+    fn remove(&self, id: i64) -> Option<Pending> {
+        let mut ops = self.ops.lock().unwrap();
+        let removed = ops.remove(&id);
+        if ops.is_empty() {
+            self.drained.notify_waiters();
+        }
+        removed
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ops.lock().unwrap().is_empty()
+    }
+
+    async fn wait_drained(&self) {
+        let notified = self.drained.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if !self.is_empty() {
+            notified.await;
+        }
+    }
+}
+
+/// Why the upstream task stopped.
+#[derive(Debug)]
+enum UpstreamEnd {
+    /// The directory closed the connection; `noticed` if it said so first
+    /// with a Notice of Disconnection, which the client has then received.
+    Closed { noticed: bool },
+    Failed(FrameError),
+    ClientGone,
+}
+
+struct Upstream {
+    writer: OwnedWriteHalf,
+    ended: oneshot::Receiver<UpstreamEnd>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Why the session ends; decides what the client is told.
+#[derive(Debug)]
+enum End {
+    ClientClosed,
+    Unbind,
+    Malformed(String),
+    UpstreamLost(String),
+    Idle,
+    Shutdown,
+}
+
+enum Event {
+    Request(Option<Result<Bytes, FrameError>>),
+    Upstream(UpstreamEnd),
+    Idle,
+    Shutdown,
+}
+
+pub(super) async fn run(id: u64, stream: TcpStream, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let span = tracing::info_span!("session", id, %peer);
+    Session::new(id, stream, shared).run(shutdown).instrument(span).await
+}
+
+struct Session {
+    id: u64,
+    shared: Arc<Shared>,
+    requests: FramedRead<OwnedReadHalf, PduCodec>,
+    to_client: mpsc::Sender<Bytes>,
+    writer: JoinHandle<()>,
+    inflight: Arc<Inflight>,
+    upstream: Option<Upstream>,
+}
+
+impl Session {
+    fn new(id: u64, stream: TcpStream, shared: Arc<Shared>) -> Self {
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!(error = %e, "could not set TCP_NODELAY");
+        }
+        let (read, write) = stream.into_split();
+        let (to_client, queue) = mpsc::channel(CLIENT_QUEUE);
+        let writer = tokio::spawn(write_client(write, queue, shared.config.io_timeout).in_current_span());
+        Session {
+            id,
+            requests: FramedRead::new(read, PduCodec::new(shared.config.max_client_pdu)),
+            shared,
+            to_client,
+            writer,
+            inflight: Arc::default(),
+            upstream: None,
+        }
+    }
+
+    async fn run(mut self, shutdown: CancellationToken) {
+        debug!("session opened");
+        let end = self.relay(&shutdown).await;
+        debug!(?end, "session closing");
+        self.close(end).await;
+    }
+
+    async fn relay(&mut self, shutdown: &CancellationToken) -> End {
+        let idle_timeout = self.shared.config.idle_timeout;
+        let mut idle_deadline = tokio::time::Instant::now() + idle_timeout;
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => Event::Shutdown,
+                end = upstream_ended(&mut self.upstream) => Event::Upstream(end),
+                frame = self.requests.next() => Event::Request(frame),
+                _ = sleep_until(idle_deadline) => Event::Idle,
+            };
+            match event {
+                Event::Shutdown => return End::Shutdown,
+                Event::Upstream(end) => {
+                    self.upstream = None;
+                    match end {
+                        UpstreamEnd::ClientGone => return End::ClientClosed,
+                        UpstreamEnd::Closed { noticed: true } => return End::ClientClosed,
+                        UpstreamEnd::Closed { noticed: false } => {
+                            return End::UpstreamLost("the directory closed the connection".into());
+                        }
+                        UpstreamEnd::Failed(e) => {
+                            return End::UpstreamLost(format!("the directory sent an unreadable PDU: {e}"));
+                        }
+                    }
+                }
+                Event::Idle => {
+                    if self.inflight.is_empty() {
+                        return End::Idle;
+                    }
+                    idle_deadline = tokio::time::Instant::now() + idle_timeout;
+                }
+                Event::Request(None) => return End::ClientClosed,
+                Event::Request(Some(Err(FrameError::Io(e)))) => {
+                    debug!(error = %e, "client read failed");
+                    return End::ClientClosed;
+                }
+                Event::Request(Some(Err(e))) => return End::Malformed(e.to_string()),
+                Event::Request(Some(Ok(pdu))) => {
+                    idle_deadline = tokio::time::Instant::now() + idle_timeout;
+                    if let Some(end) = self.request(pdu).await {
+                        return end;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Relays one client PDU; `Some` ends the session.
+    async fn request(&mut self, pdu: Bytes) -> Option<End> {
+        let env = match Envelope::peek(&pdu) {
+            Ok(env) => env,
+            Err(e) => return Some(End::Malformed(format!("undecodable LDAPMessage: {e}"))),
+        };
+        debug!(message_id = env.message_id, op = env.op.name(), "request");
+        match env.op {
+            Op::Unbind => {
+                if let Some(upstream) = &mut self.upstream {
+                    // Best effort: the directory learns the client left cleanly.
+                    let _ = upstream.writer.write_all(&pdu).await;
+                }
+                return Some(End::Unbind);
+            }
+            Op::Abandon => {
+                if let Some(target) = env.abandoned_id(&pdu) {
+                    // An abandoned operation gets no further response.
+                    self.inflight.remove(target);
+                }
+                if self.upstream.is_none() {
+                    return None;
+                }
+            }
+            Op::Extended if env.extended_name(&pdu) == Some(STARTTLS_OID.as_bytes()) => {
+                let refusal = message::named_extended_response(
+                    env.message_id,
+                    STARTTLS_OID,
+                    ResultCode::Unavailable,
+                    "StartTLS is not configured on this ldapsync listener",
+                );
+                return match refusal {
+                    Some(pdu) => self.reply(pdu).await,
+                    None => Some(End::Malformed("StartTLS request with an invalid message id".into())),
+                };
+            }
+            _ => {}
+        }
+        if self.upstream.is_none() {
+            match upstream::connect(&self.shared.config.upstream, self.shared.config.connect_timeout).await {
+                Ok(stream) => self.upstream = Some(self.start_upstream(stream)),
+                Err(e) => {
+                    warn!(error = %e, op = env.op.name(), "request refused: directory unavailable");
+                    let diagnostic = format!("ldapsync: {e}");
+                    return match message::error_response(&env, ResultCode::Unavailable, &diagnostic) {
+                        Some(pdu) => self.reply(pdu).await,
+                        None => Some(End::UpstreamLost(diagnostic)),
+                    };
+                }
+            }
+        }
+        if env.op.expects_response() {
+            let write = write_kind(env.op).map(|kind| (kind, pdu.clone()));
+            self.inflight.insert(
+                env.message_id,
+                Pending {
+                    op: env.op,
+                    started: Instant::now(),
+                    write,
+                },
+            );
+        }
+        let upstream = self.upstream.as_mut().expect("connected above");
+        match timeout(self.shared.config.io_timeout, upstream.writer.write_all(&pdu)).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(End::UpstreamLost(format!("writing to the directory failed: {e}"))),
+            Err(_) => Some(End::UpstreamLost("the directory stopped reading requests".into())),
+        }
+    }
+
+    /// Queues a message ldapsync itself answers with.
+    async fn reply(&mut self, pdu: Bytes) -> Option<End> {
+        match self.to_client.send(pdu).await {
+            Ok(()) => None,
+            Err(_) => Some(End::ClientClosed),
+        }
+    }
+
+    fn start_upstream(&self, stream: TcpStream) -> Upstream {
+        let (read, writer) = stream.into_split();
+        let (report, ended) = oneshot::channel();
+        let relay = UpstreamRelay {
+            session: self.id,
+            shared: Arc::clone(&self.shared),
+            inflight: Arc::clone(&self.inflight),
+            to_client: self.to_client.clone(),
+        };
+        let frames = FramedRead::new(read, PduCodec::new(self.shared.config.max_upstream_pdu));
+        let task = tokio::spawn(
+            async move {
+                let _ = report.send(relay.run(frames).await);
+            }
+            .in_current_span(),
+        );
+        Upstream { writer, ended, task }
+    }
+
+    async fn close(mut self, end: End) {
+        let notice = match &end {
+            End::ClientClosed | End::Unbind => None,
+            End::Malformed(reason) => {
+                warn!(%reason, "protocol error from client; disconnecting");
+                Some((ResultCode::ProtocolError, reason.clone()))
+            }
+            End::UpstreamLost(reason) => {
+                warn!(%reason, "directory connection lost; disconnecting client");
+                Some((ResultCode::Unavailable, format!("ldapsync: {reason}")))
+            }
+            End::Idle => Some((ResultCode::Unavailable, "ldapsync: idle timeout".to_owned())),
+            End::Shutdown => {
+                let grace = self.shared.config.shutdown_grace;
+                if timeout(grace, self.inflight.wait_drained()).await.is_err() {
+                    info!("operations still in flight at the end of the shutdown grace period");
+                }
+                Some((ResultCode::Unavailable, "ldapsync is shutting down".to_owned()))
+            }
+        };
+        // Stop relaying directory responses before the notice, so it is last.
+        self.upstream = None;
+        if let Some((code, reason)) = notice {
+            let _ = self.to_client.send(message::notice_of_disconnection(code, &reason)).await;
+        }
+        drop(self.to_client);
+        let _ = self.writer.await;
+        info!(?end, "session closed");
+    }
+}
+
+async fn upstream_ended(upstream: &mut Option<Upstream>) -> UpstreamEnd {
+    match upstream {
+        Some(u) => (&mut u.ended).await.unwrap_or(UpstreamEnd::ClientGone),
+        None => std::future::pending().await,
+    }
+}
+
+fn write_kind(op: Op) -> Option<WriteKind> {
+    match op {
+        Op::Add => Some(WriteKind::Add),
+        Op::Modify => Some(WriteKind::Modify),
+        Op::Delete => Some(WriteKind::Delete),
+        Op::ModifyDn => Some(WriteKind::ModifyDn),
+        _ => None,
+    }
+}
+
+/// The directory-to-client half of a session.
+struct UpstreamRelay {
+    session: u64,
+    shared: Arc<Shared>,
+    inflight: Arc<Inflight>,
+    to_client: mpsc::Sender<Bytes>,
+}
+
+impl UpstreamRelay {
+    async fn run(self, mut frames: FramedRead<OwnedReadHalf, PduCodec>) -> UpstreamEnd {
+        let mut noticed = false;
+        loop {
+            let pdu = match frames.next().await {
+                None => return UpstreamEnd::Closed { noticed },
+                Some(Err(FrameError::Io(e))) => {
+                    debug!(error = %e, "directory read failed");
+                    return UpstreamEnd::Closed { noticed };
+                }
+                Some(Err(e)) => return UpstreamEnd::Failed(e),
+                Some(Ok(pdu)) => pdu,
+            };
+            let completed = match Envelope::peek(&pdu) {
+                Ok(env) if env.message_id == 0 && env.op == Op::ExtendedResponse => {
+                    warn!(result = env.result_code(&pdu), "unsolicited notification from the directory");
+                    noticed = true;
+                    None
+                }
+                Ok(env) if env.op.is_final_response() => self
+                    .inflight
+                    .remove(env.message_id)
+                    .map(|pending| (env, pending)),
+                Ok(_) => None,
+                // Relayed regardless: the client may understand what we don't.
+                Err(e) => {
+                    debug!(error = %e, "directory PDU not understood; relayed as is");
+                    None
+                }
+            };
+            if self.to_client.send(pdu.clone()).await.is_err() {
+                return UpstreamEnd::ClientGone;
+            }
+            if let Some((env, pending)) = completed {
+                self.complete(&env, &pdu, pending);
+            }
+        }
+    }
+
+    fn complete(&self, env: &Envelope, response: &[u8], pending: Pending) {
+        let result = env.result_code(response);
+        debug!(
+            message_id = env.message_id,
+            op = pending.op.name(),
+            result,
+            micros = pending.started.elapsed().as_micros() as u64,
+            "operation done"
+        );
+        if let (Some(0), Some((kind, request))) = (result, pending.write) {
+            self.shared.sink.write_succeeded(CapturedWrite {
+                session: self.session,
+                message_id: env.message_id,
+                kind,
+                request,
+            });
+        }
+    }
+}
+
+/// Drains the client queue to the socket, coalescing what is ready into one
+/// flush. A client that accepts nothing for `io_timeout` is dropped.
+async fn write_client(write: OwnedWriteHalf, mut queue: mpsc::Receiver<Bytes>, io_timeout: std::time::Duration) {
+    let mut out = FramedWrite::new(write, BytesCodec::new());
+    while let Some(pdu) = queue.recv().await {
+        let batch = async {
+            SinkExt::<Bytes>::feed(&mut out, pdu).await?;
+            while let Ok(more) = queue.try_recv() {
+                SinkExt::<Bytes>::feed(&mut out, more).await?;
+            }
+            SinkExt::<Bytes>::flush(&mut out).await
+        };
+        match timeout(io_timeout, batch).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                debug!(error = %e, "client write failed");
+                return;
+            }
+            Err(_) => {
+                warn!("client accepted no data within the I/O timeout; dropping it");
+                return;
+            }
+        }
+    }
+    let _ = out.into_inner().shutdown().await;
+}
