@@ -8,7 +8,7 @@
 
 mod ber;
 pub mod capture;
-mod codec;
+pub mod codec;
 pub mod message;
 mod session;
 mod upstream;

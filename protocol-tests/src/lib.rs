@@ -1,0 +1,203 @@
+//! The conformance harness: real slapd instances from `fixtures/`, ldapsync
+//! relaying to them, and helpers to drive both paths with the same client
+//! and compare what each returns.
+//!
+//! A differential test starts two identical directories, one reached
+//! directly and one through ldapsync, runs the same operations against
+//! each, and asserts the transcripts are equal. Writes therefore never
+//! interfere between the two paths.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use ldapsync::config::ProxyConfig;
+use ldapsync::proxy::codec::PduCodec;
+use ldapsync::proxy::{CaptureSink, CapturedWrite, Proxy, WriteKind};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+
+pub use ldapsync_fixtures::{BASE_DN, ROOT_DN, ROOT_PW, Slapd, person};
+
+/// A capture sink that remembers what it was given.
+#[derive(Default)]
+pub struct RecordingSink {
+    writes: Mutex<Vec<CapturedWrite>>,
+}
+
+impl RecordingSink {
+    /// (kind, target DN) of every captured write, in order.
+    pub fn writes(&self) -> Vec<(WriteKind, String)> {
+        self.writes
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|w| (w.kind, w.target_dn().expect("captured request decodes")))
+            .collect()
+    }
+}
+
+impl CaptureSink for RecordingSink {
+    fn write_succeeded(&self, write: CapturedWrite) {
+        self.writes.lock().unwrap().push(write);
+    }
+}
+
+/// ldapsync running in its own thread and runtime, so that blocking tests
+/// (which run ldap-utils) and async tests can both use it.
+pub struct ProxyHandle {
+    addr: SocketAddr,
+    pub sink: Arc<RecordingSink>,
+    shutdown: CancellationToken,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ProxyHandle {
+    /// Relays to `upstreams` with the default limits.
+    pub fn start(upstreams: &[String]) -> ProxyHandle {
+        ProxyHandle::start_with(upstreams, |_| {})
+    }
+
+    /// Relays to `upstreams` with settings adjusted by `tune`.
+    pub fn start_with(upstreams: &[String], tune: impl FnOnce(&mut ProxyConfig)) -> ProxyHandle {
+        let mut config = ProxyConfig {
+            upstream: upstreams.iter().map(|u| u.parse().expect("upstream URL")).collect(),
+            connect_timeout: Duration::from_secs(2),
+            ..ProxyConfig::default()
+        };
+        tune(&mut config);
+        let sink = Arc::new(RecordingSink::default());
+        let shutdown = CancellationToken::new();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding the proxy listener");
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let proxy = Proxy::new(config, Arc::clone(&sink) as Arc<dyn CaptureSink>);
+        let token = shutdown.clone();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                proxy.serve(vec![listener], token).await;
+            });
+        });
+        ProxyHandle {
+            addr,
+            sink,
+            shutdown,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ldap://{}", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Graceful shutdown, as on SIGTERM; returns when the proxy has stopped.
+    pub fn shutdown(&mut self) {
+        self.shutdown.cancel();
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("proxy thread panicked");
+        }
+    }
+}
+
+impl Drop for ProxyHandle {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Two identical directories: one reached directly, one through ldapsync.
+pub struct Pair {
+    pub direct: Slapd,
+    pub behind_proxy: Slapd,
+    pub proxy: ProxyHandle,
+}
+
+impl Pair {
+    pub fn start() -> Pair {
+        Pair::start_with_bulk(0)
+    }
+
+    pub fn start_with_bulk(bulk: usize) -> Pair {
+        let direct = Slapd::start_with_bulk(bulk);
+        let behind_proxy = Slapd::start_with_bulk(bulk);
+        let proxy = ProxyHandle::start(&[behind_proxy.url()]);
+        Pair {
+            direct,
+            behind_proxy,
+            proxy,
+        }
+    }
+
+    /// The two URLs a differential test compares: (direct, through ldapsync).
+    pub fn urls(&self) -> (String, String) {
+        (self.direct.url(), self.proxy.url())
+    }
+}
+
+/// A raw LDAP connection for the tests that must control the bytes.
+pub struct RawConn {
+    write: tokio::net::tcp::OwnedWriteHalf,
+    read: FramedRead<tokio::net::tcp::OwnedReadHalf, PduCodec>,
+}
+
+/// What a raw connection received next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received {
+    Pdu(Bytes),
+    Closed,
+    Silent,
+}
+
+impl RawConn {
+    pub async fn connect(addr: SocketAddr) -> RawConn {
+        let stream = TcpStream::connect(addr).await.expect("connecting");
+        let (read, write) = stream.into_split();
+        RawConn {
+            write,
+            read: FramedRead::new(read, PduCodec::new(64 * 1024 * 1024)),
+        }
+    }
+
+    /// Sends bytes; a peer that already closed is not an error here, since
+    /// hostile-input tests expect exactly that.
+    pub async fn send(&mut self, bytes: &[u8]) {
+        let _ = self.write.write_all(bytes).await;
+    }
+
+    /// The next PDU, the end of the connection, or silence for `wait`.
+    pub async fn receive(&mut self, wait: Duration) -> Received {
+        match tokio::time::timeout(wait, self.read.next()).await {
+            Err(_) => Received::Silent,
+            Ok(None) | Ok(Some(Err(_))) => Received::Closed,
+            Ok(Some(Ok(pdu))) => Received::Pdu(pdu),
+        }
+    }
+}
+
+/// Decodes a PDU the test expects to be a well-formed LDAPMessage.
+pub fn decode(pdu: &[u8]) -> rasn_ldap::LdapMessage {
+    rasn::ber::decode(pdu).unwrap_or_else(|e| panic!("undecodable response {pdu:02x?}: {e}"))
+}
+
+/// Encodes an LDAPMessage for sending over a [`RawConn`].
+pub fn encode(message: &rasn_ldap::LdapMessage) -> Vec<u8> {
+    rasn::ber::encode(message).expect("encoding a test message")
+}
