@@ -201,3 +201,67 @@ pub fn decode(pdu: &[u8]) -> rasn_ldap::LdapMessage {
 pub fn encode(message: &rasn_ldap::LdapMessage) -> Vec<u8> {
     rasn::ber::encode(message).expect("encoding a test message")
 }
+
+/// A base search of the root DSE, the cheapest "are you there?".
+pub fn root_dse_search(message_id: u32) -> Vec<u8> {
+    use rasn_ldap::{Filter, LdapMessage, ProtocolOp, SearchRequest, SearchRequestDerefAliases, SearchRequestScope};
+    let request = SearchRequest::new(
+        "".into(),
+        SearchRequestScope::BaseObject,
+        SearchRequestDerefAliases::NeverDerefAliases,
+        0,
+        0,
+        false,
+        Filter::Present("objectClass".into()),
+        vec!["supportedLDAPVersion".into()],
+    );
+    encode(&LdapMessage::new(message_id, ProtocolOp::SearchRequest(request)))
+}
+
+/// An extended request with the given OID and no value.
+pub fn extended_request(message_id: u32, oid: &str) -> Vec<u8> {
+    use rasn_ldap::{ExtendedRequest, LdapMessage, ProtocolOp};
+    let request = ExtendedRequest {
+        request_name: oid.as_bytes().to_vec().into(),
+        request_value: None,
+    };
+    encode(&LdapMessage::new(message_id, ProtocolOp::ExtendedReq(request)))
+}
+
+/// True when a new connection to `addr` gets a successful root DSE search
+/// within five seconds.
+pub async fn answers_root_dse(addr: SocketAddr) -> bool {
+    let mut conn = RawConn::connect(addr).await;
+    conn.send(&root_dse_search(1)).await;
+    loop {
+        match conn.receive(Duration::from_secs(5)).await {
+            Received::Pdu(pdu) => {
+                if let rasn_ldap::ProtocolOp::SearchResDone(done) = decode(&pdu).protocol_op {
+                    return done.0.result_code == rasn_ldap::ResultCode::Success;
+                }
+            }
+            Received::Closed | Received::Silent => return false,
+        }
+    }
+}
+
+/// Asserts that the next thing on `conn` is a Notice of Disconnection with
+/// `code`, and that the connection is then closed. Returns its diagnostic.
+pub async fn expect_notice_of_disconnection(conn: &mut RawConn, code: rasn_ldap::ResultCode) -> String {
+    let received = conn.receive(Duration::from_secs(10)).await;
+    let Received::Pdu(pdu) = received else {
+        panic!("expected a Notice of Disconnection, got {received:?}");
+    };
+    let message = decode(&pdu);
+    assert_eq!(message.message_id, 0, "a notice is unsolicited (message id 0)");
+    let rasn_ldap::ProtocolOp::ExtendedResp(notice) = message.protocol_op else {
+        panic!("expected an ExtendedResponse, got {message:?}");
+    };
+    assert_eq!(notice.result_code, code);
+    assert_eq!(
+        notice.response_name.as_deref(),
+        Some(ldapsync::proxy::message::NOTICE_OF_DISCONNECTION_OID.as_bytes())
+    );
+    assert_eq!(conn.receive(Duration::from_secs(10)).await, Received::Closed, "the connection closes after the notice");
+    notice.diagnostic_message.0
+}

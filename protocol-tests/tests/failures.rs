@@ -1,0 +1,205 @@
+//! What clients get when things go wrong: an unreachable or dying directory,
+//! malformed and oversized PDUs, limits, StartTLS without TLS, shutdown.
+
+use std::time::Duration;
+
+use ldap3::exop::WhoAmI;
+use ldap3::{LdapConnAsync, Scope};
+use ldapsync::proxy::message::STARTTLS_OID;
+use protocol_tests::{
+    BASE_DN, ProxyHandle, RawConn, Received, Slapd, answers_root_dse, decode, expect_notice_of_disconnection,
+    extended_request, root_dse_search,
+};
+use rasn_ldap::{ProtocolOp, ResultCode};
+
+/// A loopback URL where nothing listens.
+fn dead_url() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("ldap://{}", listener.local_addr().unwrap())
+}
+
+async fn connect(url: &str) -> ldap3::Ldap {
+    let (conn, ldap) = LdapConnAsync::new(url).await.expect("connecting to ldapsync");
+    ldap3::drive!(conn);
+    ldap
+}
+
+#[tokio::test]
+async fn unreachable_directory_gets_unavailable_not_a_hang() {
+    let proxy = ProxyHandle::start(&[dead_url(), dead_url()]);
+    let mut ldap = connect(&proxy.url()).await;
+    ldap.with_timeout(Duration::from_secs(10));
+    let bind = ldap.simple_bind("cn=admin,dc=example,dc=com", "secret").await.unwrap();
+    assert_eq!(bind.rc, 52, "unavailable: {bind:?}");
+    assert!(bind.text.contains("no directory server reachable"), "diagnostic: {}", bind.text);
+    assert!(!bind.text.contains("secret"), "no credential in a diagnostic");
+    let search = ldap.search(BASE_DN, Scope::Base, "(objectClass=*)", vec!["dc"]).await.unwrap();
+    assert_eq!(search.1.rc, 52);
+    let exop = ldap.extended(WhoAmI).await.unwrap();
+    assert_eq!(exop.1.rc, 52);
+}
+
+#[tokio::test]
+async fn next_directory_url_is_tried_when_the_first_is_down() {
+    let slapd = Slapd::start();
+    let proxy = ProxyHandle::start(&[dead_url(), slapd.url()]);
+    let mut ldap = connect(&proxy.url()).await;
+    let r = ldap.search(BASE_DN, Scope::Base, "(objectClass=*)", vec!["dc"]).await.unwrap();
+    assert_eq!((r.0.len(), r.1.rc), (1, 0));
+}
+
+#[tokio::test]
+async fn directory_killed_mid_session_disconnects_client_and_proxy_recovers() {
+    let mut slapd = Slapd::start();
+    let proxy = ProxyHandle::start(&[slapd.url()]);
+    let mut conn = RawConn::connect(proxy.addr()).await;
+    conn.send(&root_dse_search(1)).await;
+    assert!(matches!(conn.receive(Duration::from_secs(5)).await, Received::Pdu(_)));
+    slapd.kill();
+    let diagnostic = loop {
+        // The search's remaining PDUs may still be in flight.
+        match conn.receive(Duration::from_secs(10)).await {
+            Received::Pdu(pdu) if decode(&pdu).message_id == 0 => {
+                let ProtocolOp::ExtendedResp(notice) = decode(&pdu).protocol_op else {
+                    panic!("unsolicited PDU is not a notice");
+                };
+                assert_eq!(notice.result_code, ResultCode::Unavailable);
+                break notice.diagnostic_message.0;
+            }
+            Received::Pdu(_) => continue,
+            other => panic!("expected a Notice of Disconnection, got {other:?}"),
+        }
+    };
+    assert!(diagnostic.contains("closed the connection"), "{diagnostic}");
+    assert_eq!(conn.receive(Duration::from_secs(5)).await, Received::Closed);
+
+    slapd.restart();
+    assert!(answers_root_dse(proxy.addr()).await, "new sessions are served once the directory is back");
+}
+
+#[tokio::test]
+async fn malformed_pdus_get_a_notice_of_disconnection_and_others_carry_on() {
+    let slapd = Slapd::start();
+    let proxy = ProxyHandle::start(&[slapd.url()]);
+    let mut bystander = RawConn::connect(proxy.addr()).await;
+    let cases: &[(&str, &[u8])] = &[
+        ("outer tag is not a SEQUENCE", &[0x04, 0x00]),
+        ("indefinite length", &[0x30, 0x80, 0x02, 0x01, 0x01, 0x42, 0x00, 0x00, 0x00]),
+        ("9-octet length", &[0x30, 0x89, 0, 0, 0, 0, 0, 0, 0, 0, 5]),
+        ("messageID is an OCTET STRING", &[0x30, 0x05, 0x04, 0x01, 0x01, 0x42, 0x00]),
+        ("protocolOp is universal", &[0x30, 0x05, 0x02, 0x01, 0x01, 0x30, 0x00]),
+        ("protocolOp longer than the PDU", &[0x30, 0x05, 0x02, 0x01, 0x01, 0x63, 0x09]),
+    ];
+    for (name, bytes) in cases {
+        let mut conn = RawConn::connect(proxy.addr()).await;
+        conn.send(bytes).await;
+        let diagnostic = expect_notice_of_disconnection(&mut conn, ResultCode::ProtocolError).await;
+        assert!(!diagnostic.is_empty(), "{name}: the notice says why");
+        bystander.send(&root_dse_search(7)).await;
+        assert!(matches!(bystander.receive(Duration::from_secs(5)).await, Received::Pdu(_)), "{name}: other sessions carry on");
+        while let Received::Pdu(_) = bystander.receive(Duration::from_millis(50)).await {}
+    }
+}
+
+#[tokio::test]
+async fn truncated_pdu_at_end_of_stream_is_not_relayed() {
+    let slapd = Slapd::start();
+    let proxy = ProxyHandle::start(&[slapd.url()]);
+    let mut conn = RawConn::connect(proxy.addr()).await;
+    let whole = root_dse_search(1);
+    conn.send(&whole[..whole.len() - 3]).await;
+    assert_eq!(conn.receive(Duration::from_millis(300)).await, Received::Silent, "half a PDU is not answered");
+    conn.send(&whole[whole.len() - 3..]).await;
+    assert!(matches!(conn.receive(Duration::from_secs(5)).await, Received::Pdu(_)), "the completed PDU is relayed");
+}
+
+#[tokio::test]
+async fn oversized_pdu_is_refused_before_it_is_read() {
+    let slapd = Slapd::start();
+    let proxy = ProxyHandle::start_with(&[slapd.url()], |c| c.max_client_pdu = 4096);
+    let mut conn = RawConn::connect(proxy.addr()).await;
+    // Announce 1 MiB and send only the header: the proxy must not wait for it.
+    conn.send(&[0x30, 0x83, 0x10, 0x00, 0x00]).await;
+    let diagnostic = expect_notice_of_disconnection(&mut conn, ResultCode::ProtocolError).await;
+    assert!(diagnostic.contains("over the limit of 4096"), "{diagnostic}");
+    assert!(answers_root_dse(proxy.addr()).await);
+}
+
+#[tokio::test]
+async fn starttls_is_refused_while_no_tls_is_configured() {
+    let slapd = Slapd::start();
+    let proxy = ProxyHandle::start(&[slapd.url()]);
+    let mut conn = RawConn::connect(proxy.addr()).await;
+    conn.send(&extended_request(3, STARTTLS_OID)).await;
+    let Received::Pdu(pdu) = conn.receive(Duration::from_secs(5)).await else {
+        panic!("no answer to StartTLS");
+    };
+    let message = decode(&pdu);
+    let ProtocolOp::ExtendedResp(response) = message.protocol_op else {
+        panic!("not an extended response: {message:?}");
+    };
+    assert_eq!((message.message_id, response.result_code), (3, ResultCode::Unavailable));
+    assert_eq!(response.response_name.as_deref(), Some(STARTTLS_OID.as_bytes()));
+    conn.send(&root_dse_search(4)).await;
+    assert!(matches!(conn.receive(Duration::from_secs(5)).await, Received::Pdu(_)), "the session stays usable in plain text");
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_are_told_why() {
+    let slapd = Slapd::start();
+    let proxy = ProxyHandle::start_with(&[slapd.url()], |c| c.max_connections = 2);
+    let mut first = RawConn::connect(proxy.addr()).await;
+    let mut second = RawConn::connect(proxy.addr()).await;
+    first.send(&root_dse_search(1)).await;
+    second.send(&root_dse_search(1)).await;
+    assert!(matches!(first.receive(Duration::from_secs(5)).await, Received::Pdu(_)));
+    assert!(matches!(second.receive(Duration::from_secs(5)).await, Received::Pdu(_)));
+    let mut third = RawConn::connect(proxy.addr()).await;
+    let diagnostic = expect_notice_of_disconnection(&mut third, ResultCode::Unavailable).await;
+    assert!(diagnostic.contains("too many connections"), "{diagnostic}");
+    drop(first);
+    // The freed slot is usable once the proxy has seen the close.
+    let mut served = false;
+    for _ in 0..50 {
+        if answers_root_dse(proxy.addr()).await {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(served, "a closed connection frees its slot");
+}
+
+#[tokio::test]
+async fn idle_sessions_are_closed_with_a_notice() {
+    let slapd = Slapd::start();
+    let proxy = ProxyHandle::start_with(&[slapd.url()], |c| c.idle_timeout = Duration::from_millis(300));
+    let mut conn = RawConn::connect(proxy.addr()).await;
+    conn.send(&root_dse_search(1)).await;
+    while let Received::Pdu(pdu) = conn.receive(Duration::from_secs(5)).await {
+        if matches!(decode(&pdu).protocol_op, ProtocolOp::SearchResDone(_)) {
+            break;
+        }
+    }
+    let diagnostic = expect_notice_of_disconnection(&mut conn, ResultCode::Unavailable).await;
+    assert!(diagnostic.contains("idle"), "{diagnostic}");
+}
+
+#[tokio::test]
+async fn shutdown_tells_clients_and_stops_listening() {
+    let slapd = Slapd::start();
+    let mut proxy = ProxyHandle::start(&[slapd.url()]);
+    let addr = proxy.addr();
+    let mut conn = RawConn::connect(addr).await;
+    conn.send(&root_dse_search(1)).await;
+    assert!(matches!(conn.receive(Duration::from_secs(5)).await, Received::Pdu(_)));
+    while let Received::Pdu(_) = conn.receive(Duration::from_millis(100)).await {}
+    let stopped = tokio::task::spawn_blocking(move || {
+        proxy.shutdown();
+        proxy
+    });
+    let diagnostic = expect_notice_of_disconnection(&mut conn, ResultCode::Unavailable).await;
+    assert!(diagnostic.contains("shutting down"), "{diagnostic}");
+    let _proxy = stopped.await.unwrap();
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "no longer listening");
+}
