@@ -157,7 +157,6 @@ impl Session {
     async fn run(mut self, shutdown: CancellationToken) {
         debug!("session opened");
         let end = self.relay(&shutdown).await;
-        debug!(?end, "session closing");
         self.close(end).await;
     }
 
@@ -332,7 +331,10 @@ impl Session {
         }
         drop(self.to_client);
         let _ = self.writer.await;
-        info!(?end, "session closed");
+        match end {
+            End::ClientClosed | End::Unbind => debug!(?end, "session closed"),
+            _ => info!(?end, "session closed"),
+        }
     }
 }
 
