@@ -1,6 +1,7 @@
 //! The command line: parses arguments, sets up logging and the runtime, and
 //! runs the chosen command. The binary's `main` only calls [`main`].
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -14,7 +15,11 @@ use crate::config::{Config, LdapUrl};
 use crate::proxy::{LogSink, Proxy};
 
 #[derive(Debug, Parser)]
-#[command(name = "ldapsync", version, about = "LDAP proxy with a synchronization core")]
+#[command(
+    name = "ldapsync",
+    version,
+    about = "LDAP proxy with a synchronization core"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -86,7 +91,11 @@ fn init_logging(level: &str) -> anyhow::Result<()> {
         Ok(from_env) if !from_env.is_empty() => EnvFilter::try_new(from_env).context("RUST_LOG")?,
         _ => EnvFilter::try_new(level).with_context(|| format!("log level {level:?}"))?,
     };
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
     Ok(())
 }
 

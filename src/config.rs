@@ -91,7 +91,10 @@ impl FromStr for LdapUrl {
             "{}{}{}",
             parsed.path().trim_start_matches('/'),
             parsed.query().map(|q| format!("?{q}")).unwrap_or_default(),
-            parsed.fragment().map(|f| format!("#{f}")).unwrap_or_default()
+            parsed
+                .fragment()
+                .map(|f| format!("#{f}"))
+                .unwrap_or_default()
         );
         if !extra.is_empty() || !parsed.username().is_empty() {
             return Err(UrlError::Extra {
@@ -227,11 +230,23 @@ mod tests {
             ("ldap://[::1]:3389/", "[::1]:3389"),
         ];
         for (input, authority) in ok {
-            assert_eq!(input.parse::<LdapUrl>().unwrap().authority(), authority, "{input}");
+            assert_eq!(
+                input.parse::<LdapUrl>().unwrap().authority(),
+                authority,
+                "{input}"
+            );
         }
-        let bad = ["127.0.0.1:389", "http://x", "ldap://h/dc=example", "ldap://"];
+        let bad = [
+            "127.0.0.1:389",
+            "http://x",
+            "ldap://h/dc=example",
+            "ldap://",
+        ];
         for input in bad {
-            assert!(input.parse::<LdapUrl>().is_err(), "{input} should be refused");
+            assert!(
+                input.parse::<LdapUrl>().is_err(),
+                "{input} should be refused"
+            );
         }
     }
 
@@ -267,11 +282,14 @@ mod tests {
             ("[prxy]\n", "prxy"),
         ];
         for (text, needle) in cases {
-            let err = Config::parse(text, Path::new("c.toml")).unwrap_err().to_string();
+            let err = Config::parse(text, Path::new("c.toml"))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(needle), "{err:?} should mention {needle:?}");
             assert!(err.contains("c.toml"), "{err:?} should name the file");
         }
-        let missing = Config::parse("[proxy]\nlisten = [\"ldap://h\"]", Path::new("c.toml")).unwrap();
+        let missing =
+            Config::parse("[proxy]\nlisten = [\"ldap://h\"]", Path::new("c.toml")).unwrap();
         assert!(matches!(missing.validate(), Err(ConfigError::NoUpstream)));
     }
 }

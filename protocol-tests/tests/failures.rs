@@ -7,8 +7,8 @@ use ldap3::exop::WhoAmI;
 use ldap3::{LdapConnAsync, Scope};
 use ldapsync::proxy::message::STARTTLS_OID;
 use protocol_tests::{
-    BASE_DN, ProxyHandle, RawConn, Received, Slapd, answers_root_dse, decode, expect_notice_of_disconnection,
-    extended_request, root_dse_search,
+    BASE_DN, ProxyHandle, RawConn, Received, Slapd, answers_root_dse, decode,
+    expect_notice_of_disconnection, extended_request, root_dse_search,
 };
 use rasn_ldap::{ProtocolOp, ResultCode};
 
@@ -19,7 +19,9 @@ fn dead_url() -> String {
 }
 
 async fn connect(url: &str) -> ldap3::Ldap {
-    let (conn, ldap) = LdapConnAsync::new(url).await.expect("connecting to ldapsync");
+    let (conn, ldap) = LdapConnAsync::new(url)
+        .await
+        .expect("connecting to ldapsync");
     ldap3::drive!(conn);
     ldap
 }
@@ -29,11 +31,24 @@ async fn unreachable_directory_gets_unavailable_not_a_hang() {
     let proxy = ProxyHandle::start(&[dead_url(), dead_url()]);
     let mut ldap = connect(&proxy.url()).await;
     ldap.with_timeout(Duration::from_secs(10));
-    let bind = ldap.simple_bind("cn=admin,dc=example,dc=com", "secret").await.unwrap();
+    let bind = ldap
+        .simple_bind("cn=admin,dc=example,dc=com", "secret")
+        .await
+        .unwrap();
     assert_eq!(bind.rc, 52, "unavailable: {bind:?}");
-    assert!(bind.text.contains("no directory server reachable"), "diagnostic: {}", bind.text);
-    assert!(!bind.text.contains("secret"), "no credential in a diagnostic");
-    let search = ldap.search(BASE_DN, Scope::Base, "(objectClass=*)", vec!["dc"]).await.unwrap();
+    assert!(
+        bind.text.contains("no directory server reachable"),
+        "diagnostic: {}",
+        bind.text
+    );
+    assert!(
+        !bind.text.contains("secret"),
+        "no credential in a diagnostic"
+    );
+    let search = ldap
+        .search(BASE_DN, Scope::Base, "(objectClass=*)", vec!["dc"])
+        .await
+        .unwrap();
     assert_eq!(search.1.rc, 52);
     let exop = ldap.extended(WhoAmI).await.unwrap();
     assert_eq!(exop.1.rc, 52);
@@ -44,7 +59,10 @@ async fn next_directory_url_is_tried_when_the_first_is_down() {
     let slapd = Slapd::start();
     let proxy = ProxyHandle::start(&[dead_url(), slapd.url()]);
     let mut ldap = connect(&proxy.url()).await;
-    let r = ldap.search(BASE_DN, Scope::Base, "(objectClass=*)", vec!["dc"]).await.unwrap();
+    let r = ldap
+        .search(BASE_DN, Scope::Base, "(objectClass=*)", vec!["dc"])
+        .await
+        .unwrap();
     assert_eq!((r.0.len(), r.1.rc), (1, 0));
 }
 
@@ -54,7 +72,10 @@ async fn directory_killed_mid_session_disconnects_client_and_proxy_recovers() {
     let proxy = ProxyHandle::start(&[slapd.url()]);
     let mut conn = RawConn::connect(proxy.addr()).await;
     conn.send(&root_dse_search(1)).await;
-    assert!(matches!(conn.receive(Duration::from_secs(5)).await, Received::Pdu(_)));
+    assert!(matches!(
+        conn.receive(Duration::from_secs(5)).await,
+        Received::Pdu(_)
+    ));
     slapd.kill();
     let diagnostic = loop {
         // The search's remaining PDUs may still be in flight.
@@ -74,7 +95,10 @@ async fn directory_killed_mid_session_disconnects_client_and_proxy_recovers() {
     assert_eq!(conn.receive(Duration::from_secs(5)).await, Received::Closed);
 
     slapd.restart();
-    assert!(answers_root_dse(proxy.addr()).await, "new sessions are served once the directory is back");
+    assert!(
+        answers_root_dse(proxy.addr()).await,
+        "new sessions are served once the directory is back"
+    );
 }
 
 #[tokio::test]
@@ -84,11 +108,23 @@ async fn malformed_pdus_get_a_notice_of_disconnection_and_others_carry_on() {
     let mut bystander = RawConn::connect(proxy.addr()).await;
     let cases: &[(&str, &[u8])] = &[
         ("outer tag is not a SEQUENCE", &[0x04, 0x00]),
-        ("indefinite length", &[0x30, 0x80, 0x02, 0x01, 0x01, 0x42, 0x00, 0x00, 0x00]),
+        (
+            "indefinite length",
+            &[0x30, 0x80, 0x02, 0x01, 0x01, 0x42, 0x00, 0x00, 0x00],
+        ),
         ("9-octet length", &[0x30, 0x89, 0, 0, 0, 0, 0, 0, 0, 0, 5]),
-        ("messageID is an OCTET STRING", &[0x30, 0x05, 0x04, 0x01, 0x01, 0x42, 0x00]),
-        ("protocolOp is universal", &[0x30, 0x05, 0x02, 0x01, 0x01, 0x30, 0x00]),
-        ("protocolOp longer than the PDU", &[0x30, 0x05, 0x02, 0x01, 0x01, 0x63, 0x09]),
+        (
+            "messageID is an OCTET STRING",
+            &[0x30, 0x05, 0x04, 0x01, 0x01, 0x42, 0x00],
+        ),
+        (
+            "protocolOp is universal",
+            &[0x30, 0x05, 0x02, 0x01, 0x01, 0x30, 0x00],
+        ),
+        (
+            "protocolOp longer than the PDU",
+            &[0x30, 0x05, 0x02, 0x01, 0x01, 0x63, 0x09],
+        ),
     ];
     for (name, bytes) in cases {
         let mut conn = RawConn::connect(proxy.addr()).await;
@@ -96,7 +132,13 @@ async fn malformed_pdus_get_a_notice_of_disconnection_and_others_carry_on() {
         let diagnostic = expect_notice_of_disconnection(&mut conn, ResultCode::ProtocolError).await;
         assert!(!diagnostic.is_empty(), "{name}: the notice says why");
         bystander.send(&root_dse_search(7)).await;
-        assert!(matches!(bystander.receive(Duration::from_secs(5)).await, Received::Pdu(_)), "{name}: other sessions carry on");
+        assert!(
+            matches!(
+                bystander.receive(Duration::from_secs(5)).await,
+                Received::Pdu(_)
+            ),
+            "{name}: other sessions carry on"
+        );
         while let Received::Pdu(_) = bystander.receive(Duration::from_millis(50)).await {}
     }
 }
@@ -108,9 +150,16 @@ async fn truncated_pdu_at_end_of_stream_is_not_relayed() {
     let mut conn = RawConn::connect(proxy.addr()).await;
     let whole = root_dse_search(1);
     conn.send(&whole[..whole.len() - 3]).await;
-    assert_eq!(conn.receive(Duration::from_millis(300)).await, Received::Silent, "half a PDU is not answered");
+    assert_eq!(
+        conn.receive(Duration::from_millis(300)).await,
+        Received::Silent,
+        "half a PDU is not answered"
+    );
     conn.send(&whole[whole.len() - 3..]).await;
-    assert!(matches!(conn.receive(Duration::from_secs(5)).await, Received::Pdu(_)), "the completed PDU is relayed");
+    assert!(
+        matches!(conn.receive(Duration::from_secs(5)).await, Received::Pdu(_)),
+        "the completed PDU is relayed"
+    );
 }
 
 #[tokio::test]
@@ -121,7 +170,10 @@ async fn oversized_pdu_is_refused_before_it_is_read() {
     // Announce 1 MiB and send only the header: the proxy must not wait for it.
     conn.send(&[0x30, 0x83, 0x10, 0x00, 0x00]).await;
     let diagnostic = expect_notice_of_disconnection(&mut conn, ResultCode::ProtocolError).await;
-    assert!(diagnostic.contains("over the limit of 4096"), "{diagnostic}");
+    assert!(
+        diagnostic.contains("over the limit of 4096"),
+        "{diagnostic}"
+    );
     assert!(answers_root_dse(proxy.addr()).await);
 }
 
@@ -138,10 +190,19 @@ async fn starttls_is_refused_while_no_tls_is_configured() {
     let ProtocolOp::ExtendedResp(response) = message.protocol_op else {
         panic!("not an extended response: {message:?}");
     };
-    assert_eq!((message.message_id, response.result_code), (3, ResultCode::Unavailable));
-    assert_eq!(response.response_name.as_deref(), Some(STARTTLS_OID.as_bytes()));
+    assert_eq!(
+        (message.message_id, response.result_code),
+        (3, ResultCode::Unavailable)
+    );
+    assert_eq!(
+        response.response_name.as_deref(),
+        Some(STARTTLS_OID.as_bytes())
+    );
     conn.send(&root_dse_search(4)).await;
-    assert!(matches!(conn.receive(Duration::from_secs(5)).await, Received::Pdu(_)), "the session stays usable in plain text");
+    assert!(
+        matches!(conn.receive(Duration::from_secs(5)).await, Received::Pdu(_)),
+        "the session stays usable in plain text"
+    );
 }
 
 #[tokio::test]
@@ -152,8 +213,14 @@ async fn connections_over_the_limit_are_told_why() {
     let mut second = RawConn::connect(proxy.addr()).await;
     first.send(&root_dse_search(1)).await;
     second.send(&root_dse_search(1)).await;
-    assert!(matches!(first.receive(Duration::from_secs(5)).await, Received::Pdu(_)));
-    assert!(matches!(second.receive(Duration::from_secs(5)).await, Received::Pdu(_)));
+    assert!(matches!(
+        first.receive(Duration::from_secs(5)).await,
+        Received::Pdu(_)
+    ));
+    assert!(matches!(
+        second.receive(Duration::from_secs(5)).await,
+        Received::Pdu(_)
+    ));
     let mut third = RawConn::connect(proxy.addr()).await;
     let diagnostic = expect_notice_of_disconnection(&mut third, ResultCode::Unavailable).await;
     assert!(diagnostic.contains("too many connections"), "{diagnostic}");
@@ -173,7 +240,9 @@ async fn connections_over_the_limit_are_told_why() {
 #[tokio::test]
 async fn idle_sessions_are_closed_with_a_notice() {
     let slapd = Slapd::start();
-    let proxy = ProxyHandle::start_with(&[slapd.url()], |c| c.idle_timeout = Duration::from_millis(300));
+    let proxy = ProxyHandle::start_with(&[slapd.url()], |c| {
+        c.idle_timeout = Duration::from_millis(300)
+    });
     let mut conn = RawConn::connect(proxy.addr()).await;
     conn.send(&root_dse_search(1)).await;
     while let Received::Pdu(pdu) = conn.receive(Duration::from_secs(5)).await {
@@ -192,7 +261,10 @@ async fn shutdown_tells_clients_and_stops_listening() {
     let addr = proxy.addr();
     let mut conn = RawConn::connect(addr).await;
     conn.send(&root_dse_search(1)).await;
-    assert!(matches!(conn.receive(Duration::from_secs(5)).await, Received::Pdu(_)));
+    assert!(matches!(
+        conn.receive(Duration::from_secs(5)).await,
+        Received::Pdu(_)
+    ));
     while let Received::Pdu(_) = conn.receive(Duration::from_millis(100)).await {}
     let stopped = tokio::task::spawn_blocking(move || {
         proxy.shutdown();
@@ -201,5 +273,8 @@ async fn shutdown_tells_clients_and_stops_listening() {
     let diagnostic = expect_notice_of_disconnection(&mut conn, ResultCode::Unavailable).await;
     assert!(diagnostic.contains("shutting down"), "{diagnostic}");
     let _proxy = stopped.await.unwrap();
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "no longer listening");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no longer listening"
+    );
 }

@@ -110,12 +110,40 @@ mod tests {
     fn short_and_long_form_lengths() {
         let cases: &[(&[u8], Option<Header>)] = &[
             (&[0x30], None),
-            (&[0x30, 0x05], Some(Header { tag: 0x30, len: 5, header_len: 2 })),
+            (
+                &[0x30, 0x05],
+                Some(Header {
+                    tag: 0x30,
+                    len: 5,
+                    header_len: 2,
+                }),
+            ),
             (&[0x30, 0x81], None),
-            (&[0x30, 0x81, 0xc8], Some(Header { tag: 0x30, len: 200, header_len: 3 })),
-            (&[0x30, 0x82, 0x01, 0x00], Some(Header { tag: 0x30, len: 256, header_len: 4 })),
+            (
+                &[0x30, 0x81, 0xc8],
+                Some(Header {
+                    tag: 0x30,
+                    len: 200,
+                    header_len: 3,
+                }),
+            ),
+            (
+                &[0x30, 0x82, 0x01, 0x00],
+                Some(Header {
+                    tag: 0x30,
+                    len: 256,
+                    header_len: 4,
+                }),
+            ),
             // Leading zeros are legal BER.
-            (&[0x30, 0x84, 0, 0, 0, 7], Some(Header { tag: 0x30, len: 7, header_len: 6 })),
+            (
+                &[0x30, 0x84, 0, 0, 0, 7],
+                Some(Header {
+                    tag: 0x30,
+                    len: 7,
+                    header_len: 6,
+                }),
+            ),
         ];
         for (bytes, expected) in cases {
             assert_eq!(read_header(bytes).unwrap(), *expected, "{bytes:02x?}");
@@ -129,7 +157,10 @@ mod tests {
             read_header(&[0x30, 0x89, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
             Err(BerError::LengthTooLong(9))
         );
-        assert_eq!(read_header(&[0x3f, 0x01]), Err(BerError::HighTagNumber(0x3f)));
+        assert_eq!(
+            read_header(&[0x3f, 0x01]),
+            Err(BerError::HighTagNumber(0x3f))
+        );
     }
 
     #[test]
@@ -144,7 +175,10 @@ mod tests {
         assert_eq!(integer(&[0x01]), Some(1));
         assert_eq!(integer(&[0x00, 0x80]), Some(128));
         assert_eq!(integer(&[0xff]), Some(-1));
-        assert_eq!(integer(&[0x7f, 0xff, 0xff, 0xff]), Some(i64::from(i32::MAX)));
+        assert_eq!(
+            integer(&[0x7f, 0xff, 0xff, 0xff]),
+            Some(i64::from(i32::MAX))
+        );
         assert_eq!(integer(&[]), None);
         assert_eq!(integer(&[1; 9]), None);
     }

@@ -231,9 +231,13 @@ pub fn error_response(request: &Envelope, code: ResultCode, diagnostic: &str) ->
         .filter(|&id| id <= i32::MAX as u32)?;
     let result = || LdapResult::new(code, "".into(), diagnostic.into());
     let op = match request.op {
-        Op::Bind => {
-            ProtocolOp::BindResponse(BindResponse::new(code, "".into(), diagnostic.into(), None, None))
-        }
+        Op::Bind => ProtocolOp::BindResponse(BindResponse::new(
+            code,
+            "".into(),
+            diagnostic.into(),
+            None,
+            None,
+        )),
         Op::Search => ProtocolOp::SearchResDone(SearchResultDone(result())),
         Op::Modify => ProtocolOp::ModifyResponse(ModifyResponse(result())),
         Op::Add => ProtocolOp::AddResponse(AddResponse(result())),
@@ -247,7 +251,12 @@ pub fn error_response(request: &Envelope, code: ResultCode, diagnostic: &str) ->
 }
 
 /// An extended response naming its operation, e.g. the refusal of StartTLS.
-pub fn named_extended_response(message_id: i64, name: &str, code: ResultCode, diagnostic: &str) -> Option<Bytes> {
+pub fn named_extended_response(
+    message_id: i64,
+    name: &str,
+    code: ResultCode,
+    diagnostic: &str,
+) -> Option<Bytes> {
     let message_id = u32::try_from(message_id).ok()?;
     Some(encode(
         message_id,
@@ -259,7 +268,11 @@ pub fn named_extended_response(message_id: i64, name: &str, code: ResultCode, di
 pub fn notice_of_disconnection(code: ResultCode, diagnostic: &str) -> Bytes {
     encode(
         0,
-        ProtocolOp::ExtendedResp(extended_response(code, diagnostic, Some(NOTICE_OF_DISCONNECTION_OID))),
+        ProtocolOp::ExtendedResp(extended_response(
+            code,
+            diagnostic,
+            Some(NOTICE_OF_DISCONNECTION_OID),
+        )),
     )
 }
 
@@ -272,7 +285,9 @@ mod tests {
     fn search_pdu() -> Vec<u8> {
         let mut op = vec![0x04, 0x11];
         op.extend_from_slice(b"dc=example,dc=com");
-        op.extend_from_slice(&[0x0a, 0x01, 0x02, 0x0a, 0x01, 0x00, 0x02, 0x01, 0x00, 0x02, 0x01, 0x00]);
+        op.extend_from_slice(&[
+            0x0a, 0x01, 0x02, 0x0a, 0x01, 0x00, 0x02, 0x01, 0x00, 0x02, 0x01, 0x00,
+        ]);
         op.extend_from_slice(&[0x01, 0x01, 0x00, 0x87, 0x0b]);
         op.extend_from_slice(b"objectClass");
         op.extend_from_slice(&[0x30, 0x00]);
@@ -292,7 +307,11 @@ mod tests {
     #[test]
     fn reads_result_code_of_a_response() {
         let pdu = error_response(
-            &Envelope { message_id: 3, op: Op::Modify, op_contents: (0, 0) },
+            &Envelope {
+                message_id: 3,
+                op: Op::Modify,
+                op_contents: (0, 0),
+            },
             ResultCode::Unavailable,
             "down",
         )
@@ -312,7 +331,10 @@ mod tests {
             panic!("not an extended response: {decoded:?}");
         };
         assert_eq!(resp.result_code, ResultCode::ProtocolError);
-        assert_eq!(resp.response_name.as_deref(), Some(NOTICE_OF_DISCONNECTION_OID.as_bytes()));
+        assert_eq!(
+            resp.response_name.as_deref(),
+            Some(NOTICE_OF_DISCONNECTION_OID.as_bytes())
+        );
     }
 
     #[test]

@@ -58,7 +58,10 @@ impl Proxy {
             let listener = TcpListener::bind(url.authority()).await.map_err(|e| {
                 std::io::Error::new(e.kind(), format!("cannot listen on {url}: {e}"))
             })?;
-            info!(%url, "listening");
+            match listener.local_addr() {
+                Ok(addr) => info!(%url, %addr, "listening"),
+                Err(_) => info!(%url, "listening"),
+            }
             listeners.push(listener);
         }
         Ok(listeners)
@@ -87,7 +90,12 @@ impl Proxy {
         info!("all sessions closed");
     }
 
-    async fn accept_loop(self: &Arc<Self>, listener: &TcpListener, sessions: &TaskTracker, shutdown: &CancellationToken) {
+    async fn accept_loop(
+        self: &Arc<Self>,
+        listener: &TcpListener,
+        sessions: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) {
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(accepted) => accepted,
@@ -116,7 +124,8 @@ impl Proxy {
 
 /// Tells a connection over the limit why it is closed.
 async fn refuse(mut stream: TcpStream) {
-    let notice = message::notice_of_disconnection(ResultCode::Unavailable, "ldapsync: too many connections");
+    let notice =
+        message::notice_of_disconnection(ResultCode::Unavailable, "ldapsync: too many connections");
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&notice)).await;
     let _ = stream.shutdown().await;
 }

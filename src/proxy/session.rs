@@ -81,7 +81,9 @@ impl Inflight {
 enum UpstreamEnd {
     /// The directory closed the connection; `noticed` if it said so first
     /// with a Notice of Disconnection, which the client has then received.
-    Closed { noticed: bool },
+    Closed {
+        noticed: bool,
+    },
     Failed(FrameError),
     ClientGone,
 }
@@ -116,13 +118,21 @@ enum Event {
     Shutdown,
 }
 
-pub(super) async fn run(id: u64, stream: TcpStream, shared: Arc<Shared>, shutdown: CancellationToken) {
+pub(super) async fn run(
+    id: u64,
+    stream: TcpStream,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
     let peer = stream
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "unknown".into());
     let span = tracing::info_span!("session", id, %peer);
-    Session::new(id, stream, shared).run(shutdown).instrument(span).await
+    Session::new(id, stream, shared)
+        .run(shutdown)
+        .instrument(span)
+        .await
 }
 
 struct Session {
@@ -142,7 +152,8 @@ impl Session {
         }
         let (read, write) = stream.into_split();
         let (to_client, queue) = mpsc::channel(CLIENT_QUEUE);
-        let writer = tokio::spawn(write_client(write, queue, shared.config.io_timeout).in_current_span());
+        let writer =
+            tokio::spawn(write_client(write, queue, shared.config.io_timeout).in_current_span());
         Session {
             id,
             requests: FramedRead::new(read, PduCodec::new(shared.config.max_client_pdu)),
@@ -181,7 +192,9 @@ impl Session {
                             return End::UpstreamLost("the directory closed the connection".into());
                         }
                         UpstreamEnd::Failed(e) => {
-                            return End::UpstreamLost(format!("the directory sent an unreadable PDU: {e}"));
+                            return End::UpstreamLost(format!(
+                                "the directory sent an unreadable PDU: {e}"
+                            ));
                         }
                     }
                 }
@@ -222,13 +235,12 @@ impl Session {
                 }
                 return Some(End::Unbind);
             }
+            // Without a directory connection nothing is in flight to abandon.
+            Op::Abandon if self.upstream.is_none() => return None,
             Op::Abandon => {
                 if let Some(target) = env.abandoned_id(&pdu) {
                     // An abandoned operation gets no further response.
                     self.inflight.remove(target);
-                }
-                if self.upstream.is_none() {
-                    return None;
                 }
             }
             Op::Extended if env.extended_name(&pdu) == Some(STARTTLS_OID.as_bytes()) => {
@@ -240,18 +252,26 @@ impl Session {
                 );
                 return match refusal {
                     Some(pdu) => self.reply(pdu).await,
-                    None => Some(End::Malformed("StartTLS request with an invalid message id".into())),
+                    None => Some(End::Malformed(
+                        "StartTLS request with an invalid message id".into(),
+                    )),
                 };
             }
             _ => {}
         }
         if self.upstream.is_none() {
-            match upstream::connect(&self.shared.config.upstream, self.shared.config.connect_timeout).await {
+            match upstream::connect(
+                &self.shared.config.upstream,
+                self.shared.config.connect_timeout,
+            )
+            .await
+            {
                 Ok(stream) => self.upstream = Some(self.start_upstream(stream)),
                 Err(e) => {
                     warn!(error = %e, op = env.op.name(), "request refused: directory unavailable");
                     let diagnostic = format!("ldapsync: {e}");
-                    return match message::error_response(&env, ResultCode::Unavailable, &diagnostic) {
+                    return match message::error_response(&env, ResultCode::Unavailable, &diagnostic)
+                    {
                         Some(pdu) => self.reply(pdu).await,
                         None => Some(End::UpstreamLost(diagnostic)),
                     };
@@ -270,10 +290,19 @@ impl Session {
             );
         }
         let upstream = self.upstream.as_mut().expect("connected above");
-        match timeout(self.shared.config.io_timeout, upstream.writer.write_all(&pdu)).await {
+        match timeout(
+            self.shared.config.io_timeout,
+            upstream.writer.write_all(&pdu),
+        )
+        .await
+        {
             Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(End::UpstreamLost(format!("writing to the directory failed: {e}"))),
-            Err(_) => Some(End::UpstreamLost("the directory stopped reading requests".into())),
+            Ok(Err(e)) => Some(End::UpstreamLost(format!(
+                "writing to the directory failed: {e}"
+            ))),
+            Err(_) => Some(End::UpstreamLost(
+                "the directory stopped reading requests".into(),
+            )),
         }
     }
 
@@ -301,7 +330,11 @@ impl Session {
             }
             .in_current_span(),
         );
-        Upstream { writer, ended, task }
+        Upstream {
+            writer,
+            ended,
+            task,
+        }
     }
 
     async fn close(mut self, end: End) {
@@ -321,13 +354,19 @@ impl Session {
                 if timeout(grace, self.inflight.wait_drained()).await.is_err() {
                     info!("operations still in flight at the end of the shutdown grace period");
                 }
-                Some((ResultCode::Unavailable, "ldapsync is shutting down".to_owned()))
+                Some((
+                    ResultCode::Unavailable,
+                    "ldapsync is shutting down".to_owned(),
+                ))
             }
         };
         // Stop relaying directory responses before the notice, so it is last.
         self.upstream = None;
         if let Some((code, reason)) = notice {
-            let _ = self.to_client.send(message::notice_of_disconnection(code, &reason)).await;
+            let _ = self
+                .to_client
+                .send(message::notice_of_disconnection(code, &reason))
+                .await;
         }
         drop(self.to_client);
         let _ = self.writer.await;
@@ -378,7 +417,10 @@ impl UpstreamRelay {
             };
             let completed = match Envelope::peek(&pdu) {
                 Ok(env) if env.message_id == 0 && env.op == Op::ExtendedResponse => {
-                    warn!(result = env.result_code(&pdu), "unsolicited notification from the directory");
+                    warn!(
+                        result = env.result_code(&pdu),
+                        "unsolicited notification from the directory"
+                    );
                     noticed = true;
                     None
                 }
@@ -424,7 +466,11 @@ impl UpstreamRelay {
 
 /// Drains the client queue to the socket, coalescing what is ready into one
 /// flush. A client that accepts nothing for `io_timeout` is dropped.
-async fn write_client(write: OwnedWriteHalf, mut queue: mpsc::Receiver<Bytes>, io_timeout: std::time::Duration) {
+async fn write_client(
+    write: OwnedWriteHalf,
+    mut queue: mpsc::Receiver<Bytes>,
+    io_timeout: std::time::Duration,
+) {
     let mut out = FramedWrite::new(write, BytesCodec::new());
     while let Some(pdu) = queue.recv().await {
         let batch = async {
