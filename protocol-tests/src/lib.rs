@@ -16,7 +16,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use ldapsync::config::ProxyConfig;
 use ldapsync::proxy::codec::PduCodec;
-use ldapsync::proxy::{CaptureSink, CapturedWrite, Proxy, WriteKind};
+use ldapsync::proxy::{CaptureLoss, CaptureSink, CapturedWrite, Proxy, WriteKind};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
@@ -28,6 +28,7 @@ pub use ldapsync_fixtures::{BASE_DN, ROOT_DN, ROOT_PW, Slapd, person};
 #[derive(Default)]
 pub struct RecordingSink {
     writes: Mutex<Vec<CapturedWrite>>,
+    losses: Mutex<Vec<(u64, CaptureLoss)>>,
 }
 
 impl RecordingSink {
@@ -40,11 +41,25 @@ impl RecordingSink {
             .map(|w| (w.kind, w.target_dn().expect("captured request decodes")))
             .collect()
     }
+
+    /// Why each session whose writes became invisible did so.
+    pub fn losses(&self) -> Vec<CaptureLoss> {
+        self.losses
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, why)| *why)
+            .collect()
+    }
 }
 
 impl CaptureSink for RecordingSink {
     fn write_succeeded(&self, write: CapturedWrite) {
         self.writes.lock().unwrap().push(write);
+    }
+
+    fn capture_lost(&self, session: u64, why: CaptureLoss) {
+        self.losses.lock().unwrap().push((session, why));
     }
 }
 

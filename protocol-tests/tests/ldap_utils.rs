@@ -387,3 +387,39 @@ fn ldap_utils_paged_search_over_2500_entries() {
         "ou=bulk and its 2500 people"
     );
 }
+
+#[test]
+fn ldap_utils_sasl_binds_multi_step_and_with_security_layer() {
+    let pair = Pair::start();
+    let sasl = ["-Y", "DIGEST-MD5", "-U", "alice", "-w", "alice-secret"];
+    let with_sasl = |args: &[&'static str]| -> Vec<&'static str> { [&sasl[..], args].concat() };
+    let cases = vec![
+        // DIGEST-MD5 takes two round trips (challenge, response).
+        case("DIGEST-MD5 without a security layer", "ldapwhoami", &with_sasl(&["-O", "maxssf=0"]), 0),
+        case("DIGEST-MD5 wrong password", "ldapwhoami", &["-Y", "DIGEST-MD5", "-U", "alice", "-w", "wrong", "-O", "maxssf=0"], 49),
+        // With a security layer every later PDU is wrapped by SASL.
+        case("DIGEST-MD5 with a security layer", "ldapwhoami", &with_sasl(&[]), 0),
+        case("search inside the security layer", "ldapsearch", &with_sasl(&["-LLL", "-b", "dc=example,dc=com", "(uid=bob)", "mail"]), 0),
+        case("write inside the security layer", "ldapmodify", &with_sasl(&[]), 0)
+            .stdin("dn: uid=alice,ou=people,dc=example,dc=com\nchangetype: modify\nreplace: description\ndescription: sealed\n"),
+    ];
+    differential(&pair, &cases);
+    let whoami = run(&cases[2], &pair.proxy.url());
+    assert!(
+        whoami
+            .stdout
+            .contains("dn:uid=alice,ou=people,dc=example,dc=com"),
+        "{whoami:?}"
+    );
+    assert!(
+        whoami.stderr.contains("SASL SSF: 128"),
+        "a security layer was negotiated: {whoami:?}"
+    );
+    assert!(
+        pair.proxy
+            .sink
+            .losses()
+            .contains(&ldapsync::proxy::CaptureLoss::SecurityLayer),
+        "a write the relay cannot see is reported, not silently dropped"
+    );
+}

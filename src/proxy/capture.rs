@@ -56,10 +56,22 @@ impl CapturedWrite {
     }
 }
 
+/// Why a session's writes can no longer be seen by the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptureLoss {
+    /// A SASL security layer (integrity or confidentiality) wraps the
+    /// session's traffic: it is relayed opaquely.
+    SecurityLayer,
+}
+
 /// Receives successful writes. Called on the session's relay path, so it
 /// must return at once.
 pub trait CaptureSink: Send + Sync + 'static {
     fn write_succeeded(&self, write: CapturedWrite);
+
+    /// From now on writes on `session` succeed unseen; only the poller can
+    /// bring them in.
+    fn capture_lost(&self, session: u64, why: CaptureLoss);
 }
 
 /// The sink until the sync core is configured: it records what it saw.
@@ -84,5 +96,13 @@ impl CaptureSink for LogSink {
                 "captured write could not be read; a poll must catch it"
             ),
         }
+    }
+
+    fn capture_lost(&self, session: u64, why: CaptureLoss) {
+        tracing::warn!(
+            session,
+            ?why,
+            "writes on this session cannot be captured; a poll must catch them"
+        );
     }
 }

@@ -195,6 +195,23 @@ impl Envelope {
         (self.op == Op::Abandon).then(|| ber::integer(self.contents(pdu)))?
     }
 
+    /// Whether a BindRequest uses SASL (`authentication` is `[3] SaslCredentials`).
+    pub fn is_sasl_bind(&self, pdu: &[u8]) -> bool {
+        const SASL_CREDENTIALS: u8 = 0xa3;
+        if self.op != Op::Bind {
+            return false;
+        }
+        let skip = |buf: &'_ [u8]| ber::read_element(buf).ok().map(|(h, _)| h.total_len());
+        let contents = self.contents(pdu);
+        let Some(version) = skip(contents) else {
+            return false;
+        };
+        let Some(name) = skip(&contents[version..]) else {
+            return false;
+        };
+        contents.get(version + name) == Some(&SASL_CREDENTIALS)
+    }
+
     /// The requestName of an ExtendedRequest.
     pub fn extended_name<'a>(&self, pdu: &'a [u8]) -> Option<&'a [u8]> {
         if self.op != Op::Extended {

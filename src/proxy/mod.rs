@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::ProxyConfig;
-pub use capture::{CaptureSink, CapturedWrite, LogSink, WriteKind};
+pub use capture::{CaptureLoss, CaptureSink, CapturedWrite, LogSink, WriteKind};
 
 /// What every session of one proxy shares.
 struct Shared {

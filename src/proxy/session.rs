@@ -8,13 +8,14 @@
 //! - the writer task drains that bounded queue to the client socket.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use rasn_ldap::ResultCode;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -25,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
 use super::Shared;
-use super::capture::{CapturedWrite, WriteKind};
+use super::capture::{CaptureLoss, CapturedWrite, WriteKind};
 use super::codec::{FrameError, PduCodec};
 use super::message::{self, Envelope, Op, STARTTLS_OID};
 use super::upstream;
@@ -37,8 +38,17 @@ const CLIENT_QUEUE: usize = 64;
 struct Pending {
     op: Op,
     started: Instant,
-    /// The request, kept for capture when the operation is a write.
-    write: Option<(WriteKind, Bytes)>,
+    on_success: OnSuccess,
+}
+
+/// What a successful response means beyond relaying it.
+enum OnSuccess {
+    Nothing,
+    /// A write: its request goes to the capture sink.
+    Capture(WriteKind, Bytes),
+    /// A SASL bind: the mechanism may have negotiated a security layer, after
+    /// which the session's bytes are no longer LDAP PDUs (RFC 4513 §5.2.1.2).
+    SaslBound,
 }
 
 /// The operations in flight on one session, shared by its two relay tasks.
@@ -143,6 +153,12 @@ struct Session {
     writer: JoinHandle<()>,
     inflight: Arc<Inflight>,
     upstream: Option<Upstream>,
+    /// Set once a SASL bind succeeded: from then on, bytes that are not an
+    /// LDAPMessage are taken as a SASL security layer, not as garbage.
+    sasl_bound: Arc<AtomicBool>,
+    /// The session relays opaque bytes (a SASL security layer is in effect),
+    /// so ldapsync can no longer speak LDAP to the client itself.
+    tunneled: bool,
 }
 
 impl Session {
@@ -162,6 +178,8 @@ impl Session {
             writer,
             inflight: Arc::default(),
             upstream: None,
+            sasl_bound: Arc::default(),
+            tunneled: false,
         }
     }
 
@@ -208,6 +226,11 @@ impl Session {
                 Event::Request(Some(Err(FrameError::Io(e)))) => {
                     debug!(error = %e, "client read failed");
                     return End::ClientClosed;
+                }
+                Event::Request(Some(Err(FrameError::NotASequence(_))))
+                    if self.sasl_bound.load(Ordering::Acquire) =>
+                {
+                    return self.tunnel(shutdown).await;
                 }
                 Event::Request(Some(Err(e))) => return End::Malformed(e.to_string()),
                 Event::Request(Some(Ok(pdu))) => {
@@ -279,13 +302,17 @@ impl Session {
             }
         }
         if env.op.expects_response() {
-            let write = write_kind(env.op).map(|kind| (kind, pdu.clone()));
+            let on_success = match write_kind(env.op) {
+                Some(kind) => OnSuccess::Capture(kind, pdu.clone()),
+                None if env.is_sasl_bind(&pdu) => OnSuccess::SaslBound,
+                None => OnSuccess::Nothing,
+            };
             self.inflight.insert(
                 env.message_id,
                 Pending {
                     op: env.op,
                     started: Instant::now(),
-                    write,
+                    on_success,
                 },
             );
         }
@@ -306,6 +333,42 @@ impl Session {
         }
     }
 
+    /// Relays the client's bytes opaquely once a SASL security layer wraps
+    /// them; the directory side switches on its own (see `UpstreamRelay`).
+    async fn tunnel(&mut self, shutdown: &CancellationToken) -> End {
+        self.tunneled = true;
+        info!("SASL security layer in effect: relaying this session opaquely");
+        self.shared
+            .sink
+            .capture_lost(self.id, CaptureLoss::SecurityLayer);
+        let Some(upstream) = self.upstream.as_mut() else {
+            return End::ClientClosed;
+        };
+        let mut chunk = std::mem::take(self.requests.read_buffer_mut());
+        let io_timeout = self.shared.config.io_timeout;
+        loop {
+            if !chunk.is_empty() {
+                match timeout(io_timeout, upstream.writer.write_all(&chunk)).await {
+                    Ok(Ok(())) => chunk.clear(),
+                    Ok(Err(e)) => {
+                        return End::UpstreamLost(format!("writing to the directory failed: {e}"));
+                    }
+                    Err(_) => {
+                        return End::UpstreamLost("the directory stopped reading requests".into());
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return End::Shutdown,
+                _ = &mut upstream.ended => return End::UpstreamLost("the directory closed the connection".into()),
+                read = self.requests.get_mut().read_buf(&mut chunk) => match read {
+                    Ok(0) | Err(_) => return End::ClientClosed,
+                    Ok(_) => {}
+                },
+            }
+        }
+    }
+
     /// Queues a message ldapsync itself answers with.
     async fn reply(&mut self, pdu: Bytes) -> Option<End> {
         match self.to_client.send(pdu).await {
@@ -319,6 +382,7 @@ impl Session {
         let (report, ended) = oneshot::channel();
         let relay = UpstreamRelay {
             session: self.id,
+            sasl_bound: Arc::clone(&self.sasl_bound),
             shared: Arc::clone(&self.shared),
             inflight: Arc::clone(&self.inflight),
             to_client: self.to_client.clone(),
@@ -362,7 +426,8 @@ impl Session {
         };
         // Stop relaying directory responses before the notice, so it is last.
         self.upstream = None;
-        if let Some((code, reason)) = notice {
+        // Inside a SASL security layer a plain-text notice would be garbage.
+        if let Some((code, reason)) = notice.filter(|_| !self.tunneled) {
             let _ = self
                 .to_client
                 .send(message::notice_of_disconnection(code, &reason))
@@ -397,6 +462,7 @@ fn write_kind(op: Op) -> Option<WriteKind> {
 /// The directory-to-client half of a session.
 struct UpstreamRelay {
     session: u64,
+    sasl_bound: Arc<AtomicBool>,
     shared: Arc<Shared>,
     inflight: Arc<Inflight>,
     to_client: mpsc::Sender<Bytes>,
@@ -411,6 +477,11 @@ impl UpstreamRelay {
                 Some(Err(FrameError::Io(e))) => {
                     debug!(error = %e, "directory read failed");
                     return UpstreamEnd::Closed { noticed };
+                }
+                Some(Err(FrameError::NotASequence(_)))
+                    if self.sasl_bound.load(Ordering::Acquire) =>
+                {
+                    return self.tunnel(frames).await;
                 }
                 Some(Err(e)) => return UpstreamEnd::Failed(e),
                 Some(Ok(pdu)) => pdu,
@@ -444,6 +515,22 @@ impl UpstreamRelay {
         }
     }
 
+    /// The directory's half of [`Session::tunnel`].
+    async fn tunnel(self, frames: FramedRead<OwnedReadHalf, PduCodec>) -> UpstreamEnd {
+        let parts = frames.into_parts();
+        let (mut read, mut chunk) = (parts.io, parts.read_buf);
+        loop {
+            if !chunk.is_empty() && self.to_client.send(chunk.split().freeze()).await.is_err() {
+                return UpstreamEnd::ClientGone;
+            }
+            chunk.reserve(16 * 1024);
+            match read.read_buf(&mut chunk).await {
+                Ok(0) | Err(_) => return UpstreamEnd::Closed { noticed: false },
+                Ok(_) => {}
+            }
+        }
+    }
+
     fn complete(&self, env: &Envelope, response: &[u8], pending: Pending) {
         let result = env.result_code(response);
         debug!(
@@ -453,13 +540,18 @@ impl UpstreamRelay {
             micros = pending.started.elapsed().as_micros() as u64,
             "operation done"
         );
-        if let (Some(0), Some((kind, request))) = (result, pending.write) {
-            self.shared.sink.write_succeeded(CapturedWrite {
+        if result != Some(0) {
+            return;
+        }
+        match pending.on_success {
+            OnSuccess::Nothing => {}
+            OnSuccess::Capture(kind, request) => self.shared.sink.write_succeeded(CapturedWrite {
                 session: self.session,
                 message_id: env.message_id,
                 kind,
                 request,
-            });
+            }),
+            OnSuccess::SaslBound => self.sasl_bound.store(true, Ordering::Release),
         }
     }
 }
