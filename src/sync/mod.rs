@@ -1,0 +1,4 @@
+//! The sync engine: connectors, change events, and the decisions that keep
+//! the local store and the directory in step.
+
+pub mod policy;
