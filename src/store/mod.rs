@@ -1,0 +1,226 @@
+//! The local store and the sync state: accounts and groups, associations
+//! with their baselines, and the journal of every decision.
+//!
+//! Behind the [`Store`] trait so that a PostgreSQL implementation can serve
+//! several instances; [`SqliteStore`] is the embedded default. A sync
+//! decision's local change, its association and its journal lines are
+//! committed together by [`Store::commit`].
+
+mod sqlite;
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub use sqlite::SqliteStore;
+
+use crate::sync::policy::Values;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Open {
+        path: String,
+        source: rusqlite::Error,
+    },
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database holds unreadable {what}: {detail}")]
+    Corrupt { what: &'static str, detail: String },
+    #[error("database schema version {found} is newer than this ldapsync understands ({known})")]
+    TooNew { found: i64, known: i64 },
+    #[error("{category} {name:?} already exists")]
+    Exists { category: Category, name: String },
+    #[error("no {category} named {name:?}")]
+    NotFound { category: Category, name: String },
+}
+
+/// Accounts or groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Category {
+    Account,
+    Group,
+}
+
+impl Category {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Category::Account => "account",
+            Category::Group => "group",
+        }
+    }
+}
+
+impl fmt::Display for Category {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Category {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "account" => Ok(Category::Account),
+            "group" => Ok(Category::Group),
+            other => Err(format!("unknown category {other:?}")),
+        }
+    }
+}
+
+/// An account or group of the application, keyed by category and name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalObject {
+    pub id: i64,
+    pub category: Category,
+    pub name: String,
+    pub enabled: bool,
+    /// Fields (display_name, mail, aliases, members, …) → values.
+    pub values: Values,
+}
+
+/// A local object tied to one directory entry by its stable id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Association {
+    pub connector: String,
+    pub object_id: i64,
+    /// entryUUID, or objectGUID as a GUID string.
+    pub entry_id: String,
+    /// Where the entry was last seen; informational, never used to match.
+    pub dn: String,
+    /// The mapped values as of the last successful sync of the pair.
+    pub baseline: Values,
+    pub synced_at: i64,
+}
+
+/// Where a change was seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeSource {
+    /// A write that went through the proxy.
+    Proxy,
+    /// The directory, read by the poller or a sync pass.
+    Poll,
+    /// The local store (CLI or admin API).
+    Local,
+}
+
+impl ChangeSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeSource::Proxy => "proxy",
+            ChangeSource::Poll => "poll",
+            ChangeSource::Local => "local",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ChangeSource> {
+        [ChangeSource::Proxy, ChangeSource::Poll, ChangeSource::Local]
+            .into_iter()
+            .find(|c| c.as_str() == s)
+    }
+}
+
+/// One line of the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalEntry {
+    /// Seconds since the Unix epoch.
+    pub at: i64,
+    pub connector: String,
+    pub category: Category,
+    pub object: String,
+    pub source: ChangeSource,
+    /// What was decided: `associated`, `created-local`, `updated`, `disputed`, …
+    pub action: String,
+    /// The policy in force, e.g. `both/local-wins`.
+    pub policy: String,
+    /// Details as JSON: the outcome, the fields that changed or were lost.
+    pub detail: String,
+}
+
+/// Everything one sync decision changes, committed atomically.
+#[derive(Debug, Default)]
+pub struct Commit {
+    /// A local object to create (`id` 0) or update.
+    pub object: Option<LocalObject>,
+    /// A local object to delete, by id.
+    pub delete_object: Option<i64>,
+    /// The pair's new association or baseline. An `object_id` of 0 refers to
+    /// the object created by this commit.
+    pub association: Option<Association>,
+    pub journal: Vec<JournalEntry>,
+}
+
+/// Filters for reading the journal.
+#[derive(Debug, Default, Clone)]
+pub struct JournalQuery {
+    pub connector: Option<String>,
+    pub object: Option<String>,
+    pub limit: usize,
+}
+
+/// Per-connector bookkeeping for `ldapsync status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectorState {
+    pub connector: String,
+    pub last_sync_at: Option<i64>,
+    pub last_result: String,
+}
+
+pub trait Store {
+    fn object(&self, category: Category, name: &str) -> Result<Option<LocalObject>, StoreError>;
+    fn object_by_id(&self, id: i64) -> Result<Option<LocalObject>, StoreError>;
+    fn objects(&self, category: Category) -> Result<Vec<LocalObject>, StoreError>;
+    /// Creates a local object (a local edit, not a sync decision).
+    fn insert_object(
+        &mut self,
+        object: &LocalObject,
+        journal: &JournalEntry,
+    ) -> Result<i64, StoreError>;
+    /// Updates a local object's name, enabled flag and values.
+    fn update_object(
+        &mut self,
+        object: &LocalObject,
+        journal: &JournalEntry,
+    ) -> Result<(), StoreError>;
+    fn delete_object(&mut self, id: i64, journal: &JournalEntry) -> Result<(), StoreError>;
+
+    fn association_by_entry(
+        &self,
+        connector: &str,
+        entry_id: &str,
+    ) -> Result<Option<Association>, StoreError>;
+    fn association_by_object(
+        &self,
+        connector: &str,
+        object_id: i64,
+    ) -> Result<Option<Association>, StoreError>;
+    fn associations(&self, connector: Option<&str>) -> Result<Vec<Association>, StoreError>;
+    /// Removes an association (the administrative command); true if one existed.
+    fn remove_association(
+        &mut self,
+        connector: &str,
+        object_id: i64,
+        journal: &JournalEntry,
+    ) -> Result<bool, StoreError>;
+
+    /// Applies one sync decision atomically; returns the id of the object it
+    /// created or updated, if any.
+    fn commit(&mut self, commit: Commit) -> Result<Option<i64>, StoreError>;
+
+    fn journal(&self, query: &JournalQuery) -> Result<Vec<JournalEntry>, StoreError>;
+
+    fn connector_state(&self, connector: &str) -> Result<Option<ConnectorState>, StoreError>;
+    fn set_connector_state(&mut self, state: &ConnectorState) -> Result<(), StoreError>;
+}
+
+/// Seconds since the Unix epoch, for journal lines and baselines.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}

@@ -1,0 +1,612 @@
+//! The embedded SQLite store: one file, WAL mode, migrations by
+//! `PRAGMA user_version`.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+
+use super::{
+    Association, Category, ChangeSource, Commit, ConnectorState, JournalEntry, JournalQuery,
+    LocalObject, Store, StoreError,
+};
+use crate::sync::policy::Values;
+
+/// Schema versions, applied in order; never edit one that has shipped.
+const MIGRATIONS: &[&str] = &[r#"
+    CREATE TABLE objects (
+        id       INTEGER PRIMARY KEY,
+        category TEXT NOT NULL,
+        name     TEXT NOT NULL,
+        enabled  INTEGER NOT NULL DEFAULT 1,
+        "values" TEXT NOT NULL,
+        UNIQUE (category, name)
+    );
+    CREATE TABLE associations (
+        connector TEXT NOT NULL,
+        object_id INTEGER NOT NULL REFERENCES objects(id) ON DELETE CASCADE,
+        entry_id  TEXT NOT NULL,
+        dn        TEXT NOT NULL,
+        baseline  TEXT NOT NULL,
+        synced_at INTEGER NOT NULL,
+        PRIMARY KEY (connector, object_id),
+        UNIQUE (connector, entry_id)
+    );
+    CREATE TABLE journal (
+        id        INTEGER PRIMARY KEY,
+        at        INTEGER NOT NULL,
+        connector TEXT NOT NULL,
+        category  TEXT NOT NULL,
+        object    TEXT NOT NULL,
+        source    TEXT NOT NULL,
+        action    TEXT NOT NULL,
+        policy    TEXT NOT NULL,
+        detail    TEXT NOT NULL
+    );
+    CREATE INDEX journal_by_object ON journal (connector, object);
+    CREATE TABLE connector_state (
+        connector    TEXT PRIMARY KEY,
+        last_sync_at INTEGER,
+        last_result  TEXT NOT NULL
+    );
+"#];
+
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`, owner-only.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let open_error = |source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        let is_new = !path.exists();
+        let conn = Connection::open(path).map_err(open_error)?;
+        if is_new {
+            restrict_to_owner(path);
+        }
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_error)?;
+        conn.pragma_update(None, "foreign_keys", true)
+            .map_err(open_error)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(open_error)?;
+        let mut store = SqliteStore { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let version: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StoreError::TooNew {
+                found: version,
+                known,
+            });
+        }
+        let tx = self.conn.transaction()?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", i as i64 + 1)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+#[cfg(unix)]
+fn restrict_to_owner(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot make the database owner-only");
+    }
+}
+
+#[cfg(not(unix))]
+fn restrict_to_owner(_: &Path) {}
+
+fn to_json(values: &Values) -> String {
+    serde_json::to_string(values).expect("a map of strings serializes")
+}
+
+fn from_json(what: &'static str, text: &str) -> Result<Values, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
+        what,
+        detail: e.to_string(),
+    })
+}
+
+fn parse_category(text: &str) -> Result<Category, StoreError> {
+    text.parse().map_err(|detail| StoreError::Corrupt {
+        what: "category",
+        detail,
+    })
+}
+
+const OBJECT_COLUMNS: &str = r#"id, category, name, enabled, "values""#;
+
+fn object_row(row: &Row) -> rusqlite::Result<(i64, String, String, bool, String)> {
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+    ))
+}
+
+fn object_from(raw: (i64, String, String, bool, String)) -> Result<LocalObject, StoreError> {
+    let (id, category, name, enabled, values) = raw;
+    Ok(LocalObject {
+        id,
+        category: parse_category(&category)?,
+        name,
+        enabled,
+        values: from_json("object values", &values)?,
+    })
+}
+
+const ASSOCIATION_COLUMNS: &str = "connector, object_id, entry_id, dn, baseline, synced_at";
+
+fn association_row(row: &Row) -> rusqlite::Result<(String, i64, String, String, String, i64)> {
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+        row.get(5)?,
+    ))
+}
+
+fn association_from(
+    raw: (String, i64, String, String, String, i64),
+) -> Result<Association, StoreError> {
+    let (connector, object_id, entry_id, dn, baseline, synced_at) = raw;
+    Ok(Association {
+        connector,
+        object_id,
+        entry_id,
+        dn,
+        baseline: from_json("baseline", &baseline)?,
+        synced_at,
+    })
+}
+
+fn write_journal(tx: &Transaction, entry: &JournalEntry) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO journal (at, connector, category, object, source, action, policy, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            entry.at,
+            entry.connector,
+            entry.category.as_str(),
+            entry.object,
+            entry.source.as_str(),
+            entry.action,
+            entry.policy,
+            entry.detail
+        ],
+    )?;
+    Ok(())
+}
+
+fn insert_object(tx: &Transaction, object: &LocalObject) -> Result<i64, StoreError> {
+    let inserted = tx.execute(
+        r#"INSERT INTO objects (category, name, enabled, "values") VALUES (?1, ?2, ?3, ?4)
+           ON CONFLICT (category, name) DO NOTHING"#,
+        params![
+            object.category.as_str(),
+            object.name,
+            object.enabled,
+            to_json(&object.values)
+        ],
+    )?;
+    if inserted == 0 {
+        return Err(StoreError::Exists {
+            category: object.category,
+            name: object.name.clone(),
+        });
+    }
+    Ok(tx.last_insert_rowid())
+}
+
+fn update_object(tx: &Transaction, object: &LocalObject) -> Result<(), StoreError> {
+    let clash: Option<i64> = tx
+        .query_row(
+            "SELECT id FROM objects WHERE category = ?1 AND name = ?2 AND id != ?3",
+            params![object.category.as_str(), object.name, object.id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if clash.is_some() {
+        return Err(StoreError::Exists {
+            category: object.category,
+            name: object.name.clone(),
+        });
+    }
+    tx.execute(
+        r#"UPDATE objects SET name = ?2, enabled = ?3, "values" = ?4 WHERE id = ?1"#,
+        params![
+            object.id,
+            object.name,
+            object.enabled,
+            to_json(&object.values)
+        ],
+    )?;
+    Ok(())
+}
+
+impl Store for SqliteStore {
+    fn object(&self, category: Category, name: &str) -> Result<Option<LocalObject>, StoreError> {
+        self.conn
+            .query_row(
+                &format!("SELECT {OBJECT_COLUMNS} FROM objects WHERE category = ?1 AND name = ?2"),
+                params![category.as_str(), name],
+                object_row,
+            )
+            .optional()?
+            .map(object_from)
+            .transpose()
+    }
+
+    fn object_by_id(&self, id: i64) -> Result<Option<LocalObject>, StoreError> {
+        self.conn
+            .query_row(
+                &format!("SELECT {OBJECT_COLUMNS} FROM objects WHERE id = ?1"),
+                [id],
+                object_row,
+            )
+            .optional()?
+            .map(object_from)
+            .transpose()
+    }
+
+    fn objects(&self, category: Category) -> Result<Vec<LocalObject>, StoreError> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {OBJECT_COLUMNS} FROM objects WHERE category = ?1 ORDER BY name"
+        ))?;
+        let rows = stmt.query_map([category.as_str()], object_row)?;
+        rows.map(|r| object_from(r?)).collect()
+    }
+
+    fn insert_object(
+        &mut self,
+        object: &LocalObject,
+        journal: &JournalEntry,
+    ) -> Result<i64, StoreError> {
+        let tx = self.conn.transaction()?;
+        let id = insert_object(&tx, object)?;
+        write_journal(&tx, journal)?;
+        tx.commit()?;
+        Ok(id)
+    }
+
+    fn update_object(
+        &mut self,
+        object: &LocalObject,
+        journal: &JournalEntry,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        update_object(&tx, object)?;
+        write_journal(&tx, journal)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn delete_object(&mut self, id: i64, journal: &JournalEntry) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM objects WHERE id = ?1", [id])?;
+        write_journal(&tx, journal)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn association_by_entry(
+        &self,
+        connector: &str,
+        entry_id: &str,
+    ) -> Result<Option<Association>, StoreError> {
+        self.conn
+            .query_row(
+                &format!("SELECT {ASSOCIATION_COLUMNS} FROM associations WHERE connector = ?1 AND entry_id = ?2"),
+                params![connector, entry_id],
+                association_row,
+            )
+            .optional()?
+            .map(association_from)
+            .transpose()
+    }
+
+    fn association_by_object(
+        &self,
+        connector: &str,
+        object_id: i64,
+    ) -> Result<Option<Association>, StoreError> {
+        self.conn
+            .query_row(
+                &format!("SELECT {ASSOCIATION_COLUMNS} FROM associations WHERE connector = ?1 AND object_id = ?2"),
+                params![connector, object_id],
+                association_row,
+            )
+            .optional()?
+            .map(association_from)
+            .transpose()
+    }
+
+    fn associations(&self, connector: Option<&str>) -> Result<Vec<Association>, StoreError> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {ASSOCIATION_COLUMNS} FROM associations
+             WHERE ?1 IS NULL OR connector = ?1 ORDER BY connector, object_id"
+        ))?;
+        let rows = stmt.query_map([connector], association_row)?;
+        rows.map(|r| association_from(r?)).collect()
+    }
+
+    fn remove_association(
+        &mut self,
+        connector: &str,
+        object_id: i64,
+        journal: &JournalEntry,
+    ) -> Result<bool, StoreError> {
+        let tx = self.conn.transaction()?;
+        let removed = tx.execute(
+            "DELETE FROM associations WHERE connector = ?1 AND object_id = ?2",
+            params![connector, object_id],
+        )?;
+        if removed > 0 {
+            write_journal(&tx, journal)?;
+        }
+        tx.commit()?;
+        Ok(removed > 0)
+    }
+
+    fn commit(&mut self, commit: Commit) -> Result<Option<i64>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut object_id = None;
+        if let Some(object) = &commit.object {
+            object_id = Some(if object.id == 0 {
+                insert_object(&tx, object)?
+            } else {
+                update_object(&tx, object)?;
+                object.id
+            });
+        }
+        if let Some(id) = commit.delete_object {
+            tx.execute("DELETE FROM objects WHERE id = ?1", [id])?;
+        }
+        if let Some(a) = &commit.association {
+            let id = if a.object_id == 0 {
+                object_id.unwrap_or(0)
+            } else {
+                a.object_id
+            };
+            tx.execute(
+                "INSERT INTO associations (connector, object_id, entry_id, dn, baseline, synced_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (connector, object_id) DO UPDATE SET
+                   entry_id = excluded.entry_id, dn = excluded.dn,
+                   baseline = excluded.baseline, synced_at = excluded.synced_at",
+                params![
+                    a.connector,
+                    id,
+                    a.entry_id,
+                    a.dn,
+                    to_json(&a.baseline),
+                    a.synced_at
+                ],
+            )?;
+        }
+        for entry in &commit.journal {
+            write_journal(&tx, entry)?;
+        }
+        tx.commit()?;
+        Ok(object_id)
+    }
+
+    fn journal(&self, query: &JournalQuery) -> Result<Vec<JournalEntry>, StoreError> {
+        let limit = if query.limit == 0 {
+            i64::MAX
+        } else {
+            query.limit as i64
+        };
+        let mut stmt = self.conn.prepare(
+            "SELECT at, connector, category, object, source, action, policy, detail FROM (
+               SELECT * FROM journal
+               WHERE (?1 IS NULL OR connector = ?1) AND (?2 IS NULL OR object = ?2)
+               ORDER BY id DESC LIMIT ?3
+             ) ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![query.connector, query.object, limit], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
+                r.get::<_, String>(7)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (at, connector, category, object, source, action, policy, detail) = row?;
+            Ok(JournalEntry {
+                at,
+                connector,
+                category: parse_category(&category)?,
+                object,
+                source: ChangeSource::parse(&source).ok_or(StoreError::Corrupt {
+                    what: "journal source",
+                    detail: source,
+                })?,
+                action,
+                policy,
+                detail,
+            })
+        })
+        .collect()
+    }
+
+    fn connector_state(&self, connector: &str) -> Result<Option<ConnectorState>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT connector, last_sync_at, last_result FROM connector_state WHERE connector = ?1",
+                [connector],
+                |r| {
+                    Ok(ConnectorState {
+                        connector: r.get(0)?,
+                        last_sync_at: r.get(1)?,
+                        last_result: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    fn set_connector_state(&mut self, state: &ConnectorState) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO connector_state (connector, last_sync_at, last_result) VALUES (?1, ?2, ?3)
+             ON CONFLICT (connector) DO UPDATE SET
+               last_sync_at = excluded.last_sync_at, last_result = excluded.last_result",
+            params![state.connector, state.last_sync_at, state.last_result],
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::now;
+
+    fn journal(object: &str, action: &str) -> JournalEntry {
+        JournalEntry {
+            at: now(),
+            connector: "c".into(),
+            category: Category::Account,
+            object: object.into(),
+            source: ChangeSource::Local,
+            action: action.into(),
+            policy: "both/local-wins".into(),
+            detail: "{}".into(),
+        }
+    }
+
+    fn account(name: &str) -> LocalObject {
+        LocalObject {
+            id: 0,
+            category: Category::Account,
+            name: name.into(),
+            enabled: true,
+            values: [("mail".to_owned(), vec![format!("{name}@example.com")])].into(),
+        }
+    }
+
+    #[test]
+    fn objects_associations_and_journal_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let mut store = SqliteStore::open(&path).unwrap();
+        let id = store
+            .insert_object(&account("alice"), &journal("alice", "added"))
+            .unwrap();
+        assert!(matches!(
+            store.insert_object(&account("alice"), &journal("alice", "added")),
+            Err(StoreError::Exists { .. })
+        ));
+        let created = store
+            .commit(Commit {
+                object: Some(account("bob")),
+                association: Some(Association {
+                    connector: "c".into(),
+                    object_id: 0,
+                    entry_id: "uuid-bob".into(),
+                    dn: "uid=bob,dc=x".into(),
+                    baseline: account("bob").values,
+                    synced_at: 1,
+                }),
+                journal: vec![journal("bob", "created-local")],
+                ..Commit::default()
+            })
+            .unwrap()
+            .unwrap();
+        let a = store
+            .association_by_entry("c", "uuid-bob")
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.object_id, created);
+        assert_eq!(
+            store
+                .association_by_object("c", created)
+                .unwrap()
+                .unwrap()
+                .entry_id,
+            "uuid-bob"
+        );
+        assert!(store.association_by_object("c", id).unwrap().is_none());
+        drop(store);
+
+        // Reopening keeps everything and does not re-run migrations.
+        let mut store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.objects(Category::Account).unwrap().len(), 2);
+        assert!(
+            store
+                .remove_association("c", created, &journal("bob", "association-removed"))
+                .unwrap()
+        );
+        assert!(
+            !store
+                .remove_association("c", created, &journal("bob", "association-removed"))
+                .unwrap()
+        );
+        let actions: Vec<_> = store
+            .journal(&JournalQuery::default())
+            .unwrap()
+            .into_iter()
+            .map(|e| e.action)
+            .collect();
+        assert_eq!(actions, ["added", "created-local", "association-removed"]);
+        let last = store
+            .journal(&JournalQuery {
+                limit: 1,
+                ..JournalQuery::default()
+            })
+            .unwrap();
+        assert_eq!(last[0].action, "association-removed");
+    }
+
+    #[test]
+    fn a_failed_commit_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        store
+            .insert_object(&account("alice"), &journal("alice", "added"))
+            .unwrap();
+        let clash = store.commit(Commit {
+            object: Some(account("alice")),
+            journal: vec![journal("alice", "created-local")],
+            ..Commit::default()
+        });
+        assert!(clash.is_err());
+        assert_eq!(store.journal(&JournalQuery::default()).unwrap().len(), 1);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn database_file_is_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        SqliteStore::open(&path).unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+}
