@@ -3,6 +3,7 @@
 //! Every key is documented in the README. Unknown keys are errors, so a typo
 //! never silently falls back to a default.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -10,6 +11,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use thiserror::Error;
+
+use crate::store::Category;
+use crate::sync::policy::{ConflictPolicy, Direction, Fallback};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -26,6 +30,24 @@ pub enum ConfigError {
     NoListener,
     #[error("proxy.{key} must be greater than zero")]
     Zero { key: &'static str },
+    #[error("connector {connector:?}: {key}: {message}")]
+    Connector {
+        connector: String,
+        key: String,
+        message: String,
+    },
+    #[error(
+        "connectors {first:?} and {second:?} overlap: {first_base:?} and {second_base:?} are in one subtree, \
+         so both would sync the same objects"
+    )]
+    Overlap {
+        first: String,
+        second: String,
+        first_base: String,
+        second_base: String,
+    },
+    #[error("two connectors are named {0:?}")]
+    DuplicateConnector(String),
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -124,6 +146,327 @@ pub struct Config {
     pub proxy: ProxyConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default, rename = "connector")]
+    pub connectors: Vec<ConnectorConfig>,
+}
+
+/// `[store]`: where the local store and sync state live.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("ldapsync.db"),
+        }
+    }
+}
+
+/// `[[connector]]`: one directory subtree linked to the local store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorConfig {
+    pub name: String,
+    /// The directory's URLs for the service connection; `proxy.upstream` if empty.
+    #[serde(default)]
+    pub upstream: Vec<LdapUrl>,
+    pub bind_dn: String,
+    /// A file whose first line is the service password.
+    pub password_file: Option<PathBuf>,
+    /// An environment variable holding the service password.
+    pub password_env: Option<String>,
+    /// The stable id attribute: `entryUUID`, or `objectGUID` on Active Directory.
+    #[serde(default = "default_id_attribute")]
+    pub id_attribute: String,
+    #[serde(default = "default_direction")]
+    pub direction: Direction,
+    #[serde(default = "default_conflict")]
+    pub conflict: ConflictSetting,
+    /// With `conflict = "merge"`: how a field changed on both sides is resolved.
+    #[serde(default = "default_fallback")]
+    pub merge_fallback: Fallback,
+    #[serde(default = "default_poll_interval", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    #[serde(default)]
+    pub delete: DeletePolicy,
+    /// A sync pass that would delete or disable more objects than this is refused.
+    #[serde(default = "default_max_deletes")]
+    pub max_deletes: usize,
+    /// … or more than this percentage of the connector's associated objects.
+    #[serde(default = "default_max_delete_percent")]
+    pub max_delete_percent: u8,
+    pub accounts: Option<ScopeConfig>,
+    pub groups: Option<ScopeConfig>,
+}
+
+/// The `conflict` key: a policy, with `merge` taking its fallback from `merge_fallback`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConflictSetting {
+    LocalWins,
+    LdapWins,
+    NoChange,
+    Merge,
+}
+
+/// What a directory delete does to the associated local object.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeletePolicy {
+    /// Keep the local object (it stays associated with the vanished entry).
+    #[default]
+    Ignore,
+    /// Mark the local object disabled.
+    Disable,
+    /// Delete the local object.
+    Delete,
+}
+
+/// `[connector.accounts]` / `[connector.groups]`: the entries of one category.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopeConfig {
+    pub base: String,
+    #[serde(default = "default_filter")]
+    pub filter: String,
+    /// The directory attribute that holds the local object's name; used to
+    /// match on first sync and to name entries created in the directory.
+    pub naming: String,
+    /// Directory attribute → local field.
+    #[serde(default)]
+    pub map: BTreeMap<String, String>,
+    /// Groups only: `member`, `uniqueMember` (DNs) or `memberUid` (names).
+    pub membership: Option<String>,
+    /// Object classes of entries created in the directory.
+    #[serde(default)]
+    pub object_classes: Vec<String>,
+    /// Attribute values for entries created in the directory; `{name}` is
+    /// replaced by the object's name (e.g. `sn = "{name}"`).
+    #[serde(default)]
+    pub defaults: BTreeMap<String, String>,
+}
+
+fn default_id_attribute() -> String {
+    "entryUUID".into()
+}
+fn default_direction() -> Direction {
+    Direction::Both
+}
+fn default_conflict() -> ConflictSetting {
+    ConflictSetting::LdapWins
+}
+fn default_fallback() -> Fallback {
+    Fallback::LdapWins
+}
+fn default_poll_interval() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_deletes() -> usize {
+    500
+}
+fn default_max_delete_percent() -> u8 {
+    10
+}
+fn default_filter() -> String {
+    "(objectClass=*)".into()
+}
+
+impl ConnectorConfig {
+    pub fn conflict_policy(&self) -> ConflictPolicy {
+        match self.conflict {
+            ConflictSetting::LocalWins => ConflictPolicy::LocalWins,
+            ConflictSetting::LdapWins => ConflictPolicy::LdapWins,
+            ConflictSetting::NoChange => ConflictPolicy::NoChange,
+            ConflictSetting::Merge => ConflictPolicy::Merge(self.merge_fallback),
+        }
+    }
+
+    /// The configured categories with their scopes.
+    pub fn scopes(&self) -> impl Iterator<Item = (Category, &ScopeConfig)> {
+        [
+            (Category::Account, &self.accounts),
+            (Category::Group, &self.groups),
+        ]
+        .into_iter()
+        .filter_map(|(c, s)| s.as_ref().map(|s| (c, s)))
+    }
+
+    /// Reads the service password from its file or environment variable.
+    pub fn password(&self) -> Result<Secret, ConfigError> {
+        let error = |key: &str, message: String| ConfigError::Connector {
+            connector: self.name.clone(),
+            key: key.into(),
+            message,
+        };
+        match (&self.password_file, &self.password_env) {
+            (Some(path), None) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    error(
+                        "password_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                Ok(Secret(text.lines().next().unwrap_or_default().to_owned()))
+            }
+            (None, Some(var)) => std::env::var(var).map(Secret).map_err(|_| {
+                error(
+                    "password_env",
+                    format!("environment variable {var} is not set"),
+                )
+            }),
+            (Some(_), Some(_)) => Err(error(
+                "password_file",
+                "set password_file or password_env, not both".into(),
+            )),
+            (None, None) => Err(error(
+                "password_file",
+                "set password_file or password_env".into(),
+            )),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let error = |key: String, message: String| ConfigError::Connector {
+            connector: self.name.clone(),
+            key,
+            message,
+        };
+        if self.name.is_empty() {
+            return Err(error("name".into(), "must not be empty".into()));
+        }
+        if !valid_dn(&self.bind_dn) {
+            return Err(error(
+                "bind_dn".into(),
+                format!("{:?} is not a DN", self.bind_dn),
+            ));
+        }
+        self.password()?;
+        if self.max_delete_percent > 100 {
+            return Err(error(
+                "max_delete_percent".into(),
+                "must be between 0 and 100".into(),
+            ));
+        }
+        if self.accounts.is_none() && self.groups.is_none() {
+            return Err(error(
+                "accounts".into(),
+                "configure accounts, groups or both".into(),
+            ));
+        }
+        for (category, scope) in self.scopes() {
+            let key = |k: &str| format!("{}s.{k}", category.as_str());
+            if !valid_dn(&scope.base) {
+                return Err(error(key("base"), format!("{:?} is not a DN", scope.base)));
+            }
+            if ldap3::parse_filter(&scope.filter).is_err() {
+                return Err(error(
+                    key("filter"),
+                    format!("{:?} is not an LDAP filter", scope.filter),
+                ));
+            }
+            if let Some((attr, _)) = scope
+                .map
+                .iter()
+                .find(|(_, field)| field.as_str() == NAME_FIELD)
+            {
+                return Err(error(
+                    key("map"),
+                    format!(
+                        "{attr} maps to \"name\", which the naming attribute ({}) already feeds",
+                        scope.naming
+                    ),
+                ));
+            }
+            match (category, &scope.membership) {
+                (Category::Account, Some(_)) => {
+                    return Err(error(key("membership"), "only groups have members".into()));
+                }
+                (Category::Group, Some(m)) if !MEMBERSHIP_ATTRIBUTES.contains(&m.as_str()) => {
+                    return Err(error(
+                        key("membership"),
+                        format!("{m:?} is not one of {MEMBERSHIP_ATTRIBUTES:?}"),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The local field the naming attribute feeds.
+pub const NAME_FIELD: &str = "name";
+/// The local field group membership feeds.
+pub const MEMBERS_FIELD: &str = "members";
+const MEMBERSHIP_ATTRIBUTES: [&str; 3] = ["member", "uniqueMember", "memberUid"];
+
+/// A password: never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// RFC 4514 shape: comma-separated `attr=value` parts, with escaped commas allowed.
+fn valid_dn(dn: &str) -> bool {
+    let mut rdns = Vec::new();
+    let (mut start, mut escaped) = (0, false);
+    for (i, c) in dn.char_indices() {
+        match c {
+            '\\' if !escaped => escaped = true,
+            ',' if !escaped => {
+                rdns.push(&dn[start..i]);
+                start = i + 1;
+            }
+            _ => escaped = false,
+        }
+    }
+    rdns.push(&dn[start..]);
+    rdns.iter().all(|rdn| {
+        rdn.split('+').all(|ava| match ava.trim().split_once('=') {
+            Some((attr, value)) => {
+                let attr = attr.trim();
+                !value.is_empty()
+                    && attr
+                        .chars()
+                        .next()
+                        .is_some_and(|c| c.is_ascii_alphanumeric())
+                    && attr
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+            }
+            None => false,
+        })
+    })
+}
+
+/// Normalized for subtree comparison: lowercase, no spaces around separators.
+fn normalize_dn(dn: &str) -> String {
+    dn.split(',')
+        .map(|rdn| rdn.split('=').map(str::trim).collect::<Vec<_>>().join("="))
+        .collect::<Vec<_>>()
+        .join(",")
+        .to_lowercase()
+}
+
+/// Whether `dn` is `base` or below it.
+pub fn dn_within(dn: &str, base: &str) -> bool {
+    let (dn, base) = (normalize_dn(dn), normalize_dn(base));
+    dn == base || dn.ends_with(&format!(",{base}"))
 }
 
 /// `[proxy]`: the listeners, the directory behind them, and the relay's limits.
@@ -192,6 +535,49 @@ impl Config {
             source,
         })?;
         Config::parse(&text, path)
+    }
+
+    /// Checks the connectors: each on its own, then that no two share a subtree.
+    pub fn validate_connectors(&self) -> Result<(), ConfigError> {
+        for (i, c) in self.connectors.iter().enumerate() {
+            c.validate()?;
+            if c.upstream.is_empty() && self.proxy.upstream.is_empty() {
+                return Err(ConfigError::Connector {
+                    connector: c.name.clone(),
+                    key: "upstream".into(),
+                    message: "no directory URL here nor in proxy.upstream".into(),
+                });
+            }
+            for other in &self.connectors[..i] {
+                if other.name == c.name {
+                    return Err(ConfigError::DuplicateConnector(c.name.clone()));
+                }
+                for (category, scope) in c.scopes() {
+                    for (_, theirs) in other.scopes().filter(|(oc, _)| *oc == category) {
+                        if dn_within(&scope.base, &theirs.base)
+                            || dn_within(&theirs.base, &scope.base)
+                        {
+                            return Err(ConfigError::Overlap {
+                                first: other.name.clone(),
+                                second: c.name.clone(),
+                                first_base: theirs.base.clone(),
+                                second_base: scope.base.clone(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The named connector, with `proxy.upstream` filled in where it has none.
+    pub fn connector(&self, name: &str) -> Option<ConnectorConfig> {
+        let mut c = self.connectors.iter().find(|c| c.name == name)?.clone();
+        if c.upstream.is_empty() {
+            c.upstream = self.proxy.upstream.clone();
+        }
+        Some(c)
     }
 
     /// Checks what serde cannot: the settings the relay cannot run without.
@@ -271,6 +657,119 @@ mod tests {
         assert_eq!(cfg.proxy.connect_timeout, Duration::from_secs(2));
         assert_eq!(cfg.proxy.idle_timeout, Duration::from_secs(3600));
         assert_eq!(cfg.proxy.io_timeout, ProxyConfig::default().io_timeout);
+    }
+
+    fn connector_file(dir: &Path, extra: &str) -> String {
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        format!(
+            r#"
+            [proxy]
+            upstream = ["ldap://127.0.0.1:3890"]
+            [[connector]]
+            name = "people"
+            bind_dn = "cn=admin,dc=example,dc=com"
+            password_file = "{}"
+            direction = "both"
+            conflict = "merge"
+            merge_fallback = "local-wins"
+            [connector.accounts]
+            base = "ou=people,dc=example,dc=com"
+            filter = "(objectClass=inetOrgPerson)"
+            naming = "uid"
+            map = {{ cn = "display_name", mail = "mail" }}
+            {extra}
+            "#,
+            secret.display()
+        )
+    }
+
+    #[test]
+    fn connector_parses_with_its_policy_and_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config::parse(&connector_file(dir.path(), ""), Path::new("c.toml")).unwrap();
+        cfg.validate_connectors().unwrap();
+        let c = cfg.connector("people").unwrap();
+        assert_eq!(
+            c.conflict_policy(),
+            ConflictPolicy::Merge(Fallback::LocalWins)
+        );
+        assert_eq!(c.password().unwrap().expose(), "s3cret");
+        assert_eq!(format!("{:?}", c.password().unwrap()), "Secret(***)");
+        assert_eq!(
+            c.upstream, cfg.proxy.upstream,
+            "proxy.upstream is the default"
+        );
+        assert_eq!(c.id_attribute, "entryUUID");
+    }
+
+    #[test]
+    fn connector_errors_name_connector_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = connector_file(dir.path(), "");
+        let cases: Vec<(String, &str)> = vec![
+            (
+                base.replace("naming = \"uid\"", "naming = \"uid\"\nnamin = 1"),
+                "namin",
+            ),
+            (
+                base.replace("ou=people,dc=example,dc=com", "people"),
+                "accounts.base",
+            ),
+            (
+                base.replace("(objectClass=inetOrgPerson)", "(objectClass=inetOrgPerson"),
+                "accounts.filter",
+            ),
+            (
+                base.replace("cn=admin,dc=example,dc=com", "admin"),
+                "bind_dn",
+            ),
+            (
+                base.replace(
+                    &dir.path().join("secret").display().to_string(),
+                    "/nonexistent/secret",
+                ),
+                "/nonexistent/secret",
+            ),
+            (
+                base.replace("conflict = \"merge\"", "conflict = \"mine\""),
+                "conflict",
+            ),
+            (
+                base.replace("direction = \"both\"", "direction = \"sideways\""),
+                "direction",
+            ),
+            (
+                format!(
+                    "{base}\n[[connector]]\nname = \"staff\"\nbind_dn = \"cn=admin,dc=example,dc=com\"\n\
+                     password_env = \"HOME\"\n[connector.accounts]\nbase = \"ou=staff,ou=people,dc=example,dc=com\"\n\
+                     naming = \"uid\"\n"
+                ),
+                "overlap",
+            ),
+        ];
+        for (text, needle) in cases {
+            let err =
+                Config::parse(&text, Path::new("c.toml")).and_then(|c| c.validate_connectors());
+            let err = err.expect_err(needle).to_string();
+            assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+        }
+    }
+
+    #[test]
+    fn subtrees() {
+        assert!(dn_within(
+            "uid=a,ou=People, dc=example,dc=com",
+            "ou=people,dc=example,dc=com"
+        ));
+        assert!(dn_within("dc=example,dc=com", "dc=example,dc=com"));
+        assert!(!dn_within(
+            "ou=people,dc=example,dc=com",
+            "ou=staff,dc=example,dc=com"
+        ));
+        assert!(!dn_within("dc=xexample,dc=com", "dc=example,dc=com"));
+        assert!(valid_dn("cn=a\\,b,dc=x") && valid_dn("cn=a+sn=b,dc=x"));
+        assert!(!valid_dn("people") && !valid_dn("cn=,dc=x") && !valid_dn(""));
     }
 
     #[test]
