@@ -94,6 +94,9 @@ pub struct Association {
     /// The mapped values as of the last successful sync of the pair.
     pub baseline: Values,
     pub synced_at: i64,
+    /// The entry is no longer in the connector's scope (deleted or moved
+    /// out); the delete policy has been applied once.
+    pub entry_gone: bool,
 }
 
 /// Where a change was seen.

@@ -28,6 +28,7 @@ const MIGRATIONS: &[&str] = &[r#"
         dn        TEXT NOT NULL,
         baseline  TEXT NOT NULL,
         synced_at INTEGER NOT NULL,
+        entry_gone INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (connector, object_id),
         UNIQUE (connector, entry_id)
     );
@@ -150,9 +151,12 @@ fn object_from(raw: (i64, String, String, bool, String)) -> Result<LocalObject, 
     })
 }
 
-const ASSOCIATION_COLUMNS: &str = "connector, object_id, entry_id, dn, baseline, synced_at";
+const ASSOCIATION_COLUMNS: &str =
+    "connector, object_id, entry_id, dn, baseline, synced_at, entry_gone";
 
-fn association_row(row: &Row) -> rusqlite::Result<(String, i64, String, String, String, i64)> {
+type AssociationRow = (String, i64, String, String, String, i64, bool);
+
+fn association_row(row: &Row) -> rusqlite::Result<AssociationRow> {
     Ok((
         row.get(0)?,
         row.get(1)?,
@@ -160,13 +164,12 @@ fn association_row(row: &Row) -> rusqlite::Result<(String, i64, String, String, 
         row.get(3)?,
         row.get(4)?,
         row.get(5)?,
+        row.get(6)?,
     ))
 }
 
-fn association_from(
-    raw: (String, i64, String, String, String, i64),
-) -> Result<Association, StoreError> {
-    let (connector, object_id, entry_id, dn, baseline, synced_at) = raw;
+fn association_from(raw: AssociationRow) -> Result<Association, StoreError> {
+    let (connector, object_id, entry_id, dn, baseline, synced_at, entry_gone) = raw;
     Ok(Association {
         connector,
         object_id,
@@ -174,6 +177,7 @@ fn association_from(
         dn,
         baseline: from_json("baseline", &baseline)?,
         synced_at,
+        entry_gone,
     })
 }
 
@@ -386,19 +390,12 @@ impl Store for SqliteStore {
                 a.object_id
             };
             tx.execute(
-                "INSERT INTO associations (connector, object_id, entry_id, dn, baseline, synced_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                "INSERT INTO associations (connector, object_id, entry_id, dn, baseline, synced_at, entry_gone)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT (connector, object_id) DO UPDATE SET
-                   entry_id = excluded.entry_id, dn = excluded.dn,
-                   baseline = excluded.baseline, synced_at = excluded.synced_at",
-                params![
-                    a.connector,
-                    id,
-                    a.entry_id,
-                    a.dn,
-                    to_json(&a.baseline),
-                    a.synced_at
-                ],
+                   entry_id = excluded.entry_id, dn = excluded.dn, baseline = excluded.baseline,
+                   synced_at = excluded.synced_at, entry_gone = excluded.entry_gone",
+                params![a.connector, id, a.entry_id, a.dn, to_json(&a.baseline), a.synced_at, a.entry_gone],
             )?;
         }
         for entry in &commit.journal {
@@ -530,6 +527,7 @@ mod tests {
                     dn: "uid=bob,dc=x".into(),
                     baseline: account("bob").values,
                     synced_at: 1,
+                    entry_gone: false,
                 }),
                 journal: vec![journal("bob", "created-local")],
                 ..Commit::default()
