@@ -2,3 +2,5 @@
 //! the local store and the directory in step.
 
 pub mod policy;
+pub mod directory;
+pub mod engine;

@@ -1,0 +1,183 @@
+//! The connector's service connection to the directory: reads the entries
+//! in scope and writes what the engine decided. It serves the sync engine
+//! only; client operations never run under this identity.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use ldap3::adapters::{Adapter, EntriesOnly, PagedResults};
+use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, Mod, Scope, SearchEntry};
+use thiserror::Error;
+
+use crate::config::{ConnectorConfig, ScopeConfig};
+
+#[derive(Debug, Error)]
+pub enum DirectoryError {
+    #[error("no directory server reachable for connector {connector:?}: {reasons}")]
+    Unreachable { connector: String, reasons: String },
+    #[error("service bind as {dn:?} failed: {message}")]
+    Bind { dn: String, message: String },
+    #[error("{operation} {dn:?}: {message}")]
+    Operation {
+        operation: &'static str,
+        dn: String,
+        message: String,
+    },
+}
+
+/// A directory entry as the engine sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The stable id (entryUUID, or objectGUID as a GUID string).
+    pub id: String,
+    pub dn: String,
+    /// Attribute name, lowercased → values.
+    pub attrs: BTreeMap<String, Vec<String>>,
+}
+
+impl Entry {
+    pub fn get(&self, attr: &str) -> &[String] {
+        self.attrs.get(&attr.to_lowercase()).map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
+pub struct Directory {
+    ldap: Ldap,
+    id_attribute: String,
+}
+
+const PAGE_SIZE: i32 = 500;
+
+impl Directory {
+    /// Connects to the first reachable URL and binds as the service identity.
+    pub async fn connect(connector: &ConnectorConfig, password: &str, timeout: Duration) -> Result<Directory, DirectoryError> {
+        let mut reasons = Vec::new();
+        for url in &connector.upstream {
+            let settings = LdapConnSettings::new().set_conn_timeout(timeout);
+            match LdapConnAsync::with_settings(settings, &url.to_string()).await {
+                Ok((conn, mut ldap)) => {
+                    ldap3::drive!(conn);
+                    ldap.with_timeout(timeout);
+                    let bind = ldap
+                        .simple_bind(&connector.bind_dn, password)
+                        .await
+                        .and_then(|r| r.success())
+                        .map_err(|e| DirectoryError::Bind {
+                            dn: connector.bind_dn.clone(),
+                            message: e.to_string(),
+                        });
+                    bind?;
+                    return Ok(Directory {
+                        ldap,
+                        id_attribute: connector.id_attribute.clone(),
+                    });
+                }
+                Err(e) => reasons.push(format!("{url}: {e}")),
+            }
+        }
+        Err(DirectoryError::Unreachable {
+            connector: connector.name.clone(),
+            reasons: reasons.join("; "),
+        })
+    }
+
+    fn attributes(&self, scope: &ScopeConfig) -> Vec<String> {
+        let mut attrs: Vec<String> = vec![self.id_attribute.clone(), scope.naming.clone()];
+        attrs.extend(scope.map.keys().cloned());
+        attrs.extend(scope.membership.clone());
+        attrs
+    }
+
+    /// Every entry in the scope, read page by page.
+    pub async fn entries(&mut self, scope: &ScopeConfig) -> Result<Vec<Entry>, DirectoryError> {
+        let adapters: Vec<Box<dyn Adapter<_, _>>> = vec![Box::new(EntriesOnly::new()), Box::new(PagedResults::new(PAGE_SIZE))];
+        let error = |e: ldap3::LdapError| DirectoryError::Operation {
+            operation: "search",
+            dn: scope.base.clone(),
+            message: e.to_string(),
+        };
+        let mut stream = self
+            .ldap
+            .streaming_search_with(adapters, &scope.base, Scope::Subtree, &scope.filter, self.attributes(scope))
+            .await
+            .map_err(error)?;
+        let mut entries = Vec::new();
+        while let Some(raw) = stream.next().await.map_err(error)? {
+            entries.extend(self.entry(SearchEntry::construct(raw)));
+        }
+        stream.finish().await.success().map_err(error)?;
+        Ok(entries)
+    }
+
+    /// The in-scope entry with the given DN, if there is one.
+    pub async fn entry_at(&mut self, scope: &ScopeConfig, dn: &str) -> Result<Option<Entry>, DirectoryError> {
+        let result = self
+            .ldap
+            .search(dn, Scope::Base, &scope.filter, self.attributes(scope))
+            .await
+            .map_err(|e| DirectoryError::Operation {
+                operation: "read",
+                dn: dn.to_owned(),
+                message: e.to_string(),
+            })?;
+        Ok(result.0.into_iter().find_map(|raw| self.entry(SearchEntry::construct(raw))))
+    }
+
+    fn entry(&self, raw: SearchEntry) -> Option<Entry> {
+        let mut attrs: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (name, values) in raw.attrs {
+            attrs.entry(name.to_lowercase()).or_default().extend(values);
+        }
+        let id_key = self.id_attribute.to_lowercase();
+        let id = match attrs.get(&id_key).and_then(|v| v.first()) {
+            Some(text) => text.clone(),
+            // objectGUID is binary: shown as the GUID string AD tools print.
+            None => raw
+                .bin_attrs
+                .iter()
+                .find(|(name, _)| name.to_lowercase() == id_key)
+                .and_then(|(_, values)| values.first())
+                .and_then(|bytes| uuid::Uuid::from_slice_le(bytes).ok())
+                .map(|guid| guid.to_string())?,
+        };
+        attrs.remove(&id_key);
+        Some(Entry { id, dn: raw.dn, attrs })
+    }
+
+    pub async fn add(&mut self, dn: &str, attrs: &BTreeMap<String, Vec<String>>) -> Result<(), DirectoryError> {
+        let attrs: Vec<(String, HashSet<String>)> = attrs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.iter().cloned().collect()))
+            .collect();
+        check("add", dn, self.ldap.add(dn, attrs).await)
+    }
+
+    /// Replaces each attribute's values (an empty list removes the attribute).
+    pub async fn replace(&mut self, dn: &str, attrs: &BTreeMap<String, Vec<String>>) -> Result<(), DirectoryError> {
+        let mods: Vec<Mod<String>> = attrs
+            .iter()
+            .map(|(k, v)| Mod::Replace(k.clone(), v.iter().cloned().collect()))
+            .collect();
+        check("modify", dn, self.ldap.modify(dn, mods).await)
+    }
+
+    pub async fn rename(&mut self, dn: &str, new_rdn: &str) -> Result<(), DirectoryError> {
+        check("modrdn", dn, self.ldap.modifydn(dn, new_rdn, true, None).await)
+    }
+
+    pub async fn delete(&mut self, dn: &str) -> Result<(), DirectoryError> {
+        check("delete", dn, self.ldap.delete(dn).await)
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.ldap.unbind().await;
+    }
+}
+
+fn check(operation: &'static str, dn: &str, result: ldap3::result::Result<ldap3::LdapResult>) -> Result<(), DirectoryError> {
+    result.and_then(|r| r.success()).map(|_| ()).map_err(|e| DirectoryError::Operation {
+        operation,
+        dn: dn.to_owned(),
+        message: e.to_string(),
+    })
+}

@@ -1,0 +1,688 @@
+//! A sync pass for one connector: reads the directory's entries in scope,
+//! matches and associates them with local objects, decides each pair with
+//! the connector's policy, applies deletes under the mass-delete guard, and
+//! creates on the other side what exists on one side only.
+//!
+//! Idempotent: a pair whose sides both equal its baseline writes nothing,
+//! which is what makes the engine's own directory writes, seen again by the
+//! next pass, harmless.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use serde::Serialize;
+use thiserror::Error;
+
+use super::directory::{Directory, DirectoryError, Entry};
+use super::policy::{self, ConflictPolicy, Direction, Fallback, Outcome, Side, Values};
+use crate::config::{ConnectorConfig, DeletePolicy, MEMBERS_FIELD, NAME_FIELD, ScopeConfig};
+use crate::store::{
+    Association, Category, ChangeSource, Commit, ConnectorState, JournalEntry, JournalQuery, LocalObject, Store,
+    StoreError, now,
+};
+
+#[derive(Debug, Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Directory(#[from] DirectoryError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PassOptions {
+    /// Decide and report, change nothing.
+    pub dry_run: bool,
+    /// Apply deletes even past the mass-delete guard.
+    pub confirm_deletes: bool,
+}
+
+/// What a pass did (or, in a dry run, would do).
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub associated: usize,
+    pub created_local: usize,
+    pub created_ldap: usize,
+    pub updated: usize,
+    pub conflicts: usize,
+    pub disputed: usize,
+    pub deleted: usize,
+    pub disabled: usize,
+    pub deletes_refused: usize,
+    pub failed: usize,
+    /// One line per decision that changed something, for the operator.
+    #[serde(skip)]
+    pub lines: Vec<String>,
+}
+
+impl Report {
+    fn say(&mut self, line: String) {
+        self.lines.push(line);
+    }
+}
+
+/// Runs one sync pass of `connector` against its directory.
+pub async fn run_pass<S: Store>(
+    store: &mut S,
+    connector: &ConnectorConfig,
+    directory: &mut Directory,
+    options: PassOptions,
+) -> Result<Report, SyncError> {
+    let mut pass = Pass {
+        store,
+        connector,
+        directory,
+        options,
+        report: Report::default(),
+        members: MemberIndex::default(),
+    };
+    // Accounts first: group membership is translated through their associations.
+    for category in [Category::Account, Category::Group] {
+        let scope = match category {
+            Category::Account => connector.accounts.as_ref(),
+            Category::Group => connector.groups.as_ref(),
+        };
+        if let Some(scope) = scope {
+            pass.members = MemberIndex::build(&*pass.store, connector)?;
+            pass.category(category, scope).await?;
+        }
+    }
+    let report = pass.report;
+    if !options.dry_run {
+        store.set_connector_state(&ConnectorState {
+            connector: connector.name.clone(),
+            last_sync_at: Some(now()),
+            last_result: serde_json::to_string(&report).expect("report serializes"),
+        })?;
+    }
+    Ok(report)
+}
+
+struct Pass<'a, S: Store> {
+    store: &'a mut S,
+    connector: &'a ConnectorConfig,
+    directory: &'a mut Directory,
+    options: PassOptions,
+    report: Report,
+    members: MemberIndex,
+}
+
+/// Account DN ↔ name, for translating group membership.
+#[derive(Default)]
+struct MemberIndex {
+    by_dn: HashMap<String, String>,
+    by_name: HashMap<String, String>,
+    /// Naming attribute and base of accounts, for members not associated yet.
+    accounts: Option<(String, String)>,
+}
+
+impl MemberIndex {
+    fn build<S: Store>(store: &S, connector: &ConnectorConfig) -> Result<MemberIndex, StoreError> {
+        let mut index = MemberIndex {
+            accounts: connector.accounts.as_ref().map(|s| (s.naming.clone(), s.base.clone())),
+            ..MemberIndex::default()
+        };
+        for a in store.associations(Some(&connector.name))? {
+            if let Some(object) = store.object_by_id(a.object_id)?
+                && object.category == Category::Account
+            {
+                index.by_dn.insert(a.dn.to_lowercase(), object.name.clone());
+                index.by_name.insert(object.name, a.dn);
+            }
+        }
+        Ok(index)
+    }
+}
+
+impl<S: Store> Pass<'_, S> {
+    fn policy_name(&self) -> String {
+        match self.connector.direction {
+            Direction::Both => format!("both/{}", self.connector.conflict_policy()),
+            other => other.to_string(),
+        }
+    }
+
+    fn journal(&self, category: Category, object: &str, source: ChangeSource, action: &str, detail: serde_json::Value) -> JournalEntry {
+        JournalEntry {
+            at: now(),
+            connector: self.connector.name.clone(),
+            category,
+            object: object.to_owned(),
+            source,
+            action: action.to_owned(),
+            policy: self.policy_name(),
+            detail: detail.to_string(),
+        }
+    }
+
+    /// Commits unless this is a dry run.
+    fn commit(&mut self, commit: Commit) -> Result<Option<i64>, StoreError> {
+        if self.options.dry_run {
+            return Ok(None);
+        }
+        self.store.commit(commit)
+    }
+
+    /// Journals a standing problem once, not at every pass.
+    fn journal_once(&mut self, entry: JournalEntry) -> Result<(), StoreError> {
+        let last = self.store.journal(&JournalQuery {
+            connector: Some(entry.connector.clone()),
+            object: Some(entry.object.clone()),
+            limit: 1,
+        })?;
+        if last.first().is_some_and(|l| l.action == entry.action && l.detail == entry.detail) {
+            return Ok(());
+        }
+        self.commit(Commit {
+            journal: vec![entry],
+            ..Commit::default()
+        })
+        .map(|_| ())
+    }
+
+    async fn category(&mut self, category: Category, scope: &ScopeConfig) -> Result<(), SyncError> {
+        let entries = self.directory.entries(scope).await?;
+        let mapping = Mapping { scope, category };
+        let mut naming_counts: HashMap<String, usize> = HashMap::new();
+        for entry in &entries {
+            for name in entry.get(&scope.naming) {
+                *naming_counts.entry(name.to_lowercase()).or_default() += 1;
+            }
+        }
+        let mut seen = HashSet::new();
+        let mut matched_objects = HashSet::new();
+        for entry in &entries {
+            seen.insert(entry.id.clone());
+            if let Some(association) = self.store.association_by_entry(&self.connector.name, &entry.id)? {
+                matched_objects.insert(association.object_id);
+                self.reconcile(&mapping, association, entry).await?;
+                continue;
+            }
+            if let Some(id) = self.first_sync(&mapping, entry, &naming_counts).await? {
+                matched_objects.insert(id);
+            }
+        }
+        self.vanished(&mapping, &seen).await?;
+        self.create_in_directory(&mapping, &matched_objects).await?;
+        Ok(())
+    }
+
+    /// An entry with no association: match it by name, or import it.
+    async fn first_sync(&mut self, mapping: &Mapping<'_>, entry: &Entry, naming_counts: &HashMap<String, usize>) -> Result<Option<i64>, SyncError> {
+        let category = mapping.category;
+        let Some(name) = entry.get(&mapping.scope.naming).first().cloned() else {
+            let detail = serde_json::json!({ "dn": entry.dn, "reason": format!("entry has no {}", mapping.scope.naming) });
+            self.report.disputed += 1;
+            self.report.say(format!("disputed {category} at {}: no {} value", entry.dn, mapping.scope.naming));
+            self.journal_once(self.journal(category, &entry.dn, ChangeSource::Poll, "disputed", detail))?;
+            return Ok(None);
+        };
+        if naming_counts.get(&name.to_lowercase()).copied().unwrap_or(0) > 1 {
+            let detail = serde_json::json!({ "reason": format!("several entries have {}={name}", mapping.scope.naming) });
+            self.report.disputed += 1;
+            self.report.say(format!("disputed {category} {name}: several directory entries have {}={name}", mapping.scope.naming));
+            self.journal_once(self.journal(category, &name, ChangeSource::Poll, "disputed", detail))?;
+            return Ok(None);
+        }
+        let ldap_values = mapping.from_entry(entry, &self.members);
+        match self.store.object(category, &name)? {
+            Some(object) => {
+                if let Some(other) = self.owner(object.id)? {
+                    let detail = serde_json::json!({
+                        "dn": entry.dn,
+                        "reason": format!("already associated with entry {} of connector {}", other.entry_id, other.connector),
+                    });
+                    self.report.disputed += 1;
+                    self.report.say(format!("disputed {category} {name}: {} is a different entry than the associated one", entry.dn));
+                    self.journal_once(self.journal(category, &name, ChangeSource::Poll, "disputed", detail))?;
+                    return Ok(Some(object.id));
+                }
+                let object_id = object.id;
+                let local_values = mapping.from_object(&object);
+                let side = initial_side(self.connector.direction, self.connector.conflict_policy());
+                let result = match side {
+                    Side::Local => local_values.clone(),
+                    Side::Ldap => ldap_values.clone(),
+                };
+                self.report.associated += 1;
+                self.report.say(format!("associate {category} {name} with {} ({} values kept)", entry.dn, side_name(side)));
+                let detail = serde_json::json!({ "dn": entry.dn, "entry_id": entry.id, "kept": side_name(side) });
+                self.apply(mapping, object, entry, &local_values, &ldap_values, result, "associated", detail).await?;
+                Ok(Some(object_id))
+            }
+            None if self.connector.direction == Direction::LocalToLdap => Ok(None),
+            None => {
+                let object = LocalObject {
+                    id: 0,
+                    category,
+                    name: name.clone(),
+                    enabled: true,
+                    values: Values::new(),
+                };
+                let result = ldap_values.clone();
+                let object = mapping.apply_to_object(object, &result);
+                self.report.created_local += 1;
+                self.report.say(format!("create local {category} {name} from {}", entry.dn));
+                let journal = self.journal(
+                    category,
+                    &name,
+                    ChangeSource::Poll,
+                    "created-local",
+                    serde_json::json!({ "dn": entry.dn, "entry_id": entry.id }),
+                );
+                let id = self.commit(Commit {
+                    object: Some(object),
+                    association: Some(self.association(0, entry, result)),
+                    journal: vec![journal],
+                    ..Commit::default()
+                })?;
+                Ok(id)
+            }
+        }
+    }
+
+    /// The association another connector (or this one, with another entry) holds on an object.
+    fn owner(&self, object_id: i64) -> Result<Option<Association>, StoreError> {
+        Ok(self
+            .store
+            .associations(None)?
+            .into_iter()
+            .find(|a| a.object_id == object_id))
+    }
+
+    fn association(&self, object_id: i64, entry: &Entry, baseline: Values) -> Association {
+        Association {
+            connector: self.connector.name.clone(),
+            object_id,
+            entry_id: entry.id.clone(),
+            dn: entry.dn.clone(),
+            baseline,
+            synced_at: now(),
+            entry_gone: false,
+        }
+    }
+
+    /// An associated pair: decide with the policy and apply.
+    async fn reconcile(&mut self, mapping: &Mapping<'_>, association: Association, entry: &Entry) -> Result<(), SyncError> {
+        let Some(object) = self.store.object_by_id(association.object_id)? else {
+            return Ok(());
+        };
+        let local = mapping.from_object(&object);
+        let ldap = mapping.from_entry(entry, &self.members);
+        let decision = policy::decide(
+            self.connector.direction,
+            self.connector.conflict_policy(),
+            &mapping.fields(),
+            &association.baseline,
+            &local,
+            &ldap,
+        );
+        let moved = association.dn != entry.dn || association.entry_gone;
+        let unchanged = decision.result == local && decision.result == ldap && decision.result == association.baseline;
+        if unchanged && !moved {
+            return Ok(());
+        }
+        let action = match &decision.outcome {
+            Outcome::ConflictResolved { .. } | Outcome::Merged => {
+                self.report.conflicts += 1;
+                "conflict-resolved"
+            }
+            Outcome::Overwritten { .. } => "overwritten",
+            Outcome::Unchanged | Outcome::Converged if moved => "moved",
+            _ => "updated",
+        };
+        if action != "moved" {
+            self.report.updated += 1;
+        }
+        self.report.say(format!("{action} {} {}: {}", mapping.category, object.name, describe(&decision.outcome)));
+        let detail = serde_json::json!({ "dn": entry.dn, "outcome": decision.outcome });
+        self.apply(mapping, object, entry, &local, &ldap, decision.result, action, detail).await
+    }
+
+    /// Writes `result` to whichever side differs, then commits the local
+    /// object, the baseline and the journal line together.
+    #[allow(clippy::too_many_arguments)]
+    async fn apply(
+        &mut self,
+        mapping: &Mapping<'_>,
+        object: LocalObject,
+        entry: &Entry,
+        local: &Values,
+        ldap: &Values,
+        result: Values,
+        action: &str,
+        detail: serde_json::Value,
+    ) -> Result<(), SyncError> {
+        let category = mapping.category;
+        let name = object.name.clone();
+        let mut dn = entry.dn.clone();
+        if !self.options.dry_run && &result != ldap {
+            match self.write_directory(mapping, &dn, ldap, &result).await {
+                Ok(new_dn) => dn = new_dn,
+                Err(e) => {
+                    self.report.failed += 1;
+                    self.report.say(format!("failed {category} {name}: {e}"));
+                    let detail = serde_json::json!({ "dn": entry.dn, "error": e.to_string() });
+                    self.commit(Commit {
+                        journal: vec![self.journal(category, &name, ChangeSource::Poll, "failed", detail)],
+                        ..Commit::default()
+                    })?;
+                    return Ok(());
+                }
+            }
+        }
+        let object_id = object.id;
+        let updated = (&result != local).then(|| mapping.apply_to_object(object, &result));
+        let mut association = self.association(object_id, entry, result);
+        association.dn = dn;
+        let journal = self.journal(category, &name, ChangeSource::Poll, action, detail);
+        self.commit(Commit {
+            object: updated,
+            association: Some(association),
+            journal: vec![journal],
+            ..Commit::default()
+        })?;
+        Ok(())
+    }
+
+    /// Makes the entry hold `result`; returns its DN afterwards.
+    async fn write_directory(&mut self, mapping: &Mapping<'_>, dn: &str, ldap: &Values, result: &Values) -> Result<String, DirectoryError> {
+        let wanted = mapping.to_attributes(result, &self.members);
+        let current = mapping.to_attributes(ldap, &self.members);
+        let naming = mapping.scope.naming.to_lowercase();
+        let mut changes = BTreeMap::new();
+        for attr in wanted.keys().chain(current.keys()).collect::<BTreeSet<_>>() {
+            let target = wanted.get(attr).cloned().unwrap_or_default();
+            // The naming attribute is the RDN: it changes by rename below.
+            if attr.to_lowercase() != naming && current.get(attr).cloned().unwrap_or_default() != target {
+                changes.insert(attr.clone(), target);
+            }
+        }
+        let mut dn = dn.to_owned();
+        if result.get(NAME_FIELD) != ldap.get(NAME_FIELD)
+            && let Some(new_name) = result.get(NAME_FIELD).and_then(|v| v.first())
+        {
+            let rdn = format!("{}={}", mapping.scope.naming, ldap3::dn_escape(new_name));
+            self.directory.rename(&dn, &rdn).await?;
+            let parent = dn.split_once(',').map(|(_, p)| p.to_owned()).unwrap_or_default();
+            dn = format!("{rdn},{parent}");
+        }
+        if !changes.is_empty() {
+            self.directory.replace(&dn, &changes).await?;
+        }
+        Ok(dn)
+    }
+
+    /// Associated objects whose entry is no longer in scope.
+    async fn vanished(&mut self, mapping: &Mapping<'_>, seen: &HashSet<String>) -> Result<(), SyncError> {
+        let mut gone = Vec::new();
+        let mut total = 0;
+        for association in self.store.associations(Some(&self.connector.name))? {
+            let Some(object) = self.store.object_by_id(association.object_id)? else { continue };
+            if object.category != mapping.category {
+                continue;
+            }
+            total += 1;
+            if !seen.contains(&association.entry_id) && !association.entry_gone {
+                gone.push((association, object));
+            }
+        }
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let policy = self.connector.delete;
+        let guard_trips = gone.len() > self.connector.max_deletes
+            || gone.len() * 100 > usize::from(self.connector.max_delete_percent) * total;
+        if policy != DeletePolicy::Ignore && guard_trips && !self.options.confirm_deletes {
+            self.report.deletes_refused += gone.len();
+            self.report.say(format!(
+                "refused: {} of {total} associated {}s vanished from the directory, over the mass-delete guard \
+                 ({} objects or {}%); confirm with --confirm-deletes",
+                gone.len(),
+                mapping.category,
+                self.connector.max_deletes,
+                self.connector.max_delete_percent
+            ));
+            let detail = serde_json::json!({ "vanished": gone.len(), "associated": total });
+            self.journal_once(self.journal(mapping.category, "*", ChangeSource::Poll, "delete-refused", detail))?;
+            return Ok(());
+        }
+        for (mut association, mut object) in gone {
+            let name = object.name.clone();
+            association.entry_gone = true;
+            let (action, commit) = match policy {
+                DeletePolicy::Ignore => ("entry-gone-ignored", Commit {
+                    association: Some(association.clone()),
+                    ..Commit::default()
+                }),
+                DeletePolicy::Disable => {
+                    self.report.disabled += 1;
+                    object.enabled = false;
+                    ("disabled", Commit {
+                        object: Some(object),
+                        association: Some(association.clone()),
+                        ..Commit::default()
+                    })
+                }
+                DeletePolicy::Delete => {
+                    self.report.deleted += 1;
+                    ("deleted", Commit {
+                        delete_object: Some(association.object_id),
+                        ..Commit::default()
+                    })
+                }
+            };
+            self.report.say(format!("{action} {} {name}: entry {} left the directory scope", mapping.category, association.dn));
+            let detail = serde_json::json!({ "dn": association.dn, "entry_id": association.entry_id });
+            let mut commit = commit;
+            commit.journal.push(self.journal(mapping.category, &name, ChangeSource::Poll, action, detail));
+            self.commit(commit)?;
+        }
+        Ok(())
+    }
+
+    /// Local objects associated with no connector: created in the directory
+    /// when the direction sends local changes there.
+    async fn create_in_directory(&mut self, mapping: &Mapping<'_>, matched: &HashSet<i64>) -> Result<(), SyncError> {
+        if self.connector.direction == Direction::LdapToLocal {
+            return Ok(());
+        }
+        let associated: HashSet<i64> = self.store.associations(None)?.into_iter().map(|a| a.object_id).collect();
+        for object in self.store.objects(mapping.category)? {
+            if associated.contains(&object.id) || matched.contains(&object.id) {
+                continue;
+            }
+            let values = mapping.from_object(&object);
+            let mut attrs = mapping.to_attributes(&values, &self.members);
+            let scope = mapping.scope;
+            attrs.insert("objectClass".into(), scope.object_classes.clone());
+            for (attr, template) in &scope.defaults {
+                attrs.entry(attr.clone()).or_insert_with(|| vec![template.replace("{name}", &object.name)]);
+            }
+            let dn = format!("{}={},{}", scope.naming, ldap3::dn_escape(&object.name), scope.base);
+            self.report.say(format!("create in directory {} {} at {dn}", mapping.category, object.name));
+            if self.options.dry_run {
+                self.report.created_ldap += 1;
+                continue;
+            }
+            let created = match self.directory.add(&dn, &attrs).await {
+                Ok(()) => self.directory.entry_at(scope, &dn).await,
+                Err(e) => Err(e),
+            };
+            let (action, detail, association) = match created {
+                Ok(Some(entry)) => {
+                    self.report.created_ldap += 1;
+                    let baseline = mapping.from_entry(&entry, &self.members);
+                    let detail = serde_json::json!({ "dn": entry.dn, "entry_id": entry.id });
+                    ("created-ldap", detail, Some(self.association(object.id, &entry, baseline)))
+                }
+                Ok(None) => {
+                    self.report.failed += 1;
+                    let detail = serde_json::json!({ "dn": dn, "error": "created entry is outside the connector's filter" });
+                    ("failed", detail, None)
+                }
+                Err(e) => {
+                    self.report.failed += 1;
+                    self.report.say(format!("failed {} {}: {e}", mapping.category, object.name));
+                    ("failed", serde_json::json!({ "dn": dn, "error": e.to_string() }), None)
+                }
+            };
+            let journal = self.journal(mapping.category, &object.name, ChangeSource::Local, action, detail);
+            self.commit(Commit {
+                association,
+                journal: vec![journal],
+                ..Commit::default()
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// On first association there is no baseline: the side whose values are kept.
+fn initial_side(direction: Direction, policy: ConflictPolicy) -> Side {
+    match (direction, policy) {
+        (Direction::LocalToLdap, _) => Side::Local,
+        (Direction::LdapToLocal, _) => Side::Ldap,
+        (Direction::Both, ConflictPolicy::LocalWins | ConflictPolicy::Merge(Fallback::LocalWins)) => Side::Local,
+        // ldap-wins, and no-change (which has no baseline to restore): the
+        // directory is the record an initial import trusts.
+        (Direction::Both, _) => Side::Ldap,
+    }
+}
+
+fn side_name(side: Side) -> &'static str {
+    match side {
+        Side::Local => "local",
+        Side::Ldap => "directory",
+    }
+}
+
+fn describe(outcome: &Outcome) -> String {
+    let list = |s: &BTreeSet<String>| s.iter().cloned().collect::<Vec<_>>().join(", ");
+    match outcome {
+        Outcome::Unchanged => "unchanged".into(),
+        Outcome::Converged => "both sides already agree".into(),
+        Outcome::Applied { from } => format!("{} changes applied", side_name(*from)),
+        Outcome::Merged => "changes from both sides merged".into(),
+        Outcome::Overwritten { side, fields } => {
+            format!("{} edits to {} disregarded and put back", side_name(*side), list(fields))
+        }
+        Outcome::ConflictResolved { policy, local_lost, ldap_lost } => format!(
+            "conflict resolved by {policy}; local changes lost: [{}], directory changes lost: [{}]",
+            list(local_lost),
+            list(ldap_lost)
+        ),
+    }
+}
+
+/// One category's attribute mapping.
+struct Mapping<'a> {
+    scope: &'a ScopeConfig,
+    category: Category,
+}
+
+impl Mapping<'_> {
+    /// The local fields compared and synced.
+    fn fields(&self) -> BTreeSet<String> {
+        let mut fields: BTreeSet<String> = self.scope.map.values().cloned().collect();
+        fields.insert(NAME_FIELD.into());
+        if self.scope.membership.is_some() {
+            fields.insert(MEMBERS_FIELD.into());
+        }
+        fields
+    }
+
+    fn from_object(&self, object: &LocalObject) -> Values {
+        let mut values: Values = self
+            .fields()
+            .into_iter()
+            .filter_map(|f| object.values.get(&f).map(|v| (f, normalized(v.clone()))))
+            .filter(|(_, v)| !v.is_empty())
+            .collect();
+        values.insert(NAME_FIELD.into(), vec![object.name.clone()]);
+        values
+    }
+
+    fn from_entry(&self, entry: &Entry, members: &MemberIndex) -> Values {
+        let mut values = Values::new();
+        let mut put = |field: &str, v: Vec<String>| {
+            let v = normalized(v);
+            if !v.is_empty() {
+                values.insert(field.to_owned(), v);
+            }
+        };
+        put(NAME_FIELD, entry.get(&self.scope.naming).iter().take(1).cloned().collect());
+        for (attr, field) in &self.scope.map {
+            put(field, entry.get(attr).to_vec());
+        }
+        if let Some(attr) = &self.scope.membership {
+            let names = entry.get(attr).iter().map(|m| member_name(attr, m, members)).collect();
+            put(MEMBERS_FIELD, names);
+        }
+        values
+    }
+
+    fn to_attributes(&self, values: &Values, members: &MemberIndex) -> BTreeMap<String, Vec<String>> {
+        let mut attrs = BTreeMap::new();
+        if let Some(name) = values.get(NAME_FIELD) {
+            attrs.insert(self.scope.naming.clone(), name.clone());
+        }
+        for (attr, field) in &self.scope.map {
+            attrs.insert(attr.clone(), values.get(field).cloned().unwrap_or_default());
+        }
+        if let Some(attr) = &self.scope.membership {
+            let names = values.get(MEMBERS_FIELD).cloned().unwrap_or_default();
+            let dns = names.iter().map(|n| member_value(attr, n, members)).collect();
+            attrs.insert(attr.clone(), normalized(dns));
+        }
+        attrs
+    }
+
+    /// The object with its synced fields set to `result` (others untouched).
+    fn apply_to_object(&self, mut object: LocalObject, result: &Values) -> LocalObject {
+        for field in self.fields() {
+            match result.get(&field) {
+                Some(v) if field == NAME_FIELD => object.name = v[0].clone(),
+                Some(v) => {
+                    object.values.insert(field, v.clone());
+                }
+                None => {
+                    object.values.remove(&field);
+                }
+            }
+        }
+        object
+    }
+}
+
+fn normalized(mut values: Vec<String>) -> Vec<String> {
+    values.sort();
+    values.dedup();
+    values
+}
+
+/// A directory member value as a local member name.
+fn member_name(attr: &str, value: &str, members: &MemberIndex) -> String {
+    if attr.eq_ignore_ascii_case("memberUid") {
+        return value.to_owned();
+    }
+    members
+        .by_dn
+        .get(&value.to_lowercase())
+        .cloned()
+        // Members nobody is associated with stay as DNs, so they round-trip.
+        .unwrap_or_else(|| value.to_owned())
+}
+
+/// A local member name as a directory member value.
+fn member_value(attr: &str, name: &str, members: &MemberIndex) -> String {
+    if attr.eq_ignore_ascii_case("memberUid") {
+        return name.to_owned();
+    }
+    if let Some(dn) = members.by_name.get(name) {
+        return dn.clone();
+    }
+    match &members.accounts {
+        Some((naming, base)) if !name.contains('=') => format!("{naming}={},{base}", ldap3::dn_escape(name)),
+        _ => name.to_owned(),
+    }
+}
