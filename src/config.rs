@@ -18,10 +18,7 @@ use crate::sync::policy::{ConflictPolicy, Direction, Fallback};
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("no upstream directory: set proxy.upstream in the config file or pass --upstream")]
@@ -113,10 +110,7 @@ impl FromStr for LdapUrl {
             "{}{}{}",
             parsed.path().trim_start_matches('/'),
             parsed.query().map(|q| format!("?{q}")).unwrap_or_default(),
-            parsed
-                .fragment()
-                .map(|f| format!("#{f}"))
-                .unwrap_or_default()
+            parsed.fragment().map(|f| format!("#{f}")).unwrap_or_default()
         );
         if !extra.is_empty() || !parsed.username().is_empty() {
             return Err(UrlError::Extra {
@@ -288,12 +282,9 @@ impl ConnectorConfig {
 
     /// The configured categories with their scopes.
     pub fn scopes(&self) -> impl Iterator<Item = (Category, &ScopeConfig)> {
-        [
-            (Category::Account, &self.accounts),
-            (Category::Group, &self.groups),
-        ]
-        .into_iter()
-        .filter_map(|(c, s)| s.as_ref().map(|s| (c, s)))
+        [(Category::Account, &self.accounts), (Category::Group, &self.groups)]
+            .into_iter()
+            .filter_map(|(c, s)| s.as_ref().map(|s| (c, s)))
     }
 
     /// Reads the service password from its file or environment variable.
@@ -305,28 +296,18 @@ impl ConnectorConfig {
         };
         match (&self.password_file, &self.password_env) {
             (Some(path), None) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    error(
-                        "password_file",
-                        format!("cannot read {}: {e}", path.display()),
-                    )
-                })?;
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| error("password_file", format!("cannot read {}: {e}", path.display())))?;
                 Ok(Secret(text.lines().next().unwrap_or_default().to_owned()))
             }
-            (None, Some(var)) => std::env::var(var).map(Secret).map_err(|_| {
-                error(
-                    "password_env",
-                    format!("environment variable {var} is not set"),
-                )
-            }),
+            (None, Some(var)) => std::env::var(var)
+                .map(Secret)
+                .map_err(|_| error("password_env", format!("environment variable {var} is not set"))),
             (Some(_), Some(_)) => Err(error(
                 "password_file",
                 "set password_file or password_env, not both".into(),
             )),
-            (None, None) => Err(error(
-                "password_file",
-                "set password_file or password_env".into(),
-            )),
+            (None, None) => Err(error("password_file", "set password_file or password_env".into())),
         }
     }
 
@@ -340,23 +321,14 @@ impl ConnectorConfig {
             return Err(error("name".into(), "must not be empty".into()));
         }
         if !valid_dn(&self.bind_dn) {
-            return Err(error(
-                "bind_dn".into(),
-                format!("{:?} is not a DN", self.bind_dn),
-            ));
+            return Err(error("bind_dn".into(), format!("{:?} is not a DN", self.bind_dn)));
         }
         self.password()?;
         if self.max_delete_percent > 100 {
-            return Err(error(
-                "max_delete_percent".into(),
-                "must be between 0 and 100".into(),
-            ));
+            return Err(error("max_delete_percent".into(), "must be between 0 and 100".into()));
         }
         if self.accounts.is_none() && self.groups.is_none() {
-            return Err(error(
-                "accounts".into(),
-                "configure accounts, groups or both".into(),
-            ));
+            return Err(error("accounts".into(), "configure accounts, groups or both".into()));
         }
         for (category, scope) in self.scopes() {
             let key = |k: &str| format!("{}s.{k}", category.as_str());
@@ -369,11 +341,7 @@ impl ConnectorConfig {
                     format!("{:?} is not an LDAP filter", scope.filter),
                 ));
             }
-            if let Some((attr, _)) = scope
-                .map
-                .iter()
-                .find(|(_, field)| field.as_str() == NAME_FIELD)
-            {
+            if let Some((attr, _)) = scope.map.iter().find(|(_, field)| field.as_str() == NAME_FIELD) {
                 return Err(error(
                     key("map"),
                     format!(
@@ -441,13 +409,8 @@ fn valid_dn(dn: &str) -> bool {
             Some((attr, value)) => {
                 let attr = attr.trim();
                 !value.is_empty()
-                    && attr
-                        .chars()
-                        .next()
-                        .is_some_and(|c| c.is_ascii_alphanumeric())
-                    && attr
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+                    && attr.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+                    && attr.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
             }
             None => false,
         })
@@ -554,9 +517,7 @@ impl Config {
                 }
                 for (category, scope) in c.scopes() {
                     for (_, theirs) in other.scopes().filter(|(oc, _)| *oc == category) {
-                        if dn_within(&scope.base, &theirs.base)
-                            || dn_within(&theirs.base, &scope.base)
-                        {
+                        if dn_within(&scope.base, &theirs.base) || dn_within(&theirs.base, &scope.base) {
                             return Err(ConfigError::Overlap {
                                 first: other.name.clone(),
                                 second: c.name.clone(),
@@ -616,23 +577,11 @@ mod tests {
             ("ldap://[::1]:3389/", "[::1]:3389"),
         ];
         for (input, authority) in ok {
-            assert_eq!(
-                input.parse::<LdapUrl>().unwrap().authority(),
-                authority,
-                "{input}"
-            );
+            assert_eq!(input.parse::<LdapUrl>().unwrap().authority(), authority, "{input}");
         }
-        let bad = [
-            "127.0.0.1:389",
-            "http://x",
-            "ldap://h/dc=example",
-            "ldap://",
-        ];
+        let bad = ["127.0.0.1:389", "http://x", "ldap://h/dc=example", "ldap://"];
         for input in bad {
-            assert!(
-                input.parse::<LdapUrl>().is_err(),
-                "{input} should be refused"
-            );
+            assert!(input.parse::<LdapUrl>().is_err(), "{input} should be refused");
         }
     }
 
@@ -690,16 +639,10 @@ mod tests {
         let cfg = Config::parse(&connector_file(dir.path(), ""), Path::new("c.toml")).unwrap();
         cfg.validate_connectors().unwrap();
         let c = cfg.connector("people").unwrap();
-        assert_eq!(
-            c.conflict_policy(),
-            ConflictPolicy::Merge(Fallback::LocalWins)
-        );
+        assert_eq!(c.conflict_policy(), ConflictPolicy::Merge(Fallback::LocalWins));
         assert_eq!(c.password().unwrap().expose(), "s3cret");
         assert_eq!(format!("{:?}", c.password().unwrap()), "Secret(***)");
-        assert_eq!(
-            c.upstream, cfg.proxy.upstream,
-            "proxy.upstream is the default"
-        );
+        assert_eq!(c.upstream, cfg.proxy.upstream, "proxy.upstream is the default");
         assert_eq!(c.id_attribute, "entryUUID");
     }
 
@@ -708,33 +651,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let base = connector_file(dir.path(), "");
         let cases: Vec<(String, &str)> = vec![
-            (
-                base.replace("naming = \"uid\"", "naming = \"uid\"\nnamin = 1"),
-                "namin",
-            ),
-            (
-                base.replace("ou=people,dc=example,dc=com", "people"),
-                "accounts.base",
-            ),
+            (base.replace("naming = \"uid\"", "naming = \"uid\"\nnamin = 1"), "namin"),
+            (base.replace("ou=people,dc=example,dc=com", "people"), "accounts.base"),
             (
                 base.replace("(objectClass=inetOrgPerson)", "(objectClass=inetOrgPerson"),
                 "accounts.filter",
             ),
+            (base.replace("cn=admin,dc=example,dc=com", "admin"), "bind_dn"),
             (
-                base.replace("cn=admin,dc=example,dc=com", "admin"),
-                "bind_dn",
-            ),
-            (
-                base.replace(
-                    &dir.path().join("secret").display().to_string(),
-                    "/nonexistent/secret",
-                ),
+                base.replace(&dir.path().join("secret").display().to_string(), "/nonexistent/secret"),
                 "/nonexistent/secret",
             ),
-            (
-                base.replace("conflict = \"merge\"", "conflict = \"mine\""),
-                "conflict",
-            ),
+            (base.replace("conflict = \"merge\"", "conflict = \"mine\""), "conflict"),
             (
                 base.replace("direction = \"both\"", "direction = \"sideways\""),
                 "direction",
@@ -749,8 +677,7 @@ mod tests {
             ),
         ];
         for (text, needle) in cases {
-            let err =
-                Config::parse(&text, Path::new("c.toml")).and_then(|c| c.validate_connectors());
+            let err = Config::parse(&text, Path::new("c.toml")).and_then(|c| c.validate_connectors());
             let err = err.expect_err(needle).to_string();
             assert!(err.contains(needle), "{err:?} should mention {needle:?}");
         }
@@ -763,10 +690,7 @@ mod tests {
             "ou=people,dc=example,dc=com"
         ));
         assert!(dn_within("dc=example,dc=com", "dc=example,dc=com"));
-        assert!(!dn_within(
-            "ou=people,dc=example,dc=com",
-            "ou=staff,dc=example,dc=com"
-        ));
+        assert!(!dn_within("ou=people,dc=example,dc=com", "ou=staff,dc=example,dc=com"));
         assert!(!dn_within("dc=xexample,dc=com", "dc=example,dc=com"));
         assert!(valid_dn("cn=a\\,b,dc=x") && valid_dn("cn=a+sn=b,dc=x"));
         assert!(!valid_dn("people") && !valid_dn("cn=,dc=x") && !valid_dn(""));
@@ -781,14 +705,11 @@ mod tests {
             ("[prxy]\n", "prxy"),
         ];
         for (text, needle) in cases {
-            let err = Config::parse(text, Path::new("c.toml"))
-                .unwrap_err()
-                .to_string();
+            let err = Config::parse(text, Path::new("c.toml")).unwrap_err().to_string();
             assert!(err.contains(needle), "{err:?} should mention {needle:?}");
             assert!(err.contains("c.toml"), "{err:?} should name the file");
         }
-        let missing =
-            Config::parse("[proxy]\nlisten = [\"ldap://h\"]", Path::new("c.toml")).unwrap();
+        let missing = Config::parse("[proxy]\nlisten = [\"ldap://h\"]", Path::new("c.toml")).unwrap();
         assert!(matches!(missing.validate(), Err(ConfigError::NoUpstream)));
     }
 }

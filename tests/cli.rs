@@ -56,11 +56,7 @@ fn serve(args: &[&str]) -> Served {
             .log
             .recv_timeout(Duration::from_secs(20))
             .unwrap_or_else(|_| panic!("ldapsync did not report listening; output: {seen:#?}"));
-        if let Some(addr) = line
-            .split("addr=")
-            .nth(1)
-            .filter(|_| line.contains("listening"))
-        {
+        if let Some(addr) = line.split("addr=").nth(1).filter(|_| line.contains("listening")) {
             served.url = format!("ldap://{}", addr.split_whitespace().next().unwrap());
             return served;
         }
@@ -120,16 +116,9 @@ fn serves_from_config_file_with_flags_overriding_and_stops_on_sigterm() {
     ]);
 
     let (alice, alice_pw) = person("alice");
-    let whoami = ldap_tool(
-        "ldapwhoami",
-        &served.url,
-        &["-x", "-D", &alice, "-w", &alice_pw],
-    );
+    let whoami = ldap_tool("ldapwhoami", &served.url, &["-x", "-D", &alice, "-w", &alice_pw]);
     assert!(whoami.status.success(), "{whoami:?}");
-    assert_eq!(
-        String::from_utf8_lossy(&whoami.stdout).trim(),
-        format!("dn:{alice}")
-    );
+    assert_eq!(String::from_utf8_lossy(&whoami.stdout).trim(), format!("dn:{alice}"));
     let modify = Command::new("ldapmodify")
         .args(["-H", &served.url, "-x", "-D", ROOT_DN, "-w", ROOT_PW])
         .stdin(Stdio::piped())
@@ -149,10 +138,7 @@ fn serves_from_config_file_with_flags_overriding_and_stops_on_sigterm() {
     let (exit, log) = served.terminate();
     assert!(exit.success(), "graceful exit on SIGTERM: {exit:?}\n{log}");
     assert!(log.contains("SIGTERM received"), "{log}");
-    assert!(
-        log.contains("operation done"),
-        "trace logging was on: {log}"
-    );
+    assert!(log.contains("operation done"), "trace logging was on: {log}");
     for secret in [alice_pw.as_str(), ROOT_PW, "bob-new-secret"] {
         assert!(
             !log.contains(secret),
@@ -202,9 +188,7 @@ fn bad_configuration_is_refused_with_a_precise_message() {
         ),
         (
             "zero limit",
-            Some(
-                "[proxy]\nupstream = [\"ldap://h\"]\nlisten = [\"ldap://127.0.0.1:0\"]\nmax_connections = 0\n",
-            ),
+            Some("[proxy]\nupstream = [\"ldap://h\"]\nlisten = [\"ldap://127.0.0.1:0\"]\nmax_connections = 0\n"),
             &[],
             "max_connections",
         ),
@@ -220,12 +204,7 @@ fn bad_configuration_is_refused_with_a_precise_message() {
             &["--config", "/nonexistent/ldapsync.toml"],
             "/nonexistent/ldapsync.toml",
         ),
-        (
-            "bad flag URL",
-            None,
-            &["--upstream", "127.0.0.1:389"],
-            "127.0.0.1:389",
-        ),
+        ("bad flag URL", None, &["--upstream", "127.0.0.1:389"], "127.0.0.1:389"),
     ];
     for (name, file, extra, needle) in cases {
         let mut command = ldapsync();
@@ -238,10 +217,7 @@ fn bad_configuration_is_refused_with_a_precise_message() {
         let output = command.output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{name}: must not start");
-        assert!(
-            stderr.contains(needle),
-            "{name}: {stderr:?} should mention {needle:?}"
-        );
+        assert!(stderr.contains(needle), "{name}: {stderr:?} should mention {needle:?}");
     }
 }
 
@@ -250,19 +226,10 @@ fn listener_that_cannot_bind_is_an_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("ldap://{}", taken.local_addr().unwrap());
     let output = ldapsync()
-        .args([
-            "serve",
-            "--listen",
-            &url,
-            "--upstream",
-            "ldap://127.0.0.1:9",
-        ])
+        .args(["serve", "--listen", &url, "--upstream", "ldap://127.0.0.1:9"])
         .output()
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("cannot listen on") && stderr.contains(&url),
-        "{stderr}"
-    );
+    assert!(stderr.contains("cannot listen on") && stderr.contains(&url), "{stderr}");
 }

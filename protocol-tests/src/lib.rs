@@ -44,12 +44,7 @@ impl RecordingSink {
 
     /// Why each session whose writes became invisible did so.
     pub fn losses(&self) -> Vec<CaptureLoss> {
-        self.losses
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(_, why)| *why)
-            .collect()
+        self.losses.lock().unwrap().iter().map(|(_, why)| *why).collect()
     }
 }
 
@@ -81,18 +76,14 @@ impl ProxyHandle {
     /// Relays to `upstreams` with settings adjusted by `tune`.
     pub fn start_with(upstreams: &[String], tune: impl FnOnce(&mut ProxyConfig)) -> ProxyHandle {
         let mut config = ProxyConfig {
-            upstream: upstreams
-                .iter()
-                .map(|u| u.parse().expect("upstream URL"))
-                .collect(),
+            upstream: upstreams.iter().map(|u| u.parse().expect("upstream URL")).collect(),
             connect_timeout: Duration::from_secs(2),
             ..ProxyConfig::default()
         };
         tune(&mut config);
         let sink = Arc::new(RecordingSink::default());
         let shutdown = CancellationToken::new();
-        let listener =
-            std::net::TcpListener::bind("127.0.0.1:0").expect("binding the proxy listener");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding the proxy listener");
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let proxy = Proxy::new(config, Arc::clone(&sink) as Arc<dyn CaptureSink>);
@@ -223,10 +214,7 @@ pub fn encode(message: &rasn_ldap::LdapMessage) -> Vec<u8> {
 
 /// A base search of the root DSE, the cheapest "are you there?".
 pub fn root_dse_search(message_id: u32) -> Vec<u8> {
-    use rasn_ldap::{
-        Filter, LdapMessage, ProtocolOp, SearchRequest, SearchRequestDerefAliases,
-        SearchRequestScope,
-    };
+    use rasn_ldap::{Filter, LdapMessage, ProtocolOp, SearchRequest, SearchRequestDerefAliases, SearchRequestScope};
     let request = SearchRequest::new(
         "".into(),
         SearchRequestScope::BaseObject,
@@ -237,10 +225,7 @@ pub fn root_dse_search(message_id: u32) -> Vec<u8> {
         Filter::Present("objectClass".into()),
         vec!["supportedLDAPVersion".into()],
     );
-    encode(&LdapMessage::new(
-        message_id,
-        ProtocolOp::SearchRequest(request),
-    ))
+    encode(&LdapMessage::new(message_id, ProtocolOp::SearchRequest(request)))
 }
 
 /// An extended request with the given OID and no value.
@@ -250,10 +235,7 @@ pub fn extended_request(message_id: u32, oid: &str) -> Vec<u8> {
         request_name: oid.as_bytes().to_vec().into(),
         request_value: None,
     };
-    encode(&LdapMessage::new(
-        message_id,
-        ProtocolOp::ExtendedReq(request),
-    ))
+    encode(&LdapMessage::new(message_id, ProtocolOp::ExtendedReq(request)))
 }
 
 /// True when a new connection to `addr` gets a successful root DSE search
@@ -275,19 +257,13 @@ pub async fn answers_root_dse(addr: SocketAddr) -> bool {
 
 /// Asserts that the next thing on `conn` is a Notice of Disconnection with
 /// `code`, and that the connection is then closed. Returns its diagnostic.
-pub async fn expect_notice_of_disconnection(
-    conn: &mut RawConn,
-    code: rasn_ldap::ResultCode,
-) -> String {
+pub async fn expect_notice_of_disconnection(conn: &mut RawConn, code: rasn_ldap::ResultCode) -> String {
     let received = conn.receive(Duration::from_secs(10)).await;
     let Received::Pdu(pdu) = received else {
         panic!("expected a Notice of Disconnection, got {received:?}");
     };
     let message = decode(&pdu);
-    assert_eq!(
-        message.message_id, 0,
-        "a notice is unsolicited (message id 0)"
-    );
+    assert_eq!(message.message_id, 0, "a notice is unsolicited (message id 0)");
     let rasn_ldap::ProtocolOp::ExtendedResp(notice) = message.protocol_op else {
         panic!("expected an ExtendedResponse, got {message:?}");
     };

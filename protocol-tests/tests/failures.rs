@@ -7,8 +7,8 @@ use ldap3::exop::WhoAmI;
 use ldap3::{LdapConnAsync, Scope};
 use ldapsync::proxy::message::STARTTLS_OID;
 use protocol_tests::{
-    BASE_DN, ProxyHandle, RawConn, Received, Slapd, answers_root_dse, decode,
-    expect_notice_of_disconnection, extended_request, root_dse_search,
+    BASE_DN, ProxyHandle, RawConn, Received, Slapd, answers_root_dse, decode, expect_notice_of_disconnection,
+    extended_request, root_dse_search,
 };
 use rasn_ldap::{ProtocolOp, ResultCode};
 
@@ -19,9 +19,7 @@ fn dead_url() -> String {
 }
 
 async fn connect(url: &str) -> ldap3::Ldap {
-    let (conn, ldap) = LdapConnAsync::new(url)
-        .await
-        .expect("connecting to ldapsync");
+    let (conn, ldap) = LdapConnAsync::new(url).await.expect("connecting to ldapsync");
     ldap3::drive!(conn);
     ldap
 }
@@ -31,20 +29,14 @@ async fn unreachable_directory_gets_unavailable_not_a_hang() {
     let proxy = ProxyHandle::start(&[dead_url(), dead_url()]);
     let mut ldap = connect(&proxy.url()).await;
     ldap.with_timeout(Duration::from_secs(10));
-    let bind = ldap
-        .simple_bind("cn=admin,dc=example,dc=com", "secret")
-        .await
-        .unwrap();
+    let bind = ldap.simple_bind("cn=admin,dc=example,dc=com", "secret").await.unwrap();
     assert_eq!(bind.rc, 52, "unavailable: {bind:?}");
     assert!(
         bind.text.contains("no directory server reachable"),
         "diagnostic: {}",
         bind.text
     );
-    assert!(
-        !bind.text.contains("secret"),
-        "no credential in a diagnostic"
-    );
+    assert!(!bind.text.contains("secret"), "no credential in a diagnostic");
     let search = ldap
         .search(BASE_DN, Scope::Base, "(objectClass=*)", vec!["dc"])
         .await
@@ -72,10 +64,7 @@ async fn directory_killed_mid_session_disconnects_client_and_proxy_recovers() {
     let proxy = ProxyHandle::start(&[slapd.url()]);
     let mut conn = RawConn::connect(proxy.addr()).await;
     conn.send(&root_dse_search(1)).await;
-    assert!(matches!(
-        conn.receive(Duration::from_secs(5)).await,
-        Received::Pdu(_)
-    ));
+    assert!(matches!(conn.receive(Duration::from_secs(5)).await, Received::Pdu(_)));
     slapd.kill();
     let diagnostic = loop {
         // The search's remaining PDUs may still be in flight.
@@ -117,10 +106,7 @@ async fn malformed_pdus_get_a_notice_of_disconnection_and_others_carry_on() {
             "messageID is an OCTET STRING",
             &[0x30, 0x05, 0x04, 0x01, 0x01, 0x42, 0x00],
         ),
-        (
-            "protocolOp is universal",
-            &[0x30, 0x05, 0x02, 0x01, 0x01, 0x30, 0x00],
-        ),
+        ("protocolOp is universal", &[0x30, 0x05, 0x02, 0x01, 0x01, 0x30, 0x00]),
         (
             "protocolOp longer than the PDU",
             &[0x30, 0x05, 0x02, 0x01, 0x01, 0x63, 0x09],
@@ -133,10 +119,7 @@ async fn malformed_pdus_get_a_notice_of_disconnection_and_others_carry_on() {
         assert!(!diagnostic.is_empty(), "{name}: the notice says why");
         bystander.send(&root_dse_search(7)).await;
         assert!(
-            matches!(
-                bystander.receive(Duration::from_secs(5)).await,
-                Received::Pdu(_)
-            ),
+            matches!(bystander.receive(Duration::from_secs(5)).await, Received::Pdu(_)),
             "{name}: other sessions carry on"
         );
         while let Received::Pdu(_) = bystander.receive(Duration::from_millis(50)).await {}
@@ -170,10 +153,7 @@ async fn oversized_pdu_is_refused_before_it_is_read() {
     // Announce 1 MiB and send only the header: the proxy must not wait for it.
     conn.send(&[0x30, 0x83, 0x10, 0x00, 0x00]).await;
     let diagnostic = expect_notice_of_disconnection(&mut conn, ResultCode::ProtocolError).await;
-    assert!(
-        diagnostic.contains("over the limit of 4096"),
-        "{diagnostic}"
-    );
+    assert!(diagnostic.contains("over the limit of 4096"), "{diagnostic}");
     assert!(answers_root_dse(proxy.addr()).await);
 }
 
@@ -190,14 +170,8 @@ async fn starttls_is_refused_while_no_tls_is_configured() {
     let ProtocolOp::ExtendedResp(response) = message.protocol_op else {
         panic!("not an extended response: {message:?}");
     };
-    assert_eq!(
-        (message.message_id, response.result_code),
-        (3, ResultCode::Unavailable)
-    );
-    assert_eq!(
-        response.response_name.as_deref(),
-        Some(STARTTLS_OID.as_bytes())
-    );
+    assert_eq!((message.message_id, response.result_code), (3, ResultCode::Unavailable));
+    assert_eq!(response.response_name.as_deref(), Some(STARTTLS_OID.as_bytes()));
     conn.send(&root_dse_search(4)).await;
     assert!(
         matches!(conn.receive(Duration::from_secs(5)).await, Received::Pdu(_)),
@@ -213,14 +187,8 @@ async fn connections_over_the_limit_are_told_why() {
     let mut second = RawConn::connect(proxy.addr()).await;
     first.send(&root_dse_search(1)).await;
     second.send(&root_dse_search(1)).await;
-    assert!(matches!(
-        first.receive(Duration::from_secs(5)).await,
-        Received::Pdu(_)
-    ));
-    assert!(matches!(
-        second.receive(Duration::from_secs(5)).await,
-        Received::Pdu(_)
-    ));
+    assert!(matches!(first.receive(Duration::from_secs(5)).await, Received::Pdu(_)));
+    assert!(matches!(second.receive(Duration::from_secs(5)).await, Received::Pdu(_)));
     let mut third = RawConn::connect(proxy.addr()).await;
     let diagnostic = expect_notice_of_disconnection(&mut third, ResultCode::Unavailable).await;
     assert!(diagnostic.contains("too many connections"), "{diagnostic}");
@@ -240,9 +208,7 @@ async fn connections_over_the_limit_are_told_why() {
 #[tokio::test]
 async fn idle_sessions_are_closed_with_a_notice() {
     let slapd = Slapd::start();
-    let proxy = ProxyHandle::start_with(&[slapd.url()], |c| {
-        c.idle_timeout = Duration::from_millis(300)
-    });
+    let proxy = ProxyHandle::start_with(&[slapd.url()], |c| c.idle_timeout = Duration::from_millis(300));
     let mut conn = RawConn::connect(proxy.addr()).await;
     conn.send(&root_dse_search(1)).await;
     while let Received::Pdu(pdu) = conn.receive(Duration::from_secs(5)).await {
@@ -261,10 +227,7 @@ async fn shutdown_tells_clients_and_stops_listening() {
     let addr = proxy.addr();
     let mut conn = RawConn::connect(addr).await;
     conn.send(&root_dse_search(1)).await;
-    assert!(matches!(
-        conn.receive(Duration::from_secs(5)).await,
-        Received::Pdu(_)
-    ));
+    assert!(matches!(conn.receive(Duration::from_secs(5)).await, Received::Pdu(_)));
     while let Received::Pdu(_) = conn.receive(Duration::from_millis(100)).await {}
     let stopped = tokio::task::spawn_blocking(move || {
         proxy.shutdown();

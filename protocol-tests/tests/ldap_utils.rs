@@ -59,12 +59,7 @@ fn run(case: &Case, url: &str) -> Outcome {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "running {} (is ldap-utils installed? `make deps`): {e}",
-                case.tool
-            )
-        });
+        .unwrap_or_else(|e| panic!("running {} (is ldap-utils installed? `make deps`): {e}", case.tool));
     let mut stdin = child.stdin.take().unwrap();
     if let Some(text) = &case.stdin {
         stdin.write_all(text.as_bytes()).unwrap();
@@ -76,11 +71,7 @@ fn run(case: &Case, url: &str) -> Outcome {
     Outcome {
         status: output.status.code().unwrap_or(-1),
         stdout: match case.keep {
-            Some(keep) => stdout
-                .lines()
-                .filter(|l| keep(l))
-                .collect::<Vec<_>>()
-                .join("\n"),
+            Some(keep) => stdout.lines().filter(|l| keep(l)).collect::<Vec<_>>().join("\n"),
             None => stdout,
         },
         stderr: text(&output.stderr),
@@ -185,28 +176,13 @@ fn ldap_utils_read_operations() {
         case(
             "referral",
             "ldapsearch",
-            &[
-                "-x",
-                "-LLL",
-                "-s",
-                "base",
-                "-b",
-                "ou=remote,dc=example,dc=com",
-            ],
+            &["-x", "-LLL", "-s", "base", "-b", "ou=remote,dc=example,dc=com"],
             10,
         ),
         case(
             "manageDSAit",
             "ldapsearch",
-            &[
-                "-x",
-                "-LLL",
-                "-M",
-                "-s",
-                "base",
-                "-b",
-                "ou=remote,dc=example,dc=com",
-            ],
+            &["-x", "-LLL", "-M", "-s", "base", "-b", "ou=remote,dc=example,dc=com"],
             0,
         ),
         case(
@@ -257,15 +233,7 @@ fn ldap_utils_read_operations() {
         case(
             "content sync refreshOnly",
             "ldapsearch",
-            &[
-                "-x",
-                "-LLL",
-                "-E",
-                "sync=ro",
-                "-b",
-                "dc=example,dc=com",
-                "dn",
-            ],
+            &["-x", "-LLL", "-E", "sync=ro", "-b", "dc=example,dc=com", "dn"],
             0,
         )
         .keep(dn_lines),
@@ -288,18 +256,8 @@ fn ldap_utils_read_operations() {
             5,
         ),
         case("whoami anonymous", "ldapwhoami", &["-x"], 0),
-        case(
-            "whoami alice",
-            "ldapwhoami",
-            &["-x", "-D", &alice, "-w", &alice_pw],
-            0,
-        ),
-        case(
-            "wrong password",
-            "ldapwhoami",
-            &["-x", "-D", &alice, "-w", "wrong"],
-            49,
-        ),
+        case("whoami alice", "ldapwhoami", &["-x", "-D", &alice, "-w", &alice_pw], 0),
+        case("wrong password", "ldapwhoami", &["-x", "-D", &alice, "-w", "wrong"], 49),
         case(
             "whoami exop",
             "ldapexop",
@@ -307,12 +265,7 @@ fn ldap_utils_read_operations() {
             0,
         ),
         // ldapexop exits 1 and prints the result code: protocolError (2).
-        case(
-            "unknown exop",
-            "ldapexop",
-            &["-x", "1.3.6.1.4.1.55555.1"],
-            1,
-        ),
+        case("unknown exop", "ldapexop", &["-x", "1.3.6.1.4.1.55555.1"], 1),
     ];
     differential(&pair, &cases);
     let unknown = run(cases.last().unwrap(), &pair.proxy.url());
@@ -330,25 +283,93 @@ fn ldap_utils_write_operations() {
     }
     let add = "dn: uid=yan,ou=people,dc=example,dc=com\nchangetype: add\nobjectClass: inetOrgPerson\nuid: yan\ncn: Yan Yang\nsn: Yang\n\n\
                dn: uid=yan,ou=people,dc=example,dc=com\nchangetype: modify\nreplace: mail\nmail: yan@example.com\n-\nadd: description\ndescription: added\n";
-    let modify_mail = "dn: uid=yan,ou=people,dc=example,dc=com\nchangetype: modify\nreplace: mail\nmail: yan.yang@example.com\n";
-    let bob_edit =
-        format!("dn: {bob}\nchangetype: modify\nreplace: description\ndescription: not yours\n");
+    let modify_mail =
+        "dn: uid=yan,ou=people,dc=example,dc=com\nchangetype: modify\nreplace: mail\nmail: yan.yang@example.com\n";
+    let bob_edit = format!("dn: {bob}\nchangetype: modify\nreplace: description\ndescription: not yours\n");
     let cases = vec![
         case("add and modify", "ldapmodify", &with_admin(&admin, &[]), 0).stdin(add),
-        case("add existing", "ldapmodify", &with_admin(&admin, &["-a"]), 68).stdin("dn: uid=yan,ou=people,dc=example,dc=com\nobjectClass: inetOrgPerson\nuid: yan\ncn: Y\nsn: Y\n"),
-        case("assertion holds", "ldapmodify", &with_admin(&admin, &["-e", "assert=(sn=Yang)"]), 0).stdin(modify_mail),
-        case("assertion fails", "ldapmodify", &with_admin(&admin, &["-e", "assert=(sn=Wrong)"]), 122).stdin(modify_mail),
-        case("pre- and post-read", "ldapmodify", &with_admin(&admin, &["-e", "preread=mail", "-e", "postread=mail"]), 0)
-            .stdin("dn: uid=yan,ou=people,dc=example,dc=com\nchangetype: modify\nreplace: mail\nmail: yan@example.org\n"),
-        case("modrdn", "ldapmodrdn", &with_admin(&admin, &["-r", "uid=yan,ou=people,dc=example,dc=com", "uid=yann"]), 0),
-        case("search after modrdn", "ldapsearch", &["-x", "-LLL", "-b", "ou=people,dc=example,dc=com", "(uid=yan*)", "uid", "mail", "description"], 0),
-        case("delete", "ldapdelete", &with_admin(&admin, &["uid=yann,ou=people,dc=example,dc=com"]), 0),
-        case("delete missing", "ldapdelete", &with_admin(&admin, &["uid=yann,ou=people,dc=example,dc=com"]), 32),
-        case("ACL refuses alice on bob", "ldapmodify", &["-x", "-D", &alice, "-w", &alice_pw], 50).stdin(&bob_edit),
+        case("add existing", "ldapmodify", &with_admin(&admin, &["-a"]), 68)
+            .stdin("dn: uid=yan,ou=people,dc=example,dc=com\nobjectClass: inetOrgPerson\nuid: yan\ncn: Y\nsn: Y\n"),
+        case(
+            "assertion holds",
+            "ldapmodify",
+            &with_admin(&admin, &["-e", "assert=(sn=Yang)"]),
+            0,
+        )
+        .stdin(modify_mail),
+        case(
+            "assertion fails",
+            "ldapmodify",
+            &with_admin(&admin, &["-e", "assert=(sn=Wrong)"]),
+            122,
+        )
+        .stdin(modify_mail),
+        case(
+            "pre- and post-read",
+            "ldapmodify",
+            &with_admin(&admin, &["-e", "preread=mail", "-e", "postread=mail"]),
+            0,
+        )
+        .stdin("dn: uid=yan,ou=people,dc=example,dc=com\nchangetype: modify\nreplace: mail\nmail: yan@example.org\n"),
+        case(
+            "modrdn",
+            "ldapmodrdn",
+            &with_admin(&admin, &["-r", "uid=yan,ou=people,dc=example,dc=com", "uid=yann"]),
+            0,
+        ),
+        case(
+            "search after modrdn",
+            "ldapsearch",
+            &[
+                "-x",
+                "-LLL",
+                "-b",
+                "ou=people,dc=example,dc=com",
+                "(uid=yan*)",
+                "uid",
+                "mail",
+                "description",
+            ],
+            0,
+        ),
+        case(
+            "delete",
+            "ldapdelete",
+            &with_admin(&admin, &["uid=yann,ou=people,dc=example,dc=com"]),
+            0,
+        ),
+        case(
+            "delete missing",
+            "ldapdelete",
+            &with_admin(&admin, &["uid=yann,ou=people,dc=example,dc=com"]),
+            32,
+        ),
+        case(
+            "ACL refuses alice on bob",
+            "ldapmodify",
+            &["-x", "-D", &alice, "-w", &alice_pw],
+            50,
+        )
+        .stdin(&bob_edit),
         case("anonymous write", "ldapmodify", &["-x"], 8).stdin(&bob_edit),
-        case("password change", "ldappasswd", &["-x", "-D", &alice, "-w", &alice_pw, "-s", "alice-changed"], 0),
-        case("old password refused", "ldapwhoami", &["-x", "-D", &alice, "-w", &alice_pw], 49),
-        case("new password", "ldapwhoami", &["-x", "-D", &alice, "-w", "alice-changed"], 0),
+        case(
+            "password change",
+            "ldappasswd",
+            &["-x", "-D", &alice, "-w", &alice_pw, "-s", "alice-changed"],
+            0,
+        ),
+        case(
+            "old password refused",
+            "ldapwhoami",
+            &["-x", "-D", &alice, "-w", &alice_pw],
+            49,
+        ),
+        case(
+            "new password",
+            "ldapwhoami",
+            &["-x", "-D", &alice, "-w", "alice-changed"],
+            0,
+        ),
     ];
     differential(&pair, &cases);
 }
@@ -406,9 +427,7 @@ fn ldap_utils_sasl_binds_multi_step_and_with_security_layer() {
     differential(&pair, &cases);
     let whoami = run(&cases[2], &pair.proxy.url());
     assert!(
-        whoami
-            .stdout
-            .contains("dn:uid=alice,ou=people,dc=example,dc=com"),
+        whoami.stdout.contains("dn:uid=alice,ou=people,dc=example,dc=com"),
         "{whoami:?}"
     );
     assert!(

@@ -13,17 +13,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use ldapsync::config::ProxyConfig;
 use protocol_tests::{
-    ProxyHandle, RawConn, Received, Slapd, answers_root_dse, decode,
-    expect_notice_of_disconnection, root_dse_search,
+    ProxyHandle, RawConn, Received, Slapd, answers_root_dse, decode, expect_notice_of_disconnection, root_dse_search,
 };
 use rasn_ldap::{ProtocolOp, ResultCode};
 
 fn protos_dir() -> PathBuf {
     std::env::var_os("LDAPSYNC_PROTOS_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/protos")
-        })
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/protos"))
 }
 
 /// Everything a server says to one case: PDUs up to the end of the search,
@@ -46,10 +43,7 @@ async fn replay(addr: std::net::SocketAddr, case: &[u8]) -> Answer {
                 if done {
                     // Whether the connection is still open: ask it something.
                     conn.send(&root_dse_search(2)).await;
-                    let closed = !matches!(
-                        conn.receive(Duration::from_secs(10)).await,
-                        Received::Pdu(_)
-                    );
+                    let closed = !matches!(conn.receive(Duration::from_secs(10)).await, Received::Pdu(_));
                     return Answer { pdus, closed };
                 }
             }
@@ -63,10 +57,7 @@ async fn replay(addr: std::net::SocketAddr, case: &[u8]) -> Answer {
 async fn protos_c06_ldapv3_answers_match_slapd() {
     let dir = protos_dir();
     let Ok(listing) = std::fs::read_dir(&dir) else {
-        eprintln!(
-            "\n*** SKIPPED: PROTOS cases not found in {} ***\n",
-            dir.display()
-        );
+        eprintln!("\n*** SKIPPED: PROTOS cases not found in {} ***\n", dir.display());
         return;
     };
     let mut cases: Vec<PathBuf> = listing
@@ -77,12 +68,7 @@ async fn protos_c06_ldapv3_answers_match_slapd() {
         })
         .collect();
     cases.sort();
-    assert_eq!(
-        cases.len(),
-        100,
-        "expected 100 PROTOS cases in {}",
-        dir.display()
-    );
+    assert_eq!(cases.len(), 100, "expected 100 PROTOS cases in {}", dir.display());
 
     let slapd = Slapd::start();
     let proxy = ProxyHandle::start(&[slapd.url()]);
@@ -99,10 +85,7 @@ async fn protos_c06_ldapv3_answers_match_slapd() {
         } else {
             let direct = replay(slapd.addr(), &case).await;
             let proxied = replay(proxy.addr(), &case).await;
-            assert_eq!(
-                proxied, direct,
-                "case {name}: ldapsync must answer what slapd answers"
-            );
+            assert_eq!(proxied, direct, "case {name}: ldapsync must answer what slapd answers");
             answered += 1;
         }
         assert!(
@@ -110,15 +93,7 @@ async fn protos_c06_ldapv3_answers_match_slapd() {
             "case {name}: ldapsync stopped serving"
         );
     }
-    assert!(
-        answers_root_dse(slapd.addr()).await,
-        "slapd survived the run"
-    );
-    eprintln!(
-        "PROTOS: {answered} answered as slapd does, {refused} refused as over the {limit}-byte limit"
-    );
-    assert_eq!(
-        refused, 2,
-        "only 00000084 and 00000085 are over the default limit"
-    );
+    assert!(answers_root_dse(slapd.addr()).await, "slapd survived the run");
+    eprintln!("PROTOS: {answered} answered as slapd does, {refused} refused as over the {limit}-byte limit");
+    assert_eq!(refused, 2, "only 00000084 and 00000085 are over the default limit");
 }

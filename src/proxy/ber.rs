@@ -95,11 +95,7 @@ pub fn integer(contents: &[u8]) -> Option<i64> {
         return None;
     }
     let sign = if contents[0] & 0x80 != 0 { -1i64 } else { 0 };
-    Some(
-        contents
-            .iter()
-            .fold(sign, |acc, &b| (acc << 8) | i64::from(b)),
-    )
+    Some(contents.iter().fold(sign, |acc, &b| (acc << 8) | i64::from(b)))
 }
 
 #[cfg(test)]
@@ -157,10 +153,7 @@ mod tests {
             read_header(&[0x30, 0x89, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
             Err(BerError::LengthTooLong(9))
         );
-        assert_eq!(
-            read_header(&[0x3f, 0x01]),
-            Err(BerError::HighTagNumber(0x3f))
-        );
+        assert_eq!(read_header(&[0x3f, 0x01]), Err(BerError::HighTagNumber(0x3f)));
     }
 
     #[test]
@@ -175,10 +168,7 @@ mod tests {
         assert_eq!(integer(&[0x01]), Some(1));
         assert_eq!(integer(&[0x00, 0x80]), Some(128));
         assert_eq!(integer(&[0xff]), Some(-1));
-        assert_eq!(
-            integer(&[0x7f, 0xff, 0xff, 0xff]),
-            Some(i64::from(i32::MAX))
-        );
+        assert_eq!(integer(&[0x7f, 0xff, 0xff, 0xff]), Some(i64::from(i32::MAX)));
         assert_eq!(integer(&[]), None);
         assert_eq!(integer(&[1; 9]), None);
     }

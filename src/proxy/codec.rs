@@ -98,10 +98,7 @@ mod tests {
         let input = [&a[..], &b[..]].concat();
         let (out, err) = frames(&input, 1024);
         assert!(err.is_none());
-        assert_eq!(
-            out,
-            vec![Bytes::copy_from_slice(&a), Bytes::copy_from_slice(&b)]
-        );
+        assert_eq!(out, vec![Bytes::copy_from_slice(&a), Bytes::copy_from_slice(&b)]);
     }
 
     #[test]
@@ -118,13 +115,7 @@ mod tests {
             frames(&[0x31, 0x00], 64).1,
             Some(FrameError::NotASequence(0x31))
         ));
-        assert!(matches!(
-            frames(&[0x30, 0x80, 0, 0], 64).1,
-            Some(FrameError::Ber(_))
-        ));
-        assert!(matches!(
-            frames(&[0x30, 0x05, 0x02], 64).1,
-            Some(FrameError::Truncated)
-        ));
+        assert!(matches!(frames(&[0x30, 0x80, 0, 0], 64).1, Some(FrameError::Ber(_))));
+        assert!(matches!(frames(&[0x30, 0x05, 0x02], 64).1, Some(FrameError::Truncated)));
     }
 }

@@ -3,8 +3,8 @@
 
 use bytes::Bytes;
 use rasn_ldap::{
-    AddResponse, BindResponse, CompareResponse, DelResponse, ExtendedResponse, LdapMessage,
-    LdapResult, ModifyDnResponse, ModifyResponse, ProtocolOp, ResultCode, SearchResultDone,
+    AddResponse, BindResponse, CompareResponse, DelResponse, ExtendedResponse, LdapMessage, LdapResult,
+    ModifyDnResponse, ModifyResponse, ProtocolOp, ResultCode, SearchResultDone,
 };
 use thiserror::Error;
 
@@ -111,14 +111,7 @@ impl Op {
     pub fn expects_response(self) -> bool {
         matches!(
             self,
-            Op::Bind
-                | Op::Search
-                | Op::Modify
-                | Op::Add
-                | Op::Delete
-                | Op::ModifyDn
-                | Op::Compare
-                | Op::Extended
+            Op::Bind | Op::Search | Op::Modify | Op::Add | Op::Delete | Op::ModifyDn | Op::Compare | Op::Extended
         )
     }
 
@@ -248,13 +241,7 @@ pub fn error_response(request: &Envelope, code: ResultCode, diagnostic: &str) ->
         .filter(|&id| id <= i32::MAX as u32)?;
     let result = || LdapResult::new(code, "".into(), diagnostic.into());
     let op = match request.op {
-        Op::Bind => ProtocolOp::BindResponse(BindResponse::new(
-            code,
-            "".into(),
-            diagnostic.into(),
-            None,
-            None,
-        )),
+        Op::Bind => ProtocolOp::BindResponse(BindResponse::new(code, "".into(), diagnostic.into(), None, None)),
         Op::Search => ProtocolOp::SearchResDone(SearchResultDone(result())),
         Op::Modify => ProtocolOp::ModifyResponse(ModifyResponse(result())),
         Op::Add => ProtocolOp::AddResponse(AddResponse(result())),
@@ -268,12 +255,7 @@ pub fn error_response(request: &Envelope, code: ResultCode, diagnostic: &str) ->
 }
 
 /// An extended response naming its operation, e.g. the refusal of StartTLS.
-pub fn named_extended_response(
-    message_id: i64,
-    name: &str,
-    code: ResultCode,
-    diagnostic: &str,
-) -> Option<Bytes> {
+pub fn named_extended_response(message_id: i64, name: &str, code: ResultCode, diagnostic: &str) -> Option<Bytes> {
     let message_id = u32::try_from(message_id).ok()?;
     Some(encode(
         message_id,
@@ -285,11 +267,7 @@ pub fn named_extended_response(
 pub fn notice_of_disconnection(code: ResultCode, diagnostic: &str) -> Bytes {
     encode(
         0,
-        ProtocolOp::ExtendedResp(extended_response(
-            code,
-            diagnostic,
-            Some(NOTICE_OF_DISCONNECTION_OID),
-        )),
+        ProtocolOp::ExtendedResp(extended_response(code, diagnostic, Some(NOTICE_OF_DISCONNECTION_OID))),
     )
 }
 
@@ -302,9 +280,7 @@ mod tests {
     fn search_pdu() -> Vec<u8> {
         let mut op = vec![0x04, 0x11];
         op.extend_from_slice(b"dc=example,dc=com");
-        op.extend_from_slice(&[
-            0x0a, 0x01, 0x02, 0x0a, 0x01, 0x00, 0x02, 0x01, 0x00, 0x02, 0x01, 0x00,
-        ]);
+        op.extend_from_slice(&[0x0a, 0x01, 0x02, 0x0a, 0x01, 0x00, 0x02, 0x01, 0x00, 0x02, 0x01, 0x00]);
         op.extend_from_slice(&[0x01, 0x01, 0x00, 0x87, 0x0b]);
         op.extend_from_slice(b"objectClass");
         op.extend_from_slice(&[0x30, 0x00]);

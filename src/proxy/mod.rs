@@ -55,9 +55,9 @@ impl Proxy {
     pub async fn bind(&self) -> std::io::Result<Vec<TcpListener>> {
         let mut listeners = Vec::new();
         for url in &self.shared.config.listen {
-            let listener = TcpListener::bind(url.authority()).await.map_err(|e| {
-                std::io::Error::new(e.kind(), format!("cannot listen on {url}: {e}"))
-            })?;
+            let listener = TcpListener::bind(url.authority())
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {url}: {e}")))?;
             match listener.local_addr() {
                 Ok(addr) => info!(%url, %addr, "listening"),
                 Err(_) => info!(%url, "listening"),
@@ -124,8 +124,7 @@ impl Proxy {
 
 /// Tells a connection over the limit why it is closed.
 async fn refuse(mut stream: TcpStream) {
-    let notice =
-        message::notice_of_disconnection(ResultCode::Unavailable, "ldapsync: too many connections");
+    let notice = message::notice_of_disconnection(ResultCode::Unavailable, "ldapsync: too many connections");
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&notice)).await;
     let _ = stream.shutdown().await;
 }

@@ -128,21 +128,13 @@ enum Event {
     Shutdown,
 }
 
-pub(super) async fn run(
-    id: u64,
-    stream: TcpStream,
-    shared: Arc<Shared>,
-    shutdown: CancellationToken,
-) {
+pub(super) async fn run(id: u64, stream: TcpStream, shared: Arc<Shared>, shutdown: CancellationToken) {
     let peer = stream
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "unknown".into());
     let span = tracing::info_span!("session", id, %peer);
-    Session::new(id, stream, shared)
-        .run(shutdown)
-        .instrument(span)
-        .await
+    Session::new(id, stream, shared).run(shutdown).instrument(span).await
 }
 
 struct Session {
@@ -168,8 +160,7 @@ impl Session {
         }
         let (read, write) = stream.into_split();
         let (to_client, queue) = mpsc::channel(CLIENT_QUEUE);
-        let writer =
-            tokio::spawn(write_client(write, queue, shared.config.io_timeout).in_current_span());
+        let writer = tokio::spawn(write_client(write, queue, shared.config.io_timeout).in_current_span());
         Session {
             id,
             requests: FramedRead::new(read, PduCodec::new(shared.config.max_client_pdu)),
@@ -210,9 +201,7 @@ impl Session {
                             return End::UpstreamLost("the directory closed the connection".into());
                         }
                         UpstreamEnd::Failed(e) => {
-                            return End::UpstreamLost(format!(
-                                "the directory sent an unreadable PDU: {e}"
-                            ));
+                            return End::UpstreamLost(format!("the directory sent an unreadable PDU: {e}"));
                         }
                     }
                 }
@@ -227,9 +216,7 @@ impl Session {
                     debug!(error = %e, "client read failed");
                     return End::ClientClosed;
                 }
-                Event::Request(Some(Err(FrameError::NotASequence(_))))
-                    if self.sasl_bound.load(Ordering::Acquire) =>
-                {
+                Event::Request(Some(Err(FrameError::NotASequence(_)))) if self.sasl_bound.load(Ordering::Acquire) => {
                     return self.tunnel(shutdown).await;
                 }
                 Event::Request(Some(Err(e))) => return End::Malformed(e.to_string()),
@@ -275,26 +262,18 @@ impl Session {
                 );
                 return match refusal {
                     Some(pdu) => self.reply(pdu).await,
-                    None => Some(End::Malformed(
-                        "StartTLS request with an invalid message id".into(),
-                    )),
+                    None => Some(End::Malformed("StartTLS request with an invalid message id".into())),
                 };
             }
             _ => {}
         }
         if self.upstream.is_none() {
-            match upstream::connect(
-                &self.shared.config.upstream,
-                self.shared.config.connect_timeout,
-            )
-            .await
-            {
+            match upstream::connect(&self.shared.config.upstream, self.shared.config.connect_timeout).await {
                 Ok(stream) => self.upstream = Some(self.start_upstream(stream)),
                 Err(e) => {
                     warn!(error = %e, op = env.op.name(), "request refused: directory unavailable");
                     let diagnostic = format!("ldapsync: {e}");
-                    return match message::error_response(&env, ResultCode::Unavailable, &diagnostic)
-                    {
+                    return match message::error_response(&env, ResultCode::Unavailable, &diagnostic) {
                         Some(pdu) => self.reply(pdu).await,
                         None => Some(End::UpstreamLost(diagnostic)),
                     };
@@ -317,19 +296,10 @@ impl Session {
             );
         }
         let upstream = self.upstream.as_mut().expect("connected above");
-        match timeout(
-            self.shared.config.io_timeout,
-            upstream.writer.write_all(&pdu),
-        )
-        .await
-        {
+        match timeout(self.shared.config.io_timeout, upstream.writer.write_all(&pdu)).await {
             Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(End::UpstreamLost(format!(
-                "writing to the directory failed: {e}"
-            ))),
-            Err(_) => Some(End::UpstreamLost(
-                "the directory stopped reading requests".into(),
-            )),
+            Ok(Err(e)) => Some(End::UpstreamLost(format!("writing to the directory failed: {e}"))),
+            Err(_) => Some(End::UpstreamLost("the directory stopped reading requests".into())),
         }
     }
 
@@ -338,9 +308,7 @@ impl Session {
     async fn tunnel(&mut self, shutdown: &CancellationToken) -> End {
         self.tunneled = true;
         info!("SASL security layer in effect: relaying this session opaquely");
-        self.shared
-            .sink
-            .capture_lost(self.id, CaptureLoss::SecurityLayer);
+        self.shared.sink.capture_lost(self.id, CaptureLoss::SecurityLayer);
         let Some(upstream) = self.upstream.as_mut() else {
             return End::ClientClosed;
         };
@@ -394,11 +362,7 @@ impl Session {
             }
             .in_current_span(),
         );
-        Upstream {
-            writer,
-            ended,
-            task,
-        }
+        Upstream { writer, ended, task }
     }
 
     async fn close(mut self, end: End) {
@@ -418,10 +382,7 @@ impl Session {
                 if timeout(grace, self.inflight.wait_drained()).await.is_err() {
                     info!("operations still in flight at the end of the shutdown grace period");
                 }
-                Some((
-                    ResultCode::Unavailable,
-                    "ldapsync is shutting down".to_owned(),
-                ))
+                Some((ResultCode::Unavailable, "ldapsync is shutting down".to_owned()))
             }
         };
         // Stop relaying directory responses before the notice, so it is last.
@@ -478,9 +439,7 @@ impl UpstreamRelay {
                     debug!(error = %e, "directory read failed");
                     return UpstreamEnd::Closed { noticed };
                 }
-                Some(Err(FrameError::NotASequence(_)))
-                    if self.sasl_bound.load(Ordering::Acquire) =>
-                {
+                Some(Err(FrameError::NotASequence(_))) if self.sasl_bound.load(Ordering::Acquire) => {
                     return self.tunnel(frames).await;
                 }
                 Some(Err(e)) => return UpstreamEnd::Failed(e),
@@ -495,10 +454,9 @@ impl UpstreamRelay {
                     noticed = true;
                     None
                 }
-                Ok(env) if env.op.is_final_response() => self
-                    .inflight
-                    .remove(env.message_id)
-                    .map(|pending| (env, pending)),
+                Ok(env) if env.op.is_final_response() => {
+                    self.inflight.remove(env.message_id).map(|pending| (env, pending))
+                }
                 Ok(_) => None,
                 // Relayed regardless: the client may understand what we don't.
                 Err(e) => {
@@ -558,11 +516,7 @@ impl UpstreamRelay {
 
 /// Drains the client queue to the socket, coalescing what is ready into one
 /// flush. A client that accepts nothing for `io_timeout` is dropped.
-async fn write_client(
-    write: OwnedWriteHalf,
-    mut queue: mpsc::Receiver<Bytes>,
-    io_timeout: std::time::Duration,
-) {
+async fn write_client(write: OwnedWriteHalf, mut queue: mpsc::Receiver<Bytes>, io_timeout: std::time::Duration) {
     let mut out = FramedWrite::new(write, BytesCodec::new());
     while let Some(pdu) = queue.recv().await {
         let batch = async {

@@ -17,10 +17,7 @@ pub struct UnreachableError {
 
 /// Connects to the first of `urls` that answers, in order, each within
 /// `connect_timeout`.
-pub async fn connect(
-    urls: &[LdapUrl],
-    connect_timeout: Duration,
-) -> Result<TcpStream, UnreachableError> {
+pub async fn connect(urls: &[LdapUrl], connect_timeout: Duration) -> Result<TcpStream, UnreachableError> {
     let mut attempts = Vec::with_capacity(urls.len());
     for url in urls {
         let reason = match timeout(connect_timeout, TcpStream::connect(url.authority())).await {
@@ -32,10 +29,7 @@ pub async fn connect(
                 return Ok(stream);
             }
             Ok(Err(e)) => e.to_string(),
-            Err(_) => format!(
-                "no answer within {}",
-                humantime::format_duration(connect_timeout)
-            ),
+            Err(_) => format!("no answer within {}", humantime::format_duration(connect_timeout)),
         };
         tracing::warn!(%url, %reason, "directory unreachable");
         attempts.push(format!("{url}: {reason}"));

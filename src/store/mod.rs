@@ -21,10 +21,7 @@ use crate::sync::policy::Values;
 #[derive(Debug, Error)]
 pub enum StoreError {
     #[error("database {path}: {source}")]
-    Open {
-        path: String,
-        source: rusqlite::Error,
-    },
+    Open { path: String, source: rusqlite::Error },
     #[error("database: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("database holds unreadable {what}: {detail}")]
@@ -178,29 +175,13 @@ pub trait Store {
     fn object_by_id(&self, id: i64) -> Result<Option<LocalObject>, StoreError>;
     fn objects(&self, category: Category) -> Result<Vec<LocalObject>, StoreError>;
     /// Creates a local object (a local edit, not a sync decision).
-    fn insert_object(
-        &mut self,
-        object: &LocalObject,
-        journal: &JournalEntry,
-    ) -> Result<i64, StoreError>;
+    fn insert_object(&mut self, object: &LocalObject, journal: &JournalEntry) -> Result<i64, StoreError>;
     /// Updates a local object's name, enabled flag and values.
-    fn update_object(
-        &mut self,
-        object: &LocalObject,
-        journal: &JournalEntry,
-    ) -> Result<(), StoreError>;
+    fn update_object(&mut self, object: &LocalObject, journal: &JournalEntry) -> Result<(), StoreError>;
     fn delete_object(&mut self, id: i64, journal: &JournalEntry) -> Result<(), StoreError>;
 
-    fn association_by_entry(
-        &self,
-        connector: &str,
-        entry_id: &str,
-    ) -> Result<Option<Association>, StoreError>;
-    fn association_by_object(
-        &self,
-        connector: &str,
-        object_id: i64,
-    ) -> Result<Option<Association>, StoreError>;
+    fn association_by_entry(&self, connector: &str, entry_id: &str) -> Result<Option<Association>, StoreError>;
+    fn association_by_object(&self, connector: &str, object_id: i64) -> Result<Option<Association>, StoreError>;
     fn associations(&self, connector: Option<&str>) -> Result<Vec<Association>, StoreError>;
     /// Removes an association (the administrative command); true if one existed.
     fn remove_association(

@@ -6,8 +6,8 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 
 use super::{
-    Association, Category, ChangeSource, Commit, ConnectorState, JournalEntry, JournalQuery,
-    LocalObject, Store, StoreError,
+    Association, Category, ChangeSource, Commit, ConnectorState, JournalEntry, JournalQuery, LocalObject, Store,
+    StoreError,
 };
 use crate::sync::policy::Values;
 
@@ -67,10 +67,8 @@ impl SqliteStore {
         if is_new {
             restrict_to_owner(path);
         }
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(open_error)?;
-        conn.pragma_update(None, "foreign_keys", true)
-            .map_err(open_error)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(open_error)?;
+        conn.pragma_update(None, "foreign_keys", true).map_err(open_error)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(open_error)?;
         let mut store = SqliteStore { conn };
@@ -79,15 +77,10 @@ impl SqliteStore {
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
-        let version: i64 = self
-            .conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let version: i64 = self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         let known = MIGRATIONS.len() as i64;
         if version > known {
-            return Err(StoreError::TooNew {
-                found: version,
-                known,
-            });
+            return Err(StoreError::TooNew { found: version, known });
         }
         let tx = self.conn.transaction()?;
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
@@ -131,13 +124,7 @@ fn parse_category(text: &str) -> Result<Category, StoreError> {
 const OBJECT_COLUMNS: &str = r#"id, category, name, enabled, "values""#;
 
 fn object_row(row: &Row) -> rusqlite::Result<(i64, String, String, bool, String)> {
-    Ok((
-        row.get(0)?,
-        row.get(1)?,
-        row.get(2)?,
-        row.get(3)?,
-        row.get(4)?,
-    ))
+    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
 }
 
 fn object_from(raw: (i64, String, String, bool, String)) -> Result<LocalObject, StoreError> {
@@ -151,8 +138,7 @@ fn object_from(raw: (i64, String, String, bool, String)) -> Result<LocalObject, 
     })
 }
 
-const ASSOCIATION_COLUMNS: &str =
-    "connector, object_id, entry_id, dn, baseline, synced_at, entry_gone";
+const ASSOCIATION_COLUMNS: &str = "connector, object_id, entry_id, dn, baseline, synced_at, entry_gone";
 
 type AssociationRow = (String, i64, String, String, String, i64, bool);
 
@@ -235,12 +221,7 @@ fn update_object(tx: &Transaction, object: &LocalObject) -> Result<(), StoreErro
     }
     tx.execute(
         r#"UPDATE objects SET name = ?2, enabled = ?3, "values" = ?4 WHERE id = ?1"#,
-        params![
-            object.id,
-            object.name,
-            object.enabled,
-            to_json(&object.values)
-        ],
+        params![object.id, object.name, object.enabled, to_json(&object.values)],
     )?;
     Ok(())
 }
@@ -278,11 +259,7 @@ impl Store for SqliteStore {
         rows.map(|r| object_from(r?)).collect()
     }
 
-    fn insert_object(
-        &mut self,
-        object: &LocalObject,
-        journal: &JournalEntry,
-    ) -> Result<i64, StoreError> {
+    fn insert_object(&mut self, object: &LocalObject, journal: &JournalEntry) -> Result<i64, StoreError> {
         let tx = self.conn.transaction()?;
         let id = insert_object(&tx, object)?;
         write_journal(&tx, journal)?;
@@ -290,11 +267,7 @@ impl Store for SqliteStore {
         Ok(id)
     }
 
-    fn update_object(
-        &mut self,
-        object: &LocalObject,
-        journal: &JournalEntry,
-    ) -> Result<(), StoreError> {
+    fn update_object(&mut self, object: &LocalObject, journal: &JournalEntry) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         update_object(&tx, object)?;
         write_journal(&tx, journal)?;
@@ -310,11 +283,7 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn association_by_entry(
-        &self,
-        connector: &str,
-        entry_id: &str,
-    ) -> Result<Option<Association>, StoreError> {
+    fn association_by_entry(&self, connector: &str, entry_id: &str) -> Result<Option<Association>, StoreError> {
         self.conn
             .query_row(
                 &format!("SELECT {ASSOCIATION_COLUMNS} FROM associations WHERE connector = ?1 AND entry_id = ?2"),
@@ -326,11 +295,7 @@ impl Store for SqliteStore {
             .transpose()
     }
 
-    fn association_by_object(
-        &self,
-        connector: &str,
-        object_id: i64,
-    ) -> Result<Option<Association>, StoreError> {
+    fn association_by_object(&self, connector: &str, object_id: i64) -> Result<Option<Association>, StoreError> {
         self.conn
             .query_row(
                 &format!("SELECT {ASSOCIATION_COLUMNS} FROM associations WHERE connector = ?1 AND object_id = ?2"),
@@ -395,7 +360,15 @@ impl Store for SqliteStore {
                  ON CONFLICT (connector, object_id) DO UPDATE SET
                    entry_id = excluded.entry_id, dn = excluded.dn, baseline = excluded.baseline,
                    synced_at = excluded.synced_at, entry_gone = excluded.entry_gone",
-                params![a.connector, id, a.entry_id, a.dn, to_json(&a.baseline), a.synced_at, a.entry_gone],
+                params![
+                    a.connector,
+                    id,
+                    a.entry_id,
+                    a.dn,
+                    to_json(&a.baseline),
+                    a.synced_at,
+                    a.entry_gone
+                ],
             )?;
         }
         for entry in &commit.journal {
@@ -406,11 +379,7 @@ impl Store for SqliteStore {
     }
 
     fn journal(&self, query: &JournalQuery) -> Result<Vec<JournalEntry>, StoreError> {
-        let limit = if query.limit == 0 {
-            i64::MAX
-        } else {
-            query.limit as i64
-        };
+        let limit = if query.limit == 0 { i64::MAX } else { query.limit as i64 };
         let mut stmt = self.conn.prepare(
             "SELECT at, connector, category, object, source, action, policy, detail FROM (
                SELECT * FROM journal
@@ -534,17 +503,10 @@ mod tests {
             })
             .unwrap()
             .unwrap();
-        let a = store
-            .association_by_entry("c", "uuid-bob")
-            .unwrap()
-            .unwrap();
+        let a = store.association_by_entry("c", "uuid-bob").unwrap().unwrap();
         assert_eq!(a.object_id, created);
         assert_eq!(
-            store
-                .association_by_object("c", created)
-                .unwrap()
-                .unwrap()
-                .entry_id,
+            store.association_by_object("c", created).unwrap().unwrap().entry_id,
             "uuid-bob"
         );
         assert!(store.association_by_object("c", id).unwrap().is_none());
@@ -602,9 +564,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         SqliteStore::open(&path).unwrap();
-        assert_eq!(
-            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     }
 }

@@ -50,7 +50,11 @@ const PAGE_SIZE: i32 = 500;
 
 impl Directory {
     /// Connects to the first reachable URL and binds as the service identity.
-    pub async fn connect(connector: &ConnectorConfig, password: &str, timeout: Duration) -> Result<Directory, DirectoryError> {
+    pub async fn connect(
+        connector: &ConnectorConfig,
+        password: &str,
+        timeout: Duration,
+    ) -> Result<Directory, DirectoryError> {
         let mut reasons = Vec::new();
         for url in &connector.upstream {
             let settings = LdapConnSettings::new().set_conn_timeout(timeout);
@@ -90,7 +94,8 @@ impl Directory {
 
     /// Every entry in the scope, read page by page.
     pub async fn entries(&mut self, scope: &ScopeConfig) -> Result<Vec<Entry>, DirectoryError> {
-        let adapters: Vec<Box<dyn Adapter<_, _>>> = vec![Box::new(EntriesOnly::new()), Box::new(PagedResults::new(PAGE_SIZE))];
+        let adapters: Vec<Box<dyn Adapter<_, _>>> =
+            vec![Box::new(EntriesOnly::new()), Box::new(PagedResults::new(PAGE_SIZE))];
         let error = |e: ldap3::LdapError| DirectoryError::Operation {
             operation: "search",
             dn: scope.base.clone(),
@@ -98,7 +103,13 @@ impl Directory {
         };
         let mut stream = self
             .ldap
-            .streaming_search_with(adapters, &scope.base, Scope::Subtree, &scope.filter, self.attributes(scope))
+            .streaming_search_with(
+                adapters,
+                &scope.base,
+                Scope::Subtree,
+                &scope.filter,
+                self.attributes(scope),
+            )
             .await
             .map_err(error)?;
         let mut entries = Vec::new();
@@ -120,7 +131,10 @@ impl Directory {
                 dn: dn.to_owned(),
                 message: e.to_string(),
             })?;
-        Ok(result.0.into_iter().find_map(|raw| self.entry(SearchEntry::construct(raw))))
+        Ok(result
+            .0
+            .into_iter()
+            .find_map(|raw| self.entry(SearchEntry::construct(raw))))
     }
 
     fn entry(&self, raw: SearchEntry) -> Option<Entry> {
@@ -174,10 +188,17 @@ impl Directory {
     }
 }
 
-fn check(operation: &'static str, dn: &str, result: ldap3::result::Result<ldap3::LdapResult>) -> Result<(), DirectoryError> {
-    result.and_then(|r| r.success()).map(|_| ()).map_err(|e| DirectoryError::Operation {
-        operation,
-        dn: dn.to_owned(),
-        message: e.to_string(),
-    })
+fn check(
+    operation: &'static str,
+    dn: &str,
+    result: ldap3::result::Result<ldap3::LdapResult>,
+) -> Result<(), DirectoryError> {
+    result
+        .and_then(|r| r.success())
+        .map(|_| ())
+        .map_err(|e| DirectoryError::Operation {
+            operation,
+            dn: dn.to_owned(),
+            message: e.to_string(),
+        })
 }

@@ -141,7 +141,14 @@ impl<S: Store> Pass<'_, S> {
         }
     }
 
-    fn journal(&self, category: Category, object: &str, source: ChangeSource, action: &str, detail: serde_json::Value) -> JournalEntry {
+    fn journal(
+        &self,
+        category: Category,
+        object: &str,
+        source: ChangeSource,
+        action: &str,
+        detail: serde_json::Value,
+    ) -> JournalEntry {
         JournalEntry {
             at: now(),
             connector: self.connector.name.clone(),
@@ -169,7 +176,10 @@ impl<S: Store> Pass<'_, S> {
             object: Some(entry.object.clone()),
             limit: 1,
         })?;
-        if last.first().is_some_and(|l| l.action == entry.action && l.detail == entry.detail) {
+        if last
+            .first()
+            .is_some_and(|l| l.action == entry.action && l.detail == entry.detail)
+        {
             return Ok(());
         }
         self.commit(Commit {
@@ -207,19 +217,32 @@ impl<S: Store> Pass<'_, S> {
     }
 
     /// An entry with no association: match it by name, or import it.
-    async fn first_sync(&mut self, mapping: &Mapping<'_>, entry: &Entry, naming_counts: &HashMap<String, usize>) -> Result<Option<i64>, SyncError> {
+    async fn first_sync(
+        &mut self,
+        mapping: &Mapping<'_>,
+        entry: &Entry,
+        naming_counts: &HashMap<String, usize>,
+    ) -> Result<Option<i64>, SyncError> {
         let category = mapping.category;
         let Some(name) = entry.get(&mapping.scope.naming).first().cloned() else {
-            let detail = serde_json::json!({ "dn": entry.dn, "reason": format!("entry has no {}", mapping.scope.naming) });
+            let detail =
+                serde_json::json!({ "dn": entry.dn, "reason": format!("entry has no {}", mapping.scope.naming) });
             self.report.disputed += 1;
-            self.report.say(format!("disputed {category} at {}: no {} value", entry.dn, mapping.scope.naming));
+            self.report.say(format!(
+                "disputed {category} at {}: no {} value",
+                entry.dn, mapping.scope.naming
+            ));
             self.journal_once(self.journal(category, &entry.dn, ChangeSource::Poll, "disputed", detail))?;
             return Ok(None);
         };
         if naming_counts.get(&name.to_lowercase()).copied().unwrap_or(0) > 1 {
-            let detail = serde_json::json!({ "reason": format!("several entries have {}={name}", mapping.scope.naming) });
+            let detail =
+                serde_json::json!({ "reason": format!("several entries have {}={name}", mapping.scope.naming) });
             self.report.disputed += 1;
-            self.report.say(format!("disputed {category} {name}: several directory entries have {}={name}", mapping.scope.naming));
+            self.report.say(format!(
+                "disputed {category} {name}: several directory entries have {}={name}",
+                mapping.scope.naming
+            ));
             self.journal_once(self.journal(category, &name, ChangeSource::Poll, "disputed", detail))?;
             return Ok(None);
         }
@@ -232,7 +255,10 @@ impl<S: Store> Pass<'_, S> {
                         "reason": format!("already associated with entry {} of connector {}", other.entry_id, other.connector),
                     });
                     self.report.disputed += 1;
-                    self.report.say(format!("disputed {category} {name}: {} is a different entry than the associated one", entry.dn));
+                    self.report.say(format!(
+                        "disputed {category} {name}: {} is a different entry than the associated one",
+                        entry.dn
+                    ));
                     self.journal_once(self.journal(category, &name, ChangeSource::Poll, "disputed", detail))?;
                     return Ok(Some(object.id));
                 }
@@ -244,9 +270,23 @@ impl<S: Store> Pass<'_, S> {
                     Side::Ldap => ldap_values.clone(),
                 };
                 self.report.associated += 1;
-                self.report.say(format!("associate {category} {name} with {} ({} values kept)", entry.dn, side_name(side)));
+                self.report.say(format!(
+                    "associate {category} {name} with {} ({} values kept)",
+                    entry.dn,
+                    side_name(side)
+                ));
                 let detail = serde_json::json!({ "dn": entry.dn, "entry_id": entry.id, "kept": side_name(side) });
-                self.apply(mapping, object, entry, &local_values, &ldap_values, result, "associated", detail).await?;
+                self.apply(
+                    mapping,
+                    object,
+                    entry,
+                    &local_values,
+                    &ldap_values,
+                    result,
+                    "associated",
+                    detail,
+                )
+                .await?;
                 Ok(Some(object_id))
             }
             None if self.connector.direction == Direction::LocalToLdap => Ok(None),
@@ -261,7 +301,8 @@ impl<S: Store> Pass<'_, S> {
                 let result = ldap_values.clone();
                 let object = mapping.apply_to_object(object, &result);
                 self.report.created_local += 1;
-                self.report.say(format!("create local {category} {name} from {}", entry.dn));
+                self.report
+                    .say(format!("create local {category} {name} from {}", entry.dn));
                 let journal = self.journal(
                     category,
                     &name,
@@ -302,7 +343,12 @@ impl<S: Store> Pass<'_, S> {
     }
 
     /// An associated pair: decide with the policy and apply.
-    async fn reconcile(&mut self, mapping: &Mapping<'_>, association: Association, entry: &Entry) -> Result<(), SyncError> {
+    async fn reconcile(
+        &mut self,
+        mapping: &Mapping<'_>,
+        association: Association,
+        entry: &Entry,
+    ) -> Result<(), SyncError> {
         let Some(object) = self.store.object_by_id(association.object_id)? else {
             return Ok(());
         };
@@ -333,9 +379,15 @@ impl<S: Store> Pass<'_, S> {
         if action != "moved" {
             self.report.updated += 1;
         }
-        self.report.say(format!("{action} {} {}: {}", mapping.category, object.name, describe(&decision.outcome)));
+        self.report.say(format!(
+            "{action} {} {}: {}",
+            mapping.category,
+            object.name,
+            describe(&decision.outcome)
+        ));
         let detail = serde_json::json!({ "dn": entry.dn, "outcome": decision.outcome });
-        self.apply(mapping, object, entry, &local, &ldap, decision.result, action, detail).await
+        self.apply(mapping, object, entry, &local, &ldap, decision.result, action, detail)
+            .await
     }
 
     /// Writes `result` to whichever side differs, then commits the local
@@ -385,7 +437,13 @@ impl<S: Store> Pass<'_, S> {
     }
 
     /// Makes the entry hold `result`; returns its DN afterwards.
-    async fn write_directory(&mut self, mapping: &Mapping<'_>, dn: &str, ldap: &Values, result: &Values) -> Result<String, DirectoryError> {
+    async fn write_directory(
+        &mut self,
+        mapping: &Mapping<'_>,
+        dn: &str,
+        ldap: &Values,
+        result: &Values,
+    ) -> Result<String, DirectoryError> {
         let wanted = mapping.to_attributes(result, &self.members);
         let current = mapping.to_attributes(ldap, &self.members);
         let naming = mapping.scope.naming.to_lowercase();
@@ -417,7 +475,9 @@ impl<S: Store> Pass<'_, S> {
         let mut gone = Vec::new();
         let mut total = 0;
         for association in self.store.associations(Some(&self.connector.name))? {
-            let Some(object) = self.store.object_by_id(association.object_id)? else { continue };
+            let Some(object) = self.store.object_by_id(association.object_id)? else {
+                continue;
+            };
             if object.category != mapping.category {
                 continue;
             }
@@ -450,31 +510,45 @@ impl<S: Store> Pass<'_, S> {
             let name = object.name.clone();
             association.entry_gone = true;
             let (action, commit) = match policy {
-                DeletePolicy::Ignore => ("entry-gone-ignored", Commit {
-                    association: Some(association.clone()),
-                    ..Commit::default()
-                }),
+                DeletePolicy::Ignore => (
+                    "entry-gone-ignored",
+                    Commit {
+                        association: Some(association.clone()),
+                        ..Commit::default()
+                    },
+                ),
                 DeletePolicy::Disable => {
                     self.report.disabled += 1;
                     object.enabled = false;
-                    ("disabled", Commit {
-                        object: Some(object),
-                        association: Some(association.clone()),
-                        ..Commit::default()
-                    })
+                    (
+                        "disabled",
+                        Commit {
+                            object: Some(object),
+                            association: Some(association.clone()),
+                            ..Commit::default()
+                        },
+                    )
                 }
                 DeletePolicy::Delete => {
                     self.report.deleted += 1;
-                    ("deleted", Commit {
-                        delete_object: Some(association.object_id),
-                        ..Commit::default()
-                    })
+                    (
+                        "deleted",
+                        Commit {
+                            delete_object: Some(association.object_id),
+                            ..Commit::default()
+                        },
+                    )
                 }
             };
-            self.report.say(format!("{action} {} {name}: entry {} left the directory scope", mapping.category, association.dn));
+            self.report.say(format!(
+                "{action} {} {name}: entry {} left the directory scope",
+                mapping.category, association.dn
+            ));
             let detail = serde_json::json!({ "dn": association.dn, "entry_id": association.entry_id });
             let mut commit = commit;
-            commit.journal.push(self.journal(mapping.category, &name, ChangeSource::Poll, action, detail));
+            commit
+                .journal
+                .push(self.journal(mapping.category, &name, ChangeSource::Poll, action, detail));
             self.commit(commit)?;
         }
         Ok(())
@@ -486,20 +560,31 @@ impl<S: Store> Pass<'_, S> {
         if self.connector.direction == Direction::LdapToLocal {
             return Ok(());
         }
-        let associated: HashSet<i64> = self.store.associations(None)?.into_iter().map(|a| a.object_id).collect();
+        let associated: HashSet<i64> = self
+            .store
+            .associations(None)?
+            .into_iter()
+            .map(|a| a.object_id)
+            .collect();
         for object in self.store.objects(mapping.category)? {
             if associated.contains(&object.id) || matched.contains(&object.id) {
                 continue;
             }
             let values = mapping.from_object(&object);
             let mut attrs = mapping.to_attributes(&values, &self.members);
+            attrs.retain(|_, v| !v.is_empty());
             let scope = mapping.scope;
             attrs.insert("objectClass".into(), scope.object_classes.clone());
             for (attr, template) in &scope.defaults {
-                attrs.entry(attr.clone()).or_insert_with(|| vec![template.replace("{name}", &object.name)]);
+                attrs
+                    .entry(attr.clone())
+                    .or_insert_with(|| vec![template.replace("{name}", &object.name)]);
             }
             let dn = format!("{}={},{}", scope.naming, ldap3::dn_escape(&object.name), scope.base);
-            self.report.say(format!("create in directory {} {} at {dn}", mapping.category, object.name));
+            self.report.say(format!(
+                "create in directory {} {} at {dn}",
+                mapping.category, object.name
+            ));
             if self.options.dry_run {
                 self.report.created_ldap += 1;
                 continue;
@@ -513,16 +598,22 @@ impl<S: Store> Pass<'_, S> {
                     self.report.created_ldap += 1;
                     let baseline = mapping.from_entry(&entry, &self.members);
                     let detail = serde_json::json!({ "dn": entry.dn, "entry_id": entry.id });
-                    ("created-ldap", detail, Some(self.association(object.id, &entry, baseline)))
+                    (
+                        "created-ldap",
+                        detail,
+                        Some(self.association(object.id, &entry, baseline)),
+                    )
                 }
                 Ok(None) => {
                     self.report.failed += 1;
-                    let detail = serde_json::json!({ "dn": dn, "error": "created entry is outside the connector's filter" });
+                    let detail =
+                        serde_json::json!({ "dn": dn, "error": "created entry is outside the connector's filter" });
                     ("failed", detail, None)
                 }
                 Err(e) => {
                     self.report.failed += 1;
-                    self.report.say(format!("failed {} {}: {e}", mapping.category, object.name));
+                    self.report
+                        .say(format!("failed {} {}: {e}", mapping.category, object.name));
                     ("failed", serde_json::json!({ "dn": dn, "error": e.to_string() }), None)
                 }
             };
@@ -535,6 +626,29 @@ impl<S: Store> Pass<'_, S> {
         }
         Ok(())
     }
+}
+
+/// Associated objects whose synced fields were edited locally since their
+/// last sync: what the next pass will decide about.
+pub fn pending<S: Store>(store: &S, connector: &ConnectorConfig) -> Result<usize, StoreError> {
+    let mut count = 0;
+    for association in store.associations(Some(&connector.name))? {
+        let Some(object) = store.object_by_id(association.object_id)? else {
+            continue;
+        };
+        let scope = match object.category {
+            Category::Account => connector.accounts.as_ref(),
+            Category::Group => connector.groups.as_ref(),
+        };
+        if let Some(scope) = scope {
+            let mapping = Mapping {
+                scope,
+                category: object.category,
+            };
+            count += usize::from(mapping.from_object(&object) != association.baseline);
+        }
+    }
+    Ok(count)
 }
 
 /// On first association there is no baseline: the side whose values are kept.
@@ -564,9 +678,17 @@ fn describe(outcome: &Outcome) -> String {
         Outcome::Applied { from } => format!("{} changes applied", side_name(*from)),
         Outcome::Merged => "changes from both sides merged".into(),
         Outcome::Overwritten { side, fields } => {
-            format!("{} edits to {} disregarded and put back", side_name(*side), list(fields))
+            format!(
+                "{} edits to {} disregarded and put back",
+                side_name(*side),
+                list(fields)
+            )
         }
-        Outcome::ConflictResolved { policy, local_lost, ldap_lost } => format!(
+        Outcome::ConflictResolved {
+            policy,
+            local_lost,
+            ldap_lost,
+        } => format!(
             "conflict resolved by {policy}; local changes lost: [{}], directory changes lost: [{}]",
             list(local_lost),
             list(ldap_lost)
@@ -610,7 +732,10 @@ impl Mapping<'_> {
                 values.insert(field.to_owned(), v);
             }
         };
-        put(NAME_FIELD, entry.get(&self.scope.naming).iter().take(1).cloned().collect());
+        put(
+            NAME_FIELD,
+            entry.get(&self.scope.naming).iter().take(1).cloned().collect(),
+        );
         for (attr, field) in &self.scope.map {
             put(field, entry.get(attr).to_vec());
         }

@@ -1,6 +1,6 @@
 //! The sync engine: connectors, change events, and the decisions that keep
 //! the local store and the directory in step.
 
-pub mod policy;
 pub mod directory;
 pub mod engine;
+pub mod policy;

@@ -77,10 +77,7 @@ pub enum Outcome {
     /// Both sides changed different fields; `merge` kept all of them.
     Merged,
     /// The direction disregarded these changes on `side`; they are put back.
-    Overwritten {
-        side: Side,
-        fields: BTreeSet<String>,
-    },
+    Overwritten { side: Side, fields: BTreeSet<String> },
     /// Both sides changed; the policy decided.
     ConflictResolved {
         policy: String,
@@ -183,15 +180,7 @@ pub fn decide(
             result: take(ldap),
             outcome: Outcome::Applied { from: Side::Ldap },
         },
-        Direction::Both => resolve(
-            policy,
-            fields,
-            baseline,
-            local,
-            ldap,
-            local_changed,
-            ldap_changed,
-        ),
+        Direction::Both => resolve(policy, fields, baseline, local, ldap, local_changed, ldap_changed),
     }
 }
 
@@ -285,13 +274,9 @@ mod tests {
             Outcome::Merged => "merged".into(),
             Outcome::Applied { from: Side::Local } => "applied from local".into(),
             Outcome::Applied { from: Side::Ldap } => "applied from ldap".into(),
-            Outcome::Overwritten { side, fields } => {
-                format!("{side:?} overwritten: {}", set(fields)).to_lowercase()
-            }
+            Outcome::Overwritten { side, fields } => format!("{side:?} overwritten: {}", set(fields)).to_lowercase(),
             Outcome::ConflictResolved {
-                local_lost,
-                ldap_lost,
-                ..
+                local_lost, ldap_lost, ..
             } => {
                 format!(
                     "conflict, local lost [{}], ldap lost [{}]",
@@ -330,27 +315,9 @@ mod tests {
         // (direction, policies the row holds for, scenario, result a b, outcome)
         let rows: &[(Direction, &[ConflictPolicy], &str, (&str, &str), &str)] = &[
             (LdapToLocal, &ALL, "neither", ("1", "1"), "unchanged"),
-            (
-                LdapToLocal,
-                &ALL,
-                "local only",
-                ("1", "1"),
-                "local overwritten: a",
-            ),
-            (
-                LdapToLocal,
-                &ALL,
-                "ldap only",
-                ("1", "3"),
-                "applied from ldap",
-            ),
-            (
-                LdapToLocal,
-                &ALL,
-                "both, disjoint",
-                ("1", "3"),
-                "local overwritten: a",
-            ),
+            (LdapToLocal, &ALL, "local only", ("1", "1"), "local overwritten: a"),
+            (LdapToLocal, &ALL, "ldap only", ("1", "3"), "applied from ldap"),
+            (LdapToLocal, &ALL, "both, disjoint", ("1", "3"), "local overwritten: a"),
             (
                 LdapToLocal,
                 &ALL,
@@ -358,35 +325,11 @@ mod tests {
                 ("3", "1"),
                 "local overwritten: a",
             ),
-            (
-                LdapToLocal,
-                &ALL,
-                "both, same change",
-                ("2", "1"),
-                "converged",
-            ),
+            (LdapToLocal, &ALL, "both, same change", ("2", "1"), "converged"),
             (LocalToLdap, &ALL, "neither", ("1", "1"), "unchanged"),
-            (
-                LocalToLdap,
-                &ALL,
-                "local only",
-                ("2", "1"),
-                "applied from local",
-            ),
-            (
-                LocalToLdap,
-                &ALL,
-                "ldap only",
-                ("1", "1"),
-                "ldap overwritten: b",
-            ),
-            (
-                LocalToLdap,
-                &ALL,
-                "both, disjoint",
-                ("2", "1"),
-                "ldap overwritten: b",
-            ),
+            (LocalToLdap, &ALL, "local only", ("2", "1"), "applied from local"),
+            (LocalToLdap, &ALL, "ldap only", ("1", "1"), "ldap overwritten: b"),
+            (LocalToLdap, &ALL, "both, disjoint", ("2", "1"), "ldap overwritten: b"),
             (
                 LocalToLdap,
                 &ALL,
@@ -394,13 +337,7 @@ mod tests {
                 ("2", "1"),
                 "ldap overwritten: a",
             ),
-            (
-                LocalToLdap,
-                &ALL,
-                "both, same change",
-                ("2", "1"),
-                "converged",
-            ),
+            (LocalToLdap, &ALL, "both, same change", ("2", "1"), "converged"),
             (Both, &ALL, "neither", ("1", "1"), "unchanged"),
             (Both, &ALL, "local only", ("2", "1"), "applied from local"),
             (Both, &ALL, "ldap only", ("1", "3"), "applied from ldap"),
@@ -454,14 +391,7 @@ mod tests {
         for (direction, policies, name, (a, b), outcome) in rows {
             for policy in *policies {
                 let (local, ldap) = scenario(name);
-                let decision = decide(
-                    *direction,
-                    *policy,
-                    &fields,
-                    &values("1", "1"),
-                    &local,
-                    &ldap,
-                );
+                let decision = decide(*direction, *policy, &fields, &values("1", "1"), &local, &ldap);
                 let case = format!("{direction} / {policy} / {name}");
                 assert_eq!(decision.result, values(a, b), "{case}: result");
                 assert_eq!(short(&decision.outcome), *outcome, "{case}: outcome");
@@ -485,9 +415,6 @@ mod tests {
             &Values::new(),
             &ldap,
         );
-        assert_eq!(
-            (d.result, d.outcome),
-            (ldap, Outcome::Applied { from: Side::Ldap })
-        );
+        assert_eq!((d.result, d.outcome), (ldap, Outcome::Applied { from: Side::Ldap }));
     }
 }

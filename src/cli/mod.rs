@@ -1,6 +1,8 @@
 //! The command line: parses arguments, sets up logging and the runtime, and
 //! runs the chosen command. The binary's `main` only calls [`main`].
 
+mod admin;
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,14 +15,15 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, LdapUrl};
 use crate::proxy::{LogSink, Proxy};
+use crate::store::Category;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "ldapsync",
-    version,
-    about = "LDAP proxy with a synchronization core"
-)]
+#[command(name = "ldapsync", version, about = "LDAP proxy with a synchronization core")]
 struct Cli {
+    /// TOML configuration file (see the README for every key). The
+    /// administrative commands read ./ldapsync.toml when this is not given.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -29,13 +32,26 @@ struct Cli {
 enum Command {
     /// Relay LDAP clients to the directory.
     Serve(ServeArgs),
+    /// Local accounts.
+    #[command(subcommand)]
+    Account(admin::ObjectCommand),
+    /// Local groups (members in the `members` field).
+    #[command(subcommand)]
+    Group(admin::ObjectCommand),
+    /// Associations between local objects and directory entries.
+    #[command(subcommand)]
+    Association(admin::AssociationCommand),
+    /// Sync passes.
+    #[command(subcommand)]
+    Sync(admin::SyncCommand),
+    /// Each connector's state.
+    Status,
+    /// The audit trail of sync decisions and local edits.
+    Journal(admin::JournalArgs),
 }
 
 #[derive(Debug, clap::Args)]
 struct ServeArgs {
-    /// TOML configuration file (see the README for every key).
-    #[arg(long, short)]
-    config: Option<PathBuf>,
     /// Listen URL, e.g. ldap://127.0.0.1:3389; repeat for several. Replaces proxy.listen.
     #[arg(long)]
     listen: Vec<LdapUrl>,
@@ -49,8 +65,8 @@ struct ServeArgs {
 
 impl ServeArgs {
     /// The file's settings with the flags laid over them.
-    fn config(&self) -> anyhow::Result<Config> {
-        let mut config = match &self.config {
+    fn config(&self, file: Option<&PathBuf>) -> anyhow::Result<Config> {
+        let mut config = match file {
             Some(path) => Config::load(path)?,
             None => Config::default(),
         };
@@ -81,8 +97,20 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let admin_config = || -> anyhow::Result<Config> {
+        let path = cli.config.clone().unwrap_or_else(|| PathBuf::from("ldapsync.toml"));
+        let config = Config::load(&path)?;
+        config.validate_connectors()?;
+        Ok(config)
+    };
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(ref args) => serve(args.config(cli.config.as_ref())?),
+        Command::Account(command) => admin::object(&admin_config()?, Category::Account, command),
+        Command::Group(command) => admin::object(&admin_config()?, Category::Group, command),
+        Command::Association(command) => admin::association(&admin_config()?, command),
+        Command::Sync(command) => admin::sync(&admin_config()?, command),
+        Command::Status => admin::status(&admin_config()?),
+        Command::Journal(args) => admin::journal(&admin_config()?, args),
     }
 }
 
@@ -99,8 +127,7 @@ fn init_logging(level: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = args.config()?;
+fn serve(config: Config) -> anyhow::Result<()> {
     init_logging(&config.log.level)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     runtime.block_on(async {

@@ -1,0 +1,393 @@
+//! The administrative commands: local accounts and groups, associations,
+//! sync passes, status and the journal. They work on the database named in
+//! the config file; only `sync run` talks to the directory.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+
+use crate::config::Config;
+use crate::store::{Category, ChangeSource, JournalEntry, JournalQuery, LocalObject, SqliteStore, Store, now};
+use crate::sync::directory::Directory;
+use crate::sync::engine::{self, PassOptions};
+
+#[derive(Debug, Subcommand)]
+pub enum ObjectCommand {
+    /// Create a local object.
+    Add {
+        name: String,
+        #[command(flatten)]
+        edit: Edit,
+    },
+    /// Change a local object's fields.
+    Set {
+        name: String,
+        #[command(flatten)]
+        edit: Edit,
+    },
+    /// Delete a local object (and its associations).
+    Rm { name: String },
+    /// Show one object with its associations.
+    Show { name: String },
+    /// List all objects of this kind.
+    List,
+}
+
+#[derive(Debug, Args)]
+pub struct Edit {
+    /// FIELD=VALUE: replaces the field; repeat the field for several values.
+    #[arg(long = "set", value_name = "FIELD=VALUE")]
+    set: Vec<String>,
+    /// FIELD=VALUE: adds a value (e.g. --add members=alice).
+    #[arg(long = "add", value_name = "FIELD=VALUE")]
+    add: Vec<String>,
+    /// FIELD=VALUE: removes a value.
+    #[arg(long = "remove", value_name = "FIELD=VALUE")]
+    remove: Vec<String>,
+    /// FIELD: removes every value of the field.
+    #[arg(long = "unset", value_name = "FIELD")]
+    unset: Vec<String>,
+    /// New name.
+    #[arg(long)]
+    rename: Option<String>,
+    #[arg(long, conflicts_with = "enable")]
+    disable: bool,
+    #[arg(long)]
+    enable: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AssociationCommand {
+    /// List associations.
+    List {
+        #[arg(long)]
+        connector: Option<String>,
+    },
+    /// Show the association of one object.
+    Show {
+        name: String,
+        #[arg(long)]
+        connector: String,
+        #[arg(long, default_value = "account")]
+        category: Category,
+    },
+    /// Remove an association: the next sync matches the object afresh.
+    Remove {
+        name: String,
+        #[arg(long)]
+        connector: String,
+        #[arg(long, default_value = "account")]
+        category: Category,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SyncCommand {
+    /// Run one sync pass of a connector now.
+    Run {
+        #[arg(long)]
+        connector: String,
+        /// Print the plan; change nothing on either side.
+        #[arg(long)]
+        dry_run: bool,
+        /// Apply deletes even when they exceed the mass-delete guard.
+        #[arg(long)]
+        confirm_deletes: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct JournalArgs {
+    #[arg(long)]
+    connector: Option<String>,
+    #[arg(long)]
+    object: Option<String>,
+    /// The most recent N lines (0: all).
+    #[arg(long, default_value_t = 50)]
+    limit: usize,
+}
+
+fn open_store(config: &Config) -> anyhow::Result<SqliteStore> {
+    Ok(SqliteStore::open(&config.store.path)?)
+}
+
+fn parse_pair(text: &str) -> anyhow::Result<(String, String)> {
+    match text.split_once('=') {
+        Some((field, value)) if !field.is_empty() => Ok((field.to_owned(), value.to_owned())),
+        _ => bail!("{text:?} is not FIELD=VALUE"),
+    }
+}
+
+impl Edit {
+    fn apply(&self, object: &mut LocalObject) -> anyhow::Result<()> {
+        let mut replaced: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for pair in &self.set {
+            let (field, value) = parse_pair(pair)?;
+            replaced.entry(field).or_default().push(value);
+        }
+        object.values.extend(replaced);
+        for pair in &self.add {
+            let (field, value) = parse_pair(pair)?;
+            let values = object.values.entry(field).or_default();
+            if !values.contains(&value) {
+                values.push(value);
+                values.sort();
+            }
+        }
+        for pair in &self.remove {
+            let (field, value) = parse_pair(pair)?;
+            if let Some(values) = object.values.get_mut(&field) {
+                values.retain(|v| v != &value);
+            }
+        }
+        for field in &self.unset {
+            object.values.remove(field);
+        }
+        object.values.retain(|_, v| !v.is_empty());
+        if let Some(name) = &self.rename {
+            object.name = name.clone();
+        }
+        if self.disable {
+            object.enabled = false;
+        }
+        if self.enable {
+            object.enabled = true;
+        }
+        Ok(())
+    }
+}
+
+fn local_journal(category: Category, name: &str, action: &str, detail: serde_json::Value) -> JournalEntry {
+    JournalEntry {
+        at: now(),
+        connector: String::new(),
+        category,
+        object: name.to_owned(),
+        source: ChangeSource::Local,
+        action: action.to_owned(),
+        policy: String::new(),
+        detail: detail.to_string(),
+    }
+}
+
+fn find(store: &SqliteStore, category: Category, name: &str) -> anyhow::Result<LocalObject> {
+    store
+        .object(category, name)?
+        .with_context(|| format!("no {category} named {name:?}"))
+}
+
+pub fn object(config: &Config, category: Category, command: ObjectCommand) -> anyhow::Result<()> {
+    let mut store = open_store(config)?;
+    match command {
+        ObjectCommand::Add { name, edit } => {
+            let mut object = LocalObject {
+                id: 0,
+                category,
+                name: name.clone(),
+                enabled: true,
+                values: Default::default(),
+            };
+            edit.apply(&mut object)?;
+            let detail = serde_json::json!({ "fields": object.values.keys().collect::<Vec<_>>() });
+            store.insert_object(&object, &local_journal(category, &object.name, "local-add", detail))?;
+            println!("{category} {} added", object.name);
+        }
+        ObjectCommand::Set { name, edit } => {
+            let mut object = find(&store, category, &name)?;
+            let before = object.clone();
+            edit.apply(&mut object)?;
+            let changed: Vec<&String> = object
+                .values
+                .keys()
+                .chain(before.values.keys())
+                .filter(|f| object.values.get(*f) != before.values.get(*f))
+                .collect();
+            let detail = serde_json::json!({ "fields": changed, "renamed": before.name != object.name, "enabled": object.enabled });
+            store.update_object(&object, &local_journal(category, &name, "local-edit", detail))?;
+            println!("{category} {} updated", object.name);
+        }
+        ObjectCommand::Rm { name } => {
+            let object = find(&store, category, &name)?;
+            store.delete_object(
+                object.id,
+                &local_journal(category, &name, "local-delete", serde_json::json!({})),
+            )?;
+            println!("{category} {name} removed");
+        }
+        ObjectCommand::Show { name } => {
+            let object = find(&store, category, &name)?;
+            println!("{category} {}", object.name);
+            println!("  enabled: {}", object.enabled);
+            for (field, values) in &object.values {
+                println!("  {field}: {}", values.join(", "));
+            }
+            for a in store.associations(None)?.iter().filter(|a| a.object_id == object.id) {
+                let gone = if a.entry_gone { " (entry gone)" } else { "" };
+                println!("  associated via {}: {} at {}{gone}", a.connector, a.entry_id, a.dn);
+            }
+        }
+        ObjectCommand::List => {
+            for object in store.objects(category)? {
+                let flag = if object.enabled { "" } else { " (disabled)" };
+                println!("{}{flag}", object.name);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn association(config: &Config, command: AssociationCommand) -> anyhow::Result<()> {
+    let mut store = open_store(config)?;
+    match command {
+        AssociationCommand::List { connector } => {
+            for a in store.associations(connector.as_deref())? {
+                let object = store.object_by_id(a.object_id)?;
+                let name = object.map(|o| format!("{} {}", o.category, o.name)).unwrap_or_default();
+                let gone = if a.entry_gone { " (entry gone)" } else { "" };
+                println!("{}\t{name}\t{}\t{}{gone}", a.connector, a.entry_id, a.dn);
+            }
+        }
+        AssociationCommand::Show {
+            name,
+            connector,
+            category,
+        } => {
+            let object = find(&store, category, &name)?;
+            let a = store
+                .association_by_object(&connector, object.id)?
+                .with_context(|| format!("{category} {name} has no association with connector {connector:?}"))?;
+            println!("{category} {name} ↔ {}", a.entry_id);
+            println!("  connector: {}", a.connector);
+            println!(
+                "  last seen at: {}{}",
+                a.dn,
+                if a.entry_gone { " (entry gone)" } else { "" }
+            );
+            println!("  last synced: {}", a.synced_at);
+            for (field, values) in &a.baseline {
+                println!("  baseline {field}: {}", values.join(", "));
+            }
+        }
+        AssociationCommand::Remove {
+            name,
+            connector,
+            category,
+        } => {
+            let object = find(&store, category, &name)?;
+            let journal = JournalEntry {
+                connector: connector.clone(),
+                ..local_journal(category, &name, "association-removed", serde_json::json!({}))
+            };
+            if !store.remove_association(&connector, object.id, &journal)? {
+                bail!("{category} {name} has no association with connector {connector:?}");
+            }
+            println!("association of {category} {name} with connector {connector} removed");
+        }
+    }
+    Ok(())
+}
+
+pub fn sync(config: &Config, command: SyncCommand) -> anyhow::Result<()> {
+    let SyncCommand::Run {
+        connector,
+        dry_run,
+        confirm_deletes,
+    } = command;
+    let connector = config
+        .connector(&connector)
+        .with_context(|| format!("no connector named {connector:?} in the config file"))?;
+    let password = connector.password()?;
+    let mut store = open_store(config)?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    let report = runtime.block_on(async {
+        let mut directory = Directory::connect(&connector, password.expose(), config.proxy.connect_timeout).await?;
+        let options = PassOptions {
+            dry_run,
+            confirm_deletes,
+        };
+        let report = engine::run_pass(&mut store, &connector, &mut directory, options).await;
+        directory.close().await;
+        anyhow::Ok(report?)
+    })?;
+    if dry_run {
+        println!("dry run: nothing was changed; the plan:");
+    }
+    for line in &report.lines {
+        println!("  {line}");
+    }
+    println!(
+        "{}: {} associated, {} created locally, {} created in the directory, {} updated, {} conflicts, \
+         {} disputed, {} deleted, {} disabled, {} deletes refused, {} failed",
+        connector.name,
+        report.associated,
+        report.created_local,
+        report.created_ldap,
+        report.updated,
+        report.conflicts,
+        report.disputed,
+        report.deleted,
+        report.disabled,
+        report.deletes_refused,
+        report.failed
+    );
+    if report.failed > 0 {
+        bail!("{} objects could not be synced; see `ldapsync journal`", report.failed);
+    }
+    Ok(())
+}
+
+pub fn status(config: &Config) -> anyhow::Result<()> {
+    let store = open_store(config)?;
+    for connector in &config.connectors {
+        let associations = store.associations(Some(&connector.name))?;
+        let gone = associations.iter().filter(|a| a.entry_gone).count();
+        let pending = engine::pending(&store, connector)?;
+        let state = store.connector_state(&connector.name)?;
+        let last: serde_json::Value = state
+            .as_ref()
+            .and_then(|s| serde_json::from_str(&s.last_result).ok())
+            .unwrap_or_default();
+        println!("connector {}", connector.name);
+        println!(
+            "  direction: {}, conflict: {}",
+            connector.direction,
+            connector.conflict_policy()
+        );
+        match state.and_then(|s| s.last_sync_at) {
+            Some(at) => println!("  last sync: {at} (unix time)"),
+            None => println!("  last sync: never"),
+        }
+        println!("  associated: {}", associations.len());
+        println!(
+            "  disputed (last sync): {}",
+            last.get("disputed").and_then(|v| v.as_u64()).unwrap_or(0)
+        );
+        println!("  out of sync (entry gone): {gone}");
+        println!("  pending local changes: {pending}");
+    }
+    Ok(())
+}
+
+pub fn journal(config: &Config, args: JournalArgs) -> anyhow::Result<()> {
+    let store = open_store(config)?;
+    let query = JournalQuery {
+        connector: args.connector,
+        object: args.object,
+        limit: args.limit,
+    };
+    for e in store.journal(&query)? {
+        let connector = if e.connector.is_empty() { "-" } else { &e.connector };
+        let policy = if e.policy.is_empty() { "-" } else { &e.policy };
+        println!(
+            "{}\t{connector}\t{} {}\t{}\t{}\t{policy}\t{}",
+            e.at,
+            e.category,
+            e.object,
+            e.source.as_str(),
+            e.action,
+            e.detail
+        );
+    }
+    Ok(())
+}
