@@ -246,7 +246,7 @@ impl<S: Store> Pass<'_, S> {
             self.journal_once(self.journal(category, &name, ChangeSource::Poll, "disputed", detail))?;
             return Ok(None);
         }
-        let ldap_values = mapping.from_entry(entry, &self.members);
+        let ldap_values = mapping.ldap_values(entry, &self.members);
         match self.store.object(category, &name)? {
             Some(object) => {
                 if let Some(other) = self.owner(object.id)? {
@@ -263,7 +263,7 @@ impl<S: Store> Pass<'_, S> {
                     return Ok(Some(object.id));
                 }
                 let object_id = object.id;
-                let local_values = mapping.from_object(&object);
+                let local_values = mapping.local_values(&object);
                 let side = initial_side(self.connector.direction, self.connector.conflict_policy());
                 let result = match side {
                     Side::Local => local_values.clone(),
@@ -352,8 +352,8 @@ impl<S: Store> Pass<'_, S> {
         let Some(object) = self.store.object_by_id(association.object_id)? else {
             return Ok(());
         };
-        let local = mapping.from_object(&object);
-        let ldap = mapping.from_entry(entry, &self.members);
+        let local = mapping.local_values(&object);
+        let ldap = mapping.ldap_values(entry, &self.members);
         let decision = policy::decide(
             self.connector.direction,
             self.connector.conflict_policy(),
@@ -570,7 +570,7 @@ impl<S: Store> Pass<'_, S> {
             if associated.contains(&object.id) || matched.contains(&object.id) {
                 continue;
             }
-            let values = mapping.from_object(&object);
+            let values = mapping.local_values(&object);
             let mut attrs = mapping.to_attributes(&values, &self.members);
             attrs.retain(|_, v| !v.is_empty());
             let scope = mapping.scope;
@@ -596,7 +596,7 @@ impl<S: Store> Pass<'_, S> {
             let (action, detail, association) = match created {
                 Ok(Some(entry)) => {
                     self.report.created_ldap += 1;
-                    let baseline = mapping.from_entry(&entry, &self.members);
+                    let baseline = mapping.ldap_values(&entry, &self.members);
                     let detail = serde_json::json!({ "dn": entry.dn, "entry_id": entry.id });
                     (
                         "created-ldap",
@@ -645,7 +645,7 @@ pub fn pending<S: Store>(store: &S, connector: &ConnectorConfig) -> Result<usize
                 scope,
                 category: object.category,
             };
-            count += usize::from(mapping.from_object(&object) != association.baseline);
+            count += usize::from(mapping.local_values(&object) != association.baseline);
         }
     }
     Ok(count)
@@ -713,7 +713,7 @@ impl Mapping<'_> {
         fields
     }
 
-    fn from_object(&self, object: &LocalObject) -> Values {
+    fn local_values(&self, object: &LocalObject) -> Values {
         let mut values: Values = self
             .fields()
             .into_iter()
@@ -724,7 +724,7 @@ impl Mapping<'_> {
         values
     }
 
-    fn from_entry(&self, entry: &Entry, members: &MemberIndex) -> Values {
+    fn ldap_values(&self, entry: &Entry, members: &MemberIndex) -> Values {
         let mut values = Values::new();
         let mut put = |field: &str, v: Vec<String>| {
             let v = normalized(v);

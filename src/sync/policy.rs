@@ -313,7 +313,8 @@ mod tests {
             Merge(Fallback::NoChange),
         ];
         // (direction, policies the row holds for, scenario, result a b, outcome)
-        let rows: &[(Direction, &[ConflictPolicy], &str, (&str, &str), &str)] = &[
+        type Row<'a> = (Direction, &'a [ConflictPolicy], &'a str, (&'a str, &'a str), &'a str);
+        let rows: &[Row] = &[
             (LdapToLocal, &ALL, "neither", ("1", "1"), "unchanged"),
             (LdapToLocal, &ALL, "local only", ("1", "1"), "local overwritten: a"),
             (LdapToLocal, &ALL, "ldap only", ("1", "3"), "applied from ldap"),

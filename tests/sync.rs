@@ -1,0 +1,530 @@
+//! The sync core end to end, as an operator drives it: `ldapsync` commands
+//! against a real slapd, with the directory checked by OpenLDAP's own
+//! clients and the local store by the CLI.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+use ldapsync_fixtures::{ROOT_DN, ROOT_PW, Slapd};
+
+struct Env {
+    slapd: Slapd,
+    dir: tempfile::TempDir,
+}
+
+/// Connector settings a test varies.
+struct Policy<'a> {
+    direction: &'a str,
+    conflict: &'a str,
+    delete: &'a str,
+}
+
+const LDAP_TO_LOCAL: Policy = Policy {
+    direction: "ldap-to-local",
+    conflict: "ldap-wins",
+    delete: "ignore",
+};
+
+impl Env {
+    fn start(policy: Policy) -> Env {
+        let env = Env {
+            slapd: Slapd::start(),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        env.configure(policy);
+        env
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("ldapsync.toml")
+    }
+
+    fn configure(&self, policy: Policy) {
+        let secret = self.dir.path().join("service.secret");
+        std::fs::write(&secret, format!("{ROOT_PW}\n")).unwrap();
+        let config = format!(
+            r#"
+[proxy]
+upstream = ["{url}"]
+
+[store]
+path = "{db}"
+
+[[connector]]
+name = "example"
+bind_dn = "{ROOT_DN}"
+password_file = "{secret}"
+direction = "{direction}"
+conflict = "{conflict}"
+merge_fallback = "ldap-wins"
+delete = "{delete}"
+
+[connector.accounts]
+base = "ou=people,dc=example,dc=com"
+filter = "(objectClass=inetOrgPerson)"
+naming = "uid"
+object_classes = ["inetOrgPerson"]
+defaults = {{ sn = "{{name}}", cn = "{{name}}" }}
+map = {{ cn = "display_name", mail = "mail", description = "description" }}
+
+[connector.groups]
+base = "ou=groups,dc=example,dc=com"
+filter = "(objectClass=groupOfNames)"
+naming = "cn"
+membership = "member"
+object_classes = ["groupOfNames"]
+map = {{ description = "description" }}
+"#,
+            url = self.slapd.url(),
+            db = self.dir.path().join("ldapsync.db").display(),
+            secret = secret.display(),
+            direction = policy.direction,
+            conflict = policy.conflict,
+            delete = policy.delete,
+        );
+        std::fs::write(self.config_path(), config).unwrap();
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_ldapsync"))
+            .arg("--config")
+            .arg(self.config_path())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "ldapsync {args:?} failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    }
+
+    fn sync(&self) -> String {
+        self.ok(&["sync", "run", "--connector", "example"])
+    }
+
+    /// Applies LDIF to the directory directly, as the rootdn.
+    fn ldapmodify(&self, ldif: &str) {
+        let mut child = Command::new("ldapmodify")
+            .args(["-x", "-H", &self.slapd.url(), "-D", ROOT_DN, "-w", ROOT_PW])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(ldif.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success(), "ldapmodify failed for:\n{ldif}");
+    }
+
+    /// Values of `attr` on the entry at `dn`, read directly from slapd.
+    fn ldap_values(&self, dn: &str, attr: &str) -> Vec<String> {
+        let out = Command::new("ldapsearch")
+            .args([
+                "-x",
+                "-LLL",
+                "-o",
+                "ldif-wrap=no",
+                "-H",
+                &self.slapd.url(),
+                "-D",
+                ROOT_DN,
+                "-w",
+                ROOT_PW,
+            ])
+            .args(["-s", "base", "-b", dn, attr])
+            .output()
+            .unwrap();
+        let prefix = format!("{attr}: ");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
+            .collect()
+    }
+
+    /// `field: values` as `account show` prints it.
+    fn local_field(&self, category: &str, name: &str, field: &str) -> Option<String> {
+        let prefix = format!("  {field}: ");
+        self.ok(&[category, "show", name])
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
+    }
+
+    fn journal(&self) -> String {
+        self.ok(&["journal", "--limit", "0"])
+    }
+}
+
+const ALICE: &str = "uid=alice,ou=people,dc=example,dc=com";
+
+fn set_mail(dn: &str, mail: &str) -> String {
+    format!("dn: {dn}\nchangetype: modify\nreplace: mail\nmail: {mail}\n")
+}
+
+#[test]
+fn first_sync_imports_and_associates_by_entry_uuid() {
+    let env = Env::start(LDAP_TO_LOCAL);
+    let report = env.sync();
+    assert!(
+        report.contains("8 created locally"),
+        "6 accounts and 2 groups: {report}"
+    );
+    assert_eq!(env.ok(&["account", "list"]).lines().count(), 6);
+    assert_eq!(
+        env.local_field("account", "alice", "mail").as_deref(),
+        Some("alice@example.com")
+    );
+    assert_eq!(
+        env.local_field("account", "alice", "display_name").as_deref(),
+        Some("Alice Anderson")
+    );
+    // Groups: members are local account names, not DNs.
+    assert_eq!(
+        env.local_field("group", "staff", "members").as_deref(),
+        Some("alice, bob, carol")
+    );
+    assert_eq!(
+        env.ok(&["group", "list"]).trim(),
+        "admins\nstaff",
+        "the posixGroup is outside the filter"
+    );
+
+    let uuid = env.ldap_values(ALICE, "entryUUID").remove(0);
+    let associations = env.ok(&["association", "list"]);
+    assert!(
+        associations.contains(&format!("account alice\t{uuid}\t{ALICE}")),
+        "{associations}"
+    );
+
+    // A second pass finds nothing to do and writes nothing.
+    let journal_before = env.journal();
+    let again = env.sync();
+    assert!(
+        again.contains("0 associated, 0 created locally, 0 created in the directory, 0 updated"),
+        "{again}"
+    );
+    assert_eq!(env.journal(), journal_before, "an idle pass journals nothing");
+}
+
+#[test]
+fn moved_entry_keeps_its_association_and_a_new_entry_at_the_old_dn_does_not_steal_it() {
+    let env = Env::start(LDAP_TO_LOCAL);
+    env.sync();
+    let uuid = env.ldap_values(ALICE, "entryUUID").remove(0);
+    env.ldapmodify(
+        "dn: ou=moved,ou=people,dc=example,dc=com\nchangetype: add\nobjectClass: organizationalUnit\nou: moved\n\n\
+         dn: uid=alice,ou=people,dc=example,dc=com\nchangetype: modrdn\nnewrdn: uid=alice\ndeleteoldrdn: 1\n\
+         newsuperior: ou=moved,ou=people,dc=example,dc=com\n\n\
+         dn: uid=alice,ou=people,dc=example,dc=com\nchangetype: add\nobjectClass: inetOrgPerson\nuid: alice\n\
+         cn: Impostor\nsn: Impostor\nmail: impostor@example.com\n",
+    );
+    let report = env.sync();
+    assert!(report.contains("disputed account alice"), "{report}");
+    let moved = "uid=alice,ou=moved,ou=people,dc=example,dc=com";
+    let associations = env.ok(&["association", "list"]);
+    assert!(
+        associations.contains(&format!("account alice\t{uuid}\t{moved}")),
+        "{associations}"
+    );
+    assert_eq!(
+        env.local_field("account", "alice", "mail").as_deref(),
+        Some("alice@example.com"),
+        "the impostor's values are not taken"
+    );
+    assert!(env.journal().contains("disputed"));
+
+    // A rename in the directory renames the associated local account.
+    env.ldapmodify(
+        "dn: uid=bob,ou=people,dc=example,dc=com\nchangetype: modrdn\nnewrdn: uid=robert\ndeleteoldrdn: 1\n",
+    );
+    env.sync();
+    assert!(env.ok(&["account", "list"]).lines().any(|l| l == "robert"));
+    assert!(!env.ok(&["account", "list"]).lines().any(|l| l == "bob"));
+    // Without the refint overlay the group still names the old DNs: one is
+    // now the impostor's, one is gone. Neither is an associated account, so
+    // they stay DNs rather than being guessed into names.
+    assert_eq!(
+        env.local_field("group", "staff", "members").as_deref(),
+        Some("carol, uid=alice,ou=people,dc=example,dc=com, uid=bob,ou=people,dc=example,dc=com")
+    );
+}
+
+#[test]
+fn ldap_to_local_puts_local_edits_back_and_brings_directory_edits_in() {
+    let env = Env::start(LDAP_TO_LOCAL);
+    env.sync();
+    env.ok(&["account", "set", "alice", "--set", "mail=alice@local.example"]);
+    env.ldapmodify(&set_mail(
+        "uid=bob,ou=people,dc=example,dc=com",
+        "bob@directory.example",
+    ));
+    let report = env.sync();
+    assert!(report.contains("overwritten account alice"), "{report}");
+    assert_eq!(
+        env.local_field("account", "alice", "mail").as_deref(),
+        Some("alice@example.com")
+    );
+    assert_eq!(
+        env.ldap_values(ALICE, "mail"),
+        ["alice@example.com"],
+        "the directory is not written"
+    );
+    assert_eq!(
+        env.local_field("account", "bob", "mail").as_deref(),
+        Some("bob@directory.example")
+    );
+    assert!(env.journal().contains("overwritten"));
+}
+
+#[test]
+fn local_to_ldap_writes_local_changes_and_creates_entries() {
+    let env = Env::start(Policy {
+        direction: "local-to-ldap",
+        conflict: "local-wins",
+        delete: "ignore",
+    });
+    env.ok(&[
+        "account",
+        "add",
+        "alice",
+        "--set",
+        "mail=alice@local.example",
+        "--set",
+        "display_name=Alice A.",
+    ]);
+    env.ok(&[
+        "account",
+        "add",
+        "zoe",
+        "--set",
+        "mail=zoe@example.com",
+        "--set",
+        "display_name=Zoe Z.",
+    ]);
+    let report = env.sync();
+    assert!(report.contains("associate account alice"), "{report}");
+    assert!(report.contains("1 created in the directory"), "{report}");
+    assert_eq!(
+        env.ldap_values(ALICE, "mail"),
+        ["alice@local.example"],
+        "local values win on first sync"
+    );
+    assert_eq!(
+        env.ldap_values("uid=zoe,ou=people,dc=example,dc=com", "mail"),
+        ["zoe@example.com"]
+    );
+    assert!(
+        env.ok(&["account", "list"]).lines().all(|l| l == "alice" || l == "zoe"),
+        "nothing is imported"
+    );
+
+    env.ldapmodify(&set_mail(ALICE, "alice@directory.example"));
+    env.sync();
+    assert_eq!(
+        env.ldap_values(ALICE, "mail"),
+        ["alice@local.example"],
+        "directory edits are overwritten"
+    );
+    assert!(env.journal().contains("overwritten"));
+}
+
+#[test]
+fn both_directions_resolve_a_conflict_by_policy() {
+    // (policy, local mail afterwards, directory mail afterwards, directory description afterwards)
+    let cases = [
+        ("local-wins", "alice@local.example", "alice@local.example", None),
+        (
+            "ldap-wins",
+            "alice@directory.example",
+            "alice@directory.example",
+            Some("from the directory"),
+        ),
+        ("no-change", "alice@example.com", "alice@example.com", None),
+        // merge: different fields both kept; mail changed on both sides falls back to ldap-wins.
+        (
+            "merge",
+            "alice@directory.example",
+            "alice@directory.example",
+            Some("from the directory"),
+        ),
+    ];
+    for (conflict, local_mail, ldap_mail, description) in cases {
+        let env = Env::start(Policy {
+            direction: "both",
+            conflict,
+            delete: "ignore",
+        });
+        env.sync();
+        env.ok(&["account", "set", "alice", "--set", "mail=alice@local.example"]);
+        env.ldapmodify(&format!(
+            "{}-\nreplace: description\ndescription: from the directory\n",
+            set_mail(ALICE, "alice@directory.example")
+        ));
+        let report = env.sync();
+        assert!(report.contains("1 conflicts"), "{conflict}: {report}");
+        assert_eq!(
+            env.local_field("account", "alice", "mail").as_deref(),
+            Some(local_mail),
+            "{conflict}: local"
+        );
+        assert_eq!(env.ldap_values(ALICE, "mail"), [ldap_mail], "{conflict}: directory");
+        let expected: Vec<String> = description.iter().map(|d| d.to_string()).collect();
+        assert_eq!(
+            env.ldap_values(ALICE, "description"),
+            expected,
+            "{conflict}: directory description"
+        );
+        assert_eq!(
+            env.local_field("account", "alice", "description"),
+            description.map(str::to_owned),
+            "{conflict}: local description"
+        );
+        assert!(env.journal().contains("conflict-resolved"), "{conflict}");
+        // Settled: the next pass changes nothing on either side.
+        let again = env.sync();
+        assert!(again.contains("0 updated, 0 conflicts"), "{conflict}: {again}");
+    }
+}
+
+#[test]
+fn one_sided_changes_flow_both_ways() {
+    let env = Env::start(Policy {
+        direction: "both",
+        conflict: "no-change",
+        delete: "ignore",
+    });
+    env.sync();
+    env.ok(&["account", "set", "alice", "--set", "description=local note"]);
+    env.ok(&["group", "set", "admins", "--add", "members=bob"]);
+    env.ldapmodify(&set_mail(
+        "uid=bob,ou=people,dc=example,dc=com",
+        "bob@directory.example",
+    ));
+    let report = env.sync();
+    assert!(report.contains("0 conflicts"), "{report}");
+    assert_eq!(env.ldap_values(ALICE, "description"), ["local note"]);
+    assert_eq!(
+        env.ldap_values("cn=admins,ou=groups,dc=example,dc=com", "member"),
+        [
+            "uid=alice,ou=people,dc=example,dc=com",
+            "uid=bob,ou=people,dc=example,dc=com"
+        ],
+        "local member names become DNs"
+    );
+    assert_eq!(
+        env.local_field("account", "bob", "mail").as_deref(),
+        Some("bob@directory.example")
+    );
+}
+
+#[test]
+fn mass_delete_guard_refuses_until_confirmed() {
+    let env = Env::start(Policy {
+        direction: "ldap-to-local",
+        conflict: "ldap-wins",
+        delete: "delete",
+    });
+    env.sync();
+    env.ldapmodify(
+        "dn: uid=erin,ou=people,dc=example,dc=com\nchangetype: delete\n\n\
+         dn: uid=frank,ou=people,dc=example,dc=com\nchangetype: delete\n",
+    );
+    let report = env.sync();
+    assert!(report.contains("2 deletes refused"), "{report}");
+    assert!(report.contains("--confirm-deletes"), "{report}");
+    assert_eq!(
+        env.ok(&["account", "list"]).lines().count(),
+        6,
+        "nothing deleted past the guard"
+    );
+    assert!(env.journal().contains("delete-refused"));
+
+    let confirmed = env.ok(&["sync", "run", "--connector", "example", "--confirm-deletes"]);
+    assert!(confirmed.contains("2 deleted"), "{confirmed}");
+    let accounts = env.ok(&["account", "list"]);
+    assert!(!accounts.contains("erin") && !accounts.contains("frank"), "{accounts}");
+}
+
+#[test]
+fn disable_policy_marks_vanished_accounts_disabled() {
+    let env = Env::start(Policy {
+        direction: "ldap-to-local",
+        conflict: "ldap-wins",
+        delete: "disable",
+    });
+    env.sync();
+    env.ldapmodify("dn: uid=frank,ou=people,dc=example,dc=com\nchangetype: delete\n");
+    // One of six is over the default 10% guard.
+    let report = env.ok(&["sync", "run", "--connector", "example", "--confirm-deletes"]);
+    assert!(report.contains("1 disabled"), "{report}");
+    assert_eq!(env.local_field("account", "frank", "enabled").as_deref(), Some("false"));
+    let status = env.ok(&["status"]);
+    assert!(status.contains("out of sync (entry gone): 1"), "{status}");
+}
+
+#[test]
+fn dry_run_changes_nothing() {
+    let env = Env::start(LDAP_TO_LOCAL);
+    let plan = env.ok(&["sync", "run", "--connector", "example", "--dry-run"]);
+    assert!(plan.contains("dry run"), "{plan}");
+    assert!(plan.contains("create local account alice from uid=alice"), "{plan}");
+    assert!(plan.contains("8 created locally"), "{plan}");
+    assert_eq!(env.ok(&["account", "list"]), "");
+    assert_eq!(env.ok(&["association", "list"]), "");
+    assert_eq!(env.journal(), "");
+}
+
+#[test]
+fn association_remove_then_sync_matches_afresh() {
+    let env = Env::start(LDAP_TO_LOCAL);
+    env.sync();
+    let uuid = env.ldap_values(ALICE, "entryUUID").remove(0);
+    env.ok(&["association", "remove", "alice", "--connector", "example"]);
+    assert!(!env.ok(&["association", "list"]).contains(&uuid));
+    let shown = env.run(&["association", "show", "alice", "--connector", "example"]);
+    assert!(!shown.status.success(), "no association left to show");
+    let report = env.sync();
+    assert!(report.contains("associate account alice"), "{report}");
+    assert!(
+        env.ok(&["association", "show", "alice", "--connector", "example"])
+            .contains(&uuid)
+    );
+    let journal = env.journal();
+    let removed = journal.find("association-removed").expect("removal journaled");
+    assert!(journal[removed..].contains("associated"), "{journal}");
+}
+
+#[test]
+fn status_reports_each_connector() {
+    let env = Env::start(LDAP_TO_LOCAL);
+    assert!(env.ok(&["status"]).contains("last sync: never"));
+    env.sync();
+    env.ok(&["account", "set", "carol", "--set", "description=edited"]);
+    let status = env.ok(&["status"]);
+    assert!(status.contains("associated: 8"), "6 accounts and 2 groups: {status}");
+    assert!(status.contains("pending local changes: 1"), "{status}");
+    assert!(status.contains("direction: ldap-to-local"), "{status}");
+}
+
+#[test]
+fn unreadable_password_file_is_refused_before_anything_starts() {
+    let env = Env::start(LDAP_TO_LOCAL);
+    std::fs::remove_file(env.dir.path().join("service.secret")).unwrap();
+    let out = env.run(&["sync", "run", "--connector", "example"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("password_file") && stderr.contains("service.secret"),
+        "{stderr}"
+    );
+    assert!(
+        !env.dir.path().join("ldapsync.db").exists(),
+        "nothing was started or created"
+    );
+}
