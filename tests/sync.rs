@@ -123,7 +123,8 @@ map = {{ description = "description" }}
         assert!(child.wait().unwrap().success(), "ldapmodify failed for:\n{ldif}");
     }
 
-    /// Values of `attr` on the entry at `dn`, read directly from slapd.
+    /// Values of `attr` on the entry at `dn`, read directly from slapd, sorted
+    /// (attribute values are a set).
     fn ldap_values(&self, dn: &str, attr: &str) -> Vec<String> {
         let out = Command::new("ldapsearch")
             .args([
@@ -142,10 +143,12 @@ map = {{ description = "description" }}
             .output()
             .unwrap();
         let prefix = format!("{attr}: ");
-        String::from_utf8_lossy(&out.stdout)
+        let mut values: Vec<String> = String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
-            .collect()
+            .collect();
+        values.sort();
+        values
     }
 
     /// `field: values` as `account show` prints it.
