@@ -264,7 +264,7 @@ pub fn association(config: &Config, command: AssociationCommand) -> anyhow::Resu
                 a.dn,
                 if a.entry_gone { " (entry gone)" } else { "" }
             );
-            println!("  last synced: {}", a.synced_at);
+            println!("  last synced: {}", timestamp(a.synced_at));
             for (field, values) in &a.baseline {
                 println!("  baseline {field}: {}", values.join(", "));
             }
@@ -355,7 +355,7 @@ pub fn status(config: &Config) -> anyhow::Result<()> {
             connector.conflict_policy()
         );
         match state.and_then(|s| s.last_sync_at) {
-            Some(at) => println!("  last sync: {at} (unix time)"),
+            Some(at) => println!("  last sync: {}", timestamp(at)),
             None => println!("  last sync: never"),
         }
         println!("  associated: {}", associations.len());
@@ -381,7 +381,7 @@ pub fn journal(config: &Config, args: JournalArgs) -> anyhow::Result<()> {
         let policy = if e.policy.is_empty() { "-" } else { &e.policy };
         println!(
             "{}\t{connector}\t{} {}\t{}\t{}\t{policy}\t{}",
-            e.at,
+            timestamp(e.at),
             e.category,
             e.object,
             e.source.as_str(),
@@ -390,4 +390,10 @@ pub fn journal(config: &Config, args: JournalArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Seconds since the epoch as RFC 3339 UTC, for people.
+fn timestamp(secs: i64) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64);
+    humantime::format_rfc3339_seconds(at).to_string()
 }
