@@ -72,16 +72,13 @@ pub async fn run_pass<S: Store>(
         connector,
         directory,
         options,
+        source: ChangeSource::Poll,
         report: Report::default(),
         members: MemberIndex::default(),
     };
     // Accounts first: group membership is translated through their associations.
     for category in [Category::Account, Category::Group] {
-        let scope = match category {
-            Category::Account => connector.accounts.as_ref(),
-            Category::Group => connector.groups.as_ref(),
-        };
-        if let Some(scope) = scope {
+        if let Some(scope) = scope_of(connector, category) {
             pass.members = MemberIndex::build(&*pass.store, connector)?;
             pass.category(category, scope).await?;
         }
@@ -102,6 +99,8 @@ struct Pass<'a, S: Store> {
     connector: &'a ConnectorConfig,
     directory: &'a mut Directory,
     options: PassOptions,
+    /// Where the changes this pass handles were seen, for the journal.
+    source: ChangeSource,
     report: Report,
     members: MemberIndex,
 }
@@ -232,7 +231,7 @@ impl<S: Store> Pass<'_, S> {
                 "disputed {category} at {}: no {} value",
                 entry.dn, mapping.scope.naming
             ));
-            self.journal_once(self.journal(category, &entry.dn, ChangeSource::Poll, "disputed", detail))?;
+            self.journal_once(self.journal(category, &entry.dn, self.source, "disputed", detail))?;
             return Ok(None);
         };
         if naming_counts.get(&name.to_lowercase()).copied().unwrap_or(0) > 1 {
@@ -243,7 +242,7 @@ impl<S: Store> Pass<'_, S> {
                 "disputed {category} {name}: several directory entries have {}={name}",
                 mapping.scope.naming
             ));
-            self.journal_once(self.journal(category, &name, ChangeSource::Poll, "disputed", detail))?;
+            self.journal_once(self.journal(category, &name, self.source, "disputed", detail))?;
             return Ok(None);
         }
         let ldap_values = mapping.ldap_values(entry, &self.members);
@@ -259,7 +258,7 @@ impl<S: Store> Pass<'_, S> {
                         "disputed {category} {name}: {} is a different entry than the associated one",
                         entry.dn
                     ));
-                    self.journal_once(self.journal(category, &name, ChangeSource::Poll, "disputed", detail))?;
+                    self.journal_once(self.journal(category, &name, self.source, "disputed", detail))?;
                     return Ok(Some(object.id));
                 }
                 let object_id = object.id;
@@ -306,7 +305,7 @@ impl<S: Store> Pass<'_, S> {
                 let journal = self.journal(
                     category,
                     &name,
-                    ChangeSource::Poll,
+                    self.source,
                     "created-local",
                     serde_json::json!({ "dn": entry.dn, "entry_id": entry.id }),
                 );
@@ -415,7 +414,7 @@ impl<S: Store> Pass<'_, S> {
                     self.report.say(format!("failed {category} {name}: {e}"));
                     let detail = serde_json::json!({ "dn": entry.dn, "error": e.to_string() });
                     self.commit(Commit {
-                        journal: vec![self.journal(category, &name, ChangeSource::Poll, "failed", detail)],
+                        journal: vec![self.journal(category, &name, self.source, "failed", detail)],
                         ..Commit::default()
                     })?;
                     return Ok(());
@@ -426,7 +425,7 @@ impl<S: Store> Pass<'_, S> {
         let updated = (&result != local).then(|| mapping.apply_to_object(object, &result));
         let mut association = self.association(object_id, entry, result);
         association.dn = dn;
-        let journal = self.journal(category, &name, ChangeSource::Poll, action, detail);
+        let journal = self.journal(category, &name, self.source, action, detail);
         self.commit(Commit {
             object: updated,
             association: Some(association),
@@ -503,7 +502,7 @@ impl<S: Store> Pass<'_, S> {
                 self.connector.max_delete_percent
             ));
             let detail = serde_json::json!({ "vanished": gone.len(), "associated": total });
-            self.journal_once(self.journal(mapping.category, "*", ChangeSource::Poll, "delete-refused", detail))?;
+            self.journal_once(self.journal(mapping.category, "*", self.source, "delete-refused", detail))?;
             return Ok(());
         }
         for (mut association, mut object) in gone {
@@ -548,7 +547,7 @@ impl<S: Store> Pass<'_, S> {
             let mut commit = commit;
             commit
                 .journal
-                .push(self.journal(mapping.category, &name, ChangeSource::Poll, action, detail));
+                .push(self.journal(mapping.category, &name, self.source, action, detail));
             self.commit(commit)?;
         }
         Ok(())
@@ -567,63 +566,68 @@ impl<S: Store> Pass<'_, S> {
             .map(|a| a.object_id)
             .collect();
         for object in self.store.objects(mapping.category)? {
-            if associated.contains(&object.id) || matched.contains(&object.id) {
-                continue;
+            if !associated.contains(&object.id) && !matched.contains(&object.id) {
+                self.create_entry(mapping, &object).await?;
             }
-            let values = mapping.local_values(&object);
-            let mut attrs = mapping.to_attributes(&values, &self.members);
-            attrs.retain(|_, v| !v.is_empty());
-            let scope = mapping.scope;
-            attrs.insert("objectClass".into(), scope.object_classes.clone());
-            for (attr, template) in &scope.defaults {
-                attrs
-                    .entry(attr.clone())
-                    .or_insert_with(|| vec![template.replace("{name}", &object.name)]);
-            }
-            let dn = format!("{}={},{}", scope.naming, ldap3::dn_escape(&object.name), scope.base);
-            self.report.say(format!(
-                "create in directory {} {} at {dn}",
-                mapping.category, object.name
-            ));
-            if self.options.dry_run {
-                self.report.created_ldap += 1;
-                continue;
-            }
-            let created = match self.directory.add(&dn, &attrs).await {
-                Ok(()) => self.directory.entry_at(scope, &dn).await,
-                Err(e) => Err(e),
-            };
-            let (action, detail, association) = match created {
-                Ok(Some(entry)) => {
-                    self.report.created_ldap += 1;
-                    let baseline = mapping.ldap_values(&entry, &self.members);
-                    let detail = serde_json::json!({ "dn": entry.dn, "entry_id": entry.id });
-                    (
-                        "created-ldap",
-                        detail,
-                        Some(self.association(object.id, &entry, baseline)),
-                    )
-                }
-                Ok(None) => {
-                    self.report.failed += 1;
-                    let detail =
-                        serde_json::json!({ "dn": dn, "error": "created entry is outside the connector's filter" });
-                    ("failed", detail, None)
-                }
-                Err(e) => {
-                    self.report.failed += 1;
-                    self.report
-                        .say(format!("failed {} {}: {e}", mapping.category, object.name));
-                    ("failed", serde_json::json!({ "dn": dn, "error": e.to_string() }), None)
-                }
-            };
-            let journal = self.journal(mapping.category, &object.name, ChangeSource::Local, action, detail);
-            self.commit(Commit {
-                association,
-                journal: vec![journal],
-                ..Commit::default()
-            })?;
         }
+        Ok(())
+    }
+
+    /// Creates the directory entry of a local object and associates the two.
+    async fn create_entry(&mut self, mapping: &Mapping<'_>, object: &LocalObject) -> Result<(), SyncError> {
+        let values = mapping.local_values(object);
+        let mut attrs = mapping.to_attributes(&values, &self.members);
+        attrs.retain(|_, v| !v.is_empty());
+        let scope = mapping.scope;
+        attrs.insert("objectClass".into(), scope.object_classes.clone());
+        for (attr, template) in &scope.defaults {
+            attrs
+                .entry(attr.clone())
+                .or_insert_with(|| vec![template.replace("{name}", &object.name)]);
+        }
+        let dn = format!("{}={},{}", scope.naming, ldap3::dn_escape(&object.name), scope.base);
+        self.report.say(format!(
+            "create in directory {} {} at {dn}",
+            mapping.category, object.name
+        ));
+        if self.options.dry_run {
+            self.report.created_ldap += 1;
+            return Ok(());
+        }
+        let created = match self.directory.add(&dn, &attrs).await {
+            Ok(()) => self.directory.entry_at(scope, &dn).await,
+            Err(e) => Err(e),
+        };
+        let (action, detail, association) = match created {
+            Ok(Some(entry)) => {
+                self.report.created_ldap += 1;
+                let baseline = mapping.ldap_values(&entry, &self.members);
+                let detail = serde_json::json!({ "dn": entry.dn, "entry_id": entry.id });
+                (
+                    "created-ldap",
+                    detail,
+                    Some(self.association(object.id, &entry, baseline)),
+                )
+            }
+            Ok(None) => {
+                self.report.failed += 1;
+                let detail =
+                    serde_json::json!({ "dn": dn, "error": "created entry is outside the connector's filter" });
+                ("failed", detail, None)
+            }
+            Err(e) => {
+                self.report.failed += 1;
+                self.report
+                    .say(format!("failed {} {}: {e}", mapping.category, object.name));
+                ("failed", serde_json::json!({ "dn": dn, "error": e.to_string() }), None)
+            }
+        };
+        let journal = self.journal(mapping.category, &object.name, ChangeSource::Local, action, detail);
+        self.commit(Commit {
+            association,
+            journal: vec![journal],
+            ..Commit::default()
+        })?;
         Ok(())
     }
 }
@@ -636,11 +640,7 @@ pub fn pending<S: Store>(store: &S, connector: &ConnectorConfig) -> Result<usize
         let Some(object) = store.object_by_id(association.object_id)? else {
             continue;
         };
-        let scope = match object.category {
-            Category::Account => connector.accounts.as_ref(),
-            Category::Group => connector.groups.as_ref(),
-        };
-        if let Some(scope) = scope {
+        if let Some(scope) = scope_of(connector, object.category) {
             let mapping = Mapping {
                 scope,
                 category: object.category,
@@ -649,6 +649,13 @@ pub fn pending<S: Store>(store: &S, connector: &ConnectorConfig) -> Result<usize
         }
     }
     Ok(count)
+}
+
+fn scope_of(connector: &ConnectorConfig, category: Category) -> Option<&ScopeConfig> {
+    match category {
+        Category::Account => connector.accounts.as_ref(),
+        Category::Group => connector.groups.as_ref(),
+    }
 }
 
 /// On first association there is no baseline: the side whose values are kept.
