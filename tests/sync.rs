@@ -531,3 +531,89 @@ fn unreadable_password_file_is_refused_before_anything_starts() {
         "nothing was started or created"
     );
 }
+
+/// The per-object path the capture and the poller feed: one event, one
+/// object decided exactly as a full pass would, and applied once.
+#[tokio::test]
+async fn change_events_sync_one_object_and_are_idempotent() {
+    use ldapsync::config::Config;
+    use ldapsync::store::{Category, ChangeSource, SqliteStore};
+    use ldapsync::sync::directory::Directory;
+    use ldapsync::sync::engine::{Change, ChangeEvent, apply_event};
+
+    let env = Env::start(Policy {
+        direction: "both",
+        conflict: "ldap-wins",
+        delete: "ignore",
+    });
+    env.sync();
+    let config = Config::load(&env.config_path()).unwrap();
+    let connector = config.connector("example").unwrap();
+    let mut store = SqliteStore::open(&config.store.path).unwrap();
+    let password = connector.password().unwrap();
+    let mut directory = Directory::connect(&connector, password.expose(), std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut apply = async |source, change| {
+        let event = ChangeEvent { source, change };
+        apply_event(&mut store, &connector, &mut directory, &event)
+            .await
+            .unwrap()
+    };
+
+    // A directory write, as the proxy captures it.
+    env.ldapmodify(&set_mail(ALICE, "alice@captured.example"));
+    let alice = || Change::Entry {
+        category: Category::Account,
+        dn: ALICE.to_owned(),
+    };
+    let report = apply(ChangeSource::Proxy, alice()).await;
+    assert_eq!(report.updated, 1, "{:?}", report.lines);
+    assert_eq!(
+        env.local_field("account", "alice", "mail").as_deref(),
+        Some("alice@captured.example")
+    );
+    let journal = env.journal();
+    assert!(
+        journal.lines().last().unwrap().contains("\tproxy\tupdated"),
+        "{journal}"
+    );
+    // Seen again (captured, then polled): nothing more happens.
+    let again = apply(ChangeSource::Poll, alice()).await;
+    assert_eq!((again.updated, again.lines.len()), (0, 0));
+    assert_eq!(env.journal(), journal, "a duplicate event journals nothing");
+
+    // A local edit and a new local account.
+    env.ok(&["account", "set", "bob", "--set", "description=edited in the app"]);
+    env.ok(&["account", "add", "zoe", "--set", "mail=zoe@example.com"]);
+    for name in ["bob", "zoe"] {
+        let change = Change::Local {
+            category: Category::Account,
+            name: name.to_owned(),
+        };
+        apply(ChangeSource::Local, change).await;
+    }
+    assert_eq!(
+        env.ldap_values("uid=bob,ou=people,dc=example,dc=com", "description"),
+        ["edited in the app"]
+    );
+    assert_eq!(
+        env.ldap_values("uid=zoe,ou=people,dc=example,dc=com", "mail"),
+        ["zoe@example.com"]
+    );
+
+    // A new directory entry is imported and associated.
+    env.ldapmodify(
+        "dn: uid=yan,ou=people,dc=example,dc=com\nchangetype: add\nobjectClass: inetOrgPerson\nuid: yan\ncn: Yan\nsn: Yan\n",
+    );
+    let report = apply(
+        ChangeSource::Proxy,
+        Change::Entry {
+            category: Category::Account,
+            dn: "uid=yan,ou=people,dc=example,dc=com".into(),
+        },
+    )
+    .await;
+    assert_eq!(report.created_local, 1);
+    assert!(env.ok(&["association", "list"]).contains("account yan"));
+}

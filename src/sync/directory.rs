@@ -120,6 +120,47 @@ impl Directory {
         Ok(entries)
     }
 
+    /// The in-scope entry with the given stable id, wherever it now is.
+    pub async fn entry_by_id(&mut self, scope: &ScopeConfig, id: &str) -> Result<Option<Entry>, DirectoryError> {
+        let filter = format!("(&{}({}={}))", scope.filter, self.id_attribute, self.id_assertion(id));
+        Ok(self.search(scope, &filter).await?.into_iter().next())
+    }
+
+    /// The in-scope entries whose naming attribute has `value`.
+    pub async fn entries_named(&mut self, scope: &ScopeConfig, value: &str) -> Result<Vec<Entry>, DirectoryError> {
+        let filter = format!("(&{}({}={}))", scope.filter, scope.naming, ldap3::ldap_escape(value));
+        self.search(scope, &filter).await
+    }
+
+    async fn search(&mut self, scope: &ScopeConfig, filter: &str) -> Result<Vec<Entry>, DirectoryError> {
+        let result = self
+            .ldap
+            .search(&scope.base, Scope::Subtree, filter, self.attributes(scope))
+            .await
+            .and_then(|r| r.success())
+            .map_err(|e| DirectoryError::Operation {
+                operation: "search",
+                dn: scope.base.clone(),
+                message: e.to_string(),
+            })?;
+        Ok(result
+            .0
+            .into_iter()
+            .filter_map(|raw| self.entry(SearchEntry::construct(raw)))
+            .collect())
+    }
+
+    /// The id as a filter assertion value: a GUID string becomes the
+    /// escaped bytes AD stores (little-endian fields).
+    fn id_assertion(&self, id: &str) -> String {
+        match uuid::Uuid::parse_str(id) {
+            Ok(guid) if self.id_attribute.eq_ignore_ascii_case("objectGUID") => {
+                guid.to_bytes_le().iter().map(|b| format!("\\{b:02x}")).collect()
+            }
+            _ => ldap3::ldap_escape(id).into_owned(),
+        }
+    }
+
     /// The in-scope entry with the given DN, if there is one.
     pub async fn entry_at(&mut self, scope: &ScopeConfig, dn: &str) -> Result<Option<Entry>, DirectoryError> {
         let result = self

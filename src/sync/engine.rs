@@ -94,6 +94,90 @@ pub async fn run_pass<S: Store>(
     Ok(report)
 }
 
+/// A change seen by one of the three sources.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeEvent {
+    pub source: ChangeSource,
+    pub change: Change,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A directory entry was added, modified or renamed; it is now at `dn`.
+    Entry { category: Category, dn: String },
+    /// A local object was added or edited.
+    Local { category: Category, name: String },
+}
+
+/// Applies one change event: the one object it concerns is matched,
+/// decided and written exactly as a full pass would. Idempotent, so a
+/// change seen twice (captured, then polled) is applied once.
+pub async fn apply_event<S: Store>(
+    store: &mut S,
+    connector: &ConnectorConfig,
+    directory: &mut Directory,
+    event: &ChangeEvent,
+) -> Result<Report, SyncError> {
+    let mut pass = Pass {
+        members: MemberIndex::build(&*store, connector)?,
+        store,
+        connector,
+        directory,
+        options: PassOptions::default(),
+        source: event.source,
+        report: Report::default(),
+    };
+    match &event.change {
+        Change::Entry { category, dn } => {
+            let Some(scope) = scope_of(connector, *category) else {
+                return Ok(pass.report);
+            };
+            let mapping = Mapping {
+                scope,
+                category: *category,
+            };
+            // Outside the scope now (moved out, filtered out): the next full
+            // pass sees it vanish and applies the delete policy.
+            if let Some(entry) = pass.directory.entry_at(scope, dn).await? {
+                pass.entry(&mapping, &entry).await?;
+            }
+        }
+        Change::Local { category, name } => {
+            let Some(scope) = scope_of(connector, *category) else {
+                return Ok(pass.report);
+            };
+            let mapping = Mapping {
+                scope,
+                category: *category,
+            };
+            let Some(object) = pass.store.object(*category, name)? else {
+                return Ok(pass.report);
+            };
+            match pass.store.association_by_object(&connector.name, object.id)? {
+                Some(association) => match pass.directory.entry_by_id(scope, &association.entry_id).await? {
+                    Some(entry) => pass.reconcile(&mapping, association, &entry).await?,
+                    None => pass.report.say(format!(
+                        "{category} {name}: its entry is not in scope; left to the next pass"
+                    )),
+                },
+                None if pass.owner(object.id)?.is_none() && connector.direction != Direction::LdapToLocal => {
+                    let same_name = pass.directory.entries_named(scope, name).await?;
+                    match same_name.as_slice() {
+                        [] => pass.create_entry(&mapping, &object).await?,
+                        _ => {
+                            for entry in &same_name {
+                                pass.entry(&mapping, entry).await?;
+                            }
+                        }
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+    Ok(pass.report)
+}
+
 struct Pass<'a, S: Store> {
     store: &'a mut S,
     connector: &'a ConnectorConfig,
@@ -193,8 +277,8 @@ impl<S: Store> Pass<'_, S> {
         let mapping = Mapping { scope, category };
         let mut naming_counts: HashMap<String, usize> = HashMap::new();
         for entry in &entries {
-            for name in entry.get(&scope.naming) {
-                *naming_counts.entry(name.to_lowercase()).or_default() += 1;
+            if let Some(name) = naming_value(&mapping, entry) {
+                *naming_counts.entry(name).or_default() += 1;
             }
         }
         let mut seen = HashSet::new();
@@ -206,7 +290,9 @@ impl<S: Store> Pass<'_, S> {
                 self.reconcile(&mapping, association, entry).await?;
                 continue;
             }
-            if let Some(id) = self.first_sync(&mapping, entry, &naming_counts).await? {
+            let name_taken =
+                naming_value(&mapping, entry).is_some_and(|n| naming_counts.get(&n).copied().unwrap_or(0) > 1);
+            if let Some(id) = self.first_sync(&mapping, entry, name_taken).await? {
                 matched_objects.insert(id);
             }
         }
@@ -215,12 +301,25 @@ impl<S: Store> Pass<'_, S> {
         Ok(())
     }
 
+    /// One directory entry seen outside a full pass.
+    async fn entry(&mut self, mapping: &Mapping<'_>, entry: &Entry) -> Result<(), SyncError> {
+        if let Some(association) = self.store.association_by_entry(&self.connector.name, &entry.id)? {
+            return self.reconcile(mapping, association, entry).await;
+        }
+        let name_taken = match naming_value(mapping, entry) {
+            Some(name) => self.directory.entries_named(mapping.scope, &name).await?.len() > 1,
+            None => false,
+        };
+        self.first_sync(mapping, entry, name_taken).await.map(|_| ())
+    }
+
     /// An entry with no association: match it by name, or import it.
+    /// `name_taken`: other entries in scope have the same name.
     async fn first_sync(
         &mut self,
         mapping: &Mapping<'_>,
         entry: &Entry,
-        naming_counts: &HashMap<String, usize>,
+        name_taken: bool,
     ) -> Result<Option<i64>, SyncError> {
         let category = mapping.category;
         let Some(name) = entry.get(&mapping.scope.naming).first().cloned() else {
@@ -234,7 +333,7 @@ impl<S: Store> Pass<'_, S> {
             self.journal_once(self.journal(category, &entry.dn, self.source, "disputed", detail))?;
             return Ok(None);
         };
-        if naming_counts.get(&name.to_lowercase()).copied().unwrap_or(0) > 1 {
+        if name_taken {
             let detail =
                 serde_json::json!({ "reason": format!("several entries have {}={name}", mapping.scope.naming) });
             self.report.disputed += 1;
@@ -656,6 +755,11 @@ fn scope_of(connector: &ConnectorConfig, category: Category) -> Option<&ScopeCon
         Category::Account => connector.accounts.as_ref(),
         Category::Group => connector.groups.as_ref(),
     }
+}
+
+/// The entry's name, lowercased for comparison (LDAP names compare without case).
+fn naming_value(mapping: &Mapping<'_>, entry: &Entry) -> Option<String> {
+    entry.get(&mapping.scope.naming).first().map(|n| n.to_lowercase())
 }
 
 /// On first association there is no baseline: the side whose values are kept.
