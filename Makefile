@@ -24,8 +24,11 @@ run: deps
 	$(CARGO) build --release --bin ldapsync
 	fixtures/run-demo.sh target/release/ldapsync
 
+# The last line totals every test binary's results ("N passed, N failed").
 test: deps
-	$(CARGO) test --workspace
+	@set -o pipefail; $(CARGO) test --workspace 2>&1 | awk '{ print } \
+	  /^test result:/ { passed += $$4; failed += $$6 } \
+	  END { printf "%d passed, %d failed\n", passed, failed }'
 
 lint:
 	$(CARGO) fmt --all --check
