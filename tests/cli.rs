@@ -2,89 +2,12 @@
 //! file, stopped by SIGTERM, refusing bad configuration with a precise
 //! message, and never printing a credential even at trace level.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+mod common;
 
+use std::process::{Command, Stdio};
+
+use common::{ldapsync, serve};
 use ldapsync_fixtures::{ROOT_DN, ROOT_PW, Slapd, person};
-
-fn ldapsync() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ldapsync"))
-}
-
-/// A running `ldapsync serve`, with its stderr collected.
-struct Served {
-    child: Option<Child>,
-    url: String,
-    log: mpsc::Receiver<String>,
-}
-
-impl Drop for Served {
-    /// A failing test must not leave ldapsync running.
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn serve(args: &[&str]) -> Served {
-    let mut child = ldapsync()
-        .arg("serve")
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting ldapsync");
-    let (tx, log) = mpsc::channel();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut served = Served {
-        child: Some(child),
-        url: String::new(),
-        log,
-    };
-    let mut seen = Vec::new();
-    loop {
-        let line = served
-            .log
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| panic!("ldapsync did not report listening; output: {seen:#?}"));
-        if let Some(addr) = line.split("addr=").nth(1).filter(|_| line.contains("listening")) {
-            served.url = format!("ldap://{}", addr.split_whitespace().next().unwrap());
-            return served;
-        }
-        seen.push(line);
-    }
-}
-
-impl Served {
-    /// SIGTERM, then the exit status and everything logged.
-    fn terminate(mut self) -> (std::process::ExitStatus, String) {
-        let mut child = self.child.take().unwrap();
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(child.wait());
-        });
-        let exit = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("ldapsync did not stop within 20 s of SIGTERM")
-            .unwrap();
-        let log: Vec<String> = self.log.try_iter().collect();
-        (exit, log.join("\n"))
-    }
-}
 
 fn ldap_tool(tool: &str, url: &str, args: &[&str]) -> std::process::Output {
     Command::new(tool)

@@ -2,9 +2,12 @@
 //! against a real slapd, with the directory checked by OpenLDAP's own
 //! clients and the local store by the CLI.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
+use common::{eventually, serve};
 use ldapsync_fixtures::{ROOT_DN, ROOT_PW, Slapd};
 
 struct Env {
@@ -110,17 +113,16 @@ map = {{ description = "description" }}
         self.ok(&["sync", "run", "--connector", "example"])
     }
 
+    /// Sets the connector's poll interval, e.g. "1s".
+    fn poll_every(&self, interval: &str) {
+        let config = std::fs::read_to_string(self.config_path()).unwrap();
+        let config = config.replace("\ndelete = ", &format!("\npoll_interval = \"{interval}\"\ndelete = "));
+        std::fs::write(self.config_path(), config).unwrap();
+    }
+
     /// Applies LDIF to the directory directly, as the rootdn.
     fn ldapmodify(&self, ldif: &str) {
-        let mut child = Command::new("ldapmodify")
-            .args(["-x", "-H", &self.slapd.url(), "-D", ROOT_DN, "-w", ROOT_PW])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child.stdin.take().unwrap().write_all(ldif.as_bytes()).unwrap();
-        assert!(child.wait().unwrap().success(), "ldapmodify failed for:\n{ldif}");
+        ldapmodify_at(&self.slapd.url(), ldif);
     }
 
     /// Values of `attr` on the entry at `dn`, read directly from slapd, sorted
@@ -162,6 +164,19 @@ map = {{ description = "description" }}
     fn journal(&self) -> String {
         self.ok(&["journal", "--limit", "0"])
     }
+}
+
+/// Applies LDIF as the rootdn at `url` (slapd, or ldapsync in front of it).
+fn ldapmodify_at(url: &str, ldif: &str) {
+    let mut child = Command::new("ldapmodify")
+        .args(["-x", "-H", url, "-D", ROOT_DN, "-w", ROOT_PW])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(ldif.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success(), "ldapmodify failed for:\n{ldif}");
 }
 
 const ALICE: &str = "uid=alice,ou=people,dc=example,dc=com";
@@ -616,4 +631,67 @@ async fn change_events_sync_one_object_and_are_idempotent() {
     .await;
     assert_eq!(report.created_local, 1);
     assert!(env.ok(&["association", "list"]).contains("account yan"));
+}
+
+#[test]
+fn writes_through_the_proxy_reach_the_local_store_without_waiting_for_a_poll() {
+    let env = Env::start(Policy {
+        direction: "both",
+        conflict: "ldap-wins",
+        delete: "ignore",
+    });
+    env.poll_every("1h");
+    let config = env.config_path();
+    let served = serve(&["--config", config.to_str().unwrap(), "--listen", "ldap://127.0.0.1:0"]);
+    assert!(
+        eventually(|| env.ok(&["account", "list"]).lines().count() == 6),
+        "the pass at start imports the directory"
+    );
+
+    ldapmodify_at(&served.url, &set_mail(ALICE, "alice@via-proxy.example"));
+    assert!(
+        eventually(|| env.local_field("account", "alice", "mail").as_deref() == Some("alice@via-proxy.example")),
+        "a captured modify reaches the local store"
+    );
+    ldapmodify_at(
+        &served.url,
+        "dn: uid=bob,ou=people,dc=example,dc=com\nchangetype: modrdn\nnewrdn: uid=robert\ndeleteoldrdn: 1\n",
+    );
+    assert!(
+        eventually(|| env.ok(&["account", "list"]).lines().any(|l| l == "robert")),
+        "a captured rename is followed to the new DN"
+    );
+    ldapmodify_at(
+        &served.url,
+        "dn: uid=yan,ou=people,dc=example,dc=com\nchangetype: add\nobjectClass: inetOrgPerson\nuid: yan\ncn: Yan\nsn: Yan\n",
+    );
+    assert!(
+        eventually(|| env.ok(&["account", "list"]).lines().any(|l| l == "yan")),
+        "a captured add is imported"
+    );
+    let journal = env.journal();
+    assert!(journal.contains("account alice\tproxy\tupdated"), "{journal}");
+    let (exit, _) = served.terminate();
+    assert!(exit.success());
+}
+
+#[test]
+fn direct_directory_changes_arrive_within_a_poll_interval() {
+    let env = Env::start(Policy {
+        direction: "both",
+        conflict: "ldap-wins",
+        delete: "ignore",
+    });
+    env.poll_every("1s");
+    let config = env.config_path();
+    let served = serve(&["--config", config.to_str().unwrap(), "--listen", "ldap://127.0.0.1:0"]);
+    assert!(eventually(|| env.ok(&["account", "list"]).lines().count() == 6));
+    env.ldapmodify(&set_mail(ALICE, "alice@direct.example"));
+    assert!(
+        eventually(|| env.local_field("account", "alice", "mail").as_deref() == Some("alice@direct.example")),
+        "the poller brings in a change made directly in the directory"
+    );
+    assert!(env.journal().contains("account alice\tpoll\tupdated"));
+    let (exit, _) = served.terminate();
+    assert!(exit.success());
 }

@@ -14,8 +14,10 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, LdapUrl};
-use crate::proxy::{LogSink, Proxy};
+use crate::proxy::{CaptureSink, LogSink, Proxy};
 use crate::store::Category;
+use crate::sync::worker;
+use tokio_util::task::TaskTracker;
 
 #[derive(Debug, Parser)]
 #[command(name = "ldapsync", version, about = "LDAP proxy with a synchronization core")]
@@ -80,6 +82,7 @@ impl ServeArgs {
             config.log.level = level.clone();
         }
         config.validate()?;
+        config.validate_connectors()?;
         Ok(config)
     }
 }
@@ -131,11 +134,20 @@ fn serve(config: Config) -> anyhow::Result<()> {
     init_logging(&config.log.level)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     runtime.block_on(async {
-        let proxy = Proxy::new(config.proxy, Arc::new(LogSink));
-        let listeners = proxy.bind().await?;
         let shutdown = CancellationToken::new();
+        let workers = TaskTracker::new();
+        // With connectors, captured writes feed their sync workers.
+        let sink: Arc<dyn CaptureSink> = if config.connectors.is_empty() {
+            Arc::new(LogSink)
+        } else {
+            Arc::new(worker::start(&config, shutdown.clone(), &workers))
+        };
+        let proxy = Proxy::new(config.proxy, sink);
+        let listeners = proxy.bind().await?;
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         proxy.serve(listeners, shutdown).await;
+        workers.close();
+        workers.wait().await;
         Ok(())
     })
 }

@@ -56,6 +56,51 @@ impl CapturedWrite {
     }
 }
 
+/// Where a successful write left its entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Affected {
+    /// The entry exists at this DN (added, modified, or renamed to here).
+    Entry(String),
+    /// The entry at this DN was deleted.
+    Deleted(String),
+}
+
+impl CapturedWrite {
+    /// The entry the write affected, as it is after the write.
+    pub fn affected(&self) -> Result<Affected, CaptureError> {
+        Ok(match self.decode()?.protocol_op {
+            ProtocolOp::AddRequest(r) => Affected::Entry(r.entry.0),
+            ProtocolOp::ModifyRequest(r) => Affected::Entry(r.object.0),
+            ProtocolOp::DelRequest(r) => Affected::Deleted(r.0.0),
+            ProtocolOp::ModDnRequest(r) => {
+                let parent = match r.new_superior {
+                    Some(superior) => superior.0,
+                    None => parent_dn(&r.entry.0).to_owned(),
+                };
+                Affected::Entry(if parent.is_empty() {
+                    r.new_rdn.0
+                } else {
+                    format!("{},{parent}", r.new_rdn.0)
+                })
+            }
+            _ => return Err(CaptureError::NotAWrite),
+        })
+    }
+}
+
+/// The DN without its first RDN (escaped commas stay in the RDN).
+fn parent_dn(dn: &str) -> &str {
+    let mut escaped = false;
+    for (i, c) in dn.char_indices() {
+        match c {
+            '\\' if !escaped => escaped = true,
+            ',' if !escaped => return &dn[i + 1..],
+            _ => escaped = false,
+        }
+    }
+    ""
+}
+
 /// Why a session's writes can no longer be seen by the relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CaptureLoss {
@@ -103,6 +148,51 @@ impl CaptureSink for LogSink {
             session,
             ?why,
             "writes on this session cannot be captured; a poll must catch them"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rasn_ldap::{DelRequest, LdapMessage, ModifyDnRequest};
+
+    fn captured(op: ProtocolOp) -> CapturedWrite {
+        let request = rasn::ber::encode(&LdapMessage::new(1, op)).unwrap();
+        CapturedWrite {
+            session: 1,
+            message_id: 1,
+            kind: WriteKind::ModifyDn,
+            request: request.into(),
+        }
+    }
+
+    #[test]
+    fn renamed_and_moved_entries_are_followed_to_their_new_dn() {
+        let rename = ModifyDnRequest {
+            entry: "uid=a\\,b,ou=people,dc=x".into(),
+            new_rdn: "uid=c".into(),
+            delete_old_rdn: true,
+            new_superior: None,
+        };
+        assert_eq!(
+            captured(ProtocolOp::ModDnRequest(rename)).affected().unwrap(),
+            Affected::Entry("uid=c,ou=people,dc=x".into())
+        );
+        let mv = ModifyDnRequest {
+            entry: "uid=a,ou=people,dc=x".into(),
+            new_rdn: "uid=a".into(),
+            delete_old_rdn: true,
+            new_superior: Some("ou=former,dc=x".into()),
+        };
+        assert_eq!(
+            captured(ProtocolOp::ModDnRequest(mv)).affected().unwrap(),
+            Affected::Entry("uid=a,ou=former,dc=x".into())
+        );
+        let delete = ProtocolOp::DelRequest(DelRequest("uid=a,dc=x".into()));
+        assert_eq!(
+            captured(delete).affected().unwrap(),
+            Affected::Deleted("uid=a,dc=x".into())
         );
     }
 }

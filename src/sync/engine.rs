@@ -23,6 +23,8 @@ use crate::store::{
 #[derive(Debug, Error)]
 pub enum SyncError {
     #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
     Directory(#[from] DirectoryError),
     #[error(transparent)]
     Store(#[from] StoreError),

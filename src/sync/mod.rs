@@ -4,3 +4,4 @@
 pub mod directory;
 pub mod engine;
 pub mod policy;
+pub mod worker;
