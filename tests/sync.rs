@@ -153,6 +153,32 @@ map = {{ description = "description" }}
         values
     }
 
+    /// The uids of every account entry in scope, read directly from slapd.
+    fn directory_uids(&self) -> Vec<String> {
+        let out = Command::new("ldapsearch")
+            .args(["-x", "-LLL", "-H", &self.slapd.url(), "-D", ROOT_DN, "-w", ROOT_PW])
+            .args([
+                "-b",
+                "ou=people,dc=example,dc=com",
+                "(objectClass=inetOrgPerson)",
+                "uid",
+            ])
+            .output()
+            .unwrap();
+        let mut uids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("uid: ").map(str::to_owned))
+            .collect();
+        uids.sort();
+        uids
+    }
+
+    fn local_accounts(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.ok(&["account", "list"]).lines().map(str::to_owned).collect();
+        names.sort();
+        names
+    }
+
     /// `field: values` as `account show` prints it.
     fn local_field(&self, category: &str, name: &str, field: &str) -> Option<String> {
         let prefix = format!("  {field}: ");
@@ -692,6 +718,98 @@ fn direct_directory_changes_arrive_within_a_poll_interval() {
         "the poller brings in a change made directly in the directory"
     );
     assert!(env.journal().contains("account alice\tpoll\tupdated"));
+    let (exit, _) = served.terminate();
+    assert!(exit.success());
+}
+
+#[test]
+fn crash_in_the_middle_of_1000_captured_writes_loses_and_duplicates_nothing() {
+    let env = Env::start(Policy {
+        direction: "both",
+        conflict: "ldap-wins",
+        delete: "ignore",
+    });
+    env.poll_every("1h");
+    let config = env.config_path();
+    let args = ["--config", config.to_str().unwrap(), "--listen", "ldap://127.0.0.1:0"];
+    let served = serve(&args);
+    assert!(eventually(|| env.local_accounts().len() == 6));
+
+    let add = |i: usize| {
+        format!(
+            "dn: uid=crash{i:04},ou=people,dc=example,dc=com\nchangetype: add\nobjectClass: inetOrgPerson\n\
+             uid: crash{i:04}\ncn: Crash {i}\nsn: Crash\n\n"
+        )
+    };
+    let mut writer = Command::new("ldapmodify")
+        .args(["-c", "-x", "-H", &served.url, "-D", ROOT_DN, "-w", ROOT_PW])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = writer.stdin.take().unwrap();
+    // 300 writes, then the crash, then the other 700 (refused: ldapsync is gone).
+    let (crashed, after_crash) = std::sync::mpsc::channel::<()>();
+    let feeder = std::thread::spawn(move || {
+        use std::io::Write;
+        let _ = stdin.write_all((0..300).map(add).collect::<String>().as_bytes());
+        let _ = after_crash.recv();
+        let _ = stdin.write_all((300..1000).map(add).collect::<String>().as_bytes());
+    });
+    assert!(
+        eventually(|| env.directory_uids().len() >= 6 + 200),
+        "writes are flowing"
+    );
+    served.kill();
+    crashed.send(()).unwrap();
+    let _ = feeder.join();
+    let _ = writer.wait();
+    let written = env.directory_uids();
+    assert!(
+        (6 + 200..=6 + 300).contains(&written.len()),
+        "the crash came in the middle: {} of 1000 writes reached the directory",
+        written.len() - 6
+    );
+
+    let restarted = serve(&args);
+    assert!(
+        eventually(|| env.local_accounts() == written),
+        "after the restart the local store holds exactly the directory's accounts"
+    );
+    let journal = env.journal();
+    for uid in written.iter().filter(|u| u.starts_with("crash")) {
+        let created = journal
+            .lines()
+            .filter(|l| l.contains(&format!("account {uid}\t")) && l.contains("created-local"))
+            .count();
+        assert_eq!(created, 1, "{uid} created exactly once");
+    }
+    let (exit, _) = restarted.terminate();
+    assert!(exit.success());
+}
+
+#[test]
+fn poller_recovers_after_a_directory_outage() {
+    let mut env = Env::start(Policy {
+        direction: "both",
+        conflict: "ldap-wins",
+        delete: "ignore",
+    });
+    env.poll_every("1s");
+    let config = env.config_path();
+    let served = serve(&["--config", config.to_str().unwrap(), "--listen", "ldap://127.0.0.1:0"]);
+    assert!(eventually(|| env.local_accounts().len() == 6));
+    env.slapd.kill();
+    // Polls fail while the directory is down; nothing is deleted or lost.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(env.local_accounts().len(), 6, "a failed poll is not an empty directory");
+    env.slapd.restart();
+    env.ldapmodify(&set_mail(ALICE, "alice@after-outage.example"));
+    assert!(
+        eventually(|| env.local_field("account", "alice", "mail").as_deref() == Some("alice@after-outage.example")),
+        "polling resumes once the directory is back"
+    );
     let (exit, _) = served.terminate();
     assert!(exit.success());
 }

@@ -64,6 +64,14 @@ pub fn serve(args: &[&str]) -> Served {
 }
 
 impl Served {
+    /// SIGKILL: a crash, with no chance to finish anything.
+    pub fn kill(mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
     /// SIGTERM, then the exit status and everything logged.
     pub fn terminate(mut self) -> (std::process::ExitStatus, String) {
         let mut child = self.child.take().unwrap();
