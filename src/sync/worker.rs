@@ -127,12 +127,8 @@ struct Worker {
 
 impl Worker {
     async fn run(mut self, mut queue: mpsc::Receiver<ChangeEvent>, resync: Arc<Notify>, shutdown: CancellationToken) {
-        let mut store = match SqliteStore::open(&self.store_path) {
-            Ok(store) => store,
-            Err(e) => {
-                warn!(error = %e, "cannot open the store; this connector does not sync");
-                return;
-            }
+        let Some(mut store) = self.open_store(&shutdown).await else {
+            return;
         };
         let interval = self.connector.poll_interval;
         let mut backoff = Duration::from_secs(1);
@@ -163,6 +159,22 @@ impl Worker {
         }
         if let Some(directory) = self.directory.take() {
             directory.close().await;
+        }
+    }
+
+    /// Opens the store, retrying while it is busy (e.g. another process is
+    /// creating it) until it opens or ldapsync shuts down.
+    async fn open_store(&self, shutdown: &CancellationToken) -> Option<SqliteStore> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match SqliteStore::open(&self.store_path) {
+                Ok(store) => return Some(store),
+                Err(e) => warn!(error = %e, retry_in = ?delay, "cannot open the store"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(delay) => delay = (delay * 2).min(Duration::from_secs(10)),
+            }
         }
     }
 
