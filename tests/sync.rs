@@ -22,6 +22,12 @@ struct Policy<'a> {
     delete: &'a str,
 }
 
+const BOTH_LDAP_WINS: Policy = Policy {
+    direction: "both",
+    conflict: "ldap-wins",
+    delete: "ignore",
+};
+
 const LDAP_TO_LOCAL: Policy = Policy {
     direction: "ldap-to-local",
     conflict: "ldap-wins",
@@ -111,6 +117,17 @@ map = {{ description = "description" }}
 
     fn sync(&self) -> String {
         self.ok(&["sync", "run", "--connector", "example"])
+    }
+
+    /// Runs `ldapsync serve` with this config and waits for its first pass.
+    fn serve(&self) -> common::Served {
+        let config = self.config_path();
+        let served = serve(&["--config", config.to_str().unwrap(), "--listen", "ldap://127.0.0.1:0"]);
+        assert!(
+            eventually(|| self.local_accounts().len() >= 6),
+            "the pass at start imports the directory"
+        );
+        served
     }
 
     /// Sets the connector's poll interval, e.g. "1s".
@@ -661,18 +678,9 @@ async fn change_events_sync_one_object_and_are_idempotent() {
 
 #[test]
 fn writes_through_the_proxy_reach_the_local_store_without_waiting_for_a_poll() {
-    let env = Env::start(Policy {
-        direction: "both",
-        conflict: "ldap-wins",
-        delete: "ignore",
-    });
+    let env = Env::start(BOTH_LDAP_WINS);
     env.poll_every("1h");
-    let config = env.config_path();
-    let served = serve(&["--config", config.to_str().unwrap(), "--listen", "ldap://127.0.0.1:0"]);
-    assert!(
-        eventually(|| env.ok(&["account", "list"]).lines().count() == 6),
-        "the pass at start imports the directory"
-    );
+    let served = env.serve();
 
     ldapmodify_at(&served.url, &set_mail(ALICE, "alice@via-proxy.example"));
     assert!(
@@ -703,15 +711,9 @@ fn writes_through_the_proxy_reach_the_local_store_without_waiting_for_a_poll() {
 
 #[test]
 fn direct_directory_changes_arrive_within_a_poll_interval() {
-    let env = Env::start(Policy {
-        direction: "both",
-        conflict: "ldap-wins",
-        delete: "ignore",
-    });
+    let env = Env::start(BOTH_LDAP_WINS);
     env.poll_every("1s");
-    let config = env.config_path();
-    let served = serve(&["--config", config.to_str().unwrap(), "--listen", "ldap://127.0.0.1:0"]);
-    assert!(eventually(|| env.ok(&["account", "list"]).lines().count() == 6));
+    let served = env.serve();
     env.ldapmodify(&set_mail(ALICE, "alice@direct.example"));
     assert!(
         eventually(|| env.local_field("account", "alice", "mail").as_deref() == Some("alice@direct.example")),
@@ -724,16 +726,9 @@ fn direct_directory_changes_arrive_within_a_poll_interval() {
 
 #[test]
 fn crash_in_the_middle_of_1000_captured_writes_loses_and_duplicates_nothing() {
-    let env = Env::start(Policy {
-        direction: "both",
-        conflict: "ldap-wins",
-        delete: "ignore",
-    });
+    let env = Env::start(BOTH_LDAP_WINS);
     env.poll_every("1h");
-    let config = env.config_path();
-    let args = ["--config", config.to_str().unwrap(), "--listen", "ldap://127.0.0.1:0"];
-    let served = serve(&args);
-    assert!(eventually(|| env.local_accounts().len() == 6));
+    let served = env.serve();
 
     let add = |i: usize| {
         format!(
@@ -772,7 +767,7 @@ fn crash_in_the_middle_of_1000_captured_writes_loses_and_duplicates_nothing() {
         written.len() - 6
     );
 
-    let restarted = serve(&args);
+    let restarted = env.serve();
     assert!(
         eventually(|| env.local_accounts() == written),
         "after the restart the local store holds exactly the directory's accounts"
@@ -791,15 +786,9 @@ fn crash_in_the_middle_of_1000_captured_writes_loses_and_duplicates_nothing() {
 
 #[test]
 fn poller_recovers_after_a_directory_outage() {
-    let mut env = Env::start(Policy {
-        direction: "both",
-        conflict: "ldap-wins",
-        delete: "ignore",
-    });
+    let mut env = Env::start(BOTH_LDAP_WINS);
     env.poll_every("1s");
-    let config = env.config_path();
-    let served = serve(&["--config", config.to_str().unwrap(), "--listen", "ldap://127.0.0.1:0"]);
-    assert!(eventually(|| env.local_accounts().len() == 6));
+    let served = env.serve();
     env.slapd.kill();
     // Polls fail while the directory is down; nothing is deleted or lost.
     std::thread::sleep(std::time::Duration::from_secs(2));

@@ -111,6 +111,14 @@ pub enum Change {
     Local { category: Category, name: String },
 }
 
+impl Change {
+    pub fn category(&self) -> Category {
+        match self {
+            Change::Entry { category, .. } | Change::Local { category, .. } => *category,
+        }
+    }
+}
+
 /// Applies one change event: the one object it concerns is matched,
 /// decided and written exactly as a full pass would. Idempotent, so a
 /// change seen twice (captured, then polled) is applied once.
@@ -129,30 +137,21 @@ pub async fn apply_event<S: Store>(
         source: event.source,
         report: Report::default(),
     };
+    let category = event.change.category();
+    let Some(scope) = scope_of(connector, category) else {
+        return Ok(pass.report);
+    };
+    let mapping = Mapping { scope, category };
     match &event.change {
-        Change::Entry { category, dn } => {
-            let Some(scope) = scope_of(connector, *category) else {
-                return Ok(pass.report);
-            };
-            let mapping = Mapping {
-                scope,
-                category: *category,
-            };
+        Change::Entry { dn, .. } => {
             // Outside the scope now (moved out, filtered out): the next full
             // pass sees it vanish and applies the delete policy.
             if let Some(entry) = pass.directory.entry_at(scope, dn).await? {
                 pass.entry(&mapping, &entry).await?;
             }
         }
-        Change::Local { category, name } => {
-            let Some(scope) = scope_of(connector, *category) else {
-                return Ok(pass.report);
-            };
-            let mapping = Mapping {
-                scope,
-                category: *category,
-            };
-            let Some(object) = pass.store.object(*category, name)? else {
+        Change::Local { name, .. } => {
+            let Some(object) = pass.store.object(category, name)? else {
                 return Ok(pass.report);
             };
             match pass.store.association_by_object(&connector.name, object.id)? {
