@@ -354,6 +354,10 @@ pub fn status(config: &Config) -> anyhow::Result<()> {
             connector.direction,
             connector.conflict_policy()
         );
+        println!(
+            "  polling: a full pass every {} while `ldapsync serve` runs; captured writes at once",
+            humantime::format_duration(connector.poll_interval)
+        );
         match state.and_then(|s| s.last_sync_at) {
             Some(at) => println!("  last sync: {}", timestamp(at)),
             None => println!("  last sync: never"),
