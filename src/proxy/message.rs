@@ -215,6 +215,11 @@ impl Envelope {
     }
 }
 
+/// A client's message id as a response can carry it: MessageID is 0..maxInt.
+fn response_id(message_id: i64) -> Option<u32> {
+    u32::try_from(message_id).ok().filter(|&id| id <= i32::MAX as u32)
+}
+
 fn encode(message_id: u32, op: ProtocolOp) -> Bytes {
     let message = LdapMessage::new(message_id, op);
     // Encoding a message built from plain strings and enums cannot fail.
@@ -236,9 +241,7 @@ fn extended_response(code: ResultCode, diagnostic: &str, name: Option<&str>) -> 
 /// (e.g. the directory is unreachable). `None` for requests that get no
 /// response, or whose message id is not a valid MessageID.
 pub fn error_response(request: &Envelope, code: ResultCode, diagnostic: &str) -> Option<Bytes> {
-    let message_id = u32::try_from(request.message_id)
-        .ok()
-        .filter(|&id| id <= i32::MAX as u32)?;
+    let message_id = response_id(request.message_id)?;
     let result = || LdapResult::new(code, "".into(), diagnostic.into());
     let op = match request.op {
         Op::Bind => ProtocolOp::BindResponse(BindResponse::new(code, "".into(), diagnostic.into(), None, None)),
@@ -256,7 +259,7 @@ pub fn error_response(request: &Envelope, code: ResultCode, diagnostic: &str) ->
 
 /// An extended response naming its operation, e.g. the refusal of StartTLS.
 pub fn named_extended_response(message_id: i64, name: &str, code: ResultCode, diagnostic: &str) -> Option<Bytes> {
-    let message_id = u32::try_from(message_id).ok()?;
+    let message_id = response_id(message_id)?;
     Some(encode(
         message_id,
         ProtocolOp::ExtendedResp(extended_response(code, diagnostic, Some(name))),

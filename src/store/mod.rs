@@ -183,6 +183,8 @@ pub trait Store {
     fn association_by_entry(&self, connector: &str, entry_id: &str) -> Result<Option<Association>, StoreError>;
     fn association_by_object(&self, connector: &str, object_id: i64) -> Result<Option<Association>, StoreError>;
     fn associations(&self, connector: Option<&str>) -> Result<Vec<Association>, StoreError>;
+    /// The association any connector holds on an object (an object has at most one in practice).
+    fn association_of_object(&self, object_id: i64) -> Result<Option<Association>, StoreError>;
     /// Removes an association (the administrative command); true if one existed.
     fn remove_association(
         &mut self,

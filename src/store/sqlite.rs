@@ -310,6 +310,20 @@ impl Store for SqliteStore {
             .transpose()
     }
 
+    fn association_of_object(&self, object_id: i64) -> Result<Option<Association>, StoreError> {
+        self.conn
+            .query_row(
+                &format!(
+                    "SELECT {ASSOCIATION_COLUMNS} FROM associations WHERE object_id = ?1 ORDER BY connector LIMIT 1"
+                ),
+                [object_id],
+                association_row,
+            )
+            .optional()?
+            .map(association_from)
+            .transpose()
+    }
+
     fn associations(&self, connector: Option<&str>) -> Result<Vec<Association>, StoreError> {
         let mut stmt = self.conn.prepare(&format!(
             "SELECT {ASSOCIATION_COLUMNS} FROM associations

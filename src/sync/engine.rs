@@ -161,7 +161,9 @@ pub async fn apply_event<S: Store>(
                         "{category} {name}: its entry is not in scope; left to the next pass"
                     )),
                 },
-                None if pass.owner(object.id)?.is_none() && connector.direction != Direction::LdapToLocal => {
+                None if pass.store.association_of_object(object.id)?.is_none()
+                    && connector.direction != Direction::LdapToLocal =>
+                {
                     let same_name = pass.directory.entries_named(scope, name).await?;
                     match same_name.as_slice() {
                         [] => pass.create_entry(&mapping, &object).await?,
@@ -348,7 +350,7 @@ impl<S: Store> Pass<'_, S> {
         let ldap_values = mapping.ldap_values(entry, &self.members);
         match self.store.object(category, &name)? {
             Some(object) => {
-                if let Some(other) = self.owner(object.id)? {
+                if let Some(other) = self.store.association_of_object(object.id)? {
                     let detail = serde_json::json!({
                         "dn": entry.dn,
                         "reason": format!("already associated with entry {} of connector {}", other.entry_id, other.connector),
@@ -418,15 +420,6 @@ impl<S: Store> Pass<'_, S> {
                 Ok(id)
             }
         }
-    }
-
-    /// The association another connector (or this one, with another entry) holds on an object.
-    fn owner(&self, object_id: i64) -> Result<Option<Association>, StoreError> {
-        Ok(self
-            .store
-            .associations(None)?
-            .into_iter()
-            .find(|a| a.object_id == object_id))
     }
 
     fn association(&self, object_id: i64, entry: &Entry, baseline: Values) -> Association {
