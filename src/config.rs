@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::poller::Mechanism;
 use crate::store::Category;
 use crate::sync::policy::{ConflictPolicy, Direction, Fallback};
 
@@ -184,8 +185,15 @@ pub struct ConnectorConfig {
     /// With `conflict = "merge"`: how a field changed on both sides is resolved.
     #[serde(default = "default_fallback")]
     pub merge_fallback: Fallback,
+    /// How often the poller reads what changed in the directory directly.
     #[serde(default = "default_poll_interval", with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// How the poller finds changes; detected from the root DSE when unset.
+    pub poll_mechanism: Option<Mechanism>,
+    /// How often every entry in scope is compared with its baseline, which
+    /// finds what incremental polling cannot see (deletes, with timestamps).
+    #[serde(default = "default_reconcile_interval", with = "humantime_serde")]
+    pub reconcile_interval: Duration,
     #[serde(default)]
     pub delete: DeletePolicy,
     /// A sync pass that would delete or disable more objects than this is refused.
@@ -259,6 +267,9 @@ fn default_fallback() -> Fallback {
 }
 fn default_poll_interval() -> Duration {
     Duration::from_secs(60)
+}
+fn default_reconcile_interval() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 fn default_max_deletes() -> usize {
     500

@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::store::{Category, ChangeSource, JournalEntry, JournalQuery, LocalObject, SqliteStore, Store, now};
 use crate::sync::directory::Directory;
 use crate::sync::engine::{self, PassOptions};
+use crate::sync::worker::{self, Poll};
 
 #[derive(Debug, Subcommand)]
 pub enum ObjectCommand {
@@ -84,14 +85,18 @@ pub enum AssociationCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum SyncCommand {
-    /// Run one sync pass of a connector now.
+    /// Poll a connector now: the changes since its watermark, or a full
+    /// reconciliation when one is due or asked for.
     Run {
         #[arg(long)]
         connector: String,
-        /// Print the plan; change nothing on either side.
+        /// Compare every entry in scope with its baseline.
+        #[arg(long)]
+        full: bool,
+        /// Print the plan of a full reconciliation; change nothing on either side.
         #[arg(long)]
         dry_run: bool,
-        /// Apply deletes even when they exceed the mass-delete guard.
+        /// Apply deletes even when they exceed the mass-delete guard (a full reconciliation).
         #[arg(long)]
         confirm_deletes: bool,
     },
@@ -291,6 +296,7 @@ pub fn association(config: &Config, command: AssociationCommand) -> anyhow::Resu
 pub fn sync(config: &Config, command: SyncCommand) -> anyhow::Result<()> {
     let SyncCommand::Run {
         connector,
+        full,
         dry_run,
         confirm_deletes,
     } = command;
@@ -300,18 +306,29 @@ pub fn sync(config: &Config, command: SyncCommand) -> anyhow::Result<()> {
     let password = connector.password()?;
     let mut store = open_store(config)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
-    let report = runtime.block_on(async {
-        let mut directory = Directory::connect(&connector, password.expose(), config.proxy.connect_timeout).await?;
-        let options = PassOptions {
+    let poll = if full || dry_run || confirm_deletes {
+        Poll::Full(PassOptions {
             dry_run,
             confirm_deletes,
-        };
-        let report = engine::run_pass(&mut store, &connector, &mut directory, options).await;
+        })
+    } else {
+        Poll::Due
+    };
+    let outcome = runtime.block_on(async {
+        let mut directory = Directory::connect(&connector, password.expose(), config.proxy.connect_timeout).await?;
+        let outcome = async {
+            worker::apply_captures(&mut store, &connector, &mut directory).await?;
+            worker::poll(&mut store, &connector, &mut directory, poll).await
+        }
+        .await;
         directory.close().await;
-        anyhow::Ok(report?)
+        anyhow::Ok(outcome?)
     })?;
+    let report = outcome.report;
     if dry_run {
         println!("dry run: nothing was changed; the plan:");
+    } else {
+        println!("{} ({})", outcome.kind.as_str(), outcome.mechanism);
     }
     for line in &report.lines {
         println!("  {line}");
@@ -342,7 +359,8 @@ pub fn status(config: &Config) -> anyhow::Result<()> {
     for connector in &config.connectors {
         let associations = store.associations(Some(&connector.name))?;
         let gone = associations.iter().filter(|a| a.entry_gone).count();
-        let pending = engine::pending(&store, connector)?;
+        let pending = engine::local_changes(&store, connector)?.len();
+        let captures = store.pending_captures(&connector.name)?;
         let state = store.connector_state(&connector.name)?;
         let last: serde_json::Value = state
             .as_ref()
@@ -355,13 +373,53 @@ pub fn status(config: &Config) -> anyhow::Result<()> {
             connector.conflict_policy()
         );
         println!(
-            "  polling: a full pass every {} while `ldapsync serve` runs; captured writes at once",
-            humantime::format_duration(connector.poll_interval)
+            "  polling: every {} ({}), full reconciliation every {}; captured writes at once",
+            humantime::format_duration(connector.poll_interval),
+            connector
+                .poll_mechanism
+                .map_or("mechanism detected from the root DSE".to_owned(), |m| format!(
+                    "{m}, configured"
+                )),
+            humantime::format_duration(connector.reconcile_interval)
         );
-        match state.and_then(|s| s.last_sync_at) {
-            Some(at) => println!("  last sync: {}", timestamp(at)),
-            None => println!("  last sync: never"),
+        for (category, _) in connector.scopes() {
+            match store.watermark(&connector.name, category)? {
+                Some(w) => println!(
+                    "  {category}s: mechanism {}, watermark {}{} (stored {})",
+                    w.mechanism,
+                    String::from_utf8_lossy(&w.value),
+                    if w.server.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" on {}", w.server)
+                    },
+                    timestamp(w.updated_at)
+                ),
+                None => println!("  {category}s: no watermark yet (the next poll is a full reconciliation)"),
+            }
         }
+        let never = || "never".to_owned();
+        println!(
+            "  last poll: {}",
+            state
+                .as_ref()
+                .and_then(|s| s.last_poll_at)
+                .map_or_else(never, timestamp)
+        );
+        println!(
+            "  last full reconciliation: {}",
+            state
+                .as_ref()
+                .and_then(|s| s.last_sync_at)
+                .map_or_else(never, timestamp)
+        );
+        if let Some(reason) = state.as_ref().and_then(|s| s.out_of_sync.as_ref()) {
+            println!("  OUT OF SYNC: {reason}; a full reconciliation is due");
+        }
+        if let Some(error) = state.as_ref().and_then(|s| s.last_error.as_ref()) {
+            println!("  last error: {error}");
+        }
+        println!("  captured changes not applied yet: {captures}");
         println!("  associated: {}", associations.len());
         println!(
             "  disputed (last sync): {}",

@@ -16,6 +16,7 @@ use thiserror::Error;
 
 pub use sqlite::SqliteStore;
 
+use crate::poller::Mechanism;
 use crate::sync::policy::Values;
 
 #[derive(Debug, Error)]
@@ -162,12 +163,70 @@ pub struct JournalQuery {
     pub limit: usize,
 }
 
-/// Per-connector bookkeeping for `ldapsync status`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Per-connector bookkeeping for `ldapsync status` and the worker.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConnectorState {
     pub connector: String,
+    /// The last full reconciliation.
     pub last_sync_at: Option<i64>,
+    /// The last full reconciliation's report, as JSON.
     pub last_result: String,
+    /// The last incremental poll.
+    pub last_poll_at: Option<i64>,
+    /// Why the connector needs a full reconciliation (a capture could not be
+    /// journaled, …); cleared by the next successful one.
+    pub out_of_sync: Option<String>,
+    /// The last failure of a poll or pass, cleared by the next success.
+    pub last_error: Option<String>,
+}
+
+/// A write captured by the proxy, journaled until its connector's worker
+/// has applied it, so a crash cannot lose it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capture {
+    /// Journal order; 0 until appended.
+    pub id: i64,
+    pub connector: String,
+    pub category: Category,
+    pub kind: CaptureKind,
+    /// The entry's DN after the write (its old DN for a delete).
+    pub dn: String,
+    pub captured_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptureKind {
+    /// Added, modified or renamed.
+    Written,
+    Deleted,
+}
+
+impl CaptureKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            CaptureKind::Written => "written",
+            CaptureKind::Deleted => "deleted",
+        }
+    }
+
+    fn parse(s: &str) -> Option<CaptureKind> {
+        [CaptureKind::Written, CaptureKind::Deleted]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+}
+
+/// How far a connector's poller has read one category's changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watermark {
+    pub connector: String,
+    pub category: Category,
+    pub mechanism: Mechanism,
+    /// The server the value is valid for (AD USNs are per domain controller).
+    pub server: String,
+    /// A sync cookie, a generalized time, or a USN.
+    pub value: Vec<u8>,
+    pub updated_at: i64,
 }
 
 pub trait Store {
@@ -199,8 +258,31 @@ pub trait Store {
 
     fn journal(&self, query: &JournalQuery) -> Result<Vec<JournalEntry>, StoreError>;
 
+    /// How many objects of a category a connector holds associations for.
+    fn association_count(&self, connector: &str, category: Category) -> Result<usize, StoreError>;
+
+    /// Journal lines of a connector with one of `actions` since `since`.
+    fn count_journal(&self, connector: &str, actions: &[&str], since: i64) -> Result<usize, StoreError>;
+
+    /// The local object associated with the entry last seen at `dn` (compared without case).
+    fn object_associated_at(&self, connector: &str, dn: &str) -> Result<Option<LocalObject>, StoreError>;
+
     fn connector_state(&self, connector: &str) -> Result<Option<ConnectorState>, StoreError>;
     fn set_connector_state(&mut self, state: &ConnectorState) -> Result<(), StoreError>;
+    /// Records that the connector needs a full reconciliation.
+    fn mark_out_of_sync(&mut self, connector: &str, reason: &str) -> Result<(), StoreError>;
+
+    /// Appends captured writes to the journal, in order, atomically.
+    fn append_captures(&mut self, captures: &[Capture]) -> Result<(), StoreError>;
+    /// The oldest captures a connector has not applied yet.
+    fn captures(&self, connector: &str, limit: usize) -> Result<Vec<Capture>, StoreError>;
+    fn pending_captures(&self, connector: &str) -> Result<usize, StoreError>;
+    /// Removes an applied capture.
+    fn remove_capture(&mut self, id: i64) -> Result<(), StoreError>;
+
+    fn watermark(&self, connector: &str, category: Category) -> Result<Option<Watermark>, StoreError>;
+    /// Stores a poll's new watermarks and the connector's state together.
+    fn finish_poll(&mut self, state: &ConnectorState, watermarks: &[Watermark]) -> Result<(), StoreError>;
 }
 
 /// Seconds since the Unix epoch, for journal lines and baselines.

@@ -6,13 +6,14 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
 
 use super::{
-    Association, Category, ChangeSource, Commit, ConnectorState, JournalEntry, JournalQuery, LocalObject, Store,
-    StoreError,
+    Association, Capture, CaptureKind, Category, ChangeSource, Commit, ConnectorState, JournalEntry, JournalQuery,
+    LocalObject, Store, StoreError, Watermark,
 };
 use crate::sync::policy::Values;
 
 /// Schema versions, applied in order; never edit one that has shipped.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE objects (
         id       INTEGER PRIMARY KEY,
         category TEXT NOT NULL,
@@ -49,7 +50,33 @@ const MIGRATIONS: &[&str] = &[r#"
         last_sync_at INTEGER,
         last_result  TEXT NOT NULL
     );
-"#];
+"#,
+    r#"
+    CREATE TABLE captures (
+        id          INTEGER PRIMARY KEY,
+        connector   TEXT NOT NULL,
+        category    TEXT NOT NULL,
+        kind        TEXT NOT NULL,
+        dn          TEXT NOT NULL,
+        captured_at INTEGER NOT NULL
+    );
+    CREATE INDEX captures_by_connector ON captures (connector, id);
+    CREATE TABLE watermarks (
+        connector  TEXT NOT NULL,
+        category   TEXT NOT NULL,
+        mechanism  TEXT NOT NULL,
+        server     TEXT NOT NULL,
+        value      BLOB NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (connector, category)
+    );
+    ALTER TABLE connector_state ADD COLUMN last_poll_at INTEGER;
+    ALTER TABLE connector_state ADD COLUMN out_of_sync TEXT;
+    ALTER TABLE connector_state ADD COLUMN last_error TEXT;
+    CREATE INDEX associations_by_dn ON associations (connector, dn COLLATE NOCASE);
+    CREATE INDEX journal_by_time ON journal (connector, at);
+"#,
+];
 
 pub struct SqliteStore {
     conn: Connection,
@@ -435,17 +462,62 @@ impl Store for SqliteStore {
         .collect()
     }
 
+    fn association_count(&self, connector: &str, category: Category) -> Result<usize, StoreError> {
+        let count: i64 = self.conn.query_row(
+            "SELECT count(*) FROM associations a JOIN objects o ON o.id = a.object_id
+             WHERE a.connector = ?1 AND o.category = ?2",
+            params![connector, category.as_str()],
+            |r| r.get(0),
+        )?;
+        Ok(count as usize)
+    }
+
+    fn count_journal(&self, connector: &str, actions: &[&str], since: i64) -> Result<usize, StoreError> {
+        let actions = serde_json::to_string(actions).expect("strings serialize");
+        let count: i64 = self.conn.query_row(
+            "SELECT count(*) FROM journal WHERE connector = ?1 AND at >= ?2
+               AND action IN (SELECT value FROM json_each(?3))",
+            params![connector, since, actions],
+            |r| r.get(0),
+        )?;
+        Ok(count as usize)
+    }
+
+    fn object_associated_at(&self, connector: &str, dn: &str) -> Result<Option<LocalObject>, StoreError> {
+        self.conn
+            .query_row(
+                &format!(
+                    "SELECT {} FROM objects o JOIN associations a ON a.object_id = o.id
+                     WHERE a.connector = ?1 AND a.dn = ?2 COLLATE NOCASE LIMIT 1",
+                    OBJECT_COLUMNS
+                        .split(", ")
+                        .map(|c| format!("o.{c}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                params![connector, dn],
+                object_row,
+            )
+            .optional()?
+            .map(object_from)
+            .transpose()
+    }
+
     fn connector_state(&self, connector: &str) -> Result<Option<ConnectorState>, StoreError> {
         Ok(self
             .conn
             .query_row(
-                "SELECT connector, last_sync_at, last_result FROM connector_state WHERE connector = ?1",
+                "SELECT connector, last_sync_at, last_result, last_poll_at, out_of_sync, last_error
+                 FROM connector_state WHERE connector = ?1",
                 [connector],
                 |r| {
                     Ok(ConnectorState {
                         connector: r.get(0)?,
                         last_sync_at: r.get(1)?,
                         last_result: r.get(2)?,
+                        last_poll_at: r.get(3)?,
+                        out_of_sync: r.get(4)?,
+                        last_error: r.get(5)?,
                     })
                 },
             )
@@ -453,14 +525,160 @@ impl Store for SqliteStore {
     }
 
     fn set_connector_state(&mut self, state: &ConnectorState) -> Result<(), StoreError> {
+        write_state(&self.conn, state)
+    }
+
+    fn mark_out_of_sync(&mut self, connector: &str, reason: &str) -> Result<(), StoreError> {
         self.conn.execute(
-            "INSERT INTO connector_state (connector, last_sync_at, last_result) VALUES (?1, ?2, ?3)
-             ON CONFLICT (connector) DO UPDATE SET
-               last_sync_at = excluded.last_sync_at, last_result = excluded.last_result",
-            params![state.connector, state.last_sync_at, state.last_result],
+            "INSERT INTO connector_state (connector, last_result, out_of_sync) VALUES (?1, '{}', ?2)
+             ON CONFLICT (connector) DO UPDATE SET out_of_sync = excluded.out_of_sync",
+            params![connector, reason],
         )?;
         Ok(())
     }
+
+    fn append_captures(&mut self, captures: &[Capture]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO captures (connector, category, kind, dn, captured_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for c in captures {
+                insert.execute(params![
+                    c.connector,
+                    c.category.as_str(),
+                    c.kind.as_str(),
+                    c.dn,
+                    c.captured_at
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn captures(&self, connector: &str, limit: usize) -> Result<Vec<Capture>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, connector, category, kind, dn, captured_at FROM captures
+             WHERE connector = ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![connector, limit as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, i64>(5)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (id, connector, category, kind, dn, captured_at) = row?;
+            Ok(Capture {
+                id,
+                connector,
+                category: parse_category(&category)?,
+                kind: CaptureKind::parse(&kind).ok_or(StoreError::Corrupt {
+                    what: "capture kind",
+                    detail: kind,
+                })?,
+                dn,
+                captured_at,
+            })
+        })
+        .collect()
+    }
+
+    fn pending_captures(&self, connector: &str) -> Result<usize, StoreError> {
+        let count: i64 =
+            self.conn
+                .query_row("SELECT count(*) FROM captures WHERE connector = ?1", [connector], |r| {
+                    r.get(0)
+                })?;
+        Ok(count as usize)
+    }
+
+    fn remove_capture(&mut self, id: i64) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("DELETE FROM captures WHERE id = ?1")?
+            .execute([id])?;
+        Ok(())
+    }
+
+    fn watermark(&self, connector: &str, category: Category) -> Result<Option<Watermark>, StoreError> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT mechanism, server, value, updated_at FROM watermarks WHERE connector = ?1 AND category = ?2",
+                params![connector, category.as_str()],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, Vec<u8>>(2)?,
+                        r.get::<_, i64>(3)?,
+                    ))
+                },
+            )
+            .optional()?;
+        row.map(|(mechanism, server, value, updated_at)| {
+            Ok(Watermark {
+                connector: connector.to_owned(),
+                category,
+                mechanism: mechanism.parse().map_err(|detail| StoreError::Corrupt {
+                    what: "watermark mechanism",
+                    detail,
+                })?,
+                server,
+                value,
+                updated_at,
+            })
+        })
+        .transpose()
+    }
+
+    fn finish_poll(&mut self, state: &ConnectorState, watermarks: &[Watermark]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        for w in watermarks {
+            tx.execute(
+                "INSERT INTO watermarks (connector, category, mechanism, server, value, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (connector, category) DO UPDATE SET mechanism = excluded.mechanism,
+                   server = excluded.server, value = excluded.value, updated_at = excluded.updated_at",
+                params![
+                    w.connector,
+                    w.category.as_str(),
+                    w.mechanism.as_str(),
+                    w.server,
+                    w.value,
+                    w.updated_at
+                ],
+            )?;
+        }
+        write_state(&tx, state)?;
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+fn write_state(conn: &Connection, state: &ConnectorState) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO connector_state (connector, last_sync_at, last_result, last_poll_at, out_of_sync, last_error)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (connector) DO UPDATE SET
+           last_sync_at = excluded.last_sync_at, last_result = excluded.last_result,
+           last_poll_at = excluded.last_poll_at, out_of_sync = excluded.out_of_sync,
+           last_error = excluded.last_error",
+        params![
+            state.connector,
+            state.last_sync_at,
+            state.last_result,
+            state.last_poll_at,
+            state.out_of_sync,
+            state.last_error
+        ],
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]

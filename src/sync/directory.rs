@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use ldap3::adapters::{Adapter, EntriesOnly, PagedResults};
-use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, Mod, Scope, SearchEntry};
+use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, Mod, Scope, SearchEntry, SearchStream};
 use thiserror::Error;
 
 use crate::config::{ConnectorConfig, ScopeConfig};
@@ -92,32 +92,70 @@ impl Directory {
         attrs
     }
 
-    /// Every entry in the scope, read page by page.
-    pub async fn entries(&mut self, scope: &ScopeConfig) -> Result<Vec<Entry>, DirectoryError> {
+    /// The in-scope entries matching `filter` too, read page by page as the
+    /// caller consumes them, with `extra` attributes besides the mapped ones.
+    pub async fn stream(
+        &mut self,
+        scope: &ScopeConfig,
+        filter: &str,
+        extra: &[&str],
+    ) -> Result<Entries, DirectoryError> {
+        let mut attrs = self.attributes(scope);
+        attrs.extend(extra.iter().map(|a| a.to_string()));
+        self.paged(scope, filter, attrs).await
+    }
+
+    /// The stable id and name of every entry in scope.
+    pub async fn names(&mut self, scope: &ScopeConfig) -> Result<Entries, DirectoryError> {
+        let attrs = vec![self.id_attribute.clone(), scope.naming.clone()];
+        self.paged(scope, "", attrs).await
+    }
+
+    async fn paged(
+        &mut self,
+        scope: &ScopeConfig,
+        filter: &str,
+        attrs: Vec<String>,
+    ) -> Result<Entries, DirectoryError> {
         let adapters: Vec<Box<dyn Adapter<_, _>>> =
             vec![Box::new(EntriesOnly::new()), Box::new(PagedResults::new(PAGE_SIZE))];
-        let error = |e: ldap3::LdapError| DirectoryError::Operation {
-            operation: "search",
-            dn: scope.base.clone(),
-            message: e.to_string(),
-        };
-        let mut stream = self
+        let filter = format!("(&{}{filter})", scope.filter);
+        let stream = self
             .ldap
-            .streaming_search_with(
-                adapters,
-                &scope.base,
-                Scope::Subtree,
-                &scope.filter,
-                self.attributes(scope),
-            )
+            .streaming_search_with(adapters, &scope.base, Scope::Subtree, &filter, attrs)
             .await
-            .map_err(error)?;
-        let mut entries = Vec::new();
-        while let Some(raw) = stream.next().await.map_err(error)? {
-            entries.extend(self.entry(SearchEntry::construct(raw)));
-        }
-        stream.finish().await.success().map_err(error)?;
-        Ok(entries)
+            .map_err(|e| search_error(&scope.base, e))?;
+        Ok(Entries {
+            stream,
+            base: scope.base.clone(),
+            id_attribute: self.id_attribute.clone(),
+        })
+    }
+
+    /// The root DSE's `attrs`, names lowercased.
+    pub async fn root_dse(&mut self, attrs: &[&str]) -> Result<BTreeMap<String, Vec<String>>, DirectoryError> {
+        let (entries, _) = self
+            .ldap
+            .search("", Scope::Base, "(objectClass=*)", attrs.to_vec())
+            .await
+            .and_then(|r| r.success())
+            .map_err(|e| search_error("", e))?;
+        Ok(entries
+            .into_iter()
+            .next()
+            .map(|raw| {
+                SearchEntry::construct(raw)
+                    .attrs
+                    .into_iter()
+                    .map(|(k, v)| (k.to_lowercase(), v))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// The connection itself, for searches with controls of their own.
+    pub(crate) fn ldap(&mut self) -> &mut Ldap {
+        &mut self.ldap
     }
 
     /// The in-scope entry with the given stable id, wherever it now is.
@@ -179,24 +217,7 @@ impl Directory {
     }
 
     fn entry(&self, raw: SearchEntry) -> Option<Entry> {
-        let mut attrs: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (name, values) in raw.attrs {
-            attrs.entry(name.to_lowercase()).or_default().extend(values);
-        }
-        let id_key = self.id_attribute.to_lowercase();
-        let id = match attrs.get(&id_key).and_then(|v| v.first()) {
-            Some(text) => text.clone(),
-            // objectGUID is binary: shown as the GUID string AD tools print.
-            None => raw
-                .bin_attrs
-                .iter()
-                .find(|(name, _)| name.to_lowercase() == id_key)
-                .and_then(|(_, values)| values.first())
-                .and_then(|bytes| uuid::Uuid::from_slice_le(bytes).ok())
-                .map(|guid| guid.to_string())?,
-        };
-        attrs.remove(&id_key);
-        Some(Entry { id, dn: raw.dn, attrs })
+        to_entry(&self.id_attribute, raw)
     }
 
     pub async fn add(&mut self, dn: &str, attrs: &BTreeMap<String, Vec<String>>) -> Result<(), DirectoryError> {
@@ -242,4 +263,63 @@ fn check(
             dn: dn.to_owned(),
             message: e.to_string(),
         })
+}
+
+/// A search result as an [`Entry`]; `None` without a stable id.
+fn to_entry(id_attribute: &str, raw: SearchEntry) -> Option<Entry> {
+    let mut attrs: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, values) in raw.attrs {
+        attrs.entry(name.to_lowercase()).or_default().extend(values);
+    }
+    let id_key = id_attribute.to_lowercase();
+    let id = match attrs.get(&id_key).and_then(|v| v.first()) {
+        Some(text) => text.clone(),
+        // objectGUID is binary: shown as the GUID string AD tools print.
+        None => raw
+            .bin_attrs
+            .iter()
+            .find(|(name, _)| name.to_lowercase() == id_key)
+            .and_then(|(_, values)| values.first())
+            .and_then(|bytes| uuid::Uuid::from_slice_le(bytes).ok())
+            .map(|guid| guid.to_string())?,
+    };
+    attrs.remove(&id_key);
+    Some(Entry { id, dn: raw.dn, attrs })
+}
+
+/// Entries of a paged search, fetched a page at a time.
+pub struct Entries {
+    stream: SearchStream<'static, String, Vec<String>>,
+    base: String,
+    id_attribute: String,
+}
+
+impl Entries {
+    pub async fn next(&mut self) -> Result<Option<Entry>, DirectoryError> {
+        loop {
+            match self.stream.next().await.map_err(|e| search_error(&self.base, e))? {
+                Some(raw) => {
+                    if let Some(entry) = to_entry(&self.id_attribute, SearchEntry::construct(raw)) {
+                        return Ok(Some(entry));
+                    }
+                }
+                None => {
+                    self.stream
+                        .finish()
+                        .await
+                        .success()
+                        .map_err(|e| search_error(&self.base, e))?;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+fn search_error(base: &str, e: ldap3::LdapError) -> DirectoryError {
+    DirectoryError::Operation {
+        operation: "search",
+        dn: base.to_owned(),
+        message: e.to_string(),
+    }
 }

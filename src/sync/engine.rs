@@ -15,9 +15,9 @@ use thiserror::Error;
 use super::directory::{Directory, DirectoryError, Entry};
 use super::policy::{self, ConflictPolicy, Direction, Fallback, Outcome, Side, Values};
 use crate::config::{ConnectorConfig, DeletePolicy, MEMBERS_FIELD, NAME_FIELD, ScopeConfig};
+use crate::poller::Deleted;
 use crate::store::{
-    Association, Category, ChangeSource, Commit, ConnectorState, JournalEntry, JournalQuery, LocalObject, Store,
-    StoreError, now,
+    Association, Category, ChangeSource, Commit, JournalEntry, JournalQuery, LocalObject, Store, StoreError, now,
 };
 
 #[derive(Debug, Error)]
@@ -30,7 +30,7 @@ pub enum SyncError {
     Store(#[from] StoreError),
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PassOptions {
     /// Decide and report, change nothing.
     pub dry_run: bool,
@@ -60,9 +60,25 @@ impl Report {
     fn say(&mut self, line: String) {
         self.lines.push(line);
     }
+
+    /// Adds another report's counts and lines to this one.
+    pub fn absorb(&mut self, other: Report) {
+        self.associated += other.associated;
+        self.created_local += other.created_local;
+        self.created_ldap += other.created_ldap;
+        self.updated += other.updated;
+        self.conflicts += other.conflicts;
+        self.disputed += other.disputed;
+        self.deleted += other.deleted;
+        self.disabled += other.disabled;
+        self.deletes_refused += other.deletes_refused;
+        self.failed += other.failed;
+        self.lines.extend(other.lines);
+    }
 }
 
-/// Runs one sync pass of `connector` against its directory.
+/// Runs one full sync pass of `connector` against its directory: every
+/// entry in scope is compared with its baseline.
 pub async fn run_pass<S: Store>(
     store: &mut S,
     connector: &ConnectorConfig,
@@ -85,15 +101,7 @@ pub async fn run_pass<S: Store>(
             pass.category(category, scope).await?;
         }
     }
-    let report = pass.report;
-    if !options.dry_run {
-        store.set_connector_state(&ConnectorState {
-            connector: connector.name.clone(),
-            last_sync_at: Some(now()),
-            last_result: serde_json::to_string(&report).expect("report serializes"),
-        })?;
-    }
-    Ok(report)
+    Ok(pass.report)
 }
 
 /// A change seen by one of the three sources.
@@ -107,6 +115,8 @@ pub struct ChangeEvent {
 pub enum Change {
     /// A directory entry was added, modified or renamed; it is now at `dn`.
     Entry { category: Category, dn: String },
+    /// The directory entry at `dn` was deleted.
+    Deleted { category: Category, dn: String },
     /// A local object was added or edited.
     Local { category: Category, name: String },
 }
@@ -114,7 +124,9 @@ pub enum Change {
 impl Change {
     pub fn category(&self) -> Category {
         match self {
-            Change::Entry { category, .. } | Change::Local { category, .. } => *category,
+            Change::Entry { category, .. } | Change::Deleted { category, .. } | Change::Local { category, .. } => {
+                *category
+            }
         }
     }
 }
@@ -129,7 +141,7 @@ pub async fn apply_event<S: Store>(
     event: &ChangeEvent,
 ) -> Result<Report, SyncError> {
     let mut pass = Pass {
-        members: MemberIndex::build(&*store, connector)?,
+        members: MemberIndex::default(),
         store,
         connector,
         directory,
@@ -147,7 +159,30 @@ pub async fn apply_event<S: Store>(
             // Outside the scope now (moved out, filtered out): the next full
             // pass sees it vanish and applies the delete policy.
             if let Some(entry) = pass.directory.entry_at(scope, dn).await? {
+                let object = match pass.store.association_by_entry(&connector.name, &entry.id)? {
+                    Some(a) => pass.store.object_by_id(a.object_id)?,
+                    None => None,
+                };
+                pass.members = MemberIndex::for_pair(&*pass.store, connector, &mapping, Some(&entry), object.as_ref())?;
                 pass.entry(&mapping, &entry).await?;
+            }
+        }
+        Change::Deleted { dn, .. } => {
+            let Some(object) = pass.store.object_associated_at(&connector.name, dn)? else {
+                return Ok(pass.report);
+            };
+            let Some(association) = pass.store.association_by_object(&connector.name, object.id)? else {
+                return Ok(pass.report);
+            };
+            // The association follows the entry, not the DN: if the entry
+            // is still in scope (elsewhere), this delete was of another one.
+            match pass.directory.entry_by_id(scope, &association.entry_id).await? {
+                Some(entry) => {
+                    pass.members =
+                        MemberIndex::for_pair(&*pass.store, connector, &mapping, Some(&entry), Some(&object))?;
+                    pass.reconcile(&mapping, association, &entry).await?;
+                }
+                None => pass.gone(&mapping, vec![(association, object)], Window::Recent).await?,
             }
         }
         Change::Local { name, .. } => {
@@ -156,27 +191,76 @@ pub async fn apply_event<S: Store>(
             };
             match pass.store.association_by_object(&connector.name, object.id)? {
                 Some(association) => match pass.directory.entry_by_id(scope, &association.entry_id).await? {
-                    Some(entry) => pass.reconcile(&mapping, association, &entry).await?,
+                    Some(entry) => {
+                        pass.members =
+                            MemberIndex::for_pair(&*pass.store, connector, &mapping, Some(&entry), Some(&object))?;
+                        pass.reconcile(&mapping, association, &entry).await?
+                    }
                     None => pass.report.say(format!(
                         "{category} {name}: its entry is not in scope; left to the next pass"
                     )),
                 },
-                None if pass.store.association_of_object(object.id)?.is_none()
-                    && connector.direction != Direction::LdapToLocal =>
-                {
+                // Held by no connector: matched by name, or created in the
+                // directory when local changes go there.
+                None if pass.store.association_of_object(object.id)?.is_none() => {
                     let same_name = pass.directory.entries_named(scope, name).await?;
-                    match same_name.as_slice() {
-                        [] => pass.create_entry(&mapping, &object).await?,
-                        _ => {
-                            for entry in &same_name {
-                                pass.entry(&mapping, entry).await?;
-                            }
-                        }
+                    if same_name.is_empty() && connector.direction != Direction::LdapToLocal {
+                        pass.members = MemberIndex::for_pair(&*pass.store, connector, &mapping, None, Some(&object))?;
+                        pass.create_entry(&mapping, &object).await?;
+                    }
+                    for entry in &same_name {
+                        pass.members =
+                            MemberIndex::for_pair(&*pass.store, connector, &mapping, Some(entry), Some(&object))?;
+                        pass.entry(&mapping, entry).await?;
                     }
                 }
                 None => {}
             }
         }
+    }
+    Ok(pass.report)
+}
+
+/// Applies what a poll reported about entries that left one category's
+/// scope, under the delete policy and the mass-delete guard.
+pub async fn apply_deleted<S: Store>(
+    store: &mut S,
+    connector: &ConnectorConfig,
+    directory: &mut Directory,
+    category: Category,
+    deleted: &Deleted,
+) -> Result<Report, SyncError> {
+    let mut pass = Pass {
+        members: MemberIndex::default(),
+        store,
+        connector,
+        directory,
+        options: PassOptions::default(),
+        source: ChangeSource::Poll,
+        report: Report::default(),
+    };
+    let Some(scope) = scope_of(connector, category) else {
+        return Ok(pass.report);
+    };
+    let mapping = Mapping { scope, category };
+    match deleted {
+        Deleted::Listed(ids) => {
+            let mut gone = Vec::new();
+            for id in ids {
+                // A server may list every deleted id it knows, whatever the
+                // search (syncprov's session log does): keep this category's.
+                if let Some(a) = pass.store.association_by_entry(&connector.name, id)?
+                    && !a.entry_gone
+                    && let Some(object) = pass.store.object_by_id(a.object_id)?
+                    && object.category == category
+                {
+                    gone.push((a, object));
+                }
+            }
+            pass.gone(&mapping, gone, Window::Recent).await?;
+        }
+        Deleted::AllBut(present) => pass.vanished(&mapping, present).await?,
+        Deleted::NotReported => {}
     }
     Ok(pass.report)
 }
@@ -202,11 +286,51 @@ struct MemberIndex {
 }
 
 impl MemberIndex {
-    fn build<S: Store>(store: &S, connector: &ConnectorConfig) -> Result<MemberIndex, StoreError> {
-        let mut index = MemberIndex {
+    fn empty(connector: &ConnectorConfig) -> MemberIndex {
+        MemberIndex {
             accounts: connector.accounts.as_ref().map(|s| (s.naming.clone(), s.base.clone())),
             ..MemberIndex::default()
+        }
+    }
+
+    /// Only the members one entry and one object name: what a single
+    /// change needs, without reading every association.
+    fn for_pair<S: Store>(
+        store: &S,
+        connector: &ConnectorConfig,
+        mapping: &Mapping<'_>,
+        entry: Option<&Entry>,
+        object: Option<&LocalObject>,
+    ) -> Result<MemberIndex, StoreError> {
+        let mut index = MemberIndex::empty(connector);
+        let Some(attr) = &mapping.scope.membership else {
+            return Ok(index);
         };
+        for dn in entry.map(|e| e.get(attr)).unwrap_or_default() {
+            if let Some(account) = store.object_associated_at(&connector.name, dn)?
+                && account.category == Category::Account
+            {
+                index.by_dn.insert(dn.to_lowercase(), account.name.clone());
+                index.by_name.insert(account.name, dn.clone());
+            }
+        }
+        let names = object
+            .and_then(|o| o.values.get(MEMBERS_FIELD))
+            .cloned()
+            .unwrap_or_default();
+        for name in names {
+            if let Some(account) = store.object(Category::Account, &name)?
+                && let Some(a) = store.association_by_object(&connector.name, account.id)?
+            {
+                index.by_dn.insert(a.dn.to_lowercase(), name.clone());
+                index.by_name.insert(name, a.dn);
+            }
+        }
+        Ok(index)
+    }
+
+    fn build<S: Store>(store: &S, connector: &ConnectorConfig) -> Result<MemberIndex, StoreError> {
+        let mut index = MemberIndex::empty(connector);
         for a in store.associations(Some(&connector.name))? {
             if let Some(object) = store.object_by_id(a.object_id)?
                 && object.category == Category::Account
@@ -275,27 +399,30 @@ impl<S: Store> Pass<'_, S> {
         .map(|_| ())
     }
 
+    /// Compares every entry of the scope with its baseline, a page at a time.
     async fn category(&mut self, category: Category, scope: &ScopeConfig) -> Result<(), SyncError> {
-        let entries = self.directory.entries(scope).await?;
         let mapping = Mapping { scope, category };
+        // Names first: a name several entries share is disputed, not matched.
         let mut naming_counts: HashMap<String, usize> = HashMap::new();
-        for entry in &entries {
-            if let Some(name) = naming_value(&mapping, entry) {
+        let mut names = self.directory.names(scope).await?;
+        while let Some(entry) = names.next().await? {
+            if let Some(name) = naming_value(&mapping, &entry) {
                 *naming_counts.entry(name).or_default() += 1;
             }
         }
         let mut seen = HashSet::new();
         let mut matched_objects = HashSet::new();
-        for entry in &entries {
+        let mut entries = self.directory.stream(scope, "", &[]).await?;
+        while let Some(entry) = entries.next().await? {
             seen.insert(entry.id.clone());
             if let Some(association) = self.store.association_by_entry(&self.connector.name, &entry.id)? {
                 matched_objects.insert(association.object_id);
-                self.reconcile(&mapping, association, entry).await?;
+                self.reconcile(&mapping, association, &entry).await?;
                 continue;
             }
             let name_taken =
-                naming_value(&mapping, entry).is_some_and(|n| naming_counts.get(&n).copied().unwrap_or(0) > 1);
-            if let Some(id) = self.first_sync(&mapping, entry, name_taken).await? {
+                naming_value(&mapping, &entry).is_some_and(|n| naming_counts.get(&n).copied().unwrap_or(0) > 1);
+            if let Some(id) = self.first_sync(&mapping, &entry, name_taken).await? {
                 matched_objects.insert(id);
             }
         }
@@ -562,39 +689,74 @@ impl<S: Store> Pass<'_, S> {
         Ok(dn)
     }
 
-    /// Associated objects whose entry is no longer in scope.
+    /// Associated objects whose entry is not among the `seen` ids of a
+    /// complete read of the scope.
     async fn vanished(&mut self, mapping: &Mapping<'_>, seen: &HashSet<String>) -> Result<(), SyncError> {
         let mut gone = Vec::new();
-        let mut total = 0;
         for association in self.store.associations(Some(&self.connector.name))? {
-            let Some(object) = self.store.object_by_id(association.object_id)? else {
-                continue;
-            };
-            if object.category != mapping.category {
+            if seen.contains(&association.entry_id) || association.entry_gone {
                 continue;
             }
-            total += 1;
-            if !seen.contains(&association.entry_id) && !association.entry_gone {
+            if let Some(object) = self.store.object_by_id(association.object_id)?
+                && object.category == mapping.category
+            {
                 gone.push((association, object));
             }
         }
+        // An empty answer is far likelier a wrong base, filter or ACL than
+        // a directory emptied on purpose.
+        if seen.is_empty() && !gone.is_empty() && !self.options.confirm_deletes {
+            self.report.deletes_refused += gone.len();
+            self.report.say(format!(
+                "refused: the directory returned no {} entries at all, so none of the {} associated ones \
+                 is treated as deleted; confirm with --confirm-deletes",
+                mapping.category,
+                gone.len()
+            ));
+            let detail = serde_json::json!({ "vanished": gone.len(), "reason": "no entries in scope" });
+            return Ok(self.journal_once(self.journal(
+                mapping.category,
+                "*",
+                self.source,
+                "delete-refused",
+                detail,
+            ))?);
+        }
+        self.gone(mapping, gone, Window::Pass).await
+    }
+
+    /// Applies the delete policy to objects whose entry left the scope,
+    /// unless the mass-delete guard trips.
+    async fn gone(
+        &mut self,
+        mapping: &Mapping<'_>,
+        gone: Vec<(Association, LocalObject)>,
+        window: Window,
+    ) -> Result<(), SyncError> {
         if gone.is_empty() {
             return Ok(());
         }
         let policy = self.connector.delete;
-        let guard_trips = gone.len() > self.connector.max_deletes
-            || gone.len() * 100 > usize::from(self.connector.max_delete_percent) * total;
+        let total = self.store.association_count(&self.connector.name, mapping.category)?;
+        // Deletes seen one poll or capture at a time are counted together
+        // with the others of the last hour, so a slow mass delete trips too.
+        let earlier = match window {
+            Window::Pass => 0,
+            Window::Recent => self
+                .store
+                .count_journal(&self.connector.name, &["deleted", "disabled"], now() - 3600)?,
+        };
+        let count = earlier + gone.len();
+        let guard_trips =
+            count > self.connector.max_deletes || count * 100 > usize::from(self.connector.max_delete_percent) * total;
         if policy != DeletePolicy::Ignore && guard_trips && !self.options.confirm_deletes {
             self.report.deletes_refused += gone.len();
             self.report.say(format!(
-                "refused: {} of {total} associated {}s vanished from the directory, over the mass-delete guard \
-                 ({} objects or {}%); confirm with --confirm-deletes",
-                gone.len(),
-                mapping.category,
-                self.connector.max_deletes,
-                self.connector.max_delete_percent
+                "refused: {count} of {total} associated {}s left the directory scope, over the mass-delete guard \
+                 ({} objects or {}%); confirm with `ldapsync sync run --confirm-deletes`",
+                mapping.category, self.connector.max_deletes, self.connector.max_delete_percent
             ));
-            let detail = serde_json::json!({ "vanished": gone.len(), "associated": total });
+            let detail = serde_json::json!({ "vanished": count, "associated": total });
             self.journal_once(self.journal(mapping.category, "*", self.source, "delete-refused", detail))?;
             return Ok(());
         }
@@ -725,23 +887,39 @@ impl<S: Store> Pass<'_, S> {
     }
 }
 
-/// Associated objects whose synced fields were edited locally since their
-/// last sync: what the next pass will decide about.
-pub fn pending<S: Store>(store: &S, connector: &ConnectorConfig) -> Result<usize, StoreError> {
-    let mut count = 0;
-    for association in store.associations(Some(&connector.name))? {
-        let Some(object) = store.object_by_id(association.object_id)? else {
-            continue;
-        };
-        if let Some(scope) = scope_of(connector, object.category) {
-            let mapping = Mapping {
-                scope,
-                category: object.category,
+/// Which deletes the mass-delete guard counts together.
+#[derive(Debug, Clone, Copy)]
+enum Window {
+    /// Those of one full pass.
+    Pass,
+    /// Those of the last hour, for deletes seen one capture or poll at a time.
+    Recent,
+}
+
+/// Local objects edited since their last sync, and local objects no
+/// connector holds yet (to match by name, or create in the directory): the
+/// local source's change events.
+pub fn local_changes<S: Store>(store: &S, connector: &ConnectorConfig) -> Result<Vec<ChangeEvent>, StoreError> {
+    let mut events = Vec::new();
+    for (category, scope) in connector.scopes() {
+        let mapping = Mapping { scope, category };
+        for object in store.objects(category)? {
+            let changed = match store.association_by_object(&connector.name, object.id)? {
+                Some(a) => !a.entry_gone && mapping.local_values(&object) != a.baseline,
+                None => store.association_of_object(object.id)?.is_none(),
             };
-            count += usize::from(mapping.local_values(&object) != association.baseline);
+            if changed {
+                events.push(ChangeEvent {
+                    source: ChangeSource::Local,
+                    change: Change::Local {
+                        category,
+                        name: object.name,
+                    },
+                });
+            }
         }
     }
-    Ok(count)
+    Ok(events)
 }
 
 fn scope_of(connector: &ConnectorConfig, category: Category) -> Option<&ScopeConfig> {

@@ -1,14 +1,19 @@
-//! Runs the configured connectors while `ldapsync serve` relays: each
-//! connector's worker applies the writes the proxy captured as they come,
-//! and a full pass at start, every poll interval, and whenever a capture
-//! could not be handled precisely (a delete, a full queue, an unreadable
-//! request). The full pass is the safety net that makes a lost capture
-//! harmless: it compares every entry in scope with its baseline.
+//! Runs the configured connectors while `ldapsync serve` relays.
+//!
+//! Captured writes are appended to the durable capture journal (SQLite) by
+//! one writer thread, fed from a bounded queue so that the proxy never
+//! waits; each connector's worker applies them in order and removes them.
+//! Every poll interval the worker polls the directory for what changed
+//! directly since its watermark, and every reconciliation interval (or
+//! when a capture could not be journaled) it compares every entry in scope
+//! with its baseline. The full comparison is the safety net that makes any
+//! lost change harmless.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use serde::Serialize;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
@@ -18,32 +23,50 @@ use tracing::{Instrument, debug, info, warn};
 use super::directory::Directory;
 use super::engine::{self, Change, ChangeEvent, PassOptions, Report, SyncError};
 use crate::config::{Config, ConnectorConfig, dn_within};
+use crate::poller::{self, Mechanism};
 use crate::proxy::capture::{Affected, CaptureLoss, CaptureSink, CapturedWrite};
-use crate::store::{ChangeSource, SqliteStore};
+use crate::store::{Capture, CaptureKind, Category, ChangeSource, ConnectorState, SqliteStore, Store, Watermark, now};
 
-/// Captured changes waiting for a connector's worker; past this, the
-/// connector resynchronizes with a full pass instead.
+/// Captured writes waiting for the journal writer; past this, the
+/// connectors concerned resynchronize with a full comparison instead.
 const QUEUE: usize = 4096;
+/// Captures appended to the journal in one transaction, at most.
+const BATCH: usize = 512;
 
 /// The capture sink of a proxy whose directory has connectors: routes each
 /// captured write to the connectors whose scope holds the entry.
 pub struct CaptureRouter {
-    routes: Vec<Route>,
+    routes: Arc<Vec<Route>>,
+    journal: mpsc::Sender<Capture>,
 }
 
+/// One connector as the capture side sees it.
 struct Route {
     connector: String,
-    scopes: Vec<(crate::store::Category, String)>,
-    events: mpsc::Sender<ChangeEvent>,
-    resync: Arc<Notify>,
+    scopes: Vec<(Category, String)>,
+    /// Wakes the worker: captures were journaled.
+    captured: Notify,
+    /// Wakes the worker for a full comparison, with the reason in `lost`.
+    resync: Notify,
+    lost: Mutex<Option<String>>,
 }
 
 impl Route {
-    fn category_of(&self, dn: &str) -> Option<crate::store::Category> {
+    fn category_of(&self, dn: &str) -> Option<Category> {
         self.scopes
             .iter()
             .find(|(_, base)| dn_within(dn, base))
             .map(|(category, _)| *category)
+    }
+
+    /// A change could not be journaled: the connector compares everything.
+    fn out_of_sync(&self, reason: String) {
+        warn!(
+            connector = self.connector,
+            reason, "connector out of sync; a full comparison follows"
+        );
+        *self.lost.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+        self.resync.notify_one();
     }
 }
 
@@ -52,33 +75,29 @@ impl CaptureSink for CaptureRouter {
         let affected = match write.affected() {
             Ok(affected) => affected,
             Err(error) => {
-                warn!(session = write.session, %error, "captured write unreadable; every connector resynchronizes");
-                self.routes.iter().for_each(|r| r.resync.notify_one());
+                let reason = format!("captured write unreadable: {error}");
+                self.routes.iter().for_each(|r| r.out_of_sync(reason.clone()));
                 return;
             }
         };
-        for route in &self.routes {
-            match &affected {
-                Affected::Entry(dn) => {
-                    let Some(category) = route.category_of(dn) else {
-                        continue;
-                    };
-                    let event = ChangeEvent {
-                        source: ChangeSource::Proxy,
-                        change: Change::Entry {
-                            category,
-                            dn: dn.clone(),
-                        },
-                    };
-                    if route.events.try_send(event).is_err() {
-                        warn!(connector = route.connector, %dn, "capture queue full; connector resynchronizes");
-                        route.resync.notify_one();
-                    }
-                }
-                // Deletes go through a full pass, where the delete policy
-                // and the mass-delete guard apply.
-                Affected::Deleted(dn) if route.category_of(dn).is_some() => route.resync.notify_one(),
-                Affected::Deleted(_) => {}
+        let (kind, dn) = match affected {
+            Affected::Entry(dn) => (CaptureKind::Written, dn),
+            Affected::Deleted(dn) => (CaptureKind::Deleted, dn),
+        };
+        for route in self.routes.iter() {
+            let Some(category) = route.category_of(&dn) else {
+                continue;
+            };
+            let capture = Capture {
+                id: 0,
+                connector: route.connector.clone(),
+                category,
+                kind,
+                dn: dn.clone(),
+                captured_at: now(),
+            };
+            if self.journal.try_send(capture).is_err() {
+                route.out_of_sync(format!("capture queue full at {dn}"));
             }
         }
     }
@@ -92,30 +111,78 @@ impl CaptureSink for CaptureRouter {
     }
 }
 
-/// Starts one worker per connector; returns the sink the proxy hands
-/// captured writes to.
+/// Starts the capture journal writer and one worker per connector; returns
+/// the sink the proxy hands captured writes to.
 pub fn start(config: &Config, shutdown: CancellationToken, tasks: &TaskTracker) -> CaptureRouter {
-    let mut routes = Vec::new();
-    for name in config.connectors.iter().map(|c| c.name.clone()) {
-        let connector = config.connector(&name).expect("connector from the config");
-        let (events, queue) = mpsc::channel(QUEUE);
-        let resync = Arc::new(Notify::new());
-        routes.push(Route {
-            connector: name.clone(),
-            scopes: connector.scopes().map(|(c, s)| (c, s.base.clone())).collect(),
-            events,
-            resync: Arc::clone(&resync),
-        });
+    let routes: Arc<Vec<Route>> = Arc::new(
+        config
+            .connectors
+            .iter()
+            .map(|c| Route {
+                connector: c.name.clone(),
+                scopes: c.scopes().map(|(category, s)| (category, s.base.clone())).collect(),
+                captured: Notify::new(),
+                resync: Notify::new(),
+                lost: Mutex::new(None),
+            })
+            .collect(),
+    );
+    let (journal, queue) = mpsc::channel(QUEUE);
+    let writer_routes = Arc::clone(&routes);
+    let store_path = config.store.path.clone();
+    tasks.spawn_blocking(move || write_captures(store_path, queue, writer_routes));
+    for (index, route) in routes.iter().enumerate() {
         let worker = Worker {
-            connector,
+            connector: config.connector(&route.connector).expect("connector from the config"),
             store_path: config.store.path.clone(),
             connect_timeout: config.proxy.connect_timeout,
             directory: None,
         };
-        let span = tracing::info_span!("connector", name);
-        tasks.spawn(worker.run(queue, resync, shutdown.clone()).instrument(span));
+        let span = tracing::info_span!("connector", name = route.connector);
+        tasks.spawn(
+            worker
+                .run(Arc::clone(&routes), index, shutdown.clone())
+                .instrument(span),
+        );
     }
-    CaptureRouter { routes }
+    CaptureRouter { routes, journal }
+}
+
+/// The journal writer: appends captures in batches until the proxy is gone.
+fn write_captures(store_path: PathBuf, mut queue: mpsc::Receiver<Capture>, routes: Arc<Vec<Route>>) {
+    let mut store: Option<SqliteStore> = None;
+    while let Some(first) = queue.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < BATCH
+            && let Ok(next) = queue.try_recv()
+        {
+            batch.push(next);
+        }
+        let result = match &mut store {
+            Some(store) => store.append_captures(&batch),
+            None => SqliteStore::open(&store_path).and_then(|mut s| {
+                let result = s.append_captures(&batch);
+                store = Some(s);
+                result
+            }),
+        };
+        let concerned = routes
+            .iter()
+            .filter(|r| batch.iter().any(|c| c.connector == r.connector));
+        match result {
+            Ok(()) => concerned.for_each(|r| r.captured.notify_one()),
+            Err(e) => {
+                let reason = format!("capture journal write failed: {e}");
+                for route in concerned {
+                    if let Some(store) = &mut store {
+                        // Best effort: the database may be what is failing.
+                        let _ = store.mark_out_of_sync(&route.connector, &reason);
+                    }
+                    route.out_of_sync(reason.clone());
+                }
+            }
+        }
+    }
 }
 
 struct Worker {
@@ -126,33 +193,38 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(mut self, mut queue: mpsc::Receiver<ChangeEvent>, resync: Arc<Notify>, shutdown: CancellationToken) {
+    async fn run(mut self, routes: Arc<Vec<Route>>, index: usize, shutdown: CancellationToken) {
+        let route = &routes[index];
         let Some(mut store) = self.open_store(&shutdown).await else {
             return;
         };
         let interval = self.connector.poll_interval;
         let mut backoff = Duration::from_secs(1);
-        let mut next_pass = Instant::now();
+        let mut next_poll = Instant::now();
         loop {
             let outcome = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some(event) = queue.recv() => self.event(&mut store, &event).await,
-                _ = resync.notified() => self.pass(&mut store).await,
-                _ = sleep_until(next_pass) => {
-                    next_pass = Instant::now() + interval;
-                    self.pass(&mut store).await
+                _ = route.captured.notified() => self.captures(&mut store).await,
+                _ = route.resync.notified() => {
+                    let reason = route.lost.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    self.resync(&mut store, reason.unwrap_or_else(|| "capture lost".into())).await
+                }
+                _ = sleep_until(next_poll) => {
+                    next_poll = Instant::now() + interval;
+                    self.poll(&mut store).await
                 }
             };
             match outcome {
                 Ok(()) => backoff = Duration::from_secs(1),
                 Err(e) => {
-                    // Reconnect next time, and retry the pass after a back-off
-                    // rather than a whole poll interval.
+                    // Reconnect next time, and retry after a back-off rather
+                    // than a whole poll interval.
                     warn!(error = %e, retry_in = ?backoff, "sync failed");
+                    record_error(&mut store, &self.connector.name, &e);
                     if let Some(directory) = self.directory.take() {
                         directory.close().await;
                     }
-                    next_pass = next_pass.min(Instant::now() + backoff);
+                    next_poll = next_poll.min(Instant::now() + backoff);
                     backoff = (backoff * 2).min(interval);
                 }
             }
@@ -178,18 +250,43 @@ impl Worker {
         }
     }
 
-    async fn event(&mut self, store: &mut SqliteStore, event: &ChangeEvent) -> Result<(), SyncError> {
+    async fn captures(&mut self, store: &mut SqliteStore) -> Result<(), SyncError> {
         let directory = connected(&mut self.directory, &self.connector, self.connect_timeout).await?;
-        let report = engine::apply_event(store, &self.connector, directory, event).await?;
-        log_report("captured change", &report);
+        let report = apply_captures(store, &self.connector, directory).await?;
+        log_report("captured changes", &report);
         Ok(())
     }
 
-    async fn pass(&mut self, store: &mut SqliteStore) -> Result<(), SyncError> {
+    async fn poll(&mut self, store: &mut SqliteStore) -> Result<(), SyncError> {
         let directory = connected(&mut self.directory, &self.connector, self.connect_timeout).await?;
-        let report = engine::run_pass(store, &self.connector, directory, PassOptions::default()).await?;
-        log_report("sync pass", &report);
+        apply_captures(store, &self.connector, directory).await?;
+        let outcome = poll(store, &self.connector, directory, Poll::Due).await?;
+        log_report(outcome.kind.as_str(), &outcome.report);
         Ok(())
+    }
+
+    async fn resync(&mut self, store: &mut SqliteStore, reason: String) -> Result<(), SyncError> {
+        store.mark_out_of_sync(&self.connector.name, &reason)?;
+        let directory = connected(&mut self.directory, &self.connector, self.connect_timeout).await?;
+        let outcome = poll(store, &self.connector, directory, Poll::Due).await?;
+        log_report(outcome.kind.as_str(), &outcome.report);
+        Ok(())
+    }
+}
+
+fn record_error(store: &mut SqliteStore, connector: &str, error: &SyncError) {
+    let mut state = store
+        .connector_state(connector)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| ConnectorState {
+            connector: connector.to_owned(),
+            last_result: "{}".into(),
+            ..ConnectorState::default()
+        });
+    state.last_error = Some(error.to_string());
+    if let Err(e) = store.set_connector_state(&state) {
+        warn!(error = %e, "cannot record the failure in the store");
     }
 }
 
@@ -211,4 +308,177 @@ fn log_report(what: &str, report: &Report) {
         info!("{line}");
     }
     debug!(?report, "{what} done");
+}
+
+/// Applies the connector's journaled captures in order, removing each once
+/// applied: a crash in between applies it again, which changes nothing.
+pub async fn apply_captures<S: Store>(
+    store: &mut S,
+    connector: &ConnectorConfig,
+    directory: &mut Directory,
+) -> Result<Report, SyncError> {
+    let mut report = Report::default();
+    loop {
+        let batch = store.captures(&connector.name, BATCH)?;
+        if batch.is_empty() {
+            return Ok(report);
+        }
+        for capture in batch {
+            let change = match capture.kind {
+                CaptureKind::Written => Change::Entry {
+                    category: capture.category,
+                    dn: capture.dn,
+                },
+                CaptureKind::Deleted => Change::Deleted {
+                    category: capture.category,
+                    dn: capture.dn,
+                },
+            };
+            let event = ChangeEvent {
+                source: ChangeSource::Proxy,
+                change,
+            };
+            report.absorb(engine::apply_event(store, connector, directory, &event).await?);
+            store.remove_capture(capture.id)?;
+        }
+    }
+}
+
+/// What a poll should do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Poll {
+    /// Read the changes since the watermark, unless a full comparison is
+    /// due (no watermark yet, out of sync, reconciliation interval passed).
+    Due,
+    /// Compare every entry in scope, with these options.
+    Full(PassOptions),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PollKind {
+    Incremental,
+    Reconciliation,
+}
+
+impl PollKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PollKind::Incremental => "incremental poll",
+            PollKind::Reconciliation => "full reconciliation",
+        }
+    }
+}
+
+pub struct PollOutcome {
+    pub kind: PollKind,
+    pub mechanism: Mechanism,
+    pub report: Report,
+}
+
+/// One poll of a connector: incremental from the stored watermarks when
+/// they allow it, otherwise a full reconciliation that stores new ones.
+pub async fn poll<S: Store>(
+    store: &mut S,
+    connector: &ConnectorConfig,
+    directory: &mut Directory,
+    poll: Poll,
+) -> Result<PollOutcome, SyncError> {
+    let (mechanism, server) = poller::detect(directory, connector.poll_mechanism).await?;
+    let mut state = store
+        .connector_state(&connector.name)?
+        .unwrap_or_else(|| ConnectorState {
+            connector: connector.name.clone(),
+            last_result: "{}".into(),
+            ..ConnectorState::default()
+        });
+    let mut watermarks = Vec::new();
+    for (category, _) in connector.scopes() {
+        match store.watermark(&connector.name, category)? {
+            Some(w) if w.mechanism == mechanism && w.server == server => watermarks.push(w),
+            _ => break,
+        }
+    }
+    let reconcile_due = state
+        .last_sync_at
+        .is_none_or(|at| now() - at >= connector.reconcile_interval.as_secs() as i64);
+    let incremental = poll == Poll::Due
+        && mechanism != Mechanism::Full
+        && state.out_of_sync.is_none()
+        && !reconcile_due
+        && watermarks.len() == connector.scopes().count();
+    let started = now();
+    let kind = if incremental {
+        PollKind::Incremental
+    } else {
+        PollKind::Reconciliation
+    };
+    let mut report = Report::default();
+    if incremental {
+        for watermark in &mut watermarks {
+            let scope = connector
+                .scopes()
+                .find(|(c, _)| *c == watermark.category)
+                .map(|(_, s)| s)
+                .expect("watermarks are of configured categories");
+            let changes = poller::changes_since(directory, mechanism, scope, &watermark.value).await?;
+            for dn in changes.written {
+                let event = ChangeEvent {
+                    source: ChangeSource::Poll,
+                    change: Change::Entry {
+                        category: watermark.category,
+                        dn,
+                    },
+                };
+                report.absorb(engine::apply_event(store, connector, directory, &event).await?);
+            }
+            report.absorb(
+                engine::apply_deleted(store, connector, directory, watermark.category, &changes.deleted).await?,
+            );
+            watermark.value = changes.watermark;
+            watermark.updated_at = now();
+        }
+        for event in engine::local_changes(&*store, connector)? {
+            report.absorb(engine::apply_event(store, connector, directory, &event).await?);
+        }
+    } else {
+        let options = match poll {
+            Poll::Full(options) => options,
+            Poll::Due => PassOptions::default(),
+        };
+        // Read before the comparison starts, so that what changes while it
+        // runs is read again by the next poll.
+        watermarks.clear();
+        for (category, scope) in connector.scopes() {
+            if let Some(value) = poller::watermark_now(directory, mechanism, scope).await? {
+                watermarks.push(Watermark {
+                    connector: connector.name.clone(),
+                    category,
+                    mechanism,
+                    server: server.clone(),
+                    value,
+                    updated_at: now(),
+                });
+            }
+        }
+        report = engine::run_pass(store, connector, directory, options).await?;
+        if options.dry_run {
+            return Ok(PollOutcome {
+                kind,
+                mechanism,
+                report,
+            });
+        }
+        state.last_sync_at = Some(started);
+        state.last_result = serde_json::to_string(&report).expect("report serializes");
+        state.out_of_sync = None;
+    }
+    state.last_poll_at = Some(started);
+    state.last_error = None;
+    store.finish_poll(&state, &watermarks)?;
+    Ok(PollOutcome {
+        kind,
+        mechanism,
+        report,
+    })
 }

@@ -1,0 +1,289 @@
+//! The poller: what changed in a connector's scope since its last poll,
+//! read with the best mechanism the directory offers, and the watermark
+//! that says how far it has read.
+//!
+//! It only reads. The worker turns what it finds into `ChangeEvent`s for
+//! the engine and stores the new watermark once they are applied, so a
+//! crash replays a little and never skips anything.
+
+pub mod syncrepl;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Deserialize;
+
+use crate::config::ScopeConfig;
+use crate::sync::directory::{Directory, DirectoryError};
+
+/// How a connector finds the directory's changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mechanism {
+    /// RFC 4533 refreshOnly with a stored cookie (OpenLDAP syncprov):
+    /// reports adds, modifies, renames and deletes.
+    Syncrepl,
+    /// `modifyTimestamp` at or after the watermark (any server); deletes
+    /// are found by the full reconciliation.
+    Timestamp,
+    /// Active Directory: `uSNChanged` above the domain controller's
+    /// highestCommittedUSN watermark.
+    Usn,
+    /// No incremental reads: every poll is a full reconciliation.
+    Full,
+}
+
+impl Mechanism {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mechanism::Syncrepl => "syncrepl",
+            Mechanism::Timestamp => "timestamp",
+            Mechanism::Usn => "usn",
+            Mechanism::Full => "full",
+        }
+    }
+}
+
+impl fmt::Display for Mechanism {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Mechanism {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        [
+            Mechanism::Syncrepl,
+            Mechanism::Timestamp,
+            Mechanism::Usn,
+            Mechanism::Full,
+        ]
+        .into_iter()
+        .find(|m| m.as_str() == s)
+        .ok_or_else(|| format!("unknown poll mechanism {s:?}"))
+    }
+}
+
+/// Active Directory's capability OID (LDAP_CAP_ACTIVE_DIRECTORY_OID).
+const AD_CAPABILITY: &str = "1.2.840.113556.1.4.800";
+
+/// How far back a timestamp watermark reaches past the last change seen:
+/// covers clock skew between ldapsync and the directory, and changes
+/// committed while a paged search was between pages. Re-reading an
+/// unchanged entry is harmless.
+const TIMESTAMP_OVERLAP: Duration = Duration::from_secs(2);
+
+/// The mechanism to use with this directory, and the identity of the
+/// server its watermarks are valid for.
+pub async fn detect(
+    directory: &mut Directory,
+    configured: Option<Mechanism>,
+) -> Result<(Mechanism, String), DirectoryError> {
+    let root = directory
+        .root_dse(&["supportedControl", "supportedCapabilities", "dsServiceName"])
+        .await?;
+    let has = |attr: &str, value: &str| root.get(attr).is_some_and(|v| v.iter().any(|x| x == value));
+    let mechanism = configured.unwrap_or(if has("supportedcontrol", syncrepl::SYNC_REQUEST_OID) {
+        Mechanism::Syncrepl
+    } else if has("supportedcapabilities", AD_CAPABILITY) {
+        Mechanism::Usn
+    } else {
+        Mechanism::Timestamp
+    });
+    // USNs are per domain controller; other watermarks hold for any replica.
+    let server = match mechanism {
+        Mechanism::Usn => root
+            .get("dsservicename")
+            .and_then(|v| v.first())
+            .cloned()
+            .unwrap_or_default(),
+        _ => String::new(),
+    };
+    Ok((mechanism, server))
+}
+
+/// The watermark for a full reconciliation, read before it starts so that
+/// changes made while it runs are read again by the next poll.
+pub async fn watermark_now(
+    directory: &mut Directory,
+    mechanism: Mechanism,
+    scope: &ScopeConfig,
+) -> Result<Option<Vec<u8>>, DirectoryError> {
+    Ok(match mechanism {
+        Mechanism::Syncrepl => syncrepl::refresh(directory, scope, None, &["1.1"]).await?.cookie,
+        Mechanism::Timestamp => Some(generalized_time(SystemTime::now() - TIMESTAMP_OVERLAP).into_bytes()),
+        Mechanism::Usn => Some(highest_usn(directory).await?.to_string().into_bytes()),
+        Mechanism::Full => None,
+    })
+}
+
+/// What changed in one scope since a watermark.
+#[derive(Debug)]
+pub struct Changes {
+    /// DNs of entries added, modified or renamed (now in scope).
+    pub written: Vec<String>,
+    pub deleted: Deleted,
+    /// The watermark covering these changes.
+    pub watermark: Vec<u8>,
+}
+
+/// What the mechanism says about entries that left the scope.
+#[derive(Debug)]
+pub enum Deleted {
+    /// These entries (by stable id) were deleted or moved out.
+    Listed(Vec<String>),
+    /// Every entry not in this set of stable ids has gone (RFC 4533's
+    /// present phase).
+    AllBut(HashSet<String>),
+    /// The mechanism cannot see deletes; the full reconciliation finds them.
+    NotReported,
+}
+
+/// The changes in `scope` since `watermark`.
+pub async fn changes_since(
+    directory: &mut Directory,
+    mechanism: Mechanism,
+    scope: &ScopeConfig,
+    watermark: &[u8],
+) -> Result<Changes, DirectoryError> {
+    match mechanism {
+        Mechanism::Syncrepl => {
+            let refresh = syncrepl::refresh(directory, scope, Some(watermark), &["1.1"]).await?;
+            let mut written = refresh.written;
+            written.dedup();
+            Ok(Changes {
+                written,
+                deleted: match refresh.present {
+                    Some(present) => Deleted::AllBut(present),
+                    None => Deleted::Listed(refresh.deleted),
+                },
+                watermark: refresh.cookie.unwrap_or_else(|| watermark.to_vec()),
+            })
+        }
+        Mechanism::Timestamp => {
+            let since = String::from_utf8_lossy(watermark).into_owned();
+            let started = Instant::now();
+            let filter = format!("(modifyTimestamp>={since})");
+            let mut newest = since.clone();
+            let mut written = Vec::new();
+            let mut entries = directory.stream(scope, &filter, &["modifyTimestamp"]).await?;
+            while let Some(entry) = entries.next().await? {
+                if let Some(stamp) = entry.get("modifyTimestamp").first()
+                    && stamp.as_str() > newest.as_str()
+                {
+                    newest = stamp.clone();
+                }
+                written.push(entry.dn);
+            }
+            // Changes committed while the pages were read may carry earlier
+            // stamps than the newest seen: reach back over the read's duration.
+            let reach_back = started.elapsed() + TIMESTAMP_OVERLAP;
+            let watermark = match parse_generalized_time(&newest) {
+                Some(t) if newest != since => generalized_time(t - reach_back).max(since),
+                _ => since,
+            };
+            Ok(Changes {
+                written,
+                deleted: Deleted::NotReported,
+                watermark: watermark.into_bytes(),
+            })
+        }
+        Mechanism::Usn => {
+            let since: u64 = String::from_utf8_lossy(watermark)
+                .parse()
+                .map_err(|_| DirectoryError::Operation {
+                    operation: "poll",
+                    dn: scope.base.clone(),
+                    message: "stored USN watermark is not a number".into(),
+                })?;
+            let highest = highest_usn(directory).await?;
+            let filter = format!("(uSNChanged>={})", since + 1);
+            let mut written = Vec::new();
+            let mut entries = directory.stream(scope, &filter, &[]).await?;
+            while let Some(entry) = entries.next().await? {
+                written.push(entry.dn);
+            }
+            Ok(Changes {
+                written,
+                deleted: Deleted::NotReported,
+                watermark: highest.to_string().into_bytes(),
+            })
+        }
+        Mechanism::Full => Ok(Changes {
+            written: Vec::new(),
+            deleted: Deleted::NotReported,
+            watermark: watermark.to_vec(),
+        }),
+    }
+}
+
+async fn highest_usn(directory: &mut Directory) -> Result<u64, DirectoryError> {
+    let root = directory.root_dse(&["highestCommittedUSN"]).await?;
+    root.get("highestcommittedusn")
+        .and_then(|v| v.first())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| DirectoryError::Operation {
+            operation: "read",
+            dn: String::new(),
+            message: "the root DSE has no highestCommittedUSN".into(),
+        })
+}
+
+/// A time as LDAP's GeneralizedTime, e.g. `20261128175200Z`.
+fn generalized_time(t: SystemTime) -> String {
+    // RFC 3339 `2026-11-28T17:52:00Z` without its separators.
+    humantime::format_rfc3339_seconds(t)
+        .to_string()
+        .chars()
+        .filter(|c| c.is_ascii_digit() || *c == 'Z')
+        .collect()
+}
+
+/// Parses `YYYYMMDDHHMMSS[.fraction]Z`, as OpenLDAP and AD write it.
+fn parse_generalized_time(text: &str) -> Option<SystemTime> {
+    let digits = text.get(..14).filter(|d| d.bytes().all(|b| b.is_ascii_digit()))?;
+    let rfc3339 = format!(
+        "{}-{}-{}T{}:{}:{}Z",
+        &digits[..4],
+        &digits[4..6],
+        &digits[6..8],
+        &digits[8..10],
+        &digits[10..12],
+        &digits[12..14]
+    );
+    humantime::parse_rfc3339(&rfc3339).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generalized_time_round_trips() {
+        let t = parse_generalized_time("20261128175200Z").unwrap();
+        assert_eq!(generalized_time(t), "20261128175200Z");
+        assert_eq!(
+            parse_generalized_time("20261128175200.0Z"),
+            Some(t),
+            "AD's fractional form"
+        );
+        assert_eq!(parse_generalized_time("2026-11-28"), None);
+        assert_eq!(parse_generalized_time(""), None);
+    }
+
+    #[test]
+    fn mechanism_names_round_trip() {
+        for m in [
+            Mechanism::Syncrepl,
+            Mechanism::Timestamp,
+            Mechanism::Usn,
+            Mechanism::Full,
+        ] {
+            assert_eq!(m.as_str().parse::<Mechanism>(), Ok(m));
+        }
+        assert!("dirsync".parse::<Mechanism>().is_err());
+    }
+}
