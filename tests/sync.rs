@@ -132,9 +132,19 @@ map = {{ description = "description" }}
 
     /// Sets the connector's poll interval, e.g. "1s".
     fn poll_every(&self, interval: &str) {
+        self.connector_option(&format!("poll_interval = \"{interval}\""));
+    }
+
+    /// Adds a `key = value` line to the connector's section.
+    fn connector_option(&self, line: &str) {
         let config = std::fs::read_to_string(self.config_path()).unwrap();
-        let config = config.replace("\ndelete = ", &format!("\npoll_interval = \"{interval}\"\ndelete = "));
+        let config = config.replace("\ndelete = ", &format!("\n{line}\ndelete = "));
         std::fs::write(self.config_path(), config).unwrap();
+    }
+
+    /// The local store's journal length, for "nothing more happened".
+    fn journal_lines(&self) -> usize {
+        self.journal().lines().count()
     }
 
     /// Applies LDIF to the directory directly, as the rootdn.
@@ -803,4 +813,178 @@ fn poller_recovers_after_a_directory_outage() {
     );
     let (exit, _) = served.terminate();
     assert!(exit.success());
+}
+
+#[test]
+fn direct_changes_arrive_by_incremental_poll_with_each_mechanism() {
+    struct Case {
+        mechanism: &'static str,
+        /// Whether the mechanism itself reports deletes.
+        sees_deletes: bool,
+    }
+    for case in [
+        Case {
+            mechanism: "syncrepl",
+            sees_deletes: true,
+        },
+        Case {
+            mechanism: "timestamp",
+            sees_deletes: false,
+        },
+    ] {
+        let env = Env::start(Policy {
+            direction: "ldap-to-local",
+            conflict: "ldap-wins",
+            delete: "delete",
+        });
+        env.connector_option(&format!("poll_mechanism = \"{}\"", case.mechanism));
+        env.connector_option("max_delete_percent = 100");
+        let first = env.sync();
+        assert!(
+            first.starts_with(&format!("full reconciliation ({})", case.mechanism)),
+            "{first}"
+        );
+        let status = env.ok(&["status"]);
+        assert!(
+            status.contains(&format!("accounts: mechanism {}, watermark ", case.mechanism)),
+            "{status}"
+        );
+
+        env.ldapmodify(&format!(
+            "{}\n\
+             dn: uid=yan,ou=people,dc=example,dc=com\nchangetype: add\nobjectClass: inetOrgPerson\nuid: yan\ncn: Yan\nsn: Yan\n\n\
+             dn: uid=bob,ou=people,dc=example,dc=com\nchangetype: modrdn\nnewrdn: uid=robert\ndeleteoldrdn: 1\n\n\
+             dn: uid=frank,ou=people,dc=example,dc=com\nchangetype: delete\n",
+            set_mail(ALICE, "alice@polled.example")
+        ));
+        let polled = env.sync();
+        assert!(
+            polled.starts_with(&format!("incremental poll ({})", case.mechanism)),
+            "{polled}"
+        );
+        assert_eq!(
+            env.local_field("account", "alice", "mail").as_deref(),
+            Some("alice@polled.example"),
+            "{}: a modify",
+            case.mechanism
+        );
+        let accounts = env.local_accounts();
+        assert!(
+            accounts.contains(&"yan".into()),
+            "{}: an add: {accounts:?}",
+            case.mechanism
+        );
+        assert!(
+            accounts.contains(&"robert".into()) && !accounts.contains(&"bob".into()),
+            "{}: a rename: {accounts:?}",
+            case.mechanism
+        );
+        assert_eq!(
+            !accounts.contains(&"frank".into()),
+            case.sees_deletes,
+            "{}: a delete, by the poll itself or not: {accounts:?}",
+            case.mechanism
+        );
+        let journal = env.journal();
+        assert!(journal.contains("account alice\tpoll\tupdated"), "{journal}");
+
+        // The full reconciliation finds what the poll cannot see.
+        env.ok(&["sync", "run", "--connector", "example", "--full"]);
+        assert!(!env.local_accounts().contains(&"frank".into()), "{}", case.mechanism);
+        assert_eq!(env.local_accounts(), env.directory_uids(), "{}", case.mechanism);
+    }
+}
+
+#[test]
+fn a_change_settles_in_one_round_and_writes_nothing_more() {
+    let env = Env::start(BOTH_LDAP_WINS);
+    env.sync();
+    let csn = |env: &Env, dn: &str| env.ldap_values(dn, "entryCSN");
+
+    // A local edit goes to the directory once…
+    env.ok(&["account", "set", "carol", "--set", "description=from the app"]);
+    env.sync();
+    let carol = "uid=carol,ou=people,dc=example,dc=com";
+    assert_eq!(env.ldap_values(carol, "description"), ["from the app"]);
+    // …and a directory edit comes in once.
+    env.ldapmodify(&set_mail(ALICE, "alice@settled.example"));
+    env.sync();
+    assert_eq!(
+        env.local_field("account", "alice", "mail").as_deref(),
+        Some("alice@settled.example")
+    );
+
+    let (carol_csn, alice_csn, journal) = (csn(&env, carol), csn(&env, ALICE), env.journal_lines());
+    // The poller sees the engine's own write come back: it changes nothing.
+    for args in [
+        &["sync", "run", "--connector", "example"][..],
+        &["sync", "run", "--connector", "example", "--full"],
+    ] {
+        let report = env.ok(args);
+        assert!(report.contains(" 0 updated, 0 conflicts"), "{report}");
+    }
+    assert_eq!(csn(&env, carol), carol_csn, "no further write to carol's entry");
+    assert_eq!(csn(&env, ALICE), alice_csn, "no write back to alice's entry");
+    assert_eq!(env.journal_lines(), journal, "nothing more journaled");
+}
+
+#[test]
+fn a_captured_delete_applies_without_waiting_for_a_poll() {
+    let env = Env::start(Policy {
+        direction: "ldap-to-local",
+        conflict: "ldap-wins",
+        delete: "delete",
+    });
+    env.poll_every("1h");
+    env.connector_option("max_delete_percent = 100");
+    let served = env.serve();
+    ldapmodify_at(
+        &served.url,
+        "dn: uid=erin,ou=people,dc=example,dc=com\nchangetype: delete\n",
+    );
+    assert!(
+        eventually(|| !env.local_accounts().contains(&"erin".into())),
+        "the captured delete reaches the local store"
+    );
+    assert!(env.journal().contains("account erin\tproxy\tdeleted"));
+    let (exit, _) = served.terminate();
+    assert!(exit.success());
+}
+
+#[test]
+fn captured_writes_wait_in_the_journal_while_the_directory_cannot_be_synced() {
+    let env = Env::start(BOTH_LDAP_WINS);
+    env.sync();
+    // The proxy relays to slapd, but the connector's service connection
+    // points at a closed port: captures cannot be applied yet.
+    let dead = "upstream = [\"ldap://127.0.0.1:1\"]";
+    env.connector_option(dead);
+    let served = serve(&[
+        "--config",
+        env.config_path().to_str().unwrap(),
+        "--listen",
+        "ldap://127.0.0.1:0",
+    ]);
+    ldapmodify_at(&served.url, &set_mail(ALICE, "alice@journaled.example"));
+    assert!(
+        eventually(|| env.ok(&["status"]).contains("captured changes not applied yet: 1")),
+        "the capture is journaled: {}",
+        env.ok(&["status"])
+    );
+    assert!(
+        env.ok(&["status"])
+            .contains("last error: no directory server reachable")
+    );
+    // Stopped and restarted later, the capture is still there and applied.
+    let (exit, _) = served.terminate();
+    assert!(exit.success());
+    let config = std::fs::read_to_string(env.config_path()).unwrap();
+    std::fs::write(env.config_path(), config.replace(&format!("{dead}\n"), "")).unwrap();
+    env.sync();
+    assert_eq!(
+        env.local_field("account", "alice", "mail").as_deref(),
+        Some("alice@journaled.example")
+    );
+    assert!(env.journal().contains("account alice\tproxy\tupdated"));
+    assert!(env.ok(&["status"]).contains("captured changes not applied yet: 0"));
 }

@@ -2,6 +2,7 @@
 //! `PRAGMA user_version`.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
 
@@ -94,9 +95,8 @@ impl SqliteStore {
         if is_new {
             restrict_to_owner(path);
         }
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(open_error)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(open_error)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_error)?;
+        enable_wal(&conn).map_err(open_error)?;
         conn.pragma_update(None, "foreign_keys", true).map_err(open_error)?;
         let mut store = SqliteStore { conn };
         store.migrate()?;
@@ -119,6 +119,27 @@ impl SqliteStore {
         }
         tx.commit()?;
         Ok(())
+    }
+}
+
+/// How long a statement waits for another connection's lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Switches to write-ahead logging. SQLite answers BUSY at once, without
+/// its busy handler, when another connection opening the same new database
+/// holds the lock the switch needs (the server and a CLI command starting
+/// together): wait for it like any other lock.
+fn enable_wal(conn: &Connection) -> rusqlite::Result<()> {
+    let deadline = Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            result => return result,
+        }
     }
 }
 

@@ -482,3 +482,64 @@ pub async fn poll<S: Store>(
         report,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::capture::WriteKind;
+    use rasn_ldap::{DelRequest, LdapMessage, ProtocolOp};
+
+    fn deleted(dn: &str) -> CapturedWrite {
+        let op = ProtocolOp::DelRequest(DelRequest(dn.to_owned().into()));
+        CapturedWrite {
+            session: 1,
+            message_id: 1,
+            kind: WriteKind::Delete,
+            request: rasn::ber::encode(&LdapMessage::new(1, op)).unwrap().into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_capture_queue_marks_the_connector_out_of_sync_instead_of_blocking() {
+        let (journal, mut queue) = mpsc::channel(1);
+        let router = CaptureRouter {
+            routes: Arc::new(vec![Route {
+                connector: "example".into(),
+                scopes: vec![(Category::Account, "ou=people,dc=example,dc=com".into())],
+                captured: Notify::new(),
+                resync: Notify::new(),
+                lost: Mutex::new(None),
+            }]),
+            journal,
+        };
+        router.write_succeeded(deleted("uid=outside,dc=example,dc=com"));
+        router.write_succeeded(deleted("uid=a,ou=people,dc=example,dc=com"));
+        router.write_succeeded(deleted("uid=b,ou=people,dc=example,dc=com"));
+
+        let queued = queue.try_recv().expect("the first in-scope write is queued");
+        assert_eq!(
+            (
+                queued.connector.as_str(),
+                queued.category,
+                queued.kind,
+                queued.dn.as_str()
+            ),
+            (
+                "example",
+                Category::Account,
+                CaptureKind::Deleted,
+                "uid=a,ou=people,dc=example,dc=com"
+            )
+        );
+        assert!(queue.try_recv().is_err(), "the out-of-scope write is not routed");
+        let route = &router.routes[0];
+        let reason = route.lost.lock().unwrap().clone();
+        assert_eq!(
+            reason.as_deref(),
+            Some("capture queue full at uid=b,ou=people,dc=example,dc=com")
+        );
+        tokio::time::timeout(Duration::from_secs(1), route.resync.notified())
+            .await
+            .expect("the worker is woken for a full comparison");
+    }
+}
