@@ -44,6 +44,10 @@ pub enum ConfigError {
         first_base: String,
         second_base: String,
     },
+    #[error("listener {listener} needs TLS: set proxy.tls.cert and proxy.tls.key")]
+    NoCertificate { listener: String },
+    #[error("proxy.upstream_tls: set client_cert and client_key together")]
+    ClientCertificate,
     #[error("two connectors are named {0:?}")]
     DuplicateConnector(String),
 }
@@ -52,7 +56,7 @@ pub enum ConfigError {
 pub enum UrlError {
     #[error("{url:?} is not a URL: {reason}")]
     Syntax { url: String, reason: String },
-    #[error("{url:?}: scheme {scheme:?} is not supported (use ldap://)")]
+    #[error("{url:?}: scheme {scheme:?} is not supported (use ldap:// or ldaps://)")]
     Scheme { url: String, scheme: String },
     #[error("{url:?} names no host")]
     NoHost { url: String },
@@ -60,15 +64,26 @@ pub enum UrlError {
     Extra { url: String, extra: String },
 }
 
-/// An `ldap://host:port` address of a listener or a directory.
+/// An `ldap://host:port` or `ldaps://host:port` address of a listener or a
+/// directory.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
 pub struct LdapUrl {
+    tls: bool,
     host: String,
     port: u16,
 }
 
 impl LdapUrl {
+    /// `ldaps://`: TLS from the first byte.
+    pub fn is_ldaps(&self) -> bool {
+        self.tls
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
     /// `host:port`, as `TcpStream::connect` and `TcpListener::bind` take it.
     pub fn authority(&self) -> String {
         if self.host.contains(':') {
@@ -81,7 +96,8 @@ impl LdapUrl {
 
 impl fmt::Display for LdapUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ldap://{}", self.authority())
+        let scheme = if self.tls { "ldaps" } else { "ldap" };
+        write!(f, "{scheme}://{}", self.authority())
     }
 }
 
@@ -93,12 +109,16 @@ impl FromStr for LdapUrl {
             url: s.to_owned(),
             reason: e.to_string(),
         })?;
-        if parsed.scheme() != "ldap" {
-            return Err(UrlError::Scheme {
-                url: s.to_owned(),
-                scheme: parsed.scheme().to_owned(),
-            });
-        }
+        let tls = match parsed.scheme() {
+            "ldap" => false,
+            "ldaps" => true,
+            scheme => {
+                return Err(UrlError::Scheme {
+                    url: s.to_owned(),
+                    scheme: scheme.to_owned(),
+                });
+            }
+        };
         let host = match parsed.host() {
             Some(url::Host::Ipv6(addr)) => addr.to_string(),
             Some(host) => host.to_string(),
@@ -120,8 +140,9 @@ impl FromStr for LdapUrl {
             });
         }
         Ok(LdapUrl {
+            tls,
             host,
-            port: parsed.port().unwrap_or(389),
+            port: parsed.port().unwrap_or(if tls { 636 } else { 389 }),
         })
     }
 }
@@ -175,6 +196,8 @@ pub struct ConnectorConfig {
     pub password_file: Option<PathBuf>,
     /// An environment variable holding the service password.
     pub password_env: Option<String>,
+    /// TLS on the service connection; `proxy.upstream_tls` when unset.
+    pub tls: Option<ClientTlsConfig>,
     /// The stable id attribute: `entryUUID`, or `objectGUID` on Active Directory.
     #[serde(default = "default_id_attribute")]
     pub id_attribute: String,
@@ -447,8 +470,14 @@ pub fn dn_within(dn: &str, base: &str) -> bool {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
-    pub listen: Vec<LdapUrl>,
+    pub listen: Vec<Listener>,
     pub upstream: Vec<LdapUrl>,
+    /// The certificate clients see on `ldaps://` listeners and after StartTLS.
+    pub tls: Option<ServerTlsConfig>,
+    /// TLS to the directory: `ldaps://` upstream URLs, or StartTLS.
+    pub upstream_tls: ClientTlsConfig,
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -458,8 +487,95 @@ pub struct ProxyConfig {
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     pub max_connections: usize,
+    /// Connections from one client address at once.
+    pub max_connections_per_address: usize,
+    /// Operations one connection may have in flight; more are answered `busy`.
+    pub max_outstanding: usize,
+    /// Failed binds from one address within `failed_bind_window` after which
+    /// its binds are refused until the window has passed.
+    pub max_failed_binds: usize,
+    #[serde(with = "humantime_serde")]
+    pub failed_bind_window: Duration,
     pub max_client_pdu: usize,
     pub max_upstream_pdu: usize,
+}
+
+/// A listener: `"ldap://host:port"`, or a table with options.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(from = "ListenerSetting")]
+pub struct Listener {
+    pub url: LdapUrl,
+    /// Refuse binds until the session is under TLS (`confidentialityRequired`).
+    pub require_tls: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ListenerSetting {
+    Url(LdapUrl),
+    Table {
+        url: LdapUrl,
+        #[serde(default)]
+        require_tls: bool,
+    },
+}
+
+impl From<ListenerSetting> for Listener {
+    fn from(setting: ListenerSetting) -> Listener {
+        match setting {
+            ListenerSetting::Url(url) => Listener {
+                url,
+                require_tls: false,
+            },
+            ListenerSetting::Table { url, require_tls } => Listener { url, require_tls },
+        }
+    }
+}
+
+impl From<LdapUrl> for Listener {
+    fn from(url: LdapUrl) -> Listener {
+        Listener {
+            url,
+            require_tls: false,
+        }
+    }
+}
+
+/// `[proxy.tls]`: PEM files, re-read on SIGHUP.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// TLS as a client of the directory.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientTlsConfig {
+    /// CA certificates (PEM) to trust; the system's roots when unset.
+    pub ca: Option<PathBuf>,
+    /// Upgrade `ldap://` directory connections with StartTLS.
+    pub starttls: bool,
+    /// Verify the directory's certificate and name. Turning it off is for
+    /// laboratories only, and is logged as such.
+    pub verify: bool,
+    /// A client certificate and key (PEM), when the directory asks for one.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+impl Default for ClientTlsConfig {
+    fn default() -> Self {
+        ClientTlsConfig {
+            ca: None,
+            starttls: false,
+            verify: true,
+            client_cert: None,
+            client_key: None,
+        }
+    }
 }
 
 impl Default for ProxyConfig {
@@ -467,11 +583,18 @@ impl Default for ProxyConfig {
         Self {
             listen: Vec::new(),
             upstream: Vec::new(),
+            tls: None,
+            upstream_tls: ClientTlsConfig::default(),
+            handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             io_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(15 * 60),
             shutdown_grace: Duration::from_secs(10),
             max_connections: 4096,
+            max_connections_per_address: 512,
+            max_outstanding: 1024,
+            max_failed_binds: 10,
+            failed_bind_window: Duration::from_secs(60),
             max_client_pdu: 256 * 1024,
             max_upstream_pdu: 16 * 1024 * 1024,
         }
@@ -549,6 +672,9 @@ impl Config {
         if c.upstream.is_empty() {
             c.upstream = self.proxy.upstream.clone();
         }
+        if c.tls.is_none() {
+            c.tls = Some(self.proxy.upstream_tls.clone());
+        }
         Some(c)
     }
 
@@ -561,8 +687,21 @@ impl Config {
         if p.listen.is_empty() {
             return Err(ConfigError::NoListener);
         }
+        if p.tls.is_none()
+            && let Some(listener) = p.listen.iter().find(|l| l.url.is_ldaps() || l.require_tls)
+        {
+            return Err(ConfigError::NoCertificate {
+                listener: listener.url.to_string(),
+            });
+        }
+        if (p.upstream_tls.client_cert.is_some()) != (p.upstream_tls.client_key.is_some()) {
+            return Err(ConfigError::ClientCertificate);
+        }
         let nonzero = [
             ("max_connections", p.max_connections),
+            ("max_connections_per_address", p.max_connections_per_address),
+            ("max_outstanding", p.max_outstanding),
+            ("handshake_timeout", p.handshake_timeout.as_millis() as usize),
             ("max_client_pdu", p.max_client_pdu),
             ("max_upstream_pdu", p.max_upstream_pdu),
             ("connect_timeout", p.connect_timeout.as_millis() as usize),
@@ -711,7 +850,7 @@ mod tests {
     fn errors_name_the_key() {
         let cases = [
             ("[proxy]\nlisten_on = []", "listen_on"),
-            ("[proxy]\nupstream = [\"ldaps://x\"]", "ldaps"),
+            ("[proxy]\nupstream = [\"http://x\"]", "http"),
             ("[proxy]\nconnect_timeout = \"soon\"", "connect_timeout"),
             ("[prxy]\n", "prxy"),
         ];
@@ -722,5 +861,36 @@ mod tests {
         }
         let missing = Config::parse("[proxy]\nlisten = [\"ldap://h\"]", Path::new("c.toml")).unwrap();
         assert!(matches!(missing.validate(), Err(ConfigError::NoUpstream)));
+    }
+
+    #[test]
+    fn listeners_are_urls_or_tables_and_tls_ones_need_a_certificate() {
+        let text = r#"
+            [proxy]
+            upstream = ["ldaps://dir.example.com"]
+            listen = ["ldap://127.0.0.1:389", { url = "ldap://127.0.0.1:3389", require_tls = true }, "ldaps://[::1]"]
+        "#;
+        let config = Config::parse(text, Path::new("c.toml")).unwrap();
+        let listen = &config.proxy.listen;
+        assert_eq!(
+            (listen[0].url.to_string(), listen[0].require_tls),
+            ("ldap://127.0.0.1:389".into(), false)
+        );
+        assert_eq!(
+            (listen[1].url.to_string(), listen[1].require_tls),
+            ("ldap://127.0.0.1:3389".into(), true)
+        );
+        assert_eq!(listen[2].url.to_string(), "ldaps://[::1]:636");
+        assert!(config.proxy.upstream[0].is_ldaps());
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("needs TLS: set proxy.tls.cert"), "{err}");
+
+        let with_cert = format!("{text}\n[proxy.tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n");
+        assert!(
+            Config::parse(&with_cert, Path::new("c.toml"))
+                .unwrap()
+                .validate()
+                .is_ok()
+        );
     }
 }

@@ -14,8 +14,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use ldapsync::config::ProxyConfig;
+use ldapsync::config::{LdapUrl, Listener, ProxyConfig};
+use ldapsync::proxy::BoundListener;
 use ldapsync::proxy::codec::PduCodec;
+use ldapsync::proxy::tls::ServerTls;
 use ldapsync::proxy::{CaptureLoss, CaptureSink, CapturedWrite, Proxy, WriteKind};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -62,7 +64,9 @@ impl CaptureSink for RecordingSink {
 /// (which run ldap-utils) and async tests can both use it.
 pub struct ProxyHandle {
     addr: SocketAddr,
+    url: String,
     pub sink: Arc<RecordingSink>,
+    server_tls: Option<Arc<ServerTls>>,
     shutdown: CancellationToken,
     thread: Option<JoinHandle<()>>,
 }
@@ -81,13 +85,28 @@ impl ProxyHandle {
             ..ProxyConfig::default()
         };
         tune(&mut config);
+        // The listener is the first configured one (default plain LDAP) on
+        // a free loopback port.
+        let mut listener_config: Listener = config
+            .listen
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "ldap://127.0.0.1:0".parse::<LdapUrl>().unwrap().into());
         let sink = Arc::new(RecordingSink::default());
         let shutdown = CancellationToken::new();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding the proxy listener");
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let proxy = Proxy::new(config, Arc::clone(&sink) as Arc<dyn CaptureSink>);
+        let socket = std::net::TcpListener::bind(listener_config.url.authority()).expect("binding the proxy listener");
+        socket.set_nonblocking(true).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let scheme = if listener_config.url.is_ldaps() {
+            "ldaps"
+        } else {
+            "ldap"
+        };
+        listener_config.url = format!("{scheme}://{addr}").parse().unwrap();
+        let proxy = Proxy::new(config, Arc::clone(&sink) as Arc<dyn CaptureSink>).expect("TLS material loads");
+        let server_tls = proxy.server_tls();
         let token = shutdown.clone();
+        let url = listener_config.url.to_string();
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -95,20 +114,33 @@ impl ProxyHandle {
                 .build()
                 .unwrap();
             runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                proxy.serve(vec![listener], token).await;
+                let socket = tokio::net::TcpListener::from_std(socket).unwrap();
+                proxy
+                    .serve(vec![BoundListener::new(socket, listener_config)], token)
+                    .await;
             });
         });
         ProxyHandle {
             addr,
+            url,
             sink,
+            server_tls,
             shutdown,
             thread: Some(thread),
         }
     }
 
+    /// Re-reads the certificate, as SIGHUP does.
+    pub fn reload_tls(&self) {
+        self.server_tls
+            .as_ref()
+            .expect("TLS configured")
+            .reload()
+            .expect("certificate reloads");
+    }
+
     pub fn url(&self) -> String {
-        format!("ldap://{}", self.addr)
+        self.url.clone()
     }
 
     pub fn addr(&self) -> SocketAddr {

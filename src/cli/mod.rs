@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, LdapUrl};
+use crate::proxy::tls::ServerTls;
 use crate::proxy::{CaptureSink, LogSink, Proxy};
 use crate::store::Category;
 use crate::sync::worker;
@@ -73,7 +74,7 @@ impl ServeArgs {
             None => Config::default(),
         };
         if !self.listen.is_empty() {
-            config.proxy.listen = self.listen.clone();
+            config.proxy.listen = self.listen.iter().cloned().map(Into::into).collect();
         }
         if !self.upstream.is_empty() {
             config.proxy.upstream = self.upstream.clone();
@@ -142,14 +143,33 @@ fn serve(config: Config) -> anyhow::Result<()> {
         } else {
             Arc::new(worker::start(&config, shutdown.clone(), &workers))
         };
-        let proxy = Proxy::new(config.proxy, sink);
+        let proxy = Proxy::new(config.proxy, sink).context("TLS")?;
         let listeners = proxy.bind().await?;
         tokio::spawn(cancel_on_signal(shutdown.clone()));
+        if let Some(tls) = proxy.server_tls() {
+            tokio::spawn(reload_on_sighup(tls));
+        }
         proxy.serve(listeners, shutdown).await;
         workers.close();
         workers.wait().await;
         Ok(())
     })
+}
+
+/// SIGHUP re-reads the listeners' certificate and key; open sessions keep
+/// theirs, new handshakes use the new ones.
+async fn reload_on_sighup(tls: Arc<ServerTls>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(hup) => hup,
+        Err(e) => return tracing::error!(error = %e, "cannot watch SIGHUP; certificates reload only on restart"),
+    };
+    while hup.recv().await.is_some() {
+        match tls.reload() {
+            Ok(()) => tracing::info!("SIGHUP: certificate reloaded"),
+            Err(e) => tracing::error!(error = %e, "SIGHUP: certificate not reloaded; the previous one stays in use"),
+        }
+    }
 }
 
 /// SIGTERM or Ctrl-C starts a graceful shutdown.

@@ -3,8 +3,8 @@
 
 use bytes::Bytes;
 use rasn_ldap::{
-    AddResponse, BindResponse, CompareResponse, DelResponse, ExtendedResponse, LdapMessage, LdapResult,
-    ModifyDnResponse, ModifyResponse, ProtocolOp, ResultCode, SearchResultDone,
+    AddResponse, BindResponse, CompareResponse, DelResponse, ExtendedRequest, ExtendedResponse, LdapMessage,
+    LdapResult, ModifyDnResponse, ModifyResponse, ProtocolOp, ResultCode, SearchResultDone,
 };
 use thiserror::Error;
 
@@ -188,21 +188,31 @@ impl Envelope {
         (self.op == Op::Abandon).then(|| ber::integer(self.contents(pdu)))?
     }
 
+    /// A BindRequest's name and the tag and contents of its `authentication`.
+    fn bind_parts<'a>(&self, pdu: &'a [u8]) -> Option<(&'a [u8], u8, &'a [u8])> {
+        if self.op != Op::Bind {
+            return None;
+        }
+        let contents = self.contents(pdu);
+        let (version, _) = ber::read_element(contents).ok()?;
+        let rest = &contents[version.total_len()..];
+        let (name_header, name) = ber::read_element(rest).ok()?;
+        let (auth, credentials) = ber::read_element(&rest[name_header.total_len()..]).ok()?;
+        Some((name, auth.tag, credentials))
+    }
+
     /// Whether a BindRequest uses SASL (`authentication` is `[3] SaslCredentials`).
     pub fn is_sasl_bind(&self, pdu: &[u8]) -> bool {
         const SASL_CREDENTIALS: u8 = 0xa3;
-        if self.op != Op::Bind {
-            return false;
-        }
-        let skip = |buf: &'_ [u8]| ber::read_element(buf).ok().map(|(h, _)| h.total_len());
-        let contents = self.contents(pdu);
-        let Some(version) = skip(contents) else {
-            return false;
-        };
-        let Some(name) = skip(&contents[version..]) else {
-            return false;
-        };
-        contents.get(version + name) == Some(&SASL_CREDENTIALS)
+        self.bind_parts(pdu).is_some_and(|(_, tag, _)| tag == SASL_CREDENTIALS)
+    }
+
+    /// Whether a BindRequest is anonymous: a simple bind with no name and no
+    /// password (RFC 4513 §5.1.1), the one bind that carries no secret.
+    pub fn is_anonymous_bind(&self, pdu: &[u8]) -> bool {
+        const SIMPLE: u8 = 0x80;
+        self.bind_parts(pdu)
+            .is_some_and(|(name, tag, password)| tag == SIMPLE && name.is_empty() && password.is_empty())
     }
 
     /// The requestName of an ExtendedRequest.
@@ -264,6 +274,17 @@ pub fn named_extended_response(message_id: i64, name: &str, code: ResultCode, di
         message_id,
         ProtocolOp::ExtendedResp(extended_response(code, diagnostic, Some(name))),
     ))
+}
+
+/// An ExtendedRequest with no value, as ldapsync sends StartTLS upstream.
+pub fn extended_request(message_id: u32, oid: &str) -> Bytes {
+    encode(
+        message_id,
+        ProtocolOp::ExtendedReq(ExtendedRequest {
+            request_name: oid.as_bytes().to_vec().into(),
+            request_value: None,
+        }),
+    )
 }
 
 /// The unsolicited Notice of Disconnection (RFC 4511 §4.4.1).

@@ -9,8 +9,10 @@
 mod ber;
 pub mod capture;
 pub mod codec;
+mod limits;
 pub mod message;
 mod session;
+pub mod tls;
 mod upstream;
 
 use std::sync::Arc;
@@ -18,58 +20,107 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rasn_ldap::ResultCode;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::ProxyConfig;
+use crate::config::{Listener, ProxyConfig};
 pub use capture::{CaptureLoss, CaptureSink, CapturedWrite, LogSink, WriteKind};
+use limits::{AddressCounts, FailedBinds};
+use tls::{ServerTls, TlsError};
+
+/// A byte stream a session runs over: TCP, or TLS over TCP.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 
 /// What every session of one proxy shares.
 struct Shared {
     config: ProxyConfig,
     sink: Arc<dyn CaptureSink>,
+    /// The listeners' certificate, for `ldaps://` and StartTLS.
+    tls: Option<Arc<ServerTls>>,
+    /// TLS towards the directory, when its URLs or `starttls` ask for it.
+    upstream_tls: Option<TlsConnector>,
+    failed_binds: FailedBinds,
+}
+
+/// A listening socket with its configuration.
+pub struct BoundListener {
+    socket: TcpListener,
+    config: Arc<Listener>,
+}
+
+impl BoundListener {
+    pub fn new(socket: TcpListener, config: Listener) -> BoundListener {
+        BoundListener {
+            socket,
+            config: Arc::new(config),
+        }
+    }
 }
 
 /// A configured relay, ready to serve on listeners bound by the caller.
 pub struct Proxy {
     shared: Arc<Shared>,
     connections: Arc<Semaphore>,
+    addresses: Arc<AddressCounts>,
     next_session: AtomicU64,
 }
 
 impl Proxy {
-    pub fn new(config: ProxyConfig, sink: Arc<dyn CaptureSink>) -> Self {
+    /// Loads the TLS material the configuration names.
+    pub fn new(config: ProxyConfig, sink: Arc<dyn CaptureSink>) -> Result<Self, TlsError> {
+        let tls = config.tls.as_ref().map(ServerTls::load).transpose()?.map(Arc::new);
+        let upstream_tls = if config.upstream_tls.starttls || config.upstream.iter().any(|u| u.is_ldaps()) {
+            Some(tls::connector(tls::client_config(&config.upstream_tls)?))
+        } else {
+            None
+        };
         let connections = Arc::new(Semaphore::new(config.max_connections));
-        Proxy {
-            shared: Arc::new(Shared { config, sink }),
+        let failed_binds = FailedBinds::new(config.max_failed_binds, config.failed_bind_window);
+        Ok(Proxy {
+            shared: Arc::new(Shared {
+                config,
+                sink,
+                tls,
+                upstream_tls,
+                failed_binds,
+            }),
             connections,
+            addresses: Arc::default(),
             next_session: AtomicU64::new(1),
-        }
+        })
+    }
+
+    /// The listeners' certificate, to reload on SIGHUP.
+    pub fn server_tls(&self) -> Option<Arc<ServerTls>> {
+        self.shared.tls.clone()
     }
 
     /// Binds every configured listen URL.
-    pub async fn bind(&self) -> std::io::Result<Vec<TcpListener>> {
+    pub async fn bind(&self) -> std::io::Result<Vec<BoundListener>> {
         let mut listeners = Vec::new();
-        for url in &self.shared.config.listen {
-            let listener = TcpListener::bind(url.authority())
+        for listener in &self.shared.config.listen {
+            let url = &listener.url;
+            let socket = TcpListener::bind(url.authority())
                 .await
                 .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {url}: {e}")))?;
-            match listener.local_addr() {
-                Ok(addr) => info!(%url, %addr, "listening"),
+            match socket.local_addr() {
+                Ok(addr) => info!(%url, %addr, require_tls = listener.require_tls, "listening"),
                 Err(_) => info!(%url, "listening"),
             }
-            listeners.push(listener);
+            listeners.push(BoundListener::new(socket, listener.clone()));
         }
         Ok(listeners)
     }
 
     /// Serves until `shutdown` is cancelled, then stops accepting and lets
     /// sessions finish their operations within the shutdown grace period.
-    pub async fn serve(self, listeners: Vec<TcpListener>, shutdown: CancellationToken) {
+    pub async fn serve(self, listeners: Vec<BoundListener>, shutdown: CancellationToken) {
         let this = Arc::new(self);
         let sessions = TaskTracker::new();
         for listener in listeners {
@@ -92,12 +143,13 @@ impl Proxy {
 
     async fn accept_loop(
         self: &Arc<Self>,
-        listener: &TcpListener,
+        listener: &BoundListener,
         sessions: &TaskTracker,
         shutdown: &CancellationToken,
     ) {
+        let limit_per_address = self.shared.config.max_connections_per_address;
         loop {
-            let (stream, peer) = match listener.accept().await {
+            let (stream, peer) = match listener.socket.accept().await {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     // Typically out of file descriptors: back off rather than spin.
@@ -108,23 +160,39 @@ impl Proxy {
             };
             let Ok(permit) = Arc::clone(&self.connections).try_acquire_owned() else {
                 warn!(%peer, limit = self.shared.config.max_connections, "connection refused: too many connections");
-                sessions.spawn(refuse(stream));
+                sessions.spawn(refuse(stream, &listener.config, "ldapsync: too many connections"));
+                continue;
+            };
+            let Some(slot) = self.addresses.admit(peer.ip(), limit_per_address) else {
+                warn!(%peer, limit = limit_per_address, "connection refused: too many connections from this address");
+                sessions.spawn(refuse(
+                    stream,
+                    &listener.config,
+                    "ldapsync: too many connections from your address",
+                ));
                 continue;
             };
             let id = self.next_session.fetch_add(1, Ordering::Relaxed);
             let shared = Arc::clone(&self.shared);
             let shutdown = shutdown.clone();
+            let config = Arc::clone(&listener.config);
             sessions.spawn(async move {
-                session::run(id, stream, shared, shutdown).await;
-                drop(permit);
+                session::run(id, stream, peer, config, shared, shutdown).await;
+                drop((permit, slot));
             });
         }
     }
 }
 
-/// Tells a connection over the limit why it is closed.
-async fn refuse(mut stream: TcpStream) {
-    let notice = message::notice_of_disconnection(ResultCode::Unavailable, "ldapsync: too many connections");
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&notice)).await;
-    let _ = stream.shutdown().await;
+/// Tells a connection over a limit why it is closed (on `ldaps://`, where a
+/// plain-text notice would be garbage, it is just closed).
+fn refuse(mut stream: TcpStream, listener: &Listener, why: &'static str) -> impl Future<Output = ()> + use<> {
+    let tls = listener.url.is_ldaps();
+    async move {
+        if !tls {
+            let notice = message::notice_of_disconnection(ResultCode::Unavailable, why);
+            let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&notice)).await;
+        }
+        let _ = stream.shutdown().await;
+    }
 }

@@ -8,6 +8,7 @@
 //! - the writer task drains that bounded queue to the client socket.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -15,9 +16,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use rasn_ldap::ResultCode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout};
@@ -25,14 +25,24 @@ use tokio_util::codec::{BytesCodec, FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
-use super::Shared;
 use super::capture::{CaptureLoss, CapturedWrite, WriteKind};
 use super::codec::{FrameError, PduCodec};
 use super::message::{self, Envelope, Op, STARTTLS_OID};
 use super::upstream;
+use super::{Io, Shared};
+use crate::config::Listener;
+
+type Stream = Box<dyn Io>;
 
 /// PDUs queued for the client before the directory's side is paused.
 const CLIENT_QUEUE: usize = 64;
+
+/// What the writer task is asked to do.
+enum ToClient {
+    Pdu(Bytes),
+    /// Hand the socket back (for StartTLS) once everything before is written.
+    Upgrade(oneshot::Sender<(WriteHalf<Stream>, mpsc::Receiver<ToClient>)>),
+}
 
 /// An operation the directory has not finished answering.
 struct Pending {
@@ -76,6 +86,10 @@ impl Inflight {
         self.ops.lock().unwrap().is_empty()
     }
 
+    fn len(&self) -> usize {
+        self.ops.lock().unwrap().len()
+    }
+
     async fn wait_drained(&self) {
         let notified = self.drained.notified();
         tokio::pin!(notified);
@@ -99,7 +113,7 @@ enum UpstreamEnd {
 }
 
 struct Upstream {
-    writer: OwnedWriteHalf,
+    writer: WriteHalf<Stream>,
     ended: oneshot::Receiver<UpstreamEnd>,
     task: JoinHandle<()>,
 }
@@ -119,6 +133,8 @@ enum End {
     UpstreamLost(String),
     Idle,
     Shutdown,
+    /// A TLS handshake failed: the connection is in no state for a notice.
+    TlsFailed(String),
 }
 
 enum Event {
@@ -128,20 +144,57 @@ enum Event {
     Shutdown,
 }
 
-pub(super) async fn run(id: u64, stream: TcpStream, shared: Arc<Shared>, shutdown: CancellationToken) {
-    let peer = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| "unknown".into());
+pub(super) async fn run(
+    id: u64,
+    stream: TcpStream,
+    peer: SocketAddr,
+    listener: Arc<Listener>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
     let span = tracing::info_span!("session", id, %peer);
-    Session::new(id, stream, shared).run(shutdown).instrument(span).await
+    async move {
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!(error = %e, "could not set TCP_NODELAY");
+        }
+        let ldaps = listener.url.is_ldaps();
+        let stream: Stream = if ldaps {
+            match handshake(&shared, stream).await {
+                Ok(stream) => stream,
+                Err(reason) => return info!(%reason, "TLS handshake failed; connection closed"),
+            }
+        } else {
+            Box::new(stream)
+        };
+        let session = Session::new(id, stream, peer.ip(), listener, shared);
+        Session { tls: ldaps, ..session }.run(shutdown).await
+    }
+    .instrument(span)
+    .await
+}
+
+/// The server side of a TLS handshake, within the handshake timeout.
+async fn handshake(shared: &Shared, stream: impl Io) -> Result<Stream, String> {
+    let tls = shared.tls.as_ref().ok_or("no certificate is configured (proxy.tls)")?;
+    match timeout(shared.config.handshake_timeout, tls.acceptor().accept(stream)).await {
+        Ok(Ok(stream)) => Ok(Box::new(stream)),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "no handshake within {}",
+            humantime::format_duration(shared.config.handshake_timeout)
+        )),
+    }
 }
 
 struct Session {
     id: u64,
     shared: Arc<Shared>,
-    requests: FramedRead<OwnedReadHalf, PduCodec>,
-    to_client: mpsc::Sender<Bytes>,
+    listener: Arc<Listener>,
+    peer: IpAddr,
+    /// The client's connection is under TLS (`ldaps://` or StartTLS).
+    tls: bool,
+    requests: FramedRead<ReadHalf<Stream>, PduCodec>,
+    to_client: mpsc::Sender<ToClient>,
     writer: JoinHandle<()>,
     inflight: Arc<Inflight>,
     upstream: Option<Upstream>,
@@ -154,15 +207,15 @@ struct Session {
 }
 
 impl Session {
-    fn new(id: u64, stream: TcpStream, shared: Arc<Shared>) -> Self {
-        if let Err(e) = stream.set_nodelay(true) {
-            debug!(error = %e, "could not set TCP_NODELAY");
-        }
-        let (read, write) = stream.into_split();
+    fn new(id: u64, stream: Stream, peer: IpAddr, listener: Arc<Listener>, shared: Arc<Shared>) -> Self {
+        let (read, write) = tokio::io::split(stream);
         let (to_client, queue) = mpsc::channel(CLIENT_QUEUE);
         let writer = tokio::spawn(write_client(write, queue, shared.config.io_timeout).in_current_span());
         Session {
             id,
+            listener,
+            peer,
+            tls: false,
             requests: FramedRead::new(read, PduCodec::new(shared.config.max_client_pdu)),
             shared,
             to_client,
@@ -254,21 +307,38 @@ impl Session {
                 }
             }
             Op::Extended if env.extended_name(&pdu) == Some(STARTTLS_OID.as_bytes()) => {
-                let refusal = message::named_extended_response(
-                    env.message_id,
-                    STARTTLS_OID,
-                    ResultCode::Unavailable,
-                    "StartTLS is not configured on this ldapsync listener",
-                );
-                return match refusal {
-                    Some(pdu) => self.reply(pdu).await,
-                    None => Some(End::Malformed("StartTLS request with an invalid message id".into())),
-                };
+                return self.start_tls(&env).await;
+            }
+            // A password must not cross the network in clear text here.
+            Op::Bind if self.listener.require_tls && !self.tls && !env.is_anonymous_bind(&pdu) => {
+                info!("bind refused: this listener requires TLS first");
+                let why = "ldapsync: this listener requires TLS (StartTLS or ldaps://) before a bind";
+                return self.refuse(&env, ResultCode::ConfidentialityRequired, why).await;
+            }
+            Op::Bind => {
+                if let Some(wait) = self.shared.failed_binds.blocked(self.peer) {
+                    warn!(retry_in = ?wait, "bind refused: too many failed binds from this address");
+                    let why = format!(
+                        "ldapsync: too many failed binds from your address; retry in {} s",
+                        wait.as_secs() + 1
+                    );
+                    return self.refuse(&env, ResultCode::UnwillingToPerform, &why).await;
+                }
             }
             _ => {}
         }
+        if env.op.expects_response() && self.inflight.len() >= self.shared.config.max_outstanding {
+            let why = "ldapsync: too many operations outstanding on this connection";
+            return self.refuse(&env, ResultCode::Busy, why).await;
+        }
         if self.upstream.is_none() {
-            match upstream::connect(&self.shared.config.upstream, self.shared.config.connect_timeout).await {
+            let route = upstream::Route {
+                urls: &self.shared.config.upstream,
+                connect_timeout: self.shared.config.connect_timeout,
+                tls: self.shared.upstream_tls.as_ref(),
+                starttls: self.shared.config.upstream_tls.starttls,
+            };
+            match upstream::connect(&route).await {
                 Ok(stream) => self.upstream = Some(self.start_upstream(stream)),
                 Err(e) => {
                     warn!(error = %e, op = env.op.name(), "request refused: directory unavailable");
@@ -339,17 +409,86 @@ impl Session {
 
     /// Queues a message ldapsync itself answers with.
     async fn reply(&mut self, pdu: Bytes) -> Option<End> {
-        match self.to_client.send(pdu).await {
+        match self.to_client.send(ToClient::Pdu(pdu)).await {
             Ok(()) => None,
             Err(_) => Some(End::ClientClosed),
         }
     }
 
-    fn start_upstream(&self, stream: TcpStream) -> Upstream {
-        let (read, writer) = stream.into_split();
+    /// Answers a request with an error instead of relaying it.
+    async fn refuse(&mut self, request: &Envelope, code: ResultCode, why: &str) -> Option<End> {
+        match message::error_response(request, code, why) {
+            Some(pdu) => self.reply(pdu).await,
+            None => Some(End::Malformed(format!(
+                "{} with an invalid message id",
+                request.op.name()
+            ))),
+        }
+    }
+
+    /// StartTLS (RFC 4511 §4.14), answered by ldapsync itself: success,
+    /// then the handshake on the same socket.
+    async fn start_tls(&mut self, request: &Envelope) -> Option<End> {
+        let answer = |code, why: &str| message::named_extended_response(request.message_id, STARTTLS_OID, code, why);
+        let refusal = if self.shared.tls.is_none() {
+            Some((
+                ResultCode::Unavailable,
+                "StartTLS is not configured on this ldapsync listener",
+            ))
+        } else if self.tls {
+            Some((ResultCode::OperationsError, "TLS is already established"))
+        } else if !self.inflight.is_empty() {
+            Some((
+                ResultCode::OperationsError,
+                "operations are outstanding; StartTLS must be requested alone",
+            ))
+        } else {
+            None
+        };
+        let response = match refusal {
+            Some((code, why)) => answer(code, why),
+            None if !self.requests.read_buffer().is_empty() => {
+                return Some(End::Malformed("data sent after StartTLS before its response".into()));
+            }
+            None => answer(ResultCode::Success, ""),
+        };
+        let Some(response) = response else {
+            return Some(End::Malformed("StartTLS request with an invalid message id".into()));
+        };
+        if let Some(end) = self.reply(response).await {
+            return Some(end);
+        }
+        if refusal.is_some() {
+            return None;
+        }
+        // Take the socket back from the writer once it has written the response.
+        let (give, take) = oneshot::channel();
+        if self.to_client.send(ToClient::Upgrade(give)).await.is_err() {
+            return Some(End::ClientClosed);
+        }
+        let Ok((write, queue)) = take.await else {
+            return Some(End::ClientClosed);
+        };
+        let (placeholder, _) = tokio::io::split(Box::new(tokio::io::empty()) as Stream);
+        let requests = std::mem::replace(&mut self.requests, FramedRead::new(placeholder, PduCodec::new(0)));
+        let stream = match handshake(&self.shared, requests.into_inner().unsplit(write)).await {
+            Ok(stream) => stream,
+            Err(reason) => return Some(End::TlsFailed(reason)),
+        };
+        let (read, write) = tokio::io::split(stream);
+        self.requests = FramedRead::new(read, PduCodec::new(self.shared.config.max_client_pdu));
+        self.writer = tokio::spawn(write_client(write, queue, self.shared.config.io_timeout).in_current_span());
+        self.tls = true;
+        info!("StartTLS: the session is now under TLS");
+        None
+    }
+
+    fn start_upstream(&self, stream: Stream) -> Upstream {
+        let (read, writer) = tokio::io::split(stream);
         let (report, ended) = oneshot::channel();
         let relay = UpstreamRelay {
             session: self.id,
+            peer: self.peer,
             sasl_bound: Arc::clone(&self.sasl_bound),
             shared: Arc::clone(&self.shared),
             inflight: Arc::clone(&self.inflight),
@@ -367,7 +506,7 @@ impl Session {
 
     async fn close(mut self, end: End) {
         let notice = match &end {
-            End::ClientClosed | End::Unbind => None,
+            End::ClientClosed | End::Unbind | End::TlsFailed(_) => None,
             End::Malformed(reason) => {
                 warn!(%reason, "protocol error from client; disconnecting");
                 Some((ResultCode::ProtocolError, reason.clone()))
@@ -391,13 +530,14 @@ impl Session {
         if let Some((code, reason)) = notice.filter(|_| !self.tunneled) {
             let _ = self
                 .to_client
-                .send(message::notice_of_disconnection(code, &reason))
+                .send(ToClient::Pdu(message::notice_of_disconnection(code, &reason)))
                 .await;
         }
         drop(self.to_client);
         let _ = self.writer.await;
         match end {
             End::ClientClosed | End::Unbind => debug!(?end, "session closed"),
+            End::TlsFailed(reason) => info!(%reason, "TLS handshake failed; session closed"),
             _ => info!(?end, "session closed"),
         }
     }
@@ -423,14 +563,15 @@ fn write_kind(op: Op) -> Option<WriteKind> {
 /// The directory-to-client half of a session.
 struct UpstreamRelay {
     session: u64,
+    peer: IpAddr,
     sasl_bound: Arc<AtomicBool>,
     shared: Arc<Shared>,
     inflight: Arc<Inflight>,
-    to_client: mpsc::Sender<Bytes>,
+    to_client: mpsc::Sender<ToClient>,
 }
 
 impl UpstreamRelay {
-    async fn run(self, mut frames: FramedRead<OwnedReadHalf, PduCodec>) -> UpstreamEnd {
+    async fn run(self, mut frames: FramedRead<ReadHalf<Stream>, PduCodec>) -> UpstreamEnd {
         let mut noticed = false;
         loop {
             let pdu = match frames.next().await {
@@ -464,7 +605,7 @@ impl UpstreamRelay {
                     None
                 }
             };
-            if self.to_client.send(pdu.clone()).await.is_err() {
+            if self.to_client.send(ToClient::Pdu(pdu.clone())).await.is_err() {
                 return UpstreamEnd::ClientGone;
             }
             if let Some((env, pending)) = completed {
@@ -474,11 +615,17 @@ impl UpstreamRelay {
     }
 
     /// The directory's half of [`Session::tunnel`].
-    async fn tunnel(self, frames: FramedRead<OwnedReadHalf, PduCodec>) -> UpstreamEnd {
+    async fn tunnel(self, frames: FramedRead<ReadHalf<Stream>, PduCodec>) -> UpstreamEnd {
         let parts = frames.into_parts();
         let (mut read, mut chunk) = (parts.io, parts.read_buf);
         loop {
-            if !chunk.is_empty() && self.to_client.send(chunk.split().freeze()).await.is_err() {
+            if !chunk.is_empty()
+                && self
+                    .to_client
+                    .send(ToClient::Pdu(chunk.split().freeze()))
+                    .await
+                    .is_err()
+            {
                 return UpstreamEnd::ClientGone;
             }
             chunk.reserve(16 * 1024);
@@ -498,6 +645,10 @@ impl UpstreamRelay {
             micros = pending.started.elapsed().as_micros() as u64,
             "operation done"
         );
+        const INVALID_CREDENTIALS: i64 = 49;
+        if pending.op == Op::Bind && result == Some(INVALID_CREDENTIALS) {
+            self.shared.failed_binds.record(self.peer);
+        }
         if result != Some(0) {
             return;
         }
@@ -516,18 +667,35 @@ impl UpstreamRelay {
 
 /// Drains the client queue to the socket, coalescing what is ready into one
 /// flush. A client that accepts nothing for `io_timeout` is dropped.
-async fn write_client(write: OwnedWriteHalf, mut queue: mpsc::Receiver<Bytes>, io_timeout: std::time::Duration) {
+async fn write_client(write: WriteHalf<Stream>, mut queue: mpsc::Receiver<ToClient>, io_timeout: std::time::Duration) {
     let mut out = FramedWrite::new(write, BytesCodec::new());
-    while let Some(pdu) = queue.recv().await {
+    let mut next = queue.recv().await;
+    while let Some(item) = next.take() {
+        let pdu = match item {
+            ToClient::Pdu(pdu) => pdu,
+            // Everything queued before it has been written and flushed.
+            ToClient::Upgrade(give) => {
+                let _ = give.send((out.into_inner(), queue));
+                return;
+            }
+        };
         let batch = async {
             SinkExt::<Bytes>::feed(&mut out, pdu).await?;
-            while let Ok(more) = queue.try_recv() {
-                SinkExt::<Bytes>::feed(&mut out, more).await?;
+            loop {
+                match queue.try_recv() {
+                    Ok(ToClient::Pdu(more)) => SinkExt::<Bytes>::feed(&mut out, more).await?,
+                    Ok(other) => {
+                        SinkExt::<Bytes>::flush(&mut out).await?;
+                        return Ok(Some(other));
+                    }
+                    Err(_) => break,
+                }
             }
-            SinkExt::<Bytes>::flush(&mut out).await
+            SinkExt::<Bytes>::flush(&mut out).await.map(|()| None)
         };
         match timeout(io_timeout, batch).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(Some(other))) => next = Some(other),
+            Ok(Ok(None)) => next = queue.recv().await,
             Ok(Err(e)) => {
                 debug!(error = %e, "client write failed");
                 return;

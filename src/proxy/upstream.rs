@@ -1,11 +1,19 @@
-//! Connections to the directory behind the proxy.
+//! Connections to the directory behind the proxy: TCP, `ldaps://`, or
+//! StartTLS, tried URL by URL.
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use thiserror::Error;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
+use tokio_rustls::TlsConnector;
+use tokio_util::codec::FramedRead;
 
+use super::Io;
+use super::codec::PduCodec;
+use super::message::{self, Envelope, Op, STARTTLS_OID};
 use crate::config::LdapUrl;
 
 /// Every configured directory URL failed; the message lists why, per URL.
@@ -15,24 +23,73 @@ pub struct UnreachableError {
     attempts: Vec<String>,
 }
 
-/// Connects to the first of `urls` that answers, in order, each within
-/// `connect_timeout`.
-pub async fn connect(urls: &[LdapUrl], connect_timeout: Duration) -> Result<TcpStream, UnreachableError> {
-    let mut attempts = Vec::with_capacity(urls.len());
-    for url in urls {
-        let reason = match timeout(connect_timeout, TcpStream::connect(url.authority())).await {
-            Ok(Ok(stream)) => {
-                // Requests and responses are small and latency-bound.
-                if let Err(e) = stream.set_nodelay(true) {
-                    tracing::debug!(%url, error = %e, "could not set TCP_NODELAY");
-                }
-                return Ok(stream);
-            }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("no answer within {}", humantime::format_duration(connect_timeout)),
+/// How to reach the directory.
+pub struct Route<'a> {
+    pub urls: &'a [LdapUrl],
+    pub connect_timeout: Duration,
+    /// Set when any URL is `ldaps://` or `starttls` is on.
+    pub tls: Option<&'a TlsConnector>,
+    pub starttls: bool,
+}
+
+/// Connects to the first of the URLs that answers, in order, each within
+/// the connect timeout (TLS handshake included).
+pub async fn connect(route: &Route<'_>) -> Result<Box<dyn Io>, UnreachableError> {
+    let mut attempts = Vec::with_capacity(route.urls.len());
+    for url in route.urls {
+        let reason = match timeout(route.connect_timeout, connect_one(url, route)).await {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(reason)) => reason,
+            Err(_) => format!("no answer within {}", humantime::format_duration(route.connect_timeout)),
         };
         tracing::warn!(%url, %reason, "directory unreachable");
         attempts.push(format!("{url}: {reason}"));
     }
     Err(UnreachableError { attempts })
+}
+
+async fn connect_one(url: &LdapUrl, route: &Route<'_>) -> Result<Box<dyn Io>, String> {
+    let mut stream = TcpStream::connect(url.authority()).await.map_err(|e| e.to_string())?;
+    // Requests and responses are small and latency-bound.
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(%url, error = %e, "could not set TCP_NODELAY");
+    }
+    let tls = match route.tls {
+        Some(tls) if url.is_ldaps() => tls,
+        Some(tls) if route.starttls => {
+            start_tls(&mut stream).await?;
+            tls
+        }
+        _ => return Ok(Box::new(stream)),
+    };
+    let name = super::tls::server_name(url.host())?;
+    let stream = tls
+        .connect(name, stream)
+        .await
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    Ok(Box::new(stream))
+}
+
+/// Asks the directory for StartTLS before anything of the client's is sent
+/// (so the message id cannot clash with one of the client's).
+async fn start_tls(stream: &mut TcpStream) -> Result<(), String> {
+    stream
+        .write_all(&message::extended_request(1, STARTTLS_OID))
+        .await
+        .map_err(|e| e.to_string())?;
+    // Read exactly the response: the TLS handshake follows on this socket.
+    let mut frames = FramedRead::new(&mut *stream, PduCodec::new(64 * 1024));
+    let response = frames
+        .next()
+        .await
+        .ok_or("the directory closed the connection after StartTLS")?
+        .map_err(|e| format!("StartTLS response: {e}"))?;
+    if !frames.read_buffer().is_empty() {
+        return Err("the directory sent data after its StartTLS response".into());
+    }
+    let env = Envelope::peek(&response).map_err(|e| format!("StartTLS response: {e}"))?;
+    match (env.op, env.result_code(&response)) {
+        (Op::ExtendedResponse, Some(0)) => Ok(()),
+        (_, code) => Err(format!("the directory refused StartTLS (result code {code:?})")),
+    }
 }

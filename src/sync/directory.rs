@@ -3,6 +3,7 @@
 //! only; client operations never run under this identity.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ldap3::adapters::{Adapter, EntriesOnly, PagedResults};
@@ -15,6 +16,8 @@ use crate::config::{ConnectorConfig, ScopeConfig};
 pub enum DirectoryError {
     #[error("no directory server reachable for connector {connector:?}: {reasons}")]
     Unreachable { connector: String, reasons: String },
+    #[error("connector {connector:?}: TLS: {message}")]
+    Tls { connector: String, message: String },
     #[error("service bind as {dn:?} failed: {message}")]
     Bind { dn: String, message: String },
     #[error("{operation} {dn:?}: {message}")]
@@ -56,8 +59,22 @@ impl Directory {
         timeout: Duration,
     ) -> Result<Directory, DirectoryError> {
         let mut reasons = Vec::new();
+        let tls = connector.tls.clone().unwrap_or_default();
+        let needs_tls = tls.starttls || connector.upstream.iter().any(|u| u.is_ldaps());
+        let tls_config = match needs_tls {
+            true => Some(crate::proxy::tls::client_config(&tls).map_err(|e| DirectoryError::Tls {
+                connector: connector.name.clone(),
+                message: e.to_string(),
+            })?),
+            false => None,
+        };
         for url in &connector.upstream {
-            let settings = LdapConnSettings::new().set_conn_timeout(timeout);
+            let mut settings = LdapConnSettings::new().set_conn_timeout(timeout);
+            if let Some(config) = &tls_config {
+                settings = settings
+                    .set_config(Arc::clone(config))
+                    .set_starttls(tls.starttls && !url.is_ldaps());
+            }
             match LdapConnAsync::with_settings(settings, &url.to_string()).await {
                 Ok((conn, mut ldap)) => {
                     ldap3::drive!(conn);
