@@ -311,3 +311,62 @@ pub async fn expect_notice_of_disconnection(conn: &mut RawConn, code: rasn_ldap:
     );
     notice.diagnostic_message.0
 }
+
+/// A subtree search of `base` with the RFC 4533 sync control in
+/// refreshAndPersist mode: it never completes while the connection lives.
+pub fn persistent_search(message_id: u32, base: &str) -> Vec<u8> {
+    use rasn_ldap::{
+        Control, Filter, LdapMessage, ProtocolOp, SearchRequest, SearchRequestDerefAliases, SearchRequestScope,
+    };
+    let request = SearchRequest::new(
+        base.into(),
+        SearchRequestScope::WholeSubtree,
+        SearchRequestDerefAliases::NeverDerefAliases,
+        0,
+        0,
+        false,
+        Filter::Present("objectClass".into()),
+        vec!["1.1".into()],
+    );
+    let mut message = LdapMessage::new(message_id, ProtocolOp::SearchRequest(request));
+    // syncRequestValue ::= SEQUENCE { mode ENUMERATED refreshAndPersist(3) }
+    message.controls = Some(vec![Control::new(
+        b"1.3.6.1.4.1.4203.1.9.1.1".to_vec().into(),
+        true,
+        Some(vec![0x30, 0x03, 0x0a, 0x01, 0x03].into()),
+    )]);
+    encode(&message)
+}
+
+/// The final response to `message_id` on `conn`, skipping everything else
+/// (search entries, references and intermediate messages included).
+pub async fn response_to(conn: &mut RawConn, message_id: u32) -> rasn_ldap::LdapMessage {
+    use rasn_ldap::ProtocolOp;
+    loop {
+        match conn.receive(Duration::from_secs(10)).await {
+            Received::Pdu(pdu) => {
+                let message = decode(&pdu);
+                let partial = matches!(
+                    message.protocol_op,
+                    ProtocolOp::SearchResEntry(_) | ProtocolOp::SearchResRef(_) | ProtocolOp::IntermediateResponse(_)
+                );
+                if message.message_id == message_id && !partial {
+                    return message;
+                }
+            }
+            other => panic!("expected the response to message {message_id}, got {other:?}"),
+        }
+    }
+}
+
+/// The result code and diagnostic of a response.
+pub fn result_of(message: &rasn_ldap::LdapMessage) -> (rasn_ldap::ResultCode, String) {
+    use rasn_ldap::ProtocolOp;
+    let result = match &message.protocol_op {
+        ProtocolOp::BindResponse(r) => (r.result_code, r.diagnostic_message.clone()),
+        ProtocolOp::SearchResDone(r) => (r.0.result_code, r.0.diagnostic_message.clone()),
+        ProtocolOp::ExtendedResp(r) => (r.result_code, r.diagnostic_message.clone()),
+        other => panic!("not a response with a result: {other:?}"),
+    };
+    (result.0, result.1.to_string())
+}

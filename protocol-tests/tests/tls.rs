@@ -1,0 +1,263 @@
+//! TLS on both sides of the relay: real clients (ldap-utils with GnuTLS,
+//! the ldap3 crate with rustls) over `ldaps://` and StartTLS
+//! (RFC 4511 §4.14), slapd serving TLS upstream, certificates refused and
+//! reloaded, and binds refused in clear text where TLS is required.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use ldap3::{LdapConnAsync, LdapConnSettings, Scope, SearchEntry};
+use ldapsync::config::{ClientTlsConfig, Listener, ServerTlsConfig};
+use ldapsync::proxy::message::STARTTLS_OID;
+use ldapsync::proxy::tls::client_config;
+use ldapsync_fixtures::{BASE_DN, Pki, Slapd, person};
+use protocol_tests::{ProxyHandle, RawConn, Received, extended_request, persistent_search, response_to, result_of};
+use rasn_ldap::ResultCode;
+
+/// ldapsync in front of `upstream`, with one listener and `pki`'s certificate.
+fn proxy_with_tls(upstream: &str, pki: &Pki, listener: &str, require_tls: bool) -> ProxyHandle {
+    ProxyHandle::start_with(&[upstream.to_owned()], |config| {
+        config.listen = vec![Listener {
+            url: listener.parse().unwrap(),
+            require_tls,
+        }];
+        config.tls = Some(ServerTlsConfig {
+            cert: pki.cert.clone(),
+            key: pki.key.clone(),
+        });
+        config.handshake_timeout = Duration::from_millis(500);
+        config.shutdown_grace = Duration::from_millis(200);
+    })
+}
+
+/// An ldap-utils command trusting `ca`, with the hostname check on.
+fn ldap_util(tool: &str, ca: &Path, args: &[&str]) -> Output {
+    Command::new(tool)
+        .env("LDAPTLS_CACERT", ca)
+        .env("LDAPTLS_REQCERT", "demand")
+        .env("LDAPCONF", "/dev/null")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn alice_search(url: &str, extra: &[&str], ca: &Path) -> Output {
+    let (dn, pw) = person("alice");
+    let mut args = vec!["-x", "-LLL", "-H", url, "-D", &dn, "-w", &pw, "-b", BASE_DN];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["(uid=alice)", "cn", "mail"]);
+    ldap_util("ldapsearch", ca, &args)
+}
+
+fn stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn ldapsearch_over_ldaps_and_starttls_answers_as_the_directory_does() {
+    let slapd = Slapd::start();
+    let pki = Pki::new("ldapsync test");
+    let direct = stdout(&alice_search(&slapd.url(), &[], &pki.ca));
+    assert!(direct.contains("mail: alice@example.com"), "{direct}");
+
+    let ldaps = proxy_with_tls(&slapd.url(), &pki, "ldaps://127.0.0.1:0", false);
+    assert!(ldaps.url().starts_with("ldaps://"));
+    assert_eq!(stdout(&alice_search(&ldaps.url(), &[], &pki.ca)), direct, "ldaps://");
+
+    let starttls = proxy_with_tls(&slapd.url(), &pki, "ldap://127.0.0.1:0", false);
+    assert_eq!(
+        stdout(&alice_search(&starttls.url(), &["-ZZ"], &pki.ca)),
+        direct,
+        "StartTLS (-ZZ)"
+    );
+
+    // A client that does not trust the certificate refuses the connection.
+    let stranger = Pki::new("unrelated");
+    let refused = alice_search(&ldaps.url(), &[], &stranger.ca);
+    assert!(!refused.status.success(), "a certificate from an unknown CA is refused");
+}
+
+#[tokio::test]
+async fn starttls_is_refused_under_tls_and_with_operations_outstanding() {
+    let slapd = Slapd::start();
+    let pki = Pki::new("ldapsync test");
+    let proxy = proxy_with_tls(&slapd.url(), &pki, "ldap://127.0.0.1:0", false);
+
+    // Under TLS already (RFC 4511 §4.14.1: operationsError).
+    let trust = ClientTlsConfig {
+        ca: Some(pki.ca.clone()),
+        ..ClientTlsConfig::default()
+    };
+    let settings = LdapConnSettings::new()
+        .set_config(client_config(&trust).unwrap())
+        .set_starttls(true);
+    let (conn, mut ldap) = LdapConnAsync::with_settings(settings, &proxy.url()).await.unwrap();
+    ldap3::drive!(conn);
+    let again = ldap
+        .extended(ldap3::exop::Exop {
+            name: Some(STARTTLS_OID.into()),
+            val: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(again.1.rc, 1, "StartTLS twice: {:?}", again.1);
+    // The session is still fine, and under TLS.
+    let (entries, _) = ldap
+        .search(BASE_DN, Scope::Subtree, "(uid=bob)", vec!["mail"])
+        .await
+        .unwrap()
+        .success()
+        .unwrap();
+    assert_eq!(
+        SearchEntry::construct(entries[0].clone()).attrs["mail"],
+        ["bob@example.com"]
+    );
+    ldap.unbind().await.unwrap();
+
+    // With a persistent search outstanding.
+    let mut raw = RawConn::connect(proxy.addr()).await;
+    raw.send(&persistent_search(1, BASE_DN)).await;
+    raw.send(&extended_request(2, STARTTLS_OID)).await;
+    let (code, why) = result_of(&response_to(&mut raw, 2).await);
+    assert_eq!(code, ResultCode::OperationsError, "{why}");
+    assert!(why.contains("outstanding"), "{why}");
+}
+
+#[test]
+fn binds_in_clear_text_are_refused_where_tls_is_required() {
+    let pki = Pki::new("ldapsync test");
+    // The directory is unreachable: a refusal that never reached it says so
+    // by its code (13, not 52).
+    let nowhere = ProxyHandle::start_with(&["ldap://127.0.0.1:1".into()], |config| {
+        config.listen = vec![Listener {
+            url: "ldap://127.0.0.1:0".parse().unwrap(),
+            require_tls: true,
+        }];
+        config.tls = Some(ServerTlsConfig {
+            cert: pki.cert.clone(),
+            key: pki.key.clone(),
+        });
+    });
+    let (dn, pw) = person("alice");
+    let plain = ldap_util(
+        "ldapwhoami",
+        &pki.ca,
+        &["-x", "-H", &nowhere.url(), "-D", &dn, "-w", &pw],
+    );
+    assert!(!plain.status.success());
+    let err = String::from_utf8_lossy(&plain.stderr);
+    assert!(err.contains("Confidentiality required (13)"), "{err}");
+    assert!(err.contains("requires TLS"), "{err}");
+
+    let slapd = Slapd::start();
+    let proxy = proxy_with_tls(&slapd.url(), &pki, "ldap://127.0.0.1:0", true);
+    let plain = ldap_util("ldapwhoami", &pki.ca, &["-x", "-H", &proxy.url(), "-D", &dn, "-w", &pw]);
+    assert!(String::from_utf8_lossy(&plain.stderr).contains("Confidentiality required (13)"));
+    let anonymous = ldap_util("ldapwhoami", &pki.ca, &["-x", "-H", &proxy.url()]);
+    assert_eq!(
+        stdout(&anonymous).trim(),
+        "anonymous",
+        "an anonymous bind carries no secret"
+    );
+    let secured = ldap_util(
+        "ldapwhoami",
+        &pki.ca,
+        &["-x", "-ZZ", "-H", &proxy.url(), "-D", &dn, "-w", &pw],
+    );
+    assert_eq!(stdout(&secured).trim(), format!("dn:{dn}"));
+}
+
+#[test]
+fn the_directory_certificate_is_verified_upstream() {
+    let pki = Pki::new("directory");
+    let slapd = Slapd::start_with_tls(&pki);
+    let ldaps = slapd.ldaps_url().unwrap();
+    let client_pki = Pki::new("ldapsync test");
+    let through = |upstream: &str, tls: ClientTlsConfig| {
+        let proxy = ProxyHandle::start_with(&[upstream.to_owned()], |config| config.upstream_tls = tls);
+        alice_search(&proxy.url(), &[], &client_pki.ca)
+    };
+    let trusting = |ca: &Path| ClientTlsConfig {
+        ca: Some(ca.to_owned()),
+        ..ClientTlsConfig::default()
+    };
+
+    let direct = stdout(&alice_search(&slapd.url(), &[], &pki.ca));
+    assert_eq!(stdout(&through(&ldaps, trusting(&pki.ca))), direct, "ldaps:// upstream");
+    let starttls = ClientTlsConfig {
+        starttls: true,
+        ..trusting(&pki.ca)
+    };
+    assert_eq!(stdout(&through(&slapd.url(), starttls)), direct, "StartTLS upstream");
+
+    // The wrong CA: the client gets `unavailable` and the reason.
+    let wrong = Pki::new("wrong");
+    let refused = through(&ldaps, trusting(&wrong.ca));
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("Server is unavailable (52)"), "{err}");
+    assert!(err.contains("invalid peer certificate: UnknownIssuer"), "{err}");
+
+    // The laboratory opt-out.
+    let unverified = ClientTlsConfig {
+        verify: false,
+        ..trusting(&wrong.ca)
+    };
+    assert_eq!(stdout(&through(&ldaps, unverified)), direct, "verify = false");
+}
+
+#[tokio::test]
+async fn a_reloaded_certificate_serves_new_sessions_while_open_ones_continue() {
+    let slapd = Slapd::start();
+    let first = Pki::new("first");
+    let proxy = proxy_with_tls(&slapd.url(), &first, "ldaps://127.0.0.1:0", false);
+    let connect = |ca: &Path| {
+        let trust = ClientTlsConfig {
+            ca: Some(ca.to_owned()),
+            ..ClientTlsConfig::default()
+        };
+        let settings = LdapConnSettings::new().set_config(client_config(&trust).unwrap());
+        let url = proxy.url();
+        async move { LdapConnAsync::with_settings(settings, &url).await }
+    };
+    let (conn, mut open) = connect(&first.ca).await.unwrap();
+    ldap3::drive!(conn);
+
+    let second = Pki::new("second");
+    std::fs::copy(&second.cert, &first.cert).unwrap();
+    std::fs::copy(&second.key, &first.key).unwrap();
+    proxy.reload_tls();
+
+    assert!(
+        connect(&first.ca).await.is_err(),
+        "new sessions get the new certificate"
+    );
+    let (conn, mut fresh) = connect(&second.ca).await.unwrap();
+    ldap3::drive!(conn);
+    for ldap in [&mut open, &mut fresh] {
+        let (entries, _) = ldap
+            .search(BASE_DN, Scope::Subtree, "(uid=carol)", vec!["cn"])
+            .await
+            .unwrap()
+            .success()
+            .unwrap();
+        assert_eq!(entries.len(), 1, "both the open and the new session work");
+    }
+}
+
+#[tokio::test]
+async fn a_silent_tls_client_is_dropped_after_the_handshake_timeout() {
+    let slapd = Slapd::start();
+    let pki = Pki::new("ldapsync test");
+    let proxy = proxy_with_tls(&slapd.url(), &pki, "ldaps://127.0.0.1:0", false);
+    let mut silent = RawConn::connect(proxy.addr()).await;
+    // The handshake timeout is 500 ms; no answer comes, the socket closes.
+    assert_eq!(silent.receive(Duration::from_secs(5)).await, Received::Closed);
+}
