@@ -358,6 +358,9 @@ impl ConnectorConfig {
             return Err(error("bind_dn".into(), format!("{:?} is not a DN", self.bind_dn)));
         }
         self.password()?;
+        if let Some(path) = &self.password_file {
+            warn_if_readable_by_others(path);
+        }
         if self.max_delete_percent > 100 {
             return Err(error("max_delete_percent".into(), "must be between 0 and 100".into()));
         }
@@ -400,6 +403,26 @@ impl ConnectorConfig {
         Ok(())
     }
 }
+
+/// A secret file others can read is a leak waiting to happen; say so at
+/// start (ssh refuses such keys; a proxy in production should not refuse
+/// to start over it).
+#[cfg(unix)]
+fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            path = %path.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "the password file is readable by other users; make it owner-only (chmod 600)"
+        );
+    }
+}
+
+#[cfg(not(unix))]
+fn warn_if_readable_by_others(_: &Path) {}
 
 /// The local field the naming attribute feeds.
 pub const NAME_FIELD: &str = "name";

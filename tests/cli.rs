@@ -7,7 +7,7 @@ mod common;
 use std::process::{Command, Stdio};
 
 use common::{ldapsync, serve};
-use ldapsync_fixtures::{ROOT_DN, ROOT_PW, Slapd, person};
+use ldapsync_fixtures::{Pki, ROOT_DN, ROOT_PW, Slapd, person};
 
 fn ldap_tool(tool: &str, url: &str, args: &[&str]) -> std::process::Output {
     Command::new(tool)
@@ -99,9 +99,9 @@ fn bad_configuration_is_refused_with_a_precise_message() {
         ),
         (
             "bad URL",
-            Some("[proxy]\nupstream = [\"ldaps://127.0.0.1:636\"]\n"),
+            Some("[proxy]\nupstream = [\"http://127.0.0.1:636\"]\n"),
             &[],
-            "ldaps",
+            "http",
         ),
         (
             "bad duration",
@@ -128,6 +128,21 @@ fn bad_configuration_is_refused_with_a_precise_message() {
             "/nonexistent/ldapsync.toml",
         ),
         ("bad flag URL", None, &["--upstream", "127.0.0.1:389"], "127.0.0.1:389"),
+        (
+            "ldaps listener without a certificate",
+            Some("[proxy]\nupstream = [\"ldap://h\"]\nlisten = [\"ldaps://127.0.0.1:0\"]\n"),
+            &[],
+            "listener ldaps://127.0.0.1:0 needs TLS: set proxy.tls.cert",
+        ),
+        (
+            "unreadable certificate",
+            Some(
+                "[proxy]\nupstream = [\"ldap://h\"]\nlisten = [\"ldaps://127.0.0.1:0\"]\n\
+                 [proxy.tls]\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"\n",
+            ),
+            &[],
+            "proxy.tls.cert /nonexistent/cert.pem",
+        ),
     ];
     for (name, file, extra, needle) in cases {
         let mut command = ldapsync();
@@ -155,4 +170,221 @@ fn listener_that_cannot_bind_is_an_error() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot listen on") && stderr.contains(&url), "{stderr}");
+}
+
+/// Every password a test below uses, for grepping what ldapsync wrote.
+struct Secrets(Vec<String>);
+
+impl Secrets {
+    fn assert_absent(&self, what: &str, text: &[u8]) {
+        let text = String::from_utf8_lossy(text);
+        // As a whole word: the fixture's root password is the word "secret",
+        // which also occurs inside names like `extended_master_secret`.
+        let word = |c: char| c.is_alphanumeric() || c == '_' || c == '-';
+        for secret in &self.0 {
+            let found = text
+                .match_indices(secret.as_str())
+                .find(|(at, s)| !text[..*at].ends_with(word) && !text[at + s.len()..].starts_with(word));
+            let line = found.map(|(at, _)| text[at.saturating_sub(80)..].lines().next().unwrap_or_default());
+            assert!(line.is_none(), "{what} contains the password {secret:?}: {line:?}");
+        }
+    }
+}
+
+#[test]
+fn credentials_never_appear_in_logs_the_journal_or_the_database() {
+    let slapd = Slapd::start();
+    let pki = Pki::new("ldapsync test");
+    let dir = tempfile::tempdir().unwrap();
+    let service_secret = dir.path().join("service.secret");
+    std::fs::write(&service_secret, format!("{ROOT_PW}\n")).unwrap();
+    let db = dir.path().join("ldapsync.db");
+    let config = dir.path().join("ldapsync.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[proxy]
+listen = [{{ url = "ldap://127.0.0.1:0", require_tls = true }}]
+upstream = ["{upstream}"]
+[proxy.tls]
+cert = "{cert}"
+key = "{key}"
+[log]
+level = "trace"
+[store]
+path = "{db}"
+[[connector]]
+name = "example"
+bind_dn = "{ROOT_DN}"
+password_file = "{secret}"
+[connector.accounts]
+base = "ou=people,dc=example,dc=com"
+filter = "(objectClass=inetOrgPerson)"
+naming = "uid"
+map = {{ mail = "mail" }}
+"#,
+            upstream = slapd.url(),
+            cert = pki.cert.display(),
+            key = pki.key.display(),
+            db = db.display(),
+            secret = service_secret.display(),
+        ),
+    )
+    .unwrap();
+    let served = serve(&["--config", config.to_str().unwrap()]);
+    let url = served.url.clone();
+    let tool = |tool: &str, args: &[&str]| {
+        Command::new(tool)
+            .env("LDAPTLS_CACERT", &pki.ca)
+            .env("LDAPCONF", "/dev/null")
+            .arg("-H")
+            .arg(&url)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let (alice, alice_pw) = person("alice");
+    let (carol, carol_pw) = person("carol");
+    let secrets = Secrets(vec![
+        ROOT_PW.to_owned(),
+        alice_pw.clone(),
+        carol_pw.clone(),
+        "a-wrong-guess".into(),
+        "carol-new-secret".into(),
+        "zed-initial-secret".into(),
+        "plain-text-attempt".into(),
+    ]);
+    // Refused in clear text, refused with a wrong password, accepted under TLS.
+    assert!(
+        !tool("ldapwhoami", &["-x", "-D", &alice, "-w", "plain-text-attempt"])
+            .status
+            .success()
+    );
+    assert!(
+        !tool("ldapwhoami", &["-x", "-ZZ", "-D", &alice, "-w", "a-wrong-guess"])
+            .status
+            .success()
+    );
+    assert!(
+        tool("ldapwhoami", &["-x", "-ZZ", "-D", &alice, "-w", &alice_pw])
+            .status
+            .success()
+    );
+    // A password change and an entry added with a password, both captured.
+    let passwd = tool(
+        "ldappasswd",
+        &["-x", "-ZZ", "-D", &carol, "-w", &carol_pw, "-s", "carol-new-secret"],
+    );
+    assert!(passwd.status.success(), "{passwd:?}");
+    let mut add = Command::new("ldapmodify")
+        .env("LDAPTLS_CACERT", &pki.ca)
+        .env("LDAPCONF", "/dev/null")
+        .args(["-H", &url, "-x", "-ZZ", "-D", ROOT_DN, "-w", ROOT_PW])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    add.stdin
+        .take()
+        .unwrap()
+        .write_all(
+            b"dn: uid=zed,ou=people,dc=example,dc=com\nchangetype: add\nobjectClass: inetOrgPerson\n\
+              uid: zed\ncn: Zed\nsn: Zed\nuserPassword: zed-initial-secret\n",
+        )
+        .unwrap();
+    assert!(add.wait().unwrap().success());
+    assert!(
+        common::eventually(|| {
+            let out = ldapsync()
+                .args(["--config", config.to_str().unwrap(), "account", "list"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).lines().any(|l| l == "zed")
+        }),
+        "the captured add reached the local store"
+    );
+    let (exit, log) = served.terminate();
+    assert!(exit.success());
+    assert!(log.contains("operation done"), "trace logging was on");
+    assert!(log.contains("bind refused: this listener requires TLS first"), "{log}");
+    secrets.assert_absent("the trace-level log", log.as_bytes());
+
+    let journal = ldapsync()
+        .args(["--config", config.to_str().unwrap(), "journal"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&journal.stdout).contains("account zed"));
+    secrets.assert_absent("the journal", &journal.stdout);
+    // The capture journal holds DNs, never the requests' contents.
+    for file in ["ldapsync.db", "ldapsync.db-wal"] {
+        if let Ok(bytes) = std::fs::read(dir.path().join(file)) {
+            secrets.assert_absent(file, &bytes);
+        }
+    }
+}
+
+#[test]
+fn sighup_reloads_the_certificate_without_dropping_sessions() {
+    let slapd = Slapd::start();
+    let first = Pki::new("first");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::copy(&first.cert, &cert).unwrap();
+    std::fs::copy(&first.key, &key).unwrap();
+    let config = dir.path().join("ldapsync.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nlisten = [\"ldaps://127.0.0.1:0\"]\nupstream = [\"{}\"]\n[proxy.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            slapd.url(),
+            cert.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let served = serve(&["--config", config.to_str().unwrap()]);
+    assert!(served.url.starts_with("ldaps://"), "{}", served.url);
+    let search = |ca: &std::path::Path| {
+        Command::new("ldapsearch")
+            .env("LDAPTLS_CACERT", ca)
+            .env("LDAPCONF", "/dev/null")
+            .args([
+                "-x",
+                "-LLL",
+                "-H",
+                &served.url,
+                "-s",
+                "base",
+                "-b",
+                "dc=example,dc=com",
+                "dc",
+            ])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(search(&first.ca));
+
+    let second = Pki::new("second");
+    std::fs::copy(&second.cert, &cert).unwrap();
+    std::fs::copy(&second.key, &key).unwrap();
+    assert!(search(&first.ca), "nothing changes before SIGHUP");
+    served.signal("HUP");
+    assert!(
+        common::eventually(|| search(&second.ca)),
+        "after SIGHUP new sessions get the new certificate"
+    );
+    assert!(!search(&first.ca));
+
+    // A broken file on reload keeps the working certificate.
+    std::fs::write(&cert, "not a certificate").unwrap();
+    served.signal("HUP");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(search(&second.ca), "the previous certificate stays in use");
+    let (exit, log) = served.terminate();
+    assert!(exit.success());
+    assert!(log.contains("SIGHUP: certificate reloaded"), "{log}");
+    assert!(log.contains("SIGHUP: certificate not reloaded"), "{log}");
 }

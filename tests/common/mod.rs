@@ -56,7 +56,8 @@ pub fn serve(args: &[&str]) -> Served {
             .recv_timeout(Duration::from_secs(20))
             .unwrap_or_else(|_| panic!("ldapsync did not report listening; output: {seen:#?}"));
         if let Some(addr) = line.split("addr=").nth(1).filter(|_| line.contains("listening")) {
-            served.url = format!("ldap://{}", addr.split_whitespace().next().unwrap());
+            let scheme = if line.contains("url=ldaps://") { "ldaps" } else { "ldap" };
+            served.url = format!("{scheme}://{}", addr.split_whitespace().next().unwrap());
             return served;
         }
         seen.push(line);
@@ -70,6 +71,16 @@ impl Served {
             child.kill().unwrap();
             child.wait().unwrap();
         }
+    }
+
+    /// Sends a signal by name, e.g. "HUP".
+    pub fn signal(&self, name: &str) {
+        let child = self.child.as_ref().expect("running");
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{name}");
     }
 
     /// SIGTERM, then the exit status and everything logged.
