@@ -7,6 +7,8 @@
 //! each, and asserts the transcripts are equal. Writes therefore never
 //! interfere between the two paths.
 
+pub mod hostile;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -222,6 +224,23 @@ impl RawConn {
     /// hostile-input tests expect exactly that.
     pub async fn send(&mut self, bytes: &[u8]) {
         let _ = self.write.write_all(bytes).await;
+    }
+
+    /// Ends the sending side (an end of stream for the peer).
+    pub async fn finish(&mut self) {
+        let _ = self.write.shutdown().await;
+    }
+
+    /// Everything received until the connection closes or stays silent for
+    /// `quiet`: the raw PDUs, and how it ended.
+    pub async fn transcript(&mut self, quiet: Duration) -> (Vec<Bytes>, Received) {
+        let mut pdus = Vec::new();
+        loop {
+            match self.receive(quiet).await {
+                Received::Pdu(pdu) => pdus.push(pdu),
+                end => return (pdus, end),
+            }
+        }
     }
 
     /// The next PDU, the end of the connection, or silence for `wait`.

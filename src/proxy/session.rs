@@ -290,6 +290,14 @@ impl Session {
             Err(e) => return Some(End::Malformed(format!("undecodable LDAPMessage: {e}"))),
         };
         debug!(message_id = env.message_id, op = env.op.name(), "request");
+        // MessageID ::= INTEGER (0 .. maxInt) (RFC 4511 §4.1.1.1): anything
+        // else cannot be answered, and directories just drop the connection.
+        if !(0..=i64::from(i32::MAX)).contains(&env.message_id) {
+            return Some(End::Malformed(format!(
+                "message id {} is outside 0..2147483647",
+                env.message_id
+            )));
+        }
         match env.op {
             Op::Unbind => {
                 if let Some(upstream) = &mut self.upstream {
