@@ -71,12 +71,14 @@ pub fn read_header(buf: &[u8]) -> Result<Option<Header>, BerError> {
         return Ok(None);
     };
     let len = bytes.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b));
-    let len = usize::try_from(len).map_err(|_| BerError::LengthOverflow(len))?;
-    Ok(Some(Header {
-        tag,
-        len,
-        header_len: 2 + octets,
-    }))
+    // The header must fit too: `total_len` is then exact (found by fuzzing:
+    // an 8-octet length near 2^64 wrapped the total around).
+    let header_len = 2 + octets;
+    let len = usize::try_from(len)
+        .ok()
+        .filter(|len| len.checked_add(header_len).is_some())
+        .ok_or(BerError::LengthOverflow(len))?;
+    Ok(Some(Header { tag, len, header_len }))
 }
 
 /// Reads one complete element at the start of `buf`: its header and contents.
@@ -101,6 +103,12 @@ pub fn integer(contents: &[u8]) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_length_whose_total_overflows_is_an_error() {
+        let huge = [0x30, 0x88, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xfa];
+        assert_eq!(read_header(&huge), Err(BerError::LengthOverflow(0xffff_ffff_ffff_fffa)));
+    }
 
     #[test]
     fn short_and_long_form_lengths() {
