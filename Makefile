@@ -4,10 +4,19 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := slapd ldap-utils
+# libldap2-dev and libsasl2-dev: python-ldap (protocol-tests/python) builds from source.
+APT_PACKAGES := slapd ldap-utils libldap2-dev libsasl2-dev
+# The Python LDAP clients the protocol tests drive, in a project-local venv.
+VENV := .venv
+PY_REQUIREMENTS := protocol-tests/python/requirements.txt
 
-.PHONY: deps run test lint clean
+.PHONY: deps run test fuzz lint clean
 
+# Seconds per fuzz target in `make test`; `make fuzz FUZZ_SECONDS=3600` for a long run.
+FUZZ_SECONDS ?= 10
+
+# Debian packages, cargo, then the Python venv. The venv keeps a copy of the
+# requirements it was installed from: when that copy matches, pip is not run.
 deps:
 	@missing=""; \
 	for p in $(APT_PACKAGES); do \
@@ -19,16 +28,28 @@ deps:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 	@command -v $(CARGO) >/dev/null || { echo "make deps: cargo (the Rust toolchain) is required" >&2; exit 1; }
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install -q cargo-fuzz --locked
+	@if [ ! -x $(VENV)/bin/python ] || ! cmp -s $(PY_REQUIREMENTS) $(VENV)/requirements.installed; then \
+	  echo "make deps: installing $(PY_REQUIREMENTS) into $(VENV)"; \
+	  { [ -x $(VENV)/bin/python ] || python3 -m venv $(VENV); } && \
+	  $(VENV)/bin/pip install -q -r $(PY_REQUIREMENTS) && \
+	  cp $(PY_REQUIREMENTS) $(VENV)/requirements.installed; \
+	fi
 
 run: deps
 	$(CARGO) build --release --bin ldapsync
 	fixtures/run-demo.sh target/release/ldapsync
 
-# The last line totals every test binary's results ("N passed, N failed").
+# A short fuzz run of each target, then every test. The last line totals
+# every test binary's results ("N passed, N failed").
 test: deps
+	fuzz/run.sh $(FUZZ_SECONDS)
 	@set -o pipefail; $(CARGO) test --workspace 2>&1 | awk '{ print } \
 	  /^test result:/ { passed += $$4; failed += $$6 } \
 	  END { printf "%d passed, %d failed\n", passed, failed }'
+
+fuzz: deps
+	fuzz/run.sh $(FUZZ_SECONDS)
 
 lint:
 	$(CARGO) fmt --all --check
@@ -36,4 +57,4 @@ lint:
 
 clean:
 	$(CARGO) clean
-	rm -rf .run
+	rm -rf .run fuzz/target

@@ -287,6 +287,12 @@ pub fn extended_request(message_id: u32, oid: &str) -> Bytes {
     )
 }
 
+/// An UnbindRequest, as ldapsync sends it when it drops a directory
+/// connection it no longer needs. Message id 1: nothing else is in flight.
+pub fn unbind_request() -> Bytes {
+    encode(1, ProtocolOp::UnbindRequest(rasn_ldap::UnbindRequest))
+}
+
 /// The unsolicited Notice of Disconnection (RFC 4511 §4.4.1).
 pub fn notice_of_disconnection(code: ResultCode, diagnostic: &str) -> Bytes {
     encode(

@@ -469,6 +469,12 @@ impl Session {
         if refusal.is_some() {
             return None;
         }
+        // A bind made in clear text does not carry over into TLS: close the
+        // directory connection that holds it (nothing is in flight on it),
+        // so the session continues anonymous, as slapd's own StartTLS does.
+        if let Some(mut upstream) = self.upstream.take() {
+            let _ = upstream.writer.write_all(&message::unbind_request()).await;
+        }
         // Take the socket back from the writer once it has written the response.
         let (give, take) = oneshot::channel();
         if self.to_client.send(ToClient::Upgrade(give)).await.is_err() {
