@@ -166,6 +166,8 @@ pub struct Config {
     pub store: StoreConfig,
     #[serde(default, rename = "connector")]
     pub connectors: Vec<ConnectorConfig>,
+    #[serde(default)]
+    pub conformance: ConformanceConfig,
 }
 
 /// `[store]`: where the local store and sync state live.
@@ -447,7 +449,7 @@ impl fmt::Debug for Secret {
 }
 
 /// RFC 4514 shape: comma-separated `attr=value` parts, with escaped commas allowed.
-fn valid_dn(dn: &str) -> bool {
+pub(crate) fn valid_dn(dn: &str) -> bool {
     let mut rdns = Vec::new();
     let (mut start, mut escaped) = (0, false);
     for (i, c) in dn.char_indices() {
@@ -521,6 +523,17 @@ pub struct ProxyConfig {
     pub failed_bind_window: Duration,
     pub max_client_pdu: usize,
     pub max_upstream_pdu: usize,
+    /// Conformance mode's report file (from `[conformance]` or the flag).
+    #[serde(skip)]
+    pub conformance_report: Option<PathBuf>,
+}
+
+/// `[conformance]`: check every PDU against RFC 4511 and report violations.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConformanceConfig {
+    /// JSON lines, one per violation; conformance mode is off without it.
+    pub report: Option<PathBuf>,
 }
 
 /// A listener: `"ldap://host:port"`, or a table with options.
@@ -620,6 +633,7 @@ impl Default for ProxyConfig {
             failed_bind_window: Duration::from_secs(60),
             max_client_pdu: 256 * 1024,
             max_upstream_pdu: 16 * 1024 * 1024,
+            conformance_report: None,
         }
     }
 }

@@ -252,3 +252,77 @@ pub fn corpus() -> Vec<Case> {
     cases.push(case("bytes after an unbind", "§4.3", after_unbind, ClosedSilently));
     cases
 }
+
+/// An anonymous simple bind.
+pub fn simple_bind(id: i128) -> Vec<u8> {
+    message(id, &bind(3, b"", b""), None)
+}
+
+/// An LDAPResult-based response: `tag` (e.g. 0x61 BindResponse), code.
+fn response(id: i128, tag: u8, code: u8) -> Vec<u8> {
+    message(id, &tlv(tag, &[0x0a, 0x01, code, 0x04, 0x00, 0x04, 0x00]), None)
+}
+
+/// A client request that breaks a rule conformance mode checks.
+pub struct Violation {
+    pub rule: &'static str,
+    pub bytes: Vec<u8>,
+    /// The message id the report names.
+    pub message_id: i64,
+    /// The message id of the answer to wait for before the next case.
+    pub answered_by: u32,
+}
+
+/// Client violations, in this order on one connection: the last one makes
+/// slapd close it.
+pub fn conformance_violations() -> Vec<Violation> {
+    let mut control = tlv(0x04, b"not.an.oid");
+    control.extend([0x01, 0x01, 0x00]);
+    let mut reused = crate::persistent_search(4, "ou=groups,dc=example,dc=com");
+    reused.extend(message(4, &search(b"dc=example,dc=com", &present()), None));
+    let violation = |rule, bytes, message_id, answered_by| Violation {
+        rule,
+        bytes,
+        message_id,
+        answered_by,
+    };
+    vec![
+        violation("message-id", root_dse(0), 0, 0),
+        violation("bind-version", message(2, &bind(2, b"", b""), None), 2, 2),
+        violation("invalid-dn", message(3, &search(b"not a dn", &present()), None), 3, 3),
+        violation(
+            "control-type",
+            message(6, &search_scoped(b"", 0, &present()), Some(&tlv(0x30, &control))),
+            6,
+            6,
+        ),
+        violation("message-id-reused", reused, 4, 4),
+        // slapd answers with a Notice of Disconnection.
+        violation("not-a-request", response(5, 0x61, 0), 5, 0),
+    ]
+}
+
+/// What a misbehaving directory answers to a bind with message id 1, and
+/// the rule (and message id) conformance mode reports for it.
+pub fn directory_violations() -> Vec<(&'static str, Vec<u8>, Option<i64>)> {
+    let mut notice_then_more = message(
+        0,
+        &tlv(
+            0x78,
+            &[
+                &[0x0a, 0x01, 0x34, 0x04, 0x00, 0x04, 0x00][..],
+                &tlv(0x8a, b"1.3.6.1.4.1.1466.20036"),
+            ]
+            .concat(),
+        ),
+        None,
+    );
+    notice_then_more.extend(response(1, 0x61, 0));
+    vec![
+        ("response-type", response(1, 0x65, 0), Some(1)),
+        ("unexpected-response", response(7, 0x61, 0), Some(7)),
+        ("result-code", response(1, 0x61, 99), Some(1)),
+        ("unsolicited-notification", response(0, 0x61, 0), Some(0)),
+        ("data-after-notice", notice_then_more, None),
+    ]
+}

@@ -64,6 +64,10 @@ struct ServeArgs {
     /// Log filter, e.g. `debug` or `ldapsync=trace`. Replaces log.level; RUST_LOG wins over both.
     #[arg(long)]
     log_level: Option<String>,
+    /// Conformance mode: write RFC 4511 violations seen in either direction
+    /// to this file (JSON lines). Replaces conformance.report.
+    #[arg(long)]
+    conformance_report: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -82,6 +86,10 @@ impl ServeArgs {
         if let Some(level) = &self.log_level {
             config.log.level = level.clone();
         }
+        if let Some(report) = &self.conformance_report {
+            config.conformance.report = Some(report.clone());
+        }
+        config.proxy.conformance_report = config.conformance.report.clone();
         config.validate()?;
         config.validate_connectors()?;
         Ok(config)
@@ -143,7 +151,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         } else {
             Arc::new(worker::start(&config, shutdown.clone(), &workers))
         };
-        let proxy = Proxy::new(config.proxy, sink).context("TLS")?;
+        let proxy = Proxy::new(config.proxy, sink)?;
         let listeners = proxy.bind().await?;
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         if let Some(tls) = proxy.server_tls() {

@@ -91,6 +91,29 @@ pub fn read_element(buf: &[u8]) -> Result<(Header, &[u8]), BerError> {
     Ok((header, contents))
 }
 
+/// Whether no element in `buf` is nested more than `limit` deep, walked
+/// without recursion. Malformed input counts as within the limit: a
+/// decoder then fails on it before it can recurse past what was walked.
+pub fn depth_within(buf: &[u8], limit: usize) -> bool {
+    const CONSTRUCTED: u8 = 0x20;
+    let mut stack = vec![(buf, 0usize)];
+    while let Some((mut rest, depth)) = stack.pop() {
+        while !rest.is_empty() {
+            let Ok((header, contents)) = read_element(rest) else {
+                break;
+            };
+            if header.tag & CONSTRUCTED != 0 {
+                if depth + 1 > limit {
+                    return false;
+                }
+                stack.push((contents, depth + 1));
+            }
+            rest = &rest[header.total_len()..];
+        }
+    }
+    true
+}
+
 /// Decodes the contents of a BER INTEGER (two's complement, big-endian).
 pub fn integer(contents: &[u8]) -> Option<i64> {
     if contents.is_empty() || contents.len() > 8 {
@@ -103,6 +126,20 @@ pub fn integer(contents: &[u8]) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nesting_depth_is_measured_without_recursion() {
+        let mut nested = vec![0x04, 0x00];
+        for _ in 0..1_000 {
+            let mut outer = vec![0xa0, 0x84];
+            outer.extend((nested.len() as u32).to_be_bytes());
+            outer.extend(nested);
+            nested = outer;
+        }
+        assert!(!depth_within(&nested, 64));
+        assert!(depth_within(&[0x30, 0x03, 0x02, 0x01, 0x01], 1));
+        assert!(!depth_within(&[0x30, 0x02, 0x30, 0x00], 1));
+    }
 
     #[test]
     fn a_length_whose_total_overflows_is_an_error() {

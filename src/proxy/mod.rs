@@ -9,6 +9,7 @@
 mod ber;
 pub mod capture;
 pub mod codec;
+mod conformance;
 mod limits;
 pub mod message;
 mod session;
@@ -46,6 +47,16 @@ struct Shared {
     /// TLS towards the directory, when its URLs or `starttls` ask for it.
     upstream_tls: Option<TlsConnector>,
     failed_binds: FailedBinds,
+    /// Conformance mode's report, when it is on.
+    conformance: Option<Arc<conformance::Report>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("conformance report {path}: {source}")]
+    Report { path: String, source: std::io::Error },
 }
 
 /// A listening socket with its configuration.
@@ -73,7 +84,7 @@ pub struct Proxy {
 
 impl Proxy {
     /// Loads the TLS material the configuration names.
-    pub fn new(config: ProxyConfig, sink: Arc<dyn CaptureSink>) -> Result<Self, TlsError> {
+    pub fn new(config: ProxyConfig, sink: Arc<dyn CaptureSink>) -> Result<Self, ProxyError> {
         let tls = config.tls.as_ref().map(ServerTls::load).transpose()?.map(Arc::new);
         let upstream_tls = if config.upstream_tls.starttls || config.upstream.iter().any(|u| u.is_ldaps()) {
             Some(tls::connector(tls::client_config(&config.upstream_tls)?))
@@ -82,6 +93,15 @@ impl Proxy {
         };
         let connections = Arc::new(Semaphore::new(config.max_connections));
         let failed_binds = FailedBinds::new(config.max_failed_binds, config.failed_bind_window);
+        let conformance = match &config.conformance_report {
+            Some(path) => Some(Arc::new(conformance::Report::create(path).map_err(|source| {
+                ProxyError::Report {
+                    path: path.display().to_string(),
+                    source,
+                }
+            })?)),
+            None => None,
+        };
         Ok(Proxy {
             shared: Arc::new(Shared {
                 config,
@@ -89,6 +109,7 @@ impl Proxy {
                 tls,
                 upstream_tls,
                 failed_binds,
+                conformance,
             }),
             connections,
             addresses: Arc::default(),

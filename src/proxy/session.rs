@@ -27,6 +27,7 @@ use tracing::{Instrument, debug, info, warn};
 
 use super::capture::{CaptureLoss, CapturedWrite, WriteKind};
 use super::codec::{FrameError, PduCodec};
+use super::conformance::Checker;
 use super::message::{self, Envelope, Op, STARTTLS_OID};
 use super::upstream;
 use super::{Io, Shared};
@@ -193,6 +194,8 @@ struct Session {
     peer: IpAddr,
     /// The client's connection is under TLS (`ldaps://` or StartTLS).
     tls: bool,
+    /// Conformance mode: both directions' PDUs are checked.
+    checker: Option<Arc<Mutex<Checker>>>,
     requests: FramedRead<ReadHalf<Stream>, PduCodec>,
     to_client: mpsc::Sender<ToClient>,
     writer: JoinHandle<()>,
@@ -211,11 +214,16 @@ impl Session {
         let (read, write) = tokio::io::split(stream);
         let (to_client, queue) = mpsc::channel(CLIENT_QUEUE);
         let writer = tokio::spawn(write_client(write, queue, shared.config.io_timeout).in_current_span());
+        let checker = shared
+            .conformance
+            .as_ref()
+            .map(|report| Arc::new(Mutex::new(Checker::new(Arc::clone(report), id))));
         Session {
             id,
             listener,
             peer,
             tls: false,
+            checker,
             requests: FramedRead::new(read, PduCodec::new(shared.config.max_client_pdu)),
             shared,
             to_client,
@@ -285,6 +293,9 @@ impl Session {
 
     /// Relays one client PDU; `Some` ends the session.
     async fn request(&mut self, pdu: Bytes) -> Option<End> {
+        if let Some(checker) = &self.checker {
+            checker.lock().unwrap_or_else(|e| e.into_inner()).client(&pdu);
+        }
         let env = match Envelope::peek(&pdu) {
             Ok(env) => env,
             Err(e) => return Some(End::Malformed(format!("undecodable LDAPMessage: {e}"))),
@@ -503,6 +514,7 @@ impl Session {
         let relay = UpstreamRelay {
             session: self.id,
             peer: self.peer,
+            checker: self.checker.clone(),
             sasl_bound: Arc::clone(&self.sasl_bound),
             shared: Arc::clone(&self.shared),
             inflight: Arc::clone(&self.inflight),
@@ -578,6 +590,7 @@ fn write_kind(op: Op) -> Option<WriteKind> {
 struct UpstreamRelay {
     session: u64,
     peer: IpAddr,
+    checker: Option<Arc<Mutex<Checker>>>,
     sasl_bound: Arc<AtomicBool>,
     shared: Arc<Shared>,
     inflight: Arc<Inflight>,
@@ -600,6 +613,9 @@ impl UpstreamRelay {
                 Some(Err(e)) => return UpstreamEnd::Failed(e),
                 Some(Ok(pdu)) => pdu,
             };
+            if let Some(checker) = &self.checker {
+                checker.lock().unwrap_or_else(|e| e.into_inner()).directory(&pdu);
+            }
             let completed = match Envelope::peek(&pdu) {
                 Ok(env) if env.message_id == 0 && env.op == Op::ExtendedResponse => {
                     warn!(
