@@ -168,6 +168,16 @@ pub struct Config {
     pub connectors: Vec<ConnectorConfig>,
     #[serde(default)]
     pub conformance: ConformanceConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: the opt-in HTTP listener for `/metrics`, `/healthz`, `/readyz`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `host:port`, e.g. `127.0.0.1:9389`; off when unset.
+    pub listen: Option<String>,
 }
 
 /// `[store]`: where the local store and sync state live.
@@ -644,12 +654,25 @@ impl Default for ProxyConfig {
 pub struct LogConfig {
     /// A tracing filter directive: `info`, `ldapsync=debug`, …
     pub level: String,
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// For people.
+    #[default]
+    Text,
+    /// One JSON object per line, for collectors.
+    Json,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
             level: "info".to_owned(),
+            format: LogFormat::Text,
         }
     }
 }

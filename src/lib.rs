@@ -9,6 +9,8 @@
 
 pub mod cli;
 pub mod config;
+pub mod metrics;
+pub mod monitor;
 pub mod poller;
 pub mod proxy;
 pub mod store;

@@ -13,7 +13,8 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{Config, LdapUrl};
+use crate::config::{Config, LdapUrl, LogConfig, LogFormat};
+use crate::monitor::{self, Readiness};
 use crate::proxy::tls::ServerTls;
 use crate::proxy::{CaptureSink, LogSink, Proxy};
 use crate::store::Category;
@@ -64,6 +65,13 @@ struct ServeArgs {
     /// Log filter, e.g. `debug` or `ldapsync=trace`. Replaces log.level; RUST_LOG wins over both.
     #[arg(long)]
     log_level: Option<String>,
+    /// Serve /metrics, /healthz and /readyz over HTTP here, e.g.
+    /// 127.0.0.1:9389. Replaces metrics.listen.
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// Log line format. Replaces log.format.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
     /// Conformance mode: write RFC 4511 violations seen in either direction
     /// to this file (JSON lines). Replaces conformance.report.
     #[arg(long)]
@@ -85,6 +93,12 @@ impl ServeArgs {
         }
         if let Some(level) = &self.log_level {
             config.log.level = level.clone();
+        }
+        if let Some(addr) = &self.metrics_listen {
+            config.metrics.listen = Some(addr.clone());
+        }
+        if let Some(format) = self.log_format {
+            config.log.format = format;
         }
         if let Some(report) = &self.conformance_report {
             config.conformance.report = Some(report.clone());
@@ -126,21 +140,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn init_logging(level: &str) -> anyhow::Result<()> {
+fn init_logging(log: &LogConfig) -> anyhow::Result<()> {
+    let level = &log.level;
     let filter = match std::env::var("RUST_LOG") {
         Ok(from_env) if !from_env.is_empty() => EnvFilter::try_new(from_env).context("RUST_LOG")?,
         _ => EnvFilter::try_new(level).with_context(|| format!("log level {level:?}"))?,
     };
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match log.format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().init(),
+    }
     Ok(())
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {
-    init_logging(&config.log.level)?;
+    init_logging(&config.log)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
@@ -151,8 +168,18 @@ fn serve(config: Config) -> anyhow::Result<()> {
         } else {
             Arc::new(worker::start(&config, shutdown.clone(), &workers))
         };
+        // Bound first, so that a taken port fails the start, not later.
+        let metrics = match &config.metrics.listen {
+            Some(addr) => Some(monitor::bind(addr).await?),
+            None => None,
+        };
+        let readiness = Readiness::new(config.proxy.upstream.clone(), config.proxy.connect_timeout);
         let proxy = Proxy::new(config.proxy, sink)?;
         let listeners = proxy.bind().await?;
+        readiness.set_listening();
+        if let Some(listener) = metrics {
+            workers.spawn(monitor::serve(listener, readiness, shutdown.clone()));
+        }
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         if let Some(tls) = proxy.server_tls() {
             tokio::spawn(reload_on_sighup(tls));

@@ -32,6 +32,7 @@ use super::message::{self, Envelope, Op, STARTTLS_OID};
 use super::upstream;
 use super::{Io, Shared};
 use crate::config::Listener;
+use crate::metrics::{DirectionLabel, METRICS, OpLabel, OperationLabels};
 
 type Stream = Box<dyn Io>;
 
@@ -154,6 +155,11 @@ pub(super) async fn run(
     shutdown: CancellationToken,
 ) {
     let span = tracing::info_span!("session", id, %peer);
+    METRICS.sessions.inc();
+    METRICS.sessions_open.inc();
+    let _open = scopeguard(|| {
+        METRICS.sessions_open.dec();
+    });
     async move {
         if let Err(e) = stream.set_nodelay(true) {
             debug!(error = %e, "could not set TCP_NODELAY");
@@ -172,6 +178,19 @@ pub(super) async fn run(
     }
     .instrument(span)
     .await
+}
+
+/// Runs `f` when dropped, however the session ends.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }
 
 /// The server side of a TLS handshake, within the handshake timeout.
@@ -296,6 +315,12 @@ impl Session {
         if let Some(checker) = &self.checker {
             checker.lock().unwrap_or_else(|e| e.into_inner()).client(&pdu);
         }
+        METRICS
+            .bytes
+            .get_or_create(&DirectionLabel {
+                direction: "from_client",
+            })
+            .inc_by(pdu.len() as u64);
         let env = match Envelope::peek(&pdu) {
             Ok(env) => env,
             Err(e) => return Some(End::Malformed(format!("undecodable LDAPMessage: {e}"))),
@@ -616,6 +641,10 @@ impl UpstreamRelay {
             if let Some(checker) = &self.checker {
                 checker.lock().unwrap_or_else(|e| e.into_inner()).directory(&pdu);
             }
+            METRICS
+                .bytes
+                .get_or_create(&DirectionLabel { direction: "to_client" })
+                .inc_by(pdu.len() as u64);
             let completed = match Envelope::peek(&pdu) {
                 Ok(env) if env.message_id == 0 && env.op == Op::ExtendedResponse => {
                     warn!(
@@ -668,6 +697,18 @@ impl UpstreamRelay {
 
     fn complete(&self, env: &Envelope, response: &[u8], pending: Pending) {
         let result = env.result_code(response);
+        let op = pending.op.name();
+        METRICS
+            .operations
+            .get_or_create(&OperationLabels {
+                op,
+                result: result.unwrap_or(-1),
+            })
+            .inc();
+        METRICS
+            .operation_seconds
+            .get_or_create(&OpLabel { op })
+            .observe(pending.started.elapsed().as_secs_f64());
         debug!(
             message_id = env.message_id,
             op = pending.op.name(),

@@ -15,6 +15,7 @@ use super::Io;
 use super::codec::PduCodec;
 use super::message::{self, Envelope, Op, STARTTLS_OID};
 use crate::config::LdapUrl;
+use crate::metrics::{METRICS, UrlLabel};
 
 /// Every configured directory URL failed; the message lists why, per URL.
 #[derive(Debug, Error)]
@@ -36,13 +37,22 @@ pub struct Route<'a> {
 /// the connect timeout (TLS handshake included).
 pub async fn connect(route: &Route<'_>) -> Result<Box<dyn Io>, UnreachableError> {
     let mut attempts = Vec::with_capacity(route.urls.len());
-    for url in route.urls {
+    for (index, url) in route.urls.iter().enumerate() {
         let reason = match timeout(route.connect_timeout, connect_one(url, route)).await {
-            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Ok(stream)) => {
+                if index > 0 {
+                    METRICS.upstream_failovers.inc();
+                }
+                return Ok(stream);
+            }
             Ok(Err(reason)) => reason,
             Err(_) => format!("no answer within {}", humantime::format_duration(route.connect_timeout)),
         };
         tracing::warn!(%url, %reason, "directory unreachable");
+        METRICS
+            .upstream_connect_failures
+            .get_or_create(&UrlLabel { url: url.to_string() })
+            .inc();
         attempts.push(format!("{url}: {reason}"));
     }
     Err(UnreachableError { attempts })

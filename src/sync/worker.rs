@@ -23,6 +23,7 @@ use tracing::{Instrument, debug, info, warn};
 use super::directory::Directory;
 use super::engine::{self, Change, ChangeEvent, PassOptions, Report, SyncError};
 use crate::config::{Config, ConnectorConfig, dn_within};
+use crate::metrics::{ChangeLabels, ConflictLabels, METRICS, OutcomeLabel, PollLabels};
 use crate::poller::{self, Mechanism};
 use crate::proxy::capture::{Affected, CaptureLoss, CaptureSink, CapturedWrite};
 use crate::store::{Capture, CaptureKind, Category, ChangeSource, ConnectorState, SqliteStore, Store, Watermark, now};
@@ -96,7 +97,16 @@ impl CaptureSink for CaptureRouter {
                 dn: dn.clone(),
                 captured_at: now(),
             };
-            if self.journal.try_send(capture).is_err() {
+            if self.journal.try_send(capture).is_ok() {
+                METRICS
+                    .captures
+                    .get_or_create(&OutcomeLabel { outcome: "queued" })
+                    .inc();
+            } else {
+                METRICS
+                    .captures
+                    .get_or_create(&OutcomeLabel { outcome: "dropped" })
+                    .inc();
                 route.out_of_sync(format!("capture queue full at {dn}"));
             }
         }
@@ -170,8 +180,18 @@ fn write_captures(store_path: PathBuf, mut queue: mpsc::Receiver<Capture>, route
             .iter()
             .filter(|r| batch.iter().any(|c| c.connector == r.connector));
         match result {
-            Ok(()) => concerned.for_each(|r| r.captured.notify_one()),
+            Ok(()) => {
+                METRICS
+                    .captures
+                    .get_or_create(&OutcomeLabel { outcome: "journaled" })
+                    .inc_by(batch.len() as u64);
+                concerned.for_each(|r| r.captured.notify_one());
+            }
             Err(e) => {
+                METRICS
+                    .captures
+                    .get_or_create(&OutcomeLabel { outcome: "dropped" })
+                    .inc_by(batch.len() as u64);
                 let reason = format!("capture journal write failed: {e}");
                 for route in concerned {
                     if let Some(store) = &mut store {
@@ -253,22 +273,35 @@ impl Worker {
     async fn captures(&mut self, store: &mut SqliteStore) -> Result<(), SyncError> {
         let directory = connected(&mut self.directory, &self.connector, self.connect_timeout).await?;
         let report = apply_captures(store, &self.connector, directory).await?;
+        record(&self.connector, ChangeSource::Proxy, &report);
         log_report("captured changes", &report);
         Ok(())
     }
 
     async fn poll(&mut self, store: &mut SqliteStore) -> Result<(), SyncError> {
         let directory = connected(&mut self.directory, &self.connector, self.connect_timeout).await?;
-        apply_captures(store, &self.connector, directory).await?;
-        let outcome = poll(store, &self.connector, directory, Poll::Due).await?;
-        log_report(outcome.kind.as_str(), &outcome.report);
-        Ok(())
+        let captured = apply_captures(store, &self.connector, directory).await?;
+        record(&self.connector, ChangeSource::Proxy, &captured);
+        self.timed_poll(store, Poll::Due).await
     }
 
     async fn resync(&mut self, store: &mut SqliteStore, reason: String) -> Result<(), SyncError> {
         store.mark_out_of_sync(&self.connector.name, &reason)?;
+        self.timed_poll(store, Poll::Due).await
+    }
+
+    async fn timed_poll(&mut self, store: &mut SqliteStore, kind: Poll) -> Result<(), SyncError> {
         let directory = connected(&mut self.directory, &self.connector, self.connect_timeout).await?;
-        let outcome = poll(store, &self.connector, directory, Poll::Due).await?;
+        let started = std::time::Instant::now();
+        let outcome = poll(store, &self.connector, directory, kind).await?;
+        METRICS
+            .poll_seconds
+            .get_or_create(&PollLabels {
+                connector: self.connector.name.clone(),
+                kind: outcome.kind.as_str(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+        record(&self.connector, ChangeSource::Poll, &outcome.report);
         log_report(outcome.kind.as_str(), &outcome.report);
         Ok(())
     }
@@ -301,6 +334,40 @@ async fn connected<'a>(
         *slot = Some(Directory::connect(connector, password.expose(), timeout).await?);
     }
     Ok(slot.as_mut().expect("connected above"))
+}
+
+/// Counts what a report says was done, for the metrics.
+fn record(connector: &ConnectorConfig, source: ChangeSource, report: &Report) {
+    let outcomes = [
+        ("associated", report.associated),
+        ("created-local", report.created_local),
+        ("created-ldap", report.created_ldap),
+        ("updated", report.updated),
+        ("disputed", report.disputed),
+        ("deleted", report.deleted),
+        ("disabled", report.disabled),
+        ("delete-refused", report.deletes_refused),
+        ("failed", report.failed),
+    ];
+    for (outcome, count) in outcomes.into_iter().filter(|(_, n)| *n > 0) {
+        METRICS
+            .changes
+            .get_or_create(&ChangeLabels {
+                connector: connector.name.clone(),
+                source: source.as_str(),
+                outcome,
+            })
+            .inc_by(count as u64);
+    }
+    if report.conflicts > 0 {
+        METRICS
+            .conflicts
+            .get_or_create(&ConflictLabels {
+                connector: connector.name.clone(),
+                policy: connector.conflict_policy().to_string(),
+            })
+            .inc_by(report.conflicts as u64);
+    }
 }
 
 fn log_report(what: &str, report: &Report) {

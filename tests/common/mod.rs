@@ -16,6 +16,8 @@ pub fn ldapsync() -> Command {
 pub struct Served {
     child: Option<Child>,
     pub url: String,
+    /// What ldapsync logged before its LDAP listener was up.
+    pub startup: Vec<String>,
     log: mpsc::Receiver<String>,
 }
 
@@ -47,21 +49,42 @@ pub fn serve(args: &[&str]) -> Served {
     let mut served = Served {
         child: Some(child),
         url: String::new(),
+        startup: Vec::new(),
         log,
     };
-    let mut seen = Vec::new();
     loop {
         let line = served
             .log
             .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| panic!("ldapsync did not report listening; output: {seen:#?}"));
-        if let Some(addr) = line.split("addr=").nth(1).filter(|_| line.contains("listening")) {
-            let scheme = if line.contains("url=ldaps://") { "ldaps" } else { "ldap" };
-            served.url = format!("{scheme}://{}", addr.split_whitespace().next().unwrap());
+            .unwrap_or_else(|_| panic!("ldapsync did not report listening; output: {:#?}", served.startup));
+        if let Some((url, addr)) = listening(&line) {
+            let scheme = if url.starts_with("ldaps://") { "ldaps" } else { "ldap" };
+            served.url = format!("{scheme}://{addr}");
             return served;
         }
-        seen.push(line);
+        served.startup.push(line);
     }
+}
+
+/// (configured URL, bound address) from a "listening" log line, in text
+/// or JSON format.
+fn listening(line: &str) -> Option<(String, String)> {
+    if let Ok(json) = serde_json::from_str::<serde_json::Value>(line) {
+        let fields = &json["fields"];
+        return (fields["message"] == "listening").then(|| {
+            (
+                fields["url"].as_str().unwrap_or_default().to_owned(),
+                fields["addr"].as_str().unwrap_or_default().to_owned(),
+            )
+        });
+    }
+    let field = |name: &str| {
+        line.split(&format!("{name}="))
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_owned)
+    };
+    line.contains("listening").then(|| Some((field("url")?, field("addr")?)))?
 }
 
 impl Served {

@@ -1,0 +1,156 @@
+//! What ldapsync counts, in Prometheus form: one process-wide registry,
+//! fed by the relay, the capture path and the connectors' workers, and
+//! exposed on the opt-in HTTP listener (see `monitor`).
+
+use std::sync::LazyLock;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    pub op: &'static str,
+    pub result: i64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    pub op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UrlLabel {
+    pub url: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PollLabels {
+    pub connector: String,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChangeLabels {
+    pub connector: String,
+    pub source: &'static str,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConflictLabels {
+    pub connector: String,
+    pub policy: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub operations: Family<OperationLabels, Counter>,
+    pub operation_seconds: Family<OpLabel, Histogram>,
+    pub sessions_open: Gauge,
+    pub sessions: Counter,
+    pub bytes: Family<DirectionLabel, Counter>,
+    pub upstream_connect_failures: Family<UrlLabel, Counter>,
+    pub upstream_failovers: Counter,
+    pub captures: Family<OutcomeLabel, Counter>,
+    pub poll_seconds: Family<PollLabels, Histogram>,
+    pub changes: Family<ChangeLabels, Counter>,
+    pub conflicts: Family<ConflictLabels, Counter>,
+}
+
+/// The process's metrics.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+impl Metrics {
+    fn new() -> Metrics {
+        let latency = || Histogram::new(exponential_buckets(0.000_05, 2.0, 18));
+        let polls = || Histogram::new(exponential_buckets(0.001, 2.0, 18));
+        let metrics = Metrics {
+            registry: Registry::with_prefix("ldapsync"),
+            operations: Family::default(),
+            operation_seconds: Family::new_with_constructor(latency),
+            sessions_open: Gauge::default(),
+            sessions: Counter::default(),
+            bytes: Family::default(),
+            upstream_connect_failures: Family::default(),
+            upstream_failovers: Counter::default(),
+            captures: Family::default(),
+            poll_seconds: Family::new_with_constructor(polls),
+            changes: Family::default(),
+            conflicts: Family::default(),
+        };
+        let mut registry = Registry::with_prefix("ldapsync");
+        registry.register(
+            "operations",
+            "LDAP operations relayed, by type and result code",
+            metrics.operations.clone(),
+        );
+        registry.register(
+            "operation_duration_seconds",
+            "Time from a request to its final response, by operation type",
+            metrics.operation_seconds.clone(),
+        );
+        registry.register(
+            "sessions_open",
+            "Client sessions open now",
+            metrics.sessions_open.clone(),
+        );
+        registry.register("sessions", "Client sessions accepted", metrics.sessions.clone());
+        registry.register(
+            "bytes",
+            "Bytes relayed, from clients and to clients",
+            metrics.bytes.clone(),
+        );
+        registry.register(
+            "upstream_connect_failures",
+            "Failed connections to a directory URL",
+            metrics.upstream_connect_failures.clone(),
+        );
+        registry.register(
+            "upstream_failovers",
+            "Sessions served by a directory URL other than the first",
+            metrics.upstream_failovers.clone(),
+        );
+        registry.register(
+            "captures",
+            "Captured writes: queued, journaled, or dropped (the connector then resynchronizes)",
+            metrics.captures.clone(),
+        );
+        registry.register(
+            "poll_duration_seconds",
+            "Duration of connector polls, incremental or full reconciliation",
+            metrics.poll_seconds.clone(),
+        );
+        registry.register(
+            "changes",
+            "Changes applied by the sync engine, by source and outcome",
+            metrics.changes.clone(),
+        );
+        registry.register(
+            "conflicts",
+            "Conflicts resolved, by connector and policy",
+            metrics.conflicts.clone(),
+        );
+        Metrics { registry, ..metrics }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+}

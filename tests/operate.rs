@@ -1,0 +1,153 @@
+//! Operating ldapsync: the metrics endpoint after real traffic, health and
+//! readiness as the directory dies and comes back, JSON logs.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+
+use common::{eventually, serve};
+use ldapsync_fixtures::{ROOT_DN, ROOT_PW, Slapd, person};
+
+/// A plain HTTP/1.1 GET: (status code, body).
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of one sample line of the exposition, e.g.
+/// `ldapsync_operations_total{op="search",result="0"}`.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+}
+
+fn metrics_addr(startup: &[String]) -> String {
+    startup
+        .iter()
+        .find_map(|l| l.split("metrics=").nth(1))
+        .map(|rest| rest.split_whitespace().next().unwrap().to_owned())
+        .expect("the metrics listener is announced")
+}
+
+#[test]
+fn metrics_count_real_traffic_and_readiness_follows_the_directory() {
+    let mut slapd = Slapd::start();
+    let served = serve(&[
+        "--listen",
+        "ldap://127.0.0.1:0",
+        "--upstream",
+        &slapd.url(),
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    let metrics = metrics_addr(&served.startup);
+    assert_eq!(http_get(&metrics, "/healthz").0, 200);
+    assert_eq!(http_get(&metrics, "/readyz").0, 200);
+
+    let ldap = |tool: &str, args: &[&str]| {
+        Command::new(tool)
+            .arg("-H")
+            .arg(&served.url)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for _ in 0..3 {
+        let out = ldap(
+            "ldapsearch",
+            &["-x", "-LLL", "-b", "dc=example,dc=com", "(uid=alice)", "mail"],
+        );
+        assert!(out.status.success());
+    }
+    let (alice, _) = person("alice");
+    assert!(
+        !ldap("ldapwhoami", &["-x", "-D", &alice, "-w", "wrong"])
+            .status
+            .success()
+    );
+    let mut modify = Command::new("ldapmodify")
+        .args(["-x", "-H", &served.url, "-D", ROOT_DN, "-w", ROOT_PW])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    modify
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"dn: uid=bob,ou=people,dc=example,dc=com\nchangetype: modify\nreplace: mail\nmail: b@example.com\n")
+        .unwrap();
+    assert!(modify.wait().unwrap().success());
+
+    let (status, text) = http_get(&metrics, "/metrics");
+    assert_eq!(status, 200);
+    let count = |series: &str| sample(&text, series).unwrap_or_else(|| panic!("{series} missing:\n{text}"));
+    assert_eq!(count(r#"ldapsync_operations_total{op="search",result="0"}"#), 3.0);
+    assert_eq!(count(r#"ldapsync_operations_total{op="bind",result="49"}"#), 1.0);
+    assert_eq!(count(r#"ldapsync_operations_total{op="modify",result="0"}"#), 1.0);
+    assert_eq!(count(r#"ldapsync_operation_duration_seconds_count{op="search"}"#), 3.0);
+    assert_eq!(count("ldapsync_sessions_total"), 5.0, "3 searches, a whoami, a modify");
+    assert!(count(r#"ldapsync_bytes_total{direction="to_client"}"#) > 0.0);
+
+    // Readiness follows the directory; health does not.
+    slapd.kill();
+    let (status, body) = http_get(&metrics, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no directory reachable"), "{body}");
+    assert_eq!(http_get(&metrics, "/healthz").0, 200);
+    slapd.restart();
+    assert!(eventually(|| http_get(&metrics, "/readyz").0 == 200), "ready again");
+
+    let (exit, _) = served.terminate();
+    assert!(exit.success());
+}
+
+#[test]
+fn json_logs_carry_the_session_on_every_line_about_it() {
+    let slapd = Slapd::start();
+    let served = serve(&[
+        "--listen",
+        "ldap://127.0.0.1:0",
+        "--upstream",
+        &slapd.url(),
+        "--log-format",
+        "json",
+        "--log-level",
+        "debug",
+    ]);
+    let out = Command::new("ldapsearch")
+        .args(["-x", "-H", &served.url, "-b", "dc=example,dc=com", "-s", "base"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let (exit, log) = served.terminate();
+    assert!(exit.success());
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let done: Vec<_> = lines
+        .iter()
+        .filter(|l| l["fields"]["message"] == "operation done")
+        .collect();
+    assert!(!done.is_empty(), "{log}");
+    for line in done {
+        assert!(line["span"]["id"].is_u64(), "the session id: {line}");
+        assert!(line["span"]["peer"].is_string(), "{line}");
+    }
+}
