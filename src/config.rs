@@ -357,41 +357,50 @@ impl ConnectorConfig {
         }
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// Every problem of this connector's settings.
+    fn problems(&self) -> Vec<ConfigError> {
         let error = |key: String, message: String| ConfigError::Connector {
             connector: self.name.clone(),
             key,
             message,
         };
+        let mut problems = Vec::new();
         if self.name.is_empty() {
-            return Err(error("name".into(), "must not be empty".into()));
+            problems.push(error("name".into(), "must not be empty".into()));
         }
         if !valid_dn(&self.bind_dn) {
-            return Err(error("bind_dn".into(), format!("{:?} is not a DN", self.bind_dn)));
+            problems.push(error("bind_dn".into(), format!("{:?} is not a DN", self.bind_dn)));
         }
-        self.password()?;
-        if let Some(path) = &self.password_file {
-            warn_if_readable_by_others(path);
+        match self.password() {
+            Ok(_) => {
+                if let Some(path) = &self.password_file {
+                    warn_if_readable_by_others(path);
+                }
+            }
+            Err(e) => problems.push(e),
         }
         if self.max_delete_percent > 100 {
-            return Err(error("max_delete_percent".into(), "must be between 0 and 100".into()));
+            problems.push(error("max_delete_percent".into(), "must be between 0 and 100".into()));
         }
         if self.accounts.is_none() && self.groups.is_none() {
-            return Err(error("accounts".into(), "configure accounts, groups or both".into()));
+            problems.push(error("accounts".into(), "configure accounts, groups or both".into()));
+        }
+        if self.poll_interval.is_zero() {
+            problems.push(error("poll_interval".into(), "must be greater than zero".into()));
         }
         for (category, scope) in self.scopes() {
             let key = |k: &str| format!("{}s.{k}", category.as_str());
             if !valid_dn(&scope.base) {
-                return Err(error(key("base"), format!("{:?} is not a DN", scope.base)));
+                problems.push(error(key("base"), format!("{:?} is not a DN", scope.base)));
             }
             if ldap3::parse_filter(&scope.filter).is_err() {
-                return Err(error(
+                problems.push(error(
                     key("filter"),
                     format!("{:?} is not an LDAP filter", scope.filter),
                 ));
             }
             if let Some((attr, _)) = scope.map.iter().find(|(_, field)| field.as_str() == NAME_FIELD) {
-                return Err(error(
+                problems.push(error(
                     key("map"),
                     format!(
                         "{attr} maps to \"name\", which the naming attribute ({}) already feeds",
@@ -401,10 +410,10 @@ impl ConnectorConfig {
             }
             match (category, &scope.membership) {
                 (Category::Account, Some(_)) => {
-                    return Err(error(key("membership"), "only groups have members".into()));
+                    problems.push(error(key("membership"), "only groups have members".into()));
                 }
                 (Category::Group, Some(m)) if !MEMBERSHIP_ATTRIBUTES.contains(&m.as_str()) => {
-                    return Err(error(
+                    problems.push(error(
                         key("membership"),
                         format!("{m:?} is not one of {MEMBERSHIP_ATTRIBUTES:?}"),
                     ));
@@ -412,7 +421,7 @@ impl ConnectorConfig {
                 _ => {}
             }
         }
-        Ok(())
+        problems
     }
 }
 
@@ -696,10 +705,16 @@ impl Config {
 
     /// Checks the connectors: each on its own, then that no two share a subtree.
     pub fn validate_connectors(&self) -> Result<(), ConfigError> {
+        self.connector_problems().into_iter().next().map_or(Ok(()), Err)
+    }
+
+    /// Every problem of the connectors, each alone and together.
+    pub fn connector_problems(&self) -> Vec<ConfigError> {
+        let mut problems = Vec::new();
         for (i, c) in self.connectors.iter().enumerate() {
-            c.validate()?;
+            problems.extend(c.problems());
             if c.upstream.is_empty() && self.proxy.upstream.is_empty() {
-                return Err(ConfigError::Connector {
+                problems.push(ConfigError::Connector {
                     connector: c.name.clone(),
                     key: "upstream".into(),
                     message: "no directory URL here nor in proxy.upstream".into(),
@@ -707,12 +722,12 @@ impl Config {
             }
             for other in &self.connectors[..i] {
                 if other.name == c.name {
-                    return Err(ConfigError::DuplicateConnector(c.name.clone()));
+                    problems.push(ConfigError::DuplicateConnector(c.name.clone()));
                 }
                 for (category, scope) in c.scopes() {
                     for (_, theirs) in other.scopes().filter(|(oc, _)| *oc == category) {
                         if dn_within(&scope.base, &theirs.base) || dn_within(&theirs.base, &scope.base) {
-                            return Err(ConfigError::Overlap {
+                            problems.push(ConfigError::Overlap {
                                 first: other.name.clone(),
                                 second: c.name.clone(),
                                 first_base: theirs.base.clone(),
@@ -723,7 +738,7 @@ impl Config {
                 }
             }
         }
-        Ok(())
+        problems
     }
 
     /// The named connector, with `proxy.upstream` filled in where it has none.

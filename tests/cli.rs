@@ -388,3 +388,82 @@ fn sighup_reloads_the_certificate_without_dropping_sessions() {
     assert!(log.contains("SIGHUP: certificate reloaded"), "{log}");
     assert!(log.contains("SIGHUP: certificate not reloaded"), "{log}");
 }
+
+#[test]
+fn check_config_lists_every_problem_with_its_key_and_a_hint() {
+    let slapd = Slapd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("service.secret");
+    std::fs::write(&secret, format!("{ROOT_PW}\n")).unwrap();
+    let connector = |name: &str, base: &str, extra: &str| {
+        format!(
+            "[[connector]]\nname = \"{name}\"\nbind_dn = \"{ROOT_DN}\"\npassword_file = \"{}\"\n{extra}\n\
+             [connector.accounts]\nbase = \"{base}\"\nfilter = \"(objectClass=inetOrgPerson)\"\nnaming = \"uid\"\n\
+             map = {{ mail = \"mail\", cn = \"display_name\" }}\nobject_classes = [\"inetOrgPerson\"]\n",
+            secret.display()
+        )
+    };
+    let proxy = format!(
+        "[proxy]\nlisten = [\"ldap://127.0.0.1:0\"]\nupstream = [\"{}\"]\n",
+        slapd.url()
+    );
+    let check = |name: &str, text: &str| {
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = ldapsync().args(["check-config"]).arg(&path).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+
+    let (ok, out) = check(
+        "good",
+        &format!("{proxy}{}", connector("example", "ou=people,dc=example,dc=com", "")),
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("good.toml: OK"), "{out}");
+
+    // Several problems at once: all are listed, each with its key and a hint.
+    let broken = format!(
+        "{proxy}{}{}",
+        connector("one", "ou=people,dc=example,dc=com", "max_delete_percent = 150"),
+        connector("two", "dc=example,dc=com", "password_env = \"LDAPSYNC_UNSET_VARIABLE\"")
+            .replace("(objectClass=inetOrgPerson)", "(objectClass=inetOrgPerson")
+    );
+    let (ok, out) = check("broken", &broken);
+    assert!(!ok);
+    for expected in [
+        "connector \"one\": max_delete_percent: must be between 0 and 100",
+        "connector \"two\": password_file: set password_file or password_env, not both",
+        "connector \"two\": accounts.filter: \"(objectClass=inetOrgPerson\" is not an LDAP filter",
+        "hint: an RFC 4515 filter",
+        "connectors \"one\" and \"two\" overlap",
+        "hint: give each connector its own subtree",
+        "4 problem(s)",
+    ] {
+        assert!(out.contains(expected), "{expected:?} missing from:\n{out}");
+    }
+
+    // Unknown keys and syntax: the key and line are named.
+    let (ok, out) = check("typo", &format!("{proxy}max_conections = 3\n"));
+    assert!(!ok);
+    assert!(out.contains("max_conections") && out.contains("hint:"), "{out}");
+
+    // The mapping against the directory's schema.
+    let misspelt =
+        connector("example", "ou=people,dc=example,dc=com", "").replace("mail = \"mail\"", "mial = \"mail\"");
+    let (ok, out) = check("schema", &format!("{proxy}{misspelt}"));
+    assert!(!ok);
+    assert!(
+        out.contains("accounts.map: the directory's schema has no attribute \"mial\""),
+        "{out}"
+    );
+
+    // An unreachable directory: warned about, not an error.
+    let elsewhere = format!("{proxy}{}", connector("example", "ou=people,dc=example,dc=com", ""))
+        .replace(&slapd.url(), "ldap://127.0.0.1:9");
+    let (ok, out) = check("offline", &elsewhere);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("warning: connector \"example\": mapping not checked"),
+        "{out}"
+    );
+}

@@ -2,6 +2,7 @@
 //! runs the chosen command. The binary's `main` only calls [`main`].
 
 mod admin;
+mod check;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -52,6 +53,12 @@ enum Command {
     Status,
     /// The audit trail of sync decisions and local edits.
     Journal(admin::JournalArgs),
+    /// Check a configuration file: every problem, with its key and a hint,
+    /// and each connector's mapping against the directory's schema.
+    CheckConfig {
+        /// The file to check (default: --config, then ./ldapsync.toml).
+        file: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -131,6 +138,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match cli.command {
         Command::Serve(ref args) => serve(args.config(cli.config.as_ref())?),
+        Command::CheckConfig { ref file } => {
+            let path = file
+                .clone()
+                .or(cli.config.clone())
+                .unwrap_or_else(|| "ldapsync.toml".into());
+            if check::check(&path) {
+                Ok(())
+            } else {
+                anyhow::bail!("{} has problems", path.display())
+            }
+        }
         Command::Account(command) => admin::object(&admin_config()?, Category::Account, command),
         Command::Group(command) => admin::object(&admin_config()?, Category::Group, command),
         Command::Association(command) => admin::association(&admin_config()?, command),

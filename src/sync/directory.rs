@@ -2,7 +2,7 @@
 //! in scope and writes what the engine decided. It serves the sync engine
 //! only; client operations never run under this identity.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -170,6 +170,37 @@ impl Directory {
             .unwrap_or_default())
     }
 
+    /// The names (lowercased) of the attribute types and object classes in
+    /// the directory's subschema (RFC 4512 §4.2).
+    pub async fn schema_names(&mut self) -> Result<(BTreeSet<String>, BTreeSet<String>), DirectoryError> {
+        let root = self.root_dse(&["subschemaSubentry"]).await?;
+        let subschema = root
+            .get("subschemasubentry")
+            .and_then(|v| v.first())
+            .cloned()
+            .unwrap_or_else(|| "cn=Subschema".into());
+        let (entries, _) = self
+            .ldap
+            .search(
+                &subschema,
+                Scope::Base,
+                "(objectClass=subschema)",
+                vec!["attributeTypes", "objectClasses"],
+            )
+            .await
+            .and_then(|r| r.success())
+            .map_err(|e| search_error(&subschema, e))?;
+        let entry = entries.into_iter().next().map(SearchEntry::construct);
+        let names = |attr: &str| -> BTreeSet<String> {
+            entry
+                .as_ref()
+                .and_then(|e| e.attrs.iter().find(|(k, _)| k.eq_ignore_ascii_case(attr)))
+                .map(|(_, values)| values.iter().flat_map(|d| definition_names(d)).collect())
+                .unwrap_or_default()
+        };
+        Ok((names("attributeTypes"), names("objectClasses")))
+    }
+
     /// The connection itself, for searches with controls of their own.
     pub(crate) fn ldap(&mut self) -> &mut Ldap {
         &mut self.ldap
@@ -304,6 +335,23 @@ fn to_entry(id_attribute: &str, raw: SearchEntry) -> Option<Entry> {
     Some(Entry { id, dn: raw.dn, attrs })
 }
 
+/// The NAMEs of a schema definition, e.g. `( 2.5.4.3 NAME ( 'cn'
+/// 'commonName' ) … )`, lowercased.
+fn definition_names(definition: &str) -> Vec<String> {
+    let Some(after) = definition.split_once(" NAME ").map(|(_, rest)| rest.trim_start()) else {
+        return Vec::new();
+    };
+    let names = match after.strip_prefix('(') {
+        Some(list) => list.split(')').next().unwrap_or_default(),
+        None => after.split_whitespace().next().unwrap_or_default(),
+    };
+    names
+        .split_whitespace()
+        .map(|n| n.trim_matches('\'').to_lowercase())
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
 /// Entries of a paged search, fetched a page at a time.
 pub struct Entries {
     stream: SearchStream<'static, String, Vec<String>>,
@@ -338,5 +386,23 @@ fn search_error(base: &str, e: ldap3::LdapError) -> DirectoryError {
         operation: "search",
         dn: base.to_owned(),
         message: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::definition_names;
+
+    #[test]
+    fn schema_definition_names() {
+        assert_eq!(
+            definition_names("( 2.5.4.3 NAME ( 'cn' 'commonName' ) DESC 'RFC4519' SUP name )"),
+            ["cn", "commonname"]
+        );
+        assert_eq!(
+            definition_names("( 0.9.2342.19200300.100.1.1 NAME 'uid' EQUALITY x )"),
+            ["uid"]
+        );
+        assert!(definition_names("( 1.2.3 DESC 'no name' )").is_empty());
     }
 }

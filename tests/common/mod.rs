@@ -84,7 +84,8 @@ fn listening(line: &str) -> Option<(String, String)> {
             .and_then(|rest| rest.split_whitespace().next())
             .map(str::to_owned)
     };
-    line.contains("listening").then(|| Some((field("url")?, field("addr")?)))?
+    line.contains("listening")
+        .then(|| Some((field("url")?, field("addr")?)))?
 }
 
 impl Served {

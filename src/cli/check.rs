@@ -1,0 +1,131 @@
+//! `ldapsync check-config FILE`: every problem of a configuration, each
+//! with its key and a hint, and the connectors' mappings checked against
+//! the directory's schema when it can be reached.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use crate::config::{Config, ConfigError, ConnectorConfig};
+use crate::sync::directory::Directory;
+
+/// A hint for the operator, by what the problem concerns.
+fn hint(problem: &ConfigError) -> &'static str {
+    match problem {
+        ConfigError::Read { .. } => "check the path and that the ldapsync user may read it",
+        ConfigError::Parse { .. } => "TOML syntax, or a key this version does not know (see the README's reference)",
+        ConfigError::NoUpstream => "proxy.upstream = [\"ldap://dir.example.com\"]",
+        ConfigError::NoListener => "proxy.listen = [\"ldap://127.0.0.1:3389\"]",
+        ConfigError::Zero { .. } => "limits and timeouts must be positive",
+        ConfigError::Overlap { .. } => "give each connector its own subtree, or narrow one of the bases",
+        ConfigError::DuplicateConnector(_) => {
+            "connector names identify associations and journal lines: make them unique"
+        }
+        ConfigError::NoCertificate { .. } => "[proxy.tls] cert = \"cert.pem\", key = \"key.pem\"",
+        ConfigError::ClientCertificate => "a client certificate needs its key, and the other way round",
+        ConfigError::Connector { key, .. } => match key.rsplit('.').next().unwrap_or_default() {
+            "password_file" | "password_env" => "the service password: one readable file, or one set variable",
+            "bind_dn" | "base" => "a DN, e.g. ou=people,dc=example,dc=com",
+            "filter" => "an RFC 4515 filter in parentheses, e.g. (objectClass=inetOrgPerson)",
+            "membership" => "member or uniqueMember (DNs), memberUid (names); groups only",
+            "map" => "the naming attribute already feeds the local name; map other attributes",
+            _ => "see the README's configuration reference",
+        },
+    }
+}
+
+/// Prints every problem; true when there were none.
+pub fn check(path: &Path) -> bool {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            print_problem(&e);
+            return false;
+        }
+    };
+    let mut problems: Vec<ConfigError> = config.validate().err().into_iter().collect();
+    problems.extend(config.connector_problems());
+    for problem in &problems {
+        print_problem(problem);
+    }
+    let mut schema_errors = 0;
+    if problems.is_empty() {
+        let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+        for name in config.connectors.iter().map(|c| &c.name) {
+            let connector = config.connector(name).expect("configured");
+            schema_errors += runtime.block_on(check_schema(&connector, &config));
+        }
+    }
+    let total = problems.len() + schema_errors;
+    if total == 0 {
+        println!("{}: OK", path.display());
+    } else {
+        println!("{}: {total} problem(s)", path.display());
+    }
+    total == 0
+}
+
+fn print_problem(problem: &ConfigError) {
+    println!("error: {problem}");
+    println!("  hint: {}", hint(problem));
+}
+
+/// Checks the attributes and object classes a connector names against the
+/// directory's schema; returns how many are unknown. An unreachable
+/// directory is a warning, not an error: the file may be checked anywhere.
+async fn check_schema(connector: &ConnectorConfig, config: &Config) -> usize {
+    let password = match connector.password() {
+        Ok(password) => password,
+        Err(_) => return 0,
+    };
+    let directory = Directory::connect(connector, password.expose(), config.proxy.connect_timeout).await;
+    let mut directory = match directory {
+        Ok(directory) => directory,
+        Err(e) => {
+            println!(
+                "warning: connector {:?}: mapping not checked against the directory: {e}",
+                connector.name
+            );
+            return 0;
+        }
+    };
+    let schema = directory.schema_names().await;
+    directory.close().await;
+    let (attributes, classes) = match schema {
+        Ok(names) => names,
+        Err(e) => {
+            println!(
+                "warning: connector {:?}: cannot read the directory's schema: {e}",
+                connector.name
+            );
+            return 0;
+        }
+    };
+    let mut unknown = 0;
+    let mut report = |key: String, what: &str, name: &str, known: &BTreeSet<String>| {
+        if !known.contains(&name.to_lowercase()) {
+            unknown += 1;
+            println!(
+                "error: connector {:?}: {key}: the directory's schema has no {what} {name:?}",
+                connector.name
+            );
+            println!("  hint: check the spelling, or the schema the directory loads");
+        }
+    };
+    report("id_attribute".into(), "attribute", &connector.id_attribute, &attributes);
+    for (category, scope) in connector.scopes() {
+        let key = |k: &str| format!("{}s.{k}", category.as_str());
+        report(key("naming"), "attribute", &scope.naming, &attributes);
+        for attr in scope
+            .map
+            .keys()
+            .chain(scope.defaults.keys())
+            .chain(scope.membership.iter())
+        {
+            report(key("map"), "attribute", attr, &attributes);
+        }
+        for class in &scope.object_classes {
+            report(key("object_classes"), "object class", class, &classes);
+        }
+    }
+    unknown
+}
