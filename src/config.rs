@@ -185,12 +185,23 @@ pub struct MetricsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     pub path: PathBuf,
+    /// The running instance's admin socket; next to the database when unset.
+    pub admin_socket: Option<PathBuf>,
+}
+
+impl StoreConfig {
+    pub fn admin_socket(&self) -> PathBuf {
+        self.admin_socket
+            .clone()
+            .unwrap_or_else(|| self.path.with_extension("sock"))
+    }
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             path: PathBuf::from("ldapsync.db"),
+            admin_socket: None,
         }
     }
 }

@@ -1,9 +1,12 @@
 //! The operator's window into a running ldapsync: the opt-in HTTP listener
 //! with `/metrics` (Prometheus), `/healthz` (the process is up) and
-//! `/readyz` (listeners bound and at least one directory URL reachable).
+//! `/readyz` (listeners bound and at least one directory URL reachable),
+//! and the owner-only admin socket `ldapsync status` reads the running
+//! instance's state from.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -11,48 +14,148 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use tokio::net::{TcpListener, TcpStream};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::LdapUrl;
 use crate::metrics::METRICS;
 
-/// What `/readyz` answers from.
-pub struct Readiness {
-    listening: AtomicBool,
+/// The running instance, as `/readyz` and the admin socket report it.
+pub struct Running {
+    started_at: String,
+    listeners: Mutex<Vec<ListenerState>>,
     upstream: Vec<LdapUrl>,
     probe_timeout: Duration,
 }
 
-impl Readiness {
-    pub fn new(upstream: Vec<LdapUrl>, probe_timeout: Duration) -> Arc<Readiness> {
-        Arc::new(Readiness {
-            listening: AtomicBool::new(false),
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ListenerState {
+    pub url: String,
+    pub addr: String,
+    pub require_tls: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpstreamState {
+    pub url: String,
+    pub reachable: bool,
+    pub error: Option<String>,
+}
+
+/// What the admin socket answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunningState {
+    pub pid: u32,
+    pub started_at: String,
+    pub listeners: Vec<ListenerState>,
+    pub upstream: Vec<UpstreamState>,
+    pub sessions_open: i64,
+}
+
+impl Running {
+    pub fn new(upstream: Vec<LdapUrl>, probe_timeout: Duration) -> Arc<Running> {
+        Arc::new(Running {
+            started_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            listeners: Mutex::default(),
             upstream,
             probe_timeout,
         })
     }
 
     /// The proxy's listeners are bound.
-    pub fn set_listening(&self) {
-        self.listening.store(true, Ordering::Release);
+    pub fn set_listening(&self, listeners: Vec<ListenerState>) {
+        *self.listeners.lock().unwrap_or_else(|e| e.into_inner()) = listeners;
+    }
+
+    async fn probe(&self) -> Vec<UpstreamState> {
+        let mut states = Vec::new();
+        for url in &self.upstream {
+            let error = match tokio::time::timeout(self.probe_timeout, TcpStream::connect(url.authority())).await {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some("no answer".to_owned()),
+            };
+            states.push(UpstreamState {
+                url: url.to_string(),
+                reachable: error.is_none(),
+                error,
+            });
+        }
+        states
     }
 
     /// `Ok` with the reachable URL, or why ldapsync is not ready.
     async fn check(&self) -> Result<String, String> {
-        if !self.listening.load(Ordering::Acquire) {
+        if self.listeners.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
             return Err("listeners not bound yet".into());
         }
-        let mut failures = Vec::new();
-        for url in &self.upstream {
-            match tokio::time::timeout(self.probe_timeout, TcpStream::connect(url.authority())).await {
-                Ok(Ok(_)) => return Ok(url.to_string()),
-                Ok(Err(e)) => failures.push(format!("{url}: {e}")),
-                Err(_) => failures.push(format!("{url}: no answer")),
+        let states = self.probe().await;
+        match states.iter().find(|s| s.reachable) {
+            Some(up) => Ok(up.url.clone()),
+            None => {
+                let failures: Vec<String> = states
+                    .iter()
+                    .map(|s| format!("{}: {}", s.url, s.error.as_deref().unwrap_or_default()))
+                    .collect();
+                Err(format!("no directory reachable: {}", failures.join("; ")))
             }
         }
-        Err(format!("no directory reachable: {}", failures.join("; ")))
     }
+
+    pub async fn state(&self) -> RunningState {
+        let listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        RunningState {
+            pid: std::process::id(),
+            started_at: self.started_at.clone(),
+            listeners,
+            upstream: self.probe().await,
+            sessions_open: METRICS.sessions_open.get(),
+        }
+    }
+}
+
+/// Serves the running state as one JSON document per connection on a Unix
+/// socket only the owner may open.
+pub async fn serve_socket(path: PathBuf, running: Arc<Running>, shutdown: CancellationToken) {
+    // A socket left by a killed instance would make bind fail.
+    let _ = std::fs::remove_file(&path);
+    let listener = match UnixListener::bind(&path) {
+        Ok(listener) => listener,
+        Err(e) => {
+            return tracing::warn!(path = %path.display(), error = %e, "no admin socket; status reads the database only");
+        }
+    };
+    if let Err(e) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot make the admin socket owner-only");
+    }
+    loop {
+        let (mut stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(_) => continue,
+            },
+        };
+        let running = Arc::clone(&running);
+        tokio::spawn(async move {
+            let state = serde_json::to_vec(&running.state().await).expect("state serializes");
+            let _ = stream.write_all(&state).await;
+        });
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+/// The running instance's state, if one answers on `path`.
+pub async fn query_socket(path: &Path) -> Option<RunningState> {
+    let mut stream = UnixStream::connect(path).await.ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    serde_json::from_slice(&buf).ok()
 }
 
 /// Binds the HTTP listener; fails at start rather than later.
@@ -67,7 +170,7 @@ pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` until shutdown.
-pub async fn serve(listener: TcpListener, readiness: Arc<Readiness>, shutdown: CancellationToken) {
+pub async fn serve(listener: TcpListener, readiness: Arc<Running>, shutdown: CancellationToken) {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -89,7 +192,7 @@ async fn metrics() -> impl IntoResponse {
     )
 }
 
-async fn ready(State(readiness): State<Arc<Readiness>>) -> impl IntoResponse {
+async fn ready(State(readiness): State<Arc<Running>>) -> impl IntoResponse {
     match readiness.check().await {
         Ok(url) => (StatusCode::OK, format!("ready: {url} reachable\n")),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),

@@ -151,3 +151,66 @@ fn json_logs_carry_the_session_on_every_line_about_it() {
         assert!(line["span"]["peer"].is_string(), "{line}");
     }
 }
+
+#[test]
+fn status_shows_the_running_instance_and_its_connectors_as_text_and_json() {
+    let slapd = Slapd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("service.secret");
+    std::fs::write(&secret, format!("{ROOT_PW}\n")).unwrap();
+    let config = dir.path().join("ldapsync.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nlisten = [\"ldap://127.0.0.1:0\"]\nupstream = [\"{}\"]\n[store]\npath = \"{}\"\n\
+             [[connector]]\nname = \"example\"\nbind_dn = \"{ROOT_DN}\"\npassword_file = \"{}\"\n\
+             [connector.accounts]\nbase = \"ou=people,dc=example,dc=com\"\nnaming = \"uid\"\n\
+             filter = \"(objectClass=inetOrgPerson)\"\n",
+            slapd.url(),
+            dir.path().join("ldapsync.db").display(),
+            secret.display()
+        ),
+    )
+    .unwrap();
+    let status = |args: &[&str]| {
+        let out = common::ldapsync()
+            .arg("--config")
+            .arg(&config)
+            .arg("status")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(status(&[]).contains("ldapsync is not running"));
+
+    let served = serve(&["--config", config.to_str().unwrap()]);
+    assert!(
+        eventually(|| status(&[]).contains("last poll: 2")),
+        "the first poll ran"
+    );
+    let text = status(&[]);
+    assert!(text.contains("ldapsync running (pid "), "{text}");
+    assert!(
+        text.contains(&format!("directory {}: reachable", slapd.url())),
+        "{text}"
+    );
+    assert!(text.contains("accounts: mechanism syncrepl, watermark rid="), "{text}");
+    let json: serde_json::Value = serde_json::from_str(&status(&["--json"])).unwrap();
+    assert_eq!(json["running"]["listeners"][0]["url"], "ldap://127.0.0.1:0");
+    assert_eq!(
+        json["running"]["listeners"][0]["addr"],
+        served.url.trim_start_matches("ldap://")
+    );
+    assert_eq!(json["connectors"][0]["name"], "example");
+    assert_eq!(json["connectors"][0]["associated"], 6);
+    assert_eq!(json["connectors"][0]["watermarks"][0]["mechanism"], "syncrepl");
+
+    let socket = dir.path().join("ldapsync.sock");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777, 0o600);
+    let (exit, _) = served.terminate();
+    assert!(exit.success());
+    assert!(!socket.exists(), "the socket goes with the process");
+}

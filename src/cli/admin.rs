@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use crate::config::Config;
 use crate::store::{Category, ChangeSource, JournalEntry, JournalQuery, LocalObject, SqliteStore, Store, now};
 use crate::sync::directory::Directory;
-use crate::sync::engine::{self, PassOptions};
+use crate::sync::engine::PassOptions;
 use crate::sync::worker::{self, Poll};
 
 #[derive(Debug, Subcommand)]
@@ -113,7 +113,7 @@ pub struct JournalArgs {
     limit: usize,
 }
 
-fn open_store(config: &Config) -> anyhow::Result<SqliteStore> {
+pub(super) fn open_store(config: &Config) -> anyhow::Result<SqliteStore> {
     Ok(SqliteStore::open(&config.store.path)?)
 }
 
@@ -354,83 +354,6 @@ pub fn sync(config: &Config, command: SyncCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn status(config: &Config) -> anyhow::Result<()> {
-    let store = open_store(config)?;
-    for connector in &config.connectors {
-        let associations = store.associations(Some(&connector.name))?;
-        let gone = associations.iter().filter(|a| a.entry_gone).count();
-        let pending = engine::local_changes(&store, connector)?.len();
-        let captures = store.pending_captures(&connector.name)?;
-        let state = store.connector_state(&connector.name)?;
-        let last: serde_json::Value = state
-            .as_ref()
-            .and_then(|s| serde_json::from_str(&s.last_result).ok())
-            .unwrap_or_default();
-        println!("connector {}", connector.name);
-        println!(
-            "  direction: {}, conflict: {}",
-            connector.direction,
-            connector.conflict_policy()
-        );
-        println!(
-            "  polling: every {} ({}), full reconciliation every {}; captured writes at once",
-            humantime::format_duration(connector.poll_interval),
-            connector
-                .poll_mechanism
-                .map_or("mechanism detected from the root DSE".to_owned(), |m| format!(
-                    "{m}, configured"
-                )),
-            humantime::format_duration(connector.reconcile_interval)
-        );
-        for (category, _) in connector.scopes() {
-            match store.watermark(&connector.name, category)? {
-                Some(w) => println!(
-                    "  {category}s: mechanism {}, watermark {}{} (stored {})",
-                    w.mechanism,
-                    String::from_utf8_lossy(&w.value),
-                    if w.server.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" on {}", w.server)
-                    },
-                    timestamp(w.updated_at)
-                ),
-                None => println!("  {category}s: no watermark yet (the next poll is a full reconciliation)"),
-            }
-        }
-        let never = || "never".to_owned();
-        println!(
-            "  last poll: {}",
-            state
-                .as_ref()
-                .and_then(|s| s.last_poll_at)
-                .map_or_else(never, timestamp)
-        );
-        println!(
-            "  last full reconciliation: {}",
-            state
-                .as_ref()
-                .and_then(|s| s.last_sync_at)
-                .map_or_else(never, timestamp)
-        );
-        if let Some(reason) = state.as_ref().and_then(|s| s.out_of_sync.as_ref()) {
-            println!("  OUT OF SYNC: {reason}; a full reconciliation is due");
-        }
-        if let Some(error) = state.as_ref().and_then(|s| s.last_error.as_ref()) {
-            println!("  last error: {error}");
-        }
-        println!("  captured changes not applied yet: {captures}");
-        println!("  associated: {}", associations.len());
-        println!(
-            "  disputed (last sync): {}",
-            last.get("disputed").and_then(|v| v.as_u64()).unwrap_or(0)
-        );
-        println!("  out of sync (entry gone): {gone}");
-        println!("  pending local changes: {pending}");
-    }
-    Ok(())
-}
-
 pub fn journal(config: &Config, args: JournalArgs) -> anyhow::Result<()> {
     let store = open_store(config)?;
     let query = JournalQuery {
@@ -455,7 +378,7 @@ pub fn journal(config: &Config, args: JournalArgs) -> anyhow::Result<()> {
 }
 
 /// Seconds since the epoch as RFC 3339 UTC, for people.
-fn timestamp(secs: i64) -> String {
+pub(super) fn timestamp(secs: i64) -> String {
     let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64);
     humantime::format_rfc3339_seconds(at).to_string()
 }

@@ -3,6 +3,7 @@
 
 mod admin;
 mod check;
+mod status;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -15,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, LdapUrl, LogConfig, LogFormat};
-use crate::monitor::{self, Readiness};
+use crate::monitor::{self, Running};
 use crate::proxy::tls::ServerTls;
 use crate::proxy::{CaptureSink, LogSink, Proxy};
 use crate::store::Category;
@@ -49,8 +50,12 @@ enum Command {
     /// Sync passes.
     #[command(subcommand)]
     Sync(admin::SyncCommand),
-    /// Each connector's state.
-    Status,
+    /// The running instance and each connector's state.
+    Status {
+        /// As JSON, for scripts and monitoring.
+        #[arg(long)]
+        json: bool,
+    },
     /// The audit trail of sync decisions and local edits.
     Journal(admin::JournalArgs),
     /// Check a configuration file: every problem, with its key and a hint,
@@ -153,7 +158,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Group(command) => admin::object(&admin_config()?, Category::Group, command),
         Command::Association(command) => admin::association(&admin_config()?, command),
         Command::Sync(command) => admin::sync(&admin_config()?, command),
-        Command::Status => admin::status(&admin_config()?),
+        Command::Status { json } => status::status(&admin_config()?, json),
         Command::Journal(args) => admin::journal(&admin_config()?, args),
     }
 }
@@ -191,13 +196,18 @@ fn serve(config: Config) -> anyhow::Result<()> {
             Some(addr) => Some(monitor::bind(addr).await?),
             None => None,
         };
-        let readiness = Readiness::new(config.proxy.upstream.clone(), config.proxy.connect_timeout);
+        let running = Running::new(config.proxy.upstream.clone(), config.proxy.connect_timeout);
         let proxy = Proxy::new(config.proxy, sink)?;
         let listeners = proxy.bind().await?;
-        readiness.set_listening();
+        running.set_listening(listeners.iter().map(|l| l.state()).collect());
         if let Some(listener) = metrics {
-            workers.spawn(monitor::serve(listener, readiness, shutdown.clone()));
+            workers.spawn(monitor::serve(listener, Arc::clone(&running), shutdown.clone()));
         }
+        workers.spawn(monitor::serve_socket(
+            config.store.admin_socket(),
+            running,
+            shutdown.clone(),
+        ));
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         if let Some(tls) = proxy.server_tls() {
             tokio::spawn(reload_on_sighup(tls));

@@ -66,6 +66,15 @@ pub struct BoundListener {
 }
 
 impl BoundListener {
+    /// What `ldapsync status` shows of it.
+    pub fn state(&self) -> crate::monitor::ListenerState {
+        crate::monitor::ListenerState {
+            url: self.config.url.to_string(),
+            addr: self.socket.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            require_tls: self.config.require_tls,
+        }
+    }
+
     pub fn new(socket: TcpListener, config: Listener) -> BoundListener {
         BoundListener {
             socket,

@@ -1,0 +1,164 @@
+//! `ldapsync status [--json]`: the running instance (from its admin
+//! socket: listeners, directory health, sessions) and each connector (from
+//! the database: mechanism, watermarks, last poll and reconciliation,
+//! counts, last error).
+
+use serde::Serialize;
+
+use super::admin::{open_store, timestamp};
+use crate::config::Config;
+use crate::monitor::{self, RunningState};
+use crate::store::Store;
+use crate::sync::engine;
+
+#[derive(Serialize)]
+struct Status {
+    /// `None` when no instance answers on the admin socket.
+    running: Option<RunningState>,
+    connectors: Vec<ConnectorStatus>,
+}
+
+#[derive(Serialize)]
+struct ConnectorStatus {
+    name: String,
+    direction: String,
+    conflict: String,
+    poll_interval: String,
+    poll_mechanism: Option<String>,
+    reconcile_interval: String,
+    watermarks: Vec<WatermarkStatus>,
+    last_poll: Option<String>,
+    last_reconciliation: Option<String>,
+    out_of_sync: Option<String>,
+    last_error: Option<String>,
+    associated: usize,
+    disputed: u64,
+    entry_gone: usize,
+    pending_local_changes: usize,
+    captures_not_applied: usize,
+}
+
+#[derive(Serialize)]
+struct WatermarkStatus {
+    category: String,
+    mechanism: String,
+    value: String,
+    server: String,
+    stored: String,
+}
+
+pub fn status(config: &Config, json: bool) -> anyhow::Result<()> {
+    let store = open_store(config)?;
+    let running = tokio::runtime::Runtime::new()?.block_on(monitor::query_socket(&config.store.admin_socket()));
+    let mut connectors = Vec::new();
+    for connector in &config.connectors {
+        let associations = store.associations(Some(&connector.name))?;
+        let state = store.connector_state(&connector.name)?.unwrap_or_default();
+        let last: serde_json::Value = serde_json::from_str(&state.last_result).unwrap_or_default();
+        let mut watermarks = Vec::new();
+        for (category, _) in connector.scopes() {
+            if let Some(w) = store.watermark(&connector.name, category)? {
+                watermarks.push(WatermarkStatus {
+                    category: category.to_string(),
+                    mechanism: w.mechanism.to_string(),
+                    value: String::from_utf8_lossy(&w.value).into_owned(),
+                    server: w.server,
+                    stored: timestamp(w.updated_at),
+                });
+            }
+        }
+        connectors.push(ConnectorStatus {
+            name: connector.name.clone(),
+            direction: connector.direction.to_string(),
+            conflict: connector.conflict_policy().to_string(),
+            poll_interval: humantime::format_duration(connector.poll_interval).to_string(),
+            poll_mechanism: connector.poll_mechanism.map(|m| m.to_string()),
+            reconcile_interval: humantime::format_duration(connector.reconcile_interval).to_string(),
+            watermarks,
+            last_poll: state.last_poll_at.map(timestamp),
+            last_reconciliation: state.last_sync_at.map(timestamp),
+            out_of_sync: state.out_of_sync,
+            last_error: state.last_error,
+            associated: associations.len(),
+            disputed: last.get("disputed").and_then(|v| v.as_u64()).unwrap_or(0),
+            entry_gone: associations.iter().filter(|a| a.entry_gone).count(),
+            pending_local_changes: engine::local_changes(&store, connector)?.len(),
+            captures_not_applied: store.pending_captures(&connector.name)?,
+        });
+    }
+    let status = Status { running, connectors };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print_human(&status);
+    }
+    Ok(())
+}
+
+fn print_human(status: &Status) {
+    match &status.running {
+        Some(r) => {
+            println!("ldapsync running (pid {}, since {})", r.pid, r.started_at);
+            for l in &r.listeners {
+                let tls = if l.require_tls {
+                    ", TLS required before bind"
+                } else {
+                    ""
+                };
+                println!("  listener {} on {}{tls}", l.url, l.addr);
+            }
+            for u in &r.upstream {
+                match &u.error {
+                    None => println!("  directory {}: reachable", u.url),
+                    Some(e) => println!("  directory {}: UNREACHABLE ({e})", u.url),
+                }
+            }
+            println!("  sessions open: {}", r.sessions_open);
+        }
+        None => println!("ldapsync is not running (no answer on its admin socket)"),
+    }
+    for c in &status.connectors {
+        println!("connector {}", c.name);
+        println!("  direction: {}, conflict: {}", c.direction, c.conflict);
+        println!(
+            "  polling: every {} ({}), full reconciliation every {}; captured writes at once",
+            c.poll_interval,
+            c.poll_mechanism
+                .as_ref()
+                .map_or("mechanism detected from the root DSE".to_owned(), |m| format!(
+                    "{m}, configured"
+                )),
+            c.reconcile_interval
+        );
+        if c.watermarks.is_empty() {
+            println!("  no watermark yet (the next poll is a full reconciliation)");
+        }
+        for w in &c.watermarks {
+            let server = if w.server.is_empty() {
+                String::new()
+            } else {
+                format!(" on {}", w.server)
+            };
+            println!(
+                "  {}s: mechanism {}, watermark {}{server} (stored {})",
+                w.category, w.mechanism, w.value, w.stored
+            );
+        }
+        println!("  last poll: {}", c.last_poll.as_deref().unwrap_or("never"));
+        println!(
+            "  last full reconciliation: {}",
+            c.last_reconciliation.as_deref().unwrap_or("never")
+        );
+        if let Some(reason) = &c.out_of_sync {
+            println!("  OUT OF SYNC: {reason}; a full reconciliation is due");
+        }
+        if let Some(error) = &c.last_error {
+            println!("  last error: {error}");
+        }
+        println!("  captured changes not applied yet: {}", c.captures_not_applied);
+        println!("  associated: {}", c.associated);
+        println!("  disputed (last reconciliation): {}", c.disputed);
+        println!("  out of sync (entry gone): {}", c.entry_gone);
+        println!("  pending local changes: {}", c.pending_local_changes);
+    }
+}
