@@ -467,3 +467,56 @@ fn check_config_lists_every_problem_with_its_key_and_a_hint() {
         "{out}"
     );
 }
+
+#[test]
+fn sighup_reloads_the_log_level_from_the_config_file() {
+    let slapd = Slapd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ldapsync.toml");
+    let write = |level: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[proxy]\nlisten = [\"ldap://127.0.0.1:0\"]\nupstream = [\"{}\"]\n[log]\nlevel = \"{level}\"\n",
+                slapd.url()
+            ),
+        )
+        .unwrap()
+    };
+    write("info");
+    let served = serve(&["--config", config.to_str().unwrap()]);
+    let search = || {
+        let out = ldap_tool(
+            "ldapsearch",
+            &served.url,
+            &["-x", "-s", "base", "-b", "dc=example,dc=com"],
+        );
+        assert!(out.status.success());
+    };
+    search();
+    write("debug");
+    served.signal("HUP");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    search();
+    let (exit, log) = served.terminate();
+    assert!(exit.success());
+    let reloaded = log.find("SIGHUP: log level reloaded").expect("reloaded");
+    let first_debug = log.find("operation done").expect("debug lines after the reload");
+    assert!(first_debug > reloaded, "no debug line before the reload:\n{log}");
+}
+
+#[test]
+fn the_systemd_unit_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(ldapsync_fixtures::fixtures_dir().join("ldapsync.service")).unwrap();
+    let unit = unit.replace("/usr/local/bin/ldapsync", env!("CARGO_BIN_EXE_ldapsync"));
+    let path = dir.path().join("ldapsync.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let complaints = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && complaints.trim().is_empty(), "{complaints}");
+}

@@ -988,3 +988,27 @@ fn captured_writes_wait_in_the_journal_while_the_directory_cannot_be_synced() {
     assert!(env.journal().contains("account alice\tproxy\tupdated"));
     assert!(env.ok(&["status"]).contains("captured changes not applied yet: 0"));
 }
+
+#[test]
+fn a_full_reconciliation_reports_progress_in_plain_lines_when_not_on_a_terminal() {
+    let env = Env::start(LDAP_TO_LOCAL);
+    let out = env.run(&["sync", "run", "--connector", "example", "--full"]);
+    assert!(out.status.success());
+    let progress = String::from_utf8_lossy(&out.stderr);
+    for line in [
+        "accounts: comparing 6 entries in scope",
+        "accounts: 6 compared in",
+        "groups: comparing 2 entries in scope",
+        "groups: 2 compared in",
+    ] {
+        assert!(progress.contains(line), "{line:?} missing from:\n{progress}");
+    }
+    assert!(
+        progress.contains("8 changes") || progress.contains("6 changes"),
+        "{progress}"
+    );
+    assert!(
+        !progress.contains('\u{1b}'),
+        "no terminal escapes when not on a terminal"
+    );
+}

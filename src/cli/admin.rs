@@ -3,6 +3,8 @@
 //! the config file; only `sync run` talks to the directory.
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
@@ -11,6 +13,7 @@ use crate::config::Config;
 use crate::store::{Category, ChangeSource, JournalEntry, JournalQuery, LocalObject, SqliteStore, Store, now};
 use crate::sync::directory::Directory;
 use crate::sync::engine::PassOptions;
+use crate::sync::progress::{Bar, Lines, Progress};
 use crate::sync::worker::{self, Poll};
 
 #[derive(Debug, Subcommand)]
@@ -318,7 +321,12 @@ pub fn sync(config: &Config, command: SyncCommand) -> anyhow::Result<()> {
         let mut directory = Directory::connect(&connector, password.expose(), config.proxy.connect_timeout).await?;
         let outcome = async {
             worker::apply_captures(&mut store, &connector, &mut directory).await?;
-            worker::poll(&mut store, &connector, &mut directory, poll).await
+            let mut progress: Box<dyn Progress> = if std::io::stderr().is_terminal() {
+                Box::new(Bar::new())
+            } else {
+                Box::new(Lines::new(|line| eprintln!("{line}"), Duration::from_secs(10)))
+            };
+            worker::poll(&mut store, &connector, &mut directory, poll, progress.as_mut()).await
         }
         .await;
         directory.close().await;

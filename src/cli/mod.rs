@@ -142,7 +142,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Ok(config)
     };
     match cli.command {
-        Command::Serve(ref args) => serve(args.config(cli.config.as_ref())?),
+        Command::Serve(ref args) => serve(args.config(cli.config.as_ref())?, cli.config.clone()),
         Command::CheckConfig { ref file } => {
             let path = file
                 .clone()
@@ -163,24 +163,45 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn init_logging(log: &LogConfig) -> anyhow::Result<()> {
+/// Changes the log filter of a running ldapsync (on SIGHUP).
+type SetLogLevel = Box<dyn Fn(&str) -> anyhow::Result<()> + Send + Sync>;
+
+/// Starts logging; returns how to change the level later, unless RUST_LOG
+/// fixes it.
+fn init_logging(log: &LogConfig) -> anyhow::Result<Option<SetLogLevel>> {
     let level = &log.level;
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(from_env) if !from_env.is_empty() => EnvFilter::try_new(from_env).context("RUST_LOG")?,
-        _ => EnvFilter::try_new(level).with_context(|| format!("log level {level:?}"))?,
+    let from_env = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
+    let filter = match &from_env {
+        Some(from_env) => EnvFilter::try_new(from_env).context("RUST_LOG")?,
+        None => EnvFilter::try_new(level).with_context(|| format!("log level {level:?}"))?,
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match log.format {
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => builder.json().init(),
-    }
-    Ok(())
+    let set: SetLogLevel = match log.format {
+        LogFormat::Text => {
+            let builder = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Box::new(move |level| Ok(handle.reload(EnvFilter::try_new(level)?)?))
+        }
+        LogFormat::Json => {
+            let builder = tracing_subscriber::fmt()
+                .json()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Box::new(move |level| Ok(handle.reload(EnvFilter::try_new(level)?)?))
+        }
+    };
+    Ok(from_env.is_none().then_some(set))
 }
 
-fn serve(config: Config) -> anyhow::Result<()> {
-    init_logging(&config.log)?;
+fn serve(config: Config, file: Option<PathBuf>) -> anyhow::Result<()> {
+    let set_log_level = init_logging(&config.log)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
@@ -209,9 +230,11 @@ fn serve(config: Config) -> anyhow::Result<()> {
             shutdown.clone(),
         ));
         tokio::spawn(cancel_on_signal(shutdown.clone()));
-        if let Some(tls) = proxy.server_tls() {
-            tokio::spawn(reload_on_sighup(tls));
-        }
+        tokio::spawn(reload_on_sighup(Reload {
+            file,
+            tls: proxy.server_tls(),
+            set_log_level,
+        }));
         proxy.serve(listeners, shutdown).await;
         workers.close();
         workers.wait().await;
@@ -219,19 +242,48 @@ fn serve(config: Config) -> anyhow::Result<()> {
     })
 }
 
-/// SIGHUP re-reads the listeners' certificate and key; open sessions keep
-/// theirs, new handshakes use the new ones.
-async fn reload_on_sighup(tls: Arc<ServerTls>) {
+/// What SIGHUP reloads without dropping sessions.
+struct Reload {
+    /// The config file, for the log level.
+    file: Option<PathBuf>,
+    /// The listeners' certificate and key.
+    tls: Option<Arc<ServerTls>>,
+    set_log_level: Option<SetLogLevel>,
+}
+
+impl Reload {
+    fn apply(&self) {
+        if let Some(tls) = &self.tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("SIGHUP: certificate reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: certificate not reloaded; the previous one stays in use")
+                }
+            }
+        }
+        if let (Some(file), Some(set)) = (&self.file, &self.set_log_level) {
+            match Config::load(file).map_err(anyhow::Error::from).and_then(|c| {
+                set(&c.log.level)?;
+                Ok(c.log.level)
+            }) {
+                Ok(level) => tracing::info!(%level, "SIGHUP: log level reloaded"),
+                Err(e) => tracing::error!(error = %e, "SIGHUP: log level not reloaded"),
+            }
+        }
+        tracing::info!("SIGHUP: other settings (listeners, directories, connectors, limits) apply at restart");
+    }
+}
+
+/// SIGHUP re-reads the certificate and the log level; open sessions keep
+/// going, new handshakes use the new certificate.
+async fn reload_on_sighup(reload: Reload) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(hup) => hup,
-        Err(e) => return tracing::error!(error = %e, "cannot watch SIGHUP; certificates reload only on restart"),
+        Err(e) => return tracing::error!(error = %e, "cannot watch SIGHUP; reloads need a restart"),
     };
     while hup.recv().await.is_some() {
-        match tls.reload() {
-            Ok(()) => tracing::info!("SIGHUP: certificate reloaded"),
-            Err(e) => tracing::error!(error = %e, "SIGHUP: certificate not reloaded; the previous one stays in use"),
-        }
+        reload.apply();
     }
 }
 

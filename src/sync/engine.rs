@@ -14,6 +14,7 @@ use thiserror::Error;
 
 use super::directory::{Directory, DirectoryError, Entry};
 use super::policy::{self, ConflictPolicy, Direction, Fallback, Outcome, Side, Values};
+use super::progress::Progress;
 use crate::config::{ConnectorConfig, DeletePolicy, MEMBERS_FIELD, NAME_FIELD, ScopeConfig};
 use crate::poller::Deleted;
 use crate::store::{
@@ -84,6 +85,7 @@ pub async fn run_pass<S: Store>(
     connector: &ConnectorConfig,
     directory: &mut Directory,
     options: PassOptions,
+    progress: &mut dyn Progress,
 ) -> Result<Report, SyncError> {
     let mut pass = Pass {
         store,
@@ -98,7 +100,7 @@ pub async fn run_pass<S: Store>(
     for category in [Category::Account, Category::Group] {
         if let Some(scope) = scope_of(connector, category) {
             pass.members = MemberIndex::build(&*pass.store, connector)?;
-            pass.category(category, scope).await?;
+            pass.category(category, scope, progress).await?;
         }
     }
     Ok(pass.report)
@@ -400,16 +402,24 @@ impl<S: Store> Pass<'_, S> {
     }
 
     /// Compares every entry of the scope with its baseline, a page at a time.
-    async fn category(&mut self, category: Category, scope: &ScopeConfig) -> Result<(), SyncError> {
+    async fn category(
+        &mut self,
+        category: Category,
+        scope: &ScopeConfig,
+        progress: &mut dyn Progress,
+    ) -> Result<(), SyncError> {
         let mapping = Mapping { scope, category };
         // Names first: a name several entries share is disputed, not matched.
         let mut naming_counts: HashMap<String, usize> = HashMap::new();
+        let mut total = 0;
         let mut names = self.directory.names(scope).await?;
         while let Some(entry) = names.next().await? {
+            total += 1;
             if let Some(name) = naming_value(&mapping, &entry) {
                 *naming_counts.entry(name).or_default() += 1;
             }
         }
+        progress.category(category, total);
         let mut seen = HashSet::new();
         let mut matched_objects = HashSet::new();
         let mut entries = self.directory.stream(scope, "", &[]).await?;
@@ -418,16 +428,18 @@ impl<S: Store> Pass<'_, S> {
             if let Some(association) = self.store.association_by_entry(&self.connector.name, &entry.id)? {
                 matched_objects.insert(association.object_id);
                 self.reconcile(&mapping, association, &entry).await?;
-                continue;
+            } else {
+                let name_taken =
+                    naming_value(&mapping, &entry).is_some_and(|n| naming_counts.get(&n).copied().unwrap_or(0) > 1);
+                if let Some(id) = self.first_sync(&mapping, &entry, name_taken).await? {
+                    matched_objects.insert(id);
+                }
             }
-            let name_taken =
-                naming_value(&mapping, &entry).is_some_and(|n| naming_counts.get(&n).copied().unwrap_or(0) > 1);
-            if let Some(id) = self.first_sync(&mapping, &entry, name_taken).await? {
-                matched_objects.insert(id);
-            }
+            progress.scanned(&self.report);
         }
         self.vanished(&mapping, &seen).await?;
         self.create_in_directory(&mapping, &matched_objects).await?;
+        progress.finished(&self.report);
         Ok(())
     }
 

@@ -4,4 +4,5 @@
 pub mod directory;
 pub mod engine;
 pub mod policy;
+pub mod progress;
 pub mod worker;

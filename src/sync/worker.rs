@@ -22,6 +22,7 @@ use tracing::{Instrument, debug, info, warn};
 
 use super::directory::Directory;
 use super::engine::{self, Change, ChangeEvent, PassOptions, Report, SyncError};
+use super::progress::{Lines, Progress};
 use crate::config::{Config, ConnectorConfig, dn_within};
 use crate::metrics::{ChangeLabels, ConflictLabels, METRICS, OutcomeLabel, PollLabels};
 use crate::poller::{self, Mechanism};
@@ -293,7 +294,9 @@ impl Worker {
     async fn timed_poll(&mut self, store: &mut SqliteStore, kind: Poll) -> Result<(), SyncError> {
         let directory = connected(&mut self.directory, &self.connector, self.connect_timeout).await?;
         let started = std::time::Instant::now();
-        let outcome = poll(store, &self.connector, directory, kind).await?;
+        // A long reconciliation says how far it is, every minute.
+        let mut progress = Lines::new(|line| info!("{line}"), Duration::from_secs(60));
+        let outcome = poll(store, &self.connector, directory, kind, &mut progress).await?;
         METRICS
             .poll_seconds
             .get_or_create(&PollLabels {
@@ -450,6 +453,7 @@ pub async fn poll<S: Store>(
     connector: &ConnectorConfig,
     directory: &mut Directory,
     poll: Poll,
+    progress: &mut dyn Progress,
 ) -> Result<PollOutcome, SyncError> {
     let (mechanism, server) = poller::detect(directory, connector.poll_mechanism).await?;
     let mut state = store
@@ -528,7 +532,7 @@ pub async fn poll<S: Store>(
                 });
             }
         }
-        report = engine::run_pass(store, connector, directory, options).await?;
+        report = engine::run_pass(store, connector, directory, options, progress).await?;
         if options.dry_run {
             return Ok(PollOutcome {
                 kind,
