@@ -322,7 +322,7 @@ pub fn sync(config: &Config, command: SyncCommand) -> anyhow::Result<()> {
         let outcome = async {
             worker::apply_captures(&mut store, &connector, &mut directory).await?;
             let mut progress: Box<dyn Progress> = if std::io::stderr().is_terminal() {
-                Box::new(Bar::new())
+                Box::new(Bar::default())
             } else {
                 Box::new(Lines::new(|line| eprintln!("{line}"), Duration::from_secs(10)))
             };

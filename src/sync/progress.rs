@@ -100,14 +100,9 @@ impl Progress for Lines {
 }
 
 /// A progress bar for a terminal.
+#[derive(Default)]
 pub struct Bar {
     bar: Option<ProgressBar>,
-}
-
-impl Bar {
-    pub fn new() -> Bar {
-        Bar { bar: None }
-    }
 }
 
 impl Progress for Bar {
