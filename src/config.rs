@@ -222,7 +222,10 @@ pub struct ConnectorConfig {
     /// TLS on the service connection; `proxy.upstream_tls` when unset.
     pub tls: Option<ClientTlsConfig>,
     /// The stable id attribute: `entryUUID`, or `objectGUID` on Active Directory.
-    #[serde(default = "default_id_attribute")]
+    /// Defaults for a kind of directory; explicit keys win.
+    pub preset: Option<Preset>,
+    /// `entryUUID` by default, `objectGUID` with the Active Directory preset.
+    #[serde(default)]
     pub id_attribute: String,
     #[serde(default = "default_direction")]
     pub direction: Direction,
@@ -284,7 +287,12 @@ pub struct ScopeConfig {
     pub filter: String,
     /// The directory attribute that holds the local object's name; used to
     /// match on first sync and to name entries created in the directory.
+    #[serde(default)]
     pub naming: String,
+    /// The RDN attribute of entries created in the directory; `naming` when
+    /// unset (`cn` with the Active Directory preset, where the name is
+    /// sAMAccountName but the RDN is CN).
+    pub rdn: Option<String>,
     /// Directory attribute → local field.
     #[serde(default)]
     pub map: BTreeMap<String, String>,
@@ -299,8 +307,73 @@ pub struct ScopeConfig {
     pub defaults: BTreeMap<String, String>,
 }
 
-fn default_id_attribute() -> String {
-    "entryUUID".into()
+/// `preset`: defaults for a kind of directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Preset {
+    /// Active Directory (and Samba AD): objectGUID, sAMAccountName, CN as
+    /// RDN, user/group filters and object classes, the usual mapping.
+    ActiveDirectory,
+}
+
+impl ConnectorConfig {
+    /// Fills what the file left unset: the preset's values, then the
+    /// general defaults.
+    fn apply_defaults(&mut self) {
+        let ad = self.preset == Some(Preset::ActiveDirectory);
+        if self.id_attribute.is_empty() {
+            self.id_attribute = if ad { "objectGUID" } else { "entryUUID" }.into();
+        }
+        if !ad {
+            return;
+        }
+        for (category, scope) in [
+            (Category::Account, &mut self.accounts),
+            (Category::Group, &mut self.groups),
+        ] {
+            let Some(scope) = scope else { continue };
+            let (filter, classes, map): (&str, &[&str], &[(&str, &str)]) = match category {
+                Category::Account => (
+                    "(&(objectCategory=person)(objectClass=user))",
+                    &["top", "person", "organizationalPerson", "user"],
+                    &[
+                        ("mail", "mail"),
+                        ("displayName", "display_name"),
+                        ("userPrincipalName", "upn"),
+                        ("proxyAddresses", "aliases"),
+                    ],
+                ),
+                Category::Group => (
+                    "(objectClass=group)",
+                    &["top", "group"],
+                    &[("description", "description")],
+                ),
+            };
+            if scope.filter == default_filter() {
+                scope.filter = filter.into();
+            }
+            if scope.naming.is_empty() {
+                scope.naming = "sAMAccountName".into();
+            }
+            scope.rdn.get_or_insert_with(|| "cn".into());
+            if scope.object_classes.is_empty() {
+                scope.object_classes = classes.iter().map(|c| c.to_string()).collect();
+            }
+            if scope.map.is_empty() {
+                scope.map = map.iter().map(|(a, f)| (a.to_string(), f.to_string())).collect();
+            }
+            if category == Category::Group && scope.membership.is_none() {
+                scope.membership = Some("member".into());
+            }
+        }
+    }
+}
+
+impl ScopeConfig {
+    /// The RDN attribute of entries this scope creates.
+    pub fn rdn(&self) -> &str {
+        self.rdn.as_deref().unwrap_or(&self.naming)
+    }
 }
 fn default_direction() -> Direction {
     Direction::Both
@@ -401,6 +474,12 @@ impl ConnectorConfig {
         }
         for (category, scope) in self.scopes() {
             let key = |k: &str| format!("{}s.{k}", category.as_str());
+            if scope.naming.is_empty() {
+                problems.push(error(
+                    key("naming"),
+                    "required (the attribute that holds the local name), unless a preset sets it".into(),
+                ));
+            }
             if !valid_dn(&scope.base) {
                 problems.push(error(key("base"), format!("{:?} is not a DN", scope.base)));
             }
@@ -700,10 +779,12 @@ impl Default for LogConfig {
 impl Config {
     /// Parses a TOML document; `origin` names it in errors.
     pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_owned(),
             message: e.to_string(),
-        })
+        })?;
+        config.connectors.iter_mut().for_each(ConnectorConfig::apply_defaults);
+        Ok(config)
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {

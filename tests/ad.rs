@@ -22,7 +22,6 @@ fn domain() -> Option<&'static SambaDc> {
         let mut ldif = format!(
             "dn: {OU}\nchangetype: add\nobjectClass: organizationalUnit\n\n\
              dn: OU=Bulk,{OU}\nchangetype: add\nobjectClass: organizationalUnit\n\n\
-             dn: OU=Groups,{OU}\nchangetype: add\nobjectClass: organizationalUnit\n\n\
              dn: CN=gone,{OU}\nchangetype: add\nobjectClass: user\nsAMAccountName: gone\n\n\
              dn: CN=gone,{OU}\nchangetype: delete\n\n"
         );
@@ -32,12 +31,18 @@ fn domain() -> Option<&'static SambaDc> {
                  sAMAccountName: bulk{i:04}\nmail: bulk{i:04}@example.com\n\n"
             ));
         }
-        ldif.push_str(&format!(
-            "dn: CN=everyone,OU=Groups,{OU}\nchangetype: add\nobjectClass: group\nsAMAccountName: everyone\n\n\
-             dn: CN=everyone,OU=Groups,{OU}\nchangetype: modify\nadd: member\n"
-        ));
-        for i in 0..BULK {
-            ldif.push_str(&format!("member: CN=bulk{i:04},OU=Bulk,{OU}\n"));
+        // Two groups of everyone: one the relay test reads, one the sync
+        // test changes.
+        for (group, ou) in [("everyone", "Groups"), ("staff5000", "Teams")] {
+            ldif.push_str(&format!(
+                "dn: OU={ou},{OU}\nchangetype: add\nobjectClass: organizationalUnit\n\n\
+                 dn: CN={group},OU={ou},{OU}\nchangetype: add\nobjectClass: group\nsAMAccountName: {group}\n\n\
+                 dn: CN={group},OU={ou},{OU}\nchangetype: modify\nadd: member\n"
+            ));
+            for i in 0..BULK {
+                ldif.push_str(&format!("member: CN=bulk{i:04},OU=Bulk,{OU}\n"));
+            }
+            ldif.push('\n');
         }
         dc.ldapmodify(&ldif);
     });
@@ -266,4 +271,199 @@ fn base64_decode(text: &str) -> Vec<u8> {
         })
         .unwrap();
     out.stdout
+}
+
+/// A connector with the Active Directory preset, run through the CLI.
+struct Connector {
+    dir: tempfile::TempDir,
+}
+
+impl Connector {
+    fn new(accounts: &str, groups: &str, direction: &str) -> Connector {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("service.secret");
+        std::fs::write(&secret, format!("{AD_PASSWORD}\n")).unwrap();
+        let config = format!(
+            r#"
+[proxy]
+listen = ["ldap://127.0.0.1:0"]
+upstream = ["{AD_URL}"]
+[store]
+path = "{db}"
+[[connector]]
+name = "ad"
+preset = "active-directory"
+bind_dn = "{AD_ADMIN_DN}"
+password_file = "{secret}"
+direction = "{direction}"
+conflict = "ldap-wins"
+[connector.accounts]
+base = "{accounts}"
+[connector.groups]
+base = "{groups}"
+"#,
+            db = dir.path().join("ldapsync.db").display(),
+            secret = secret.display(),
+        );
+        std::fs::write(dir.path().join("ldapsync.toml"), config).unwrap();
+        Connector { dir }
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = common::ldapsync()
+            .arg("--config")
+            .arg(self.dir.path().join("ldapsync.toml"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ldapsync {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn sync(&self) -> String {
+        self.ok(&["sync", "run", "--connector", "ad"])
+    }
+}
+
+/// An entry's objectGUID as the GUID string AD tools print.
+fn guid_of(filter: &str) -> String {
+    let admin = ["-D", AD_ADMIN, "-w", AD_PASSWORD];
+    let out = answer(&ldapsearch(
+        AD_URL,
+        &[&admin[..], &["-b", OU, filter, "objectGUID"]].concat(),
+    ));
+    let b64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("objectGUID:: "))
+        .expect("an objectGUID");
+    let b = base64_decode(b64);
+    let hex = |range: &[u8]| range.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let le = |range: &[u8]| hex(&range.iter().rev().copied().collect::<Vec<_>>());
+    format!(
+        "{}-{}-{}-{}-{}",
+        le(&b[0..4]),
+        le(&b[4..6]),
+        le(&b[6..8]),
+        hex(&b[8..10]),
+        hex(&b[10..16])
+    )
+}
+
+#[test]
+fn associations_follow_the_object_guid_through_renames_and_moves_and_usn_polls_see_changes() {
+    let Some(dc) = domain() else { return };
+    let base = format!("OU=sync-moves,{OU}");
+    dc.ldapmodify(&format!(
+        "dn: {base}\nchangetype: add\nobjectClass: organizationalUnit\n\n\
+         dn: OU=Staff,{base}\nchangetype: add\nobjectClass: organizationalUnit\n\n\
+         dn: OU=Elsewhere,{base}\nchangetype: add\nobjectClass: organizationalUnit\n\n\
+         dn: CN=ann,OU=Staff,{base}\nchangetype: add\nobjectClass: user\nsAMAccountName: ann\n\
+         mail: ann@example.com\ndisplayName: Ann\n\n\
+         dn: CN=ben,OU=Staff,{base}\nchangetype: add\nobjectClass: user\nsAMAccountName: ben\n\
+         mail: ben@example.com\n\n\
+         dn: CN=team,{base}\nchangetype: add\nobjectClass: group\nsAMAccountName: team\n\
+         member: CN=ann,OU=Staff,{base}\n"
+    ));
+    let connector = Connector::new(&base, &base, "ldap-to-local");
+    let first = connector.sync();
+    assert!(first.starts_with("full reconciliation (usn)"), "{first}");
+    assert_eq!(
+        connector.ok(&["account", "list"]).lines().collect::<Vec<_>>(),
+        ["ann", "ben"]
+    );
+    let shown = connector.ok(&["account", "show", "ann"]);
+    assert!(
+        shown.contains("display_name: Ann") && shown.contains("mail: ann@example.com"),
+        "{shown}"
+    );
+    assert!(connector.ok(&["group", "show", "team"]).contains("members: ann"));
+    let guid = guid_of("(sAMAccountName=ann)");
+    assert!(
+        connector
+            .ok(&["association", "show", "ann", "--connector", "ad"])
+            .contains(&guid),
+        "entry id is the objectGUID {guid}"
+    );
+
+    // Renamed and moved in AD, directly: the association follows the GUID.
+    dc.ldapmodify(&format!(
+        "dn: CN=ann,OU=Staff,{base}\nchangetype: modrdn\nnewrdn: CN=Ann Smith\ndeleteoldrdn: 1\n\
+         newsuperior: OU=Elsewhere,{base}\n\n\
+         dn: CN=ben,OU=Staff,{base}\nchangetype: modify\nreplace: mail\nmail: ben@changed.example\n"
+    ));
+    let polled = connector.sync();
+    assert!(polled.starts_with("incremental poll (usn)"), "{polled}");
+    let association = connector.ok(&["association", "show", "ann", "--connector", "ad"]);
+    assert!(association.contains(&guid), "{association}");
+    assert!(
+        association.contains(&format!("CN=Ann Smith,OU=Elsewhere,{base}")),
+        "{association}"
+    );
+    assert!(
+        connector
+            .ok(&["account", "show", "ben"])
+            .contains("mail: ben@changed.example")
+    );
+    let status = connector.ok(&["status"]);
+    assert!(status.contains("accounts: mechanism usn, watermark "), "{status}");
+    assert!(
+        status.contains("on CN=NTDS Settings,CN=DC1"),
+        "the watermark is tied to the DC: {status}"
+    );
+}
+
+#[test]
+fn local_changes_reach_ad_and_a_5000_member_group_changes_by_values() {
+    let Some(_dc) = domain() else { return };
+    let connector = Connector::new(&format!("OU=Bulk,{OU}"), &format!("OU=Teams,{OU}"), "both");
+    connector.sync();
+    let group = format!("CN=staff5000,OU=Teams,{OU}");
+    let members = connector.ok(&["group", "show", "staff5000"]);
+    assert_eq!(
+        members.matches("bulk").count(),
+        BULK,
+        "all 5000 members imported as names"
+    );
+
+    connector.ok(&["account", "add", "newbie", "--set", "mail=newbie@example.com"]);
+    connector.ok(&[
+        "group",
+        "set",
+        "staff5000",
+        "--remove",
+        "members=bulk0007",
+        "--add",
+        "members=newbie",
+    ]);
+    let report = connector.sync();
+    assert!(report.contains("create in directory account newbie"), "{report}");
+
+    let admin = ["-D", AD_ADMIN, "-w", AD_PASSWORD];
+    let created = answer(&ldapsearch(
+        AD_URL,
+        &[
+            &admin[..],
+            &["-b", OU, "(sAMAccountName=newbie)", "mail", "objectClass"],
+        ]
+        .concat(),
+    ));
+    assert!(created.contains(&format!("dn: CN=newbie,OU=Bulk,{OU}")), "{created}");
+    assert!(
+        created.contains("mail: newbie@example.com") && created.contains("objectClass: user"),
+        "{created}"
+    );
+    let member_of = |name: &str| {
+        let filter = format!("(&(sAMAccountName={name})(memberOf={group}))");
+        answer(&ldapsearch(AD_URL, &[&admin[..], &["-b", OU, &filter, "1.1"]].concat())).contains("dn: ")
+    };
+    assert!(member_of("newbie"), "added to the group");
+    assert!(!member_of("bulk0007"), "removed from the group");
+    assert!(member_of("bulk0008"), "the others stay");
+    let again = connector.sync();
+    assert!(again.contains(" 0 updated"), "settled: {again}");
 }

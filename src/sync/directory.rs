@@ -44,6 +44,15 @@ impl Entry {
     }
 }
 
+/// One attribute's change in a modify.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttrMod {
+    /// These values and no others (none: the attribute goes).
+    Replace(String, Vec<String>),
+    Add(String, Vec<String>),
+    Delete(String, Vec<String>),
+}
+
 pub struct Directory {
     ldap: Ldap,
     id_attribute: String,
@@ -276,11 +285,15 @@ impl Directory {
         check("add", dn, self.ldap.add(dn, attrs).await)
     }
 
-    /// Replaces each attribute's values (an empty list removes the attribute).
-    pub async fn replace(&mut self, dn: &str, attrs: &BTreeMap<String, Vec<String>>) -> Result<(), DirectoryError> {
-        let mods: Vec<Mod<String>> = attrs
-            .iter()
-            .map(|(k, v)| Mod::Replace(k.clone(), v.iter().cloned().collect()))
+    /// Applies the changes in one modify operation.
+    pub async fn modify(&mut self, dn: &str, changes: Vec<AttrMod>) -> Result<(), DirectoryError> {
+        let mods: Vec<Mod<String>> = changes
+            .into_iter()
+            .map(|change| match change {
+                AttrMod::Replace(attr, values) => Mod::Replace(attr, values.into_iter().collect()),
+                AttrMod::Add(attr, values) => Mod::Add(attr, values.into_iter().collect()),
+                AttrMod::Delete(attr, values) => Mod::Delete(attr, values.into_iter().collect()),
+            })
             .collect();
         check("modify", dn, self.ldap.modify(dn, mods).await)
     }

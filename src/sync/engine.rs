@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use serde::Serialize;
 use thiserror::Error;
 
-use super::directory::{Directory, DirectoryError, Entry};
+use super::directory::{AttrMod, Directory, DirectoryError, Entry};
 use super::policy::{self, ConflictPolicy, Direction, Fallback, Outcome, Side, Values};
 use super::progress::Progress;
 use crate::config::{ConnectorConfig, DeletePolicy, MEMBERS_FIELD, NAME_FIELD, ScopeConfig};
@@ -290,7 +290,10 @@ struct MemberIndex {
 impl MemberIndex {
     fn empty(connector: &ConnectorConfig) -> MemberIndex {
         MemberIndex {
-            accounts: connector.accounts.as_ref().map(|s| (s.naming.clone(), s.base.clone())),
+            accounts: connector
+                .accounts
+                .as_ref()
+                .map(|s| (s.rdn().to_owned(), s.base.clone())),
             ..MemberIndex::default()
         }
     }
@@ -677,26 +680,48 @@ impl<S: Store> Pass<'_, S> {
     ) -> Result<String, DirectoryError> {
         let wanted = mapping.to_attributes(result, &self.members);
         let current = mapping.to_attributes(ldap, &self.members);
-        let naming = mapping.scope.naming.to_lowercase();
-        let mut changes = BTreeMap::new();
+        let scope = mapping.scope;
+        // When the name is the RDN it changes by a rename; otherwise (AD:
+        // sAMAccountName under a CN) it is an attribute like the others.
+        let renames = scope.rdn().eq_ignore_ascii_case(&scope.naming);
+        let mut mods = Vec::new();
         for attr in wanted.keys().chain(current.keys()).collect::<BTreeSet<_>>() {
             let target = wanted.get(attr).cloned().unwrap_or_default();
-            // The naming attribute is the RDN: it changes by rename below.
-            if attr.to_lowercase() != naming && current.get(attr).cloned().unwrap_or_default() != target {
-                changes.insert(attr.clone(), target);
+            let now = current.get(attr).cloned().unwrap_or_default();
+            if target == now || (renames && attr.eq_ignore_ascii_case(&scope.naming)) {
+                continue;
+            }
+            if scope
+                .membership
+                .as_deref()
+                .is_some_and(|m| m.eq_ignore_ascii_case(attr))
+            {
+                // Values added and removed, never the whole list: groups of
+                // thousands stay cheap, and within AD's limits.
+                let added: Vec<String> = target.iter().filter(|v| !now.contains(v)).cloned().collect();
+                let removed: Vec<String> = now.iter().filter(|v| !target.contains(v)).cloned().collect();
+                if !removed.is_empty() {
+                    mods.push(AttrMod::Delete(attr.clone(), removed));
+                }
+                if !added.is_empty() {
+                    mods.push(AttrMod::Add(attr.clone(), added));
+                }
+            } else {
+                mods.push(AttrMod::Replace(attr.clone(), target));
             }
         }
         let mut dn = dn.to_owned();
-        if result.get(NAME_FIELD) != ldap.get(NAME_FIELD)
+        if renames
+            && result.get(NAME_FIELD) != ldap.get(NAME_FIELD)
             && let Some(new_name) = result.get(NAME_FIELD).and_then(|v| v.first())
         {
-            let rdn = format!("{}={}", mapping.scope.naming, ldap3::dn_escape(new_name));
+            let rdn = format!("{}={}", scope.rdn(), ldap3::dn_escape(new_name));
             self.directory.rename(&dn, &rdn).await?;
             let parent = dn.split_once(',').map(|(_, p)| p.to_owned()).unwrap_or_default();
             dn = format!("{rdn},{parent}");
         }
-        if !changes.is_empty() {
-            self.directory.replace(&dn, &changes).await?;
+        if !mods.is_empty() {
+            self.directory.modify(&dn, mods).await?;
         }
         Ok(dn)
     }
@@ -852,7 +877,11 @@ impl<S: Store> Pass<'_, S> {
                 .entry(attr.clone())
                 .or_insert_with(|| vec![template.replace("{name}", &object.name)]);
         }
-        let dn = format!("{}={},{}", scope.naming, ldap3::dn_escape(&object.name), scope.base);
+        // AD wants the RDN value (CN) among the attributes too.
+        attrs
+            .entry(scope.rdn().to_owned())
+            .or_insert_with(|| vec![object.name.clone()]);
+        let dn = format!("{}={},{}", scope.rdn(), ldap3::dn_escape(&object.name), scope.base);
         self.report.say(format!(
             "create in directory {} {} at {dn}",
             mapping.category, object.name
