@@ -297,6 +297,8 @@ bind_dn = "{AD_ADMIN_DN}"
 password_file = "{secret}"
 direction = "{direction}"
 conflict = "ldap-wins"
+delete = "disable"
+max_delete_percent = 100
 [connector.accounts]
 base = "{accounts}"
 [connector.groups]
@@ -409,6 +411,13 @@ fn associations_follow_the_object_guid_through_renames_and_moves_and_usn_polls_s
             .ok(&["account", "show", "ben"])
             .contains("mail: ben@changed.example")
     );
+
+    // Deleted in AD: the tombstone (show-deleted) tells the next poll.
+    dc.ldapmodify(&format!("dn: CN=ben,OU=Staff,{base}\nchangetype: delete\n"));
+    let polled = connector.sync();
+    assert!(polled.starts_with("incremental poll (usn)"), "{polled}");
+    assert!(polled.contains("disabled account ben"), "{polled}");
+    assert!(connector.ok(&["account", "show", "ben"]).contains("enabled: false"));
     let status = connector.ok(&["status"]);
     assert!(status.contains("accounts: mechanism usn, watermark "), "{status}");
     assert!(

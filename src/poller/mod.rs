@@ -29,7 +29,7 @@ pub enum Mechanism {
     /// are found by the full reconciliation.
     Timestamp,
     /// Active Directory: `uSNChanged` above the domain controller's
-    /// highestCommittedUSN watermark.
+    /// highestCommittedUSN watermark; deletes from the tombstones.
     Usn,
     /// No incremental reads: every poll is a full reconciliation.
     Full,
@@ -206,9 +206,12 @@ pub async fn changes_since(
             while let Some(entry) = entries.next().await? {
                 written.push(entry.dn);
             }
+            // Deleted objects become tombstones, outside the scope, with
+            // their objectGUID: those of other scopes match no association.
+            let deleted = directory.tombstones_since(since + 1).await?;
             Ok(Changes {
                 written,
-                deleted: Deleted::NotReported,
+                deleted: Deleted::Listed(deleted),
                 watermark: highest.to_string().into_bytes(),
             })
         }

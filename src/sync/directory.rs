@@ -210,6 +210,36 @@ impl Directory {
         Ok((names("attributeTypes"), names("objectClasses")))
     }
 
+    /// The stable ids of objects deleted since `usn` (Active Directory:
+    /// tombstones under CN=Deleted Objects, read with the show-deleted
+    /// control; their objectGUID survives the delete).
+    pub async fn tombstones_since(&mut self, usn: u64) -> Result<Vec<String>, DirectoryError> {
+        const SHOW_DELETED: &str = "1.2.840.113556.1.4.417";
+        let root = self.root_dse(&["defaultNamingContext"]).await?;
+        let Some(context) = root.get("defaultnamingcontext").and_then(|v| v.first()).cloned() else {
+            return Ok(Vec::new());
+        };
+        let base = format!("CN=Deleted Objects,{context}");
+        let control = ldap3::controls::RawControl {
+            ctype: SHOW_DELETED.into(),
+            crit: true,
+            val: None,
+        };
+        let filter = format!("(&(isDeleted=TRUE)(uSNChanged>={usn}))");
+        let (entries, _) = self
+            .ldap
+            .with_controls(vec![control])
+            .search(&base, Scope::OneLevel, &filter, vec![self.id_attribute.as_str()])
+            .await
+            .and_then(|r| r.success())
+            .map_err(|e| search_error(&base, e))?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|raw| self.entry(SearchEntry::construct(raw)))
+            .map(|entry| entry.id)
+            .collect())
+    }
+
     /// The connection itself, for searches with controls of their own.
     pub(crate) fn ldap(&mut self) -> &mut Ldap {
         &mut self.ldap
