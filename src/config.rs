@@ -305,7 +305,14 @@ pub struct ScopeConfig {
     /// replaced by the object's name (e.g. `sn = "{name}"`).
     #[serde(default)]
     pub defaults: BTreeMap<String, String>,
+    /// Accounts only: an integer attribute whose bit 2 (ACCOUNTDISABLE) is
+    /// the local `enabled` flag, both ways (AD: `userAccountControl`; the
+    /// other bits are kept as they are).
+    pub account_control: Option<String>,
 }
+
+/// The local field `account_control` feeds.
+pub const ENABLED_FIELD: &str = "enabled";
 
 /// `preset`: defaults for a kind of directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -362,8 +369,12 @@ impl ConnectorConfig {
             if scope.map.is_empty() {
                 scope.map = map.iter().map(|(a, f)| (a.to_string(), f.to_string())).collect();
             }
-            if category == Category::Group && scope.membership.is_none() {
-                scope.membership = Some("member".into());
+            match category {
+                Category::Group if scope.membership.is_none() => scope.membership = Some("member".into()),
+                Category::Account if scope.account_control.is_none() => {
+                    scope.account_control = Some("userAccountControl".into());
+                }
+                _ => {}
             }
         }
     }
@@ -496,6 +507,12 @@ impl ConnectorConfig {
                         "{attr} maps to \"name\", which the naming attribute ({}) already feeds",
                         scope.naming
                     ),
+                ));
+            }
+            if category == Category::Group && scope.account_control.is_some() {
+                problems.push(error(
+                    key("account_control"),
+                    "only accounts are enabled or disabled".into(),
                 ));
             }
             match (category, &scope.membership) {

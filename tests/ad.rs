@@ -376,7 +376,7 @@ fn associations_follow_the_object_guid_through_renames_and_moves_and_usn_polls_s
     assert!(first.starts_with("full reconciliation (usn)"), "{first}");
     assert_eq!(
         connector.ok(&["account", "list"]).lines().collect::<Vec<_>>(),
-        ["ann", "ben"]
+        ["ann (disabled)", "ben (disabled)"]
     );
     let shown = connector.ok(&["account", "show", "ann"]);
     assert!(
@@ -384,6 +384,10 @@ fn associations_follow_the_object_guid_through_renames_and_moves_and_usn_polls_s
         "{shown}"
     );
     assert!(connector.ok(&["group", "show", "team"]).contains("members: ann"));
+    assert!(
+        shown.contains("enabled: false"),
+        "a new AD user is disabled (546): {shown}"
+    );
     let guid = guid_of("(sAMAccountName=ann)");
     assert!(
         connector
@@ -396,7 +400,9 @@ fn associations_follow_the_object_guid_through_renames_and_moves_and_usn_polls_s
     dc.ldapmodify(&format!(
         "dn: CN=ann,OU=Staff,{base}\nchangetype: modrdn\nnewrdn: CN=Ann Smith\ndeleteoldrdn: 1\n\
          newsuperior: OU=Elsewhere,{base}\n\n\
-         dn: CN=ben,OU=Staff,{base}\nchangetype: modify\nreplace: mail\nmail: ben@changed.example\n"
+         dn: CN=ben,OU=Staff,{base}\nchangetype: modify\nreplace: mail\nmail: ben@changed.example\n\n\
+         dn: CN=Ann Smith,OU=Elsewhere,{base}\nchangetype: modify\nreplace: userAccountControl\n\
+         userAccountControl: 512\n"
     ));
     let polled = connector.sync();
     assert!(polled.starts_with("incremental poll (usn)"), "{polled}");
@@ -418,6 +424,10 @@ fn associations_follow_the_object_guid_through_renames_and_moves_and_usn_polls_s
     assert!(polled.starts_with("incremental poll (usn)"), "{polled}");
     assert!(polled.contains("disabled account ben"), "{polled}");
     assert!(connector.ok(&["account", "show", "ben"]).contains("enabled: false"));
+    assert!(
+        connector.ok(&["account", "show", "ann"]).contains("enabled: true"),
+        "userAccountControl 512: enabled"
+    );
     let status = connector.ok(&["status"]);
     assert!(status.contains("accounts: mechanism usn, watermark "), "{status}");
     assert!(
@@ -440,6 +450,7 @@ fn local_changes_reach_ad_and_a_5000_member_group_changes_by_values() {
     );
 
     connector.ok(&["account", "add", "newbie", "--set", "mail=newbie@example.com"]);
+    connector.ok(&["account", "set", "bulk0010", "--enable"]);
     connector.ok(&[
         "group",
         "set",
@@ -473,6 +484,18 @@ fn local_changes_reach_ad_and_a_5000_member_group_changes_by_values() {
     assert!(member_of("newbie"), "added to the group");
     assert!(!member_of("bulk0007"), "removed from the group");
     assert!(member_of("bulk0008"), "the others stay");
+    let flags = answer(&ldapsearch(
+        AD_URL,
+        &[
+            &admin[..],
+            &["-b", OU, "(sAMAccountName=bulk0010)", "userAccountControl"],
+        ]
+        .concat(),
+    ));
+    assert!(
+        flags.contains("userAccountControl: 544"),
+        "bit 2 cleared, the other flags (546 = 512 + 32 + 2) kept: {flags}"
+    );
     let again = connector.sync();
     assert!(again.contains(" 0 updated"), "settled: {again}");
 }

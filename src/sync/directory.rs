@@ -115,6 +115,7 @@ impl Directory {
         let mut attrs: Vec<String> = vec![self.id_attribute.clone(), scope.naming.clone()];
         attrs.extend(scope.map.keys().cloned());
         attrs.extend(scope.membership.clone());
+        attrs.extend(scope.account_control.clone());
         attrs
     }
 

@@ -15,7 +15,10 @@ use thiserror::Error;
 use super::directory::{AttrMod, Directory, DirectoryError, Entry};
 use super::policy::{self, ConflictPolicy, Direction, Fallback, Outcome, Side, Values};
 use super::progress::Progress;
-use crate::config::{ConnectorConfig, DeletePolicy, MEMBERS_FIELD, NAME_FIELD, ScopeConfig};
+use crate::config::{ConnectorConfig, DeletePolicy, ENABLED_FIELD, MEMBERS_FIELD, NAME_FIELD, ScopeConfig};
+
+/// ACCOUNTDISABLE, bit 2 of AD's userAccountControl.
+const ACCOUNT_DISABLED: i64 = 0x2;
 use crate::poller::Deleted;
 use crate::store::{
     Association, Category, ChangeSource, Commit, JournalEntry, JournalQuery, LocalObject, Store, StoreError, now,
@@ -642,7 +645,7 @@ impl<S: Store> Pass<'_, S> {
         let name = object.name.clone();
         let mut dn = entry.dn.clone();
         if !self.options.dry_run && &result != ldap {
-            match self.write_directory(mapping, &dn, ldap, &result).await {
+            match self.write_directory(mapping, entry, ldap, &result).await {
                 Ok(new_dn) => dn = new_dn,
                 Err(e) => {
                     self.report.failed += 1;
@@ -674,10 +677,11 @@ impl<S: Store> Pass<'_, S> {
     async fn write_directory(
         &mut self,
         mapping: &Mapping<'_>,
-        dn: &str,
+        entry: &Entry,
         ldap: &Values,
         result: &Values,
     ) -> Result<String, DirectoryError> {
+        let dn = &entry.dn;
         let wanted = mapping.to_attributes(result, &self.members);
         let current = mapping.to_attributes(ldap, &self.members);
         let scope = mapping.scope;
@@ -709,6 +713,19 @@ impl<S: Store> Pass<'_, S> {
             } else {
                 mods.push(AttrMod::Replace(attr.clone(), target));
             }
+        }
+        // The enabled flag is one bit of an integer the other bits of which
+        // are the directory's business.
+        if let (Some(attr), Some(flags)) = (&scope.account_control, mapping.account_flags(entry))
+            && result.get(ENABLED_FIELD) != ldap.get(ENABLED_FIELD)
+            && let Some(enabled) = result.get(ENABLED_FIELD).and_then(|v| v.first())
+        {
+            let flags = if enabled == "true" {
+                flags & !ACCOUNT_DISABLED
+            } else {
+                flags | ACCOUNT_DISABLED
+            };
+            mods.push(AttrMod::Replace(attr.clone(), vec![flags.to_string()]));
         }
         let mut dn = dn.to_owned();
         if renames
@@ -894,6 +911,22 @@ impl<S: Store> Pass<'_, S> {
             Ok(()) => self.directory.entry_at(scope, &dn).await,
             Err(e) => Err(e),
         };
+        // A directory may create accounts disabled (AD does, without a
+        // password): give the entry the local flag now, not at the next sync.
+        let created = match created {
+            Ok(Some(entry)) => {
+                let ldap = mapping.ldap_values(&entry, &self.members);
+                if ldap.get(ENABLED_FIELD).is_some() && ldap.get(ENABLED_FIELD) != values.get(ENABLED_FIELD) {
+                    match self.write_directory(mapping, &entry, &ldap, &values).await {
+                        Ok(_) => self.directory.entry_at(scope, &dn).await,
+                        Err(e) => Err(e),
+                    }
+                } else {
+                    Ok(Some(entry))
+                }
+            }
+            other => other,
+        };
         let (action, detail, association) = match created {
             Ok(Some(entry)) => {
                 self.report.created_ldap += 1;
@@ -1034,6 +1067,9 @@ impl Mapping<'_> {
         if self.scope.membership.is_some() {
             fields.insert(MEMBERS_FIELD.into());
         }
+        if self.scope.account_control.is_some() {
+            fields.insert(ENABLED_FIELD.into());
+        }
         fields
     }
 
@@ -1045,6 +1081,9 @@ impl Mapping<'_> {
             .filter(|(_, v)| !v.is_empty())
             .collect();
         values.insert(NAME_FIELD.into(), vec![object.name.clone()]);
+        if self.scope.account_control.is_some() {
+            values.insert(ENABLED_FIELD.into(), vec![object.enabled.to_string()]);
+        }
         values
     }
 
@@ -1067,7 +1106,16 @@ impl Mapping<'_> {
             let names = entry.get(attr).iter().map(|m| member_name(attr, m, members)).collect();
             put(MEMBERS_FIELD, names);
         }
+        if let Some(flags) = self.account_flags(entry) {
+            put(ENABLED_FIELD, vec![(flags & ACCOUNT_DISABLED == 0).to_string()]);
+        }
         values
+    }
+
+    /// The entry's account control flags, when the scope maps them.
+    fn account_flags(&self, entry: &Entry) -> Option<i64> {
+        let attr = self.scope.account_control.as_ref()?;
+        entry.get(attr).first()?.parse().ok()
     }
 
     fn to_attributes(&self, values: &Values, members: &MemberIndex) -> BTreeMap<String, Vec<String>> {
@@ -1091,6 +1139,8 @@ impl Mapping<'_> {
         for field in self.fields() {
             match result.get(&field) {
                 Some(v) if field == NAME_FIELD => object.name = v[0].clone(),
+                Some(v) if field == ENABLED_FIELD => object.enabled = v[0] == "true",
+                None if field == ENABLED_FIELD => {}
                 Some(v) => {
                     object.values.insert(field, v.clone());
                 }
