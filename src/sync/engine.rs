@@ -916,7 +916,7 @@ impl<S: Store> Pass<'_, S> {
         let created = match created {
             Ok(Some(entry)) => {
                 let ldap = mapping.ldap_values(&entry, &self.members);
-                if ldap.get(ENABLED_FIELD).is_some() && ldap.get(ENABLED_FIELD) != values.get(ENABLED_FIELD) {
+                if ldap.contains_key(ENABLED_FIELD) && ldap.get(ENABLED_FIELD) != values.get(ENABLED_FIELD) {
                     match self.write_directory(mapping, &entry, &ldap, &values).await {
                         Ok(_) => self.directory.entry_at(scope, &dn).await,
                         Err(e) => Err(e),
