@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use common::serve;
-use ldapsync_fixtures::{AD_ADMIN, AD_ADMIN_DN, AD_BASE, AD_PASSWORD, AD_URL, SambaDc};
+use ldapsync_fixtures::{AD_ADMIN, AD_ADMIN_DN, AD_BASE, AD_LDAPS_URL, AD_PASSWORD, AD_URL, SambaDc};
 
 const OU: &str = "OU=ldapsync,DC=example,DC=com";
 const BULK: usize = 5000;
@@ -280,6 +280,21 @@ struct Connector {
 
 impl Connector {
     fn new(accounts: &str, groups: &str, direction: &str) -> Connector {
+        Connector::reaching(AD_URL, accounts, groups, direction)
+    }
+
+    /// Over `ldaps://` with verification off: Samba's self-made certificate
+    /// names no host (a laboratory, which is what `verify = false` is for).
+    fn over_ldaps(accounts: &str, groups: &str, direction: &str) -> Connector {
+        let connector = Connector::reaching(AD_LDAPS_URL, accounts, groups, direction);
+        let path = connector.dir.path().join("ldapsync.toml");
+        let config = std::fs::read_to_string(&path).unwrap();
+        let config = config.replace("[store]", "[proxy.upstream_tls]\nverify = false\n[store]");
+        std::fs::write(path, config).unwrap();
+        connector
+    }
+
+    fn reaching(url: &str, accounts: &str, groups: &str, direction: &str) -> Connector {
         let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("service.secret");
         std::fs::write(&secret, format!("{AD_PASSWORD}\n")).unwrap();
@@ -287,7 +302,7 @@ impl Connector {
             r#"
 [proxy]
 listen = ["ldap://127.0.0.1:0"]
-upstream = ["{AD_URL}"]
+upstream = ["{url}"]
 [store]
 path = "{db}"
 [[connector]]
@@ -329,6 +344,22 @@ base = "{groups}"
 
     fn sync(&self) -> String {
         self.ok(&["sync", "run", "--connector", "ad"])
+    }
+
+    /// `ldapsync password NAME` with the password on standard input.
+    fn set_password(&self, name: &str, password: &str) -> Output {
+        use std::io::Write;
+        let mut child = common::ldapsync()
+            .arg("--config")
+            .arg(self.dir.path().join("ldapsync.toml"))
+            .args(["password", name, "--connector", "ad"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+        child.wait_with_output().unwrap()
     }
 }
 
@@ -498,4 +529,50 @@ fn local_changes_reach_ad_and_a_5000_member_group_changes_by_values() {
     );
     let again = connector.sync();
     assert!(again.contains(" 0 updated"), "settled: {again}");
+}
+
+#[test]
+fn passwords_reach_ad_as_unicode_pwd_over_ldaps_only() {
+    let Some(dc) = domain() else { return };
+    let base = format!("OU=sync-passwords,{OU}");
+    dc.ldapmodify(&format!(
+        "dn: {base}\nchangetype: add\nobjectClass: organizationalUnit\n\n\
+         dn: CN=pat,{base}\nchangetype: add\nobjectClass: user\nsAMAccountName: pat\n"
+    ));
+    let new_password = "N3w-Passw0rd-for-pat";
+    let clear = Connector::new(&base, &base, "both");
+    clear.sync();
+    let refused = clear.set_password("pat", new_password);
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("must not cross the network in clear text"), "{why}");
+
+    let tls = Connector::over_ldaps(&base, &base, "both");
+    tls.sync();
+    let set = tls.set_password("pat", new_password);
+    assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
+    tls.ok(&["account", "set", "pat", "--enable"]);
+    tls.sync();
+    let bind = ldapsearch(
+        AD_URL,
+        &[
+            "-D",
+            "pat@EXAMPLE.COM",
+            "-w",
+            new_password,
+            "-b",
+            &base,
+            "-s",
+            "base",
+            "1.1",
+        ],
+    );
+    assert!(
+        bind.status.success(),
+        "pat binds with the new password: {}",
+        String::from_utf8_lossy(&bind.stderr)
+    );
+    let journal = tls.ok(&["journal"]);
+    assert!(journal.contains("password-set"), "{journal}");
+    assert!(!journal.contains(new_password), "never in the journal");
 }

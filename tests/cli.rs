@@ -520,3 +520,65 @@ fn the_systemd_unit_verifies() {
     let complaints = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && complaints.trim().is_empty(), "{complaints}");
 }
+
+#[test]
+fn a_password_set_through_ldapsync_reaches_openldap_over_starttls() {
+    let pki = Pki::new("directory");
+    let slapd = Slapd::start_with_tls(&pki);
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("service.secret");
+    std::fs::write(&secret, format!("{ROOT_PW}\n")).unwrap();
+    let config = dir.path().join("ldapsync.toml");
+    let write = |starttls: bool| {
+        std::fs::write(
+            &config,
+            format!(
+                "[proxy]\nupstream = [\"{}\"]\n[proxy.upstream_tls]\nstarttls = {starttls}\nca = \"{}\"\n\
+                 [store]\npath = \"{}\"\n[[connector]]\nname = \"example\"\nbind_dn = \"{ROOT_DN}\"\n\
+                 password_file = \"{}\"\ndirection = \"ldap-to-local\"\n[connector.accounts]\n\
+                 base = \"ou=people,dc=example,dc=com\"\nnaming = \"uid\"\nfilter = \"(objectClass=inetOrgPerson)\"\n",
+                slapd.url(),
+                pki.ca.display(),
+                dir.path().join("ldapsync.db").display(),
+                secret.display()
+            ),
+        )
+        .unwrap()
+    };
+    let password = |new: &str| {
+        use std::io::Write;
+        let mut child = ldapsync()
+            .arg("--config")
+            .arg(&config)
+            .args(["password", "alice", "--connector", "example"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        writeln!(child.stdin.take().unwrap(), "{new}").unwrap();
+        child.wait_with_output().unwrap()
+    };
+    write(false);
+    let sync = ldapsync()
+        .arg("--config")
+        .arg(&config)
+        .args(["sync", "run", "--connector", "example"])
+        .output()
+        .unwrap();
+    assert!(sync.status.success(), "{}", String::from_utf8_lossy(&sync.stderr));
+    let refused = password("alice-new-secret");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("must not cross the network in clear text"));
+
+    write(true);
+    let set = password("alice-new-secret");
+    assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
+    let (alice, _) = person("alice");
+    let whoami = ldap_tool(
+        "ldapwhoami",
+        &slapd.url(),
+        &["-x", "-D", &alice, "-w", "alice-new-secret"],
+    );
+    assert!(whoami.status.success(), "alice binds with the new password");
+}

@@ -10,8 +10,9 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 
 use crate::config::Config;
+use crate::config::Preset;
 use crate::store::{Category, ChangeSource, JournalEntry, JournalQuery, LocalObject, SqliteStore, Store, now};
-use crate::sync::directory::Directory;
+use crate::sync::directory::{Directory, PasswordKind};
 use crate::sync::engine::PassOptions;
 use crate::sync::progress::{Bar, Lines, Progress};
 use crate::sync::worker::{self, Poll};
@@ -293,6 +294,80 @@ pub fn association(config: &Config, command: AssociationCommand) -> anyhow::Resu
             println!("association of {category} {name} with connector {connector} removed");
         }
     }
+    Ok(())
+}
+
+/// Sets an account's password in the directory its connector syncs with:
+/// read from standard input, sent over TLS only, never stored or logged.
+pub fn password(config: &Config, name: &str, connector: &str) -> anyhow::Result<()> {
+    let connector = config
+        .connector(connector)
+        .with_context(|| format!("no connector named {connector:?} in the config file"))?;
+    let starttls = connector.tls.as_ref().is_some_and(|t| t.starttls);
+    if let Some(url) = connector.upstream.iter().find(|u| !u.is_ldaps() && !starttls) {
+        bail!(
+            "a password must not cross the network in clear text: connector {} reaches {url} without TLS; \
+             use an ldaps:// URL or upstream_tls.starttls = true",
+            connector.name
+        );
+    }
+    let scope = connector
+        .accounts
+        .as_ref()
+        .with_context(|| format!("connector {} syncs no accounts", connector.name))?;
+    let mut store = open_store(config)?;
+    let object = find(&store, Category::Account, name)?;
+    let association = store
+        .association_by_object(&connector.name, object.id)?
+        .with_context(|| {
+            format!(
+                "account {name} is not associated with an entry of connector {}",
+                connector.name
+            )
+        })?;
+    let mut password = String::new();
+    std::io::stdin()
+        .read_line(&mut password)
+        .context("reading the password from standard input")?;
+    let password = password.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        bail!("no password on standard input");
+    }
+    let kind = match connector.preset {
+        Some(Preset::ActiveDirectory) => PasswordKind::UnicodePwd,
+        None => PasswordKind::PasswordModify,
+    };
+    let secret = connector.password()?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    let dn = runtime.block_on(async {
+        let mut directory = Directory::connect(&connector, secret.expose(), config.proxy.connect_timeout).await?;
+        let result = async {
+            let entry = directory
+                .entry_by_id(scope, &association.entry_id)
+                .await?
+                .with_context(|| format!("the entry of account {name} is no longer in scope"))?;
+            directory.set_password(&entry.dn, password, kind).await?;
+            anyhow::Ok(entry.dn)
+        }
+        .await;
+        directory.close().await;
+        result
+    })?;
+    let entry = JournalEntry {
+        at: now(),
+        connector: connector.name.clone(),
+        category: Category::Account,
+        object: name.to_owned(),
+        source: ChangeSource::Local,
+        action: "password-set".into(),
+        policy: String::new(),
+        detail: serde_json::json!({ "dn": dn }).to_string(),
+    };
+    store.commit(crate::store::Commit {
+        journal: vec![entry],
+        ..Default::default()
+    })?;
+    println!("password of account {name} set at {dn}");
     Ok(())
 }
 

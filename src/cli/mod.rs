@@ -44,6 +44,14 @@ enum Command {
     /// Local groups (members in the `members` field).
     #[command(subcommand)]
     Group(admin::ObjectCommand),
+    /// Set an account's password in the directory, read from standard input
+    /// (over TLS only; never stored or logged).
+    Password {
+        /// The local account.
+        name: String,
+        #[arg(long)]
+        connector: String,
+    },
     /// Associations between local objects and directory entries.
     #[command(subcommand)]
     Association(admin::AssociationCommand),
@@ -157,6 +165,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Account(command) => admin::object(&admin_config()?, Category::Account, command),
         Command::Group(command) => admin::object(&admin_config()?, Category::Group, command),
         Command::Association(command) => admin::association(&admin_config()?, command),
+        Command::Password { name, connector } => admin::password(&admin_config()?, &name, &connector),
         Command::Sync(command) => admin::sync(&admin_config()?, command),
         Command::Status { json } => status::status(&admin_config()?, json),
         Command::Journal(args) => admin::journal(&admin_config()?, args),

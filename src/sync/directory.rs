@@ -44,6 +44,13 @@ impl Entry {
     }
 }
 
+/// How a directory takes a new password.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PasswordKind {
+    UnicodePwd,
+    PasswordModify,
+}
+
 /// One attribute's change in a modify.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AttrMod {
@@ -327,6 +334,32 @@ impl Directory {
             })
             .collect();
         check("modify", dn, self.ldap.modify(dn, mods).await)
+    }
+
+    /// Sets an entry's password as the service identity: Active Directory's
+    /// `unicodePwd` (the quoted password in UTF-16LE), or elsewhere the
+    /// Password Modify extended operation (RFC 3062). The caller ensures
+    /// the connection is under TLS.
+    pub async fn set_password(&mut self, dn: &str, password: &str, kind: PasswordKind) -> Result<(), DirectoryError> {
+        match kind {
+            PasswordKind::UnicodePwd => {
+                let value: Vec<u8> = format!("\"{password}\"")
+                    .encode_utf16()
+                    .flat_map(u16::to_le_bytes)
+                    .collect();
+                let mods = vec![Mod::Replace(b"unicodePwd".to_vec(), HashSet::from([value]))];
+                check("modify", dn, self.ldap.modify(dn, mods).await)
+            }
+            PasswordKind::PasswordModify => {
+                let exop = ldap3::exop::PasswordModify {
+                    user_id: Some(dn),
+                    old_pass: None,
+                    new_pass: Some(password),
+                };
+                let result = self.ldap.extended(exop).await.map(|r| r.1);
+                check("password modify", dn, result)
+            }
+        }
     }
 
     pub async fn rename(&mut self, dn: &str, new_rdn: &str) -> Result<(), DirectoryError> {
