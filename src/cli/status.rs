@@ -61,7 +61,7 @@ pub fn status(config: &Config, json: bool) -> anyhow::Result<()> {
                 watermarks.push(WatermarkStatus {
                     category: category.to_string(),
                     mechanism: w.mechanism.to_string(),
-                    value: String::from_utf8_lossy(&w.value).into_owned(),
+                    value: printable(&w.value),
                     server: w.server,
                     stored: timestamp(w.updated_at),
                 });
@@ -160,5 +160,14 @@ fn print_human(status: &Status) {
         println!("  disputed (last reconciliation): {}", c.disputed);
         println!("  out of sync (entry gone): {}", c.entry_gone);
         println!("  pending local changes: {}", c.pending_local_changes);
+    }
+}
+
+/// A watermark as text: cookies and timestamps are text, DirSync's cookie
+/// is binary and shown by its size.
+fn printable(value: &[u8]) -> String {
+    match std::str::from_utf8(value) {
+        Ok(text) if text.chars().all(|c| c.is_ascii_graphic() || c == ' ') => text.to_owned(),
+        _ => format!("<{} bytes>", value.len()),
     }
 }

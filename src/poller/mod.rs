@@ -6,6 +6,7 @@
 //! the engine and stores the new watermark once they are applied, so a
 //! crash replays a little and never skips anything.
 
+pub mod dirsync;
 pub mod syncrepl;
 
 use std::collections::HashSet;
@@ -31,6 +32,9 @@ pub enum Mechanism {
     /// Active Directory: `uSNChanged` above the domain controller's
     /// highestCommittedUSN watermark; deletes from the tombstones.
     Usn,
+    /// Active Directory's DirSync control with a stored cookie: changes and
+    /// deletes of the naming context, on any domain controller.
+    Dirsync,
     /// No incremental reads: every poll is a full reconciliation.
     Full,
 }
@@ -41,6 +45,7 @@ impl Mechanism {
             Mechanism::Syncrepl => "syncrepl",
             Mechanism::Timestamp => "timestamp",
             Mechanism::Usn => "usn",
+            Mechanism::Dirsync => "dirsync",
             Mechanism::Full => "full",
         }
     }
@@ -59,6 +64,7 @@ impl FromStr for Mechanism {
             Mechanism::Syncrepl,
             Mechanism::Timestamp,
             Mechanism::Usn,
+            Mechanism::Dirsync,
             Mechanism::Full,
         ]
         .into_iter()
@@ -88,6 +94,9 @@ pub async fn detect(
     let has = |attr: &str, value: &str| root.get(attr).is_some_and(|v| v.iter().any(|x| x == value));
     let mechanism = configured.unwrap_or(if has("supportedcontrol", syncrepl::SYNC_REQUEST_OID) {
         Mechanism::Syncrepl
+    } else if has("supportedcapabilities", AD_CAPABILITY) && has("supportedcontrol", dirsync::DIRSYNC_OID) {
+        // Its cookie holds on any domain controller; USNs only on one.
+        Mechanism::Dirsync
     } else if has("supportedcapabilities", AD_CAPABILITY) {
         Mechanism::Usn
     } else {
@@ -116,6 +125,7 @@ pub async fn watermark_now(
         Mechanism::Syncrepl => syncrepl::refresh(directory, scope, None, &["1.1"]).await?.cookie,
         Mechanism::Timestamp => Some(generalized_time(SystemTime::now() - TIMESTAMP_OVERLAP).into_bytes()),
         Mechanism::Usn => Some(highest_usn(directory).await?.to_string().into_bytes()),
+        Mechanism::Dirsync => Some(dirsync::changes(directory, scope, &[]).await?.cookie),
         Mechanism::Full => None,
     })
 }
@@ -215,6 +225,14 @@ pub async fn changes_since(
                 watermark: highest.to_string().into_bytes(),
             })
         }
+        Mechanism::Dirsync => {
+            let synced = dirsync::changes(directory, scope, watermark).await?;
+            Ok(Changes {
+                written: synced.written,
+                deleted: Deleted::Listed(synced.gone),
+                watermark: synced.cookie,
+            })
+        }
         Mechanism::Full => Ok(Changes {
             written: Vec::new(),
             deleted: Deleted::NotReported,
@@ -283,6 +301,7 @@ mod tests {
             Mechanism::Syncrepl,
             Mechanism::Timestamp,
             Mechanism::Usn,
+            Mechanism::Dirsync,
             Mechanism::Full,
         ] {
             assert_eq!(m.as_str().parse::<Mechanism>(), Ok(m));

@@ -248,6 +248,11 @@ impl Directory {
             .collect())
     }
 
+    /// The stable id of a search result, if it has one.
+    pub fn entry_id(&self, raw: SearchEntry) -> Option<String> {
+        self.entry(raw).map(|entry| entry.id)
+    }
+
     /// The connection itself, for searches with controls of their own.
     pub(crate) fn ldap(&mut self) -> &mut Ldap {
         &mut self.ldap
