@@ -10,7 +10,20 @@ APT_PACKAGES := slapd ldap-utils libldap2-dev libsasl2-dev
 VENV := .venv
 PY_REQUIREMENTS := protocol-tests/python/requirements.txt
 
-.PHONY: deps run test fuzz lint clean
+.PHONY: deps run test fuzz lint clean bench
+
+# Installs the Debian packages in $(1) that are missing, and only those.
+define apt_install
+missing=""; \
+for p in $(1); do \
+  dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+done; \
+if [ -n "$$missing" ]; then \
+  echo "make: installing$$missing"; \
+  $(SUDO) apt-get update -qq && \
+  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+fi
+endef
 
 # Seconds per fuzz target in `make test`; `make fuzz FUZZ_SECONDS=3600` for a long run.
 FUZZ_SECONDS ?= 10
@@ -18,15 +31,7 @@ FUZZ_SECONDS ?= 10
 # Debian packages, cargo, then the Python venv. The venv keeps a copy of the
 # requirements it was installed from: when that copy matches, pip is not run.
 deps:
-	@missing=""; \
-	for p in $(APT_PACKAGES); do \
-	  dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-	  echo "make deps: installing$$missing"; \
-	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	fi
+	@$(call apt_install,$(APT_PACKAGES))
 	@command -v $(CARGO) >/dev/null || { echo "make deps: cargo (the Rust toolchain) is required" >&2; exit 1; }
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install -q cargo-fuzz --locked
 	@if [ ! -x $(VENV)/bin/python ] || ! cmp -s $(PY_REQUIREMENTS) $(VENV)/requirements.installed; then \
@@ -50,6 +55,14 @@ test: deps
 
 fuzz: deps
 	fuzz/run.sh $(FUZZ_SECONDS)
+
+# The benchmarks (bench/run.sh; README "Performance"): installs what they need
+# (slapd, ldap-utils, 389-ds-base for ldclt, time, iproute2), then about 5
+# minutes of runs.
+# `bench/run.sh --smoke` is a seconds-long version.
+bench: deps
+	@$(call apt_install,389-ds-base time iproute2)
+	bench/run.sh
 
 lint:
 	$(CARGO) fmt --all --check

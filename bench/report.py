@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""Turns bench/run.sh's results (JSON lines, one per scenario and target)
+into the table it prints (Markdown: absolute figures and ratios to direct
+slapd), the issue's goals checked against them, a JSON file and an SVG chart.
+
+Usage: report.py RESULTS.jsonl OUT.json OUT.svg [--people N] [--groups N]
+                 [--secs S] [--machine TEXT] [--smoke]
+"""
+import argparse
+import datetime
+import html
+import json
+
+TARGETS = ["slapd", "ldapsync", "ldapsync+cap", "back-ldap", "back-asyncmeta"]
+
+
+def load(path):
+    rows = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                rows.append(json.loads(line))
+    return rows
+
+
+def find(rows, scenario, target, **match):
+    for r in rows:
+        if r.get("scenario") == scenario and r.get("target") == target and not r.get("failed"):
+            if all(r.get(k) == v for k, v in match.items()):
+                return r
+    return None
+
+
+def get(d, *path):
+    for p in path:
+        if d is None:
+            return None
+        d = d.get(p)
+    return d
+
+
+def fmt(v, unit=""):
+    if v is None:
+        return "–"
+    if isinstance(v, float) and v >= 100 or isinstance(v, int):
+        s = f"{v:,.0f}"
+    elif isinstance(v, float) and v >= 10:
+        s = f"{v:.1f}"
+    else:
+        s = f"{v:.2f}" if isinstance(v, float) else str(v)
+    return s + unit
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("results")
+    ap.add_argument("json_out")
+    ap.add_argument("svg_out")
+    ap.add_argument("--people", type=int, default=0)
+    ap.add_argument("--groups", type=int, default=0)
+    ap.add_argument("--secs", type=float, default=0)
+    ap.add_argument("--machine", default="")
+    ap.add_argument("--smoke", action="store_true")
+    a = ap.parse_args()
+    rows = load(a.results)
+
+    # Each line: label, unit, higher_is_better, {target: value}
+    lines = []
+
+    def line(label, unit, higher, values):
+        lines.append({"label": label, "unit": unit, "higher_is_better": higher, "values": values})
+
+    for q, name in (("p50_us", "p50"), ("p99_us", "p99"), ("p999_us", "p99.9")):
+        line(f"search by uid, 1 connection: latency {name}", "µs", False,
+             {t: get(find(rows, "latency", t), "latency", q) for t in TARGETS})
+    for conns in (32, 256):
+        line(f"search by uid, {conns} connections: throughput", "ops/s", True,
+             {t: get(find(rows, "search", t, conns=conns), "ops_per_s") for t in TARGETS})
+        line(f"search by uid, {conns} connections: latency p99", "µs", False,
+             {t: get(find(rows, "search", t, conns=conns), "latency", "p99_us") for t in TARGETS})
+        line(f"search by uid, {conns} connections: CPU per op, backend slapd", "µs", False,
+             {t: get(find(rows, "search", t, conns=conns), "cpu_us_per_op", "slapd") for t in TARGETS})
+        line(f"search by uid, {conns} connections: CPU per op, the proxy itself", "µs", False,
+             {t: get(find(rows, "search", t, conns=conns), "cpu_us_per_op", "proxy") for t in TARGETS})
+    ldclt_threads = next((r.get("threads") for r in rows if r.get("scenario") == "ldclt" and r.get("threads")), 32)
+    line(f"ldclt search by uid, {ldclt_threads} threads: throughput", "ops/s", True,
+         {t: get(find(rows, "ldclt", t), "ops_per_s") for t in TARGETS})
+    line("connect+bind+search+unbind, 32 at once", "cycles/s", True,
+         {t: get(find(rows, "churn", t), "cycles_per_s") for t in TARGETS})
+    line("modify, 8 connections: throughput", "ops/s", True,
+         {t: get(find(rows, "modify", t), "ops_per_s") for t in TARGETS})
+    line("modify, 8 connections: latency p99", "µs", False,
+         {t: get(find(rows, "modify", t), "latency", "p99_us") for t in TARGETS})
+    cap = find(rows, "capture", "ldapsync+cap")
+    line("capture: write → in the local store, p50", "ms", False,
+         {"ldapsync+cap": None if cap is None else get(cap, "visible", "p50_us") / 1000})
+    line("capture: write → in the local store, p99", "ms", False,
+         {"ldapsync+cap": None if cap is None else get(cap, "visible", "p99_us") / 1000})
+    idle = {t: find(rows, "idle", t, bind=False) for t in TARGETS}
+    idle_n = next((r["alive"] for r in idle.values() if r), None)
+    line(f"idle connections ({fmt(idle_n)}): RSS per connection", "KiB", False,
+         {t: None if r is None else r["bytes_per_conn"] / 1024 for t, r in idle.items()})
+    bound = find(rows, "idle", "ldapsync", bind=True)
+    if bound:
+        line(f"idle after an anonymous bind ({fmt(bound['alive'])}): RSS per connection", "KiB", False,
+             {"ldapsync": bound["bytes_per_conn"] / 1024})
+    for pass_ in ("first", "again"):
+        r = find(rows, "reconcile", "ldapsync", **{"pass": pass_})
+        if r:
+            what = "first import" if pass_ == "first" else "nothing changed"
+            line(f"full reconciliation of {fmt(r['entries'])} people ({what}): time", "s", False, {"ldapsync": r["secs"]})
+            line(f"full reconciliation of {fmt(r['entries'])} people ({what}): peak RSS", "MiB", False,
+                 {"ldapsync": r["peak_rss_kib"] / 1024})
+
+    def ratio(l, t):
+        base, v = l["values"].get("slapd"), l["values"].get(t)
+        if base in (None, 0) or v is None:
+            return None
+        return v / base
+
+    # The goals of the issue.
+    def value(label_start, t):
+        for l in lines:
+            if l["label"].startswith(label_start):
+                return l["values"].get(t)
+        return None
+
+    goals = []
+
+    def goal(text, measured, ok):
+        goals.append({"goal": text, "measured": measured, "met": ok})
+
+    s32 = [l for l in lines if l["label"].startswith("search by uid, 32 connections: throughput")][0]
+    r = ratio(s32, "ldapsync")
+    goal("throughput via ldapsync ≥ 0.9× direct at 32 connections (ldapsync-bench)",
+         None if r is None else f"{r:.2f}×", None if r is None else r >= 0.9)
+    lc = [l for l in lines if l["label"].startswith("ldclt")][0]
+    r = ratio(lc, "ldapsync")
+    goal(f"throughput via ldapsync ≥ 0.9× direct ({ldclt_threads} ldclt threads)",
+         None if r is None else f"{r:.2f}×", None if r is None else r >= 0.9)
+    for l, how in ((s32, "ldapsync-bench, 32 connections"), (lc, f"ldclt, {ldclt_threads} threads")):
+        ls, bl = l["values"].get("ldapsync"), l["values"].get("back-ldap")
+        r = None if not ls or not bl else ls / bl
+        goal(f"ldapsync ≥ 2× back-ldap ({how})", None if r is None else f"{r:.2f}×", None if r is None else r >= 2)
+    d, s = value("search by uid, 1 connection: latency p50", "ldapsync"), value("search by uid, 1 connection: latency p50", "slapd")
+    added = None if d is None or s is None else d - s
+    goal("added p50 latency ≤ 30 µs", None if added is None else f"{added:.1f} µs", None if added is None else added <= 30)
+    c = value("capture: write → in the local store, p99", "ldapsync+cap")
+    goal("capture p99 ≤ 20 ms", None if c is None else f"{c:.1f} ms", None if c is None else c <= 20)
+    i = idle.get("ldapsync")
+    goal("≤ 32 KiB per idle connection", None if i is None else f"{i['bytes_per_conn'] / 1024:.1f} KiB",
+         None if i is None else i["bytes_per_conn"] <= 32 * 1024)
+    r = find(rows, "reconcile", "ldapsync", **{"pass": "first"})
+    if r:
+        goal(f"reconciliation of {fmt(r['entries'])} entries ≤ 10 s in ≤ 200 MB (first import)",
+             f"{r['secs']:.1f} s, {r['peak_rss_kib'] / 1024:.0f} MiB",
+             r["secs"] <= 10 and r["peak_rss_kib"] <= 200 * 1024)
+
+    # The Markdown table: each target's figure, then its ratio to direct slapd.
+    present = [t for t in TARGETS if any(l["values"].get(t) is not None for l in lines)]
+    head = ["scenario", "unit"] + [t if t == "slapd" else f"{t} (× slapd)" for t in present]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for l in lines:
+        cells = [l["label"], l["unit"]]
+        for t in present:
+            v = l["values"].get(t)
+            r = ratio(l, t) if t != "slapd" else None
+            cells.append(fmt(v) + (f" ({r:.2f})" if r is not None else ""))
+        out.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(out)
+    gl = ["| goal | measured | met |", "|---|---|---|"]
+    for g in goals:
+        met = "–" if g["met"] is None else ("yes" if g["met"] else "**no**")
+        gl.append(f"| {g['goal']} | {g['measured'] or '–'} | {met} |")
+    goals_table = "\n".join(gl)
+
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print()
+    print(f"ldapsync benchmarks{' (SMOKE: tiny data, 1 s runs; the figures mean little)' if a.smoke else ''}")
+    print(f"{when}; {a.machine}; {fmt(a.people)} people, {fmt(a.groups)} groups; {a.secs:g} s per throughput run")
+    print()
+    print(table)
+    print()
+    print(goals_table)
+    print()
+
+    doc = {
+        "date": when,
+        "machine": a.machine,
+        "smoke": a.smoke,
+        "params": {"people": a.people, "groups": a.groups, "secs_per_run": a.secs},
+        "table": [dict(l, ratio_to_slapd={t: ratio(l, t) for t in l["values"] if t != "slapd"}) for l in lines],
+        "goals": goals,
+        "raw": rows,
+        "markdown": table + "\n\n" + goals_table,
+    }
+    with open(a.json_out, "w") as f:
+        json.dump(doc, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    with open(a.svg_out, "w") as f:
+        f.write(svg(lines, ratio, present))
+    print(f"written: {a.json_out}, {a.svg_out}")
+
+
+def svg(lines, ratio, present):
+    """Grouped horizontal bars: each throughput scenario's ratio to slapd."""
+    picked = [l for l in lines if l["higher_is_better"]]
+    others = [t for t in present if t != "slapd"]
+    colors = {"ldapsync": "#2b7bb9", "ldapsync+cap": "#7fb3e0", "back-ldap": "#d9822b", "back-asyncmeta": "#b0b0b0"}
+    bar, gap, left, width = 12, 14, 330, 300
+    groups = [(l, [t for t in others if ratio(l, t) is not None]) for l in picked]
+    groups = [(l, ts) for l, ts in groups if ts]
+    height = 40 + sum(len(ts) * bar + gap for _, ts in groups) + 30
+    top = max([1.2] + [ratio(l, t) for l, ts in groups for t in ts])
+    x = lambda r: left + width * r / top
+    s = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 60}" height="{height}" '
+         f'font-family="sans-serif" font-size="11">',
+         f'<text x="10" y="16" font-size="13" font-weight="bold">Throughput relative to direct slapd (1.0 = slapd)</text>']
+    y = 30
+    for l, ts in groups:
+        s.append(f'<text x="{left - 8}" y="{y + len(ts) * bar / 2 + 4}" text-anchor="end">{html.escape(l["label"])}</text>')
+        for t in ts:
+            r = ratio(l, t)
+            s.append(f'<rect x="{left}" y="{y}" width="{x(r) - left:.1f}" height="{bar - 2}" fill="{colors.get(t, "#888")}"/>')
+            s.append(f'<text x="{x(r) + 4:.1f}" y="{y + bar - 3}">{r:.2f} {html.escape(t)}</text>')
+            y += bar
+        y += gap
+    s.append(f'<line x1="{x(1):.1f}" y1="26" x2="{x(1):.1f}" y2="{y}" stroke="#000" stroke-dasharray="3,3"/>')
+    s.append(f'<line x1="{x(0.9):.1f}" y1="26" x2="{x(0.9):.1f}" y2="{y}" stroke="#c00" stroke-dasharray="2,4"/>')
+    s.append(f'<text x="{x(0.9):.1f}" y="{y + 14}" fill="#c00" text-anchor="middle">0.9 goal</text>')
+    s.append("</svg>\n")
+    return "\n".join(s)
+
+
+if __name__ == "__main__":
+    main()

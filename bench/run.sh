@@ -1,0 +1,294 @@
+#!/usr/bin/env bash
+# Usage: bench/run.sh [--smoke]
+#
+# ldapsync's benchmarks (`make bench`), side by side in one run, same box,
+# same clients, same data:
+#
+#   targets   slapd          the benchmark slapd, directly (the physical limit)
+#             ldapsync       ldapsync relaying to it (no connector)
+#             ldapsync+cap   ldapsync relaying to it with a connector (capture on)
+#             back-ldap      a second slapd, back_ldap pointing at the first
+#             back-asyncmeta a third slapd, back_asyncmeta pointing at the first
+#   data      bench/gen-data.sh: 100,000 people + 1,000 groups, slapadd -q
+#             (kept in .run/bench/slapd between runs)
+#   load      bench/ (ldapsync-bench, Rust/tokio, HDR histograms) and ldclt
+#             (389-ds-base) for an independent search rate
+#
+# Prints a table (absolute figures and ratios to direct slapd, the issue's
+# goals) and writes bench/results/latest.json and bench/results/latest.svg.
+#
+# --smoke: 2,000 people, one-second scenarios, a few hundred idle connections,
+# ldclt against ldapsync only; results in bench/results/smoke.json. For CI:
+# it checks that everything runs, the figures mean little.
+#
+# Needs slapd, slapadd, ldapsearch (slapd, ldap-utils), ldclt (389-ds-base),
+# python3 and cargo; `make bench` installs the packages.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+top=$(dirname "$here")
+smoke=0
+for arg in "$@"; do
+    case $arg in
+        --smoke) smoke=1 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "run.sh: unknown argument $arg" >&2; exit 2 ;;
+    esac
+done
+
+if ((smoke)); then
+    PEOPLE=2000 NGROUPS=20 SECS=1 LAT_OPS=1000 CAP_OPS=30 IDLE=300 IDLE_BIND=100
+    LDCLT_TARGETS="ldapsync" LDCLT_THREADS=8 RECON=0 name=smoke
+else
+    PEOPLE=${BENCH_PEOPLE:-100000} NGROUPS=${BENCH_GROUPS:-1000} SECS=${BENCH_SECS:-8}
+    LAT_OPS=20000 CAP_OPS=500 IDLE=10000 IDLE_BIND=5000
+    LDCLT_TARGETS="slapd ldapsync back-ldap back-asyncmeta" LDCLT_THREADS=32 RECON=1 name=latest
+fi
+# Each needs one descriptor per connection (two for ldapsync with upstream).
+limit=$(ulimit -n)
+if ((IDLE > limit - 200)); then IDLE=$((limit - 200)); fi
+if ((IDLE_BIND * 2 > limit - 200)); then IDLE_BIND=$(((limit - 200) / 2)); fi
+
+for tool in slapd slapadd ldapsearch ldclt python3 cargo; do
+    if ! command -v "$tool" >/dev/null && ! [[ -x /usr/sbin/$tool ]]; then
+        echo "run.sh: $tool is missing (make bench installs slapd, ldap-utils and 389-ds-base)" >&2
+        exit 1
+    fi
+done
+SLAPD=$(command -v slapd || echo /usr/sbin/slapd)
+SLAPADD=$(command -v slapadd || echo /usr/sbin/slapadd)
+
+say() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
+
+say "building ldapsync and the load generator (release)"
+(cd "$top" && cargo build --release --quiet --bin ldapsync)
+(cd "$here" && cargo build --release --quiet)
+LDAPSYNC=$top/target/release/ldapsync
+BENCH=$top/target/release/ldapsync-bench
+
+run=$top/.run/bench
+data=$run/slapd-$PEOPLE
+work=$run/work
+say "data: $PEOPLE people, $NGROUPS groups (slapadd -q into $data)"
+"$here/slapd-data.sh" "$data" "$PEOPLE" "$NGROUPS"
+rm -rf "$work"
+mkdir -p "$work" "$here/results"
+results=$work/results.jsonl
+: > "$results"
+
+# Free loopback ports below the ephemeral range (so clients never take them).
+used=" $(ss -Hltn 2>/dev/null | awk '{ n = split($4, a, ":"); printf "%s ", a[n] }' || true) "
+next_port=$((20000 + RANDOM % 10000))
+free_port() {
+    while [[ $used == *" $next_port "* ]]; do next_port=$((next_port + 1)); done
+    port=$next_port
+    next_port=$((next_port + 1))
+}
+
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+wait_ldap() { # URL PID WHAT
+    for _ in $(seq 200); do
+        ldapsearch -x -H "$1" -b "" -s base -LLL dn >/dev/null 2>&1 && return 0
+        kill -0 "$2" 2>/dev/null || { echo "run.sh: $3 did not start; see $work" >&2; exit 1; }
+        sleep 0.1
+    done
+    echo "run.sh: $3 does not answer on $1" >&2
+    exit 1
+}
+
+declare -A URL PID
+start_slapd() { # NAME CONFIG_DIR
+    free_port
+    URL[$1]=ldap://127.0.0.1:$port
+    "$SLAPD" -d none -F "$2" -h "${URL[$1]}/" >"$work/$1.log" 2>&1 &
+    PID[$1]=$!
+    pids+=("${PID[$1]}")
+    wait_ldap "${URL[$1]}" "${PID[$1]}" "$1"
+}
+
+proxy_slapd() { # NAME TEMPLATE
+    local dir=$work/$1
+    mkdir -p "$dir/slapd.d"
+    sed -e "s|@DIR@|$dir|g" -e "s|@UPSTREAM@|${URL[slapd]}|g" "$here/$2" >"$dir/config.ldif"
+    "$SLAPADD" -n0 -F "$dir/slapd.d" -l "$dir/config.ldif" >"$dir/slapadd.log" 2>&1 ||
+        { cat "$dir/slapadd.log" >&2; exit 1; }
+    start_slapd "$1" "$dir/slapd.d"
+}
+
+# ldapsync's configuration: high connection limits for the idle scenario;
+# CONNECTOR=1 adds a connector over user000001…user000999 (capture on).
+start_ldapsync() { # NAME CONNECTOR
+    free_port
+    URL[$1]=ldap://127.0.0.1:$port
+    local dir=$work/$1
+    mkdir -p "$dir"
+    echo secret >"$dir/service.secret"
+    chmod 600 "$dir/service.secret"
+    cat >"$dir/ldapsync.toml" <<TOML
+[proxy]
+listen = ["${URL[$1]}"]
+upstream = ["${URL[slapd]}"]
+max_connections = 30000
+max_connections_per_address = 30000
+
+[log]
+level = "warn"
+
+[store]
+path = "$dir/ldapsync.db"
+TOML
+    if [[ $2 == 1 ]]; then
+        cat >>"$dir/ldapsync.toml" <<TOML
+
+[[connector]]
+name = "bench"
+bind_dn = "cn=admin,dc=example,dc=com"
+password_file = "$dir/service.secret"
+direction = "ldap-to-local"
+poll_interval = "1h"
+
+[connector.accounts]
+base = "ou=bulk,dc=example,dc=com"
+filter = "(&(objectClass=inetOrgPerson)(uid=user000*))"
+naming = "uid"
+map = { cn = "display_name", mail = "mail", description = "description" }
+object_classes = ["inetOrgPerson"]
+TOML
+    fi
+    "$LDAPSYNC" serve --config "$dir/ldapsync.toml" >"$dir/ldapsync.log" 2>&1 &
+    PID[$1]=$!
+    pids+=("${PID[$1]}")
+    wait_ldap "${URL[$1]}" "${PID[$1]}" "$1"
+}
+
+say "starting slapd, ldapsync (relay), ldapsync (capture), back-ldap, back-asyncmeta"
+start_slapd slapd "$data/slapd.d"
+start_ldapsync ldapsync 0
+start_ldapsync ldapsync+cap 1
+proxy_slapd back-ldap back-ldap.ldif.in
+proxy_slapd back-asyncmeta back-asyncmeta.ldif.in
+# The capture connector's first pass associates its 999 people.
+capdb=$work/ldapsync+cap/ldapsync.db
+for i in $(seq 600); do
+    n=$(python3 -c 'import sqlite3,sys; print(sqlite3.connect("file:"+sys.argv[1]+"?mode=ro", uri=True).execute("select count(*) from objects").fetchone()[0])' "$capdb" 2>/dev/null || echo 0)
+    ((n >= 999)) && break
+    ((i == 600)) && { echo "run.sh: the capture connector's first sync did not finish (objects: $n)" >&2; exit 1; }
+    sleep 0.1
+done
+
+bench() { # TARGET ARGS… : one scenario, its JSON tagged with the target
+    local target=$1
+    shift
+    local out
+    if ! out=$("$BENCH" "$@" --url "${URL[$target]}" --users "$PEOPLE" 2>>"$work/bench.err"); then
+        say "  $target $1: FAILED (see $work/bench.err)"
+        echo "{\"target\":\"$target\",\"scenario\":\"$1\",\"failed\":true}" >>"$results"
+        return 0
+    fi
+    printf '%s\n' "$out" | python3 -c 'import json,sys; d=json.load(sys.stdin); d["target"]=sys.argv[1]; print(json.dumps(d))' "$target" >>"$results"
+}
+
+proxies="slapd ldapsync back-ldap back-asyncmeta"
+say "(a) search by uid, 1 connection, $LAT_OPS sequential operations"
+for t in $proxies; do bench "$t" latency --ops "$LAT_OPS"; done
+for conns in 32 256; do
+    say "(b) search by uid, $conns connections, ${SECS}s each"
+    for t in $proxies; do
+        cpu=(--cpu "slapd=${PID[slapd]}")
+        [[ $t != slapd ]] && cpu+=(--cpu "proxy=${PID[$t]}")
+        bench "$t" search --conns "$conns" --secs "$SECS" "${cpu[@]}"
+    done
+done
+say "(c) connect + bind + search + unbind, 32 at once, ${SECS}s each"
+for t in $proxies; do bench "$t" churn --conns 32 --secs "$SECS"; done
+say "(d) modify (replace description) on 999 people, 8 connections, ${SECS}s each"
+for t in slapd ldapsync ldapsync+cap back-ldap; do bench "$t" modify --conns 8 --secs "$SECS" --range 999; done
+say "(e) capture latency: $CAP_OPS modifies through ldapsync until each is in the local store"
+bench ldapsync+cap capture --db "$capdb" --ops "$CAP_OPS" --range 999
+
+say "ldclt (389-ds-base): search by uid, $LDCLT_THREADS threads, one 10 s sample per target"
+for t in $LDCLT_TARGETS; do
+    port=${URL[$t]##*:}
+    out=$(cd "$work" && ldclt -h 127.0.0.1 -p "$port" -b ou=bulk,dc=example,dc=com \
+        -e esearch,random -f uid=userXXXXXX -r 1 -R "$PEOPLE" -n "$LDCLT_THREADS" -N 1 -q 2>&1 || true)
+    printf '%s\n' "$out" >"$work/ldclt-$t.log"
+    # "Global average rate: 12195.88/thr  (39026.80/sec), total: 390268"
+    rate=$(printf '%s\n' "$out" | sed -n 's/.*Global average rate: .*(\([0-9.]*\)\/sec), total: \([0-9]*\).*/\1 \2/p' | tail -1)
+    if [[ -z $rate ]]; then
+        say "  $t: ldclt printed no rate (see $work/ldclt-$t.log)"
+        echo "{\"target\":\"$t\",\"scenario\":\"ldclt\",\"failed\":true}" >>"$results"
+    else
+        set -- $rate
+        echo "{\"target\":\"$t\",\"scenario\":\"ldclt\",\"threads\":$LDCLT_THREADS,\"ops_per_s\":$1,\"ops\":$2,\"clean\":$(grep -q 'Global no error' <<<"$out" && echo true || echo false)}" >>"$results"
+    fi
+done
+
+# Idle connections last: fresh processes, so the RSS growth is the
+# connections' and not the allocator's leftovers from the load above.
+say "(f) idle connections: $IDLE on fresh instances (and $IDLE_BIND after an anonymous bind), RSS growth"
+for t in ldapsync back-ldap; do kill "${PID[$t]}"; wait "${PID[$t]}" 2>/dev/null || true; done
+start_ldapsync ldapsync 0
+rm -rf "$work/back-ldap"
+proxy_slapd back-ldap back-ldap.ldif.in
+for t in slapd ldapsync back-ldap; do bench "$t" idle --conns "$IDLE" --pid "${PID[$t]}"; done
+# Again on a fresh ldapsync: the first one's allocator keeps what the closed
+# connections freed, which would hide the growth.
+kill "${PID[ldapsync]}"
+wait "${PID[ldapsync]}" 2>/dev/null || true
+start_ldapsync ldapsync 0
+bench ldapsync idle --conns "$IDLE_BIND" --pid "${PID[ldapsync]}" --bind
+
+if ((RECON)); then
+    say "(g) full reconciliation of all $PEOPLE people (ldapsync sync run --full): time and peak RSS"
+    dir=$work/recon
+    mkdir -p "$dir"
+    echo secret >"$dir/service.secret"
+    chmod 600 "$dir/service.secret"
+    cat >"$dir/ldapsync.toml" <<TOML
+[proxy]
+listen = ["ldap://127.0.0.1:0"]
+upstream = ["${URL[slapd]}"]
+
+[log]
+level = "warn"
+
+[store]
+path = "$dir/ldapsync.db"
+
+[[connector]]
+name = "all"
+bind_dn = "cn=admin,dc=example,dc=com"
+password_file = "$dir/service.secret"
+direction = "ldap-to-local"
+
+[connector.accounts]
+base = "ou=bulk,dc=example,dc=com"
+filter = "(objectClass=inetOrgPerson)"
+naming = "uid"
+map = { cn = "display_name", mail = "mail", description = "description" }
+object_classes = ["inetOrgPerson"]
+TOML
+    for pass in first again; do
+        if timeout "${BENCH_RECON_TIMEOUT:-240}" /usr/bin/time -f 'elapsed=%e maxrss_kib=%M' -o "$dir/time-$pass" \
+            "$LDAPSYNC" --config "$dir/ldapsync.toml" sync run --connector all --full >"$dir/$pass.out" 2>"$dir/$pass.err"; then
+            read -r e m < <(sed -n 's/^elapsed=\([0-9.]*\) maxrss_kib=\([0-9]*\)/\1 \2/p' "$dir/time-$pass")
+            echo "{\"target\":\"ldapsync\",\"scenario\":\"reconcile\",\"pass\":\"$pass\",\"entries\":$PEOPLE,\"secs\":$e,\"peak_rss_kib\":$m}" >>"$results"
+        else
+            say "  reconciliation ($pass) failed or timed out (see $dir)"
+            echo "{\"target\":\"ldapsync\",\"scenario\":\"reconcile\",\"pass\":\"$pass\",\"failed\":true}" >>"$results"
+            break
+        fi
+    done
+fi
+
+cleanup
+trap - EXIT
+machine="$(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), $(uname -sr), $("$SLAPD" -VV 2>&1 | sed -n 's/.*\(slapd [0-9.]*\).*/\1/p' | head -1)"
+python3 "$here/report.py" "$results" "$here/results/$name.json" "$here/results/$name.svg" \
+    --people "$PEOPLE" --groups "$NGROUPS" --secs "$SECS" --machine "$machine" $( ((smoke)) && echo --smoke)
