@@ -77,7 +77,7 @@ fn answer(out: &Output) -> String {
 
 #[test]
 fn the_relay_answers_as_active_directory_does() {
-    let Some(_dc) = domain() else { return };
+    let Some(dc) = domain() else { return };
     let served = serve(&["--listen", "ldap://127.0.0.1:0", "--upstream", AD_URL]);
     let admin = ["-D", AD_ADMIN, "-w", AD_PASSWORD];
     let guid = {
@@ -224,6 +224,22 @@ fn the_relay_answers_as_active_directory_does() {
                 "1.1",
             ],
         ),
+        (
+            // SD flags: the DACL only (4), of a security descriptor.
+            "SD flags control",
+            vec![
+                "-D",
+                AD_ADMIN,
+                "-w",
+                AD_PASSWORD,
+                "-E",
+                "!1.2.840.113556.1.4.801=::MAMCAQQ=",
+                "-b",
+                OU,
+                "(sAMAccountName=bulk0005)",
+                "nTSecurityDescriptor",
+            ],
+        ),
     ];
     for (name, args) in cases {
         let direct = answer(&ldapsearch(AD_URL, &args));
@@ -255,6 +271,44 @@ fn the_relay_answers_as_active_directory_does() {
             .count(),
         1500
     );
+    // LDAP_SERVER_NOTIFICATION: a search that stays open and reports
+    // changes as they happen, through ldapsync as directly.
+    for url in [AD_URL, served.url.as_str()] {
+        let watcher = Command::new("timeout")
+            .args([
+                "8",
+                "ldapsearch",
+                "-x",
+                "-LLL",
+                "-H",
+                url,
+                "-D",
+                AD_ADMIN,
+                "-w",
+                AD_PASSWORD,
+            ])
+            .args([
+                "-E",
+                "!1.2.840.113556.1.4.528",
+                "-b",
+                &bulk,
+                "-s",
+                "one",
+                "(objectClass=*)",
+                "description",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let note = format!("noticed via {url}");
+        dc.ldapmodify(&format!(
+            "dn: CN=bulk0006,OU=Bulk,{OU}\nchangetype: modify\nreplace: description\ndescription: {note}\n"
+        ));
+        let out = watcher.wait_with_output().unwrap();
+        let seen = String::from_utf8_lossy(&out.stdout);
+        assert!(seen.contains(&format!("description: {note}")), "{url}: {seen}");
+    }
     let (exit, _) = served.terminate();
     assert!(exit.success());
 }
@@ -623,4 +677,56 @@ fn passwords_reach_ad_as_unicode_pwd_over_ldaps_only() {
     let journal = tls.ok(&["journal"]);
     assert!(journal.contains("password-set"), "{journal}");
     assert!(!journal.contains(new_password), "never in the journal");
+}
+
+#[test]
+fn local_to_ldap_creates_in_ad_and_puts_ad_edits_back() {
+    let Some(dc) = domain() else { return };
+    let base = format!("OU=sync-outbound,{OU}");
+    dc.ldapmodify(&format!(
+        "dn: {base}\nchangetype: add\nobjectClass: organizationalUnit\n"
+    ));
+    let connector = Connector::new(&base, &base, "local-to-ldap");
+    connector.ok(&[
+        "account",
+        "add",
+        "olga",
+        "--set",
+        "mail=olga@example.com",
+        "--set",
+        "display_name=Olga",
+    ]);
+    connector.ok(&["group", "add", "outbound", "--set", "members=olga"]);
+    let report = connector.sync();
+    assert!(report.contains("create in directory account olga"), "{report}");
+    let admin = ["-D", AD_ADMIN, "-w", AD_PASSWORD];
+    let olga = answer(&ldapsearch(
+        AD_URL,
+        &[
+            &admin[..],
+            &["-b", &base, "(sAMAccountName=olga)", "mail", "displayName"],
+        ]
+        .concat(),
+    ));
+    assert!(
+        olga.contains(&format!("dn: CN=olga,{base}")) && olga.contains("displayName: Olga"),
+        "{olga}"
+    );
+    let group = answer(&ldapsearch(
+        AD_URL,
+        &[&admin[..], &["-b", &base, "(sAMAccountName=outbound)", "member"]].concat(),
+    ));
+    assert!(group.contains(&format!("member: CN=olga,{base}")), "{group}");
+
+    // An edit made in AD is put back: local changes win in this direction.
+    dc.ldapmodify(&format!(
+        "dn: CN=olga,{base}\nchangetype: modify\nreplace: mail\nmail: edited@in-ad.example\n"
+    ));
+    let report = connector.sync();
+    assert!(report.contains("overwritten account olga"), "{report}");
+    let olga = answer(&ldapsearch(
+        AD_URL,
+        &[&admin[..], &["-b", &base, "(sAMAccountName=olga)", "mail"]].concat(),
+    ));
+    assert!(olga.contains("mail: olga@example.com"), "{olga}");
 }
