@@ -62,7 +62,11 @@ pub struct Metrics {
     pub operation_seconds: Family<OpLabel, Histogram>,
     pub sessions_open: Gauge,
     pub sessions: Counter,
-    pub bytes: Family<DirectionLabel, Counter>,
+    bytes: Family<DirectionLabel, Counter>,
+    /// The two series of `bytes`, looked up once: they are counted for
+    /// every PDU.
+    pub bytes_from_client: Counter,
+    pub bytes_to_client: Counter,
     pub upstream_connect_failures: Family<UrlLabel, Counter>,
     pub upstream_failovers: Counter,
     pub captures: Family<OutcomeLabel, Counter>,
@@ -85,6 +89,8 @@ impl Metrics {
             sessions_open: Gauge::default(),
             sessions: Counter::default(),
             bytes: Family::default(),
+            bytes_from_client: Counter::default(),
+            bytes_to_client: Counter::default(),
             upstream_connect_failures: Family::default(),
             upstream_failovers: Counter::default(),
             captures: Family::default(),
@@ -144,7 +150,13 @@ impl Metrics {
             "Conflicts resolved, by connector and policy",
             metrics.conflicts.clone(),
         );
-        Metrics { registry, ..metrics }
+        let direction = |direction| metrics.bytes.get_or_create(&DirectionLabel { direction }).clone();
+        Metrics {
+            registry,
+            bytes_from_client: direction("from_client"),
+            bytes_to_client: direction("to_client"),
+            ..metrics
+        }
     }
 
     /// The OpenMetrics text exposition.

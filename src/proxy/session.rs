@@ -32,7 +32,7 @@ use super::message::{self, Envelope, Op, STARTTLS_OID};
 use super::upstream;
 use super::{Io, Shared};
 use crate::config::Listener;
-use crate::metrics::{DirectionLabel, METRICS, OpLabel, OperationLabels};
+use crate::metrics::{METRICS, OpLabel, OperationLabels};
 
 type Stream = Box<dyn Io>;
 
@@ -315,12 +315,7 @@ impl Session {
         if let Some(checker) = &self.checker {
             checker.lock().unwrap_or_else(|e| e.into_inner()).client(&pdu);
         }
-        METRICS
-            .bytes
-            .get_or_create(&DirectionLabel {
-                direction: "from_client",
-            })
-            .inc_by(pdu.len() as u64);
+        METRICS.bytes_from_client.inc_by(pdu.len() as u64);
         let env = match Envelope::peek(&pdu) {
             Ok(env) => env,
             Err(e) => return Some(End::Malformed(format!("undecodable LDAPMessage: {e}"))),
@@ -641,10 +636,7 @@ impl UpstreamRelay {
             if let Some(checker) = &self.checker {
                 checker.lock().unwrap_or_else(|e| e.into_inner()).directory(&pdu);
             }
-            METRICS
-                .bytes
-                .get_or_create(&DirectionLabel { direction: "to_client" })
-                .inc_by(pdu.len() as u64);
+            METRICS.bytes_to_client.inc_by(pdu.len() as u64);
             let completed = match Envelope::peek(&pdu) {
                 Ok(env) if env.message_id == 0 && env.op == Op::ExtendedResponse => {
                     warn!(

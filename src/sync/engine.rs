@@ -90,15 +90,7 @@ pub async fn run_pass<S: Store>(
     options: PassOptions,
     progress: &mut dyn Progress,
 ) -> Result<Report, SyncError> {
-    let mut pass = Pass {
-        store,
-        connector,
-        directory,
-        options,
-        source: ChangeSource::Poll,
-        report: Report::default(),
-        members: MemberIndex::default(),
-    };
+    let mut pass = Pass::new(store, connector, directory, ChangeSource::Poll, options);
     // Accounts first: group membership is translated through their associations.
     for category in [Category::Account, Category::Group] {
         if let Some(scope) = scope_of(connector, category) {
@@ -145,15 +137,7 @@ pub async fn apply_event<S: Store>(
     directory: &mut Directory,
     event: &ChangeEvent,
 ) -> Result<Report, SyncError> {
-    let mut pass = Pass {
-        members: MemberIndex::default(),
-        store,
-        connector,
-        directory,
-        options: PassOptions::default(),
-        source: event.source,
-        report: Report::default(),
-    };
+    let mut pass = Pass::new(store, connector, directory, event.source, PassOptions::default());
     let category = event.change.category();
     let Some(scope) = scope_of(connector, category) else {
         return Ok(pass.report);
@@ -235,15 +219,7 @@ pub async fn apply_deleted<S: Store>(
     category: Category,
     deleted: &Deleted,
 ) -> Result<Report, SyncError> {
-    let mut pass = Pass {
-        members: MemberIndex::default(),
-        store,
-        connector,
-        directory,
-        options: PassOptions::default(),
-        source: ChangeSource::Poll,
-        report: Report::default(),
-    };
+    let mut pass = Pass::new(store, connector, directory, ChangeSource::Poll, PassOptions::default());
     let Some(scope) = scope_of(connector, category) else {
         return Ok(pass.report);
     };
@@ -351,7 +327,25 @@ impl MemberIndex {
     }
 }
 
-impl<S: Store> Pass<'_, S> {
+impl<'a, S: Store> Pass<'a, S> {
+    fn new(
+        store: &'a mut S,
+        connector: &'a ConnectorConfig,
+        directory: &'a mut Directory,
+        source: ChangeSource,
+        options: PassOptions,
+    ) -> Self {
+        Pass {
+            store,
+            connector,
+            directory,
+            options,
+            source,
+            report: Report::default(),
+            members: MemberIndex::default(),
+        }
+    }
+
     fn policy_name(&self) -> String {
         match self.connector.direction {
             Direction::Both => format!("both/{}", self.connector.conflict_policy()),
