@@ -306,6 +306,6 @@ mod tests {
         ] {
             assert_eq!(m.as_str().parse::<Mechanism>(), Ok(m));
         }
-        assert!("dirsync".parse::<Mechanism>().is_err());
+        assert!("persistent-search".parse::<Mechanism>().is_err());
     }
 }
