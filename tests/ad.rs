@@ -80,19 +80,25 @@ fn the_relay_answers_as_active_directory_does() {
     let Some(dc) = domain() else { return };
     let served = serve(&["--listen", "ldap://127.0.0.1:0", "--upstream", AD_URL]);
     let admin = ["-D", AD_ADMIN, "-w", AD_PASSWORD];
-    let guid = {
+    // A binary attribute of bulk0042, escaped for a filter (RFC 4515).
+    let escaped = |attr: &str| {
         let out = answer(&ldapsearch(
             AD_URL,
-            &[&admin[..], &["-b", OU, "(sAMAccountName=bulk0042)", "objectGUID"]].concat(),
+            &[&admin[..], &["-b", OU, "(sAMAccountName=bulk0042)", attr]].concat(),
         ));
+        let prefix = format!("{attr}:: ");
         let b64 = out
             .lines()
-            .find_map(|l| l.strip_prefix("objectGUID:: "))
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
             .unwrap()
             .to_owned();
-        let bytes = base64_decode(&b64);
-        bytes.iter().map(|b| format!("\\{b:02x}")).collect::<String>()
+        base64_decode(&b64)
+            .iter()
+            .map(|b| format!("\\{b:02x}"))
+            .collect::<String>()
     };
+    let guid = escaped("objectGUID");
+    let sid_filter = format!("(objectSid={})", escaped("objectSid"));
     let guid_filter = format!("(objectGUID={guid})");
     let bulk = format!("OU=Bulk,{OU}");
     let group = format!("CN=everyone,OU=Groups,{OU}");
@@ -133,6 +139,19 @@ fn the_relay_answers_as_active_directory_does() {
                 "-b",
                 OU,
                 &guid_filter,
+                "sAMAccountName",
+            ],
+        ),
+        (
+            "binary filter value (objectSid)",
+            vec![
+                "-D",
+                AD_ADMIN,
+                "-w",
+                AD_PASSWORD,
+                "-b",
+                OU,
+                &sid_filter,
                 "sAMAccountName",
             ],
         ),
