@@ -583,3 +583,48 @@ fn a_password_set_through_ldapsync_reaches_openldap_over_starttls() {
     );
     assert!(whoami.status.success(), "alice binds with the new password");
 }
+
+#[test]
+fn sighup_reloads_the_directory_urls_for_new_sessions_and_refuses_a_broken_file() {
+    let slapd = Slapd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ldapsync.toml");
+    let write = |upstream: &str, extra: &str| {
+        std::fs::write(
+            &config,
+            format!("[proxy]\nlisten = [\"ldap://127.0.0.1:0\"]\nupstream = [\"{upstream}\"]\n{extra}"),
+        )
+        .unwrap()
+    };
+    write("ldap://127.0.0.1:9", "");
+    let served = serve(&["--config", config.to_str().unwrap()]);
+    let search = || {
+        ldap_tool(
+            "ldapsearch",
+            &served.url,
+            &["-x", "-s", "base", "-b", "dc=example,dc=com"],
+        )
+    };
+    let before = search();
+    assert!(String::from_utf8_lossy(&before.stderr).contains("(52)"), "{before:?}");
+
+    // A broken file changes nothing.
+    write(&slapd.url(), "max_connections = 0\n");
+    served.signal("HUP");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!search().status.success(), "still the old directory URL");
+
+    write(&slapd.url(), "");
+    served.signal("HUP");
+    assert!(
+        common::eventually(|| search().status.success()),
+        "new sessions reach the new URL"
+    );
+    let (exit, log) = served.terminate();
+    assert!(exit.success());
+    assert!(log.contains("SIGHUP: config not reloaded"), "{log}");
+    assert!(
+        log.contains("SIGHUP: directory URLs, TLS to the directory, timeouts and limits reloaded"),
+        "{log}"
+    );
+}

@@ -18,7 +18,7 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{Config, LdapUrl, LogConfig, LogFormat};
 use crate::monitor::{self, Running};
 use crate::proxy::tls::ServerTls;
-use crate::proxy::{CaptureSink, LogSink, Proxy};
+use crate::proxy::{CaptureSink, LogSink, Proxy, Reloader};
 use crate::store::Category;
 use crate::sync::worker;
 use tokio_util::task::TaskTracker;
@@ -74,7 +74,7 @@ enum Command {
     },
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 struct ServeArgs {
     /// Listen URL, e.g. ldap://127.0.0.1:3389; repeat for several. Replaces proxy.listen.
     #[arg(long)]
@@ -150,7 +150,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Ok(config)
     };
     match cli.command {
-        Command::Serve(ref args) => serve(args.config(cli.config.as_ref())?, cli.config.clone()),
+        Command::Serve(ref args) => serve(args.config(cli.config.as_ref())?, args.clone(), cli.config.clone()),
         Command::CheckConfig { ref file } => {
             let path = file
                 .clone()
@@ -209,7 +209,7 @@ fn init_logging(log: &LogConfig) -> anyhow::Result<Option<SetLogLevel>> {
     Ok(from_env.is_none().then_some(set))
 }
 
-fn serve(config: Config, file: Option<PathBuf>) -> anyhow::Result<()> {
+fn serve(config: Config, args: ServeArgs, file: Option<PathBuf>) -> anyhow::Result<()> {
     let set_log_level = init_logging(&config.log)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     runtime.block_on(async {
@@ -240,7 +240,9 @@ fn serve(config: Config, file: Option<PathBuf>) -> anyhow::Result<()> {
         ));
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         tokio::spawn(reload_on_sighup(Reload {
+            args,
             file,
+            proxy: proxy.reloader(),
             tls: proxy.server_tls(),
             set_log_level,
         }));
@@ -253,8 +255,11 @@ fn serve(config: Config, file: Option<PathBuf>) -> anyhow::Result<()> {
 
 /// What SIGHUP reloads without dropping sessions.
 struct Reload {
-    /// The config file, for the log level.
+    /// The command line's settings, laid over the file's again.
+    args: ServeArgs,
     file: Option<PathBuf>,
+    /// The relay's settings for new sessions.
+    proxy: Reloader,
     /// The listeners' certificate and key.
     tls: Option<Arc<ServerTls>>,
     set_log_level: Option<SetLogLevel>,
@@ -270,21 +275,38 @@ impl Reload {
                 }
             }
         }
-        if let (Some(file), Some(set)) = (&self.file, &self.set_log_level) {
-            match Config::load(file).map_err(anyhow::Error::from).and_then(|c| {
-                set(&c.log.level)?;
-                Ok(c.log.level)
-            }) {
-                Ok(level) => tracing::info!(%level, "SIGHUP: log level reloaded"),
+        let Some(file) = &self.file else {
+            return tracing::info!("SIGHUP: no config file to re-read");
+        };
+        // A configuration with any problem changes nothing.
+        let config = match self.args.config(Some(file)) {
+            Ok(config) => config,
+            Err(e) => return tracing::error!(error = %e, "SIGHUP: config not reloaded; the running one stays"),
+        };
+        if let Some(set) = &self.set_log_level {
+            match set(&config.log.level) {
+                Ok(()) => tracing::info!(level = %config.log.level, "SIGHUP: log level reloaded"),
                 Err(e) => tracing::error!(error = %e, "SIGHUP: log level not reloaded"),
             }
         }
-        tracing::info!("SIGHUP: other settings (listeners, directories, connectors, limits) apply at restart");
+        match self.proxy.reload(config.proxy) {
+            Ok(at_restart) => {
+                tracing::info!(
+                    "SIGHUP: directory URLs, TLS to the directory, timeouts and limits reloaded; \
+                     new sessions use them, open ones keep theirs"
+                );
+                if !at_restart.is_empty() {
+                    tracing::warn!(keys = at_restart.join(", "), "SIGHUP: changed, but applied at restart");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "SIGHUP: relay settings not reloaded"),
+        }
+        tracing::info!("SIGHUP: connectors apply at restart");
     }
 }
 
-/// SIGHUP re-reads the certificate and the log level; open sessions keep
-/// going, new handshakes use the new certificate.
+/// SIGHUP re-reads the certificate and the config file; open sessions keep
+/// going with what they started with.
 async fn reload_on_sighup(reload: Reload) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = match signal(SignalKind::hangup()) {

@@ -16,8 +16,8 @@ mod session;
 pub mod tls;
 mod upstream;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use rasn_ldap::ResultCode;
@@ -38,17 +38,76 @@ use tls::{ServerTls, TlsError};
 trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 
+/// The settings a session starts with. A reload (SIGHUP) swaps in new
+/// ones for the sessions that start after it; open sessions keep theirs.
+struct Settings {
+    config: ProxyConfig,
+    /// TLS towards the directory, when its URLs or `starttls` ask for it.
+    upstream_tls: Option<TlsConnector>,
+}
+
+impl Settings {
+    fn new(config: ProxyConfig) -> Result<Settings, TlsError> {
+        let upstream_tls = if config.upstream_tls.starttls || config.upstream.iter().any(|u| u.is_ldaps()) {
+            Some(tls::connector(tls::client_config(&config.upstream_tls)?))
+        } else {
+            None
+        };
+        Ok(Settings { config, upstream_tls })
+    }
+}
+
 /// What every session of one proxy shares.
 struct Shared {
-    config: ProxyConfig,
+    settings: RwLock<Arc<Settings>>,
     sink: Arc<dyn CaptureSink>,
     /// The listeners' certificate, for `ldaps://` and StartTLS.
     tls: Option<Arc<ServerTls>>,
-    /// TLS towards the directory, when its URLs or `starttls` ask for it.
-    upstream_tls: Option<TlsConnector>,
     failed_binds: FailedBinds,
     /// Conformance mode's report, when it is on.
     conformance: Option<Arc<conformance::Report>>,
+}
+
+impl Shared {
+    fn settings(&self) -> Arc<Settings> {
+        Arc::clone(&self.settings.read().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Reloads a running proxy's settings (on SIGHUP). It does not keep the
+/// proxy alive: the capture sink must go when the proxy stops, so that the
+/// capture journal writer can finish.
+pub struct Reloader(Weak<Shared>);
+
+impl Reloader {
+    /// New sessions use `config` from now on. Returns the keys that differ
+    /// but only apply at restart (listeners, the connection limit, …).
+    pub fn reload(&self, config: ProxyConfig) -> Result<Vec<&'static str>, TlsError> {
+        let Some(shared) = self.0.upgrade() else {
+            return Ok(Vec::new());
+        };
+        let old = shared.settings();
+        let old = &old.config;
+        let pending = [
+            ("proxy.listen", old.listen != config.listen),
+            ("proxy.max_connections", old.max_connections != config.max_connections),
+            (
+                "proxy.max_failed_binds / failed_bind_window",
+                (old.max_failed_binds, old.failed_bind_window) != (config.max_failed_binds, config.failed_bind_window),
+            ),
+            ("proxy.tls (paths)", old.tls != config.tls),
+            (
+                "conformance.report",
+                old.conformance_report != config.conformance_report,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect();
+        let settings = Settings::new(config)?;
+        *shared.settings.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
+        Ok(pending)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,11 +154,6 @@ impl Proxy {
     /// Loads the TLS material the configuration names.
     pub fn new(config: ProxyConfig, sink: Arc<dyn CaptureSink>) -> Result<Self, ProxyError> {
         let tls = config.tls.as_ref().map(ServerTls::load).transpose()?.map(Arc::new);
-        let upstream_tls = if config.upstream_tls.starttls || config.upstream.iter().any(|u| u.is_ldaps()) {
-            Some(tls::connector(tls::client_config(&config.upstream_tls)?))
-        } else {
-            None
-        };
         let connections = Arc::new(Semaphore::new(config.max_connections));
         let failed_binds = FailedBinds::new(config.max_failed_binds, config.failed_bind_window);
         let conformance = match &config.conformance_report {
@@ -113,10 +167,9 @@ impl Proxy {
         };
         Ok(Proxy {
             shared: Arc::new(Shared {
-                config,
+                settings: RwLock::new(Arc::new(Settings::new(config)?)),
                 sink,
                 tls,
-                upstream_tls,
                 failed_binds,
                 conformance,
             }),
@@ -124,6 +177,11 @@ impl Proxy {
             addresses: Arc::default(),
             next_session: AtomicU64::new(1),
         })
+    }
+
+    /// Reloads settings while the proxy serves.
+    pub fn reloader(&self) -> Reloader {
+        Reloader(Arc::downgrade(&self.shared))
     }
 
     /// The listeners' certificate, to reload on SIGHUP.
@@ -134,7 +192,7 @@ impl Proxy {
     /// Binds every configured listen URL.
     pub async fn bind(&self) -> std::io::Result<Vec<BoundListener>> {
         let mut listeners = Vec::new();
-        for listener in &self.shared.config.listen {
+        for listener in &self.shared.settings().config.listen {
             let url = &listener.url;
             let socket = TcpListener::bind(url.authority())
                 .await
@@ -177,7 +235,6 @@ impl Proxy {
         sessions: &TaskTracker,
         shutdown: &CancellationToken,
     ) {
-        let limit_per_address = self.shared.config.max_connections_per_address;
         loop {
             let (stream, peer) = match listener.socket.accept().await {
                 Ok(accepted) => accepted,
@@ -188,8 +245,10 @@ impl Proxy {
                     continue;
                 }
             };
+            let settings = self.shared.settings();
+            let limit_per_address = settings.config.max_connections_per_address;
             let Ok(permit) = Arc::clone(&self.connections).try_acquire_owned() else {
-                warn!(%peer, limit = self.shared.config.max_connections, "connection refused: too many connections");
+                warn!(%peer, limit = settings.config.max_connections, "connection refused: too many connections");
                 sessions.spawn(refuse(stream, &listener.config, "ldapsync: too many connections"));
                 continue;
             };
@@ -207,7 +266,7 @@ impl Proxy {
             let shutdown = shutdown.clone();
             let config = Arc::clone(&listener.config);
             sessions.spawn(async move {
-                session::run(id, stream, peer, config, shared, shutdown).await;
+                session::run(id, stream, peer, config, shared, settings, shutdown).await;
                 drop((permit, slot));
             });
         }

@@ -30,7 +30,7 @@ use super::codec::{FrameError, PduCodec};
 use super::conformance::Checker;
 use super::message::{self, Envelope, Op, STARTTLS_OID};
 use super::upstream;
-use super::{Io, Shared};
+use super::{Io, Settings, Shared};
 use crate::config::Listener;
 use crate::metrics::{METRICS, OpLabel, OperationLabels};
 
@@ -152,6 +152,7 @@ pub(super) async fn run(
     peer: SocketAddr,
     listener: Arc<Listener>,
     shared: Arc<Shared>,
+    settings: Arc<Settings>,
     shutdown: CancellationToken,
 ) {
     let span = tracing::info_span!("session", id, %peer);
@@ -166,14 +167,14 @@ pub(super) async fn run(
         }
         let ldaps = listener.url.is_ldaps();
         let stream: Stream = if ldaps {
-            match handshake(&shared, stream).await {
+            match handshake(&shared, &settings, stream).await {
                 Ok(stream) => stream,
                 Err(reason) => return info!(%reason, "TLS handshake failed; connection closed"),
             }
         } else {
             Box::new(stream)
         };
-        let session = Session::new(id, stream, peer.ip(), listener, shared);
+        let session = Session::new(id, stream, peer.ip(), listener, shared, settings);
         Session { tls: ldaps, ..session }.run(shutdown).await
     }
     .instrument(span)
@@ -194,14 +195,14 @@ fn scopeguard(f: impl FnOnce()) -> impl Drop {
 }
 
 /// The server side of a TLS handshake, within the handshake timeout.
-async fn handshake(shared: &Shared, stream: impl Io) -> Result<Stream, String> {
+async fn handshake(shared: &Shared, settings: &Settings, stream: impl Io) -> Result<Stream, String> {
     let tls = shared.tls.as_ref().ok_or("no certificate is configured (proxy.tls)")?;
-    match timeout(shared.config.handshake_timeout, tls.acceptor().accept(stream)).await {
+    match timeout(settings.config.handshake_timeout, tls.acceptor().accept(stream)).await {
         Ok(Ok(stream)) => Ok(Box::new(stream)),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!(
             "no handshake within {}",
-            humantime::format_duration(shared.config.handshake_timeout)
+            humantime::format_duration(settings.config.handshake_timeout)
         )),
     }
 }
@@ -209,6 +210,8 @@ async fn handshake(shared: &Shared, stream: impl Io) -> Result<Stream, String> {
 struct Session {
     id: u64,
     shared: Arc<Shared>,
+    /// As they were when the session started.
+    settings: Arc<Settings>,
     listener: Arc<Listener>,
     peer: IpAddr,
     /// The client's connection is under TLS (`ldaps://` or StartTLS).
@@ -229,21 +232,29 @@ struct Session {
 }
 
 impl Session {
-    fn new(id: u64, stream: Stream, peer: IpAddr, listener: Arc<Listener>, shared: Arc<Shared>) -> Self {
+    fn new(
+        id: u64,
+        stream: Stream,
+        peer: IpAddr,
+        listener: Arc<Listener>,
+        shared: Arc<Shared>,
+        settings: Arc<Settings>,
+    ) -> Self {
         let (read, write) = tokio::io::split(stream);
         let (to_client, queue) = mpsc::channel(CLIENT_QUEUE);
-        let writer = tokio::spawn(write_client(write, queue, shared.config.io_timeout).in_current_span());
+        let writer = tokio::spawn(write_client(write, queue, settings.config.io_timeout).in_current_span());
         let checker = shared
             .conformance
             .as_ref()
             .map(|report| Arc::new(Mutex::new(Checker::new(Arc::clone(report), id))));
         Session {
             id,
+            requests: FramedRead::new(read, PduCodec::new(settings.config.max_client_pdu)),
+            settings,
             listener,
             peer,
             tls: false,
             checker,
-            requests: FramedRead::new(read, PduCodec::new(shared.config.max_client_pdu)),
             shared,
             to_client,
             writer,
@@ -261,7 +272,7 @@ impl Session {
     }
 
     async fn relay(&mut self, shutdown: &CancellationToken) -> End {
-        let idle_timeout = self.shared.config.idle_timeout;
+        let idle_timeout = self.settings.config.idle_timeout;
         let mut idle_deadline = tokio::time::Instant::now() + idle_timeout;
         loop {
             let event = tokio::select! {
@@ -366,16 +377,16 @@ impl Session {
             }
             _ => {}
         }
-        if env.op.expects_response() && self.inflight.len() >= self.shared.config.max_outstanding {
+        if env.op.expects_response() && self.inflight.len() >= self.settings.config.max_outstanding {
             let why = "ldapsync: too many operations outstanding on this connection";
             return self.refuse(&env, ResultCode::Busy, why).await;
         }
         if self.upstream.is_none() {
             let route = upstream::Route {
-                urls: &self.shared.config.upstream,
-                connect_timeout: self.shared.config.connect_timeout,
-                tls: self.shared.upstream_tls.as_ref(),
-                starttls: self.shared.config.upstream_tls.starttls,
+                urls: &self.settings.config.upstream,
+                connect_timeout: self.settings.config.connect_timeout,
+                tls: self.settings.upstream_tls.as_ref(),
+                starttls: self.settings.config.upstream_tls.starttls,
             };
             match upstream::connect(&route).await {
                 Ok(stream) => self.upstream = Some(self.start_upstream(stream)),
@@ -405,7 +416,7 @@ impl Session {
             );
         }
         let upstream = self.upstream.as_mut().expect("connected above");
-        match timeout(self.shared.config.io_timeout, upstream.writer.write_all(&pdu)).await {
+        match timeout(self.settings.config.io_timeout, upstream.writer.write_all(&pdu)).await {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(End::UpstreamLost(format!("writing to the directory failed: {e}"))),
             Err(_) => Some(End::UpstreamLost("the directory stopped reading requests".into())),
@@ -422,7 +433,7 @@ impl Session {
             return End::ClientClosed;
         };
         let mut chunk = std::mem::take(self.requests.read_buffer_mut());
-        let io_timeout = self.shared.config.io_timeout;
+        let io_timeout = self.settings.config.io_timeout;
         loop {
             if !chunk.is_empty() {
                 match timeout(io_timeout, upstream.writer.write_all(&chunk)).await {
@@ -516,13 +527,13 @@ impl Session {
         };
         let (placeholder, _) = tokio::io::split(Box::new(tokio::io::empty()) as Stream);
         let requests = std::mem::replace(&mut self.requests, FramedRead::new(placeholder, PduCodec::new(0)));
-        let stream = match handshake(&self.shared, requests.into_inner().unsplit(write)).await {
+        let stream = match handshake(&self.shared, &self.settings, requests.into_inner().unsplit(write)).await {
             Ok(stream) => stream,
             Err(reason) => return Some(End::TlsFailed(reason)),
         };
         let (read, write) = tokio::io::split(stream);
-        self.requests = FramedRead::new(read, PduCodec::new(self.shared.config.max_client_pdu));
-        self.writer = tokio::spawn(write_client(write, queue, self.shared.config.io_timeout).in_current_span());
+        self.requests = FramedRead::new(read, PduCodec::new(self.settings.config.max_client_pdu));
+        self.writer = tokio::spawn(write_client(write, queue, self.settings.config.io_timeout).in_current_span());
         self.tls = true;
         info!("StartTLS: the session is now under TLS");
         None
@@ -540,7 +551,7 @@ impl Session {
             inflight: Arc::clone(&self.inflight),
             to_client: self.to_client.clone(),
         };
-        let frames = FramedRead::new(read, PduCodec::new(self.shared.config.max_upstream_pdu));
+        let frames = FramedRead::new(read, PduCodec::new(self.settings.config.max_upstream_pdu));
         let task = tokio::spawn(
             async move {
                 let _ = report.send(relay.run(frames).await);
@@ -563,7 +574,7 @@ impl Session {
             }
             End::Idle => Some((ResultCode::Unavailable, "ldapsync: idle timeout".to_owned())),
             End::Shutdown => {
-                let grace = self.shared.config.shutdown_grace;
+                let grace = self.settings.config.shutdown_grace;
                 if timeout(grace, self.inflight.wait_drained()).await.is_err() {
                     info!("operations still in flight at the end of the shutdown grace period");
                 }
