@@ -113,6 +113,11 @@ def main():
             line(f"full reconciliation of {fmt(r['entries'])} people ({what}): peak RSS", "MiB", False,
                  {"ldapsync": r["peak_rss_kib"] / 1024})
 
+    r = find(rows, "poll", "ldapsync")
+    if r:
+        line(f"incremental poll of {fmt(r['changes'])} direct changes ({r['kind']}; {fmt(r['updated'])} applied): time",
+             "s", False, {"ldapsync": r["secs"]})
+
     def ratio(l, t):
         base, v = l["values"].get("slapd"), l["values"].get(t)
         if base in (None, 0) or v is None:
@@ -151,6 +156,10 @@ def main():
     i = idle.get("ldapsync")
     goal("≤ 32 KiB per idle connection", None if i is None else f"{i['bytes_per_conn'] / 1024:.1f} KiB",
          None if i is None else i["bytes_per_conn"] <= 32 * 1024)
+    p = find(rows, "poll", "ldapsync")
+    goal("incremental poll of 1k direct changes ≤ 1 s (the whole `sync run`, process start included)",
+         None if p is None else f"{p['secs']:.2f} s ({p['updated']} applied)",
+         None if p is None else p["secs"] <= 1 and p["updated"] == p["changes"])
     r = find(rows, "reconcile", "ldapsync", **{"pass": "first"})
     if r:
         goal(f"reconciliation of {fmt(r['entries'])} entries ≤ 10 s in ≤ 200 MB (first import)",

@@ -285,6 +285,23 @@ TOML
             break
         fi
     done
+
+    say "(h) poll: 1,000 people changed directly in slapd, then one incremental poll (sync run)"
+    n=$((PEOPLE < 1000 ? PEOPLE : 1000))
+    for i in $(seq 1 "$n"); do
+        printf 'dn: uid=user%06d,ou=bulk,dc=example,dc=com\nchangetype: modify\nreplace: description\ndescription: polled %d\n\n' "$i" "$i"
+    done >"$dir/changes.ldif"
+    ldapmodify -x -H "${URL[slapd]}" -D cn=admin,dc=example,dc=com -w secret -f "$dir/changes.ldif" >/dev/null
+    if /usr/bin/time -f 'elapsed=%e maxrss_kib=%M' -o "$dir/time-poll" \
+        "$LDAPSYNC" --config "$dir/ldapsync.toml" sync run --connector all >"$dir/poll.out" 2>"$dir/poll.err"; then
+        read -r e m < <(sed -n 's/^elapsed=\([0-9.]*\) maxrss_kib=\([0-9]*\)/\1 \2/p' "$dir/time-poll")
+        updated=$(sed -n 's/.* \([0-9]*\) updated,.*/\1/p' "$dir/poll.out")
+        kind=$(head -1 "$dir/poll.out")
+        echo "{\"target\":\"ldapsync\",\"scenario\":\"poll\",\"changes\":$n,\"updated\":${updated:-0},\"kind\":\"$kind\",\"secs\":$e}" >>"$results"
+    else
+        say "  poll failed (see $dir)"
+        echo "{\"target\":\"ldapsync\",\"scenario\":\"poll\",\"failed\":true}" >>"$results"
+    fi
 fi
 
 cleanup
