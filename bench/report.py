@@ -83,6 +83,10 @@ def main():
              {t: get(find(rows, "search", t, conns=conns), "cpu_us_per_op", "slapd") for t in TARGETS})
         line(f"search by uid, {conns} connections: CPU per op, the proxy itself", "µs", False,
              {t: get(find(rows, "search", t, conns=conns), "cpu_us_per_op", "proxy") for t in TARGETS})
+    line("search by uid, 4 connections × 32 in flight (pipelined): throughput", "ops/s", True,
+         {t: get(find(rows, "pipelined", t), "ops_per_s") for t in TARGETS})
+    line("search by uid, 4 connections × 32 in flight (pipelined): latency p99", "µs", False,
+         {t: get(find(rows, "pipelined", t), "latency", "p99_us") for t in TARGETS})
     ldclt_threads = next((r.get("threads") for r in rows if r.get("scenario") == "ldclt" and r.get("threads")), 32)
     line(f"ldclt search by uid, {ldclt_threads} threads: throughput", "ops/s", True,
          {t: get(find(rows, "ldclt", t), "ops_per_s") for t in TARGETS})

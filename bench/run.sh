@@ -205,6 +205,8 @@ for conns in 32 256; do
         bench "$t" search --conns "$conns" --secs "$SECS" "${cpu[@]}"
     done
 done
+say "(b2) search by uid pipelined: 4 connections with 32 searches in flight each, ${SECS}s each"
+for t in $proxies; do bench "$t" pipelined --conns 4 --depth 32 --secs "$SECS"; done
 say "(c) connect + bind + search + unbind, 32 at once, ${SECS}s each"
 for t in $proxies; do bench "$t" churn --conns 32 --secs "$SECS"; done
 say "(d) modify (replace description) on 999 people, 8 connections, ${SECS}s each"

@@ -69,6 +69,18 @@ enum Cmd {
         #[arg(long)]
         cpu: Vec<String>,
     },
+    /// Search by uid with DEPTH operations in flight on each of N
+    /// connections (pipelining): throughput.
+    Pipelined {
+        #[command(flatten)]
+        c: Common,
+        #[arg(long, default_value_t = 4)]
+        conns: usize,
+        #[arg(long, default_value_t = 32)]
+        depth: usize,
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+    },
     /// Connection churn: connect, bind as a person, search, unbind; N at once.
     Churn {
         #[command(flatten)]
@@ -136,6 +148,7 @@ fn main() -> Result<()> {
         // overhead per operation.
         Cmd::Latency { c, ops } => runtime(false)?.block_on(latency(c, ops))?,
         Cmd::Search { c, conns, secs, cpu } => runtime(true)?.block_on(search(c, conns, secs, cpu))?,
+        Cmd::Pipelined { c, conns, depth, secs } => runtime(true)?.block_on(pipelined(c, conns, depth, secs))?,
         Cmd::Churn { c, conns, secs } => runtime(true)?.block_on(churn(c, conns, secs))?,
         Cmd::Modify { c, conns, secs, range } => runtime(true)?.block_on(modify(c, conns, secs, range))?,
         Cmd::Capture {
@@ -412,6 +425,35 @@ async fn search(c: Common, conns: usize, secs: f64, cpu: Vec<String>) -> Result<
         json!({"scenario": "search", "url": c.url, "conns": conns, "secs": elapsed, "ops": ok,
               "errors": errors, "ops_per_s": ok as f64 / elapsed, "latency": percentiles(&h),
               "cpu_us_per_op": cpu_per_op}),
+    )
+}
+
+/// `depth` workers share each of `conns` connections (an `Ldap` handle is
+/// multiplexed), so each connection has up to `depth` searches in flight.
+async fn pipelined(c: Common, conns: usize, depth: usize, secs: f64) -> Result<Value> {
+    let users = c.users;
+    let mut shared = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        shared.push(connect(&c.url).await?);
+    }
+    let shared = Arc::new(shared);
+    let (ok, errors, elapsed, h) = closed_loop(
+        conns * depth,
+        secs,
+        c.seed,
+        move |i| {
+            let ldap = shared[i % shared.len()].clone();
+            async move { Ok(ldap) }
+        },
+        move |mut ldap: Ldap, r| async move {
+            let res = search_one(&mut ldap, r % users + 1).await;
+            (ldap, res)
+        },
+    )
+    .await?;
+    Ok(
+        json!({"scenario": "pipelined", "url": c.url, "conns": conns, "depth": depth, "secs": elapsed, "ops": ok,
+              "errors": errors, "ops_per_s": ok as f64 / elapsed, "latency": percentiles(&h)}),
     )
 }
 
