@@ -50,6 +50,14 @@ fn domain() -> Option<&'static SambaDc> {
     Some(dc)
 }
 
+/// The successful answer of a search sent to the DC as the administrator.
+fn search_as_admin(args: &[&str]) -> String {
+    answer(&ldapsearch(
+        AD_URL,
+        &[&["-D", AD_ADMIN, "-w", AD_PASSWORD][..], args].concat(),
+    ))
+}
+
 fn ldapsearch(url: &str, args: &[&str]) -> Output {
     Command::new("ldapsearch")
         .env("LDAPCONF", "/dev/null")
@@ -82,10 +90,7 @@ fn the_relay_answers_as_active_directory_does() {
     let admin = ["-D", AD_ADMIN, "-w", AD_PASSWORD];
     // A binary attribute of bulk0042, escaped for a filter (RFC 4515).
     let escaped = |attr: &str| {
-        let out = answer(&ldapsearch(
-            AD_URL,
-            &[&admin[..], &["-b", OU, "(sAMAccountName=bulk0042)", attr]].concat(),
-        ));
+        let out = search_as_admin(&["-b", OU, "(sAMAccountName=bulk0042)", attr]);
         let prefix = format!("{attr}:: ");
         let b64 = out
             .lines()
@@ -452,11 +457,7 @@ base = "{groups}"
 
 /// An entry's objectGUID as the GUID string AD tools print.
 fn guid_of(filter: &str) -> String {
-    let admin = ["-D", AD_ADMIN, "-w", AD_PASSWORD];
-    let out = answer(&ldapsearch(
-        AD_URL,
-        &[&admin[..], &["-b", OU, filter, "objectGUID"]].concat(),
-    ));
+    let out = search_as_admin(&["-b", OU, filter, "objectGUID"]);
     let b64 = out
         .lines()
         .find_map(|l| l.strip_prefix("objectGUID:: "))
@@ -615,15 +616,7 @@ fn local_changes_reach_ad_and_a_5000_member_group_changes_by_values() {
     let report = connector.sync();
     assert!(report.contains("create in directory account newbie"), "{report}");
 
-    let admin = ["-D", AD_ADMIN, "-w", AD_PASSWORD];
-    let created = answer(&ldapsearch(
-        AD_URL,
-        &[
-            &admin[..],
-            &["-b", OU, "(sAMAccountName=newbie)", "mail", "objectClass"],
-        ]
-        .concat(),
-    ));
+    let created = search_as_admin(&["-b", OU, "(sAMAccountName=newbie)", "mail", "objectClass"]);
     assert!(created.contains(&format!("dn: CN=newbie,OU=Bulk,{OU}")), "{created}");
     assert!(
         created.contains("mail: newbie@example.com") && created.contains("objectClass: user"),
@@ -631,19 +624,12 @@ fn local_changes_reach_ad_and_a_5000_member_group_changes_by_values() {
     );
     let member_of = |name: &str| {
         let filter = format!("(&(sAMAccountName={name})(memberOf={group}))");
-        answer(&ldapsearch(AD_URL, &[&admin[..], &["-b", OU, &filter, "1.1"]].concat())).contains("dn: ")
+        search_as_admin(&["-b", OU, &filter, "1.1"]).contains("dn: ")
     };
     assert!(member_of("newbie"), "added to the group");
     assert!(!member_of("bulk0007"), "removed from the group");
     assert!(member_of("bulk0008"), "the others stay");
-    let flags = answer(&ldapsearch(
-        AD_URL,
-        &[
-            &admin[..],
-            &["-b", OU, "(sAMAccountName=bulk0010)", "userAccountControl"],
-        ]
-        .concat(),
-    ));
+    let flags = search_as_admin(&["-b", OU, "(sAMAccountName=bulk0010)", "userAccountControl"]);
     assert!(
         flags.contains("userAccountControl: 544"),
         "bit 2 cleared, the other flags (546 = 512 + 32 + 2) kept: {flags}"
@@ -718,23 +704,12 @@ fn local_to_ldap_creates_in_ad_and_puts_ad_edits_back() {
     connector.ok(&["group", "add", "outbound", "--set", "members=olga"]);
     let report = connector.sync();
     assert!(report.contains("create in directory account olga"), "{report}");
-    let admin = ["-D", AD_ADMIN, "-w", AD_PASSWORD];
-    let olga = answer(&ldapsearch(
-        AD_URL,
-        &[
-            &admin[..],
-            &["-b", &base, "(sAMAccountName=olga)", "mail", "displayName"],
-        ]
-        .concat(),
-    ));
+    let olga = search_as_admin(&["-b", &base, "(sAMAccountName=olga)", "mail", "displayName"]);
     assert!(
         olga.contains(&format!("dn: CN=olga,{base}")) && olga.contains("displayName: Olga"),
         "{olga}"
     );
-    let group = answer(&ldapsearch(
-        AD_URL,
-        &[&admin[..], &["-b", &base, "(sAMAccountName=outbound)", "member"]].concat(),
-    ));
+    let group = search_as_admin(&["-b", &base, "(sAMAccountName=outbound)", "member"]);
     assert!(group.contains(&format!("member: CN=olga,{base}")), "{group}");
 
     // An edit made in AD is put back: local changes win in this direction.
@@ -743,9 +718,6 @@ fn local_to_ldap_creates_in_ad_and_puts_ad_edits_back() {
     ));
     let report = connector.sync();
     assert!(report.contains("overwritten account olga"), "{report}");
-    let olga = answer(&ldapsearch(
-        AD_URL,
-        &[&admin[..], &["-b", &base, "(sAMAccountName=olga)", "mail"]].concat(),
-    ));
+    let olga = search_as_admin(&["-b", &base, "(sAMAccountName=olga)", "mail"]);
     assert!(olga.contains("mail: olga@example.com"), "{olga}");
 }
