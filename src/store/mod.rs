@@ -283,6 +283,21 @@ pub trait Store {
     fn watermark(&self, connector: &str, category: Category) -> Result<Option<Watermark>, StoreError>;
     /// Stores a poll's new watermarks and the connector's state together.
     fn finish_poll(&mut self, state: &ConnectorState, watermarks: &[Watermark]) -> Result<(), StoreError>;
+
+    /// Groups the writes that follow into shared transactions until
+    /// [`Store::end_batch`]. Each write stays atomic on its own; what a batch
+    /// changes is a sync of decisions a crash would make the next poll
+    /// repeat, so it may become durable together, a few hundred at a time,
+    /// instead of one transaction per object.
+    fn begin_batch(&mut self);
+    /// Makes everything written so far durable now, and goes on batching.
+    fn commit_batch(&mut self) -> Result<(), StoreError>;
+    /// Commits the batch if its transaction has been open a while: called
+    /// between decisions, so that sparse writes in a long pass do not hold
+    /// the write lock for the whole pass.
+    fn commit_batch_if_old(&mut self) -> Result<(), StoreError>;
+    /// Commits what the batch holds and ends it.
+    fn end_batch(&mut self) -> Result<(), StoreError>;
 }
 
 /// Seconds since the Unix epoch, for journal lines and baselines.

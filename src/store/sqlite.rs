@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
     Association, Capture, CaptureKind, Category, ChangeSource, Commit, ConnectorState, JournalEntry, JournalQuery,
@@ -81,7 +81,23 @@ const MIGRATIONS: &[&str] = &[
 
 pub struct SqliteStore {
     conn: Connection,
+    batch: Option<Batch>,
 }
+
+/// The writes of a batch not committed yet.
+#[derive(Default)]
+struct Batch {
+    held: usize,
+    /// When the transaction holding them began (it holds the write lock).
+    since: Option<Instant>,
+}
+
+/// Writes a batch holds before it commits them: enough to save most of the
+/// per-transaction cost (WAL frames, locks)...
+const BATCH_WRITES: usize = 500;
+/// ...and for how long at most, so that other connections (the capture
+/// journal writer) never wait long for the write lock.
+const BATCH_AGE: Duration = Duration::from_millis(200);
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path`, owner-only.
@@ -104,7 +120,9 @@ impl SqliteStore {
         // poll. FULL would cost an fsync per synced object.
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(open_error)?;
         conn.pragma_update(None, "foreign_keys", true).map_err(open_error)?;
-        let mut store = SqliteStore { conn };
+        // The sync loop runs the same few statements for every entry.
+        conn.set_prepared_statement_cache_capacity(64);
+        let mut store = SqliteStore { conn, batch: None };
         store.migrate()?;
         Ok(store)
     }
@@ -126,6 +144,44 @@ impl SqliteStore {
         tx.commit()?;
         Ok(())
     }
+
+    /// Runs one atomic write: a transaction of its own, or a savepoint of
+    /// the open batch (which it first opens, if a batch is on).
+    fn write<T>(&mut self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Some(batch) = &mut self.batch
+            && batch.since.is_none()
+        {
+            // IMMEDIATE: a deferred transaction that reads first could not
+            // take the write lock later if another connection wrote meanwhile.
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            batch.since = Some(Instant::now());
+        }
+        let savepoint = self.conn.savepoint()?;
+        let value = f(&savepoint)?;
+        savepoint.commit()?;
+        if let Some(batch) = &mut self.batch {
+            batch.held += 1;
+            if batch.held >= BATCH_WRITES {
+                self.commit_batch()?;
+            }
+        }
+        Ok(value)
+    }
+}
+
+/// `query_row` through the statement cache: parsing the SQL again for every
+/// entry of a 100,000-entry pass showed in profiles.
+fn cached_row<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    f: impl FnOnce(&Row) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    conn.prepare_cached(sql)?.query_row(params, f)
+}
+
+fn cached_execute(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(params)
 }
 
 /// How long a statement waits for another connection's lock.
@@ -224,8 +280,9 @@ fn association_from(raw: AssociationRow) -> Result<Association, StoreError> {
     })
 }
 
-fn write_journal(tx: &Transaction, entry: &JournalEntry) -> Result<(), StoreError> {
-    tx.execute(
+fn write_journal(conn: &Connection, entry: &JournalEntry) -> Result<(), StoreError> {
+    cached_execute(
+        conn,
         "INSERT INTO journal (at, connector, category, object, source, action, policy, detail)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         params![
@@ -242,8 +299,9 @@ fn write_journal(tx: &Transaction, entry: &JournalEntry) -> Result<(), StoreErro
     Ok(())
 }
 
-fn insert_object(tx: &Transaction, object: &LocalObject) -> Result<i64, StoreError> {
-    let inserted = tx.execute(
+fn insert_object(conn: &Connection, object: &LocalObject) -> Result<i64, StoreError> {
+    let inserted = cached_execute(
+        conn,
         r#"INSERT INTO objects (category, name, enabled, "values") VALUES (?1, ?2, ?3, ?4)
            ON CONFLICT (category, name) DO NOTHING"#,
         params![
@@ -259,11 +317,11 @@ fn insert_object(tx: &Transaction, object: &LocalObject) -> Result<i64, StoreErr
             name: object.name.clone(),
         });
     }
-    Ok(tx.last_insert_rowid())
+    Ok(conn.last_insert_rowid())
 }
 
-fn update_object(tx: &Transaction, object: &LocalObject) -> Result<(), StoreError> {
-    let clash: Option<i64> = tx
+fn update_object(conn: &Connection, object: &LocalObject) -> Result<(), StoreError> {
+    let clash: Option<i64> = conn
         .query_row(
             "SELECT id FROM objects WHERE category = ?1 AND name = ?2 AND id != ?3",
             params![object.category.as_str(), object.name, object.id],
@@ -276,7 +334,8 @@ fn update_object(tx: &Transaction, object: &LocalObject) -> Result<(), StoreErro
             name: object.name.clone(),
         });
     }
-    tx.execute(
+    cached_execute(
+        conn,
         r#"UPDATE objects SET name = ?2, enabled = ?3, "values" = ?4 WHERE id = ?1"#,
         params![object.id, object.name, object.enabled, to_json(&object.values)],
     )?;
@@ -285,31 +344,31 @@ fn update_object(tx: &Transaction, object: &LocalObject) -> Result<(), StoreErro
 
 impl Store for SqliteStore {
     fn object(&self, category: Category, name: &str) -> Result<Option<LocalObject>, StoreError> {
-        self.conn
-            .query_row(
-                &format!("SELECT {OBJECT_COLUMNS} FROM objects WHERE category = ?1 AND name = ?2"),
-                params![category.as_str(), name],
-                object_row,
-            )
-            .optional()?
-            .map(object_from)
-            .transpose()
+        cached_row(
+            &self.conn,
+            &format!("SELECT {OBJECT_COLUMNS} FROM objects WHERE category = ?1 AND name = ?2"),
+            params![category.as_str(), name],
+            object_row,
+        )
+        .optional()?
+        .map(object_from)
+        .transpose()
     }
 
     fn object_by_id(&self, id: i64) -> Result<Option<LocalObject>, StoreError> {
-        self.conn
-            .query_row(
-                &format!("SELECT {OBJECT_COLUMNS} FROM objects WHERE id = ?1"),
-                [id],
-                object_row,
-            )
-            .optional()?
-            .map(object_from)
-            .transpose()
+        cached_row(
+            &self.conn,
+            &format!("SELECT {OBJECT_COLUMNS} FROM objects WHERE id = ?1"),
+            [id],
+            object_row,
+        )
+        .optional()?
+        .map(object_from)
+        .transpose()
     }
 
     fn objects(&self, category: Category) -> Result<Vec<LocalObject>, StoreError> {
-        let mut stmt = self.conn.prepare(&format!(
+        let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT {OBJECT_COLUMNS} FROM objects WHERE category = ?1 ORDER BY name"
         ))?;
         let rows = stmt.query_map([category.as_str()], object_row)?;
@@ -317,69 +376,66 @@ impl Store for SqliteStore {
     }
 
     fn insert_object(&mut self, object: &LocalObject, journal: &JournalEntry) -> Result<i64, StoreError> {
-        let tx = self.conn.transaction()?;
-        let id = insert_object(&tx, object)?;
-        write_journal(&tx, journal)?;
-        tx.commit()?;
-        Ok(id)
+        self.write(|tx| {
+            let id = insert_object(tx, object)?;
+            write_journal(tx, journal)?;
+            Ok(id)
+        })
     }
 
     fn update_object(&mut self, object: &LocalObject, journal: &JournalEntry) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
-        update_object(&tx, object)?;
-        write_journal(&tx, journal)?;
-        tx.commit()?;
-        Ok(())
+        self.write(|tx| {
+            update_object(tx, object)?;
+            write_journal(tx, journal)
+        })
     }
 
     fn delete_object(&mut self, id: i64, journal: &JournalEntry) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
-        tx.execute("DELETE FROM objects WHERE id = ?1", [id])?;
-        write_journal(&tx, journal)?;
-        tx.commit()?;
-        Ok(())
+        self.write(|tx| {
+            cached_execute(tx, "DELETE FROM objects WHERE id = ?1", [id])?;
+            write_journal(tx, journal)?;
+            Ok(())
+        })
     }
 
     fn association_by_entry(&self, connector: &str, entry_id: &str) -> Result<Option<Association>, StoreError> {
-        self.conn
-            .query_row(
-                &format!("SELECT {ASSOCIATION_COLUMNS} FROM associations WHERE connector = ?1 AND entry_id = ?2"),
-                params![connector, entry_id],
-                association_row,
-            )
-            .optional()?
-            .map(association_from)
-            .transpose()
+        cached_row(
+            &self.conn,
+            &format!("SELECT {ASSOCIATION_COLUMNS} FROM associations WHERE connector = ?1 AND entry_id = ?2"),
+            params![connector, entry_id],
+            association_row,
+        )
+        .optional()?
+        .map(association_from)
+        .transpose()
     }
 
     fn association_by_object(&self, connector: &str, object_id: i64) -> Result<Option<Association>, StoreError> {
-        self.conn
-            .query_row(
-                &format!("SELECT {ASSOCIATION_COLUMNS} FROM associations WHERE connector = ?1 AND object_id = ?2"),
-                params![connector, object_id],
-                association_row,
-            )
-            .optional()?
-            .map(association_from)
-            .transpose()
+        cached_row(
+            &self.conn,
+            &format!("SELECT {ASSOCIATION_COLUMNS} FROM associations WHERE connector = ?1 AND object_id = ?2"),
+            params![connector, object_id],
+            association_row,
+        )
+        .optional()?
+        .map(association_from)
+        .transpose()
     }
 
     fn association_of_object(&self, object_id: i64) -> Result<Option<Association>, StoreError> {
-        self.conn
-            .query_row(
-                &format!(
-                    "SELECT {ASSOCIATION_COLUMNS} FROM associations WHERE object_id = ?1 ORDER BY connector LIMIT 1"
-                ),
-                [object_id],
-                association_row,
-            )
-            .optional()?
-            .map(association_from)
-            .transpose()
+        cached_row(
+            &self.conn,
+            &format!("SELECT {ASSOCIATION_COLUMNS} FROM associations WHERE object_id = ?1 ORDER BY connector LIMIT 1"),
+            [object_id],
+            association_row,
+        )
+        .optional()?
+        .map(association_from)
+        .transpose()
     }
 
     fn associations(&self, connector: Option<&str>) -> Result<Vec<Association>, StoreError> {
-        let mut stmt = self.conn.prepare(&format!(
+        let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT {ASSOCIATION_COLUMNS} FROM associations
              WHERE ?1 IS NULL OR connector = ?1 ORDER BY connector, object_id"
         ))?;
@@ -393,65 +449,67 @@ impl Store for SqliteStore {
         object_id: i64,
         journal: &JournalEntry,
     ) -> Result<bool, StoreError> {
-        let tx = self.conn.transaction()?;
-        let removed = tx.execute(
-            "DELETE FROM associations WHERE connector = ?1 AND object_id = ?2",
-            params![connector, object_id],
-        )?;
-        if removed > 0 {
-            write_journal(&tx, journal)?;
-        }
-        tx.commit()?;
-        Ok(removed > 0)
+        self.write(|tx| {
+            let removed = cached_execute(
+                tx,
+                "DELETE FROM associations WHERE connector = ?1 AND object_id = ?2",
+                params![connector, object_id],
+            )?;
+            if removed > 0 {
+                write_journal(tx, journal)?;
+            }
+            Ok(removed > 0)
+        })
     }
 
     fn commit(&mut self, commit: Commit) -> Result<Option<i64>, StoreError> {
-        let tx = self.conn.transaction()?;
-        let mut object_id = None;
-        if let Some(object) = &commit.object {
-            object_id = Some(if object.id == 0 {
-                insert_object(&tx, object)?
-            } else {
-                update_object(&tx, object)?;
-                object.id
-            });
-        }
-        if let Some(id) = commit.delete_object {
-            tx.execute("DELETE FROM objects WHERE id = ?1", [id])?;
-        }
-        if let Some(a) = &commit.association {
-            let id = if a.object_id == 0 {
-                object_id.unwrap_or(0)
-            } else {
-                a.object_id
-            };
-            tx.execute(
-                "INSERT INTO associations (connector, object_id, entry_id, dn, baseline, synced_at, entry_gone)
+        self.write(|tx| {
+            let mut object_id = None;
+            if let Some(object) = &commit.object {
+                object_id = Some(if object.id == 0 {
+                    insert_object(tx, object)?
+                } else {
+                    update_object(tx, object)?;
+                    object.id
+                });
+            }
+            if let Some(id) = commit.delete_object {
+                cached_execute(tx, "DELETE FROM objects WHERE id = ?1", [id])?;
+            }
+            if let Some(a) = &commit.association {
+                let id = if a.object_id == 0 {
+                    object_id.unwrap_or(0)
+                } else {
+                    a.object_id
+                };
+                cached_execute(
+                    tx,
+                    "INSERT INTO associations (connector, object_id, entry_id, dn, baseline, synced_at, entry_gone)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT (connector, object_id) DO UPDATE SET
                    entry_id = excluded.entry_id, dn = excluded.dn, baseline = excluded.baseline,
                    synced_at = excluded.synced_at, entry_gone = excluded.entry_gone",
-                params![
-                    a.connector,
-                    id,
-                    a.entry_id,
-                    a.dn,
-                    to_json(&a.baseline),
-                    a.synced_at,
-                    a.entry_gone
-                ],
-            )?;
-        }
-        for entry in &commit.journal {
-            write_journal(&tx, entry)?;
-        }
-        tx.commit()?;
-        Ok(object_id)
+                    params![
+                        a.connector,
+                        id,
+                        a.entry_id,
+                        a.dn,
+                        to_json(&a.baseline),
+                        a.synced_at,
+                        a.entry_gone
+                    ],
+                )?;
+            }
+            for entry in &commit.journal {
+                write_journal(tx, entry)?;
+            }
+            Ok(object_id)
+        })
     }
 
     fn journal(&self, query: &JournalQuery) -> Result<Vec<JournalEntry>, StoreError> {
         let limit = if query.limit == 0 { i64::MAX } else { query.limit as i64 };
-        let mut stmt = self.conn.prepare(
+        let mut stmt = self.conn.prepare_cached(
             "SELECT at, connector, category, object, source, action, policy, detail FROM (
                SELECT * FROM journal
                WHERE (?1 IS NULL OR connector = ?1) AND (?2 IS NULL OR object = ?2)
@@ -490,7 +548,8 @@ impl Store for SqliteStore {
     }
 
     fn association_count(&self, connector: &str, category: Category) -> Result<usize, StoreError> {
-        let count: i64 = self.conn.query_row(
+        let count: i64 = cached_row(
+            &self.conn,
             "SELECT count(*) FROM associations a JOIN objects o ON o.id = a.object_id
              WHERE a.connector = ?1 AND o.category = ?2",
             params![connector, category.as_str()],
@@ -501,7 +560,8 @@ impl Store for SqliteStore {
 
     fn count_journal(&self, connector: &str, actions: &[&str], since: i64) -> Result<usize, StoreError> {
         let actions = serde_json::to_string(actions).expect("strings serialize");
-        let count: i64 = self.conn.query_row(
+        let count: i64 = cached_row(
+            &self.conn,
             "SELECT count(*) FROM journal WHERE connector = ?1 AND at >= ?2
                AND action IN (SELECT value FROM json_each(?3))",
             params![connector, since, actions],
@@ -511,23 +571,23 @@ impl Store for SqliteStore {
     }
 
     fn object_associated_at(&self, connector: &str, dn: &str) -> Result<Option<LocalObject>, StoreError> {
-        self.conn
-            .query_row(
-                &format!(
-                    "SELECT {} FROM objects o JOIN associations a ON a.object_id = o.id
+        cached_row(
+            &self.conn,
+            &format!(
+                "SELECT {} FROM objects o JOIN associations a ON a.object_id = o.id
                      WHERE a.connector = ?1 AND a.dn = ?2 COLLATE NOCASE LIMIT 1",
-                    OBJECT_COLUMNS
-                        .split(", ")
-                        .map(|c| format!("o.{c}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                params![connector, dn],
-                object_row,
-            )
-            .optional()?
-            .map(object_from)
-            .transpose()
+                OBJECT_COLUMNS
+                    .split(", ")
+                    .map(|c| format!("o.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            params![connector, dn],
+            object_row,
+        )
+        .optional()?
+        .map(object_from)
+        .transpose()
     }
 
     fn connector_state(&self, connector: &str) -> Result<Option<ConnectorState>, StoreError> {
@@ -556,7 +616,8 @@ impl Store for SqliteStore {
     }
 
     fn mark_out_of_sync(&mut self, connector: &str, reason: &str) -> Result<(), StoreError> {
-        self.conn.execute(
+        cached_execute(
+            &self.conn,
             "INSERT INTO connector_state (connector, last_result, out_of_sync) VALUES (?1, '{}', ?2)
              ON CONFLICT (connector) DO UPDATE SET out_of_sync = excluded.out_of_sync",
             params![connector, reason],
@@ -565,23 +626,23 @@ impl Store for SqliteStore {
     }
 
     fn append_captures(&mut self, captures: &[Capture]) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO captures (connector, category, kind, dn, captured_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?;
-            for c in captures {
-                insert.execute(params![
-                    c.connector,
-                    c.category.as_str(),
-                    c.kind.as_str(),
-                    c.dn,
-                    c.captured_at
-                ])?;
+        self.write(|tx| {
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO captures (connector, category, kind, dn, captured_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for c in captures {
+                    insert.execute(params![
+                        c.connector,
+                        c.category.as_str(),
+                        c.kind.as_str(),
+                        c.dn,
+                        c.captured_at
+                    ])?;
+                }
             }
-        }
-        tx.commit()?;
-        Ok(())
+            Ok(())
+        })
     }
 
     fn captures(&self, connector: &str, limit: usize) -> Result<Vec<Capture>, StoreError> {
@@ -617,11 +678,12 @@ impl Store for SqliteStore {
     }
 
     fn pending_captures(&self, connector: &str) -> Result<usize, StoreError> {
-        let count: i64 =
-            self.conn
-                .query_row("SELECT count(*) FROM captures WHERE connector = ?1", [connector], |r| {
-                    r.get(0)
-                })?;
+        let count: i64 = cached_row(
+            &self.conn,
+            "SELECT count(*) FROM captures WHERE connector = ?1",
+            [connector],
+            |r| r.get(0),
+        )?;
         Ok(count as usize)
     }
 
@@ -665,31 +727,64 @@ impl Store for SqliteStore {
     }
 
     fn finish_poll(&mut self, state: &ConnectorState, watermarks: &[Watermark]) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
-        for w in watermarks {
-            tx.execute(
-                "INSERT INTO watermarks (connector, category, mechanism, server, value, updated_at)
+        self.write(|tx| {
+            for w in watermarks {
+                cached_execute(
+                    tx,
+                    "INSERT INTO watermarks (connector, category, mechanism, server, value, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (connector, category) DO UPDATE SET mechanism = excluded.mechanism,
                    server = excluded.server, value = excluded.value, updated_at = excluded.updated_at",
-                params![
-                    w.connector,
-                    w.category.as_str(),
-                    w.mechanism.as_str(),
-                    w.server,
-                    w.value,
-                    w.updated_at
-                ],
-            )?;
+                    params![
+                        w.connector,
+                        w.category.as_str(),
+                        w.mechanism.as_str(),
+                        w.server,
+                        w.value,
+                        w.updated_at
+                    ],
+                )?;
+            }
+            write_state(tx, state)?;
+            Ok(())
+        })
+    }
+
+    fn begin_batch(&mut self) {
+        self.batch.get_or_insert_default();
+    }
+
+    fn commit_batch(&mut self) -> Result<(), StoreError> {
+        if let Some(batch) = &mut self.batch
+            && batch.since.take().is_some()
+        {
+            batch.held = 0;
+            if let Err(e) = self.conn.execute_batch("COMMIT") {
+                // Whole writes or none: the next poll makes them again.
+                let _ = self.conn.execute_batch("ROLLBACK");
+                return Err(e.into());
+            }
         }
-        write_state(&tx, state)?;
-        tx.commit()?;
+        Ok(())
+    }
+
+    fn commit_batch_if_old(&mut self) -> Result<(), StoreError> {
+        match &self.batch {
+            Some(Batch { since: Some(since), .. }) if since.elapsed() >= BATCH_AGE => self.commit_batch(),
+            _ => Ok(()),
+        }
+    }
+
+    fn end_batch(&mut self) -> Result<(), StoreError> {
+        self.commit_batch()?;
+        self.batch = None;
         Ok(())
     }
 }
 
 fn write_state(conn: &Connection, state: &ConnectorState) -> Result<(), StoreError> {
-    conn.execute(
+    cached_execute(
+        conn,
         "INSERT INTO connector_state (connector, last_sync_at, last_result, last_poll_at, out_of_sync, last_error)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (connector) DO UPDATE SET
@@ -734,6 +829,102 @@ mod tests {
             enabled: true,
             values: [("mail".to_owned(), vec![format!("{name}@example.com")])].into(),
         }
+    }
+
+    fn names(store: &SqliteStore) -> Vec<String> {
+        store
+            .objects(Category::Account)
+            .unwrap()
+            .into_iter()
+            .map(|o| o.name)
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_keeps_each_write_whole_and_is_seen_by_others_once_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let mut store = SqliteStore::open(&path).unwrap();
+        let other = SqliteStore::open(&path).unwrap();
+        store.begin_batch();
+        store
+            .insert_object(&account("alice"), &journal("alice", "added"))
+            .unwrap();
+        // A failed write undoes itself only, not the batch before it.
+        assert!(matches!(
+            store.insert_object(&account("alice"), &journal("alice", "added again")),
+            Err(StoreError::Exists { .. })
+        ));
+        store.insert_object(&account("bob"), &journal("bob", "added")).unwrap();
+        assert_eq!(names(&store), ["alice", "bob"], "the batch reads its own writes");
+        assert!(names(&other).is_empty(), "nothing is visible before the batch commits");
+
+        store.commit_batch().unwrap();
+        assert_eq!(names(&other), ["alice", "bob"]);
+        store
+            .insert_object(&account("carol"), &journal("carol", "added"))
+            .unwrap();
+        assert_eq!(names(&other), ["alice", "bob"]);
+        store.end_batch().unwrap();
+        assert_eq!(names(&other), ["alice", "bob", "carol"]);
+        let actions: Vec<_> = other
+            .journal(&JournalQuery::default())
+            .unwrap()
+            .into_iter()
+            .map(|j| j.action)
+            .collect();
+        assert_eq!(
+            actions,
+            ["added", "added", "added"],
+            "the failed write left no journal line"
+        );
+
+        // Outside a batch every write is its own transaction again.
+        store
+            .insert_object(&account("dave"), &journal("dave", "added"))
+            .unwrap();
+        assert_eq!(names(&other).len(), 4);
+    }
+
+    #[test]
+    fn a_long_batch_commits_every_few_hundred_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let mut store = SqliteStore::open(&path).unwrap();
+        let other = SqliteStore::open(&path).unwrap();
+        store.begin_batch();
+        for i in 0..BATCH_WRITES + 10 {
+            let name = format!("user{i:04}");
+            store.insert_object(&account(&name), &journal(&name, "added")).unwrap();
+        }
+        assert_eq!(names(&other).len(), BATCH_WRITES);
+        drop(store);
+        assert_eq!(
+            names(&other).len(),
+            BATCH_WRITES,
+            "a batch not ended is lost as a whole, never in part"
+        );
+    }
+
+    #[test]
+    fn a_batch_with_sparse_writes_does_not_hold_the_write_lock_for_long() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let mut store = SqliteStore::open(&path).unwrap();
+        let mut other = SqliteStore::open(&path).unwrap();
+        store.begin_batch();
+        store
+            .insert_object(&account("alice"), &journal("alice", "added"))
+            .unwrap();
+        store.commit_batch_if_old().unwrap();
+        assert!(names(&other).is_empty(), "a young batch stays open");
+        std::thread::sleep(BATCH_AGE);
+        store.commit_batch_if_old().unwrap();
+        // The write lock is free: another connection writes without waiting.
+        other.conn.busy_timeout(Duration::ZERO).unwrap();
+        other.insert_object(&account("bob"), &journal("bob", "added")).unwrap();
+        assert_eq!(names(&other), ["alice", "bob"]);
+        store.end_batch().unwrap();
     }
 
     #[test]

@@ -435,6 +435,7 @@ impl<'a, S: Store> Pass<'a, S> {
                     matched_objects.insert(id);
                 }
             }
+            self.store.commit_batch_if_old()?;
             progress.scanned(&self.report);
         }
         self.vanished(&mapping, &seen).await?;
@@ -638,7 +639,8 @@ impl<'a, S: Store> Pass<'a, S> {
         let category = mapping.category;
         let name = object.name.clone();
         let mut dn = entry.dn.clone();
-        if !self.options.dry_run && &result != ldap {
+        let writes_directory = &result != ldap;
+        if !self.options.dry_run && writes_directory {
             match self.write_directory(mapping, entry, ldap, &result).await {
                 Ok(new_dn) => dn = new_dn,
                 Err(e) => {
@@ -664,7 +666,20 @@ impl<'a, S: Store> Pass<'a, S> {
             journal: vec![journal],
             ..Commit::default()
         })?;
+        if writes_directory {
+            self.directory_written()?;
+        }
         Ok(())
+    }
+
+    /// A decision that wrote to the directory is made durable at once, not
+    /// with its batch: if it were lost, the next pass would not know the
+    /// write was ours (and could, say, create the entry a second time).
+    fn directory_written(&mut self) -> Result<(), StoreError> {
+        if self.options.dry_run {
+            return Ok(());
+        }
+        self.store.commit_batch()
     }
 
     /// Makes the entry hold `result`; returns its DN afterwards.
@@ -951,6 +966,7 @@ impl<'a, S: Store> Pass<'a, S> {
             journal: vec![journal],
             ..Commit::default()
         })?;
+        self.directory_written()?;
         Ok(())
     }
 }

@@ -387,6 +387,25 @@ pub async fn apply_captures<S: Store>(
     connector: &ConnectorConfig,
     directory: &mut Directory,
 ) -> Result<Report, SyncError> {
+    store.begin_batch();
+    let applied = apply_journaled(store, connector, directory).await;
+    end_batch(store, applied)
+}
+
+/// Ends the store's batch however the work in it ended: what was decided
+/// before an error stands, each decision being whole.
+fn end_batch<S: Store, T>(store: &mut S, outcome: Result<T, SyncError>) -> Result<T, SyncError> {
+    let ended = store.end_batch();
+    let value = outcome?;
+    ended?;
+    Ok(value)
+}
+
+async fn apply_journaled<S: Store>(
+    store: &mut S,
+    connector: &ConnectorConfig,
+    directory: &mut Directory,
+) -> Result<Report, SyncError> {
     let mut report = Report::default();
     loop {
         let batch = store.captures(&connector.name, BATCH)?;
@@ -410,6 +429,7 @@ pub async fn apply_captures<S: Store>(
             };
             report.absorb(engine::apply_event(store, connector, directory, &event).await?);
             store.remove_capture(capture.id)?;
+            store.commit_batch_if_old()?;
         }
     }
 }
@@ -449,6 +469,20 @@ pub struct PollOutcome {
 /// One poll of a connector: incremental from the stored watermarks when
 /// they allow it, otherwise a full reconciliation that stores new ones.
 pub async fn poll<S: Store>(
+    store: &mut S,
+    connector: &ConnectorConfig,
+    directory: &mut Directory,
+    poll: Poll,
+    progress: &mut dyn Progress,
+) -> Result<PollOutcome, SyncError> {
+    // The watermarks are stored last, in the batch's final commit: a crash
+    // before it makes the next poll read (and apply) the same changes again.
+    store.begin_batch();
+    let polled = poll_batched(store, connector, directory, poll, progress).await;
+    end_batch(store, polled)
+}
+
+async fn poll_batched<S: Store>(
     store: &mut S,
     connector: &ConnectorConfig,
     directory: &mut Directory,
@@ -502,6 +536,7 @@ pub async fn poll<S: Store>(
                     },
                 };
                 report.absorb(engine::apply_event(store, connector, directory, &event).await?);
+                store.commit_batch_if_old()?;
             }
             report.absorb(
                 engine::apply_deleted(store, connector, directory, watermark.category, &changes.deleted).await?,
