@@ -67,6 +67,7 @@ pub fn status(config: &Config, json: bool) -> anyhow::Result<()> {
                 });
             }
         }
+        let pending_local_changes = engine::local_changes(&store, connector, state.local_seen)?.len();
         connectors.push(ConnectorStatus {
             name: connector.name.clone(),
             direction: connector.direction.to_string(),
@@ -82,7 +83,7 @@ pub fn status(config: &Config, json: bool) -> anyhow::Result<()> {
             associated: associations.len(),
             disputed: last.get("disputed").and_then(|v| v.as_u64()).unwrap_or(0),
             entry_gone: associations.iter().filter(|a| a.entry_gone).count(),
-            pending_local_changes: engine::local_changes(&store, connector)?.len(),
+            pending_local_changes,
             captures_not_applied: store.pending_captures(&connector.name)?,
         });
     }

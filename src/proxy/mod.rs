@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use rasn_ldap::ResultCode;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
@@ -194,7 +194,7 @@ impl Proxy {
         let mut listeners = Vec::new();
         for listener in &self.shared.settings().config.listen {
             let url = &listener.url;
-            let socket = TcpListener::bind(url.authority())
+            let socket = listen(&url.authority())
                 .await
                 .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {url}: {e}")))?;
             match socket.local_addr() {
@@ -284,4 +284,28 @@ fn refuse(mut stream: TcpStream, listener: &Listener, why: &'static str) -> impl
         }
         let _ = stream.shutdown().await;
     }
+}
+
+/// Connections the kernel queues before ldapsync accepts them (capped by
+/// net.core.somaxconn). The usual default of 128 made a storm of 1,000
+/// clients wait a second each for SYN retransmissions; slapd uses 2,048.
+const LISTEN_BACKLOG: u32 = 2048;
+
+/// Binds `authority` (host:port) and listens, on the first address that works.
+async fn listen(authority: &str) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(authority).await? {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }?;
+        // A restarted ldapsync rebinds at once despite connections in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        match socket.bind(addr).and_then(|()| socket.listen(LISTEN_BACKLOG)) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "the name has no address")))
 }

@@ -178,6 +178,9 @@ pub struct ConnectorState {
     pub out_of_sync: Option<String>,
     /// The last failure of a poll or pass, cleared by the next success.
     pub last_error: Option<String>,
+    /// The last local edit (see [`Store::last_edit`]) the connector's polls
+    /// have compared with the directory.
+    pub local_seen: i64,
 }
 
 /// A write captured by the proxy, journaled until its connector's worker
@@ -283,6 +286,12 @@ pub trait Store {
     fn watermark(&self, connector: &str, category: Category) -> Result<Option<Watermark>, StoreError>;
     /// Stores a poll's new watermarks and the connector's state together.
     fn finish_poll(&mut self, state: &ConnectorState, watermarks: &[Watermark]) -> Result<(), StoreError>;
+
+    /// Objects of a category edited locally (added, edited, freed from an
+    /// association) after local edit number `edit`, in edit order.
+    fn edited_since(&self, category: Category, edit: i64) -> Result<Vec<LocalObject>, StoreError>;
+    /// The number of the latest local edit; sync decisions do not count.
+    fn last_edit(&self) -> Result<i64, StoreError>;
 
     /// Groups the writes that follow into shared transactions until
     /// [`Store::end_batch`]. Each write stays atomic on its own; what a batch

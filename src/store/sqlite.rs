@@ -77,6 +77,16 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX associations_by_dn ON associations (connector, dn COLLATE NOCASE);
     CREATE INDEX journal_by_time ON journal (connector, at);
 "#,
+    // Local edits are numbered, so that a poll reads the objects edited
+    // since the last one instead of comparing every object with its
+    // baseline. Objects from before are numbered 1: the first poll after
+    // the upgrade looks at all of them once.
+    r#"
+    ALTER TABLE objects ADD COLUMN edit INTEGER NOT NULL DEFAULT 0;
+    UPDATE objects SET edit = 1;
+    CREATE INDEX objects_by_edit ON objects (edit);
+    ALTER TABLE connector_state ADD COLUMN local_seen INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 pub struct SqliteStore {
@@ -320,6 +330,16 @@ fn insert_object(conn: &Connection, object: &LocalObject) -> Result<i64, StoreEr
     Ok(conn.last_insert_rowid())
 }
 
+/// Gives the object the next local edit number (see the third migration).
+fn mark_edited(conn: &Connection, id: i64) -> Result<(), StoreError> {
+    cached_execute(
+        conn,
+        "UPDATE objects SET edit = (SELECT coalesce(max(edit), 0) + 1 FROM objects) WHERE id = ?1",
+        [id],
+    )?;
+    Ok(())
+}
+
 fn update_object(conn: &Connection, object: &LocalObject) -> Result<(), StoreError> {
     let clash: Option<i64> = conn
         .query_row(
@@ -378,6 +398,7 @@ impl Store for SqliteStore {
     fn insert_object(&mut self, object: &LocalObject, journal: &JournalEntry) -> Result<i64, StoreError> {
         self.write(|tx| {
             let id = insert_object(tx, object)?;
+            mark_edited(tx, id)?;
             write_journal(tx, journal)?;
             Ok(id)
         })
@@ -386,6 +407,7 @@ impl Store for SqliteStore {
     fn update_object(&mut self, object: &LocalObject, journal: &JournalEntry) -> Result<(), StoreError> {
         self.write(|tx| {
             update_object(tx, object)?;
+            mark_edited(tx, object.id)?;
             write_journal(tx, journal)
         })
     }
@@ -456,6 +478,8 @@ impl Store for SqliteStore {
                 params![connector, object_id],
             )?;
             if removed > 0 {
+                // Free again: the next poll matches it or creates its entry.
+                mark_edited(tx, object_id)?;
                 write_journal(tx, journal)?;
             }
             Ok(removed > 0)
@@ -594,7 +618,7 @@ impl Store for SqliteStore {
         Ok(self
             .conn
             .query_row(
-                "SELECT connector, last_sync_at, last_result, last_poll_at, out_of_sync, last_error
+                "SELECT connector, last_sync_at, last_result, last_poll_at, out_of_sync, last_error, local_seen
                  FROM connector_state WHERE connector = ?1",
                 [connector],
                 |r| {
@@ -605,6 +629,7 @@ impl Store for SqliteStore {
                         last_poll_at: r.get(3)?,
                         out_of_sync: r.get(4)?,
                         last_error: r.get(5)?,
+                        local_seen: r.get(6)?,
                     })
                 },
             )
@@ -750,6 +775,23 @@ impl Store for SqliteStore {
         })
     }
 
+    fn edited_since(&self, category: Category, edit: i64) -> Result<Vec<LocalObject>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {OBJECT_COLUMNS} FROM objects WHERE category = ?1 AND edit > ?2 ORDER BY edit"
+        ))?;
+        let rows = stmt.query_map(params![category.as_str(), edit], object_row)?;
+        rows.map(|r| object_from(r?)).collect()
+    }
+
+    fn last_edit(&self) -> Result<i64, StoreError> {
+        Ok(cached_row(
+            &self.conn,
+            "SELECT coalesce(max(edit), 0) FROM objects",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
     fn begin_batch(&mut self) {
         self.batch.get_or_insert_default();
     }
@@ -785,19 +827,21 @@ impl Store for SqliteStore {
 fn write_state(conn: &Connection, state: &ConnectorState) -> Result<(), StoreError> {
     cached_execute(
         conn,
-        "INSERT INTO connector_state (connector, last_sync_at, last_result, last_poll_at, out_of_sync, last_error)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+        "INSERT INTO connector_state
+           (connector, last_sync_at, last_result, last_poll_at, out_of_sync, last_error, local_seen)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
          ON CONFLICT (connector) DO UPDATE SET
            last_sync_at = excluded.last_sync_at, last_result = excluded.last_result,
            last_poll_at = excluded.last_poll_at, out_of_sync = excluded.out_of_sync,
-           last_error = excluded.last_error",
+           last_error = excluded.last_error, local_seen = excluded.local_seen",
         params![
             state.connector,
             state.last_sync_at,
             state.last_result,
             state.last_poll_at,
             state.out_of_sync,
-            state.last_error
+            state.last_error,
+            state.local_seen
         ],
     )?;
     Ok(())
@@ -925,6 +969,40 @@ mod tests {
         other.insert_object(&account("bob"), &journal("bob", "added")).unwrap();
         assert_eq!(names(&other), ["alice", "bob"]);
         store.end_batch().unwrap();
+    }
+
+    #[test]
+    fn local_edits_are_numbered_and_sync_decisions_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(&dir.path().join("db.sqlite")).unwrap();
+        let edited = |store: &SqliteStore, after| -> Vec<String> {
+            let objects = store.edited_since(Category::Account, after).unwrap();
+            objects.into_iter().map(|o| o.name).collect()
+        };
+        assert_eq!(store.last_edit().unwrap(), 0);
+        let alice = store
+            .insert_object(&account("alice"), &journal("alice", "added"))
+            .unwrap();
+        store.insert_object(&account("bob"), &journal("bob", "added")).unwrap();
+        let seen = store.last_edit().unwrap();
+        assert_eq!(edited(&store, 0), ["alice", "bob"]);
+        assert!(edited(&store, seen).is_empty());
+
+        // A sync decision (imported from the directory) is not a local edit.
+        store
+            .commit(Commit {
+                object: Some(account("carol")),
+                journal: vec![journal("carol", "created-local")],
+                ..Commit::default()
+            })
+            .unwrap();
+        assert!(edited(&store, seen).is_empty());
+
+        let mut changed = store.object_by_id(alice).unwrap().unwrap();
+        changed.values.insert("mail".into(), vec!["alice@example.org".into()]);
+        store.update_object(&changed, &journal("alice", "edited")).unwrap();
+        assert_eq!(edited(&store, seen), ["alice"]);
+        assert!(store.last_edit().unwrap() > seen);
     }
 
     #[test]

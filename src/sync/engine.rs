@@ -983,11 +983,15 @@ enum Window {
 /// Local objects edited since their last sync, and local objects no
 /// connector holds yet (to match by name, or create in the directory): the
 /// local source's change events.
-pub fn local_changes<S: Store>(store: &S, connector: &ConnectorConfig) -> Result<Vec<ChangeEvent>, StoreError> {
+pub fn local_changes<S: Store>(
+    store: &S,
+    connector: &ConnectorConfig,
+    after_edit: i64,
+) -> Result<Vec<ChangeEvent>, StoreError> {
     let mut events = Vec::new();
     for (category, scope) in connector.scopes() {
         let mapping = Mapping { scope, category };
-        for object in store.objects(category)? {
+        for object in store.edited_since(category, after_edit)? {
             let changed = match store.association_by_object(&connector.name, object.id)? {
                 Some(a) => !a.entry_gone && mapping.local_values(&object) != a.baseline,
                 None => store.association_of_object(object.id)?.is_none(),

@@ -513,6 +513,8 @@ async fn poll_batched<S: Store>(
         && !reconcile_due
         && watermarks.len() == connector.scopes().count();
     let started = now();
+    // Read first: what is edited while the poll runs is for the next one.
+    let local_edit = store.last_edit()?;
     let kind = if incremental {
         PollKind::Incremental
     } else {
@@ -544,9 +546,12 @@ async fn poll_batched<S: Store>(
             watermark.value = changes.watermark;
             watermark.updated_at = now();
         }
-        for event in engine::local_changes(&*store, connector)? {
-            report.absorb(engine::apply_event(store, connector, directory, &event).await?);
+        let mut local = Report::default();
+        for event in engine::local_changes(&*store, connector, state.local_seen)? {
+            local.absorb(engine::apply_event(store, connector, directory, &event).await?);
+            store.commit_batch_if_old()?;
         }
+        report.absorb(local);
     } else {
         let options = match poll {
             Poll::Full(options) => options,
@@ -581,6 +586,10 @@ async fn poll_batched<S: Store>(
     }
     state.last_poll_at = Some(started);
     state.last_error = None;
+    // A local change that could not be written is tried again next time.
+    if report.failed == 0 {
+        state.local_seen = local_edit;
+    }
     store.finish_poll(&state, &watermarks)?;
     Ok(PollOutcome {
         kind,
