@@ -57,11 +57,11 @@ fuzz: deps
 	fuzz/run.sh $(FUZZ_SECONDS)
 
 # The benchmarks (bench/run.sh; README "Performance"): installs what they need
-# (slapd, ldap-utils, 389-ds-base for ldclt, time, iproute2), then about 5
-# minutes of runs.
+# (slapd, ldap-utils, 389-ds-base for ldclt, haproxy, time, iproute2), then
+# about 5 minutes of runs.
 # `bench/run.sh --smoke` is a seconds-long version.
 bench: deps
-	@$(call apt_install,389-ds-base time iproute2)
+	@$(call apt_install,389-ds-base haproxy time iproute2)
 	bench/run.sh
 
 lint:

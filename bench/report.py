@@ -11,7 +11,9 @@ import datetime
 import html
 import json
 
-TARGETS = ["slapd", "ldapsync", "ldapsync+cap", "back-ldap", "back-asyncmeta"]
+# haproxy-tcp next to slapd: both are limits (the directory itself, and a
+# relay that does no LDAP work) rather than alternatives to ldapsync.
+TARGETS = ["slapd", "haproxy-tcp", "ldapsync", "ldapsync+cap", "back-ldap", "back-asyncmeta"]
 
 
 def load(path):
@@ -92,6 +94,18 @@ def main():
          {t: get(find(rows, "ldclt", t), "ops_per_s") for t in TARGETS})
     line("connect+bind+search+unbind, 32 at once", "cycles/s", True,
          {t: get(find(rows, "churn", t), "cycles_per_s") for t in TARGETS})
+    storm = {t: find(rows, "storm", t) for t in TARGETS}
+    storm_n = next((r["conns"] for r in storm.values() if r), None)
+    if storm_n:
+        what = f"connection storm, {fmt(storm_n)} clients at once (connect+anonymous bind+search+unbind)"
+        line(f"{what}: time for all", "ms", False,
+             {t: None if r is None else r["secs"] * 1000 for t, r in storm.items()})
+        line(f"{what}: connect → search result, p99", "ms", False,
+             {t: None if r is None or not r["ok"] else r["latency"]["p99_us"] / 1000 for t, r in storm.items()})
+        # Counted, not hidden: a refused or dropped connection in a burst is
+        # the finding (a listen backlog, an accept loop, an upstream limit).
+        line(f"{what}: failed clients", "clients", False,
+             {t: None if r is None else r["failures"] for t, r in storm.items()})
     line("modify, 8 connections: throughput", "ops/s", True,
          {t: get(find(rows, "modify", t), "ops_per_s") for t in TARGETS})
     line("modify, 8 connections: latency p99", "µs", False,
@@ -143,6 +157,12 @@ def main():
     s32 = [l for l in lines if l["label"].startswith("search by uid, 32 connections: throughput")][0]
     r = ratio(s32, "ldapsync")
     goal("throughput via ldapsync ≥ 0.9× direct at 32 connections (ldapsync-bench)",
+         None if r is None else f"{r:.2f}×", None if r is None else r >= 0.9)
+    # Informative, not one of the issue's goals: on a box where every relay
+    # pays two loopback hops, the byte pump is the fairer yardstick.
+    ls, hp = s32["values"].get("ldapsync"), s32["values"].get("haproxy-tcp")
+    r = None if not ls or not hp else ls / hp
+    goal("(informative) ldapsync's throughput ≥ 0.9× a byte-pump relay's (haproxy-tcp) at 32 connections",
          None if r is None else f"{r:.2f}×", None if r is None else r >= 0.9)
     lc = [l for l in lines if l["label"].startswith("ldclt")][0]
     r = ratio(lc, "ldapsync")
@@ -220,7 +240,8 @@ def svg(lines, ratio, present):
     """Grouped horizontal bars: each throughput scenario's ratio to slapd."""
     picked = [l for l in lines if l["higher_is_better"]]
     others = [t for t in present if t != "slapd"]
-    colors = {"ldapsync": "#2b7bb9", "ldapsync+cap": "#7fb3e0", "back-ldap": "#d9822b", "back-asyncmeta": "#b0b0b0"}
+    colors = {"haproxy-tcp": "#6a9f58", "ldapsync": "#2b7bb9", "ldapsync+cap": "#7fb3e0", "back-ldap": "#d9822b",
+              "back-asyncmeta": "#b0b0b0"}
     bar, gap, left, width = 12, 14, 330, 300
     groups = [(l, [t for t in others if ratio(l, t) is not None]) for l in picked]
     groups = [(l, ts) for l, ts in groups if ts]

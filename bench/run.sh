@@ -5,6 +5,8 @@
 # same clients, same data:
 #
 #   targets   slapd          the benchmark slapd, directly (the physical limit)
+#             haproxy-tcp    HAProxy in TCP mode relaying to it: a byte pump that
+#                            parses no LDAP, the limit of any relay on this box
 #             ldapsync       ldapsync relaying to it (no connector)
 #             ldapsync+cap   ldapsync relaying to it with a connector (capture on)
 #             back-ldap      a second slapd, back_ldap pointing at the first
@@ -18,11 +20,12 @@
 # goals) and writes bench/results/latest.json and bench/results/latest.svg.
 #
 # --smoke: 2,000 people, one-second scenarios, a few hundred idle connections,
-# ldclt against ldapsync only; results in bench/results/smoke.json. For CI:
-# it checks that everything runs, the figures mean little.
+# a storm of 200 clients, ldclt against ldapsync only; results in
+# bench/results/smoke.json. For CI: it checks that everything runs, the
+# figures mean little.
 #
 # Needs slapd, slapadd, ldapsearch (slapd, ldap-utils), ldclt (389-ds-base),
-# python3 and cargo; `make bench` installs the packages.
+# haproxy, python3 and cargo; `make bench` installs the packages.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -37,26 +40,32 @@ for arg in "$@"; do
 done
 
 if ((smoke)); then
-    PEOPLE=2000 NGROUPS=20 SECS=1 LAT_OPS=1000 CAP_OPS=30 IDLE=300 IDLE_BIND=100
+    PEOPLE=2000 NGROUPS=20 SECS=1 LAT_OPS=1000 CAP_OPS=30 IDLE=300 IDLE_BIND=100 STORM=200
     LDCLT_TARGETS="ldapsync" LDCLT_THREADS=8 RECON=0 name=smoke
 else
     PEOPLE=${BENCH_PEOPLE:-100000} NGROUPS=${BENCH_GROUPS:-1000} SECS=${BENCH_SECS:-8}
-    LAT_OPS=20000 CAP_OPS=500 IDLE=10000 IDLE_BIND=5000
-    LDCLT_TARGETS="slapd ldapsync back-ldap back-asyncmeta" LDCLT_THREADS=32 RECON=1 name=latest
+    LAT_OPS=20000 CAP_OPS=500 IDLE=10000 IDLE_BIND=5000 STORM=1000
+    LDCLT_TARGETS="slapd haproxy-tcp ldapsync back-ldap back-asyncmeta" LDCLT_THREADS=32 RECON=1 name=latest
 fi
-# Each needs one descriptor per connection (two for ldapsync with upstream).
+# Each needs one descriptor per connection (two for ldapsync with upstream,
+# and for a storm's clients through any relay).
 limit=$(ulimit -n)
 if ((IDLE > limit - 200)); then IDLE=$((limit - 200)); fi
 if ((IDLE_BIND * 2 > limit - 200)); then IDLE_BIND=$(((limit - 200) / 2)); fi
+if ((STORM * 2 > limit - 200)); then STORM=$(((limit - 200) / 2)); fi
+# HAProxy refuses to start when maxconn needs more descriptors than it may
+# open, two per relayed connection and a few of its own.
+HAPROXY_MAXCONN=$(((limit - 200) / 2))
 
-for tool in slapd slapadd ldapsearch ldclt python3 cargo; do
+for tool in slapd slapadd ldapsearch ldclt haproxy python3 cargo; do
     if ! command -v "$tool" >/dev/null && ! [[ -x /usr/sbin/$tool ]]; then
-        echo "run.sh: $tool is missing (make bench installs slapd, ldap-utils and 389-ds-base)" >&2
+        echo "run.sh: $tool is missing (make bench installs slapd, ldap-utils, 389-ds-base and haproxy)" >&2
         exit 1
     fi
 done
 SLAPD=$(command -v slapd || echo /usr/sbin/slapd)
 SLAPADD=$(command -v slapadd || echo /usr/sbin/slapadd)
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 
 say() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
 
@@ -167,8 +176,39 @@ TOML
     wait_ldap "${URL[$1]}" "${PID[$1]}" "$1"
 }
 
-say "starting slapd, ldapsync (relay), ldapsync (capture), back-ldap, back-asyncmeta"
+# HAProxy with its defaults (one thread per core, no logging), in the
+# foreground (-db) so that its pid is the process that relays and is
+# measured. The listen backlog follows maxconn (the kernel caps it at
+# net.core.somaxconn).
+start_haproxy() { # NAME
+    free_port
+    URL[$1]=ldap://127.0.0.1:$port
+    local dir=$work/$1
+    mkdir -p "$dir"
+    cat >"$dir/haproxy.cfg" <<CFG
+global
+    maxconn $HAPROXY_MAXCONN
+
+defaults
+    mode tcp
+    maxconn $HAPROXY_MAXCONN
+    timeout connect 10s
+    timeout client 10m
+    timeout server 10m
+
+listen ldap
+    bind 127.0.0.1:$port
+    server slapd ${URL[slapd]#ldap://}
+CFG
+    "$HAPROXY" -db -f "$dir/haproxy.cfg" >"$dir/haproxy.log" 2>&1 &
+    PID[$1]=$!
+    pids+=("${PID[$1]}")
+    wait_ldap "${URL[$1]}" "${PID[$1]}" "$1"
+}
+
+say "starting slapd, haproxy-tcp, ldapsync (relay), ldapsync (capture), back-ldap, back-asyncmeta"
 start_slapd slapd "$data/slapd.d"
+start_haproxy haproxy-tcp
 start_ldapsync ldapsync 0
 start_ldapsync ldapsync+cap 1
 proxy_slapd back-ldap back-ldap.ldif.in
@@ -194,7 +234,7 @@ bench() { # TARGET ARGS… : one scenario, its JSON tagged with the target
     printf '%s\n' "$out" | python3 -c 'import json,sys; d=json.load(sys.stdin); d["target"]=sys.argv[1]; print(json.dumps(d))' "$target" >>"$results"
 }
 
-proxies="slapd ldapsync back-ldap back-asyncmeta"
+proxies="slapd haproxy-tcp ldapsync back-ldap back-asyncmeta"
 say "(a) search by uid, 1 connection, $LAT_OPS sequential operations"
 for t in $proxies; do bench "$t" latency --ops "$LAT_OPS"; done
 for conns in 32 256; do
@@ -209,6 +249,8 @@ say "(b2) search by uid pipelined: 4 connections with 32 searches in flight each
 for t in $proxies; do bench "$t" pipelined --conns 4 --depth 32 --secs "$SECS"; done
 say "(c) connect + bind + search + unbind, 32 at once, ${SECS}s each"
 for t in $proxies; do bench "$t" churn --conns 32 --secs "$SECS"; done
+say "(c2) connection storm: $STORM clients released at once, each connect + anonymous bind + search + unbind"
+for t in $proxies; do bench "$t" storm --conns "$STORM"; done
 say "(d) modify (replace description) on 999 people, 8 connections, ${SECS}s each"
 for t in slapd ldapsync ldapsync+cap back-ldap; do bench "$t" modify --conns 8 --secs "$SECS" --range 999; done
 say "(e) capture latency: $CAP_OPS modifies through ldapsync until each is in the local store"

@@ -7,7 +7,7 @@
 //! The data is bench/gen-data.sh's: people `uid=userNNNNNN,ou=bulk,…`
 //! (N = 1..=users, password `bulk-secret`).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
-use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, Mod, Scope};
+use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, LdapError, Mod, Scope};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -139,6 +139,18 @@ enum Cmd {
         #[arg(long, default_value_t = 2.0)]
         settle: f64,
     },
+    /// Connection storm: N clients released at once, each connecting,
+    /// binding anonymously, searching once and unbinding; failed clients
+    /// are counted, the run goes on.
+    Storm {
+        #[command(flatten)]
+        c: Common,
+        #[arg(long, default_value_t = 1_000)]
+        conns: usize,
+        /// Give up on one client after this many seconds (a timeout)
+        #[arg(long, default_value_t = 30.0)]
+        timeout_secs: f64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -166,6 +178,7 @@ fn main() -> Result<()> {
             bind,
             settle,
         } => runtime(true)?.block_on(idle(c, conns, pid, bind, settle))?,
+        Cmd::Storm { c, conns, timeout_secs } => runtime(true)?.block_on(storm(c, conns, timeout_secs))?,
     };
     println!("{out}");
     Ok(())
@@ -655,4 +668,95 @@ async fn idle(c: Common, conns: usize, pid: u32, bind: bool, settle: f64) -> Res
               "alive": alive, "rss_before_kib": before, "rss_after_kib": after,
               "bytes_per_conn": per_conn.round()}),
     )
+}
+
+/// All clients wait at a barrier, so their connection attempts reach the
+/// server's accept queue together: what is measured is how the listener
+/// copes with a burst (backlog, accept rate, upstream connections opened at
+/// once), which the churn scenario's steady 32 never shows. A client that
+/// fails is counted by kind and the others go on.
+async fn storm(c: Common, conns: usize, timeout_secs: f64) -> Result<Value> {
+    let barrier = Arc::new(Barrier::new(conns + 1));
+    let limit = Duration::from_secs_f64(timeout_secs);
+    let mut rng = Rng::new(c.seed);
+    let mut tasks = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        let (barrier, url, n) = (barrier.clone(), c.url.clone(), rng.user(c.users));
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            match tokio::time::timeout(limit, storm_client(&url, n)).await {
+                Ok(r) => r,
+                Err(elapsed) => Err(elapsed.into()),
+            }
+        }));
+    }
+    barrier.wait().await;
+    let start = Instant::now();
+    let mut h = hist();
+    let mut kinds = BTreeMap::from([("refused", 0u64), ("reset", 0), ("timeout", 0), ("other", 0)]);
+    for t in tasks {
+        match t.await? {
+            Ok(first) => record(&mut h, first),
+            Err(e) => {
+                let kind = failure_kind(&e);
+                *kinds.entry(kind).or_default() += 1;
+                let failures: u64 = kinds.values().sum();
+                if failures <= 3 {
+                    eprintln!("ldapsync-bench: storm client ({kind}): {e:#}");
+                }
+            }
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let failures: u64 = kinds.values().sum();
+    Ok(
+        json!({"scenario": "storm", "url": c.url, "conns": conns, "secs": secs, "ok": h.len(),
+              "failures": failures, "failure_kinds": kinds, "latency": percentiles(&h)}),
+    )
+}
+
+/// One storm client; returns the time from the start of its connect to the
+/// search's result, all a client waits for (an unbind has no response).
+async fn storm_client(url: &str, n: u32) -> Result<Duration> {
+    let t = Instant::now();
+    let mut ldap = connect(url).await?;
+    ldap.simple_bind("", "").await?.success()?;
+    search_one(&mut ldap, n).await?;
+    let first = t.elapsed();
+    ldap.unbind().await?;
+    Ok(first)
+}
+
+/// The ways a server overwhelmed by a burst turns clients away. ldap3 hides
+/// the socket error of an established connection in its driver task: an
+/// operation on a connection the server closed or reset fails as a closed
+/// channel or a cut-off stream, which is counted as a reset.
+fn failure_kind(e: &anyhow::Error) -> &'static str {
+    for cause in e.chain() {
+        if cause.is::<tokio::time::error::Elapsed>() {
+            return "timeout";
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return io_failure_kind(io);
+        }
+        if let Some(le) = cause.downcast_ref::<LdapError>() {
+            return match le {
+                LdapError::Io { source } => io_failure_kind(source),
+                LdapError::Timeout { .. } => "timeout",
+                LdapError::ResultRecv { .. } | LdapError::OpSend { .. } | LdapError::EndOfStream => "reset",
+                _ => "other",
+            };
+        }
+    }
+    "other"
+}
+
+fn io_failure_kind(e: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        ConnectionRefused => "refused",
+        ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof => "reset",
+        TimedOut => "timeout",
+        _ => "other",
+    }
 }
