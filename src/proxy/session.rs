@@ -1,30 +1,37 @@
 //! One client connection and the upstream connection that serves it.
 //!
-//! Three tasks per session, so that each direction applies TCP back-pressure
-//! on its own and a client that pipelines cannot deadlock the relay:
+//! Two tasks per session, one per direction, so that each applies TCP
+//! back-pressure on its own and a client that pipelines cannot deadlock the
+//! relay:
 //! - the session task reads client PDUs and writes them upstream;
-//! - the upstream task reads directory PDUs and queues them for the client,
-//!   completing operations and handing successful writes to the capture sink;
-//! - the writer task drains that bounded queue to the client socket.
+//! - the responder task reads directory PDUs and writes them to the client,
+//!   completing operations and handing successful writes to the capture
+//!   sink. It also writes what ldapsync answers itself, which the session
+//!   task queues for it (a bounded queue: a client that reads nothing
+//!   pauses the session).
+//!
+//! A response crosses no task boundary: one read from the directory, every
+//! whole PDU in it relayed in one write to the client.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
 use rasn_ldap::ResultCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout};
-use tokio_util::codec::{BytesCodec, FramedRead, FramedWrite};
+use tokio_util::codec::{Decoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
+use super::ber;
 use super::capture::{CaptureLoss, CapturedWrite, WriteKind};
 use super::codec::{FrameError, PduCodec};
 use super::conformance::Checker;
@@ -36,12 +43,18 @@ use crate::metrics::{METRICS, OpLabel, OperationLabels};
 
 type Stream = Box<dyn Io>;
 
-/// PDUs queued for the client before the directory's side is paused.
+/// Messages the session task queues for the responder before it waits.
 const CLIENT_QUEUE: usize = 64;
 
-/// What the writer task is asked to do.
+/// What the session task asks of the responder, in order.
 enum ToClient {
+    /// A message ldapsync answers with itself.
     Pdu(Bytes),
+    /// Relay this directory connection's responses from now on.
+    Upstream(DirectoryReader),
+    /// Relay nothing more from the directory connection (it is being
+    /// closed: StartTLS, or the end of the session).
+    DropUpstream,
     /// Hand the socket back (for StartTLS) once everything before is written.
     Upgrade(oneshot::Sender<(WriteHalf<Stream>, mpsc::Receiver<ToClient>)>),
 }
@@ -102,7 +115,7 @@ impl Inflight {
     }
 }
 
-/// Why the upstream task stopped.
+/// Why the responder stopped relaying the directory connection.
 #[derive(Debug)]
 enum UpstreamEnd {
     /// The directory closed the connection; `noticed` if it said so first
@@ -114,16 +127,34 @@ enum UpstreamEnd {
     ClientGone,
 }
 
+/// The session task's side of the directory connection.
 struct Upstream {
     writer: WriteHalf<Stream>,
+    /// Requests relayed but not written yet: those a client pipelined in
+    /// one read go to the directory in one write.
+    outgoing: BytesMut,
     ended: oneshot::Receiver<UpstreamEnd>,
-    task: JoinHandle<()>,
 }
 
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+/// The responder's side of the directory connection.
+struct DirectoryReader {
+    read: ReadHalf<Stream>,
+    buffer: BytesMut,
+    codec: PduCodec,
+    framing: Framing,
+    /// The directory announced it is closing (a Notice of Disconnection),
+    /// and the client has been told by that notice.
+    noticed: bool,
+    /// Told why the relaying stopped.
+    report: oneshot::Sender<UpstreamEnd>,
+}
+
+/// How the directory's bytes are read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Pdus,
+    /// A SASL security layer wraps them: relayed as they come.
+    Opaque,
 }
 
 /// Why the session ends; decides what the client is told.
@@ -220,7 +251,7 @@ struct Session {
     checker: Option<Arc<Mutex<Checker>>>,
     requests: FramedRead<ReadHalf<Stream>, PduCodec>,
     to_client: mpsc::Sender<ToClient>,
-    writer: JoinHandle<()>,
+    responder: JoinHandle<()>,
     inflight: Arc<Inflight>,
     upstream: Option<Upstream>,
     /// Set once a SASL bind succeeded: from then on, bytes that are not an
@@ -242,11 +273,22 @@ impl Session {
     ) -> Self {
         let (read, write) = tokio::io::split(stream);
         let (to_client, queue) = mpsc::channel(CLIENT_QUEUE);
-        let writer = tokio::spawn(write_client(write, queue, settings.config.io_timeout).in_current_span());
         let checker = shared
             .conformance
             .as_ref()
             .map(|report| Arc::new(Mutex::new(Checker::new(Arc::clone(report), id))));
+        let inflight = Arc::<Inflight>::default();
+        let sasl_bound = Arc::<AtomicBool>::default();
+        let responder = Responder {
+            session: id,
+            peer,
+            checker: checker.clone(),
+            sasl_bound: Arc::clone(&sasl_bound),
+            shared: Arc::clone(&shared),
+            inflight: Arc::clone(&inflight),
+            io_timeout: settings.config.io_timeout,
+        }
+        .spawn(write, queue);
         Session {
             id,
             requests: FramedRead::new(read, PduCodec::new(settings.config.max_client_pdu)),
@@ -257,10 +299,10 @@ impl Session {
             checker,
             shared,
             to_client,
-            writer,
-            inflight: Arc::default(),
+            responder,
+            inflight,
             upstream: None,
-            sasl_bound: Arc::default(),
+            sasl_bound,
             tunneled: false,
         }
     }
@@ -316,6 +358,11 @@ impl Session {
                     if let Some(end) = self.request(pdu).await {
                         return end;
                     }
+                    if !holds_whole_pdu(self.requests.read_buffer())
+                        && let Some(end) = self.write_upstream().await
+                    {
+                        return end;
+                    }
                 }
             }
         }
@@ -344,7 +391,8 @@ impl Session {
             Op::Unbind => {
                 if let Some(upstream) = &mut self.upstream {
                     // Best effort: the directory learns the client left cleanly.
-                    let _ = upstream.writer.write_all(&pdu).await;
+                    upstream.outgoing.extend_from_slice(&pdu);
+                    let _ = self.write_upstream().await;
                 }
                 return Some(End::Unbind);
             }
@@ -389,7 +437,11 @@ impl Session {
                 starttls: self.settings.config.upstream_tls.starttls,
             };
             match upstream::connect(&route).await {
-                Ok(stream) => self.upstream = Some(self.start_upstream(stream)),
+                Ok(stream) => {
+                    if let Some(end) = self.start_upstream(stream).await {
+                        return Some(end);
+                    }
+                }
                 Err(e) => {
                     warn!(error = %e, op = env.op.name(), "request refused: directory unavailable");
                     let diagnostic = format!("ldapsync: {e}");
@@ -416,7 +468,20 @@ impl Session {
             );
         }
         let upstream = self.upstream.as_mut().expect("connected above");
-        match timeout(self.settings.config.io_timeout, upstream.writer.write_all(&pdu)).await {
+        upstream.outgoing.extend_from_slice(&pdu);
+        None
+    }
+
+    /// Writes the requests relayed so far to the directory.
+    async fn write_upstream(&mut self) -> Option<End> {
+        let upstream = self.upstream.as_mut().filter(|u| !u.outgoing.is_empty())?;
+        let written = timeout(
+            self.settings.config.io_timeout,
+            upstream.writer.write_all(&upstream.outgoing),
+        )
+        .await;
+        upstream.outgoing.clear();
+        match written {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(End::UpstreamLost(format!("writing to the directory failed: {e}"))),
             Err(_) => Some(End::UpstreamLost("the directory stopped reading requests".into())),
@@ -424,10 +489,13 @@ impl Session {
     }
 
     /// Relays the client's bytes opaquely once a SASL security layer wraps
-    /// them; the directory side switches on its own (see `UpstreamRelay`).
+    /// them; the directory side switches on its own (see `Responder::relay`).
     async fn tunnel(&mut self, shutdown: &CancellationToken) -> End {
         self.tunneled = true;
         info!("SASL security layer in effect: relaying this session opaquely");
+        if let Some(end) = self.write_upstream().await {
+            return end;
+        }
         self.shared.sink.capture_lost(self.id, CaptureLoss::SecurityLayer);
         let Some(upstream) = self.upstream.as_mut() else {
             return End::ClientClosed;
@@ -515,7 +583,12 @@ impl Session {
         // directory connection that holds it (nothing is in flight on it),
         // so the session continues anonymous, as slapd's own StartTLS does.
         if let Some(mut upstream) = self.upstream.take() {
-            let _ = upstream.writer.write_all(&message::unbind_request()).await;
+            // Nothing awaits a response (see above); an abandon may be pending.
+            upstream.outgoing.extend_from_slice(&message::unbind_request());
+            let _ = upstream.writer.write_all(&upstream.outgoing).await;
+            if self.to_client.send(ToClient::DropUpstream).await.is_err() {
+                return Some(End::ClientClosed);
+            }
         }
         // Take the socket back from the writer once it has written the response.
         let (give, take) = oneshot::channel();
@@ -533,32 +606,45 @@ impl Session {
         };
         let (read, write) = tokio::io::split(stream);
         self.requests = FramedRead::new(read, PduCodec::new(self.settings.config.max_client_pdu));
-        self.writer = tokio::spawn(write_client(write, queue, self.settings.config.io_timeout).in_current_span());
+        self.responder = self.responder_context().spawn(write, queue);
         self.tls = true;
         info!("StartTLS: the session is now under TLS");
         None
     }
 
-    fn start_upstream(&self, stream: Stream) -> Upstream {
-        let (read, writer) = tokio::io::split(stream);
-        let (report, ended) = oneshot::channel();
-        let relay = UpstreamRelay {
+    fn responder_context(&self) -> Responder {
+        Responder {
             session: self.id,
             peer: self.peer,
             checker: self.checker.clone(),
             sasl_bound: Arc::clone(&self.sasl_bound),
             shared: Arc::clone(&self.shared),
             inflight: Arc::clone(&self.inflight),
-            to_client: self.to_client.clone(),
+            io_timeout: self.settings.config.io_timeout,
+        }
+    }
+
+    /// Hands the directory connection's reading side to the responder.
+    async fn start_upstream(&mut self, stream: Stream) -> Option<End> {
+        let (read, writer) = tokio::io::split(stream);
+        let (report, ended) = oneshot::channel();
+        let reader = DirectoryReader {
+            read,
+            buffer: BytesMut::new(),
+            codec: PduCodec::new(self.settings.config.max_upstream_pdu),
+            framing: Framing::Pdus,
+            noticed: false,
+            report,
         };
-        let frames = FramedRead::new(read, PduCodec::new(self.settings.config.max_upstream_pdu));
-        let task = tokio::spawn(
-            async move {
-                let _ = report.send(relay.run(frames).await);
-            }
-            .in_current_span(),
-        );
-        Upstream { writer, ended, task }
+        if self.to_client.send(ToClient::Upstream(reader)).await.is_err() {
+            return Some(End::ClientClosed);
+        }
+        self.upstream = Some(Upstream {
+            writer,
+            outgoing: BytesMut::new(),
+            ended,
+        });
+        None
     }
 
     async fn close(mut self, end: End) {
@@ -582,7 +668,9 @@ impl Session {
             }
         };
         // Stop relaying directory responses before the notice, so it is last.
-        self.upstream = None;
+        if self.upstream.take().is_some() {
+            let _ = self.to_client.send(ToClient::DropUpstream).await;
+        }
         // Inside a SASL security layer a plain-text notice would be garbage.
         if let Some((code, reason)) = notice.filter(|_| !self.tunneled) {
             let _ = self
@@ -591,13 +679,18 @@ impl Session {
                 .await;
         }
         drop(self.to_client);
-        let _ = self.writer.await;
+        let _ = self.responder.await;
         match end {
             End::ClientClosed | End::Unbind => debug!(?end, "session closed"),
             End::TlsFailed(reason) => info!(%reason, "TLS handshake failed; session closed"),
             _ => info!(?end, "session closed"),
         }
     }
+}
+
+/// A whole PDU is buffered: the next request is already here.
+fn holds_whole_pdu(buffer: &[u8]) -> bool {
+    matches!(ber::read_header(buffer), Ok(Some(header)) if buffer.len() >= header.total_len())
 }
 
 async fn upstream_ended(upstream: &mut Option<Upstream>) -> UpstreamEnd {
@@ -617,83 +710,163 @@ fn write_kind(op: Op) -> Option<WriteKind> {
     }
 }
 
-/// The directory-to-client half of a session.
-struct UpstreamRelay {
+/// The directory-to-client half of a session (see the module doc).
+struct Responder {
     session: u64,
     peer: IpAddr,
     checker: Option<Arc<Mutex<Checker>>>,
     sasl_bound: Arc<AtomicBool>,
     shared: Arc<Shared>,
     inflight: Arc<Inflight>,
-    to_client: mpsc::Sender<ToClient>,
+    /// A client that accepts nothing for this long is dropped.
+    io_timeout: Duration,
 }
 
-impl UpstreamRelay {
-    async fn run(self, mut frames: FramedRead<ReadHalf<Stream>, PduCodec>) -> UpstreamEnd {
-        let mut noticed = false;
+/// Bytes read from the directory at a time (more when a PDU needs it).
+const READ_CHUNK: usize = 8 * 1024;
+
+enum Next {
+    Queued(Option<ToClient>),
+    Read(std::io::Result<usize>),
+}
+
+/// The client's connection failed or it stopped reading.
+struct ClientGone;
+
+impl Responder {
+    fn spawn(self, client: WriteHalf<Stream>, queue: mpsc::Receiver<ToClient>) -> JoinHandle<()> {
+        tokio::spawn(self.run(client, queue).in_current_span())
+    }
+
+    async fn run(self, mut client: WriteHalf<Stream>, mut queue: mpsc::Receiver<ToClient>) {
+        let mut directory: Option<DirectoryReader> = None;
+        let mut out = BytesMut::new();
         loop {
-            let pdu = match frames.next().await {
-                None => return UpstreamEnd::Closed { noticed },
-                Some(Err(FrameError::Io(e))) => {
-                    debug!(error = %e, "directory read failed");
-                    return UpstreamEnd::Closed { noticed };
-                }
-                Some(Err(FrameError::NotASequence(_))) if self.sasl_bound.load(Ordering::Acquire) => {
-                    return self.tunnel(frames).await;
-                }
-                Some(Err(e)) => return UpstreamEnd::Failed(e),
-                Some(Ok(pdu)) => pdu,
+            let next = tokio::select! {
+                // The queue first: once the session says DropUpstream,
+                // nothing more from the directory reaches the client.
+                biased;
+                queued = queue.recv() => Next::Queued(queued),
+                read = fill(&mut directory) => Next::Read(read),
             };
-            if let Some(checker) = &self.checker {
-                checker.lock().unwrap_or_else(|e| e.into_inner()).directory(&pdu);
+            match next {
+                // The session is over and everything it queued is written.
+                Next::Queued(None) => break,
+                Next::Queued(Some(ToClient::Pdu(pdu))) => {
+                    if self.write(&mut client, &pdu).await.is_err() {
+                        return client_gone(directory);
+                    }
+                }
+                Next::Queued(Some(ToClient::Upstream(reader))) => directory = Some(reader),
+                Next::Queued(Some(ToClient::DropUpstream)) => directory = None,
+                Next::Queued(Some(ToClient::Upgrade(give))) => {
+                    let _ = give.send((client, queue));
+                    return;
+                }
+                Next::Read(read) => {
+                    let reader = directory
+                        .as_mut()
+                        .expect("only read while relaying a directory connection");
+                    let ended = self.relay(reader, read, &mut out);
+                    // What came before the end (a Notice of Disconnection) still goes out.
+                    if !out.is_empty() {
+                        let written = self.write(&mut client, &out).await;
+                        out.clear();
+                        if written.is_err() {
+                            return client_gone(directory);
+                        }
+                    }
+                    if let Some(end) = ended
+                        && let Some(reader) = directory.take()
+                    {
+                        let _ = reader.report.send(end);
+                    }
+                }
             }
-            METRICS.bytes_to_client.inc_by(pdu.len() as u64);
-            let completed = match Envelope::peek(&pdu) {
-                Ok(env) if env.message_id == 0 && env.op == Op::ExtendedResponse => {
-                    warn!(
-                        result = env.result_code(&pdu),
-                        "unsolicited notification from the directory"
-                    );
-                    noticed = true;
-                    None
-                }
-                Ok(env) if env.op.is_final_response() => {
-                    self.inflight.remove(env.message_id).map(|pending| (env, pending))
-                }
-                Ok(_) => None,
-                // Relayed regardless: the client may understand what we don't.
-                Err(e) => {
-                    debug!(error = %e, "directory PDU not understood; relayed as is");
-                    None
-                }
-            };
-            if self.to_client.send(ToClient::Pdu(pdu.clone())).await.is_err() {
-                return UpstreamEnd::ClientGone;
+        }
+        let _ = client.shutdown().await;
+    }
+
+    /// Takes in what one read from the directory brought: every whole PDU is
+    /// appended to `out`; `Some` when the directory connection is done.
+    fn relay(
+        &self,
+        reader: &mut DirectoryReader,
+        read: std::io::Result<usize>,
+        out: &mut BytesMut,
+    ) -> Option<UpstreamEnd> {
+        let noticed = reader.noticed;
+        match read {
+            Err(e) => {
+                debug!(error = %e, "directory read failed");
+                return Some(UpstreamEnd::Closed { noticed });
             }
-            if let Some((env, pending)) = completed {
-                self.complete(&env, &pdu, pending);
+            Ok(0) if reader.buffer.is_empty() || reader.framing == Framing::Opaque => {
+                return Some(UpstreamEnd::Closed { noticed });
+            }
+            Ok(0) => return Some(UpstreamEnd::Failed(FrameError::Truncated)),
+            Ok(_) => {}
+        }
+        if reader.framing == Framing::Opaque {
+            out.extend_from_slice(&reader.buffer.split());
+            return None;
+        }
+        loop {
+            match reader.codec.decode(&mut reader.buffer) {
+                Ok(Some(pdu)) => self.pdu(reader, &pdu, out),
+                Ok(None) => return None,
+                // The SASL bind negotiated a security layer (see `Session::tunnel`).
+                Err(FrameError::NotASequence(_)) if self.sasl_bound.load(Ordering::Acquire) => {
+                    reader.framing = Framing::Opaque;
+                    out.extend_from_slice(&reader.buffer.split());
+                    return None;
+                }
+                Err(e) => return Some(UpstreamEnd::Failed(e)),
             }
         }
     }
 
-    /// The directory's half of [`Session::tunnel`].
-    async fn tunnel(self, frames: FramedRead<ReadHalf<Stream>, PduCodec>) -> UpstreamEnd {
-        let parts = frames.into_parts();
-        let (mut read, mut chunk) = (parts.io, parts.read_buf);
-        loop {
-            if !chunk.is_empty()
-                && self
-                    .to_client
-                    .send(ToClient::Pdu(chunk.split().freeze()))
-                    .await
-                    .is_err()
-            {
-                return UpstreamEnd::ClientGone;
+    /// One PDU from the directory: checked, counted, its operation completed.
+    fn pdu(&self, reader: &mut DirectoryReader, pdu: &Bytes, out: &mut BytesMut) {
+        if let Some(checker) = &self.checker {
+            checker.lock().unwrap_or_else(|e| e.into_inner()).directory(pdu);
+        }
+        METRICS.bytes_to_client.inc_by(pdu.len() as u64);
+        match Envelope::peek(pdu) {
+            Ok(env) if env.message_id == 0 && env.op == Op::ExtendedResponse => {
+                warn!(
+                    result = env.result_code(pdu),
+                    "unsolicited notification from the directory"
+                );
+                reader.noticed = true;
             }
-            chunk.reserve(16 * 1024);
-            match read.read_buf(&mut chunk).await {
-                Ok(0) | Err(_) => return UpstreamEnd::Closed { noticed: false },
-                Ok(_) => {}
+            Ok(env) if env.op.is_final_response() => {
+                if let Some(pending) = self.inflight.remove(env.message_id) {
+                    self.complete(&env, pdu, pending);
+                }
+            }
+            Ok(_) => {}
+            // Relayed regardless: the client may understand what we don't.
+            Err(e) => debug!(error = %e, "directory PDU not understood; relayed as is"),
+        }
+        out.extend_from_slice(pdu);
+    }
+
+    async fn write(&self, client: &mut WriteHalf<Stream>, bytes: &[u8]) -> Result<(), ClientGone> {
+        // Flushed too: under TLS, written means encrypted and sent.
+        let write = async {
+            client.write_all(bytes).await?;
+            client.flush().await
+        };
+        match timeout(self.io_timeout, write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                debug!(error = %e, "client write failed");
+                Err(ClientGone)
+            }
+            Err(_) => {
+                warn!("client accepted no data within the I/O timeout; dropping it");
+                Err(ClientGone)
             }
         }
     }
@@ -739,46 +912,21 @@ impl UpstreamRelay {
     }
 }
 
-/// Drains the client queue to the socket, coalescing what is ready into one
-/// flush. A client that accepts nothing for `io_timeout` is dropped.
-async fn write_client(write: WriteHalf<Stream>, mut queue: mpsc::Receiver<ToClient>, io_timeout: std::time::Duration) {
-    let mut out = FramedWrite::new(write, BytesCodec::new());
-    let mut next = queue.recv().await;
-    while let Some(item) = next.take() {
-        let pdu = match item {
-            ToClient::Pdu(pdu) => pdu,
-            // Everything queued before it has been written and flushed.
-            ToClient::Upgrade(give) => {
-                let _ = give.send((out.into_inner(), queue));
-                return;
-            }
-        };
-        let batch = async {
-            SinkExt::<Bytes>::feed(&mut out, pdu).await?;
-            loop {
-                match queue.try_recv() {
-                    Ok(ToClient::Pdu(more)) => SinkExt::<Bytes>::feed(&mut out, more).await?,
-                    Ok(other) => {
-                        SinkExt::<Bytes>::flush(&mut out).await?;
-                        return Ok(Some(other));
-                    }
-                    Err(_) => break,
-                }
-            }
-            SinkExt::<Bytes>::flush(&mut out).await.map(|()| None)
-        };
-        match timeout(io_timeout, batch).await {
-            Ok(Ok(Some(other))) => next = Some(other),
-            Ok(Ok(None)) => next = queue.recv().await,
-            Ok(Err(e)) => {
-                debug!(error = %e, "client write failed");
-                return;
-            }
-            Err(_) => {
-                warn!("client accepted no data within the I/O timeout; dropping it");
-                return;
-            }
+/// Reads more of the directory's bytes; never ready without a directory.
+async fn fill(directory: &mut Option<DirectoryReader>) -> std::io::Result<usize> {
+    match directory {
+        Some(reader) => {
+            reader.buffer.reserve(READ_CHUNK);
+            reader.read.read_buf(&mut reader.buffer).await
         }
+        None => std::future::pending().await,
     }
-    let _ = out.into_inner().shutdown().await;
+}
+
+/// Tells the session, through the directory connection's report if there
+/// is one (otherwise its next queued message fails).
+fn client_gone(directory: Option<DirectoryReader>) {
+    if let Some(reader) = directory {
+        let _ = reader.report.send(UpstreamEnd::ClientGone);
+    }
 }
