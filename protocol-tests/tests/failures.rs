@@ -221,6 +221,33 @@ async fn idle_sessions_are_closed_with_a_notice() {
 }
 
 #[tokio::test]
+async fn a_session_in_use_outlives_the_idle_timeout() {
+    let slapd = Slapd::start();
+    let proxy = ProxyHandle::start_with(&[slapd.url()], |c| c.idle_timeout = Duration::from_secs(1));
+    let mut conn = RawConn::connect(proxy.addr()).await;
+    let started = std::time::Instant::now();
+    let mut id = 0;
+    // A request every 200 ms for well over twice the idle timeout.
+    while started.elapsed() < Duration::from_millis(2500) {
+        id += 1;
+        conn.send(&root_dse_search(id)).await;
+        loop {
+            match conn.receive(Duration::from_secs(5)).await {
+                Received::Pdu(pdu) => match decode(&pdu).protocol_op {
+                    ProtocolOp::SearchResDone(_) => break,
+                    ProtocolOp::ExtendedResp(_) => panic!("closed after {:?} in use", started.elapsed()),
+                    _ => {}
+                },
+                other => panic!("no answer to request {id}: {other:?}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let diagnostic = expect_notice_of_disconnection(&mut conn, ResultCode::Unavailable).await;
+    assert!(diagnostic.contains("idle"), "{diagnostic}");
+}
+
+#[tokio::test]
 async fn shutdown_tells_clients_and_stops_listening() {
     let slapd = Slapd::start();
     let mut proxy = ProxyHandle::start(&[slapd.url()]);

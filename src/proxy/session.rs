@@ -315,13 +315,18 @@ impl Session {
 
     async fn relay(&mut self, shutdown: &CancellationToken) -> End {
         let idle_timeout = self.settings.config.idle_timeout;
-        let mut idle_deadline = tokio::time::Instant::now() + idle_timeout;
+        let mut last_request = tokio::time::Instant::now();
+        // One timer for the session, moved only when it fires: re-arming it
+        // at every request would take the runtime's timer lock twice per
+        // operation.
+        let idle = sleep_until(last_request + idle_timeout);
+        tokio::pin!(idle);
         loop {
             let event = tokio::select! {
                 _ = shutdown.cancelled() => Event::Shutdown,
                 end = upstream_ended(&mut self.upstream) => Event::Upstream(end),
                 frame = self.requests.next() => Event::Request(frame),
-                _ = sleep_until(idle_deadline) => Event::Idle,
+                () = &mut idle => Event::Idle,
             };
             match event {
                 Event::Shutdown => return End::Shutdown,
@@ -339,10 +344,14 @@ impl Session {
                     }
                 }
                 Event::Idle => {
-                    if self.inflight.is_empty() {
+                    let idle_until = last_request + idle_timeout;
+                    if idle_until > tokio::time::Instant::now() {
+                        idle.as_mut().reset(idle_until);
+                    } else if self.inflight.is_empty() {
                         return End::Idle;
+                    } else {
+                        idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
                     }
-                    idle_deadline = tokio::time::Instant::now() + idle_timeout;
                 }
                 Event::Request(None) => return End::ClientClosed,
                 Event::Request(Some(Err(FrameError::Io(e)))) => {
@@ -354,7 +363,7 @@ impl Session {
                 }
                 Event::Request(Some(Err(e))) => return End::Malformed(e.to_string()),
                 Event::Request(Some(Ok(pdu))) => {
-                    idle_deadline = tokio::time::Instant::now() + idle_timeout;
+                    last_request = tokio::time::Instant::now();
                     if let Some(end) = self.request(pdu).await {
                         return end;
                     }
