@@ -582,22 +582,24 @@ impl Session {
         let Some(response) = response else {
             return Some(End::Malformed("StartTLS request with an invalid message id".into()));
         };
-        if let Some(end) = self.reply(response).await {
-            return Some(end);
-        }
         if refusal.is_some() {
-            return None;
+            return self.reply(response).await;
         }
         // A bind made in clear text does not carry over into TLS: close the
         // directory connection that holds it (nothing is in flight on it),
         // so the session continues anonymous, as slapd's own StartTLS does.
+        // Before the response: after it, only TLS may reach the client.
         if let Some(mut upstream) = self.upstream.take() {
             // Nothing awaits a response (see above); an abandon may be pending.
             upstream.outgoing.extend_from_slice(&message::unbind_request());
-            let _ = upstream.writer.write_all(&upstream.outgoing).await;
+            let unbind = upstream.writer.write_all(&upstream.outgoing);
+            let _ = timeout(self.settings.config.io_timeout, unbind).await;
             if self.to_client.send(ToClient::DropUpstream).await.is_err() {
                 return Some(End::ClientClosed);
             }
+        }
+        if let Some(end) = self.reply(response).await {
+            return Some(end);
         }
         // Take the socket back from the writer once it has written the response.
         let (give, take) = oneshot::channel();
@@ -657,6 +659,11 @@ impl Session {
     }
 
     async fn close(mut self, end: End) {
+        // Requests already relayed reach the directory, which may answer
+        // them within the shutdown grace period.
+        if !matches!(end, End::UpstreamLost(_)) {
+            let _ = self.write_upstream().await;
+        }
         let notice = match &end {
             End::ClientClosed | End::Unbind | End::TlsFailed(_) => None,
             End::Malformed(reason) => {

@@ -295,16 +295,13 @@ pub trait Store {
 
     /// Groups the writes that follow into shared transactions until
     /// [`Store::end_batch`]. Each write stays atomic on its own; what a batch
-    /// changes is a sync of decisions a crash would make the next poll
-    /// repeat, so it may become durable together, a few hundred at a time,
-    /// instead of one transaction per object.
+    /// holds are decisions a crash would make the next pass repeat, so they
+    /// may become durable together, a few hundred at a time, instead of one
+    /// transaction per object. A batch holds the store's write lock: commit
+    /// it before waiting on anything slow.
     fn begin_batch(&mut self);
     /// Makes everything written so far durable now, and goes on batching.
     fn commit_batch(&mut self) -> Result<(), StoreError>;
-    /// Commits the batch if its transaction has been open a while: called
-    /// between decisions, so that sparse writes in a long pass do not hold
-    /// the write lock for the whole pass.
-    fn commit_batch_if_old(&mut self) -> Result<(), StoreError>;
     /// Commits what the batch holds and ends it.
     fn end_batch(&mut self) -> Result<(), StoreError>;
 }

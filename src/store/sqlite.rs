@@ -87,6 +87,13 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX objects_by_edit ON objects (edit);
     ALTER TABLE connector_state ADD COLUMN local_seen INTEGER NOT NULL DEFAULT 0;
 "#,
+    // The last local edit number, kept apart: max(objects.edit) would go
+    // back when the most recently edited object is deleted, and a later
+    // edit would reuse a number a poll has already seen.
+    r#"
+    CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    INSERT INTO counters VALUES ('local_edit', (SELECT coalesce(max(edit), 0) FROM objects));
+"#,
 ];
 
 pub struct SqliteStore {
@@ -98,16 +105,13 @@ pub struct SqliteStore {
 #[derive(Default)]
 struct Batch {
     held: usize,
-    /// When the transaction holding them began (it holds the write lock).
-    since: Option<Instant>,
+    /// Its transaction is open (and holds the write lock).
+    open: bool,
 }
 
-/// Writes a batch holds before it commits them: enough to save most of the
-/// per-transaction cost (WAL frames, locks)...
+/// Writes a batch holds at most before it commits them: enough to save
+/// most of the per-transaction cost (WAL frames, locks).
 const BATCH_WRITES: usize = 500;
-/// ...and for how long at most, so that other connections (the capture
-/// journal writer) never wait long for the write lock.
-const BATCH_AGE: Duration = Duration::from_millis(200);
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path`, owner-only.
@@ -156,26 +160,46 @@ impl SqliteStore {
     }
 
     /// Runs one atomic write: a transaction of its own, or a savepoint of
-    /// the open batch (which it first opens, if a batch is on).
+    /// the batch's transaction (opened by its first write).
     fn write<T>(&mut self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        if let Some(batch) = &mut self.batch
-            && batch.since.is_none()
-        {
-            // IMMEDIATE: a deferred transaction that reads first could not
-            // take the write lock later if another connection wrote meanwhile.
+        if self.conn.is_autocommit() {
+            // IMMEDIATE: a write that reads first (a name clash check) could
+            // not take the write lock later if another connection wrote
+            // meanwhile, and SQLite would answer BUSY without waiting.
             self.conn.execute_batch("BEGIN IMMEDIATE")?;
-            batch.since = Some(Instant::now());
-        }
-        let savepoint = self.conn.savepoint()?;
-        let value = f(&savepoint)?;
-        savepoint.commit()?;
-        if let Some(batch) = &mut self.batch {
-            batch.held += 1;
-            if batch.held >= BATCH_WRITES {
-                self.commit_batch()?;
+            if let Some(batch) = &mut self.batch {
+                batch.open = true;
             }
         }
-        Ok(value)
+        let written = (|| {
+            let savepoint = self.conn.savepoint()?;
+            let value = f(&savepoint)?;
+            savepoint.commit()?;
+            Ok(value)
+        })();
+        match &mut self.batch {
+            Some(batch) => {
+                batch.held += 1;
+                if batch.held >= BATCH_WRITES {
+                    self.commit_batch()?;
+                }
+            }
+            None => self.finish(written.is_ok())?,
+        }
+        written
+    }
+
+    /// Ends the open transaction: commits it, or rolls it back. A failed
+    /// commit is rolled back too: whole writes or none.
+    fn finish(&mut self, commit: bool) -> Result<(), StoreError> {
+        if commit && let Err(e) = self.conn.execute_batch("COMMIT") {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            return Err(e.into());
+        }
+        if !commit {
+            self.conn.execute_batch("ROLLBACK")?;
+        }
+        Ok(())
     }
 }
 
@@ -330,13 +354,16 @@ fn insert_object(conn: &Connection, object: &LocalObject) -> Result<i64, StoreEr
     Ok(conn.last_insert_rowid())
 }
 
-/// Gives the object the next local edit number (see the third migration).
+/// Gives the object the next local edit number (see the third and fourth
+/// migrations).
 fn mark_edited(conn: &Connection, id: i64) -> Result<(), StoreError> {
-    cached_execute(
+    let edit: i64 = cached_row(
         conn,
-        "UPDATE objects SET edit = (SELECT coalesce(max(edit), 0) + 1 FROM objects) WHERE id = ?1",
-        [id],
+        "UPDATE counters SET value = value + 1 WHERE name = 'local_edit' RETURNING value",
+        [],
+        |r| r.get(0),
     )?;
+    cached_execute(conn, "UPDATE objects SET edit = ?2 WHERE id = ?1", [id, edit])?;
     Ok(())
 }
 
@@ -786,7 +813,7 @@ impl Store for SqliteStore {
     fn last_edit(&self) -> Result<i64, StoreError> {
         Ok(cached_row(
             &self.conn,
-            "SELECT coalesce(max(edit), 0) FROM objects",
+            "SELECT value FROM counters WHERE name = 'local_edit'",
             [],
             |r| r.get(0),
         )?)
@@ -797,30 +824,22 @@ impl Store for SqliteStore {
     }
 
     fn commit_batch(&mut self) -> Result<(), StoreError> {
-        if let Some(batch) = &mut self.batch
-            && batch.since.take().is_some()
-        {
-            batch.held = 0;
-            if let Err(e) = self.conn.execute_batch("COMMIT") {
-                // Whole writes or none: the next poll makes them again.
-                let _ = self.conn.execute_batch("ROLLBACK");
-                return Err(e.into());
+        match &mut self.batch {
+            Some(batch) if batch.open => {
+                batch.open = false;
+                batch.held = 0;
+                // If the commit fails, the batch is lost whole: the next
+                // pass makes its decisions again.
+                self.finish(true)
             }
-        }
-        Ok(())
-    }
-
-    fn commit_batch_if_old(&mut self) -> Result<(), StoreError> {
-        match &self.batch {
-            Some(Batch { since: Some(since), .. }) if since.elapsed() >= BATCH_AGE => self.commit_batch(),
             _ => Ok(()),
         }
     }
 
     fn end_batch(&mut self) -> Result<(), StoreError> {
-        self.commit_batch()?;
+        let committed = self.commit_batch();
         self.batch = None;
-        Ok(())
+        committed
     }
 }
 
@@ -951,27 +970,6 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_with_sparse_writes_does_not_hold_the_write_lock_for_long() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db.sqlite");
-        let mut store = SqliteStore::open(&path).unwrap();
-        let mut other = SqliteStore::open(&path).unwrap();
-        store.begin_batch();
-        store
-            .insert_object(&account("alice"), &journal("alice", "added"))
-            .unwrap();
-        store.commit_batch_if_old().unwrap();
-        assert!(names(&other).is_empty(), "a young batch stays open");
-        std::thread::sleep(BATCH_AGE);
-        store.commit_batch_if_old().unwrap();
-        // The write lock is free: another connection writes without waiting.
-        other.conn.busy_timeout(Duration::ZERO).unwrap();
-        other.insert_object(&account("bob"), &journal("bob", "added")).unwrap();
-        assert_eq!(names(&other), ["alice", "bob"]);
-        store.end_batch().unwrap();
-    }
-
-    #[test]
     fn local_edits_are_numbered_and_sync_decisions_are_not() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = SqliteStore::open(&dir.path().join("db.sqlite")).unwrap();
@@ -1003,6 +1001,16 @@ mod tests {
         store.update_object(&changed, &journal("alice", "edited")).unwrap();
         assert_eq!(edited(&store, seen), ["alice"]);
         assert!(store.last_edit().unwrap() > seen);
+
+        // Numbers never go back, even when the latest edited object goes.
+        let bob = store.object(Category::Account, "bob").unwrap().unwrap();
+        let mut dave = store.object(Category::Account, "carol").unwrap().unwrap();
+        store.update_object(&bob, &journal("bob", "edited")).unwrap();
+        let seen = store.last_edit().unwrap();
+        store.delete_object(bob.id, &journal("bob", "deleted")).unwrap();
+        dave.name = "dave".into();
+        store.update_object(&dave, &journal("dave", "renamed")).unwrap();
+        assert_eq!(edited(&store, seen), ["dave"]);
     }
 
     #[test]

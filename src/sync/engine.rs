@@ -8,11 +8,12 @@
 //! next pass, harmless.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::task::Poll;
 
 use serde::Serialize;
 use thiserror::Error;
 
-use super::directory::{AttrMod, Directory, DirectoryError, Entry};
+use super::directory::{AttrMod, Directory, DirectoryError, Entries, Entry};
 use super::policy::{self, ConflictPolicy, Direction, Fallback, Outcome, Side, Values};
 use super::progress::Progress;
 use crate::config::{ConnectorConfig, DeletePolicy, ENABLED_FIELD, MEMBERS_FIELD, NAME_FIELD, ScopeConfig};
@@ -423,25 +424,52 @@ impl<'a, S: Store> Pass<'a, S> {
         let mut seen = HashSet::new();
         let mut matched_objects = HashSet::new();
         let mut entries = self.directory.stream(scope, "", &[]).await?;
-        while let Some(entry) = entries.next().await? {
-            seen.insert(entry.id.clone());
-            if let Some(association) = self.store.association_by_entry(&self.connector.name, &entry.id)? {
-                matched_objects.insert(association.object_id);
-                self.reconcile(&mapping, association, &entry).await?;
-            } else {
-                let name_taken =
-                    naming_value(&mapping, &entry).is_some_and(|n| naming_counts.get(&n).copied().unwrap_or(0) > 1);
-                if let Some(id) = self.first_sync(&mapping, &entry, name_taken).await? {
-                    matched_objects.insert(id);
+        // The decisions about entries already received are committed
+        // together; see `next_entry` and `apply` for when a batch ends.
+        self.store.begin_batch();
+        let compared = async {
+            while let Some(entry) = self.next_entry(&mut entries).await? {
+                seen.insert(entry.id.clone());
+                if let Some(association) = self.store.association_by_entry(&self.connector.name, &entry.id)? {
+                    matched_objects.insert(association.object_id);
+                    self.reconcile(&mapping, association, &entry).await?;
+                } else {
+                    let name_taken =
+                        naming_value(&mapping, &entry).is_some_and(|n| naming_counts.get(&n).copied().unwrap_or(0) > 1);
+                    if let Some(id) = self.first_sync(&mapping, &entry, name_taken).await? {
+                        matched_objects.insert(id);
+                    }
                 }
+                progress.scanned(&self.report);
             }
-            self.store.commit_batch_if_old()?;
-            progress.scanned(&self.report);
+            Ok::<_, SyncError>(())
         }
+        .await;
+        // What was decided before an error stands: each decision is whole.
+        let ended = self.store.end_batch();
+        compared?;
+        ended?;
         self.vanished(&mapping, &seen).await?;
         self.create_in_directory(&mapping, &matched_objects).await?;
         progress.finished(&self.report);
         Ok(())
+    }
+
+    /// The next entry of a full pass. If the directory has not sent it yet,
+    /// the batch is committed before waiting: the store's write lock is
+    /// never held across the network (other connections to the store —
+    /// the capture journal, the CLI — wait for it at most a few seconds).
+    async fn next_entry(&mut self, entries: &mut Entries) -> Result<Option<Entry>, SyncError> {
+        let mut next = std::pin::pin!(entries.next());
+        let received = std::future::poll_fn(|cx| Poll::Ready(next.as_mut().poll(cx))).await;
+        let entry = match received {
+            Poll::Ready(entry) => entry,
+            Poll::Pending => {
+                self.store.commit_batch()?;
+                next.await
+            }
+        };
+        Ok(entry?)
     }
 
     /// One directory entry seen outside a full pass.
@@ -641,6 +669,8 @@ impl<'a, S: Store> Pass<'a, S> {
         let mut dn = entry.dn.clone();
         let writes_directory = &result != ldap;
         if !self.options.dry_run && writes_directory {
+            // Not across the network with the write lock held.
+            self.store.commit_batch()?;
             match self.write_directory(mapping, entry, ldap, &result).await {
                 Ok(new_dn) => dn = new_dn,
                 Err(e) => {

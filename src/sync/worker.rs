@@ -387,25 +387,6 @@ pub async fn apply_captures<S: Store>(
     connector: &ConnectorConfig,
     directory: &mut Directory,
 ) -> Result<Report, SyncError> {
-    store.begin_batch();
-    let applied = apply_journaled(store, connector, directory).await;
-    end_batch(store, applied)
-}
-
-/// Ends the store's batch however the work in it ended: what was decided
-/// before an error stands, each decision being whole.
-fn end_batch<S: Store, T>(store: &mut S, outcome: Result<T, SyncError>) -> Result<T, SyncError> {
-    let ended = store.end_batch();
-    let value = outcome?;
-    ended?;
-    Ok(value)
-}
-
-async fn apply_journaled<S: Store>(
-    store: &mut S,
-    connector: &ConnectorConfig,
-    directory: &mut Directory,
-) -> Result<Report, SyncError> {
     let mut report = Report::default();
     loop {
         let batch = store.captures(&connector.name, BATCH)?;
@@ -429,7 +410,6 @@ async fn apply_journaled<S: Store>(
             };
             report.absorb(engine::apply_event(store, connector, directory, &event).await?);
             store.remove_capture(capture.id)?;
-            store.commit_batch_if_old()?;
         }
     }
 }
@@ -475,20 +455,6 @@ pub async fn poll<S: Store>(
     poll: Poll,
     progress: &mut dyn Progress,
 ) -> Result<PollOutcome, SyncError> {
-    // The watermarks are stored last, in the batch's final commit: a crash
-    // before it makes the next poll read (and apply) the same changes again.
-    store.begin_batch();
-    let polled = poll_batched(store, connector, directory, poll, progress).await;
-    end_batch(store, polled)
-}
-
-async fn poll_batched<S: Store>(
-    store: &mut S,
-    connector: &ConnectorConfig,
-    directory: &mut Directory,
-    poll: Poll,
-    progress: &mut dyn Progress,
-) -> Result<PollOutcome, SyncError> {
     let (mechanism, server) = poller::detect(directory, connector.poll_mechanism).await?;
     let mut state = store
         .connector_state(&connector.name)?
@@ -521,6 +487,8 @@ async fn poll_batched<S: Store>(
         PollKind::Reconciliation
     };
     let mut report = Report::default();
+    // Failures among the local changes (a full pass: among all its decisions).
+    let local_failed;
     if incremental {
         for watermark in &mut watermarks {
             let scope = connector
@@ -538,7 +506,6 @@ async fn poll_batched<S: Store>(
                     },
                 };
                 report.absorb(engine::apply_event(store, connector, directory, &event).await?);
-                store.commit_batch_if_old()?;
             }
             report.absorb(
                 engine::apply_deleted(store, connector, directory, watermark.category, &changes.deleted).await?,
@@ -549,8 +516,8 @@ async fn poll_batched<S: Store>(
         let mut local = Report::default();
         for event in engine::local_changes(&*store, connector, state.local_seen)? {
             local.absorb(engine::apply_event(store, connector, directory, &event).await?);
-            store.commit_batch_if_old()?;
         }
+        local_failed = local.failed;
         report.absorb(local);
     } else {
         let options = match poll {
@@ -573,6 +540,7 @@ async fn poll_batched<S: Store>(
             }
         }
         report = engine::run_pass(store, connector, directory, options, progress).await?;
+        local_failed = report.failed;
         if options.dry_run {
             return Ok(PollOutcome {
                 kind,
@@ -587,7 +555,7 @@ async fn poll_batched<S: Store>(
     state.last_poll_at = Some(started);
     state.last_error = None;
     // A local change that could not be written is tried again next time.
-    if report.failed == 0 {
+    if local_failed == 0 {
         state.local_seen = local_edit;
     }
     store.finish_poll(&state, &watermarks)?;
