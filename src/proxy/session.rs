@@ -55,8 +55,10 @@ enum ToClient {
     /// Relay nothing more from the directory connection (it is being
     /// closed: StartTLS, or the end of the session).
     DropUpstream,
-    /// Hand the socket back (for StartTLS) once everything before is written.
-    Upgrade(oneshot::Sender<(WriteHalf<Stream>, mpsc::Receiver<ToClient>)>),
+    /// Hand the socket back (for StartTLS) once everything before is
+    /// written, with the queue and the responder, to be started again on
+    /// the TLS stream.
+    Upgrade(oneshot::Sender<(Responder, WriteHalf<Stream>, mpsc::Receiver<ToClient>)>),
 }
 
 /// An operation the directory has not finished answering.
@@ -606,7 +608,7 @@ impl Session {
         if self.to_client.send(ToClient::Upgrade(give)).await.is_err() {
             return Some(End::ClientClosed);
         }
-        let Ok((write, queue)) = take.await else {
+        let Ok((responder, write, queue)) = take.await else {
             return Some(End::ClientClosed);
         };
         let (placeholder, _) = tokio::io::split(Box::new(tokio::io::empty()) as Stream);
@@ -617,22 +619,10 @@ impl Session {
         };
         let (read, write) = tokio::io::split(stream);
         self.requests = FramedRead::new(read, PduCodec::new(self.settings.config.max_client_pdu));
-        self.responder = self.responder_context().spawn(write, queue);
+        self.responder = responder.spawn(write, queue);
         self.tls = true;
         info!("StartTLS: the session is now under TLS");
         None
-    }
-
-    fn responder_context(&self) -> Responder {
-        Responder {
-            session: self.id,
-            peer: self.peer,
-            checker: self.checker.clone(),
-            sasl_bound: Arc::clone(&self.sasl_bound),
-            shared: Arc::clone(&self.shared),
-            inflight: Arc::clone(&self.inflight),
-            io_timeout: self.settings.config.io_timeout,
-        }
     }
 
     /// Hands the directory connection's reading side to the responder.
@@ -776,7 +766,7 @@ impl Responder {
                 Next::Queued(Some(ToClient::Upstream(reader))) => directory = Some(reader),
                 Next::Queued(Some(ToClient::DropUpstream)) => directory = None,
                 Next::Queued(Some(ToClient::Upgrade(give))) => {
-                    let _ = give.send((client, queue));
+                    let _ = give.send((self, client, queue));
                     return;
                 }
                 Next::Read(read) => {
