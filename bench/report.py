@@ -10,6 +10,7 @@ import argparse
 import datetime
 import html
 import json
+import sys
 
 # haproxy-tcp next to slapd: both are limits (the directory itself, and a
 # relay that does no LDAP work) rather than alternatives to ldapsync.
@@ -233,6 +234,13 @@ def main():
         f.write("\n")
     with open(a.svg_out, "w") as f:
         f.write(svg(lines, ratio, present))
+
+    failed = sorted({f"{r.get('target')} {r.get('scenario')}" for r in rows if r.get("failed")})
+    if failed:
+        print("failed: " + ", ".join(failed), file=sys.stderr)
+        # The smoke run is there to show that every scenario still runs.
+        if a.smoke:
+            sys.exit(1)
     print(f"written: {a.json_out}, {a.svg_out}")
 
 
