@@ -384,7 +384,6 @@ impl Session {
         if let Some(checker) = &self.checker {
             checker.lock().unwrap_or_else(|e| e.into_inner()).client(&pdu);
         }
-        METRICS.bytes_from_client.inc_by(pdu.len() as u64);
         let env = match Envelope::peek(&pdu) {
             Ok(env) => env,
             Err(e) => return Some(End::Malformed(format!("undecodable LDAPMessage: {e}"))),
@@ -491,6 +490,7 @@ impl Session {
             upstream.writer.write_all(&upstream.outgoing),
         )
         .await;
+        METRICS.bytes_from_client.inc_by(upstream.outgoing.len() as u64);
         upstream.outgoing.clear();
         match written {
             Ok(Ok(())) => None,
@@ -776,6 +776,7 @@ impl Responder {
                     let ended = self.relay(reader, read, &mut out);
                     // What came before the end (a Notice of Disconnection) still goes out.
                     if !out.is_empty() {
+                        METRICS.bytes_to_client.inc_by(out.len() as u64);
                         let written = self.write(&mut client, &out).await;
                         out.clear();
                         if written.is_err() {
@@ -832,12 +833,11 @@ impl Responder {
         }
     }
 
-    /// One PDU from the directory: checked, counted, its operation completed.
+    /// One PDU from the directory: checked, its operation completed.
     fn pdu(&self, reader: &mut DirectoryReader, pdu: &Bytes, out: &mut BytesMut) {
         if let Some(checker) = &self.checker {
             checker.lock().unwrap_or_else(|e| e.into_inner()).directory(pdu);
         }
-        METRICS.bytes_to_client.inc_by(pdu.len() as u64);
         match Envelope::peek(pdu) {
             Ok(env) if env.message_id == 0 && env.op == Op::ExtendedResponse => {
                 warn!(

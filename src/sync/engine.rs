@@ -697,19 +697,11 @@ impl<'a, S: Store> Pass<'a, S> {
             ..Commit::default()
         })?;
         if writes_directory {
-            self.directory_written()?;
+            // Durable at once, not with its batch: were it lost, the next
+            // pass would not know the directory's values were ours.
+            self.store.commit_batch()?;
         }
         Ok(())
-    }
-
-    /// A decision that wrote to the directory is made durable at once, not
-    /// with its batch: if it were lost, the next pass would not know the
-    /// write was ours (and could, say, create the entry a second time).
-    fn directory_written(&mut self) -> Result<(), StoreError> {
-        if self.options.dry_run {
-            return Ok(());
-        }
-        self.store.commit_batch()
     }
 
     /// Makes the entry hold `result`; returns its DN afterwards.
@@ -996,7 +988,6 @@ impl<'a, S: Store> Pass<'a, S> {
             journal: vec![journal],
             ..Commit::default()
         })?;
-        self.directory_written()?;
         Ok(())
     }
 }
