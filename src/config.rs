@@ -26,8 +26,8 @@ pub enum ConfigError {
     NoUpstream,
     #[error("no listener: set proxy.listen in the config file or pass --listen")]
     NoListener,
-    #[error("proxy.{key} must be greater than zero")]
-    Zero { key: &'static str },
+    #[error("{key} = {value} is out of range: {range}")]
+    OutOfRange { key: String, value: String, range: String },
     #[error("connector {connector:?}: {key}: {message}")]
     Connector {
         connector: String,
@@ -480,8 +480,19 @@ impl ConnectorConfig {
         if self.accounts.is_none() && self.groups.is_none() {
             problems.push(error("accounts".into(), "configure accounts, groups or both".into()));
         }
-        if self.poll_interval.is_zero() {
-            problems.push(error("poll_interval".into(), "must be greater than zero".into()));
+        let day = Duration::from_secs(86_400);
+        for (key, value, min, max) in [
+            ("poll_interval", self.poll_interval, Duration::from_millis(1), 30 * day),
+            (
+                "reconcile_interval",
+                self.reconcile_interval,
+                Duration::ZERO,
+                3650 * day,
+            ),
+        ] {
+            if let Some(ConfigError::OutOfRange { value, range, .. }) = duration_in(key, value, min, max) {
+                problems.push(error(key.into(), format!("{value} is out of range: {range}")));
+            }
         }
         for (category, scope) in self.scopes() {
             let key = |k: &str| format!("{}s.{k}", category.as_str());
@@ -663,34 +674,45 @@ pub struct ConformanceConfig {
 }
 
 /// A listener: `"ldap://host:port"`, or a table with options.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(from = "ListenerSetting")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listener {
     pub url: LdapUrl,
     /// Refuse binds until the session is under TLS (`confidentialityRequired`).
     pub require_tls: bool,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum ListenerSetting {
-    Url(LdapUrl),
-    Table {
-        url: LdapUrl,
-        #[serde(default)]
-        require_tls: bool,
-    },
-}
+/// By hand rather than as an untagged enum, so that a bad value is reported
+/// for what is wrong with it, not as "matches no variant".
+impl<'de> Deserialize<'de> for Listener {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Listener;
 
-impl From<ListenerSetting> for Listener {
-    fn from(setting: ListenerSetting) -> Listener {
-        match setting {
-            ListenerSetting::Url(url) => Listener {
-                url,
-                require_tls: false,
-            },
-            ListenerSetting::Table { url, require_tls } => Listener { url, require_tls },
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a listen URL such as "ldap://127.0.0.1:389", or { url = "…", require_tls = true }"#)
+            }
+
+            fn visit_str<E: serde::de::Error>(self, url: &str) -> Result<Listener, E> {
+                url.parse::<LdapUrl>().map(Listener::from).map_err(E::custom)
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Listener, A::Error> {
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Table {
+                    url: LdapUrl,
+                    #[serde(default)]
+                    require_tls: bool,
+                }
+                let table = Table::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(Listener {
+                    url: table.url,
+                    require_tls: table.require_tls,
+                })
+            }
         }
+        deserializer.deserialize_any(Visitor)
     }
 }
 
@@ -864,39 +886,96 @@ impl Config {
 
     /// Checks what serde cannot: the settings the relay cannot run without.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.proxy_problems().into_iter().next().map_or(Ok(()), Err)
+    }
+
+    /// Every problem of the relay's settings.
+    pub fn proxy_problems(&self) -> Vec<ConfigError> {
         let p = &self.proxy;
+        let mut problems = Vec::new();
         if p.upstream.is_empty() {
-            return Err(ConfigError::NoUpstream);
+            problems.push(ConfigError::NoUpstream);
         }
         if p.listen.is_empty() {
-            return Err(ConfigError::NoListener);
+            problems.push(ConfigError::NoListener);
         }
         if p.tls.is_none()
             && let Some(listener) = p.listen.iter().find(|l| l.url.is_ldaps() || l.require_tls)
         {
-            return Err(ConfigError::NoCertificate {
+            problems.push(ConfigError::NoCertificate {
                 listener: listener.url.to_string(),
             });
         }
         if (p.upstream_tls.client_cert.is_some()) != (p.upstream_tls.client_key.is_some()) {
-            return Err(ConfigError::ClientCertificate);
+            problems.push(ConfigError::ClientCertificate);
         }
-        let nonzero = [
-            ("max_connections", p.max_connections),
-            ("max_connections_per_address", p.max_connections_per_address),
-            ("max_outstanding", p.max_outstanding),
-            ("handshake_timeout", p.handshake_timeout.as_millis() as usize),
-            ("max_client_pdu", p.max_client_pdu),
-            ("max_upstream_pdu", p.max_upstream_pdu),
-            ("connect_timeout", p.connect_timeout.as_millis() as usize),
-            ("io_timeout", p.io_timeout.as_millis() as usize),
-            ("idle_timeout", p.idle_timeout.as_millis() as usize),
+        const MIB: usize = 1024 * 1024;
+        let counts = [
+            ("proxy.max_connections", p.max_connections, 1, MAX_CONNECTIONS),
+            (
+                "proxy.max_connections_per_address",
+                p.max_connections_per_address,
+                1,
+                MAX_CONNECTIONS,
+            ),
+            ("proxy.max_outstanding", p.max_outstanding, 1, 65_536),
+            ("proxy.max_failed_binds", p.max_failed_binds, 0, 1_000_000),
+            ("proxy.max_client_pdu", p.max_client_pdu, 64, 256 * MIB),
+            ("proxy.max_upstream_pdu", p.max_upstream_pdu, 64, 1024 * MIB),
         ];
-        match nonzero.iter().find(|(_, v)| *v == 0) {
-            Some((key, _)) => Err(ConfigError::Zero { key }),
-            None => Ok(()),
-        }
+        problems.extend(
+            counts
+                .into_iter()
+                .filter_map(|(key, value, min, max)| count_in(key, value, min, max)),
+        );
+        let (ms, hour, day) = (
+            Duration::from_millis(1),
+            Duration::from_secs(3600),
+            Duration::from_secs(86_400),
+        );
+        let durations = [
+            ("proxy.handshake_timeout", p.handshake_timeout, ms, hour),
+            ("proxy.connect_timeout", p.connect_timeout, ms, hour),
+            ("proxy.io_timeout", p.io_timeout, ms, hour),
+            ("proxy.idle_timeout", p.idle_timeout, ms, 30 * day),
+            ("proxy.shutdown_grace", p.shutdown_grace, Duration::ZERO, hour),
+            ("proxy.failed_bind_window", p.failed_bind_window, Duration::ZERO, day),
+        ];
+        problems.extend(
+            durations
+                .into_iter()
+                .filter_map(|(key, value, min, max)| duration_in(key, value, min, max)),
+        );
+        problems
     }
+}
+
+/// The most client connections a proxy may be configured to serve at once
+/// (far above what one host's descriptors allow; the runtime's own limit
+/// is higher still).
+const MAX_CONNECTIONS: usize = 1_000_000;
+
+/// `Some` problem when a count is outside `min..=max`.
+fn count_in(key: &str, value: usize, min: usize, max: usize) -> Option<ConfigError> {
+    (!(min..=max).contains(&value)).then(|| ConfigError::OutOfRange {
+        key: key.to_owned(),
+        value: value.to_string(),
+        range: format!("{min} to {max}"),
+    })
+}
+
+/// `Some` problem when a duration is outside `min..=max`: timers are set
+/// by adding durations to the clock, which must not overflow.
+fn duration_in(key: &str, value: Duration, min: Duration, max: Duration) -> Option<ConfigError> {
+    (!(min..=max).contains(&value)).then(|| ConfigError::OutOfRange {
+        key: key.to_owned(),
+        value: format!("\"{}\"", humantime::format_duration(value)),
+        range: format!(
+            "{} to {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ),
+    })
 }
 
 #[cfg(test)]
@@ -998,6 +1077,13 @@ mod tests {
             ),
             (base.replace("conflict = \"merge\"", "conflict = \"mine\""), "conflict"),
             (
+                base.replace(
+                    "direction = \"both\"",
+                    "direction = \"both\"\npoll_interval = \"18446744073709551615s\"",
+                ),
+                "poll_interval: \"",
+            ),
+            (
                 base.replace("direction = \"both\"", "direction = \"sideways\""),
                 "direction",
             ),
@@ -1045,6 +1131,61 @@ mod tests {
         }
         let missing = Config::parse("[proxy]\nlisten = [\"ldap://h\"]", Path::new("c.toml")).unwrap();
         assert!(matches!(missing.validate(), Err(ConfigError::NoUpstream)));
+    }
+
+    #[test]
+    fn a_bad_listen_url_is_reported_for_what_is_wrong_with_it() {
+        let cases = [
+            (r#"listen = ["ldapx://h:1"]"#, "scheme \"ldapx\" is not supported"),
+            (r#"listen = [{ url = "ldap://h/dc=x" }]"#, "remove \"dc=x\""),
+            (
+                r#"listen = [{ url = "ldap://h", require = true }]"#,
+                "unknown field `require`",
+            ),
+            (r#"listen = [5]"#, "a listen URL such as"),
+        ];
+        for (line, needle) in cases {
+            let err = Config::parse(&format!("[proxy]\n{line}"), Path::new("c.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{err:?} should say {needle:?}");
+            assert!(!err.contains("variant"), "{err}");
+        }
+    }
+
+    #[test]
+    fn numbers_and_durations_out_of_range_are_refused_with_their_range() {
+        let base = "[proxy]\nlisten = [\"ldap://h\"]\nupstream = [\"ldap://d\"]\n";
+        let cases = [
+            (
+                "max_connections = 4611686018427387904",
+                "proxy.max_connections = 4611686018427387904 is out of range: 1 to 1000000",
+            ),
+            (
+                "max_client_pdu = 1099511627776",
+                "proxy.max_client_pdu = 1099511627776 is out of range: 64 to 268435456",
+            ),
+            ("max_outstanding = 0", "proxy.max_outstanding = 0 is out of range"),
+            ("idle_timeout = \"18446744073709551615s\"", "proxy.idle_timeout = "),
+            (
+                "connect_timeout = \"0s\"",
+                "proxy.connect_timeout = \"0s\" is out of range: 1ms to 1h",
+            ),
+        ];
+        for (line, needle) in cases {
+            let config = Config::parse(&format!("{base}{line}\n"), Path::new("c.toml")).unwrap();
+            let err = config.validate().expect_err(line).to_string();
+            assert!(err.contains(needle), "{err:?} should say {needle:?}");
+        }
+        let both = Config::parse(
+            &format!("{base}max_outstanding = 0\nio_timeout = \"1000d\"\n"),
+            Path::new("c.toml"),
+        );
+        assert_eq!(
+            both.unwrap().proxy_problems().len(),
+            2,
+            "every problem is reported, not the first"
+        );
     }
 
     #[test]

@@ -116,6 +116,36 @@ fn bad_configuration_is_refused_with_a_precise_message() {
             "max_connections",
         ),
         (
+            "connection limit past what the runtime can count",
+            Some(
+                "[proxy]\nupstream = [\"ldap://h\"]\nlisten = [\"ldap://127.0.0.1:0\"]\nmax_connections = 4611686018427387904\n",
+            ),
+            &[],
+            "proxy.max_connections = 4611686018427387904 is out of range: 1 to 1000000",
+        ),
+        (
+            "PDU limit of a terabyte",
+            Some(
+                "[proxy]\nupstream = [\"ldap://h\"]\nlisten = [\"ldap://127.0.0.1:0\"]\nmax_client_pdu = 1099511627776\n",
+            ),
+            &[],
+            "proxy.max_client_pdu = 1099511627776 is out of range",
+        ),
+        (
+            "idle timeout past the clock",
+            Some(
+                "[proxy]\nupstream = [\"ldap://h\"]\nlisten = [\"ldap://127.0.0.1:0\"]\nidle_timeout = \"18446744073709551615s\"\n",
+            ),
+            &[],
+            "proxy.idle_timeout = ",
+        ),
+        (
+            "listen URL that does not parse",
+            Some("[proxy]\nupstream = [\"ldap://h\"]\nlisten = [{ url = \"ldap://127.0.0.1:0/dc=x\" }]\n"),
+            &[],
+            "remove \"dc=x\"",
+        ),
+        (
             "no upstream",
             None,
             &["--listen", "ldap://127.0.0.1:0"],
@@ -438,6 +468,32 @@ fn check_config_lists_every_problem_with_its_key_and_a_hint() {
         "connectors \"one\" and \"two\" overlap",
         "hint: give each connector its own subtree",
         "4 problem(s)",
+    ] {
+        assert!(out.contains(expected), "{expected:?} missing from:\n{out}");
+    }
+
+    // Values out of range: what serve refuses, check-config reports, all of them.
+    let (ok, out) = check(
+        "ranges",
+        &format!(
+            "{}{}",
+            proxy.replace(
+                "[proxy]\n",
+                "[proxy]\nmax_outstanding = 0\nidle_timeout = \"18446744073709551615s\"\n"
+            ),
+            connector(
+                "example",
+                "ou=people,dc=example,dc=com",
+                "poll_interval = \"18446744073709551615s\""
+            )
+        ),
+    );
+    assert!(!ok, "{out}");
+    for expected in [
+        "proxy.max_outstanding = 0 is out of range: 1 to 65536",
+        "proxy.idle_timeout = \"",
+        "connector \"example\": poll_interval: \"",
+        "3 problem(s)",
     ] {
         assert!(out.contains(expected), "{expected:?} missing from:\n{out}");
     }

@@ -15,7 +15,7 @@ fn hint(problem: &ConfigError) -> &'static str {
         ConfigError::Parse { .. } => "TOML syntax, or a key this version does not know (see the README's reference)",
         ConfigError::NoUpstream => "proxy.upstream = [\"ldap://dir.example.com\"]",
         ConfigError::NoListener => "proxy.listen = [\"ldap://127.0.0.1:3389\"]",
-        ConfigError::Zero { .. } => "limits and timeouts must be positive",
+        ConfigError::OutOfRange { .. } => "limits and timeouts must lie within the range the message gives",
         ConfigError::Overlap { .. } => "give each connector its own subtree, or narrow one of the bases",
         ConfigError::DuplicateConnector(_) => {
             "connector names identify associations and journal lines: make them unique"
@@ -42,7 +42,7 @@ pub fn check(path: &Path) -> bool {
             return false;
         }
     };
-    let mut problems: Vec<ConfigError> = config.validate().err().into_iter().collect();
+    let mut problems = config.proxy_problems();
     problems.extend(config.connector_problems());
     for problem in &problems {
         print_problem(problem);

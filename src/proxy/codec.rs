@@ -8,6 +8,8 @@ use super::ber::{self, BerError};
 
 /// The universal SEQUENCE tag every LDAPMessage starts with.
 const SEQUENCE: u8 = 0x30;
+/// The most a partly received PDU grows its buffer by ahead of its bytes.
+const RESERVE_AHEAD: usize = 64 * 1024;
 
 #[derive(Debug, Error)]
 pub enum FrameError {
@@ -59,7 +61,10 @@ impl Decoder for PduCodec {
             });
         }
         if src.len() < total {
-            src.reserve(total - src.len());
+            // What a header announces is only a promise: grow towards it
+            // by what can arrive next, never by the whole announced length
+            // (a 7-byte header once asked for 64 GiB up front).
+            src.reserve((total - src.len()).min(RESERVE_AHEAD));
             return Ok(None);
         }
         Ok(Some(src.split_to(total).freeze()))
@@ -107,6 +112,15 @@ mod tests {
         let (out, err) = frames(&[0x30, 0x83, 0x10, 0x00, 0x00], 256 * 1024);
         assert!(out.is_empty());
         assert!(matches!(err, Some(FrameError::TooLarge { len, .. }) if len == 0x100000 + 5));
+    }
+
+    #[test]
+    fn an_announced_length_reserves_no_more_than_a_chunk_ahead() {
+        // 64 GiB announced, within a limit that allows it.
+        let mut codec = PduCodec::new(usize::MAX);
+        let mut buf = BytesMut::from(&[0x30, 0x85, 0x10, 0x00, 0x00, 0x00, 0x00][..]);
+        assert!(codec.decode(&mut buf).unwrap().is_none());
+        assert!(buf.capacity() <= 7 + RESERVE_AHEAD, "reserved {} bytes", buf.capacity());
     }
 
     #[test]
