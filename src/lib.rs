@@ -15,3 +15,4 @@ pub mod poller;
 pub mod proxy;
 pub mod store;
 pub mod sync;
+pub mod throttle;

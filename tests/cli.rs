@@ -684,3 +684,58 @@ fn sighup_reloads_the_directory_urls_for_new_sessions_and_refuses_a_broken_file(
         "{log}"
     );
 }
+
+#[test]
+fn a_bind_refused_by_ldapsync_itself_leaves_the_session_anonymous_not_under_the_previous_identity() {
+    use common::raw::{Raw, modify, simple_bind, whoami};
+    let slapd = Slapd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ldapsync.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nlisten = [\"ldap://127.0.0.1:0\"]\nupstream = [\"{}\"]\nmax_failed_binds = 2\n",
+            slapd.url()
+        ),
+    )
+    .unwrap();
+    let served = serve(&["--config", config.to_str().unwrap()]);
+    let (alice, alice_pw) = person("alice");
+    let (bob, bob_pw) = person("bob");
+
+    let mut session = Raw::connect(&served.url);
+    session.send(&[simple_bind(1, &alice, &alice_pw)]);
+    assert_eq!(session.response().unwrap().result, 0);
+    session.send(&[whoami(2)]);
+    assert_eq!(
+        session.response().unwrap().value,
+        Some(format!("dn:{alice}").into_bytes())
+    );
+
+    // Two failed binds from this address, on another connection, reach the limit.
+    let mut guesser = Raw::connect(&served.url);
+    for id in 1..=2 {
+        guesser.send(&[simple_bind(id, &alice, "wrong")]);
+        assert_eq!(guesser.response().unwrap().result, 49, "invalidCredentials");
+    }
+
+    // Alice's session binds again: ldapsync refuses it without asking slapd.
+    session.send(&[simple_bind(3, &bob, &bob_pw)]);
+    let refused = session.response().unwrap();
+    assert_eq!(refused.result, 53, "unwillingToPerform: {refused:?}");
+    session.send(&[whoami(4)]);
+    let who = session.response().unwrap();
+    assert_eq!(who.result, 0, "{who:?}");
+    assert!(
+        who.value.unwrap_or_default().is_empty(),
+        "after a failed bind the session is anonymous, as slapd makes it"
+    );
+    session.send(&[modify(5, 0x04, &alice, "description", "written after a refused bind")]);
+    let write = session.response().unwrap();
+    assert_ne!(
+        write.result, 0,
+        "an anonymous session cannot write alice's entry: {write:?}"
+    );
+    let (exit, _) = served.terminate();
+    assert!(exit.success());
+}

@@ -1012,3 +1012,85 @@ fn a_full_reconciliation_reports_progress_in_plain_lines_when_not_on_a_terminal(
         "no terminal escapes when not on a terminal"
     );
 }
+
+#[test]
+fn a_write_whose_dn_has_an_unusual_tag_is_captured_like_any_other_not_a_reason_to_reconcile() {
+    use common::raw::{Raw, modify, simple_bind};
+    let env = Env::start(BOTH_LDAP_WINS);
+    env.poll_every("1h");
+    let served = env.serve();
+    // An ordinary user modifies her own entry, the DN tagged [APPLICATION 4]
+    // (0x44) instead of OCTET STRING: slapd applies it.
+    let mut alice = Raw::connect(&served.url);
+    alice.send(&[simple_bind(1, ALICE, "alice-secret")]);
+    assert_eq!(alice.response().unwrap().result, 0);
+    for (id, mail) in [(2, "alice@odd-tag.example"), (3, "alice@odd-tag-2.example")] {
+        alice.send(&[modify(id, 0x44, ALICE, "mail", mail)]);
+        assert_eq!(alice.response().unwrap().result, 0, "slapd accepts it");
+        assert!(
+            eventually(|| env.local_field("account", "alice", "mail").as_deref() == Some(mail)),
+            "the capture reaches the local store"
+        );
+    }
+    let journal = env.journal();
+    assert!(
+        journal.contains("account alice\tproxy\tupdated"),
+        "captured, not polled: {journal}"
+    );
+    let status = env.ok(&["status"]);
+    assert!(!status.contains("OUT OF SYNC"), "{status}");
+    let (exit, log) = served.terminate();
+    assert!(exit.success());
+    assert!(!log.contains("out of sync"), "no full comparison was asked for: {log}");
+}
+
+#[test]
+fn a_write_abandoned_in_flight_or_followed_by_a_reused_message_id_still_reaches_the_store() {
+    use common::raw::{Raw, abandon, modify, search_base, simple_bind};
+    let env = Env::start(BOTH_LDAP_WINS);
+    env.poll_every("1h");
+    let served = env.serve();
+
+    // Abandoned in the same write: slapd may apply it or not; the store
+    // must end up as the directory is, without waiting an hour for a poll.
+    let mut alice = Raw::connect(&served.url);
+    alice.send(&[simple_bind(1, ALICE, "alice-secret")]);
+    assert_eq!(alice.response().unwrap().result, 0);
+    alice.send(&[modify(2, 0x04, ALICE, "mail", "alice@abandoned.example"), abandon(3, 2)]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let directory = env.ldap_values(ALICE, "mail");
+    assert!(
+        eventually(|| env.local_field("account", "alice", "mail").map(|m| vec![m]) == Some(directory.clone())),
+        "local store agrees with the directory ({directory:?})"
+    );
+
+    // A search reusing the id of a modify in flight: a protocol error that
+    // ends the session, and the modify, relayed already, is not lost.
+    let mut reuse = Raw::connect(&served.url);
+    reuse.send(&[simple_bind(1, ALICE, "alice-secret")]);
+    assert_eq!(reuse.response().unwrap().result, 0);
+    reuse.send(&[
+        modify(2, 0x04, ALICE, "mail", "alice@reused-id.example"),
+        search_base(2, ALICE),
+    ]);
+    let notice = std::iter::from_fn(|| reuse.response())
+        .find(|r| r.message_id == 0)
+        .expect("a Notice of Disconnection");
+    assert_eq!(notice.result, 2, "protocolError: {notice:?}");
+    assert!(
+        notice.diagnostic.contains("message id 2 is already in use"),
+        "{notice:?}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let directory = env.ldap_values(ALICE, "mail");
+    assert!(
+        eventually(|| env.local_field("account", "alice", "mail").map(|m| vec![m]) == Some(directory.clone())),
+        "local store agrees with the directory ({directory:?})"
+    );
+    let (exit, log) = served.terminate();
+    assert!(exit.success());
+    assert!(
+        log.contains("outcome-unknown write"),
+        "the lost outcome asked for a poll: {log}"
+    );
+}

@@ -52,11 +52,17 @@ async fn operations_past_the_outstanding_limit_are_answered_busy() {
     let (code, why) = result_of(&response_to(&mut conn, 3).await);
     assert_eq!(code, ResultCode::Busy, "{why}");
     assert!(why.contains("too many operations outstanding"), "{why}");
-    // Abandoning one makes room (RFC 4511 §4.11: no response to either).
+    // Abandoning one makes room (RFC 4511 §4.11: no response to either),
+    // once the directory has had a moment to stop it: until then it still
+    // counts, so that abandon-and-ask-again cannot escape the limit.
     let abandon = LdapMessage::new(4, ProtocolOp::AbandonRequest(rasn_ldap::AbandonRequest(1)));
-    conn.send(&protocol_tests::encode(&abandon)).await;
-    conn.send(&root_dse_search(5)).await;
-    assert_eq!(result_of(&response_to(&mut conn, 5).await).0, ResultCode::Success);
+    conn.send(&[protocol_tests::encode(&abandon), root_dse_search(5)].concat())
+        .await;
+    let (code, why) = result_of(&response_to(&mut conn, 5).await);
+    assert_eq!(code, ResultCode::Busy, "the abandoned search still counts: {why}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    conn.send(&root_dse_search(6)).await;
+    assert_eq!(result_of(&response_to(&mut conn, 6).await).0, ResultCode::Success);
 }
 
 #[tokio::test]

@@ -5,8 +5,10 @@
 //! The sink must not block: the sync core's journal sits behind it.
 
 use bytes::Bytes;
-use rasn_ldap::{LdapMessage, ProtocolOp};
 use thiserror::Error;
+
+use super::ber::{self, BerError};
+use super::message::{Envelope, Op};
 
 /// Which write succeeded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +27,12 @@ pub enum CaptureError {
     NotAWrite,
 }
 
+impl From<BerError> for CaptureError {
+    fn from(e: BerError) -> Self {
+        CaptureError::Decode(e.to_string())
+    }
+}
+
 /// A write the directory answered with success, as the client sent it.
 #[derive(Debug, Clone)]
 pub struct CapturedWrite {
@@ -37,25 +45,6 @@ pub struct CapturedWrite {
     pub request: Bytes,
 }
 
-impl CapturedWrite {
-    /// Decodes the request. It may contain credentials (an added
-    /// userPassword): never log what this returns wholesale.
-    pub fn decode(&self) -> Result<LdapMessage, CaptureError> {
-        rasn::ber::decode(&self.request).map_err(|e| CaptureError::Decode(e.to_string()))
-    }
-
-    /// The DN the write was addressed to.
-    pub fn target_dn(&self) -> Result<String, CaptureError> {
-        Ok(match self.decode()?.protocol_op {
-            ProtocolOp::AddRequest(r) => r.entry.0,
-            ProtocolOp::ModifyRequest(r) => r.object.0,
-            ProtocolOp::DelRequest(r) => r.0.0,
-            ProtocolOp::ModDnRequest(r) => r.entry.0,
-            _ => return Err(CaptureError::NotAWrite),
-        })
-    }
-}
-
 /// Where a successful write left its entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Affected {
@@ -65,27 +54,62 @@ pub enum Affected {
     Deleted(String),
 }
 
+/// `newSuperior [0] LDAPDN` of a ModifyDNRequest.
+const NEW_SUPERIOR: u8 = 0x80;
+
 impl CapturedWrite {
+    /// The DN the write was addressed to.
+    pub fn target_dn(&self) -> Result<String, CaptureError> {
+        let (op, contents) = self.op_contents()?;
+        match op {
+            Op::Delete => text(contents),
+            Op::Add | Op::Modify | Op::ModifyDn => text(ber::read_element(contents)?.1),
+            _ => Err(CaptureError::NotAWrite),
+        }
+    }
+
     /// The entry the write affected, as it is after the write.
+    ///
+    /// Read from the request's bytes, as leniently as the directory reads
+    /// them: slapd accepts a DN under any primitive tag (a modify whose DN
+    /// is tagged `[APPLICATION 4]` succeeds), so a strict decoder would
+    /// lose writes that an ordinary user can make at will.
     pub fn affected(&self) -> Result<Affected, CaptureError> {
-        Ok(match self.decode()?.protocol_op {
-            ProtocolOp::AddRequest(r) => Affected::Entry(r.entry.0),
-            ProtocolOp::ModifyRequest(r) => Affected::Entry(r.object.0),
-            ProtocolOp::DelRequest(r) => Affected::Deleted(r.0.0),
-            ProtocolOp::ModDnRequest(r) => {
-                let parent = match r.new_superior {
-                    Some(superior) => superior.0,
-                    None => parent_dn(&r.entry.0).to_owned(),
+        let (op, contents) = self.op_contents()?;
+        Ok(match op {
+            Op::Add | Op::Modify => Affected::Entry(self.target_dn()?),
+            Op::Delete => Affected::Deleted(text(contents)?),
+            Op::ModifyDn => {
+                let (entry_header, entry) = ber::read_element(contents)?;
+                let rest = &contents[entry_header.total_len()..];
+                let (rdn_header, new_rdn) = ber::read_element(rest)?;
+                let rest = &rest[rdn_header.total_len()..];
+                let (delete_old, _) = ber::read_element(rest)?;
+                let rest = &rest[delete_old.total_len()..];
+                let entry = text(entry)?;
+                let parent = match ber::read_element(rest) {
+                    Ok((header, superior)) if header.tag == NEW_SUPERIOR => text(superior)?,
+                    _ => parent_dn(&entry).to_owned(),
                 };
+                let new_rdn = text(new_rdn)?;
                 Affected::Entry(if parent.is_empty() {
-                    r.new_rdn.0
+                    new_rdn
                 } else {
-                    format!("{},{parent}", r.new_rdn.0)
+                    format!("{new_rdn},{parent}")
                 })
             }
             _ => return Err(CaptureError::NotAWrite),
         })
     }
+
+    fn op_contents(&self) -> Result<(Op, &[u8]), CaptureError> {
+        let envelope = Envelope::peek(&self.request).map_err(|e| CaptureError::Decode(e.to_string()))?;
+        Ok((envelope.op, envelope.contents(&self.request)))
+    }
+}
+
+fn text(bytes: &[u8]) -> Result<String, CaptureError> {
+    String::from_utf8(bytes.to_vec()).map_err(|_| CaptureError::Decode("the DN is not UTF-8".into()))
 }
 
 /// The DN without its first RDN (escaped commas stay in the RDN).
@@ -107,6 +131,9 @@ pub enum CaptureLoss {
     /// A SASL security layer (integrity or confidentiality) wraps the
     /// session's traffic: it is relayed opaquely.
     SecurityLayer,
+    /// A write was relayed but its outcome was never seen (abandoned, or
+    /// the session ended first): the directory may have applied it.
+    OutcomeUnknown,
 }
 
 /// Receives successful writes. Called on the session's relay path, so it
@@ -114,8 +141,8 @@ pub enum CaptureLoss {
 pub trait CaptureSink: Send + Sync + 'static {
     fn write_succeeded(&self, write: CapturedWrite);
 
-    /// From now on writes on `session` succeed unseen; only the poller can
-    /// bring them in.
+    /// Writes on `session` succeeded, or may have, unseen; only the poller
+    /// can bring them in.
     fn capture_lost(&self, session: u64, why: CaptureLoss);
 }
 
@@ -155,7 +182,7 @@ impl CaptureSink for LogSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rasn_ldap::{DelRequest, LdapMessage, ModifyDnRequest};
+    use rasn_ldap::{DelRequest, LdapMessage, ModifyDnRequest, ProtocolOp};
 
     fn captured(op: ProtocolOp) -> CapturedWrite {
         let request = rasn::ber::encode(&LdapMessage::new(1, op)).unwrap();
@@ -194,5 +221,26 @@ mod tests {
             captured(delete).affected().unwrap(),
             Affected::Deleted("uid=a,dc=x".into())
         );
+    }
+
+    #[test]
+    fn a_dn_under_another_primitive_tag_is_read_as_the_directory_reads_it() {
+        // A modify of "uid=a,dc=x" (no changes) with the DN tagged
+        // [APPLICATION 4] (0x44) instead of OCTET STRING: slapd applies it.
+        let dn = b"uid=a,dc=x";
+        let mut op = vec![0x44, dn.len() as u8];
+        op.extend_from_slice(dn);
+        op.extend_from_slice(&[0x30, 0x00]);
+        let mut body = vec![0x02, 0x01, 0x05, 0x66, op.len() as u8];
+        body.extend(op);
+        let mut pdu = vec![0x30, body.len() as u8];
+        pdu.extend(body);
+        let write = CapturedWrite {
+            session: 1,
+            message_id: 5,
+            kind: WriteKind::Modify,
+            request: pdu.into(),
+        };
+        assert_eq!(write.affected().unwrap(), Affected::Entry("uid=a,dc=x".into()));
     }
 }

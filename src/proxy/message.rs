@@ -173,7 +173,8 @@ impl Envelope {
         })
     }
 
-    fn contents<'a>(&self, pdu: &'a [u8]) -> &'a [u8] {
+    /// The protocolOp's contents, within the PDU it was peeked from.
+    pub(super) fn contents<'a>(&self, pdu: &'a [u8]) -> &'a [u8] {
         &pdu[self.op_contents.0..self.op_contents.1]
     }
 

@@ -13,7 +13,7 @@
 //! A response crosses no task boundary: one read from the directory, every
 //! whole PDU in it relayed in one write to the client.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,6 +45,9 @@ type Stream = Box<dyn Io>;
 
 /// Messages the session task queues for the responder before it waits.
 const CLIENT_QUEUE: usize = 64;
+/// How long an abandoned operation still counts against `max_outstanding`:
+/// the directory may be finishing it.
+const ABANDONED_GRACE: Duration = Duration::from_secs(1);
 
 /// What the session task asks of the responder, in order.
 enum ToClient {
@@ -101,6 +104,19 @@ impl Inflight {
 
     fn is_empty(&self) -> bool {
         self.ops.lock().unwrap().is_empty()
+    }
+
+    fn contains(&self, id: i64) -> bool {
+        self.ops.lock().unwrap().contains_key(&id)
+    }
+
+    /// Forgets every operation in flight; true if a write was among them.
+    fn abandon_all(&self) -> bool {
+        let mut ops = self.ops.lock().unwrap();
+        let writes = ops.values().any(|p| matches!(p.on_success, OnSuccess::Capture(..)));
+        ops.clear();
+        self.drained.notify_waiters();
+        writes
     }
 
     fn len(&self) -> usize {
@@ -262,6 +278,8 @@ struct Session {
     /// The session relays opaque bytes (a SASL security layer is in effect),
     /// so ldapsync can no longer speak LDAP to the client itself.
     tunneled: bool,
+    /// When recent operations were abandoned (see `outstanding`).
+    abandoned: VecDeque<tokio::time::Instant>,
 }
 
 impl Session {
@@ -306,6 +324,7 @@ impl Session {
             upstream: None,
             sasl_bound,
             tunneled: false,
+            abandoned: VecDeque::new(),
         }
     }
 
@@ -397,6 +416,15 @@ impl Session {
                 env.message_id
             )));
         }
+        // RFC 4511 §4.1.1.1: a message id names one operation at a time.
+        // Relaying a second one would make its response (and the first
+        // one's capture) ambiguous.
+        if env.op.expects_response() && self.inflight.contains(env.message_id) {
+            return Some(End::Malformed(format!(
+                "message id {} is already in use by an operation in progress",
+                env.message_id
+            )));
+        }
         match env.op {
             Op::Unbind => {
                 if let Some(upstream) = &mut self.upstream {
@@ -409,11 +437,18 @@ impl Session {
             // Without a directory connection nothing is in flight to abandon.
             Op::Abandon if self.upstream.is_none() => return None,
             Op::Abandon => {
-                if let Some(target) = env.abandoned_id(&pdu) {
-                    // An abandoned operation gets no further response.
-                    self.inflight.remove(target);
+                // An abandoned operation gets no further response; a write
+                // may have been applied all the same, unseen.
+                if let Some(target) = env.abandoned_id(&pdu)
+                    && let Some(pending) = self.inflight.remove(target)
+                {
+                    self.abandoned.push_back(tokio::time::Instant::now());
+                    if matches!(pending.on_success, OnSuccess::Capture(..)) {
+                        self.shared.sink.capture_lost(self.id, CaptureLoss::OutcomeUnknown);
+                    }
                 }
             }
+
             Op::Extended if env.extended_name(&pdu) == Some(STARTTLS_OID.as_bytes()) => {
                 return self.start_tls(&env).await;
             }
@@ -421,7 +456,7 @@ impl Session {
             Op::Bind if self.listener.require_tls && !self.tls && !env.is_anonymous_bind(&pdu) => {
                 info!("bind refused: this listener requires TLS first");
                 let why = "ldapsync: this listener requires TLS (StartTLS or ldaps://) before a bind";
-                return self.refuse(&env, ResultCode::ConfidentialityRequired, why).await;
+                return self.refuse_bind(&env, ResultCode::ConfidentialityRequired, why).await;
             }
             Op::Bind => {
                 if let Some(wait) = self.shared.failed_binds.blocked(self.peer) {
@@ -430,12 +465,12 @@ impl Session {
                         "ldapsync: too many failed binds from your address; retry in {} s",
                         wait.as_secs() + 1
                     );
-                    return self.refuse(&env, ResultCode::UnwillingToPerform, &why).await;
+                    return self.refuse_bind(&env, ResultCode::UnwillingToPerform, &why).await;
                 }
             }
             _ => {}
         }
-        if env.op.expects_response() && self.inflight.len() >= self.settings.config.max_outstanding {
+        if env.op.expects_response() && self.outstanding() >= self.settings.config.max_outstanding {
             let why = "ldapsync: too many operations outstanding on this connection";
             return self.refuse(&env, ResultCode::Busy, why).await;
         }
@@ -544,6 +579,46 @@ impl Session {
         }
     }
 
+    /// Operations the directory may still be working on: those in flight,
+    /// and those abandoned within the last `ABANDONED_GRACE` (abandon then
+    /// request again must not escape `max_outstanding`).
+    fn outstanding(&mut self) -> usize {
+        let now = tokio::time::Instant::now();
+        while self.abandoned.front().is_some_and(|at| now - *at > ABANDONED_GRACE) {
+            self.abandoned.pop_front();
+        }
+        self.inflight.len() + self.abandoned.len()
+    }
+
+    /// Refuses a bind that ldapsync answers itself. A failed bind leaves a
+    /// session anonymous (RFC 4513 §5.1; slapd does so), so the directory
+    /// connection, bound as whoever bound before, is closed: the next
+    /// request opens a fresh, anonymous one. Operations still in flight
+    /// on it are abandoned, as a bind abandons them (RFC 4511 §4.2.1).
+    async fn refuse_bind(&mut self, request: &Envelope, code: ResultCode, why: &str) -> Option<End> {
+        if let Some(end) = self.end_directory_session().await {
+            return Some(end);
+        }
+        self.refuse(request, code, why).await
+    }
+
+    /// Closes the directory connection (with an unbind), so that whatever
+    /// identity it holds ends with it; writes in flight on it are reported
+    /// to the capture sink as of unknown outcome.
+    async fn end_directory_session(&mut self) -> Option<End> {
+        let mut upstream = self.upstream.take()?;
+        upstream.outgoing.extend_from_slice(&message::unbind_request());
+        let unbind = upstream.writer.write_all(&upstream.outgoing);
+        let _ = timeout(self.settings.config.io_timeout, unbind).await;
+        if self.to_client.send(ToClient::DropUpstream).await.is_err() {
+            return Some(End::ClientClosed);
+        }
+        if self.inflight.abandon_all() {
+            self.shared.sink.capture_lost(self.id, CaptureLoss::OutcomeUnknown);
+        }
+        None
+    }
+
     /// Answers a request with an error instead of relaying it.
     async fn refuse(&mut self, request: &Envelope, code: ResultCode, why: &str) -> Option<End> {
         match message::error_response(request, code, why) {
@@ -591,14 +666,9 @@ impl Session {
         // directory connection that holds it (nothing is in flight on it),
         // so the session continues anonymous, as slapd's own StartTLS does.
         // Before the response: after it, only TLS may reach the client.
-        if let Some(mut upstream) = self.upstream.take() {
-            // Nothing awaits a response (see above); an abandon may be pending.
-            upstream.outgoing.extend_from_slice(&message::unbind_request());
-            let unbind = upstream.writer.write_all(&upstream.outgoing);
-            let _ = timeout(self.settings.config.io_timeout, unbind).await;
-            if self.to_client.send(ToClient::DropUpstream).await.is_err() {
-                return Some(End::ClientClosed);
-            }
+        // Nothing awaits a response (see above); an abandon may be pending.
+        if let Some(end) = self.end_directory_session().await {
+            return Some(end);
         }
         if let Some(end) = self.reply(response).await {
             return Some(end);
@@ -686,6 +756,9 @@ impl Session {
         }
         drop(self.to_client);
         let _ = self.responder.await;
+        if self.inflight.abandon_all() {
+            self.shared.sink.capture_lost(self.id, CaptureLoss::OutcomeUnknown);
+        }
         match end {
             End::ClientClosed | End::Unbind => debug!(?end, "session closed"),
             End::TlsFailed(reason) => info!(%reason, "TLS handshake failed; session closed"),

@@ -28,6 +28,7 @@ use crate::metrics::{ChangeLabels, ConflictLabels, METRICS, OutcomeLabel, PollLa
 use crate::poller::{self, Mechanism};
 use crate::proxy::capture::{Affected, CaptureLoss, CaptureSink, CapturedWrite};
 use crate::store::{Capture, CaptureKind, Category, ChangeSource, ConnectorState, SqliteStore, Store, Watermark, now};
+use crate::throttle::Throttle;
 
 /// Captured writes waiting for the journal writer; past this, the
 /// connectors concerned resynchronize with a full comparison instead.
@@ -40,6 +41,8 @@ const BATCH: usize = 512;
 pub struct CaptureRouter {
     routes: Arc<Vec<Route>>,
     journal: mpsc::Sender<Capture>,
+    /// For warnings about writes that could not be captured.
+    warnings: Throttle,
 }
 
 /// One connector as the capture side sees it.
@@ -48,12 +51,29 @@ struct Route {
     scopes: Vec<(Category, String)>,
     /// Wakes the worker: captures were journaled.
     captured: Notify,
+    /// Asks the worker for an incremental poll soon: a write may have
+    /// succeeded that the capture path could not read.
+    poll: Notify,
     /// Wakes the worker for a full comparison, with the reason in `lost`.
     resync: Notify,
     lost: Mutex<Option<String>>,
+    /// For "out of sync" warnings, which a full queue can repeat per write.
+    warnings: Throttle,
 }
 
 impl Route {
+    fn new(connector: String, scopes: Vec<(Category, String)>) -> Route {
+        Route {
+            connector,
+            scopes,
+            captured: Notify::new(),
+            poll: Notify::new(),
+            resync: Notify::new(),
+            lost: Mutex::new(None),
+            warnings: Throttle::new(WARNING_INTERVAL),
+        }
+    }
+
     fn category_of(&self, dn: &str) -> Option<Category> {
         self.scopes
             .iter()
@@ -63,12 +83,29 @@ impl Route {
 
     /// A change could not be journaled: the connector compares everything.
     fn out_of_sync(&self, reason: String) {
-        warn!(
-            connector = self.connector,
-            reason, "connector out of sync; a full comparison follows"
-        );
+        if let Some(held_back) = self.warnings.allow() {
+            warn!(
+                connector = self.connector,
+                reason, held_back, "connector out of sync; a full comparison follows"
+            );
+        }
         *self.lost.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
         self.resync.notify_one();
+    }
+}
+
+/// The least time between two warnings of one kind (see `Throttle`).
+const WARNING_INTERVAL: Duration = Duration::from_secs(60);
+
+impl CaptureRouter {
+    /// A write may have reached the directory unseen: every connector
+    /// polls soon (a poll is cheap; the worker spaces them out).
+    fn poll_all(&self, what: &'static str, detail: &dyn std::fmt::Display) {
+        METRICS.captures.get_or_create(&OutcomeLabel { outcome: what }).inc();
+        if let Some(held_back) = self.warnings.allow() {
+            warn!(%detail, held_back, "{what} write: the next poll brings it in, and comes soon");
+        }
+        self.routes.iter().for_each(|r| r.poll.notify_one());
     }
 }
 
@@ -76,11 +113,7 @@ impl CaptureSink for CaptureRouter {
     fn write_succeeded(&self, write: CapturedWrite) {
         let affected = match write.affected() {
             Ok(affected) => affected,
-            Err(error) => {
-                let reason = format!("captured write unreadable: {error}");
-                self.routes.iter().for_each(|r| r.out_of_sync(reason.clone()));
-                return;
-            }
+            Err(error) => return self.poll_all("unreadable", &error),
         };
         let (kind, dn) = match affected {
             Affected::Entry(dn) => (CaptureKind::Written, dn),
@@ -114,11 +147,23 @@ impl CaptureSink for CaptureRouter {
     }
 
     fn capture_lost(&self, session: u64, why: CaptureLoss) {
-        warn!(
-            session,
-            ?why,
-            "writes on this session are not captured; the next poll brings them in"
-        );
+        match why {
+            CaptureLoss::OutcomeUnknown => self.poll_all("outcome-unknown", &format!("session {session}")),
+            CaptureLoss::SecurityLayer => {
+                METRICS
+                    .captures
+                    .get_or_create(&OutcomeLabel {
+                        outcome: "security-layer",
+                    })
+                    .inc();
+                if let Some(held_back) = self.warnings.allow() {
+                    warn!(
+                        session,
+                        held_back, "writes on this session are not captured (SASL security layer); polls bring them in"
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -129,12 +174,11 @@ pub fn start(config: &Config, shutdown: CancellationToken, tasks: &TaskTracker) 
         config
             .connectors
             .iter()
-            .map(|c| Route {
-                connector: c.name.clone(),
-                scopes: c.scopes().map(|(category, s)| (category, s.base.clone())).collect(),
-                captured: Notify::new(),
-                resync: Notify::new(),
-                lost: Mutex::new(None),
+            .map(|c| {
+                Route::new(
+                    c.name.clone(),
+                    c.scopes().map(|(category, s)| (category, s.base.clone())).collect(),
+                )
             })
             .collect(),
     );
@@ -148,6 +192,7 @@ pub fn start(config: &Config, shutdown: CancellationToken, tasks: &TaskTracker) 
             store_path: config.store.path.clone(),
             connect_timeout: config.proxy.connect_timeout,
             directory: None,
+            last_reconcile: None,
         };
         let span = tracing::info_span!("connector", name = route.connector);
         tasks.spawn(
@@ -156,7 +201,11 @@ pub fn start(config: &Config, shutdown: CancellationToken, tasks: &TaskTracker) 
                 .instrument(span),
         );
     }
-    CaptureRouter { routes, journal }
+    CaptureRouter {
+        routes,
+        journal,
+        warnings: Throttle::new(WARNING_INTERVAL),
+    }
 }
 
 /// The journal writer: appends captures in batches until the proxy is gone.
@@ -211,6 +260,8 @@ struct Worker {
     store_path: PathBuf,
     connect_timeout: Duration,
     directory: Option<Directory>,
+    /// When this worker last compared every entry.
+    last_reconcile: Option<Instant>,
 }
 
 impl Worker {
@@ -222,16 +273,31 @@ impl Worker {
         let interval = self.connector.poll_interval;
         let mut backoff = Duration::from_secs(1);
         let mut next_poll = Instant::now();
+        let mut last_poll = Instant::now();
         loop {
             let outcome = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = route.captured.notified() => self.captures(&mut store).await,
+                _ = route.poll.notified() => {
+                    // Soon, but however often it is asked for, no more than
+                    // one poll per spacing.
+                    next_poll = next_poll.min(last_poll + POLL_SPACING);
+                    continue;
+                }
                 _ = route.resync.notified() => {
                     let reason = route.lost.lock().unwrap_or_else(|e| e.into_inner()).take();
-                    self.resync(&mut store, reason.unwrap_or_else(|| "capture lost".into())).await
+                    let reason = reason.unwrap_or_else(|| "capture lost".into());
+                    // Marked at once (status shows it; the next poll is a
+                    // full comparison), run no sooner than the spacing
+                    // after the last one: however many captures are lost,
+                    // one reconciliation is queued at most.
+                    let earliest = self.last_reconcile.map_or_else(Instant::now, |at| at + RECONCILE_SPACING);
+                    next_poll = next_poll.min(earliest.max(Instant::now()));
+                    store.mark_out_of_sync(&self.connector.name, &reason).map_err(SyncError::from)
                 }
                 _ = sleep_until(next_poll) => {
-                    next_poll = Instant::now() + interval;
+                    last_poll = Instant::now();
+                    next_poll = last_poll + interval;
                     self.poll(&mut store).await
                 }
             };
@@ -286,11 +352,6 @@ impl Worker {
         self.timed_poll(store, Poll::Due).await
     }
 
-    async fn resync(&mut self, store: &mut SqliteStore, reason: String) -> Result<(), SyncError> {
-        store.mark_out_of_sync(&self.connector.name, &reason)?;
-        self.timed_poll(store, Poll::Due).await
-    }
-
     async fn timed_poll(&mut self, store: &mut SqliteStore, kind: Poll) -> Result<(), SyncError> {
         let directory = connected(&mut self.directory, &self.connector, self.connect_timeout).await?;
         let started = std::time::Instant::now();
@@ -306,9 +367,17 @@ impl Worker {
             .observe(started.elapsed().as_secs_f64());
         record(&self.connector, ChangeSource::Poll, &outcome.report);
         log_report(outcome.kind.as_str(), &outcome.report);
+        if outcome.kind == PollKind::Reconciliation {
+            self.last_reconcile = Some(Instant::now());
+        }
         Ok(())
     }
 }
+
+/// The least time between two polls that lost captures ask for.
+const POLL_SPACING: Duration = Duration::from_secs(1);
+/// The least time between two full comparisons that lost captures ask for.
+const RECONCILE_SPACING: Duration = Duration::from_secs(60);
 
 fn record_error(store: &mut SqliteStore, connector: &str, error: &SyncError) {
     let mut state = store
@@ -586,14 +655,12 @@ mod tests {
     async fn a_full_capture_queue_marks_the_connector_out_of_sync_instead_of_blocking() {
         let (journal, mut queue) = mpsc::channel(1);
         let router = CaptureRouter {
-            routes: Arc::new(vec![Route {
-                connector: "example".into(),
-                scopes: vec![(Category::Account, "ou=people,dc=example,dc=com".into())],
-                captured: Notify::new(),
-                resync: Notify::new(),
-                lost: Mutex::new(None),
-            }]),
+            routes: Arc::new(vec![Route::new(
+                "example".into(),
+                vec![(Category::Account, "ou=people,dc=example,dc=com".into())],
+            )]),
             journal,
+            warnings: Throttle::new(WARNING_INTERVAL),
         };
         router.write_succeeded(deleted("uid=outside,dc=example,dc=com"));
         router.write_succeeded(deleted("uid=a,ou=people,dc=example,dc=com"));

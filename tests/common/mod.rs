@@ -140,3 +140,157 @@ pub fn eventually(mut condition: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+/// A client that writes LDAP PDUs byte by byte, for requests that no
+/// well-behaved client library sends (odd tags, reused message ids,
+/// pipelined abandons).
+pub mod raw {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    pub struct Raw(TcpStream);
+
+    /// What a response says.
+    #[derive(Debug)]
+    pub struct Response {
+        pub message_id: u8,
+        /// The protocolOp's tag, e.g. 0x67 for a ModifyResponse.
+        pub op: u8,
+        pub result: u8,
+        pub diagnostic: String,
+        /// An extended response's value ([11]).
+        pub value: Option<Vec<u8>>,
+    }
+
+    impl Raw {
+        pub fn connect(url: &str) -> Raw {
+            let addr = url.trim_start_matches("ldap://");
+            let stream = TcpStream::connect(addr).expect("connecting to ldapsync");
+            stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            Raw(stream)
+        }
+
+        /// Writes the PDUs in one write, as a pipelining client does.
+        pub fn send(&mut self, pdus: &[Vec<u8>]) {
+            self.0.write_all(&pdus.concat()).unwrap();
+        }
+
+        /// The next PDU; `None` when the connection closes.
+        pub fn response(&mut self) -> Option<Response> {
+            let mut head = [0u8; 2];
+            self.0.read_exact(&mut head).ok()?;
+            assert_eq!(head[0], 0x30, "an LDAPMessage");
+            let len = if head[1] < 0x80 {
+                usize::from(head[1])
+            } else {
+                let mut octets = vec![0u8; usize::from(head[1] & 0x7f)];
+                self.0.read_exact(&mut octets).ok()?;
+                octets.iter().fold(0, |acc, &b| (acc << 8) | usize::from(b))
+            };
+            let mut body = vec![0u8; len];
+            self.0.read_exact(&mut body).ok()?;
+            let (id, rest) = element(&body);
+            let (op_tag, op) = (rest[0], element(rest).0);
+            let (code, rest) = element(op);
+            let (_matched, rest) = element(rest);
+            let (diagnostic, mut rest) = element(rest);
+            let mut value = None;
+            while !rest.is_empty() {
+                let tag = rest[0];
+                let (contents, next) = element(rest);
+                if tag == 0x8b {
+                    value = Some(contents.to_vec());
+                }
+                rest = next;
+            }
+            Some(Response {
+                message_id: id.last().copied().unwrap_or(0),
+                op: op_tag,
+                result: code.last().copied().unwrap_or(0),
+                diagnostic: String::from_utf8_lossy(diagnostic).into_owned(),
+                value,
+            })
+        }
+    }
+
+    /// (contents, what follows) of the BER element at the start of `buf`.
+    fn element(buf: &[u8]) -> (&[u8], &[u8]) {
+        let (len, header) = if buf[1] < 0x80 {
+            (usize::from(buf[1]), 2)
+        } else {
+            let n = usize::from(buf[1] & 0x7f);
+            (
+                buf[2..2 + n].iter().fold(0, |acc, &b| (acc << 8) | usize::from(b)),
+                2 + n,
+            )
+        };
+        (&buf[header..header + len], &buf[header + len..])
+    }
+
+    pub fn tlv(tag: u8, contents: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        if contents.len() < 0x80 {
+            out.push(contents.len() as u8);
+        } else {
+            out.push(0x84);
+            out.extend((contents.len() as u32).to_be_bytes());
+        }
+        out.extend_from_slice(contents);
+        out
+    }
+
+    fn message(id: u8, op: Vec<u8>) -> Vec<u8> {
+        tlv(0x30, &[tlv(0x02, &[id]), op].concat())
+    }
+
+    pub fn simple_bind(id: u8, dn: &str, password: &str) -> Vec<u8> {
+        let bind = [
+            tlv(0x02, &[3]),
+            tlv(0x04, dn.as_bytes()),
+            tlv(0x80, password.as_bytes()),
+        ]
+        .concat();
+        message(id, tlv(0x60, &bind))
+    }
+
+    /// The "Who am I?" extended operation (RFC 4532).
+    pub fn whoami(id: u8) -> Vec<u8> {
+        message(id, tlv(0x77, &tlv(0x80, b"1.3.6.1.4.1.4203.1.11.3")))
+    }
+
+    /// A modify replacing `attr` with `value`, its DN under `dn_tag`
+    /// (0x04, OCTET STRING, is what RFC 4511 says).
+    pub fn modify(id: u8, dn_tag: u8, dn: &str, attr: &str, value: &str) -> Vec<u8> {
+        let replace = [
+            tlv(0x0a, &[2]),
+            tlv(
+                0x30,
+                &[tlv(0x04, attr.as_bytes()), tlv(0x31, &tlv(0x04, value.as_bytes()))].concat(),
+            ),
+        ]
+        .concat();
+        let op = [tlv(dn_tag, dn.as_bytes()), tlv(0x30, &tlv(0x30, &replace))].concat();
+        message(id, tlv(0x66, &op))
+    }
+
+    /// A base search of `dn` for its object classes.
+    pub fn search_base(id: u8, dn: &str) -> Vec<u8> {
+        let op = [
+            tlv(0x04, dn.as_bytes()),
+            tlv(0x0a, &[0]),
+            tlv(0x0a, &[0]),
+            tlv(0x02, &[0]),
+            tlv(0x02, &[0]),
+            tlv(0x01, &[0]),
+            tlv(0x87, b"objectClass"),
+            tlv(0x30, &[]),
+        ]
+        .concat();
+        message(id, tlv(0x63, &op))
+    }
+
+    pub fn abandon(id: u8, target: u8) -> Vec<u8> {
+        message(id, tlv(0x50, &[target]))
+    }
+}
