@@ -1094,3 +1094,23 @@ fn a_write_abandoned_in_flight_or_followed_by_a_reused_message_id_still_reaches_
         "the lost outcome asked for a poll: {log}"
     );
 }
+
+#[cfg(unix)]
+#[test]
+fn a_store_others_can_read_is_made_owner_only_at_start_and_said_so() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::start(LDAP_TO_LOCAL);
+    env.sync();
+    let db = env.dir.path().join("ldapsync.db");
+    let mode = |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let served = env.serve();
+    assert_eq!(mode(&db), 0o600);
+    assert_eq!(mode(&env.dir.path().join("ldapsync.sock")), 0o600, "the admin socket");
+    let (exit, log) = served.terminate();
+    assert!(exit.success());
+    assert!(
+        log.contains("the database was readable by other users; it is owner-only now"),
+        "{log}"
+    );
+}

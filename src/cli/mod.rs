@@ -210,6 +210,10 @@ fn init_logging(log: &LogConfig) -> anyhow::Result<Option<SetLogLevel>> {
 }
 
 fn serve(config: Config, args: ServeArgs, file: Option<PathBuf>) -> anyhow::Result<()> {
+    // What serve creates (the database, its admin socket, a conformance
+    // report) holds directory data: owner-only from the first instant,
+    // rather than chmod'ed after creation.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let set_log_level = init_logging(&config.log)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     runtime.block_on(async {

@@ -23,6 +23,8 @@ use crate::sync::policy::Values;
 pub enum StoreError {
     #[error("database {path}: {source}")]
     Open { path: String, source: rusqlite::Error },
+    #[error("database {path}: {source}")]
+    Io { path: String, source: std::io::Error },
     #[error("database: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("database holds unreadable {what}: {detail}")]

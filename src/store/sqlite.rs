@@ -120,11 +120,11 @@ impl SqliteStore {
             path: path.display().to_string(),
             source,
         };
-        let is_new = !path.exists();
+        owner_only(path).map_err(|source| StoreError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
         let conn = Connection::open(path).map_err(open_error)?;
-        if is_new {
-            restrict_to_owner(path);
-        }
         conn.busy_timeout(BUSY_TIMEOUT).map_err(open_error)?;
         enable_wal(&conn).map_err(open_error)?;
         // In WAL mode, NORMAL syncs at checkpoints rather than at every
@@ -239,16 +239,42 @@ fn enable_wal(conn: &Connection) -> rusqlite::Result<()> {
     }
 }
 
+/// Creates the database file owner-only before SQLite opens it (an empty
+/// file is a new database; SQLite gives its -wal and -shm files the same
+/// mode), so that it is never readable by others, not even for an instant.
+/// An existing file that others may read is made owner-only, and said so.
 #[cfg(unix)]
-fn restrict_to_owner(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
-        tracing::warn!(path = %path.display(), error = %e, "cannot make the database owner-only");
+fn owner_only(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
     }
+    for file in ["", "-wal", "-shm"].map(|suffix| format!("{}{suffix}", path.display())) {
+        let Ok(meta) = std::fs::metadata(&file) else { continue };
+        let mode = meta.permissions().mode() & 0o777;
+        if meta.is_file() && mode & 0o077 != 0 {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode & 0o700))?;
+            tracing::warn!(
+                path = file,
+                was = format!("{mode:o}"),
+                "the database was readable by other users; it is owner-only now"
+            );
+        }
+    }
+    Ok(())
 }
 
 #[cfg(not(unix))]
-fn restrict_to_owner(_: &Path) {}
+fn owner_only(_: &Path) -> std::io::Result<()> {
+    Ok(())
+}
 
 fn to_json(values: &Values) -> String {
     serde_json::to_string(values).expect("a map of strings serializes")
@@ -1117,6 +1143,27 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
+        let mut store = SqliteStore::open(&path).unwrap();
+        store
+            .mark_out_of_sync("example", "a write, so that the WAL exists")
+            .unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let wal = dir.path().join("db-wal");
+        assert_eq!(
+            std::fs::metadata(&wal).unwrap().permissions().mode() & 0o777,
+            0o600,
+            "its WAL too"
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_database_others_can_read_is_made_owner_only_when_opened() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        drop(SqliteStore::open(&path).unwrap());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         SqliteStore::open(&path).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     }
