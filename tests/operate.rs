@@ -214,3 +214,64 @@ fn status_shows_the_running_instance_and_its_connectors_as_text_and_json() {
     assert!(exit.success());
     assert!(!socket.exists(), "the socket goes with the process");
 }
+
+#[test]
+fn sigterm_stops_ldapsync_after_its_stderr_reader_is_gone() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let slapd = Slapd::start();
+    // As with `make run 2>&1 | tee log` and Ctrl-C: the reader of stderr dies.
+    let mut child = common::ldapsync()
+        .args([
+            "serve",
+            "--listen",
+            "ldap://127.0.0.1:0",
+            "--upstream",
+            &slapd.url(),
+            "--log-level",
+            "debug",
+        ])
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let addr = loop {
+        let mut line = String::new();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "ldapsync ended before listening"
+        );
+        if let Some((_, addr)) = common::listening(&line) {
+            break addr;
+        }
+    };
+    drop(stderr);
+    // Every operation now logs into a pipe nobody reads.
+    let search = Command::new("ldapsearch")
+        .args([
+            "-x",
+            "-H",
+            &format!("ldap://{addr}"),
+            "-s",
+            "base",
+            "-b",
+            "",
+            "objectClass",
+        ])
+        .output()
+        .unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let stopped = eventually(|| child.try_wait().unwrap().is_some());
+    if !stopped {
+        // It would hold the test's output open forever.
+        let _ = child.kill();
+    }
+    assert!(search.status.success(), "the relay went on: {search:?}");
+    assert!(stopped, "ldapsync stops within 20 s of SIGTERM");
+    assert!(child.wait().unwrap().success());
+}

@@ -1114,3 +1114,31 @@ fn a_store_others_can_read_is_made_owner_only_at_start_and_said_so() {
         "{log}"
     );
 }
+
+#[test]
+fn a_closed_stdout_ends_a_command_quietly_as_with_any_unix_tool() {
+    let env = Env::start(LDAP_TO_LOCAL);
+    env.sync();
+    let commands: &[&[&str]] = &[
+        &["account", "list"],
+        &["account", "show", "bob"],
+        &["association", "list"],
+        &["journal"],
+        &["status"],
+    ];
+    for args in commands {
+        // A pipe whose reader is gone before the first line: every write fails.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_ldapsync"))
+            .arg("--config")
+            .arg(env.config_path())
+            .args(*args)
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {:?}\n{stderr}", out.status);
+        assert!(stderr.is_empty(), "{args:?}: nothing on stderr, no panic: {stderr}");
+    }
+}

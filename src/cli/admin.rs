@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 
+use super::output::outln;
 use crate::config::Config;
 use crate::config::Preset;
 use crate::store::{Category, ChangeSource, JournalEntry, JournalQuery, LocalObject, SqliteStore, Store, now};
@@ -200,7 +201,7 @@ pub fn object(config: &Config, category: Category, command: ObjectCommand) -> an
             edit.apply(&mut object)?;
             let detail = serde_json::json!({ "fields": object.values.keys().collect::<Vec<_>>() });
             store.insert_object(&object, &local_journal(category, &object.name, "local-add", detail))?;
-            println!("{category} {} added", object.name);
+            outln!("{category} {} added", object.name);
         }
         ObjectCommand::Set { name, edit } => {
             let mut object = find(&store, category, &name)?;
@@ -214,7 +215,7 @@ pub fn object(config: &Config, category: Category, command: ObjectCommand) -> an
                 .collect();
             let detail = serde_json::json!({ "fields": changed, "renamed": before.name != object.name, "enabled": object.enabled });
             store.update_object(&object, &local_journal(category, &name, "local-edit", detail))?;
-            println!("{category} {} updated", object.name);
+            outln!("{category} {} updated", object.name);
         }
         ObjectCommand::Rm { name } => {
             let object = find(&store, category, &name)?;
@@ -222,24 +223,24 @@ pub fn object(config: &Config, category: Category, command: ObjectCommand) -> an
                 object.id,
                 &local_journal(category, &name, "local-delete", serde_json::json!({})),
             )?;
-            println!("{category} {name} removed");
+            outln!("{category} {name} removed");
         }
         ObjectCommand::Show { name } => {
             let object = find(&store, category, &name)?;
-            println!("{category} {}", object.name);
-            println!("  enabled: {}", object.enabled);
+            outln!("{category} {}", object.name);
+            outln!("  enabled: {}", object.enabled);
             for (field, values) in &object.values {
-                println!("  {field}: {}", values.join(", "));
+                outln!("  {field}: {}", values.join(", "));
             }
             for a in store.associations(None)?.iter().filter(|a| a.object_id == object.id) {
                 let gone = if a.entry_gone { " (entry gone)" } else { "" };
-                println!("  associated via {}: {} at {}{gone}", a.connector, a.entry_id, a.dn);
+                outln!("  associated via {}: {} at {}{gone}", a.connector, a.entry_id, a.dn);
             }
         }
         ObjectCommand::List => {
             for object in store.objects(category)? {
                 let flag = if object.enabled { "" } else { " (disabled)" };
-                println!("{}{flag}", object.name);
+                outln!("{}{flag}", object.name);
             }
         }
     }
@@ -254,7 +255,7 @@ pub fn association(config: &Config, command: AssociationCommand) -> anyhow::Resu
                 let object = store.object_by_id(a.object_id)?;
                 let name = object.map(|o| format!("{} {}", o.category, o.name)).unwrap_or_default();
                 let gone = if a.entry_gone { " (entry gone)" } else { "" };
-                println!("{}\t{name}\t{}\t{}{gone}", a.connector, a.entry_id, a.dn);
+                outln!("{}\t{name}\t{}\t{}{gone}", a.connector, a.entry_id, a.dn);
             }
         }
         AssociationCommand::Show {
@@ -266,16 +267,16 @@ pub fn association(config: &Config, command: AssociationCommand) -> anyhow::Resu
             let a = store
                 .association_by_object(&connector, object.id)?
                 .with_context(|| format!("{category} {name} has no association with connector {connector:?}"))?;
-            println!("{category} {name} ↔ {}", a.entry_id);
-            println!("  connector: {}", a.connector);
-            println!(
+            outln!("{category} {name} ↔ {}", a.entry_id);
+            outln!("  connector: {}", a.connector);
+            outln!(
                 "  last seen at: {}{}",
                 a.dn,
                 if a.entry_gone { " (entry gone)" } else { "" }
             );
-            println!("  last synced: {}", timestamp(a.synced_at));
+            outln!("  last synced: {}", timestamp(a.synced_at));
             for (field, values) in &a.baseline {
-                println!("  baseline {field}: {}", values.join(", "));
+                outln!("  baseline {field}: {}", values.join(", "));
             }
         }
         AssociationCommand::Remove {
@@ -291,7 +292,7 @@ pub fn association(config: &Config, command: AssociationCommand) -> anyhow::Resu
             if !store.remove_association(&connector, object.id, &journal)? {
                 bail!("{category} {name} has no association with connector {connector:?}");
             }
-            println!("association of {category} {name} with connector {connector} removed");
+            outln!("association of {category} {name} with connector {connector} removed");
         }
     }
     Ok(())
@@ -367,7 +368,7 @@ pub fn password(config: &Config, name: &str, connector: &str) -> anyhow::Result<
         journal: vec![entry],
         ..Default::default()
     })?;
-    println!("password of account {name} set at {dn}");
+    outln!("password of account {name} set at {dn}");
     Ok(())
 }
 
@@ -409,14 +410,14 @@ pub fn sync(config: &Config, command: SyncCommand) -> anyhow::Result<()> {
     })?;
     let report = outcome.report;
     if dry_run {
-        println!("dry run: nothing was changed; the plan:");
+        outln!("dry run: nothing was changed; the plan:");
     } else {
-        println!("{} ({})", outcome.kind.as_str(), outcome.mechanism);
+        outln!("{} ({})", outcome.kind.as_str(), outcome.mechanism);
     }
     for line in &report.lines {
-        println!("  {line}");
+        outln!("  {line}");
     }
-    println!(
+    outln!(
         "{}: {} associated, {} created locally, {} created in the directory, {} updated, {} conflicts, \
          {} disputed, {} deleted, {} disabled, {} deletes refused, {} failed",
         connector.name,
@@ -447,7 +448,7 @@ pub fn journal(config: &Config, args: JournalArgs) -> anyhow::Result<()> {
     for e in store.journal(&query)? {
         let connector = if e.connector.is_empty() { "-" } else { &e.connector };
         let policy = if e.policy.is_empty() { "-" } else { &e.policy };
-        println!(
+        outln!(
             "{}\t{connector}\t{} {}\t{}\t{}\t{policy}\t{}",
             timestamp(e.at),
             e.category,

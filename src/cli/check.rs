@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use super::output::outln;
 use crate::config::{Config, ConfigError, ConnectorConfig};
 use crate::sync::directory::Directory;
 
@@ -57,16 +58,16 @@ pub fn check(path: &Path) -> bool {
     }
     let total = problems.len() + schema_errors;
     if total == 0 {
-        println!("{}: OK", path.display());
+        outln!("{}: OK", path.display());
     } else {
-        println!("{}: {total} problem(s)", path.display());
+        outln!("{}: {total} problem(s)", path.display());
     }
     total == 0
 }
 
 fn print_problem(problem: &ConfigError) {
-    println!("error: {problem}");
-    println!("  hint: {}", hint(problem));
+    outln!("error: {problem}");
+    outln!("  hint: {}", hint(problem));
 }
 
 /// Checks the attributes and object classes a connector names against the
@@ -81,7 +82,7 @@ async fn check_schema(connector: &ConnectorConfig, config: &Config) -> usize {
     let mut directory = match directory {
         Ok(directory) => directory,
         Err(e) => {
-            println!(
+            outln!(
                 "warning: connector {:?}: mapping not checked against the directory: {e}",
                 connector.name
             );
@@ -93,7 +94,7 @@ async fn check_schema(connector: &ConnectorConfig, config: &Config) -> usize {
     let (attributes, classes) = match schema {
         Ok(names) => names,
         Err(e) => {
-            println!(
+            outln!(
                 "warning: connector {:?}: cannot read the directory's schema: {e}",
                 connector.name
             );
@@ -104,11 +105,11 @@ async fn check_schema(connector: &ConnectorConfig, config: &Config) -> usize {
     let mut report = |key: String, what: &str, name: &str, known: &BTreeSet<String>| {
         if !known.contains(&name.to_lowercase()) {
             unknown += 1;
-            println!(
+            outln!(
                 "error: connector {:?}: {key}: the directory's schema has no {what} {name:?}",
                 connector.name
             );
-            println!("  hint: check the spelling, or the schema the directory loads");
+            outln!("  hint: check the spelling, or the schema the directory loads");
         }
     };
     report("id_attribute".into(), "attribute", &connector.id_attribute, &attributes);

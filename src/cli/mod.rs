@@ -3,9 +3,10 @@
 
 mod admin;
 mod check;
+mod output;
 mod status;
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -133,10 +134,11 @@ impl ServeArgs {
 /// Runs the command line; errors are printed with their causes.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    match run(cli).and_then(|()| output::finish().map_err(anyhow::Error::msg)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ldapsync: {e:#}");
+            // Not eprintln!, which panics when stderr is gone.
+            let _ = writeln!(std::io::stderr(), "ldapsync: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -176,7 +178,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 type SetLogLevel = Box<dyn Fn(&str) -> anyhow::Result<()> + Send + Sync>;
 
 /// Starts logging; returns how to change the level later, unless RUST_LOG
-/// fixes it.
+/// fixes it. A log line that cannot be written is dropped: with internal
+/// errors on, tracing reports the failed write with `eprintln!`, which
+/// panics when stderr is gone, and took down whichever task was logging
+/// (the signal watcher among them, so that ldapsync could not be stopped).
 fn init_logging(log: &LogConfig) -> anyhow::Result<Option<SetLogLevel>> {
     let level = &log.level;
     let from_env = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
@@ -190,6 +195,7 @@ fn init_logging(log: &LogConfig) -> anyhow::Result<Option<SetLogLevel>> {
                 .with_env_filter(filter)
                 .with_writer(std::io::stderr)
                 .with_ansi(std::io::stderr().is_terminal())
+                .log_internal_errors(false)
                 .with_filter_reloading();
             let handle = builder.reload_handle();
             builder.init();
@@ -200,6 +206,7 @@ fn init_logging(log: &LogConfig) -> anyhow::Result<Option<SetLogLevel>> {
                 .json()
                 .with_env_filter(filter)
                 .with_writer(std::io::stderr)
+                .log_internal_errors(false)
                 .with_filter_reloading();
             let handle = builder.reload_handle();
             builder.init();
@@ -334,9 +341,12 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
             return;
         }
     };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
-    }
+    // The shutdown starts before it is logged: nothing about logging may
+    // keep ldapsync from stopping.
+    let signal = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "interrupt",
+    };
     shutdown.cancel();
+    tracing::info!("{signal} received");
 }

@@ -6,6 +6,7 @@
 use serde::Serialize;
 
 use super::admin::{open_store, timestamp};
+use super::output::outln;
 use crate::config::Config;
 use crate::monitor::{self, RunningState};
 use crate::store::Store;
@@ -89,7 +90,7 @@ pub fn status(config: &Config, json: bool) -> anyhow::Result<()> {
     }
     let status = Status { running, connectors };
     if json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        outln!("{}", serde_json::to_string_pretty(&status)?);
     } else {
         print_human(&status);
     }
@@ -99,29 +100,29 @@ pub fn status(config: &Config, json: bool) -> anyhow::Result<()> {
 fn print_human(status: &Status) {
     match &status.running {
         Some(r) => {
-            println!("ldapsync running (pid {}, since {})", r.pid, r.started_at);
+            outln!("ldapsync running (pid {}, since {})", r.pid, r.started_at);
             for l in &r.listeners {
                 let tls = if l.require_tls {
                     ", TLS required before bind"
                 } else {
                     ""
                 };
-                println!("  listener {} on {}{tls}", l.url, l.addr);
+                outln!("  listener {} on {}{tls}", l.url, l.addr);
             }
             for u in &r.upstream {
                 match &u.error {
-                    None => println!("  directory {}: reachable", u.url),
-                    Some(e) => println!("  directory {}: UNREACHABLE ({e})", u.url),
+                    None => outln!("  directory {}: reachable", u.url),
+                    Some(e) => outln!("  directory {}: UNREACHABLE ({e})", u.url),
                 }
             }
-            println!("  sessions open: {}", r.sessions_open);
+            outln!("  sessions open: {}", r.sessions_open);
         }
-        None => println!("ldapsync is not running (no answer on its admin socket)"),
+        None => outln!("ldapsync is not running (no answer on its admin socket)"),
     }
     for c in &status.connectors {
-        println!("connector {}", c.name);
-        println!("  direction: {}, conflict: {}", c.direction, c.conflict);
-        println!(
+        outln!("connector {}", c.name);
+        outln!("  direction: {}, conflict: {}", c.direction, c.conflict);
+        outln!(
             "  polling: every {} ({}), full reconciliation every {}; captured writes at once",
             c.poll_interval,
             c.poll_mechanism
@@ -132,7 +133,7 @@ fn print_human(status: &Status) {
             c.reconcile_interval
         );
         if c.watermarks.is_empty() {
-            println!("  no watermark yet (the next poll is a full reconciliation)");
+            outln!("  no watermark yet (the next poll is a full reconciliation)");
         }
         for w in &c.watermarks {
             let server = if w.server.is_empty() {
@@ -140,27 +141,30 @@ fn print_human(status: &Status) {
             } else {
                 format!(" on {}", w.server)
             };
-            println!(
+            outln!(
                 "  {}s: mechanism {}, watermark {}{server} (stored {})",
-                w.category, w.mechanism, w.value, w.stored
+                w.category,
+                w.mechanism,
+                w.value,
+                w.stored
             );
         }
-        println!("  last poll: {}", c.last_poll.as_deref().unwrap_or("never"));
-        println!(
+        outln!("  last poll: {}", c.last_poll.as_deref().unwrap_or("never"));
+        outln!(
             "  last full reconciliation: {}",
             c.last_reconciliation.as_deref().unwrap_or("never")
         );
         if let Some(reason) = &c.out_of_sync {
-            println!("  OUT OF SYNC: {reason}; a full reconciliation is due");
+            outln!("  OUT OF SYNC: {reason}; a full reconciliation is due");
         }
         if let Some(error) = &c.last_error {
-            println!("  last error: {error}");
+            outln!("  last error: {error}");
         }
-        println!("  captured changes not applied yet: {}", c.captures_not_applied);
-        println!("  associated: {}", c.associated);
-        println!("  disputed (last reconciliation): {}", c.disputed);
-        println!("  out of sync (entry gone): {}", c.entry_gone);
-        println!("  pending local changes: {}", c.pending_local_changes);
+        outln!("  captured changes not applied yet: {}", c.captures_not_applied);
+        outln!("  associated: {}", c.associated);
+        outln!("  disputed (last reconciliation): {}", c.disputed);
+        outln!("  out of sync (entry gone): {}", c.entry_gone);
+        outln!("  pending local changes: {}", c.pending_local_changes);
     }
 }
 

@@ -68,7 +68,7 @@ pub fn serve(args: &[&str]) -> Served {
 
 /// (configured URL, bound address) from a "listening" log line, in text
 /// or JSON format.
-fn listening(line: &str) -> Option<(String, String)> {
+pub fn listening(line: &str) -> Option<(String, String)> {
     if let Ok(json) = serde_json::from_str::<serde_json::Value>(line) {
         let fields = &json["fields"];
         return (fields["message"] == "listening").then(|| {
