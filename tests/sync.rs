@@ -461,7 +461,10 @@ fn both_directions_resolve_a_conflict_by_policy() {
         assert!(env.journal().contains("conflict-resolved"), "{conflict}");
         // Settled: the next pass changes nothing on either side.
         let again = env.sync();
-        assert!(again.contains("0 updated, 0 conflicts"), "{conflict}: {again}");
+        assert!(
+            again.contains("0 updated, 0 converged, 0 conflicts"),
+            "{conflict}: {again}"
+        );
     }
 }
 
@@ -921,7 +924,7 @@ fn a_change_settles_in_one_round_and_writes_nothing_more() {
         &["sync", "run", "--connector", "example", "--full"],
     ] {
         let report = env.ok(args);
-        assert!(report.contains(" 0 updated, 0 conflicts"), "{report}");
+        assert!(report.contains(" 0 updated, 0 converged, 0 conflicts"), "{report}");
     }
     assert_eq!(csn(&env, carol), carol_csn, "no further write to carol's entry");
     assert_eq!(csn(&env, ALICE), alice_csn, "no write back to alice's entry");
@@ -1141,4 +1144,78 @@ fn a_closed_stdout_ends_a_command_quietly_as_with_any_unix_tool() {
         assert!(out.status.success(), "{args:?}: {:?}\n{stderr}", out.status);
         assert!(stderr.is_empty(), "{args:?}: nothing on stderr, no panic: {stderr}");
     }
+}
+
+/// Adds `uid=NAME` person entries under the given OUs of ou=people.
+fn add_people_in(env: &Env, name: &str, ous: &[&str]) {
+    for ou in ous {
+        env.ldapmodify(&format!(
+            "dn: ou={ou},ou=people,dc=example,dc=com\nchangetype: add\nobjectClass: organizationalUnit\nou: {ou}\n\n\
+             dn: uid={name},ou={ou},ou=people,dc=example,dc=com\nchangetype: add\nobjectClass: inetOrgPerson\n\
+             uid: {name}\ncn: {name} in {ou}\nsn: {name}\n"
+        ));
+    }
+}
+
+#[test]
+fn a_disputed_object_is_left_alone_by_every_pass_never_guessed_into_a_new_entry() {
+    let env = Env::start(BOTH_LDAP_WINS);
+    env.sync();
+    env.ok(&["account", "add", "lee", "--set", "mail=lee@app.example"]);
+    add_people_in(&env, "lee", &["sub", "sub2"]);
+    let lee_at_base = "uid=lee,ou=people,dc=example,dc=com";
+    for pass in [
+        &["sync", "run", "--connector", "example"][..],
+        &["sync", "run", "--connector", "example", "--full"],
+    ] {
+        let report = env.ok(pass);
+        assert!(
+            report.contains("disputed account lee: several directory entries have uid=lee"),
+            "{report}"
+        );
+        assert!(
+            report.contains(" 1 disputed,"),
+            "one object, however many entries: {report}"
+        );
+        assert!(!report.contains("create in directory account lee"), "{report}");
+        assert!(
+            env.ldap_values(lee_at_base, "uid").is_empty(),
+            "no third entry for lee: {report}"
+        );
+    }
+    // A third candidate at the DN a create would have used: still disputed,
+    // and the pass does not fail on an add that was never its business.
+    env.ldapmodify(&format!(
+        "dn: {lee_at_base}\nchangetype: add\nobjectClass: inetOrgPerson\nuid: lee\ncn: lee\nsn: lee\n"
+    ));
+    let report = env.ok(&["sync", "run", "--connector", "example", "--full"]);
+    assert!(
+        report.contains(" 1 disputed,") && report.contains(" 0 failed"),
+        "{report}"
+    );
+    assert!(
+        !env.ok(&["association", "list"]).contains("account lee\t"),
+        "lee stays unassociated"
+    );
+    assert_eq!(
+        env.local_field("account", "lee", "mail").as_deref(),
+        Some("lee@app.example")
+    );
+}
+
+#[test]
+fn the_same_change_on_both_sides_is_a_convergence_not_an_update() {
+    let env = Env::start(BOTH_LDAP_WINS);
+    env.sync();
+    env.ok(&["account", "set", "alice", "--set", "mail=alice@both.example"]);
+    env.ldapmodify(&set_mail(ALICE, "alice@both.example"));
+    let report = env.sync();
+    assert!(report.contains(" 0 updated, 1 converged, 0 conflicts"), "{report}");
+    assert!(report.contains("converged account alice"), "{report}");
+    let journal = env.journal();
+    assert!(journal.contains("account alice\tpoll\tconverged"), "{journal}");
+    assert!(
+        !journal.lines().any(|l| l.contains("account alice\tpoll\tupdated")),
+        "{journal}"
+    );
 }

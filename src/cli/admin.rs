@@ -414,17 +414,18 @@ pub fn sync(config: &Config, command: SyncCommand) -> anyhow::Result<()> {
     } else {
         outln!("{} ({})", outcome.kind.as_str(), outcome.mechanism);
     }
-    for line in &report.lines {
+    for line in report.all_lines() {
         outln!("  {line}");
     }
     outln!(
-        "{}: {} associated, {} created locally, {} created in the directory, {} updated, {} conflicts, \
-         {} disputed, {} deleted, {} disabled, {} deletes refused, {} failed",
+        "{}: {} associated, {} created locally, {} created in the directory, {} updated, {} converged, \
+         {} conflicts, {} disputed, {} deleted, {} disabled, {} deletes refused, {} failed",
         connector.name,
         report.associated,
         report.created_local,
         report.created_ldap,
         report.updated,
+        report.converged,
         report.conflicts,
         report.disputed,
         report.deleted,

@@ -50,6 +50,8 @@ pub struct Report {
     pub created_local: usize,
     pub created_ldap: usize,
     pub updated: usize,
+    /// Pairs whose sides had made the same change: only the baseline moved.
+    pub converged: usize,
     pub conflicts: usize,
     pub disputed: usize,
     pub deleted: usize,
@@ -59,6 +61,11 @@ pub struct Report {
     /// One line per decision that changed something, for the operator.
     #[serde(skip)]
     pub lines: Vec<String>,
+    /// The line of each disputed object (or nameless entry), by category
+    /// and name: an object counts once however many entries it has and
+    /// however many events of one poll concern it.
+    #[serde(skip)]
+    disputes: BTreeMap<(Category, String), String>,
 }
 
 impl Report {
@@ -72,13 +79,28 @@ impl Report {
         self.created_local += other.created_local;
         self.created_ldap += other.created_ldap;
         self.updated += other.updated;
+        self.converged += other.converged;
         self.conflicts += other.conflicts;
-        self.disputed += other.disputed;
         self.deleted += other.deleted;
         self.disabled += other.disabled;
         self.deletes_refused += other.deletes_refused;
         self.failed += other.failed;
         self.lines.extend(other.lines);
+        for (key, line) in other.disputes {
+            self.dispute(key.0, key.1, line);
+        }
+    }
+
+    fn dispute(&mut self, category: Category, key: String, line: String) {
+        if let std::collections::btree_map::Entry::Vacant(vacant) = self.disputes.entry((category, key)) {
+            vacant.insert(line);
+            self.disputed += 1;
+        }
+    }
+
+    /// Every line for the operator: decisions, then disputes.
+    pub fn all_lines(&self) -> impl Iterator<Item = &String> {
+        self.lines.iter().chain(self.disputes.values())
     }
 }
 
@@ -496,24 +518,31 @@ impl<'a, S: Store> Pass<'a, S> {
         let Some(name) = entry.get(&mapping.scope.naming).first().cloned() else {
             let detail =
                 serde_json::json!({ "dn": entry.dn, "reason": format!("entry has no {}", mapping.scope.naming) });
-            self.report.disputed += 1;
-            self.report.say(format!(
-                "disputed {category} at {}: no {} value",
-                entry.dn, mapping.scope.naming
-            ));
+            self.report.dispute(
+                category,
+                entry.dn.clone(),
+                format!("disputed {category} at {}: no {} value", entry.dn, mapping.scope.naming),
+            );
             self.journal_once(self.journal(category, &entry.dn, self.source, "disputed", detail))?;
             return Ok(None);
         };
         if name_taken {
+            // Several candidates: left alone, never guessed. The local
+            // object of that name counts as matched, so that no pass
+            // creates yet another entry for it.
             let detail =
                 serde_json::json!({ "reason": format!("several entries have {}={name}", mapping.scope.naming) });
-            self.report.disputed += 1;
-            self.report.say(format!(
-                "disputed {category} {name}: several directory entries have {}={name}",
-                mapping.scope.naming
-            ));
+            self.report.dispute(
+                category,
+                name.clone(),
+                format!(
+                    "disputed {category} {name}: several directory entries have {}={name}; \
+                     resolve with `ldapsync association link {name} --connector {} --dn DN`",
+                    mapping.scope.naming, self.connector.name
+                ),
+            );
             self.journal_once(self.journal(category, &name, self.source, "disputed", detail))?;
-            return Ok(None);
+            return Ok(self.store.object(category, &name)?.map(|o| o.id));
         }
         let ldap_values = mapping.ldap_values(entry, &self.members);
         match self.store.object(category, &name)? {
@@ -523,11 +552,14 @@ impl<'a, S: Store> Pass<'a, S> {
                         "dn": entry.dn,
                         "reason": format!("already associated with entry {} of connector {}", other.entry_id, other.connector),
                     });
-                    self.report.disputed += 1;
-                    self.report.say(format!(
-                        "disputed {category} {name}: {} is a different entry than the associated one",
-                        entry.dn
-                    ));
+                    self.report.dispute(
+                        category,
+                        name.clone(),
+                        format!(
+                            "disputed {category} {name}: {} is a different entry than the associated one",
+                            entry.dn
+                        ),
+                    );
                     self.journal_once(self.journal(category, &name, self.source, "disputed", detail))?;
                     return Ok(Some(object.id));
                 }
@@ -627,17 +659,23 @@ impl<'a, S: Store> Pass<'a, S> {
         if unchanged && !moved {
             return Ok(());
         }
+        // Nothing to write on either side: both made the same change (or
+        // only the DN moved), and only the baseline follows.
+        let writes_nothing = decision.result == local && decision.result == ldap;
         let action = match &decision.outcome {
             Outcome::ConflictResolved { .. } | Outcome::Merged => {
                 self.report.conflicts += 1;
                 "conflict-resolved"
             }
             Outcome::Overwritten { .. } => "overwritten",
-            Outcome::Unchanged | Outcome::Converged if moved => "moved",
+            _ if writes_nothing && decision.result != association.baseline => "converged",
+            _ if writes_nothing => "moved",
             _ => "updated",
         };
-        if action != "moved" {
-            self.report.updated += 1;
+        match action {
+            "moved" => {}
+            "converged" => self.report.converged += 1,
+            _ => self.report.updated += 1,
         }
         self.report.say(format!(
             "{action} {} {}: {}",
@@ -1066,7 +1104,7 @@ fn describe(outcome: &Outcome) -> String {
     let list = |s: &BTreeSet<String>| s.iter().cloned().collect::<Vec<_>>().join(", ");
     match outcome {
         Outcome::Unchanged => "unchanged".into(),
-        Outcome::Converged => "both sides already agree".into(),
+        Outcome::Converged => "both sides made the same change; nothing to write".into(),
         Outcome::Applied { from } => format!("{} changes applied", side_name(*from)),
         Outcome::Merged => "changes from both sides merged".into(),
         Outcome::Overwritten { side, fields } => {

@@ -415,6 +415,7 @@ fn record(connector: &ConnectorConfig, source: ChangeSource, report: &Report) {
         ("created-local", report.created_local),
         ("created-ldap", report.created_ldap),
         ("updated", report.updated),
+        ("converged", report.converged),
         ("disputed", report.disputed),
         ("deleted", report.deleted),
         ("disabled", report.disabled),
@@ -443,7 +444,7 @@ fn record(connector: &ConnectorConfig, source: ChangeSource, report: &Report) {
 }
 
 fn log_report(what: &str, report: &Report) {
-    for line in &report.lines {
+    for line in report.all_lines() {
         info!("{line}");
     }
     debug!(?report, "{what} done");
