@@ -51,6 +51,11 @@ pub struct ChangeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectorLabel {
+    pub connector: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConflictLabels {
     pub connector: String,
     pub policy: String,
@@ -73,6 +78,7 @@ pub struct Metrics {
     pub poll_seconds: Family<PollLabels, Histogram>,
     pub changes: Family<ChangeLabels, Counter>,
     pub conflicts: Family<ConflictLabels, Counter>,
+    pub deletes_held: Family<ConnectorLabel, Gauge>,
 }
 
 /// The process's metrics.
@@ -97,6 +103,7 @@ impl Metrics {
             poll_seconds: Family::new_with_constructor(polls),
             changes: Family::default(),
             conflicts: Family::default(),
+            deletes_held: Family::default(),
         };
         let mut registry = Registry::with_prefix("ldapsync");
         registry.register(
@@ -149,6 +156,11 @@ impl Metrics {
             "conflicts",
             "Conflicts resolved, by connector and policy",
             metrics.conflicts.clone(),
+        );
+        registry.register(
+            "deletes_held",
+            "Deletes the mass-delete guard holds until confirmed (the connector is degraded while any are)",
+            metrics.deletes_held.clone(),
         );
         let direction = |direction| metrics.bytes.get_or_create(&DirectionLabel { direction }).clone();
         Metrics {

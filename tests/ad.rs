@@ -405,6 +405,17 @@ base = "{groups}"
         Connector { dir }
     }
 
+    /// `status`, whatever its exit code says of the instance's health.
+    fn status(&self) -> String {
+        let out = common::ldapsync()
+            .arg("--config")
+            .arg(self.dir.path().join("ldapsync.toml"))
+            .arg("status")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     fn ok(&self, args: &[&str]) -> String {
         let out = common::ldapsync()
             .arg("--config")
@@ -576,7 +587,7 @@ fn moves_and_polls(dc: &SambaDc, mechanism: &str, configured: bool) {
         connector.ok(&["account", "show", &ann]).contains("enabled: true"),
         "userAccountControl 512: enabled"
     );
-    let status = connector.ok(&["status"]);
+    let status = connector.status();
     assert!(
         status.contains(&format!("accounts: mechanism {mechanism}, watermark ")),
         "{status}"

@@ -57,7 +57,8 @@ fn metrics_count_real_traffic_and_readiness_follows_the_directory() {
     ]);
     let metrics = metrics_addr(&served.startup);
     assert_eq!(http_get(&metrics, "/healthz").0, 200);
-    assert_eq!(http_get(&metrics, "/readyz").0, 200);
+    let ready = http_get(&metrics, "/readyz");
+    assert_eq!(ready.0, 200, "{ready:?}");
 
     let ldap = |tool: &str, args: &[&str]| {
         Command::new(tool)
@@ -172,7 +173,7 @@ fn status_shows_the_running_instance_and_its_connectors_as_text_and_json() {
         ),
     )
     .unwrap();
-    let status = |args: &[&str]| {
+    let status_code = |args: &[&str]| {
         let out = common::ldapsync()
             .arg("--config")
             .arg(&config)
@@ -180,10 +181,17 @@ fn status_shows_the_running_instance_and_its_connectors_as_text_and_json() {
             .args(args)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
     };
-    assert!(status(&[]).contains("ldapsync is not running"));
+    let status = |args: &[&str]| status_code(args).1;
+    let (code, text) = status_code(&[]);
+    assert!(text.contains("ldapsync is not running"), "{text}");
+    assert_eq!(code, Some(4), "not running: exit 4");
+    assert_eq!(
+        status_code(&["--quiet"]),
+        (Some(4), String::new()),
+        "a health check prints nothing"
+    );
 
     let served = serve(&["--config", config.to_str().unwrap()]);
     assert!(
@@ -206,6 +214,12 @@ fn status_shows_the_running_instance_and_its_connectors_as_text_and_json() {
     assert_eq!(json["connectors"][0]["name"], "example");
     assert_eq!(json["connectors"][0]["associated"], 6);
     assert_eq!(json["connectors"][0]["watermarks"][0]["mechanism"], "syncrepl");
+    assert_eq!(json["connectors"][0]["health"], "ok");
+    assert_eq!(
+        status_code(&["--quiet"]),
+        (Some(0), String::new()),
+        "running and healthy"
+    );
 
     let socket = dir.path().join("ldapsync.sock");
     use std::os::unix::fs::PermissionsExt;

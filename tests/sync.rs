@@ -115,6 +115,32 @@ map = {{ description = "description" }}
         text
     }
 
+    /// Runs a command that must end with exit code `code`; returns its stdout.
+    fn exits(&self, code: i32, args: &[&str]) -> String {
+        let out = self.run(args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "ldapsync {args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    }
+
+    /// A command that ran but left something for an operator (exit 3).
+    fn attention(&self, args: &[&str]) -> String {
+        self.exits(3, args)
+    }
+
+    /// `status` while no instance runs (exit 4, or 3 would mean degraded
+    /// too; tests that check health say which).
+    fn status(&self) -> String {
+        let out = self.run(&["status"]);
+        assert!(matches!(out.status.code(), Some(0 | 3 | 4)), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     fn sync(&self) -> String {
         self.ok(&["sync", "run", "--connector", "example"])
     }
@@ -295,7 +321,7 @@ fn moved_entry_keeps_its_association_and_a_new_entry_at_the_old_dn_does_not_stea
          dn: uid=alice,ou=people,dc=example,dc=com\nchangetype: add\nobjectClass: inetOrgPerson\nuid: alice\n\
          cn: Impostor\nsn: Impostor\nmail: impostor@example.com\n",
     );
-    let report = env.sync();
+    let report = env.attention(&["sync", "run", "--connector", "example"]);
     assert!(report.contains("disputed account alice"), "{report}");
     let moved = "uid=alice,ou=moved,ou=people,dc=example,dc=com";
     let associations = env.ok(&["association", "list"]);
@@ -315,8 +341,8 @@ fn moved_entry_keeps_its_association_and_a_new_entry_at_the_old_dn_does_not_stea
         "dn: uid=bob,ou=people,dc=example,dc=com\nchangetype: modrdn\nnewrdn: uid=robert\ndeleteoldrdn: 1\n",
     );
     // A full comparison: the group itself did not change, only what its
-    // member DNs now name.
-    env.ok(&["sync", "run", "--connector", "example", "--full"]);
+    // member DNs now name. The impostor is still disputed.
+    env.attention(&["sync", "run", "--connector", "example", "--full"]);
     assert!(env.ok(&["account", "list"]).lines().any(|l| l == "robert"));
     assert!(!env.ok(&["account", "list"]).lines().any(|l| l == "bob"));
     // Without the refint overlay the group still names the old DNs: one is
@@ -511,8 +537,13 @@ fn mass_delete_guard_refuses_until_confirmed() {
         "dn: uid=erin,ou=people,dc=example,dc=com\nchangetype: delete\n\n\
          dn: uid=frank,ou=people,dc=example,dc=com\nchangetype: delete\n",
     );
-    let report = env.sync();
-    assert!(report.contains("2 deletes refused"), "{report}");
+    let pass = ["sync", "run", "--connector", "example"];
+    let report = env.attention(&pass);
+    assert!(report.contains("2 deletes refused, 2 deletes held"), "{report}");
+    assert!(
+        report.contains("this pass would delete 2 of 6 associated accounts"),
+        "{report}"
+    );
     assert!(report.contains("--confirm-deletes"), "{report}");
     assert_eq!(
         env.ok(&["account", "list"]).lines().count(),
@@ -521,10 +552,65 @@ fn mass_delete_guard_refuses_until_confirmed() {
     );
     assert!(env.journal().contains("delete-refused"));
 
+    // The next incremental pass has no delete to see (its watermark moved
+    // on), yet the refusal stands and is reported until confirmed.
+    let again = env.attention(&pass);
+    assert!(again.starts_with("incremental poll"), "{again}");
+    assert!(again.contains("0 deletes refused, 2 deletes held"), "{again}");
+    assert!(
+        again.contains("held: 2 deletes refused by the mass-delete guard (account erin, account frank)"),
+        "{again}"
+    );
+    let status = env.exits(4, &["status"]).replace('\n', " ");
+    assert!(status.contains("health: degraded"), "{status}");
+    assert!(
+        status.contains("DELETES HELD: 2") && status.contains("account erin") && status.contains("account frank"),
+        "{status}"
+    );
+
     let confirmed = env.ok(&["sync", "run", "--connector", "example", "--confirm-deletes"]);
     assert!(confirmed.contains("2 deleted"), "{confirmed}");
+    assert!(confirmed.contains("0 deletes held"), "{confirmed}");
     let accounts = env.ok(&["account", "list"]);
     assert!(!accounts.contains("erin") && !accounts.contains("frank"), "{accounts}");
+    assert!(env.ok(&pass).contains("0 deletes held"));
+}
+
+#[test]
+fn a_held_delete_is_dropped_when_its_entry_comes_back() {
+    let env = Env::start(Policy {
+        direction: "ldap-to-local",
+        conflict: "ldap-wins",
+        delete: "disable",
+    });
+    env.sync();
+    // Two entries moved out of scope by mistake (an OU moved, say)…
+    let moves = |from: &str, to: &str| {
+        ["erin", "frank"]
+            .iter()
+            .map(|uid| {
+                format!(
+                    "dn: uid={uid},{from}\nchangetype: modrdn\nnewrdn: uid={uid}\ndeleteoldrdn: 1\nnewsuperior: {to}\n"
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let people = "ou=people,dc=example,dc=com";
+    let attic = "ou=attic,dc=example,dc=com";
+    env.ldapmodify(&format!(
+        "dn: {attic}\nchangetype: add\nobjectClass: organizationalUnit\nou: attic\n\n{}",
+        moves(people, attic)
+    ));
+    let pass = ["sync", "run", "--connector", "example"];
+    assert!(env.attention(&pass).contains("2 deletes held"));
+    // …and moved back: the same entries, so nothing is left to delete.
+    env.ldapmodify(&moves(attic, people));
+    let report = env.ok(&["sync", "run", "--connector", "example", "--full"]);
+    assert!(report.contains("0 deletes refused, 0 deletes held"), "{report}");
+    assert!(env.ok(&pass).contains("0 deletes held"));
+    assert_eq!(env.local_field("account", "erin", "enabled").as_deref(), Some("true"));
+    assert!(env.exits(4, &["status"]).contains("health: ok"));
 }
 
 #[test]
@@ -540,7 +626,7 @@ fn disable_policy_marks_vanished_accounts_disabled() {
     let report = env.ok(&["sync", "run", "--connector", "example", "--confirm-deletes"]);
     assert!(report.contains("1 disabled"), "{report}");
     assert_eq!(env.local_field("account", "frank", "enabled").as_deref(), Some("false"));
-    let status = env.ok(&["status"]);
+    let status = env.status();
     assert!(status.contains("out of sync (entry gone): 1"), "{status}");
 }
 
@@ -579,10 +665,10 @@ fn association_remove_then_sync_matches_afresh() {
 #[test]
 fn status_reports_each_connector() {
     let env = Env::start(LDAP_TO_LOCAL);
-    assert!(env.ok(&["status"]).contains("last full reconciliation: never"));
+    assert!(env.status().contains("last full reconciliation: never"));
     env.sync();
     env.ok(&["account", "set", "carol", "--set", "description=edited"]);
-    let status = env.ok(&["status"]);
+    let status = env.status();
     assert!(status.contains("associated: 8"), "6 accounts and 2 groups: {status}");
     assert!(status.contains("pending local changes: 1"), "{status}");
     assert!(status.contains("direction: ldap-to-local"), "{status}");
@@ -847,7 +933,7 @@ fn direct_changes_arrive_by_incremental_poll_with_each_mechanism() {
             first.starts_with(&format!("full reconciliation ({})", case.mechanism)),
             "{first}"
         );
-        let status = env.ok(&["status"]);
+        let status = env.status();
         assert!(
             status.contains(&format!("accounts: mechanism {}, watermark ", case.mechanism)),
             "{status}"
@@ -970,14 +1056,11 @@ fn captured_writes_wait_in_the_journal_while_the_directory_cannot_be_synced() {
     ]);
     ldapmodify_at(&served.url, &set_mail(ALICE, "alice@journaled.example"));
     assert!(
-        eventually(|| env.ok(&["status"]).contains("captured changes not applied yet: 1")),
+        eventually(|| env.status().contains("captured changes not applied yet: 1")),
         "the capture is journaled: {}",
-        env.ok(&["status"])
+        env.status()
     );
-    assert!(
-        env.ok(&["status"])
-            .contains("last error: no directory server reachable")
-    );
+    assert!(env.status().contains("last error: no directory server reachable"));
     // Stopped and restarted later, the capture is still there and applied.
     let (exit, _) = served.terminate();
     assert!(exit.success());
@@ -989,7 +1072,7 @@ fn captured_writes_wait_in_the_journal_while_the_directory_cannot_be_synced() {
         Some("alice@journaled.example")
     );
     assert!(env.journal().contains("account alice\tproxy\tupdated"));
-    assert!(env.ok(&["status"]).contains("captured changes not applied yet: 0"));
+    assert!(env.status().contains("captured changes not applied yet: 0"));
 }
 
 #[test]
@@ -1040,7 +1123,7 @@ fn a_write_whose_dn_has_an_unusual_tag_is_captured_like_any_other_not_a_reason_t
         journal.contains("account alice\tproxy\tupdated"),
         "captured, not polled: {journal}"
     );
-    let status = env.ok(&["status"]);
+    let status = env.status();
     assert!(!status.contains("OUT OF SYNC"), "{status}");
     let (exit, log) = served.terminate();
     assert!(exit.success());
@@ -1110,7 +1193,9 @@ fn a_store_others_can_read_is_made_owner_only_at_start_and_said_so() {
     let served = env.serve();
     assert_eq!(mode(&db), 0o600);
     assert_eq!(mode(&env.dir.path().join("ldapsync.sock")), 0o600, "the admin socket");
+    let startup = served.startup.join("\n");
     let (exit, log) = served.terminate();
+    let log = format!("{startup}\n{log}");
     assert!(exit.success());
     assert!(
         log.contains("the database was readable by other users; it is owner-only now"),
@@ -1122,14 +1207,14 @@ fn a_store_others_can_read_is_made_owner_only_at_start_and_said_so() {
 fn a_closed_stdout_ends_a_command_quietly_as_with_any_unix_tool() {
     let env = Env::start(LDAP_TO_LOCAL);
     env.sync();
-    let commands: &[&[&str]] = &[
-        &["account", "list"],
-        &["account", "show", "bob"],
-        &["association", "list"],
-        &["journal"],
-        &["status"],
+    let commands: &[(&[&str], i32)] = &[
+        (&["account", "list"], 0),
+        (&["account", "show", "bob"], 0),
+        (&["association", "list"], 0),
+        (&["journal"], 0),
+        (&["status"], 4),
     ];
-    for args in commands {
+    for (args, code) in commands {
         // A pipe whose reader is gone before the first line: every write fails.
         let (reader, writer) = std::io::pipe().unwrap();
         drop(reader);
@@ -1141,8 +1226,8 @@ fn a_closed_stdout_ends_a_command_quietly_as_with_any_unix_tool() {
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{args:?}: {:?}\n{stderr}", out.status);
-        assert!(stderr.is_empty(), "{args:?}: nothing on stderr, no panic: {stderr}");
+        assert_eq!(out.status.code(), Some(*code), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: no panic: {stderr}");
     }
 }
 
@@ -1168,7 +1253,7 @@ fn a_disputed_object_is_left_alone_by_every_pass_never_guessed_into_a_new_entry(
         &["sync", "run", "--connector", "example"][..],
         &["sync", "run", "--connector", "example", "--full"],
     ] {
-        let report = env.ok(pass);
+        let report = env.attention(pass);
         assert!(
             report.contains("disputed account lee: several directory entries have uid=lee"),
             "{report}"
@@ -1188,7 +1273,7 @@ fn a_disputed_object_is_left_alone_by_every_pass_never_guessed_into_a_new_entry(
     env.ldapmodify(&format!(
         "dn: {lee_at_base}\nchangetype: add\nobjectClass: inetOrgPerson\nuid: lee\ncn: lee\nsn: lee\n"
     ));
-    let report = env.ok(&["sync", "run", "--connector", "example", "--full"]);
+    let report = env.attention(&["sync", "run", "--connector", "example", "--full"]);
     assert!(
         report.contains(" 1 disputed,") && report.contains(" 0 failed"),
         "{report}"

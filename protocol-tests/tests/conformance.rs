@@ -81,8 +81,8 @@ async fn client_violations_are_reported_and_still_relayed() {
     let report = dir.path().join("report.jsonl");
     let proxy = proxy_reporting(&slapd.url(), &report);
     let cases = hostile::conformance_violations();
-    let mut conn = RawConn::connect(proxy.addr()).await;
     for case in &cases {
+        let mut conn = RawConn::connect(proxy.addr()).await;
         conn.send(&case.bytes).await;
         let _ = response_to(&mut conn, case.answered_by).await;
     }

@@ -419,7 +419,7 @@ pub fn sync(config: &Config, command: SyncCommand) -> anyhow::Result<()> {
     }
     outln!(
         "{}: {} associated, {} created locally, {} created in the directory, {} updated, {} converged, \
-         {} conflicts, {} disputed, {} deleted, {} disabled, {} deletes refused, {} failed",
+         {} conflicts, {} disputed, {} deleted, {} disabled, {} deletes refused, {} deletes held, {} failed",
         connector.name,
         report.associated,
         report.created_local,
@@ -431,10 +431,18 @@ pub fn sync(config: &Config, command: SyncCommand) -> anyhow::Result<()> {
         report.deleted,
         report.disabled,
         report.deletes_refused,
+        report.deletes_held,
         report.failed
     );
     if report.failed > 0 {
         bail!("{} objects could not be synced; see `ldapsync journal`", report.failed);
+    }
+    if report.disputed > 0 || report.deletes_held > 0 {
+        return Err(super::Exit::NeedsAttention(format!(
+            "{} disputed, {} deletes held (see above)",
+            report.disputed, report.deletes_held
+        ))
+        .into());
     }
     Ok(())
 }

@@ -25,7 +25,14 @@ use crate::sync::worker;
 use tokio_util::task::TaskTracker;
 
 #[derive(Debug, Parser)]
-#[command(name = "ldapsync", version, about = "LDAP proxy with a synchronization core")]
+#[command(
+    name = "ldapsync",
+    version,
+    about = "LDAP proxy with a synchronization core",
+    after_help = "Exit codes: 0 done; 1 failed; 2 bad usage; 3 done, but it needs an operator \
+                  (a pass left disputes or held deletes, a connector is degraded); 4 no instance \
+                  is running (status)."
+)]
 struct Cli {
     /// TOML configuration file (see the README for every key). The
     /// administrative commands read ./ldapsync.toml when this is not given.
@@ -59,11 +66,16 @@ enum Command {
     /// Sync passes.
     #[command(subcommand)]
     Sync(admin::SyncCommand),
-    /// The running instance and each connector's state.
+    /// The running instance and each connector's state. Exits 3 when a
+    /// connector is degraded (deletes held, out of sync, polls failing)
+    /// and 4 when no instance is running.
     Status {
         /// As JSON, for scripts and monitoring.
         #[arg(long)]
         json: bool,
+        /// Print nothing: only the exit code tells (for cron and monitoring).
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// The audit trail of sync decisions and local edits.
     Journal(admin::JournalArgs),
@@ -131,6 +143,26 @@ impl ServeArgs {
     }
 }
 
+/// Outcomes that are not plain failures, with exit codes of their own
+/// (listed in `--help`), for scripts.
+#[derive(Debug, thiserror::Error)]
+pub enum Exit {
+    /// Done, but something needs an operator.
+    #[error("needs attention: {0}")]
+    NeedsAttention(String),
+    #[error("ldapsync is not running (no answer on its admin socket)")]
+    NotRunning,
+}
+
+impl Exit {
+    fn code(&self) -> u8 {
+        match self {
+            Exit::NeedsAttention(_) => 3,
+            Exit::NotRunning => 4,
+        }
+    }
+}
+
 /// Runs the command line; errors are printed with their causes.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -139,7 +171,10 @@ pub fn main() -> ExitCode {
         Err(e) => {
             // Not eprintln!, which panics when stderr is gone.
             let _ = writeln!(std::io::stderr(), "ldapsync: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<Exit>() {
+                Some(exit) => ExitCode::from(exit.code()),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -169,7 +204,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Association(command) => admin::association(&admin_config()?, command),
         Command::Password { name, connector } => admin::password(&admin_config()?, &name, &connector),
         Command::Sync(command) => admin::sync(&admin_config()?, command),
-        Command::Status { json } => status::status(&admin_config()?, json),
+        Command::Status { json, quiet } => status::status(&admin_config()?, json, quiet),
         Command::Journal(args) => admin::journal(&admin_config()?, args),
     }
 }

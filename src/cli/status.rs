@@ -5,11 +5,12 @@
 
 use serde::Serialize;
 
+use super::Exit;
 use super::admin::{open_store, timestamp};
 use super::output::outln;
 use crate::config::Config;
 use crate::monitor::{self, RunningState};
-use crate::store::Store;
+use crate::store::{HeldDelete, Store};
 use crate::sync::engine;
 
 #[derive(Serialize)]
@@ -37,6 +38,11 @@ struct ConnectorStatus {
     entry_gone: usize,
     pending_local_changes: usize,
     captures_not_applied: usize,
+    /// Deletes the mass-delete guard holds until confirmed.
+    deletes_held: Vec<HeldDelete>,
+    /// `ok`, or `degraded` with the reasons in `degraded`.
+    health: &'static str,
+    degraded: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -48,7 +54,9 @@ struct WatermarkStatus {
     stored: String,
 }
 
-pub fn status(config: &Config, json: bool) -> anyhow::Result<()> {
+/// Prints the status; exits 3 when a connector is degraded and 4 when no
+/// instance runs, so that `status --quiet` is a health check.
+pub fn status(config: &Config, json: bool, quiet: bool) -> anyhow::Result<()> {
     let store = open_store(config)?;
     let running = tokio::runtime::Runtime::new()?.block_on(monitor::query_socket(&config.store.admin_socket()));
     let mut connectors = Vec::new();
@@ -69,6 +77,17 @@ pub fn status(config: &Config, json: bool) -> anyhow::Result<()> {
             }
         }
         let pending_local_changes = engine::local_changes(&store, connector, state.local_seen)?.len();
+        let deletes_held = store.held_deletes(&connector.name)?;
+        let mut degraded = Vec::new();
+        if !deletes_held.is_empty() {
+            degraded.push(format!("{} deletes held by the mass-delete guard", deletes_held.len()));
+        }
+        if let Some(reason) = &state.out_of_sync {
+            degraded.push(format!("out of sync: {reason}"));
+        }
+        if let Some(error) = &state.last_error {
+            degraded.push(format!("last poll failed: {error}"));
+        }
         connectors.push(ConnectorStatus {
             name: connector.name.clone(),
             direction: connector.direction.to_string(),
@@ -86,13 +105,28 @@ pub fn status(config: &Config, json: bool) -> anyhow::Result<()> {
             entry_gone: associations.iter().filter(|a| a.entry_gone).count(),
             pending_local_changes,
             captures_not_applied: store.pending_captures(&connector.name)?,
+            deletes_held,
+            health: if degraded.is_empty() { "ok" } else { "degraded" },
+            degraded,
         });
     }
     let status = Status { running, connectors };
     if json {
         outln!("{}", serde_json::to_string_pretty(&status)?);
-    } else {
+    } else if !quiet {
         print_human(&status);
+    }
+    if status.running.is_none() {
+        return Err(Exit::NotRunning.into());
+    }
+    let degraded: Vec<String> = status
+        .connectors
+        .iter()
+        .filter(|c| !c.degraded.is_empty())
+        .map(|c| format!("connector {}: {}", c.name, c.degraded.join("; ")))
+        .collect();
+    if !degraded.is_empty() {
+        return Err(Exit::NeedsAttention(degraded.join("; ")).into());
     }
     Ok(())
 }
@@ -154,8 +188,27 @@ fn print_human(status: &Status) {
             "  last full reconciliation: {}",
             c.last_reconciliation.as_deref().unwrap_or("never")
         );
+        outln!("  health: {}", c.health);
         if let Some(reason) = &c.out_of_sync {
             outln!("  OUT OF SYNC: {reason}; a full reconciliation is due");
+        }
+        if !c.deletes_held.is_empty() {
+            outln!(
+                "  DELETES HELD: {} refused by the mass-delete guard; apply with \
+                 `ldapsync sync run --connector {} --confirm-deletes`:",
+                c.deletes_held.len(),
+                c.name
+            );
+            for h in &c.deletes_held {
+                outln!(
+                    "    {} {} (entry {} last at {}, held since {})",
+                    h.category,
+                    h.name,
+                    h.entry_id,
+                    h.dn,
+                    timestamp(h.held_at)
+                );
+            }
         }
         if let Some(error) = &c.last_error {
             outln!("  last error: {error}");

@@ -99,6 +99,19 @@ pub struct Association {
     pub entry_gone: bool,
 }
 
+/// A delete the mass-delete guard refused: held, and reported by every
+/// pass, until an operator confirms it or the entry comes back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HeldDelete {
+    pub category: Category,
+    pub name: String,
+    pub object_id: i64,
+    pub entry_id: String,
+    /// Where the entry was last seen.
+    pub dn: String,
+    pub held_at: i64,
+}
+
 /// Where a change was seen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -276,6 +289,14 @@ pub trait Store {
     fn set_connector_state(&mut self, state: &ConnectorState) -> Result<(), StoreError>;
     /// Records that the connector needs a full reconciliation.
     fn mark_out_of_sync(&mut self, connector: &str, reason: &str) -> Result<(), StoreError>;
+
+    /// Holds the deletes the guard refused for these associated pairs
+    /// (those already held keep their time).
+    fn hold_deletes(&mut self, associations: &[Association]) -> Result<(), StoreError>;
+    /// A connector's held deletes whose entries are still gone.
+    fn held_deletes(&self, connector: &str) -> Result<Vec<HeldDelete>, StoreError>;
+    /// Forgets a held delete: it was applied, or its entry is back.
+    fn release_held_delete(&mut self, connector: &str, object_id: i64) -> Result<(), StoreError>;
 
     /// Appends captured writes to the journal, in order, atomically.
     fn append_captures(&mut self, captures: &[Capture]) -> Result<(), StoreError>;

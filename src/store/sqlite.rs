@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
-    Association, Capture, CaptureKind, Category, ChangeSource, Commit, ConnectorState, JournalEntry, JournalQuery,
-    LocalObject, Store, StoreError, Watermark,
+    Association, Capture, CaptureKind, Category, ChangeSource, Commit, ConnectorState, HeldDelete, JournalEntry,
+    JournalQuery, LocalObject, Store, StoreError, Watermark,
 };
 use crate::sync::policy::Values;
 
@@ -93,6 +93,16 @@ const MIGRATIONS: &[&str] = &[
     r#"
     CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
     INSERT INTO counters VALUES ('local_edit', (SELECT coalesce(max(edit), 0) FROM objects));
+"#,
+    // Deletes the mass-delete guard refused, kept until confirmed or the
+    // entry is back: an incremental poll sees a delete once.
+    r#"
+    CREATE TABLE held_deletes (
+        connector TEXT NOT NULL,
+        object_id INTEGER NOT NULL REFERENCES objects(id) ON DELETE CASCADE,
+        held_at   INTEGER NOT NULL,
+        PRIMARY KEY (connector, object_id)
+    );
 "#,
 ];
 
@@ -763,6 +773,66 @@ impl Store for SqliteStore {
             |r| r.get(0),
         )?;
         Ok(count as usize)
+    }
+
+    fn hold_deletes(&mut self, associations: &[Association]) -> Result<(), StoreError> {
+        let at = super::now();
+        self.write(|tx| {
+            for a in associations {
+                cached_execute(
+                    tx,
+                    "INSERT INTO held_deletes (connector, object_id, held_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT DO NOTHING",
+                    params![a.connector, a.object_id, at],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    fn held_deletes(&self, connector: &str) -> Result<Vec<HeldDelete>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT o.category, o.name, o.id, a.entry_id, a.dn, h.held_at
+               FROM held_deletes h
+               JOIN objects o ON o.id = h.object_id
+               JOIN associations a ON a.connector = h.connector AND a.object_id = h.object_id
+              WHERE h.connector = ?1 AND NOT a.entry_gone
+              ORDER BY o.category, o.name",
+        )?;
+        let rows = stmt.query_map([connector], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })?;
+        let mut held = Vec::new();
+        for row in rows {
+            let (category, name, object_id, entry_id, dn, held_at) = row?;
+            held.push(HeldDelete {
+                category: parse_category(&category)?,
+                name,
+                object_id,
+                entry_id,
+                dn,
+                held_at,
+            });
+        }
+        Ok(held)
+    }
+
+    fn release_held_delete(&mut self, connector: &str, object_id: i64) -> Result<(), StoreError> {
+        self.write(|tx| {
+            cached_execute(
+                tx,
+                "DELETE FROM held_deletes WHERE connector = ?1 AND object_id = ?2",
+                params![connector, object_id],
+            )?;
+            Ok(())
+        })
     }
 
     fn remove_capture(&mut self, id: i64) -> Result<(), StoreError> {

@@ -22,7 +22,8 @@ use crate::config::{ConnectorConfig, DeletePolicy, ENABLED_FIELD, MEMBERS_FIELD,
 const ACCOUNT_DISABLED: i64 = 0x2;
 use crate::poller::Deleted;
 use crate::store::{
-    Association, Category, ChangeSource, Commit, JournalEntry, JournalQuery, LocalObject, Store, StoreError, now,
+    Association, Category, ChangeSource, Commit, HeldDelete, JournalEntry, JournalQuery, LocalObject, Store,
+    StoreError, now,
 };
 
 #[derive(Debug, Error)]
@@ -57,6 +58,9 @@ pub struct Report {
     pub deleted: usize,
     pub disabled: usize,
     pub deletes_refused: usize,
+    /// Deletes the guard holds for this connector after the pass, from this
+    /// pass and earlier ones (a standing count, not summed).
+    pub deletes_held: usize,
     pub failed: usize,
     /// One line per decision that changed something, for the operator.
     #[serde(skip)]
@@ -96,6 +100,27 @@ impl Report {
             vacant.insert(line);
             self.disputed += 1;
         }
+    }
+
+    /// Records the deletes the guard holds after a pass, and says so: every
+    /// pass reports them until they are confirmed or the entries are back.
+    pub fn held(&mut self, connector: &str, held: &[HeldDelete]) {
+        self.deletes_held = held.len();
+        if held.is_empty() {
+            return;
+        }
+        let names: Vec<String> = held
+            .iter()
+            .take(10)
+            .map(|h| format!("{} {}", h.category, h.name))
+            .collect();
+        let more = if held.len() > names.len() { ", …" } else { "" };
+        self.say(format!(
+            "held: {} deletes refused by the mass-delete guard ({}{more}); apply them with \
+             `ldapsync sync run --connector {connector} --confirm-deletes`",
+            held.len(),
+            names.join(", ")
+        ));
     }
 
     /// Every line for the operator: decisions, then disputes.
@@ -278,6 +303,8 @@ struct Pass<'a, S: Store> {
     source: ChangeSource,
     report: Report,
     members: MemberIndex,
+    /// The objects whose delete the guard holds; read when first needed.
+    held: Option<HashSet<i64>>,
 }
 
 /// Account DN ↔ name, for translating group membership.
@@ -366,6 +393,7 @@ impl<'a, S: Store> Pass<'a, S> {
             source,
             report: Report::default(),
             members: MemberIndex::default(),
+            held: None,
         }
     }
 
@@ -644,6 +672,8 @@ impl<'a, S: Store> Pass<'a, S> {
         let Some(object) = self.store.object_by_id(association.object_id)? else {
             return Ok(());
         };
+        // The entry is in scope: a delete held for it is moot.
+        self.release_hold(object.id)?;
         let local = mapping.local_values(&object);
         let ldap = mapping.ldap_values(entry, &self.members);
         let decision = policy::decide(
@@ -874,13 +904,36 @@ impl<'a, S: Store> Pass<'a, S> {
             count > self.connector.max_deletes || count * 100 > usize::from(self.connector.max_delete_percent) * total;
         if policy != DeletePolicy::Ignore && guard_trips && !self.options.confirm_deletes {
             self.report.deletes_refused += gone.len();
+            let category = mapping.category;
+            let already = if earlier > 0 {
+                format!(" (with the {earlier} already applied in the last hour, {count})")
+            } else {
+                String::new()
+            };
+            let verb = match policy {
+                DeletePolicy::Disable => "disable",
+                _ => "delete",
+            };
             self.report.say(format!(
-                "refused: {count} of {total} associated {}s left the directory scope, over the mass-delete guard \
-                 ({} objects or {}%); confirm with `ldapsync sync run --confirm-deletes`",
-                mapping.category, self.connector.max_deletes, self.connector.max_delete_percent
+                "refused: this pass would {verb} {} of {total} associated {category}s{already}, over the \
+                 mass-delete guard ({} objects or {}%); held until `ldapsync sync run --connector {} \
+                 --confirm-deletes`, or until the entries are back",
+                gone.len(),
+                self.connector.max_deletes,
+                self.connector.max_delete_percent,
+                self.connector.name,
             ));
-            let detail = serde_json::json!({ "vanished": count, "associated": total });
-            self.journal_once(self.journal(mapping.category, "*", self.source, "delete-refused", detail))?;
+            let detail = serde_json::json!({
+                "refused": gone.len(),
+                "already_in_window": earlier,
+                "associated": total,
+                "objects": gone.iter().map(|(_, o)| &o.name).collect::<Vec<_>>(),
+            });
+            self.journal_once(self.journal(category, "*", self.source, "delete-refused", detail))?;
+            if !self.options.dry_run {
+                let held: Vec<Association> = gone.into_iter().map(|(a, _)| a).collect();
+                self.store.hold_deletes(&held)?;
+            }
             return Ok(());
         }
         for (mut association, mut object) in gone {
@@ -927,6 +980,23 @@ impl<'a, S: Store> Pass<'a, S> {
                 .journal
                 .push(self.journal(mapping.category, &name, self.source, action, detail));
             self.commit(commit)?;
+            self.release_hold(association.object_id)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets a held delete of this object, if there is one: its entry is
+    /// back, or the delete was applied.
+    fn release_hold(&mut self, object_id: i64) -> Result<(), StoreError> {
+        if self.options.dry_run {
+            return Ok(());
+        }
+        if self.held.is_none() {
+            let held = self.store.held_deletes(&self.connector.name)?;
+            self.held = Some(held.into_iter().map(|h| h.object_id).collect());
+        }
+        if self.held.as_mut().is_some_and(|held| held.remove(&object_id)) {
+            self.store.release_held_delete(&self.connector.name, object_id)?;
         }
         Ok(())
     }

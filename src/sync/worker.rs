@@ -24,7 +24,7 @@ use super::directory::Directory;
 use super::engine::{self, Change, ChangeEvent, PassOptions, Report, SyncError};
 use super::progress::{Lines, Progress};
 use crate::config::{Config, ConnectorConfig, dn_within};
-use crate::metrics::{ChangeLabels, ConflictLabels, METRICS, OutcomeLabel, PollLabels};
+use crate::metrics::{ChangeLabels, ConflictLabels, ConnectorLabel, METRICS, OutcomeLabel, PollLabels};
 use crate::poller::{self, Mechanism};
 use crate::proxy::capture::{Affected, CaptureLoss, CaptureSink, CapturedWrite};
 use crate::store::{Capture, CaptureKind, Category, ChangeSource, ConnectorState, SqliteStore, Store, Watermark, now};
@@ -366,6 +366,12 @@ impl Worker {
             })
             .observe(started.elapsed().as_secs_f64());
         record(&self.connector, ChangeSource::Poll, &outcome.report);
+        METRICS
+            .deletes_held
+            .get_or_create(&ConnectorLabel {
+                connector: self.connector.name.clone(),
+            })
+            .set(outcome.report.deletes_held as i64);
         log_report(outcome.kind.as_str(), &outcome.report);
         if outcome.kind == PollKind::Reconciliation {
             self.last_reconcile = Some(Instant::now());
@@ -589,6 +595,7 @@ pub async fn poll<S: Store>(
         }
         local_failed = local.failed;
         report.absorb(local);
+        report.held(&connector.name, &store.held_deletes(&connector.name)?);
     } else {
         let options = match poll {
             Poll::Full(options) => options,
@@ -611,6 +618,7 @@ pub async fn poll<S: Store>(
         }
         report = engine::run_pass(store, connector, directory, options, progress).await?;
         local_failed = report.failed;
+        report.held(&connector.name, &store.held_deletes(&connector.name)?);
         if options.dry_run {
             return Ok(PollOutcome {
                 kind,
