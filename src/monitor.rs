@@ -1,6 +1,8 @@
 //! The operator's window into a running ldapsync: the opt-in HTTP listener
 //! with `/metrics` (Prometheus), `/healthz` (the process is up) and
-//! `/readyz` (listeners bound and at least one directory URL reachable),
+//! `/readyz` (listeners bound and at least one directory URL answering a
+//! root DSE read within the connect timeout: a frozen directory accepts
+//! TCP connections but answers nothing),
 //! and the owner-only admin socket `ldapsync status` reads the running
 //! instance's state from.
 
@@ -16,11 +18,14 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::LdapUrl;
+use ldap3::{LdapConnAsync, LdapConnSettings, Scope};
+
+use crate::config::{LdapUrl, ProxyConfig};
 use crate::metrics::METRICS;
+use crate::proxy::tls::{self, TlsError};
 
 /// The running instance, as `/readyz` and the admin socket report it.
 pub struct Running {
@@ -28,6 +33,9 @@ pub struct Running {
     listeners: Mutex<Vec<ListenerState>>,
     upstream: Vec<LdapUrl>,
     probe_timeout: Duration,
+    /// TLS towards the directory, as the relay uses it.
+    tls: Option<Arc<rustls::ClientConfig>>,
+    starttls: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,13 +63,16 @@ pub struct RunningState {
 }
 
 impl Running {
-    pub fn new(upstream: Vec<LdapUrl>, probe_timeout: Duration) -> Arc<Running> {
-        Arc::new(Running {
+    pub fn new(proxy: &ProxyConfig) -> Result<Arc<Running>, TlsError> {
+        let tls = proxy.upstream_tls.starttls || proxy.upstream.iter().any(|u| u.is_ldaps());
+        Ok(Arc::new(Running {
             started_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             listeners: Mutex::default(),
-            upstream,
-            probe_timeout,
-        })
+            upstream: proxy.upstream.clone(),
+            probe_timeout: proxy.connect_timeout,
+            tls: tls.then(|| tls::client_config(&proxy.upstream_tls)).transpose()?,
+            starttls: proxy.upstream_tls.starttls,
+        }))
     }
 
     /// The proxy's listeners are bound.
@@ -72,11 +83,7 @@ impl Running {
     async fn probe(&self) -> Vec<UpstreamState> {
         let mut states = Vec::new();
         for url in &self.upstream {
-            let error = match tokio::time::timeout(self.probe_timeout, TcpStream::connect(url.authority())).await {
-                Ok(Ok(_)) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(_) => Some("no answer".to_owned()),
-            };
+            let error = self.probe_one(url).await.err();
             states.push(UpstreamState {
                 url: url.to_string(),
                 reachable: error.is_none(),
@@ -84,6 +91,33 @@ impl Running {
             });
         }
         states
+    }
+
+    /// An anonymous read of the root DSE, as a client's first search would
+    /// be, within the probe timeout.
+    async fn probe_one(&self, url: &LdapUrl) -> Result<(), String> {
+        let mut settings = LdapConnSettings::new().set_conn_timeout(self.probe_timeout);
+        if let Some(tls) = &self.tls {
+            settings = settings
+                .set_config(Arc::clone(tls))
+                .set_starttls(self.starttls && !url.is_ldaps());
+        }
+        let read = async {
+            let (conn, mut ldap) = LdapConnAsync::with_settings(settings, &url.to_string())
+                .await
+                .map_err(|e| e.to_string())?;
+            ldap3::drive!(conn);
+            let result = ldap.search("", Scope::Base, "(objectClass=*)", vec!["1.1"]).await;
+            let _ = ldap.unbind().await;
+            result.and_then(|r| r.success()).map(|_| ()).map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(self.probe_timeout, read).await {
+            Ok(result) => result,
+            Err(_) => Err(format!(
+                "no answer to a root DSE read within {}",
+                humantime::format_duration(self.probe_timeout)
+            )),
+        }
     }
 
     /// `Ok` with the reachable URL, or why ldapsync is not ready.

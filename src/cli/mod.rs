@@ -272,7 +272,7 @@ fn serve(config: Config, args: ServeArgs, file: Option<PathBuf>) -> anyhow::Resu
             Some(addr) => Some(monitor::bind(addr).await?),
             None => None,
         };
-        let running = Running::new(config.proxy.upstream.clone(), config.proxy.connect_timeout);
+        let running = Running::new(&config.proxy)?;
         let proxy = Proxy::new(config.proxy, sink)?;
         let listeners = proxy.bind().await?;
         running.set_listening(listeners.iter().map(|l| l.state()).collect());
