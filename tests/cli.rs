@@ -739,3 +739,73 @@ fn a_bind_refused_by_ldapsync_itself_leaves_the_session_anonymous_not_under_the_
     let (exit, _) = served.terminate();
     assert!(exit.success());
 }
+
+#[test]
+fn check_config_runs_the_checks_serve_runs_at_start_and_serve_refuses_an_unusable_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = Pki::new("one");
+    let other = Pki::new("other");
+    let not_pem = dir.path().join("key.txt");
+    std::fs::write(&not_pem, "this is not a key\n").unwrap();
+    let corrupt = dir.path().join("corrupt.db");
+    std::fs::write(&corrupt, vec![0x42u8; 4096]).unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    let proxy = "[proxy]\nlisten = [\"ldap://127.0.0.1:0\"]\nupstream = [\"ldap://127.0.0.1:9\"]\n";
+    let tls = |cert: &std::path::Path, key: &std::path::Path| {
+        format!(
+            "[proxy.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            cert.display(),
+            key.display()
+        )
+    };
+    let connector = |store: &std::path::Path| {
+        format!(
+            "[store]\npath = \"{}\"\n[[connector]]\nname = \"c\"\nbind_dn = \"{ROOT_DN}\"\npassword_file = \"{}\"\n\
+             [connector.accounts]\nbase = \"ou=people,dc=example,dc=com\"\nnaming = \"uid\"\n",
+            store.display(),
+            secret.display()
+        )
+    };
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "missing key file",
+            tls(&one.cert, &dir.path().join("missing.pem")),
+            "missing.pem",
+        ),
+        ("key of another certificate", tls(&one.cert, &other.key), "proxy.tls"),
+        ("key that is not PEM", tls(&one.cert, &not_pem), "key.txt"),
+        (
+            "bad log level",
+            "[log]\nlevel = \"ldapsync=loud\"\n".into(),
+            "log.level \"ldapsync=loud\" is not a log filter",
+        ),
+        (
+            "bad metrics address",
+            "[metrics]\nlisten = \"localhost\"\n".into(),
+            "metrics.listen \"localhost\" is not host:port",
+        ),
+        ("store is a directory", connector(dir.path()), "is a directory"),
+        (
+            "store folder missing",
+            connector(&dir.path().join("nowhere/ldapsync.db")),
+            "its folder",
+        ),
+        ("store not a database", connector(&corrupt), "is not an SQLite database"),
+    ];
+    for (name, extra, needle) in &cases {
+        let path = dir.path().join(format!("{}.toml", name.replace(' ', "-")));
+        std::fs::write(&path, format!("{proxy}{extra}")).unwrap();
+        let check = ldapsync().arg("check-config").arg(&path).output().unwrap();
+        let out = String::from_utf8_lossy(&check.stdout);
+        assert!(!check.status.success(), "{name}: check-config must fail:\n{out}");
+        assert!(out.contains(needle), "{name}: {out:?} should mention {needle:?}");
+        let serve = ldapsync().args(["serve", "--config"]).arg(&path).output().unwrap();
+        let err = String::from_utf8_lossy(&serve.stderr);
+        assert!(!serve.status.success(), "{name}: serve must refuse to start: {err}");
+        assert!(
+            err.contains(needle),
+            "{name}: serve says {err:?}, should mention {needle:?}"
+        );
+    }
+}

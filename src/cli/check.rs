@@ -6,7 +6,9 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use super::output::outln;
-use crate::config::{Config, ConfigError, ConnectorConfig};
+use crate::config::{ClientTlsConfig, Config, ConfigError, ConnectorConfig, LdapUrl};
+use crate::proxy::tls::{self, ServerTls};
+use crate::store::SqliteStore;
 use crate::sync::directory::Directory;
 
 /// A hint for the operator, by what the problem concerns.
@@ -34,6 +36,95 @@ fn hint(problem: &ConfigError) -> &'static str {
     }
 }
 
+/// What `serve` would refuse at start beyond the file's own checks: TLS
+/// material that does not load, a log filter or metrics address that does
+/// not parse, a store that cannot be used. check-config and serve run the
+/// same checks; `create_store` is serve's: it opens (creating) the store.
+pub fn startup_problems(config: &Config, create_store: bool) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Some(paths) = &config.proxy.tls
+        && let Err(e) = ServerTls::load(paths)
+    {
+        problems.push(format!("proxy.tls: {e}"));
+    }
+    let needs_tls = |tls: &ClientTlsConfig, urls: &[LdapUrl]| tls.starttls || urls.iter().any(|u| u.is_ldaps());
+    if needs_tls(&config.proxy.upstream_tls, &config.proxy.upstream)
+        && let Err(e) = tls::client_config(&config.proxy.upstream_tls)
+    {
+        problems.push(format!("proxy.upstream_tls: {e}"));
+    }
+    for name in config.connectors.iter().map(|c| &c.name) {
+        if let Some(c) = config.connector(name)
+            && let Some(tls) = &c.tls
+            && needs_tls(tls, &c.upstream)
+            && let Err(e) = tls::client_config(tls)
+        {
+            problems.push(format!("connector {name:?}: tls: {e}"));
+        }
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
+        problems.push(format!("log.level {:?} is not a log filter: {e}", config.log.level));
+    }
+    if let Some(addr) = &config.metrics.listen
+        && let Err(e) = std::net::ToSocketAddrs::to_socket_addrs(addr.as_str())
+    {
+        problems.push(format!("metrics.listen {addr:?} is not host:port: {e}"));
+    }
+    if !config.connectors.is_empty()
+        && let Err(e) = store_usable(&config.store.path, create_store)
+    {
+        problems.push(format!(
+            "store.path {}: {e} (the connectors need it; without connectors ldapsync relays without a store)",
+            config.store.path.display()
+        ));
+    }
+    problems
+}
+
+/// Whether the store can be opened: by opening it (creating it if need be)
+/// for serve, and without creating or changing anything for check-config.
+fn store_usable(path: &Path, create: bool) -> Result<(), String> {
+    store_looks_usable(path)?;
+    if create {
+        SqliteStore::open(path).map(drop).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// The store's file (or, for a new one, its folder) as check-config can
+/// tell without touching it.
+fn store_looks_usable(path: &Path) -> Result<(), String> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => Err("is a directory".into()),
+        Ok(_) => {
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(|e| format!("cannot be opened for writing: {e}"))?;
+            let mut header = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::Read::take(&mut file, 16), &mut header)
+                .map_err(|e| e.to_string())?;
+            if !header.is_empty() && header.as_slice() != b"SQLite format 3\0" {
+                return Err("is not an SQLite database".into());
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let parent = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            match std::fs::metadata(parent) {
+                Ok(meta) if meta.is_dir() => Ok(()),
+                Ok(_) => Err(format!("{} is not a folder", parent.display())),
+                Err(e) => Err(format!("its folder {}: {e}", parent.display())),
+            }
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Prints every problem; true when there were none.
 pub fn check(path: &Path) -> bool {
     let config = match Config::load(path) {
@@ -48,15 +139,21 @@ pub fn check(path: &Path) -> bool {
     for problem in &problems {
         print_problem(problem);
     }
+    let startup = startup_problems(&config, false);
+    for problem in &startup {
+        outln!("error: {problem}");
+        outln!("  hint: serve would refuse to start with it");
+    }
+    let problems_found = problems.len() + startup.len();
     let mut schema_errors = 0;
-    if problems.is_empty() {
+    if problems_found == 0 {
         let runtime = tokio::runtime::Runtime::new().expect("a runtime");
         for name in config.connectors.iter().map(|c| &c.name) {
             let connector = config.connector(name).expect("configured");
             schema_errors += runtime.block_on(check_schema(&connector, &config));
         }
     }
-    let total = problems.len() + schema_errors;
+    let total = problems_found + schema_errors;
     if total == 0 {
         outln!("{}: OK", path.display());
     } else {

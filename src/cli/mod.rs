@@ -256,6 +256,11 @@ fn serve(config: Config, args: ServeArgs, file: Option<PathBuf>) -> anyhow::Resu
     // report) holds directory data: owner-only from the first instant,
     // rather than chmod'ed after creation.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    // What check-config checks, serve refuses to start without.
+    let problems = check::startup_problems(&config, true);
+    if !problems.is_empty() {
+        anyhow::bail!("{}", problems.join("; "));
+    }
     let set_log_level = init_logging(&config.log)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     runtime.block_on(async {
