@@ -222,7 +222,7 @@ fn init_logging(log: &LogConfig) -> anyhow::Result<Option<SetLogLevel>> {
     let from_env = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
     let filter = match &from_env {
         Some(from_env) => EnvFilter::try_new(from_env).context("RUST_LOG")?,
-        None => EnvFilter::try_new(level).with_context(|| format!("log level {level:?}"))?,
+        None => EnvFilter::try_new(level).with_context(|| format!("log.level {level:?} is not a log filter"))?,
     };
     let set: SetLogLevel = match log.format {
         LogFormat::Text => {
@@ -256,12 +256,12 @@ fn serve(config: Config, args: ServeArgs, file: Option<PathBuf>) -> anyhow::Resu
     // report) holds directory data: owner-only from the first instant,
     // rather than chmod'ed after creation.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    let set_log_level = init_logging(&config.log)?;
     // What check-config checks, serve refuses to start without.
     let problems = check::startup_problems(&config, true);
     if !problems.is_empty() {
         anyhow::bail!("{}", problems.join("; "));
     }
-    let set_log_level = init_logging(&config.log)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
