@@ -213,6 +213,20 @@ pub enum Received {
 impl RawConn {
     pub async fn connect(addr: SocketAddr) -> RawConn {
         let stream = TcpStream::connect(addr).await.expect("connecting");
+        RawConn::over(stream)
+    }
+
+    /// Connects from the loopback address `source` (e.g. 127.0.0.2), as
+    /// another client host would.
+    pub async fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> RawConn {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .expect("binding the source address");
+        RawConn::over(socket.connect(addr).await.expect("connecting"))
+    }
+
+    fn over(stream: TcpStream) -> RawConn {
         let (read, write) = stream.into_split();
         RawConn {
             write,

@@ -206,6 +206,36 @@ async fn connections_over_the_limit_are_told_why() {
 }
 
 #[tokio::test]
+async fn a_few_addresses_cannot_take_every_slot_a_new_client_is_still_served() {
+    let slapd = Slapd::start();
+    let proxy = ProxyHandle::start_with(&[slapd.url()], |c| c.max_connections = 20);
+    let hog = "127.0.0.2".parse().unwrap();
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..20 {
+        let mut conn = RawConn::connect_from(hog, proxy.addr()).await;
+        conn.send(&root_dse_search(1)).await;
+        let Received::Pdu(first) = conn.receive(Duration::from_secs(10)).await else {
+            panic!("no answer");
+        };
+        // The root DSE's entry, or a Notice of Disconnection (id 0).
+        match decode(&first).message_id {
+            0 => refused += 1,
+            _ => held.push(conn),
+        }
+    }
+    assert_eq!((held.len(), refused), (18, 2), "the last tenth is kept for others");
+    for source in ["127.0.0.3", "127.0.0.4"] {
+        let mut control = RawConn::connect_from(source.parse().unwrap(), proxy.addr()).await;
+        control.send(&root_dse_search(1)).await;
+        let Received::Pdu(first) = control.receive(Duration::from_secs(10)).await else {
+            panic!("no answer");
+        };
+        assert_eq!(decode(&first).message_id, 1, "a client from {source} is served");
+    }
+}
+
+#[tokio::test]
 async fn idle_sessions_are_closed_with_a_notice() {
     let slapd = Slapd::start();
     let proxy = ProxyHandle::start_with(&[slapd.url()], |c| c.idle_timeout = Duration::from_millis(300));

@@ -19,6 +19,12 @@ pub struct AddressSlot {
 }
 
 impl AddressCounts {
+    /// Connections open from `address`.
+    pub fn count(&self, address: IpAddr) -> usize {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.get(&address).copied().unwrap_or(0)
+    }
+
     /// A slot for one more connection from `address`, unless it has `limit`.
     pub fn admit(self: &Arc<Self>, address: IpAddr, limit: usize) -> Option<AddressSlot> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());

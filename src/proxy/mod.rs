@@ -30,6 +30,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::{Listener, ProxyConfig};
+use crate::throttle::Throttle;
 pub use capture::{CaptureLoss, CaptureSink, CapturedWrite, LogSink, WriteKind};
 use limits::{AddressCounts, FailedBinds};
 use tls::{ServerTls, TlsError};
@@ -146,6 +147,10 @@ impl BoundListener {
 pub struct Proxy {
     shared: Arc<Shared>,
     connections: Arc<Semaphore>,
+    /// The size of `connections` (set at start; a reload does not change it).
+    max_connections: usize,
+    /// For "connection refused" warnings, which a storm repeats per connection.
+    refusals: Throttle,
     addresses: Arc<AddressCounts>,
     next_session: AtomicU64,
 }
@@ -155,6 +160,7 @@ impl Proxy {
     pub fn new(config: ProxyConfig, sink: Arc<dyn CaptureSink>) -> Result<Self, ProxyError> {
         let tls = config.tls.as_ref().map(ServerTls::load).transpose()?.map(Arc::new);
         let connections = Arc::new(Semaphore::new(config.max_connections));
+        let config_max_connections = config.max_connections;
         let failed_binds = FailedBinds::new(config.max_failed_binds, config.failed_bind_window);
         let conformance = match &config.conformance_report {
             Some(path) => Some(Arc::new(conformance::Report::create(path).map_err(|source| {
@@ -174,6 +180,8 @@ impl Proxy {
                 conformance,
             }),
             connections,
+            max_connections: config_max_connections,
+            refusals: Throttle::new(Duration::from_secs(10)),
             addresses: Arc::default(),
             next_session: AtomicU64::new(1),
         })
@@ -247,13 +255,25 @@ impl Proxy {
             };
             let settings = self.shared.settings();
             let limit_per_address = settings.config.max_connections_per_address;
-            let Ok(permit) = Arc::clone(&self.connections).try_acquire_owned() else {
-                warn!(%peer, limit = settings.config.max_connections, "connection refused: too many connections");
-                sessions.spawn(refuse(stream, &listener.config, "ldapsync: too many connections"));
-                continue;
+            // The last tenth of the slots is kept for addresses with few
+            // connections open: a handful of busy (or hostile) addresses
+            // cannot take every slot and lock everyone else out.
+            let reserved = self.connections.available_permits() <= self.max_connections / RESERVED_SHARE
+                && self.addresses.count(peer.ip()) >= FEW_CONNECTIONS;
+            let permit = match Arc::clone(&self.connections).try_acquire_owned() {
+                Ok(permit) if !reserved => permit,
+                _ => {
+                    if let Some(held_back) = self.refusals.allow() {
+                        warn!(%peer, limit = self.max_connections, held_back, "connection refused: too many connections");
+                    }
+                    sessions.spawn(refuse(stream, &listener.config, "ldapsync: too many connections"));
+                    continue;
+                }
             };
             let Some(slot) = self.addresses.admit(peer.ip(), limit_per_address) else {
-                warn!(%peer, limit = limit_per_address, "connection refused: too many connections from this address");
+                if let Some(held_back) = self.refusals.allow() {
+                    warn!(%peer, limit = limit_per_address, held_back, "connection refused: too many connections from this address");
+                }
                 sessions.spawn(refuse(
                     stream,
                     &listener.config,
@@ -285,6 +305,11 @@ fn refuse(mut stream: TcpStream, listener: &Listener, why: &'static str) -> impl
         let _ = stream.shutdown().await;
     }
 }
+
+/// One slot in this many is kept for addresses with fewer than
+/// `FEW_CONNECTIONS` open (see `accept_loop`).
+const RESERVED_SHARE: usize = 10;
+const FEW_CONNECTIONS: usize = 4;
 
 /// Connections the kernel queues before ldapsync accepts them (capped by
 /// net.core.somaxconn). The usual default of 128 made a storm of 1,000
