@@ -660,6 +660,13 @@ pub struct ProxyConfig {
     pub failed_bind_window: Duration,
     pub max_client_pdu: usize,
     pub max_upstream_pdu: usize,
+    /// How long a client may take to send one request in full once its
+    /// first bytes arrived (slow-loris clients hold memory otherwise).
+    #[serde(with = "humantime_serde")]
+    pub request_read_timeout: Duration,
+    /// Bytes of partly received requests all sessions may hold together;
+    /// a session that would go over it is closed.
+    pub max_request_buffer: usize,
     /// Conformance mode's report file (from `[conformance]` or the flag).
     #[serde(skip)]
     pub conformance_report: Option<PathBuf>,
@@ -781,6 +788,8 @@ impl Default for ProxyConfig {
             failed_bind_window: Duration::from_secs(60),
             max_client_pdu: 256 * 1024,
             max_upstream_pdu: 16 * 1024 * 1024,
+            request_read_timeout: Duration::from_secs(30),
+            max_request_buffer: 64 * 1024 * 1024,
             conformance_report: None,
         }
     }
@@ -922,6 +931,12 @@ impl Config {
             ("proxy.max_failed_binds", p.max_failed_binds, 0, 1_000_000),
             ("proxy.max_client_pdu", p.max_client_pdu, 64, 256 * MIB),
             ("proxy.max_upstream_pdu", p.max_upstream_pdu, 64, 1024 * MIB),
+            (
+                "proxy.max_request_buffer",
+                p.max_request_buffer,
+                64 * 1024,
+                16 * 1024 * MIB,
+            ),
         ];
         problems.extend(
             counts
@@ -937,6 +952,7 @@ impl Config {
             ("proxy.handshake_timeout", p.handshake_timeout, ms, hour),
             ("proxy.connect_timeout", p.connect_timeout, ms, hour),
             ("proxy.io_timeout", p.io_timeout, ms, hour),
+            ("proxy.request_read_timeout", p.request_read_timeout, ms, hour),
             ("proxy.idle_timeout", p.idle_timeout, ms, 30 * day),
             ("proxy.shutdown_grace", p.shutdown_grace, Duration::ZERO, hour),
             ("proxy.failed_bind_window", p.failed_bind_window, Duration::ZERO, day),

@@ -151,3 +151,77 @@ async fn a_client_trickling_bytes_is_cut_at_the_idle_timeout_and_others_are_serv
     }
     assert_eq!(end, Received::Closed);
 }
+
+/// A root DSE search made `size`-ish bytes long by one long attribute name.
+fn large_search(message_id: u32, size: usize) -> Vec<u8> {
+    use rasn_ldap::{Filter, LdapMessage, SearchRequest, SearchRequestDerefAliases, SearchRequestScope};
+    let request = SearchRequest::new(
+        "".into(),
+        SearchRequestScope::BaseObject,
+        SearchRequestDerefAliases::NeverDerefAliases,
+        0,
+        0,
+        false,
+        Filter::Present("objectClass".into()),
+        vec!["x".repeat(size).into()],
+    );
+    protocol_tests::encode(&LdapMessage::new(message_id, ProtocolOp::SearchRequest(request)))
+}
+
+async fn notice(conn: &mut RawConn) -> Option<String> {
+    match conn.receive(Duration::from_secs(5)).await {
+        Received::Pdu(pdu) => match decode(&pdu) {
+            m if m.message_id == 0 => match m.protocol_op {
+                ProtocolOp::ExtendedResp(r) => Some(r.diagnostic_message.to_string()),
+                other => panic!("{other:?}"),
+            },
+            other => panic!("not a notice: {other:?}"),
+        },
+        other => panic!("expected a Notice of Disconnection, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_request_trickled_past_the_read_timeout_is_cut_though_the_session_is_not_idle_yet() {
+    let slapd = Slapd::start();
+    let proxy = ProxyHandle::start_with(&[slapd.url()], |c| c.request_read_timeout = Duration::from_millis(500));
+    let mut slow = RawConn::connect(proxy.addr()).await;
+    let request = large_search(1, 1000);
+    slow.send(&request[..600]).await;
+    let why = notice(&mut slow).await.unwrap();
+    assert!(why.contains("not received in full within 500ms"), "{why}");
+    assert!(answers_root_dse(proxy.addr()).await);
+}
+
+#[tokio::test]
+async fn partly_received_requests_of_all_sessions_share_a_bounded_buffer() {
+    let slapd = Slapd::start();
+    let proxy = ProxyHandle::start_with(&[slapd.url()], |c| c.max_request_buffer = 300 * 1024);
+    let request = large_search(1, 200 * 1024);
+    let sent = 160 * 1024;
+    // 160 KiB of a 200 KiB request each: the second session would take the
+    // buffered bytes past 300 KiB.
+    let mut first = RawConn::connect(proxy.addr()).await;
+    first.send(&request[..sent]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut second = RawConn::connect(proxy.addr()).await;
+    second.send(&request[..sent]).await;
+    let why = notice(&mut second).await.unwrap();
+    assert!(why.contains("over their budget of 307200 bytes"), "{why}");
+    // Small requests arrive whole and need none of it.
+    assert!(answers_root_dse(proxy.addr()).await);
+    // The first session is untouched and finishes its request.
+    first.send(&request[sent..]).await;
+    let Received::Pdu(answer) = first.receive(Duration::from_secs(5)).await else {
+        panic!("the first session is answered");
+    };
+    assert_eq!(decode(&answer).message_id, 1);
+    // Its share was given back once its request was whole: another large
+    // request fits again.
+    let mut third = RawConn::connect(proxy.addr()).await;
+    third.send(&request).await;
+    let Received::Pdu(answer) = third.receive(Duration::from_secs(5)).await else {
+        panic!("the third session is answered");
+    };
+    assert_eq!(decode(&answer).message_id, 1);
+}

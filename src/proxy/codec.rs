@@ -1,4 +1,10 @@
-//! Frames a byte stream into whole LDAPMessages, keeping the original bytes.
+//! Frames a byte stream into whole LDAPMessages, keeping the original bytes,
+//! and accounts for the bytes of a PDU still arriving: since when (for the
+//! read deadline) and against a budget all sessions share.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use thiserror::Error;
@@ -21,30 +27,96 @@ pub enum FrameError {
     Ber(#[from] BerError),
     #[error("connection ended in the middle of a PDU")]
     Truncated,
+    #[error("partly received requests of all sessions are over their budget of {0} bytes")]
+    OverBudget(usize),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+/// Bytes of partly received PDUs all sessions may hold together, so that
+/// many slow clients cannot exhaust memory between them.
+#[derive(Debug)]
+pub struct Budget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl Budget {
+    pub fn new(limit: usize) -> Budget {
+        Budget {
+            limit,
+            used: AtomicUsize::new(0),
+        }
+    }
+
+    fn charge(&self, bytes: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|total| *total <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn release(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+    }
 }
 
 /// Splits a stream into LDAPMessage frames of at most `max_len` bytes.
 ///
 /// The limit is checked as soon as the length is known, so an oversized
 /// PDU is refused before its body is buffered.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct PduCodec {
     max_len: usize,
+    /// Charged with the bytes of a PDU that has not arrived whole.
+    budget: Option<Arc<Budget>>,
+    charged: usize,
+    /// When the first bytes of a PDU not yet whole arrived.
+    partial_since: Option<Instant>,
 }
 
 impl PduCodec {
     pub fn new(max_len: usize) -> Self {
-        Self { max_len }
+        Self {
+            max_len,
+            budget: None,
+            charged: 0,
+            partial_since: None,
+        }
     }
-}
 
-impl Decoder for PduCodec {
-    type Item = Bytes;
-    type Error = FrameError;
+    /// A codec whose partly received PDUs count against `budget`.
+    pub fn with_budget(max_len: usize, budget: Arc<Budget>) -> Self {
+        Self {
+            budget: Some(budget),
+            ..Self::new(max_len)
+        }
+    }
 
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
+    /// Since when a PDU has been arriving without being whole yet.
+    pub fn partial_since(&self) -> Option<Instant> {
+        self.partial_since
+    }
+
+    /// Charges (or gives back) the budget so that it holds `buffered` bytes.
+    fn account(&mut self, buffered: usize) -> Result<(), FrameError> {
+        let Some(budget) = &self.budget else {
+            return Ok(());
+        };
+        if buffered > self.charged {
+            if !budget.charge(buffered - self.charged) {
+                return Err(FrameError::OverBudget(budget.limit));
+            }
+        } else {
+            budget.release(self.charged - buffered);
+        }
+        self.charged = buffered;
+        Ok(())
+    }
+
+    /// The first whole PDU in `src`, if it is there.
+    fn frame(&self, src: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
         if let Some(&tag) = src.first()
             && tag != SEQUENCE
         {
@@ -68,6 +140,29 @@ impl Decoder for PduCodec {
             return Ok(None);
         }
         Ok(Some(src.split_to(total).freeze()))
+    }
+}
+
+impl Drop for PduCodec {
+    fn drop(&mut self) {
+        let _ = self.account(0);
+    }
+}
+
+impl Decoder for PduCodec {
+    type Item = Bytes;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
+        let frame = self.frame(src)?;
+        if frame.is_some() || src.is_empty() {
+            self.partial_since = None;
+            self.account(0)?;
+        } else {
+            self.partial_since.get_or_insert_with(Instant::now);
+            self.account(src.len())?;
+        }
+        Ok(frame)
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
@@ -121,6 +216,32 @@ mod tests {
         let mut buf = BytesMut::from(&[0x30, 0x85, 0x10, 0x00, 0x00, 0x00, 0x00][..]);
         assert!(codec.decode(&mut buf).unwrap().is_none());
         assert!(buf.capacity() <= 7 + RESERVE_AHEAD, "reserved {} bytes", buf.capacity());
+    }
+
+    #[test]
+    fn partly_received_pdus_share_one_budget_and_give_it_back() {
+        let budget = Arc::new(Budget::new(100));
+        let mut a = PduCodec::with_budget(1024, Arc::clone(&budget));
+        let mut b = PduCodec::with_budget(1024, Arc::clone(&budget));
+        // 60 of 200 announced bytes each: the second is over the budget.
+        let partial = |n: usize| {
+            let mut pdu = vec![0x30, 0x81, 197];
+            pdu.resize(n, 0x04);
+            BytesMut::from(&pdu[..])
+        };
+        let mut first = partial(60);
+        assert!(a.decode(&mut first).unwrap().is_none());
+        assert!(a.partial_since().is_some());
+        assert!(matches!(b.decode(&mut partial(60)), Err(FrameError::OverBudget(100))));
+        drop(a);
+        assert!(
+            b.decode(&mut partial(60)).unwrap().is_none(),
+            "a closed session gives its share back"
+        );
+        let mut whole = BytesMut::from(&[0x30, 0x03, 0x02, 0x01, 0x01][..]);
+        let mut c = PduCodec::with_budget(1024, Arc::clone(&budget));
+        assert!(c.decode(&mut whole).unwrap().is_some(), "whole PDUs need no budget");
+        assert_eq!(c.partial_since(), None);
     }
 
     #[test]

@@ -32,6 +32,7 @@ use tracing::{info, warn};
 use crate::config::{Listener, ProxyConfig};
 use crate::throttle::Throttle;
 pub use capture::{CaptureLoss, CaptureSink, CapturedWrite, LogSink, WriteKind};
+use codec::Budget;
 use limits::{AddressCounts, FailedBinds};
 use tls::{ServerTls, TlsError};
 
@@ -65,6 +66,8 @@ struct Shared {
     /// The listeners' certificate, for `ldaps://` and StartTLS.
     tls: Option<Arc<ServerTls>>,
     failed_binds: FailedBinds,
+    /// Bytes of partly received requests, shared by every session.
+    request_buffer: Arc<Budget>,
     /// Conformance mode's report, when it is on.
     conformance: Option<Arc<conformance::Report>>,
 }
@@ -92,6 +95,10 @@ impl Reloader {
         let pending = [
             ("proxy.listen", old.listen != config.listen),
             ("proxy.max_connections", old.max_connections != config.max_connections),
+            (
+                "proxy.max_request_buffer",
+                old.max_request_buffer != config.max_request_buffer,
+            ),
             (
                 "proxy.max_failed_binds / failed_bind_window",
                 (old.max_failed_binds, old.failed_bind_window) != (config.max_failed_binds, config.failed_bind_window),
@@ -161,6 +168,7 @@ impl Proxy {
         let tls = config.tls.as_ref().map(ServerTls::load).transpose()?.map(Arc::new);
         let connections = Arc::new(Semaphore::new(config.max_connections));
         let config_max_connections = config.max_connections;
+        let request_buffer = Arc::new(Budget::new(config.max_request_buffer));
         let failed_binds = FailedBinds::new(config.max_failed_binds, config.failed_bind_window);
         let conformance = match &config.conformance_report {
             Some(path) => Some(Arc::new(conformance::Report::create(path).map_err(|source| {
@@ -177,6 +185,7 @@ impl Proxy {
                 sink,
                 tls,
                 failed_binds,
+                request_buffer,
                 conformance,
             }),
             connections,

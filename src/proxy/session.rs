@@ -183,6 +183,10 @@ enum End {
     Malformed(String),
     UpstreamLost(String),
     Idle,
+    /// A request's bytes did not all arrive within the read timeout.
+    SlowRequest(Duration),
+    /// The session would take more than its share of a shared resource.
+    Overloaded(String),
     Shutdown,
     /// A TLS handshake failed: the connection is in no state for a notice.
     TlsFailed(String),
@@ -311,7 +315,7 @@ impl Session {
         .spawn(write, queue);
         Session {
             id,
-            requests: FramedRead::new(read, PduCodec::new(settings.config.max_client_pdu)),
+            requests: FramedRead::new(read, client_codec(&shared, &settings)),
             settings,
             listener,
             peer,
@@ -336,11 +340,13 @@ impl Session {
 
     async fn relay(&mut self, shutdown: &CancellationToken) -> End {
         let idle_timeout = self.settings.config.idle_timeout;
+        let read_timeout = self.settings.config.request_read_timeout;
         let mut last_request = tokio::time::Instant::now();
         // One timer for the session, moved only when it fires: re-arming it
         // at every request would take the runtime's timer lock twice per
-        // operation.
-        let idle = sleep_until(last_request + idle_timeout);
+        // operation. It fires at least once per read timeout, to see a
+        // request that has been arriving for too long.
+        let idle = sleep_until(last_request + idle_timeout.min(read_timeout));
         tokio::pin!(idle);
         loop {
             let event = tokio::select! {
@@ -365,14 +371,25 @@ impl Session {
                     }
                 }
                 Event::Idle => {
-                    let idle_until = last_request + idle_timeout;
-                    if idle_until > tokio::time::Instant::now() {
-                        idle.as_mut().reset(idle_until);
-                    } else if self.inflight.is_empty() {
-                        return End::Idle;
-                    } else {
-                        idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
+                    let now = tokio::time::Instant::now();
+                    // A request still arriving: due in full by its deadline.
+                    let read_by = self
+                        .requests
+                        .decoder()
+                        .partial_since()
+                        .map(|since| tokio::time::Instant::from_std(since) + read_timeout);
+                    if read_by.is_some_and(|by| by <= now) {
+                        return End::SlowRequest(read_timeout);
                     }
+                    let mut idle_until = last_request + idle_timeout;
+                    if idle_until <= now {
+                        if self.inflight.is_empty() {
+                            return End::Idle;
+                        }
+                        idle_until = now + idle_timeout;
+                    }
+                    idle.as_mut()
+                        .reset(idle_until.min(read_by.unwrap_or(now + read_timeout)));
                 }
                 Event::Request(None) => return End::ClientClosed,
                 Event::Request(Some(Err(FrameError::Io(e)))) => {
@@ -382,6 +399,7 @@ impl Session {
                 Event::Request(Some(Err(FrameError::NotASequence(_)))) if self.sasl_bound.load(Ordering::Acquire) => {
                     return self.tunnel(shutdown).await;
                 }
+                Event::Request(Some(Err(e @ FrameError::OverBudget(_)))) => return End::Overloaded(e.to_string()),
                 Event::Request(Some(Err(e))) => return End::Malformed(e.to_string()),
                 Event::Request(Some(Ok(pdu))) => {
                     last_request = tokio::time::Instant::now();
@@ -688,7 +706,7 @@ impl Session {
             Err(reason) => return Some(End::TlsFailed(reason)),
         };
         let (read, write) = tokio::io::split(stream);
-        self.requests = FramedRead::new(read, PduCodec::new(self.settings.config.max_client_pdu));
+        self.requests = FramedRead::new(read, client_codec(&self.shared, &self.settings));
         self.responder = responder.spawn(write, queue);
         self.tls = true;
         info!("StartTLS: the session is now under TLS");
@@ -735,6 +753,14 @@ impl Session {
                 Some((ResultCode::Unavailable, format!("ldapsync: {reason}")))
             }
             End::Idle => Some((ResultCode::Unavailable, "ldapsync: idle timeout".to_owned())),
+            End::SlowRequest(timeout) => Some((
+                ResultCode::Unavailable,
+                format!(
+                    "ldapsync: a request was not received in full within {}",
+                    humantime::format_duration(*timeout)
+                ),
+            )),
+            End::Overloaded(reason) => Some((ResultCode::Unavailable, format!("ldapsync: {reason}; retry later"))),
             End::Shutdown => {
                 let grace = self.settings.config.shutdown_grace;
                 if timeout(grace, self.inflight.wait_drained()).await.is_err() {
@@ -765,6 +791,11 @@ impl Session {
             _ => info!(?end, "session closed"),
         }
     }
+}
+
+/// The framer of a client's requests, its partial PDUs on the shared budget.
+fn client_codec(shared: &Shared, settings: &Settings) -> PduCodec {
+    PduCodec::with_budget(settings.config.max_client_pdu, Arc::clone(&shared.request_buffer))
 }
 
 /// A whole PDU is buffered: the next request is already here.
