@@ -79,6 +79,9 @@ pub struct Metrics {
     pub changes: Family<ChangeLabels, Counter>,
     pub conflicts: Family<ConflictLabels, Counter>,
     pub deletes_held: Family<ConnectorLabel, Gauge>,
+    /// Unix time of the first failed write of a run of them; 0 while the
+    /// store takes writes.
+    pub store_unwritable_since: Gauge,
 }
 
 /// The process's metrics.
@@ -104,6 +107,7 @@ impl Metrics {
             changes: Family::default(),
             conflicts: Family::default(),
             deletes_held: Family::default(),
+            store_unwritable_since: Gauge::default(),
         };
         let mut registry = Registry::with_prefix("ldapsync");
         registry.register(
@@ -162,6 +166,11 @@ impl Metrics {
             "Deletes the mass-delete guard holds until confirmed (the connector is degraded while any are)",
             metrics.deletes_held.clone(),
         );
+        registry.register(
+            "store_unwritable_since",
+            "Unix time since which writes to the store fail (disk full, read-only); 0 while they succeed",
+            metrics.store_unwritable_since.clone(),
+        );
         let direction = |direction| metrics.bytes.get_or_create(&DirectionLabel { direction }).clone();
         Metrics {
             registry,
@@ -169,6 +178,29 @@ impl Metrics {
             bytes_to_client: direction("to_client"),
             ..metrics
         }
+    }
+
+    /// A write to the store failed for want of space or permission.
+    pub fn store_unwritable(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs() as i64);
+        let _ = self.store_unwritable_since.inner().compare_exchange(
+            0,
+            now,
+            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+        );
+    }
+
+    /// A write to the store succeeded.
+    pub fn store_writable(&self) {
+        self.store_unwritable_since.set(0);
+    }
+
+    /// Since when (Unix time) the store refuses writes, if it does.
+    pub fn store_unwritable_at(&self) -> Option<i64> {
+        Some(self.store_unwritable_since.get()).filter(|&at| at > 0)
     }
 
     /// The OpenMetrics text exposition.

@@ -60,6 +60,10 @@ pub struct RunningState {
     pub listeners: Vec<ListenerState>,
     pub upstream: Vec<UpstreamState>,
     pub sessions_open: i64,
+    /// Since when writes to the store fail (RFC 3339), if they do. The
+    /// relay goes on; captures wait for a full comparison.
+    #[serde(default)]
+    pub store_unwritable_since: Option<String>,
 }
 
 impl Running {
@@ -146,6 +150,7 @@ impl Running {
             listeners,
             upstream: self.probe().await,
             sessions_open: METRICS.sessions_open.get(),
+            store_unwritable_since: store_unwritable_since(),
         }
     }
 }
@@ -203,6 +208,13 @@ pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
     Ok(listener)
 }
 
+fn store_unwritable_since() -> Option<String> {
+    METRICS.store_unwritable_at().map(|at| {
+        let at = std::time::UNIX_EPOCH + Duration::from_secs(at.unsigned_abs());
+        humantime::format_rfc3339_seconds(at).to_string()
+    })
+}
+
 /// Serves `/metrics`, `/healthz` and `/readyz` until shutdown.
 pub async fn serve(listener: TcpListener, readiness: Arc<Running>, shutdown: CancellationToken) {
     let app = Router::new()
@@ -228,7 +240,14 @@ async fn metrics() -> impl IntoResponse {
 
 async fn ready(State(readiness): State<Arc<Running>>) -> impl IntoResponse {
     match readiness.check().await {
-        Ok(url) => (StatusCode::OK, format!("ready: {url} reachable\n")),
+        // The relay does not need the store: ready, and saying it.
+        Ok(url) => match store_unwritable_since() {
+            Some(since) => (
+                StatusCode::OK,
+                format!("ready: {url} reachable; store unwritable since {since}\n"),
+            ),
+            None => (StatusCode::OK, format!("ready: {url} reachable\n")),
+        },
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
     }
 }

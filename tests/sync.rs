@@ -1304,3 +1304,91 @@ fn the_same_change_on_both_sides_is_a_convergence_not_an_update() {
         "{journal}"
     );
 }
+
+/// A tmpfs of its own for a store that can be filled up; root only.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(at: PathBuf) -> Option<SmallDisk> {
+        let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout == b"0\n");
+        std::fs::create_dir_all(&at).unwrap();
+        let mounted = root
+            && Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+                .arg(&at)
+                .status()
+                .is_ok_and(|s| s.success());
+        mounted.then_some(SmallDisk(at))
+    }
+
+    /// Writes until the disk is full; returns the file that fills it.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let path = self.0.join("fill");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        while file.write_all(&chunk).is_ok() {}
+        let _ = file.sync_all();
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_store_disk_is_reported_without_a_log_flood_and_nothing_is_lost_once_it_has_room() {
+    let env = Env::start(BOTH_LDAP_WINS);
+    env.poll_every("1h");
+    let Some(disk) = SmallDisk::mount(env.dir.path().join("disk")) else {
+        eprintln!("SKIPPED: a full disk needs root to mount a tmpfs");
+        return;
+    };
+    let config = std::fs::read_to_string(env.config_path()).unwrap();
+    let db = disk.0.join("ldapsync.db");
+    let config = config.replace(
+        &env.dir.path().join("ldapsync.db").display().to_string(),
+        &db.display().to_string(),
+    );
+    std::fs::write(env.config_path(), config).unwrap();
+    let served = env.serve();
+    let fill = disk.fill();
+
+    // The relay goes on; the writes cannot be journaled.
+    let last = 30;
+    let ldif: String = (1..=last)
+        .map(|i| set_mail(ALICE, &format!("alice-{i}@full.example")))
+        .collect::<Vec<_>>()
+        .join("\n");
+    ldapmodify_at(&served.url, &ldif);
+    assert!(
+        eventually(|| env.status().contains("STORE UNWRITABLE since")),
+        "{}",
+        env.status()
+    );
+    // Room again: the next write is journaled and the connector catches up
+    // on what it could not journal.
+    std::fs::remove_file(fill).unwrap();
+    ldapmodify_at(
+        &served.url,
+        &set_mail("uid=bob,ou=people,dc=example,dc=com", "bob@room.example"),
+    );
+    let alice = format!("alice-{last}@full.example");
+    assert!(
+        eventually(|| env.local_field("account", "alice", "mail").as_deref() == Some(alice.as_str())),
+        "the lost captures are made good: {:?}",
+        env.local_field("account", "alice", "mail")
+    );
+    assert!(
+        eventually(|| !env.status().contains("STORE UNWRITABLE")),
+        "{}",
+        env.status()
+    );
+    let (exit, log) = served.terminate();
+    assert!(exit.success());
+    let warnings = log.lines().filter(|l| l.contains("WARN")).count();
+    assert!(warnings <= 10, "{last} failed captures, {warnings} warnings:\n{log}");
+}

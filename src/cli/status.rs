@@ -119,12 +119,15 @@ pub fn status(config: &Config, json: bool, quiet: bool) -> anyhow::Result<()> {
     if status.running.is_none() {
         return Err(Exit::NotRunning.into());
     }
-    let degraded: Vec<String> = status
+    let mut degraded: Vec<String> = status
         .connectors
         .iter()
         .filter(|c| !c.degraded.is_empty())
         .map(|c| format!("connector {}: {}", c.name, c.degraded.join("; ")))
         .collect();
+    if let Some(since) = status.running.as_ref().and_then(|r| r.store_unwritable_since.as_ref()) {
+        degraded.push(format!("store unwritable since {since}"));
+    }
     if !degraded.is_empty() {
         return Err(Exit::NeedsAttention(degraded.join("; ")).into());
     }
@@ -150,6 +153,11 @@ fn print_human(status: &Status) {
                 }
             }
             outln!("  sessions open: {}", r.sessions_open);
+            if let Some(since) = &r.store_unwritable_since {
+                outln!(
+                    "  STORE UNWRITABLE since {since}: relaying goes on; the connectors catch up when it takes writes"
+                );
+            }
         }
         None => outln!("ldapsync is not running (no answer on its admin socket)"),
     }

@@ -37,6 +37,22 @@ pub enum StoreError {
     NotFound { category: Category, name: String },
 }
 
+impl StoreError {
+    /// The store cannot take writes (disk full, read-only, I/O failing),
+    /// as opposed to a problem with what was written.
+    pub fn is_unwritable(&self) -> bool {
+        use rusqlite::ErrorCode::{CannotOpen, DiskFull, ReadOnly, SystemIoFailure};
+        match self {
+            StoreError::Io { .. } => true,
+            StoreError::Open { source, .. } | StoreError::Sqlite(source) => matches!(
+                source.sqlite_error_code(),
+                Some(DiskFull | ReadOnly | SystemIoFailure | CannotOpen)
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// Accounts or groups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

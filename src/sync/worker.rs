@@ -193,6 +193,8 @@ pub fn start(config: &Config, shutdown: CancellationToken, tasks: &TaskTracker) 
             connect_timeout: config.proxy.connect_timeout,
             directory: None,
             last_reconcile: None,
+            resync_reason: None,
+            warnings: Throttle::new(WARNING_INTERVAL),
         };
         let span = tracing::info_span!("connector", name = route.connector);
         tasks.spawn(
@@ -231,6 +233,7 @@ fn write_captures(store_path: PathBuf, mut queue: mpsc::Receiver<Capture>, route
             .filter(|r| batch.iter().any(|c| c.connector == r.connector));
         match result {
             Ok(()) => {
+                METRICS.store_writable();
                 METRICS
                     .captures
                     .get_or_create(&OutcomeLabel { outcome: "journaled" })
@@ -238,6 +241,9 @@ fn write_captures(store_path: PathBuf, mut queue: mpsc::Receiver<Capture>, route
                 concerned.for_each(|r| r.captured.notify_one());
             }
             Err(e) => {
+                if e.is_unwritable() {
+                    METRICS.store_unwritable();
+                }
                 METRICS
                     .captures
                     .get_or_create(&OutcomeLabel { outcome: "dropped" })
@@ -262,6 +268,10 @@ struct Worker {
     directory: Option<Directory>,
     /// When this worker last compared every entry.
     last_reconcile: Option<Instant>,
+    /// A full comparison was asked for, and not recorded in the store yet.
+    resync_reason: Option<String>,
+    /// For "sync failed" warnings, which a sick store or directory repeats.
+    warnings: Throttle,
 }
 
 impl Worker {
@@ -274,6 +284,8 @@ impl Worker {
         let mut backoff = Duration::from_secs(1);
         let mut next_poll = Instant::now();
         let mut last_poll = Instant::now();
+        // The last attempt failed: retries wait for the back-off.
+        let mut failing = false;
         loop {
             let outcome = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -286,28 +298,45 @@ impl Worker {
                 }
                 _ = route.resync.notified() => {
                     let reason = route.lost.lock().unwrap_or_else(|e| e.into_inner()).take();
-                    let reason = reason.unwrap_or_else(|| "capture lost".into());
+                    self.resync_reason = Some(reason.unwrap_or_else(|| "capture lost".into()));
                     // Marked at once (status shows it; the next poll is a
                     // full comparison), run no sooner than the spacing
                     // after the last one: however many captures are lost,
                     // one reconciliation is queued at most.
                     let earliest = self.last_reconcile.map_or_else(Instant::now, |at| at + RECONCILE_SPACING);
                     next_poll = next_poll.min(earliest.max(Instant::now()));
-                    store.mark_out_of_sync(&self.connector.name, &reason).map_err(SyncError::from)
+                    // While failing, only the poll's back-off retries it.
+                    if failing {
+                        continue;
+                    }
+                    self.mark_out_of_sync(&mut store)
                 }
                 _ = sleep_until(next_poll) => {
                     last_poll = Instant::now();
                     next_poll = last_poll + interval;
-                    self.poll(&mut store).await
+                    match self.mark_out_of_sync(&mut store) {
+                        Ok(()) => self.poll(&mut store).await,
+                        Err(e) => Err(e),
+                    }
                 }
             };
             match outcome {
-                Ok(()) => backoff = Duration::from_secs(1),
+                Ok(()) => {
+                    backoff = Duration::from_secs(1);
+                    failing = false;
+                }
                 Err(e) => {
                     // Reconnect next time, and retry after a back-off rather
                     // than a whole poll interval.
-                    warn!(error = %e, retry_in = ?backoff, "sync failed");
-                    record_error(&mut store, &self.connector.name, &e);
+                    failing = true;
+                    if matches!(&e, SyncError::Store(e) if e.is_unwritable()) {
+                        METRICS.store_unwritable();
+                    }
+                    let say = self.warnings.allow();
+                    if let Some(held_back) = say {
+                        warn!(error = %e, retry_in = ?backoff, held_back, "sync failed");
+                    }
+                    record_error(&mut store, &self.connector.name, &e, say.is_some());
                     if let Some(directory) = self.directory.take() {
                         directory.close().await;
                     }
@@ -335,6 +364,18 @@ impl Worker {
                 _ = tokio::time::sleep(delay) => delay = (delay * 2).min(Duration::from_secs(10)),
             }
         }
+    }
+
+    /// Records a lost capture's reason in the store, once it takes writes:
+    /// until then the worker keeps it, so that the reconciliation it asks
+    /// for is not lost with the store's health.
+    fn mark_out_of_sync(&mut self, store: &mut SqliteStore) -> Result<(), SyncError> {
+        if let Some(reason) = &self.resync_reason {
+            store.mark_out_of_sync(&self.connector.name, reason)?;
+            METRICS.store_writable();
+            self.resync_reason = None;
+        }
+        Ok(())
     }
 
     async fn captures(&mut self, store: &mut SqliteStore) -> Result<(), SyncError> {
@@ -366,6 +407,7 @@ impl Worker {
             })
             .observe(started.elapsed().as_secs_f64());
         record(&self.connector, ChangeSource::Poll, &outcome.report);
+        METRICS.store_writable();
         METRICS
             .deletes_held
             .get_or_create(&ConnectorLabel {
@@ -385,7 +427,9 @@ const POLL_SPACING: Duration = Duration::from_secs(1);
 /// The least time between two full comparisons that lost captures ask for.
 const RECONCILE_SPACING: Duration = Duration::from_secs(60);
 
-fn record_error(store: &mut SqliteStore, connector: &str, error: &SyncError) {
+/// Records the failure for `status`; `say` whether a failure to record it
+/// is worth a warning (not while warnings are held back).
+fn record_error(store: &mut SqliteStore, connector: &str, error: &SyncError, say: bool) {
     let mut state = store
         .connector_state(connector)
         .ok()
@@ -396,7 +440,9 @@ fn record_error(store: &mut SqliteStore, connector: &str, error: &SyncError) {
             ..ConnectorState::default()
         });
     state.last_error = Some(error.to_string());
-    if let Err(e) = store.set_connector_state(&state) {
+    if let Err(e) = store.set_connector_state(&state)
+        && say
+    {
         warn!(error = %e, "cannot record the failure in the store");
     }
 }
