@@ -82,6 +82,7 @@ pub struct Metrics {
     /// Unix time of the first failed write of a run of them; 0 while the
     /// store takes writes.
     pub store_unwritable_since: Gauge,
+    pub worker_restarts: Counter,
 }
 
 /// The process's metrics.
@@ -108,6 +109,7 @@ impl Metrics {
             conflicts: Family::default(),
             deletes_held: Family::default(),
             store_unwritable_since: Gauge::default(),
+            worker_restarts: Counter::default(),
         };
         let mut registry = Registry::with_prefix("ldapsync");
         registry.register(
@@ -170,6 +172,11 @@ impl Metrics {
             "store_unwritable_since",
             "Unix time since which writes to the store fail (disk full, read-only); 0 while they succeed",
             metrics.store_unwritable_since.clone(),
+        );
+        registry.register(
+            "worker_restarts",
+            "Connector workers started again after a failure (a bug: please report it)",
+            metrics.worker_restarts.clone(),
         );
         let direction = |direction| metrics.bytes.get_or_create(&DirectionLabel { direction }).clone();
         Metrics {

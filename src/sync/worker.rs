@@ -187,20 +187,39 @@ pub fn start(config: &Config, shutdown: CancellationToken, tasks: &TaskTracker) 
     let store_path = config.store.path.clone();
     tasks.spawn_blocking(move || write_captures(store_path, queue, writer_routes));
     for (index, route) in routes.iter().enumerate() {
-        let worker = Worker {
-            connector: config.connector(&route.connector).expect("connector from the config"),
-            store_path: config.store.path.clone(),
-            connect_timeout: config.proxy.connect_timeout,
-            directory: None,
-            last_reconcile: None,
-            resync_reason: None,
-            warnings: Throttle::new(WARNING_INTERVAL),
-        };
+        let connector = config.connector(&route.connector).expect("connector from the config");
+        let (store_path, connect_timeout) = (config.store.path.clone(), config.proxy.connect_timeout);
+        let (routes, shutdown) = (Arc::clone(&routes), shutdown.clone());
         let span = tracing::info_span!("connector", name = route.connector);
         tasks.spawn(
-            worker
-                .run(Arc::clone(&routes), index, shutdown.clone())
-                .instrument(span),
+            async move {
+                // Supervised: a worker that panics is said and started
+                // again, never gone while the relay goes on.
+                loop {
+                    let worker = Worker {
+                        connector: connector.clone(),
+                        store_path: store_path.clone(),
+                        connect_timeout,
+                        directory: None,
+                        last_reconcile: None,
+                        resync_reason: None,
+                        warnings: Throttle::new(WARNING_INTERVAL),
+                    };
+                    let run = tokio::spawn(worker.run(Arc::clone(&routes), index, shutdown.clone()).in_current_span());
+                    match run.await {
+                        Ok(()) => break,
+                        Err(e) => {
+                            tracing::error!(error = %e, "connector worker failed; restarting it in 5 s");
+                            METRICS.worker_restarts.inc();
+                            tokio::select! {
+                                _ = shutdown.cancelled() => break,
+                                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                            }
+                        }
+                    }
+                }
+            }
+            .instrument(span),
         );
     }
     CaptureRouter {
