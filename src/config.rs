@@ -50,6 +50,13 @@ pub enum ConfigError {
     ClientCertificate,
     #[error("two connectors are named {0:?}")]
     DuplicateConnector(String),
+    #[error("no connector named {name:?}{suggestion}; the config file has {known}")]
+    UnknownConnector {
+        name: String,
+        /// ` (did you mean "…"?)`, when one is close.
+        suggestion: String,
+        known: String,
+    },
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -879,6 +886,31 @@ impl Config {
             }
         }
         problems
+    }
+
+    /// The named connector, or an error that names the ones there are and
+    /// the closest to a misspelt name.
+    pub fn require_connector(&self, name: &str) -> Result<ConnectorConfig, ConfigError> {
+        self.connector(name).ok_or_else(|| {
+            let names = self.connectors.iter().map(|c| c.name.as_str());
+            let closest = names
+                .clone()
+                .map(|known| (strsim::levenshtein(name, known), known))
+                .filter(|(distance, known)| *distance <= 2.max(known.len() / 3))
+                .min();
+            let known: Vec<String> = names.map(|n| format!("{n:?}")).collect();
+            ConfigError::UnknownConnector {
+                name: name.to_owned(),
+                suggestion: closest
+                    .map(|(_, c)| format!(" (did you mean {c:?}?)"))
+                    .unwrap_or_default(),
+                known: if known.is_empty() {
+                    "none".into()
+                } else {
+                    known.join(", ")
+                },
+            }
+        })
     }
 
     /// The named connector, with `proxy.upstream` filled in where it has none.

@@ -1392,3 +1392,69 @@ fn a_full_store_disk_is_reported_without_a_log_flood_and_nothing_is_lost_once_it
     let warnings = log.lines().filter(|l| l.contains("WARN")).count();
     assert!(warnings <= 10, "{last} failed captures, {warnings} warnings:\n{log}");
 }
+
+#[test]
+fn a_misspelt_connector_or_field_is_refused_with_the_names_that_exist() {
+    let env = Env::start(BOTH_LDAP_WINS);
+    for args in [
+        &["journal", "--connector", "exmaple"][..],
+        &["association", "list", "--connector", "exmaple"],
+        &["sync", "run", "--connector", "exmaple"],
+    ] {
+        let out = env.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(r#"no connector named "exmaple" (did you mean "example"?); the config file has "example""#),
+            "{args:?}: {stderr}"
+        );
+    }
+    env.sync();
+    let out = env.run(&["account", "set", "alice", "--set", "mial=alice@typo.example"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(
+            r#"no connector maps the account field "mial"; the mapped ones are description, display_name, mail"#
+        ),
+        "{stderr}"
+    );
+    assert_eq!(env.local_field("account", "alice", "mial"), None, "nothing was stored");
+    env.ok(&["account", "set", "alice", "--set", "shoe_size=42", "--unmapped"]);
+    assert_eq!(env.local_field("account", "alice", "shoe_size").as_deref(), Some("42"));
+}
+
+#[test]
+fn the_journal_keeps_the_values_each_side_had_and_what_a_policy_threw_away() {
+    let env = Env::start(BOTH_LDAP_WINS);
+    env.sync();
+    env.ok(&["account", "set", "alice", "--set", "mail=alice@app.example"]);
+    env.ldapmodify(&set_mail(ALICE, "alice@directory.example"));
+    env.sync();
+    let journal = env.ok(&["journal", "--object", "alice", "--limit", "2"]);
+    let lines: Vec<&str> = journal.lines().collect();
+    let edit: serde_json::Value = serde_json::from_str(lines[0].rsplit('\t').next().unwrap()).unwrap();
+    assert_eq!(
+        edit["fields"]["mail"],
+        serde_json::json!({ "old": ["alice@example.com"], "new": ["alice@app.example"] }),
+        "a local edit: {journal}"
+    );
+    assert!(lines[1].contains("\tconflict-resolved\t"), "{journal}");
+    let conflict: serde_json::Value = serde_json::from_str(lines[1].rsplit('\t').next().unwrap()).unwrap();
+    assert_eq!(
+        conflict["changes"]["mail"],
+        serde_json::json!({
+            "baseline": ["alice@example.com"],
+            "local": ["alice@app.example"],
+            "directory": ["alice@directory.example"],
+            "result": ["alice@directory.example"],
+        }),
+        "ldap-wins threw alice@app.example away, and the journal says so: {journal}"
+    );
+    env.ok(&["account", "set", "alice", "--set", "app_password=hunter2", "--unmapped"]);
+    let journal = env.journal();
+    assert!(
+        journal.contains("app_password") && !journal.contains("hunter2"),
+        "{journal}"
+    );
+}

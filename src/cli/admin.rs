@@ -10,11 +10,11 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 
 use super::output::outln;
-use crate::config::Config;
-use crate::config::Preset;
+use crate::config::{Config, MEMBERS_FIELD, Preset};
 use crate::store::{Category, ChangeSource, JournalEntry, JournalQuery, LocalObject, SqliteStore, Store, now};
 use crate::sync::directory::{Directory, PasswordKind};
-use crate::sync::engine::PassOptions;
+use crate::sync::engine::{PassOptions, is_secret_field};
+use crate::sync::policy::Values;
 use crate::sync::progress::{Bar, Lines, Progress};
 use crate::sync::worker::{self, Poll};
 
@@ -61,6 +61,9 @@ pub struct Edit {
     disable: bool,
     #[arg(long)]
     enable: bool,
+    /// Accept fields no connector maps (kept locally, synced nowhere).
+    #[arg(long)]
+    unmapped: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -130,6 +133,43 @@ fn parse_pair(text: &str) -> anyhow::Result<(String, String)> {
 }
 
 impl Edit {
+    /// Refuses fields no connector of the category maps (a typo would
+    /// otherwise be stored and synced nowhere), unless `--unmapped`.
+    fn check_fields(&self, config: &Config, category: Category) -> anyhow::Result<()> {
+        let mapped: std::collections::BTreeSet<&str> = config
+            .connectors
+            .iter()
+            .flat_map(|c| c.scopes().filter(|(c, _)| *c == category).map(|(_, s)| s))
+            .flat_map(|scope| {
+                let members = scope.membership.as_ref().map(|_| MEMBERS_FIELD);
+                scope.map.values().map(String::as_str).chain(members)
+            })
+            .collect();
+        if self.unmapped || config.connectors.is_empty() {
+            return Ok(());
+        }
+        let pairs = self.set.iter().chain(&self.add).chain(&self.remove);
+        let fields = pairs
+            .map(|p| parse_pair(p).map(|(field, _)| field))
+            .chain(self.unset.iter().cloned().map(Ok));
+        for field in fields {
+            let field = field?;
+            if !mapped.contains(field.as_str()) {
+                let known: Vec<&str> = mapped.iter().copied().collect();
+                bail!(
+                    "no connector maps the {category} field {field:?}; the mapped ones are {} \
+                     (--unmapped keeps a field that is synced nowhere)",
+                    if known.is_empty() {
+                        "none".into()
+                    } else {
+                        known.join(", ")
+                    }
+                );
+            }
+        }
+        Ok(())
+    }
+
     fn apply(&self, object: &mut LocalObject) -> anyhow::Result<()> {
         let mut replaced: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for pair in &self.set {
@@ -168,6 +208,22 @@ impl Edit {
     }
 }
 
+/// Each field a local edit changed, with its old and new values (a secret
+/// field by name only), for the journal.
+fn edited_fields(before: &Values, after: &Values) -> serde_json::Value {
+    let fields: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    let mut changes = serde_json::Map::new();
+    for field in fields.into_iter().filter(|f| before.get(*f) != after.get(*f)) {
+        let entry = if is_secret_field(field) {
+            serde_json::json!("(secret: values not journaled)")
+        } else {
+            serde_json::json!({ "old": before.get(field), "new": after.get(field) })
+        };
+        changes.insert(field.clone(), entry);
+    }
+    serde_json::Value::Object(changes)
+}
+
 fn local_journal(category: Category, name: &str, action: &str, detail: serde_json::Value) -> JournalEntry {
     JournalEntry {
         at: now(),
@@ -191,6 +247,7 @@ pub fn object(config: &Config, category: Category, command: ObjectCommand) -> an
     let mut store = open_store(config)?;
     match command {
         ObjectCommand::Add { name, edit } => {
+            edit.check_fields(config, category)?;
             let mut object = LocalObject {
                 id: 0,
                 category,
@@ -199,21 +256,20 @@ pub fn object(config: &Config, category: Category, command: ObjectCommand) -> an
                 values: Default::default(),
             };
             edit.apply(&mut object)?;
-            let detail = serde_json::json!({ "fields": object.values.keys().collect::<Vec<_>>() });
+            let detail = serde_json::json!({ "fields": edited_fields(&Default::default(), &object.values) });
             store.insert_object(&object, &local_journal(category, &object.name, "local-add", detail))?;
             outln!("{category} {} added", object.name);
         }
         ObjectCommand::Set { name, edit } => {
+            edit.check_fields(config, category)?;
             let mut object = find(&store, category, &name)?;
             let before = object.clone();
             edit.apply(&mut object)?;
-            let changed: Vec<&String> = object
-                .values
-                .keys()
-                .chain(before.values.keys())
-                .filter(|f| object.values.get(*f) != before.values.get(*f))
-                .collect();
-            let detail = serde_json::json!({ "fields": changed, "renamed": before.name != object.name, "enabled": object.enabled });
+            let detail = serde_json::json!({
+                "fields": edited_fields(&before.values, &object.values),
+                "renamed": (before.name != object.name).then(|| [&before.name, &object.name]),
+                "enabled": object.enabled,
+            });
             store.update_object(&object, &local_journal(category, &name, "local-edit", detail))?;
             outln!("{category} {} updated", object.name);
         }
@@ -248,6 +304,14 @@ pub fn object(config: &Config, category: Category, command: ObjectCommand) -> an
 }
 
 pub fn association(config: &Config, command: AssociationCommand) -> anyhow::Result<()> {
+    if let AssociationCommand::List {
+        connector: Some(connector),
+    }
+    | AssociationCommand::Show { connector, .. }
+    | AssociationCommand::Remove { connector, .. } = &command
+    {
+        config.require_connector(connector)?;
+    }
     let mut store = open_store(config)?;
     match command {
         AssociationCommand::List { connector } => {
@@ -301,9 +365,7 @@ pub fn association(config: &Config, command: AssociationCommand) -> anyhow::Resu
 /// Sets an account's password in the directory its connector syncs with:
 /// read from standard input, sent over TLS only, never stored or logged.
 pub fn password(config: &Config, name: &str, connector: &str) -> anyhow::Result<()> {
-    let connector = config
-        .connector(connector)
-        .with_context(|| format!("no connector named {connector:?} in the config file"))?;
+    let connector = config.require_connector(connector)?;
     let starttls = connector.tls.as_ref().is_some_and(|t| t.starttls);
     if let Some(url) = connector.upstream.iter().find(|u| !u.is_ldaps() && !starttls) {
         bail!(
@@ -379,9 +441,7 @@ pub fn sync(config: &Config, command: SyncCommand) -> anyhow::Result<()> {
         dry_run,
         confirm_deletes,
     } = command;
-    let connector = config
-        .connector(&connector)
-        .with_context(|| format!("no connector named {connector:?} in the config file"))?;
+    let connector = config.require_connector(&connector)?;
     let password = connector.password()?;
     let mut store = open_store(config)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
@@ -448,6 +508,9 @@ pub fn sync(config: &Config, command: SyncCommand) -> anyhow::Result<()> {
 }
 
 pub fn journal(config: &Config, args: JournalArgs) -> anyhow::Result<()> {
+    if let Some(connector) = &args.connector {
+        config.require_connector(connector)?;
+    }
     let store = open_store(config)?;
     let query = JournalQuery {
         connector: args.connector,

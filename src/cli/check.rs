@@ -20,6 +20,7 @@ fn hint(problem: &ConfigError) -> &'static str {
         ConfigError::NoListener => "proxy.listen = [\"ldap://127.0.0.1:3389\"]",
         ConfigError::OutOfRange { .. } => "limits and timeouts must lie within the range the message gives",
         ConfigError::Overlap { .. } => "give each connector its own subtree, or narrow one of the bases",
+        ConfigError::UnknownConnector { .. } => "connector names are the `name` keys of the [[connector]] tables",
         ConfigError::DuplicateConnector(_) => {
             "connector names identify associations and journal lines: make them unique"
         }

@@ -713,7 +713,8 @@ impl<'a, S: Store> Pass<'a, S> {
             object.name,
             describe(&decision.outcome)
         ));
-        let detail = serde_json::json!({ "dn": entry.dn, "outcome": decision.outcome });
+        let changes = mapping.value_changes(&association.baseline, &local, &ldap, &decision.result);
+        let detail = serde_json::json!({ "dn": entry.dn, "outcome": decision.outcome, "changes": changes });
         self.apply(mapping, object, entry, &local, &ldap, decision.result, action, detail)
             .await
     }
@@ -1202,7 +1203,54 @@ struct Mapping<'a> {
     category: Category,
 }
 
+/// Directory attributes whose values are secrets: a field fed by one is
+/// journaled by name only.
+const SECRET_ATTRIBUTES: [&str; 6] = [
+    "userPassword",
+    "unicodePwd",
+    "authPassword",
+    "sambaNTPassword",
+    "sambaLMPassword",
+    "krbPrincipalKey",
+];
+
+/// A local field whose values must never reach the journal.
+pub fn is_secret_field(field: &str) -> bool {
+    let field = field.to_lowercase();
+    field.contains("password") || field.contains("secret")
+}
+
 impl Mapping<'_> {
+    fn is_secret(&self, field: &str) -> bool {
+        is_secret_field(field)
+            || self
+                .scope
+                .map
+                .iter()
+                .any(|(attr, f)| f == field && SECRET_ATTRIBUTES.iter().any(|s| s.eq_ignore_ascii_case(attr)))
+    }
+
+    /// Each field where the baseline, the two sides and the result do not
+    /// all agree, with those values, for the journal: what a policy threw
+    /// away is recorded, not only that something changed.
+    fn value_changes(&self, baseline: &Values, local: &Values, ldap: &Values, result: &Values) -> serde_json::Value {
+        let mut changes = serde_json::Map::new();
+        for field in self.fields() {
+            let get = |values: &Values| values.get(&field).cloned().unwrap_or_default();
+            let (b, l, d, r) = (get(baseline), get(local), get(ldap), get(result));
+            if b == l && l == d && d == r {
+                continue;
+            }
+            let entry = if self.is_secret(&field) {
+                serde_json::json!("(secret: values not journaled)")
+            } else {
+                serde_json::json!({ "baseline": b, "local": l, "directory": d, "result": r })
+            };
+            changes.insert(field, entry);
+        }
+        serde_json::Value::Object(changes)
+    }
+
     /// The local fields compared and synced.
     fn fields(&self) -> BTreeSet<String> {
         let mut fields: BTreeSet<String> = self.scope.map.values().cloned().collect();

@@ -205,7 +205,11 @@ pub fn start(config: &Config, shutdown: CancellationToken, tasks: &TaskTracker) 
                         resync_reason: None,
                         warnings: Throttle::new(WARNING_INTERVAL),
                     };
-                    let run = tokio::spawn(worker.run(Arc::clone(&routes), index, shutdown.clone()).in_current_span());
+                    let run = tokio::spawn(
+                        worker
+                            .run(Arc::clone(&routes), index, shutdown.clone())
+                            .in_current_span(),
+                    );
                     match run.await {
                         Ok(()) => break,
                         Err(e) => {
