@@ -322,7 +322,13 @@ fn moved_entry_keeps_its_association_and_a_new_entry_at_the_old_dn_does_not_stea
          cn: Impostor\nsn: Impostor\nmail: impostor@example.com\n",
     );
     let report = env.attention(&["sync", "run", "--connector", "example"]);
-    assert!(report.contains("disputed account alice"), "{report}");
+    assert!(
+        report.contains(
+            "disputed account entry uid=alice,ou=people,dc=example,dc=com: its uid=alice names account alice, \
+             which is associated with uid=alice,ou=moved,ou=people,dc=example,dc=com"
+        ),
+        "{report}"
+    );
     let moved = "uid=alice,ou=moved,ou=people,dc=example,dc=com";
     let associations = env.ok(&["association", "list"]);
     assert!(
@@ -1285,6 +1291,61 @@ fn a_disputed_object_is_left_alone_by_every_pass_never_guessed_into_a_new_entry(
     assert_eq!(
         env.local_field("account", "lee", "mail").as_deref(),
         Some("lee@app.example")
+    );
+
+    // The administrator says which entry lee is: linked, and synced as at
+    // a first sync (ldap-wins keeps the directory's values).
+    let sub = "uid=lee,ou=sub,ou=people,dc=example,dc=com";
+    let linked = env.ok(&["association", "link", "lee", "--connector", "example", "--dn", sub]);
+    assert!(
+        linked.contains(&format!("associate account lee with {sub}")),
+        "{linked}"
+    );
+    let uuid = env.ldap_values(sub, "entryUUID").remove(0);
+    assert!(
+        env.ok(&["association", "list"])
+            .contains(&format!("account lee\t{uuid}\t{sub}"))
+    );
+    let journal = env.journal();
+    assert!(journal.contains("account lee\tlocal\tlinked"), "{journal}");
+    assert!(journal.contains("\"operator\":"), "{journal}");
+    // The other two entries named lee are what is in dispute now.
+    let report = env.attention(&["sync", "run", "--connector", "example", "--full"]);
+    assert!(report.contains(" 2 disputed,"), "{report}");
+    assert!(
+        report.contains("disputed account entry uid=lee,ou=sub2,ou=people,dc=example,dc=com"),
+        "{report}"
+    );
+    // Linking twice, or an entry another object holds, is refused.
+    let again = env.run(&[
+        "association",
+        "link",
+        "lee",
+        "--connector",
+        "example",
+        "--dn",
+        lee_at_base,
+    ]);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !again.status.success() && stderr.contains("cannot link account lee: it is associated with entry"),
+        "{stderr}"
+    );
+    env.ok(&["association", "remove", "bob", "--connector", "example"]);
+    let taken = env.run(&[
+        "association",
+        "link",
+        "bob",
+        "--connector",
+        "example",
+        "--entry-id",
+        &uuid,
+    ]);
+    let stderr = String::from_utf8_lossy(&taken.stderr);
+    assert!(!taken.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("is associated with account lee"),
+        "lee holds that entry: {stderr}"
     );
 }
 

@@ -13,7 +13,7 @@ use super::output::outln;
 use crate::config::{Config, MEMBERS_FIELD, Preset};
 use crate::store::{Category, ChangeSource, JournalEntry, JournalQuery, LocalObject, SqliteStore, Store, now};
 use crate::sync::directory::{Directory, PasswordKind};
-use crate::sync::engine::{PassOptions, is_secret_field};
+use crate::sync::engine::{self, LinkTarget, PassOptions, is_secret_field};
 use crate::sync::policy::Values;
 use crate::sync::progress::{Bar, Lines, Progress};
 use crate::sync::worker::{self, Poll};
@@ -88,6 +88,22 @@ pub enum AssociationCommand {
         connector: String,
         #[arg(long, default_value = "account")]
         category: Category,
+    },
+    /// Say which directory entry an object belongs to (the way out of a
+    /// dispute); refused if either is associated already. The pair is then
+    /// synced as at a first sync.
+    Link {
+        name: String,
+        #[arg(long)]
+        connector: String,
+        #[arg(long, default_value = "account")]
+        category: Category,
+        /// The entry, by DN.
+        #[arg(long, required_unless_present = "entry_id", conflicts_with = "entry_id")]
+        dn: Option<String>,
+        /// The entry, by its stable id (entryUUID, objectGUID).
+        #[arg(long)]
+        entry_id: Option<String>,
     },
 }
 
@@ -308,7 +324,8 @@ pub fn association(config: &Config, command: AssociationCommand) -> anyhow::Resu
         connector: Some(connector),
     }
     | AssociationCommand::Show { connector, .. }
-    | AssociationCommand::Remove { connector, .. } = &command
+    | AssociationCommand::Remove { connector, .. }
+    | AssociationCommand::Link { connector, .. } = &command
     {
         config.require_connector(connector)?;
     }
@@ -351,15 +368,65 @@ pub fn association(config: &Config, command: AssociationCommand) -> anyhow::Resu
             let object = find(&store, category, &name)?;
             let journal = JournalEntry {
                 connector: connector.clone(),
-                ..local_journal(category, &name, "association-removed", serde_json::json!({}))
+                ..local_journal(
+                    category,
+                    &name,
+                    "association-removed",
+                    serde_json::json!({ "operator": operator() }),
+                )
             };
             if !store.remove_association(&connector, object.id, &journal)? {
                 bail!("{category} {name} has no association with connector {connector:?}");
             }
             outln!("association of {category} {name} with connector {connector} removed");
         }
+        AssociationCommand::Link {
+            name,
+            connector,
+            category,
+            dn,
+            entry_id,
+        } => {
+            let connector = config.require_connector(&connector)?;
+            let target = match (dn, entry_id) {
+                (Some(dn), _) => LinkTarget::Dn(dn),
+                (None, Some(id)) => LinkTarget::EntryId(id),
+                (None, None) => bail!("name the entry with --dn or --entry-id"),
+            };
+            let password = connector.password()?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            let report = runtime.block_on(async {
+                let mut directory =
+                    Directory::connect(&connector, password.expose(), config.proxy.connect_timeout).await?;
+                let linked = engine::link(
+                    &mut store,
+                    &connector,
+                    &mut directory,
+                    category,
+                    &name,
+                    &target,
+                    &operator(),
+                )
+                .await;
+                directory.close().await;
+                anyhow::Ok(linked?)
+            })?;
+            for line in report.all_lines() {
+                outln!("{line}");
+            }
+            if report.failed > 0 {
+                bail!("the pair was linked but could not be synced; see `ldapsync journal --object {name}`");
+            }
+        }
     }
     Ok(())
+}
+
+/// Who runs an administrative command, for the journal.
+fn operator() -> String {
+    std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| format!("uid {}", rustix::process::getuid().as_raw()))
 }
 
 /// Sets an account's password in the directory its connector syncs with:

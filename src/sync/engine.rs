@@ -34,6 +34,9 @@ pub enum SyncError {
     Directory(#[from] DirectoryError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// An administrative action that cannot be done, and why.
+    #[error("{0}")]
+    Refused(String),
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -291,6 +294,59 @@ pub async fn apply_deleted<S: Store>(
         Deleted::AllBut(present) => pass.vanished(&mapping, present).await?,
         Deleted::NotReported => {}
     }
+    Ok(pass.report)
+}
+
+/// Which directory entry an administrator links an object with.
+#[derive(Debug, Clone)]
+pub enum LinkTarget {
+    Dn(String),
+    EntryId(String),
+}
+
+/// Links a local object with the entry an administrator names: the
+/// explicit way out of a dispute (an association changes only by an
+/// administrator's command). Refused when the object already has an
+/// association with this connector or the entry is associated with
+/// another object; the pair is then decided as at a first sync.
+pub async fn link<S: Store>(
+    store: &mut S,
+    connector: &ConnectorConfig,
+    directory: &mut Directory,
+    category: Category,
+    name: &str,
+    target: &LinkTarget,
+    operator: &str,
+) -> Result<Report, SyncError> {
+    let refused = |why: String| SyncError::Refused(format!("cannot link {category} {name}: {why}"));
+    let scope = scope_of(connector, category)
+        .ok_or_else(|| refused(format!("connector {} syncs no {category}s", connector.name)))?;
+    let object = store
+        .object(category, name)?
+        .ok_or_else(|| refused("there is no such local object".into()))?;
+    if let Some(a) = store.association_of_object(object.id)? {
+        return Err(refused(format!(
+            "it is associated with entry {} ({}) of connector {}; `ldapsync association remove` it first",
+            a.entry_id, a.dn, a.connector
+        )));
+    }
+    let entry = match target {
+        LinkTarget::Dn(dn) => directory.entry_at(scope, dn).await?,
+        LinkTarget::EntryId(id) => directory.entry_by_id(scope, id).await?,
+    }
+    .ok_or_else(|| refused(format!("{target:?} names no entry in the connector's {category} scope")))?;
+    if let Some(other) = store.association_by_entry(&connector.name, &entry.id)? {
+        let holder = store.object_by_id(other.object_id)?.map(|o| o.name).unwrap_or_default();
+        return Err(refused(format!(
+            "entry {} is associated with {category} {holder}",
+            entry.dn
+        )));
+    }
+    let mut pass = Pass::new(store, connector, directory, ChangeSource::Local, PassOptions::default());
+    let mapping = Mapping { scope, category };
+    pass.members = MemberIndex::for_pair(&*pass.store, connector, &mapping, Some(&entry), Some(&object))?;
+    let detail = serde_json::json!({ "operator": operator });
+    pass.associate(&mapping, object, &entry, "linked", detail).await?;
     Ok(pass.report)
 }
 
@@ -554,6 +610,28 @@ impl<'a, S: Store> Pass<'a, S> {
             self.journal_once(self.journal(category, &entry.dn, self.source, "disputed", detail))?;
             return Ok(None);
         };
+        let associated_elsewhere = match self.store.object(category, &name)? {
+            Some(object) => self.store.association_of_object(object.id)?.map(|a| (object.id, a)),
+            None => None,
+        };
+        if let Some((object_id, other)) = associated_elsewhere {
+            // The name is taken by an object associated with another entry:
+            // this entry is what is in dispute, not the object.
+            let detail = serde_json::json!({
+                "dn": entry.dn,
+                "reason": format!("{name} is associated with entry {} ({}) of connector {}", other.entry_id, other.dn, other.connector),
+            });
+            self.report.dispute(
+                category,
+                entry.dn.clone(),
+                format!(
+                    "disputed {category} entry {}: its {}={name} names {category} {name}, which is associated with {}",
+                    entry.dn, mapping.scope.naming, other.dn
+                ),
+            );
+            self.journal_once(self.journal(category, &entry.dn, self.source, "disputed", detail))?;
+            return Ok(Some(object_id));
+        }
         if name_taken {
             // Several candidates: left alone, never guessed. The local
             // object of that name counts as matched, so that no pass
@@ -575,47 +653,9 @@ impl<'a, S: Store> Pass<'a, S> {
         let ldap_values = mapping.ldap_values(entry, &self.members);
         match self.store.object(category, &name)? {
             Some(object) => {
-                if let Some(other) = self.store.association_of_object(object.id)? {
-                    let detail = serde_json::json!({
-                        "dn": entry.dn,
-                        "reason": format!("already associated with entry {} of connector {}", other.entry_id, other.connector),
-                    });
-                    self.report.dispute(
-                        category,
-                        name.clone(),
-                        format!(
-                            "disputed {category} {name}: {} is a different entry than the associated one",
-                            entry.dn
-                        ),
-                    );
-                    self.journal_once(self.journal(category, &name, self.source, "disputed", detail))?;
-                    return Ok(Some(object.id));
-                }
                 let object_id = object.id;
-                let local_values = mapping.local_values(&object);
-                let side = initial_side(self.connector.direction, self.connector.conflict_policy());
-                let result = match side {
-                    Side::Local => local_values.clone(),
-                    Side::Ldap => ldap_values.clone(),
-                };
-                self.report.associated += 1;
-                self.report.say(format!(
-                    "associate {category} {name} with {} ({} values kept)",
-                    entry.dn,
-                    side_name(side)
-                ));
-                let detail = serde_json::json!({ "dn": entry.dn, "entry_id": entry.id, "kept": side_name(side) });
-                self.apply(
-                    mapping,
-                    object,
-                    entry,
-                    &local_values,
-                    &ldap_values,
-                    result,
-                    "associated",
-                    detail,
-                )
-                .await?;
+                self.associate(mapping, object, entry, "associated", serde_json::json!({}))
+                    .await?;
                 Ok(Some(object_id))
             }
             None if self.connector.direction == Direction::LocalToLdap => Ok(None),
@@ -648,6 +688,48 @@ impl<'a, S: Store> Pass<'a, S> {
                 Ok(id)
             }
         }
+    }
+
+    /// Associates an object with an entry and decides the pair as a first
+    /// sync does: the side the direction and policy prefer is kept.
+    async fn associate(
+        &mut self,
+        mapping: &Mapping<'_>,
+        object: LocalObject,
+        entry: &Entry,
+        action: &str,
+        mut detail: serde_json::Value,
+    ) -> Result<(), SyncError> {
+        let ldap_values = mapping.ldap_values(entry, &self.members);
+        let local_values = mapping.local_values(&object);
+        let side = initial_side(self.connector.direction, self.connector.conflict_policy());
+        let result = match side {
+            Side::Local => local_values.clone(),
+            Side::Ldap => ldap_values.clone(),
+        };
+        self.report.associated += 1;
+        self.report.say(format!(
+            "associate {} {} with {} ({} values kept)",
+            mapping.category,
+            object.name,
+            entry.dn,
+            side_name(side)
+        ));
+        detail["dn"] = entry.dn.clone().into();
+        detail["entry_id"] = entry.id.clone().into();
+        detail["kept"] = side_name(side).into();
+        detail["changes"] = mapping.value_changes(&Values::new(), &local_values, &ldap_values, &result);
+        self.apply(
+            mapping,
+            object,
+            entry,
+            &local_values,
+            &ldap_values,
+            result,
+            action,
+            detail,
+        )
+        .await
     }
 
     fn association(&self, object_id: i64, entry: &Entry, baseline: Values) -> Association {
