@@ -232,12 +232,16 @@ map = {{ description = "description" }}
         names
     }
 
-    /// `field: values` as `account show` prints it.
+    /// A field's values as `account show` prints them (a line per value),
+    /// joined with ", ".
     fn local_field(&self, category: &str, name: &str, field: &str) -> Option<String> {
         let prefix = format!("  {field}: ");
-        self.ok(&[category, "show", name])
+        let values: Vec<String> = self
+            .ok(&[category, "show", name])
             .lines()
-            .find_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
+            .filter_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
+            .collect();
+        (!values.is_empty()).then(|| values.join(", "))
     }
 
     fn journal(&self) -> String {
@@ -1517,5 +1521,57 @@ fn the_journal_keeps_the_values_each_side_had_and_what_a_policy_threw_away() {
     assert!(
         journal.contains("app_password") && !journal.contains("hunter2"),
         "{journal}"
+    );
+}
+
+#[test]
+fn scripts_get_json_from_every_command_that_prints_and_values_are_never_ambiguous() {
+    let env = Env::start(BOTH_LDAP_WINS);
+    let report: serde_json::Value =
+        serde_json::from_str(&env.ok(&["--json", "sync", "run", "--connector", "example"])).unwrap();
+    assert_eq!(
+        (report["created_local"].as_u64(), report["kind"].as_str()),
+        (Some(8), Some("reconciliation")),
+        "{report}"
+    );
+    assert!(
+        report["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l.as_str().unwrap().contains("create local account alice"))
+    );
+
+    env.ok(&[
+        "account",
+        "set",
+        "alice",
+        "--set",
+        "description=Smith, Jr.",
+        "--set",
+        "description=second",
+    ]);
+    let show = env.ok(&["account", "show", "alice"]);
+    assert!(
+        show.contains("  description: Smith, Jr.\n  description: second\n"),
+        "a line per value: {show}"
+    );
+    let alice: serde_json::Value = serde_json::from_str(&env.ok(&["account", "show", "alice", "--json"])).unwrap();
+    assert_eq!(
+        alice["object"]["values"]["description"],
+        serde_json::json!(["Smith, Jr.", "second"])
+    );
+    assert_eq!(alice["associations"][0]["connector"], "example");
+
+    let list: serde_json::Value = serde_json::from_str(&env.ok(&["group", "list", "--json"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    let associations: serde_json::Value = serde_json::from_str(&env.ok(&["association", "list", "--json"])).unwrap();
+    assert_eq!(associations.as_array().unwrap().len(), 8);
+    let journal: serde_json::Value =
+        serde_json::from_str(&env.ok(&["journal", "--json", "--object", "alice", "--limit", "1"])).unwrap();
+    assert_eq!(journal[0]["action"], "local-edit");
+    assert_eq!(
+        journal[0]["detail"]["fields"]["description"]["new"],
+        serde_json::json!(["Smith, Jr.", "second"])
     );
 }

@@ -13,7 +13,7 @@ use super::output::outln;
 use crate::config::{Config, MEMBERS_FIELD, Preset};
 use crate::store::{Category, ChangeSource, JournalEntry, JournalQuery, LocalObject, SqliteStore, Store, now};
 use crate::sync::directory::{Directory, PasswordKind};
-use crate::sync::engine::{self, LinkTarget, PassOptions, is_secret_field};
+use crate::sync::engine::{self, LinkTarget, PassOptions, Report, is_secret_field};
 use crate::sync::policy::Values;
 use crate::sync::progress::{Bar, Lines, Progress};
 use crate::sync::worker::{self, Poll};
@@ -259,7 +259,13 @@ fn find(store: &SqliteStore, category: Category, name: &str) -> anyhow::Result<L
         .with_context(|| format!("no {category} named {name:?}"))
 }
 
-pub fn object(config: &Config, category: Category, command: ObjectCommand) -> anyhow::Result<()> {
+/// Prints `value` as pretty JSON (for `--json`).
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    outln!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+pub fn object(config: &Config, category: Category, command: ObjectCommand, json: bool) -> anyhow::Result<()> {
     let mut store = open_store(config)?;
     match command {
         ObjectCommand::Add { name, edit } => {
@@ -299,18 +305,33 @@ pub fn object(config: &Config, category: Category, command: ObjectCommand) -> an
         }
         ObjectCommand::Show { name } => {
             let object = find(&store, category, &name)?;
+            let associations: Vec<_> = store
+                .associations(None)?
+                .into_iter()
+                .filter(|a| a.object_id == object.id)
+                .collect();
+            if json {
+                return print_json(&serde_json::json!({ "object": object, "associations": associations }));
+            }
             outln!("{category} {}", object.name);
             outln!("  enabled: {}", object.enabled);
+            // One line per value, as LDIF does: a value may hold ", ".
             for (field, values) in &object.values {
-                outln!("  {field}: {}", values.join(", "));
+                for value in values {
+                    outln!("  {field}: {value}");
+                }
             }
-            for a in store.associations(None)?.iter().filter(|a| a.object_id == object.id) {
+            for a in &associations {
                 let gone = if a.entry_gone { " (entry gone)" } else { "" };
                 outln!("  associated via {}: {} at {}{gone}", a.connector, a.entry_id, a.dn);
             }
         }
         ObjectCommand::List => {
-            for object in store.objects(category)? {
+            let objects = store.objects(category)?;
+            if json {
+                return print_json(&objects);
+            }
+            for object in objects {
                 let flag = if object.enabled { "" } else { " (disabled)" };
                 outln!("{}{flag}", object.name);
             }
@@ -319,7 +340,7 @@ pub fn object(config: &Config, category: Category, command: ObjectCommand) -> an
     Ok(())
 }
 
-pub fn association(config: &Config, command: AssociationCommand) -> anyhow::Result<()> {
+pub fn association(config: &Config, command: AssociationCommand, json: bool) -> anyhow::Result<()> {
     if let AssociationCommand::List {
         connector: Some(connector),
     }
@@ -332,11 +353,23 @@ pub fn association(config: &Config, command: AssociationCommand) -> anyhow::Resu
     let mut store = open_store(config)?;
     match command {
         AssociationCommand::List { connector } => {
+            let mut listed = Vec::new();
             for a in store.associations(connector.as_deref())? {
                 let object = store.object_by_id(a.object_id)?;
+                if json {
+                    listed.push(serde_json::json!({
+                        "category": object.as_ref().map(|o| o.category),
+                        "name": object.as_ref().map(|o| &o.name),
+                        "association": a,
+                    }));
+                    continue;
+                }
                 let name = object.map(|o| format!("{} {}", o.category, o.name)).unwrap_or_default();
                 let gone = if a.entry_gone { " (entry gone)" } else { "" };
                 outln!("{}\t{name}\t{}\t{}{gone}", a.connector, a.entry_id, a.dn);
+            }
+            if json {
+                return print_json(&listed);
             }
         }
         AssociationCommand::Show {
@@ -348,6 +381,9 @@ pub fn association(config: &Config, command: AssociationCommand) -> anyhow::Resu
             let a = store
                 .association_by_object(&connector, object.id)?
                 .with_context(|| format!("{category} {name} has no association with connector {connector:?}"))?;
+            if json {
+                return print_json(&serde_json::json!({ "category": category, "name": name, "association": a }));
+            }
             outln!("{category} {name} ↔ {}", a.entry_id);
             outln!("  connector: {}", a.connector);
             outln!(
@@ -357,7 +393,9 @@ pub fn association(config: &Config, command: AssociationCommand) -> anyhow::Resu
             );
             outln!("  last synced: {}", timestamp(a.synced_at));
             for (field, values) in &a.baseline {
-                outln!("  baseline {field}: {}", values.join(", "));
+                for value in values {
+                    outln!("  baseline {field}: {value}");
+                }
             }
         }
         AssociationCommand::Remove {
@@ -411,8 +449,12 @@ pub fn association(config: &Config, command: AssociationCommand) -> anyhow::Resu
                 directory.close().await;
                 anyhow::Ok(linked?)
             })?;
-            for line in report.all_lines() {
-                outln!("{line}");
+            if json {
+                print_json(&report_json(&connector.name, &report))?;
+            } else {
+                for line in report.all_lines() {
+                    outln!("{line}");
+                }
             }
             if report.failed > 0 {
                 bail!("the pair was linked but could not be synced; see `ldapsync journal --object {name}`");
@@ -501,7 +543,15 @@ pub fn password(config: &Config, name: &str, connector: &str) -> anyhow::Result<
     Ok(())
 }
 
-pub fn sync(config: &Config, command: SyncCommand) -> anyhow::Result<()> {
+/// A report as `--json` prints it: its counts and every line.
+fn report_json(connector: &str, report: &Report) -> serde_json::Value {
+    let mut value = serde_json::to_value(report).expect("a report serializes");
+    value["connector"] = connector.into();
+    value["lines"] = report.all_lines().cloned().collect::<Vec<_>>().into();
+    value
+}
+
+pub fn sync(config: &Config, command: SyncCommand, json: bool) -> anyhow::Result<()> {
     let SyncCommand::Run {
         connector,
         full,
@@ -535,32 +585,16 @@ pub fn sync(config: &Config, command: SyncCommand) -> anyhow::Result<()> {
         directory.close().await;
         anyhow::Ok(outcome?)
     })?;
-    let report = outcome.report;
-    if dry_run {
-        outln!("dry run: nothing was changed; the plan:");
+    let report = &outcome.report;
+    if json {
+        let mut value = report_json(&connector.name, report);
+        value["kind"] = serde_json::to_value(outcome.kind)?;
+        value["mechanism"] = outcome.mechanism.to_string().into();
+        value["dry_run"] = dry_run.into();
+        print_json(&value)?;
     } else {
-        outln!("{} ({})", outcome.kind.as_str(), outcome.mechanism);
+        print_report(&connector.name, &outcome, dry_run);
     }
-    for line in report.all_lines() {
-        outln!("  {line}");
-    }
-    outln!(
-        "{}: {} associated, {} created locally, {} created in the directory, {} updated, {} converged, \
-         {} conflicts, {} disputed, {} deleted, {} disabled, {} deletes refused, {} deletes held, {} failed",
-        connector.name,
-        report.associated,
-        report.created_local,
-        report.created_ldap,
-        report.updated,
-        report.converged,
-        report.conflicts,
-        report.disputed,
-        report.deleted,
-        report.disabled,
-        report.deletes_refused,
-        report.deletes_held,
-        report.failed
-    );
     if report.failed > 0 {
         bail!("{} objects could not be synced; see `ldapsync journal`", report.failed);
     }
@@ -574,7 +608,36 @@ pub fn sync(config: &Config, command: SyncCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn journal(config: &Config, args: JournalArgs) -> anyhow::Result<()> {
+fn print_report(connector: &str, outcome: &worker::PollOutcome, dry_run: bool) {
+    let report = &outcome.report;
+    if dry_run {
+        outln!("dry run: nothing was changed; the plan:");
+    } else {
+        outln!("{} ({})", outcome.kind.as_str(), outcome.mechanism);
+    }
+    for line in report.all_lines() {
+        outln!("  {line}");
+    }
+    outln!(
+        "{}: {} associated, {} created locally, {} created in the directory, {} updated, {} converged, \
+         {} conflicts, {} disputed, {} deleted, {} disabled, {} deletes refused, {} deletes held, {} failed",
+        connector,
+        report.associated,
+        report.created_local,
+        report.created_ldap,
+        report.updated,
+        report.converged,
+        report.conflicts,
+        report.disputed,
+        report.deleted,
+        report.disabled,
+        report.deletes_refused,
+        report.deletes_held,
+        report.failed
+    );
+}
+
+pub fn journal(config: &Config, args: JournalArgs, json: bool) -> anyhow::Result<()> {
     if let Some(connector) = &args.connector {
         config.require_connector(connector)?;
     }
@@ -584,7 +647,20 @@ pub fn journal(config: &Config, args: JournalArgs) -> anyhow::Result<()> {
         object: args.object,
         limit: args.limit,
     };
-    for e in store.journal(&query)? {
+    let entries = store.journal(&query)?;
+    if json {
+        let entries: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|e| {
+                let mut value = serde_json::to_value(e).expect("a journal line serializes");
+                value["at"] = timestamp(e.at).into();
+                value["detail"] = serde_json::from_str(&e.detail).unwrap_or_else(|_| e.detail.clone().into());
+                value
+            })
+            .collect();
+        return print_json(&entries);
+    }
+    for e in entries {
         let connector = if e.connector.is_empty() { "-" } else { &e.connector };
         let policy = if e.policy.is_empty() { "-" } else { &e.policy };
         outln!(

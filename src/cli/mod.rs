@@ -38,6 +38,9 @@ struct Cli {
     /// administrative commands read ./ldapsync.toml when this is not given.
     #[arg(long, short, global = true)]
     config: Option<PathBuf>,
+    /// Print JSON instead of text, for scripts (every command that prints).
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -70,9 +73,6 @@ enum Command {
     /// connector is degraded (deletes held, out of sync, polls failing)
     /// and 4 when no instance is running.
     Status {
-        /// As JSON, for scripts and monitoring.
-        #[arg(long)]
-        json: bool,
         /// Print nothing: only the exit code tells (for cron and monitoring).
         #[arg(long, short)]
         quiet: bool,
@@ -199,13 +199,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("{} has problems", path.display())
             }
         }
-        Command::Account(command) => admin::object(&admin_config()?, Category::Account, command),
-        Command::Group(command) => admin::object(&admin_config()?, Category::Group, command),
-        Command::Association(command) => admin::association(&admin_config()?, command),
+        Command::Account(command) => admin::object(&admin_config()?, Category::Account, command, cli.json),
+        Command::Group(command) => admin::object(&admin_config()?, Category::Group, command, cli.json),
+        Command::Association(command) => admin::association(&admin_config()?, command, cli.json),
         Command::Password { name, connector } => admin::password(&admin_config()?, &name, &connector),
-        Command::Sync(command) => admin::sync(&admin_config()?, command),
-        Command::Status { json, quiet } => status::status(&admin_config()?, json, quiet),
-        Command::Journal(args) => admin::journal(&admin_config()?, args),
+        Command::Sync(command) => admin::sync(&admin_config()?, command, cli.json),
+        Command::Status { quiet } => status::status(&admin_config()?, cli.json, quiet),
+        Command::Journal(args) => admin::journal(&admin_config()?, args, cli.json),
     }
 }
 

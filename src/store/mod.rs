@@ -88,7 +88,7 @@ impl FromStr for Category {
 }
 
 /// An account or group of the application, keyed by category and name.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LocalObject {
     pub id: i64,
     pub category: Category,
@@ -99,7 +99,7 @@ pub struct LocalObject {
 }
 
 /// A local object tied to one directory entry by its stable id.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Association {
     pub connector: String,
     pub object_id: i64,
@@ -157,7 +157,7 @@ impl ChangeSource {
 }
 
 /// One line of the audit trail.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct JournalEntry {
     /// Seconds since the Unix epoch.
     pub at: i64,
