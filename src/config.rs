@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::poller::Mechanism;
@@ -214,7 +214,7 @@ impl Default for StoreConfig {
 }
 
 /// `[[connector]]`: one directory subtree linked to the local store.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectorConfig {
     pub name: String,
@@ -273,7 +273,7 @@ pub enum ConflictSetting {
 }
 
 /// What a directory delete does to the associated local object.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DeletePolicy {
     /// Keep the local object (it stays associated with the vanished entry).
@@ -286,7 +286,7 @@ pub enum DeletePolicy {
 }
 
 /// `[connector.accounts]` / `[connector.groups]`: the entries of one category.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScopeConfig {
     pub base: String,
@@ -387,6 +387,16 @@ impl ConnectorConfig {
     }
 }
 
+impl DeletePolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeletePolicy::Ignore => "ignore",
+            DeletePolicy::Disable => "disable",
+            DeletePolicy::Delete => "delete",
+        }
+    }
+}
+
 impl ScopeConfig {
     /// The RDN attribute of entries this scope creates.
     pub fn rdn(&self) -> &str {
@@ -419,6 +429,25 @@ fn default_filter() -> String {
 }
 
 impl ConnectorConfig {
+    /// What a running worker cannot take without starting over: where it
+    /// reads (directory, identity, scopes, mapping, id attribute). The
+    /// rest (direction, policies, guard, intervals) applies to the next
+    /// decision.
+    pub fn same_scope(a: &ConnectorConfig, b: &ConnectorConfig) -> bool {
+        let policy_free = |c: &ConnectorConfig| ConnectorConfig {
+            direction: Direction::Both,
+            conflict: ConflictSetting::LdapWins,
+            merge_fallback: Fallback::LdapWins,
+            delete: DeletePolicy::Ignore,
+            max_deletes: 0,
+            max_delete_percent: 0,
+            poll_interval: Duration::ZERO,
+            reconcile_interval: Duration::ZERO,
+            ..c.clone()
+        };
+        policy_free(a) == policy_free(b)
+    }
+
     pub fn conflict_policy(&self) -> ConflictPolicy {
         match self.conflict {
             ConflictSetting::LocalWins => ConflictPolicy::LocalWins,

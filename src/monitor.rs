@@ -31,6 +31,8 @@ use crate::proxy::tls::{self, TlsError};
 pub struct Running {
     started_at: String,
     listeners: Mutex<Vec<ListenerState>>,
+    /// The connectors' settings the workers run with (not the file's).
+    connectors: Mutex<Vec<RunningConnector>>,
     upstream: Vec<LdapUrl>,
     probe_timeout: Duration,
     /// TLS towards the directory, as the relay uses it.
@@ -43,6 +45,16 @@ pub struct ListenerState {
     pub url: String,
     pub addr: String,
     pub require_tls: bool,
+}
+
+/// A connector's policy as its running worker applies it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningConnector {
+    pub name: String,
+    pub direction: String,
+    pub conflict: String,
+    pub delete: String,
+    pub poll_interval: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -64,6 +76,8 @@ pub struct RunningState {
     /// relay goes on; captures wait for a full comparison.
     #[serde(default)]
     pub store_unwritable_since: Option<String>,
+    #[serde(default)]
+    pub connectors: Vec<RunningConnector>,
 }
 
 impl Running {
@@ -72,11 +86,17 @@ impl Running {
         Ok(Arc::new(Running {
             started_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             listeners: Mutex::default(),
+            connectors: Mutex::default(),
             upstream: proxy.upstream.clone(),
             probe_timeout: proxy.connect_timeout,
             tls: tls.then(|| tls::client_config(&proxy.upstream_tls)).transpose()?,
             starttls: proxy.upstream_tls.starttls,
         }))
+    }
+
+    /// The workers run with these settings (at start, after a reload).
+    pub fn set_connectors(&self, connectors: Vec<RunningConnector>) {
+        *self.connectors.lock().unwrap_or_else(|e| e.into_inner()) = connectors;
     }
 
     /// The proxy's listeners are bound.
@@ -151,6 +171,7 @@ impl Running {
             upstream: self.probe().await,
             sessions_open: METRICS.sessions_open.get(),
             store_unwritable_since: store_unwritable_since(),
+            connectors: self.connectors.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         }
     }
 }

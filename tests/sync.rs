@@ -1575,3 +1575,71 @@ fn scripts_get_json_from_every_command_that_prints_and_values_are_never_ambiguou
         serde_json::json!(["Smith, Jr.", "second"])
     );
 }
+
+#[test]
+fn sighup_applies_connector_changes_to_the_running_worker_and_status_shows_what_runs() {
+    let env = Env::start(BOTH_LDAP_WINS);
+    env.poll_every("1s");
+    let served = env.serve();
+    // The file changes; the running worker does not, and status says so.
+    let config = std::fs::read_to_string(env.config_path()).unwrap();
+    std::fs::write(
+        env.config_path(),
+        config.replace("direction = \"both\"", "direction = \"ldap-to-local\""),
+    )
+    .unwrap();
+    let status = env.exits(0, &["status"]);
+    assert!(status.contains("  direction: both, conflict: ldap-wins"), "{status}");
+    assert!(
+        status.contains("WARNING: the config file says direction ldap-to-local"),
+        "{status}"
+    );
+    env.ok(&["account", "set", "alice", "--set", "mail=alice@before-reload.example"]);
+    assert!(
+        eventually(|| env.ldap_values(ALICE, "mail") == ["alice@before-reload.example"]),
+        "under the running policy (both), the local edit goes to the directory"
+    );
+
+    served.signal("HUP");
+    assert!(
+        eventually(|| env.status().contains("  direction: ldap-to-local, conflict: ldap-wins")),
+        "{}",
+        env.status()
+    );
+    assert!(!env.status().contains("WARNING: the config file says"));
+    env.ok(&["account", "set", "alice", "--set", "mail=alice@after-reload.example"]);
+    assert!(
+        eventually(|| env.local_field("account", "alice", "mail").as_deref() == Some("alice@before-reload.example")),
+        "under ldap-to-local the local edit is put back"
+    );
+    assert_eq!(
+        env.ldap_values(ALICE, "mail"),
+        ["alice@before-reload.example"],
+        "and never reaches the directory"
+    );
+
+    // A new scope: the worker compares everything again.
+    let config = std::fs::read_to_string(env.config_path()).unwrap();
+    std::fs::write(
+        env.config_path(),
+        config.replace(
+            "(objectClass=inetOrgPerson)",
+            "(&(objectClass=inetOrgPerson)(!(uid=frank)))",
+        ),
+    )
+    .unwrap();
+    served.signal("HUP");
+    let (exit, log) = {
+        assert!(
+            eventually(|| env.journal().contains("account frank\tpoll\tentry-gone-ignored")),
+            "{}",
+            env.journal()
+        );
+        served.terminate()
+    };
+    assert!(exit.success());
+    assert!(
+        log.contains("its directory, scope or mapping changed; a full reconciliation follows"),
+        "{log}"
+    );
+}

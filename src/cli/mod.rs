@@ -267,10 +267,11 @@ fn serve(config: Config, args: ServeArgs, file: Option<PathBuf>) -> anyhow::Resu
         let shutdown = CancellationToken::new();
         let workers = TaskTracker::new();
         // With connectors, captured writes feed their sync workers.
-        let sink: Arc<dyn CaptureSink> = if config.connectors.is_empty() {
-            Arc::new(LogSink)
+        let (sink, connectors): (Arc<dyn CaptureSink>, _) = if config.connectors.is_empty() {
+            (Arc::new(LogSink), None)
         } else {
-            Arc::new(worker::start(&config, shutdown.clone(), &workers))
+            let (router, reloader) = worker::start(&config, shutdown.clone(), &workers);
+            (Arc::new(router), Some(reloader))
         };
         // Bound first, so that a taken port fails the start, not later.
         let metrics = match &config.metrics.listen {
@@ -278,6 +279,9 @@ fn serve(config: Config, args: ServeArgs, file: Option<PathBuf>) -> anyhow::Resu
             None => None,
         };
         let running = Running::new(&config.proxy)?;
+        if let Some(reloader) = &connectors {
+            running.set_connectors(running_connectors(reloader));
+        }
         let proxy = Proxy::new(config.proxy, sink)?;
         let listeners = proxy.bind().await?;
         running.set_listening(listeners.iter().map(|l| l.state()).collect());
@@ -286,7 +290,7 @@ fn serve(config: Config, args: ServeArgs, file: Option<PathBuf>) -> anyhow::Resu
         }
         workers.spawn(monitor::serve_socket(
             config.store.admin_socket(),
-            running,
+            Arc::clone(&running),
             shutdown.clone(),
         ));
         tokio::spawn(cancel_on_signal(shutdown.clone()));
@@ -296,6 +300,8 @@ fn serve(config: Config, args: ServeArgs, file: Option<PathBuf>) -> anyhow::Resu
             proxy: proxy.reloader(),
             tls: proxy.server_tls(),
             set_log_level,
+            connectors,
+            running,
         }));
         proxy.serve(listeners, shutdown).await;
         workers.close();
@@ -314,6 +320,10 @@ struct Reload {
     /// The listeners' certificate and key.
     tls: Option<Arc<ServerTls>>,
     set_log_level: Option<SetLogLevel>,
+    /// The connectors' running workers.
+    connectors: Option<worker::ConnectorReloader>,
+    /// What `status` reads of the running instance.
+    running: Arc<Running>,
 }
 
 impl Reload {
@@ -340,7 +350,7 @@ impl Reload {
                 Err(e) => tracing::error!(error = %e, "SIGHUP: log level not reloaded"),
             }
         }
-        match self.proxy.reload(config.proxy) {
+        match self.proxy.reload(config.proxy.clone()) {
             Ok(at_restart) => {
                 tracing::info!(
                     "SIGHUP: directory URLs, TLS to the directory, timeouts and limits reloaded; \
@@ -352,8 +362,28 @@ impl Reload {
             }
             Err(e) => tracing::error!(error = %e, "SIGHUP: relay settings not reloaded"),
         }
-        tracing::info!("SIGHUP: connectors apply at restart");
+        if let Some(reloader) = &self.connectors {
+            for change in reloader.reload(&config) {
+                tracing::info!("SIGHUP: {change}");
+            }
+            self.running.set_connectors(running_connectors(reloader));
+        }
     }
+}
+
+/// The policy each worker runs with, for `status`.
+fn running_connectors(reloader: &worker::ConnectorReloader) -> Vec<monitor::RunningConnector> {
+    reloader
+        .running()
+        .into_iter()
+        .map(|c| monitor::RunningConnector {
+            direction: c.direction.to_string(),
+            conflict: c.conflict_policy().to_string(),
+            delete: c.delete.as_str().to_owned(),
+            poll_interval: humantime::format_duration(c.poll_interval).to_string(),
+            name: c.name,
+        })
+        .collect()
 }
 
 /// SIGHUP re-reads the certificate and the config file; open sessions keep

@@ -9,7 +9,7 @@ use super::Exit;
 use super::admin::{open_store, timestamp};
 use super::output::outln;
 use crate::config::Config;
-use crate::monitor::{self, RunningState};
+use crate::monitor::{self, RunningConnector, RunningState};
 use crate::store::{HeldDelete, Store};
 use crate::sync::engine;
 
@@ -23,8 +23,12 @@ struct Status {
 #[derive(Serialize)]
 struct ConnectorStatus {
     name: String,
+    /// As the running instance applies them (the file's when none runs).
     direction: String,
     conflict: String,
+    /// What the file says, when it differs from what the instance runs:
+    /// the file changed and was not reloaded yet.
+    file_differs: Option<RunningConnector>,
     poll_interval: String,
     poll_mechanism: Option<String>,
     reconcile_interval: String,
@@ -88,10 +92,26 @@ pub fn status(config: &Config, json: bool, quiet: bool) -> anyhow::Result<()> {
         if let Some(error) = &state.last_error {
             degraded.push(format!("last poll failed: {error}"));
         }
-        connectors.push(ConnectorStatus {
+        let in_file = RunningConnector {
             name: connector.name.clone(),
             direction: connector.direction.to_string(),
             conflict: connector.conflict_policy().to_string(),
+            delete: connector.delete.as_str().to_owned(),
+            poll_interval: humantime::format_duration(connector.poll_interval).to_string(),
+        };
+        let runs = running
+            .as_ref()
+            .and_then(|r| r.connectors.iter().find(|c| c.name == connector.name))
+            .cloned();
+        let (direction, conflict) = match &runs {
+            Some(r) => (r.direction.clone(), r.conflict.clone()),
+            None => (in_file.direction.clone(), in_file.conflict.clone()),
+        };
+        connectors.push(ConnectorStatus {
+            name: connector.name.clone(),
+            direction,
+            conflict,
+            file_differs: runs.filter(|r| *r != in_file).map(|_| in_file),
             poll_interval: humantime::format_duration(connector.poll_interval).to_string(),
             poll_mechanism: connector.poll_mechanism.map(|m| m.to_string()),
             reconcile_interval: humantime::format_duration(connector.reconcile_interval).to_string(),
@@ -164,6 +184,16 @@ fn print_human(status: &Status) {
     for c in &status.connectors {
         outln!("connector {}", c.name);
         outln!("  direction: {}, conflict: {}", c.direction, c.conflict);
+        if let Some(file) = &c.file_differs {
+            outln!(
+                "  WARNING: the config file says direction {}, conflict {}, delete {}, poll every {}; \
+                 the running instance keeps what it runs until a reload (SIGHUP, `systemctl reload ldapsync`)",
+                file.direction,
+                file.conflict,
+                file.delete,
+                file.poll_interval
+            );
+        }
         outln!(
             "  polling: every {} ({}), full reconciliation every {}; captured writes at once",
             c.poll_interval,

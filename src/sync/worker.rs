@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -48,7 +48,8 @@ pub struct CaptureRouter {
 /// One connector as the capture side sees it.
 struct Route {
     connector: String,
-    scopes: Vec<(Category, String)>,
+    /// The bases captures are routed by; a reload may change them.
+    scopes: std::sync::RwLock<Vec<(Category, String)>>,
     /// Wakes the worker: captures were journaled.
     captured: Notify,
     /// Asks the worker for an incremental poll soon: a write may have
@@ -65,7 +66,7 @@ impl Route {
     fn new(connector: String, scopes: Vec<(Category, String)>) -> Route {
         Route {
             connector,
-            scopes,
+            scopes: std::sync::RwLock::new(scopes),
             captured: Notify::new(),
             poll: Notify::new(),
             resync: Notify::new(),
@@ -76,6 +77,8 @@ impl Route {
 
     fn category_of(&self, dn: &str) -> Option<Category> {
         self.scopes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
             .iter()
             .find(|(_, base)| dn_within(dn, base))
             .map(|(category, _)| *category)
@@ -168,26 +171,25 @@ impl CaptureSink for CaptureRouter {
 }
 
 /// Starts the capture journal writer and one worker per connector; returns
-/// the sink the proxy hands captured writes to.
-pub fn start(config: &Config, shutdown: CancellationToken, tasks: &TaskTracker) -> CaptureRouter {
+/// the sink the proxy hands captured writes to, and what applies a
+/// reloaded configuration to the running workers.
+pub fn start(config: &Config, shutdown: CancellationToken, tasks: &TaskTracker) -> (CaptureRouter, ConnectorReloader) {
     let routes: Arc<Vec<Route>> = Arc::new(
         config
             .connectors
             .iter()
-            .map(|c| {
-                Route::new(
-                    c.name.clone(),
-                    c.scopes().map(|(category, s)| (category, s.base.clone())).collect(),
-                )
-            })
+            .map(|c| Route::new(c.name.clone(), scope_bases(c)))
             .collect(),
     );
     let (journal, queue) = mpsc::channel(QUEUE);
     let writer_routes = Arc::clone(&routes);
     let store_path = config.store.path.clone();
     tasks.spawn_blocking(move || write_captures(store_path, queue, writer_routes));
+    let mut senders = Vec::new();
     for (index, route) in routes.iter().enumerate() {
         let connector = config.connector(&route.connector).expect("connector from the config");
+        let (settings_tx, settings) = watch::channel(connector);
+        senders.push(settings_tx);
         let (store_path, connect_timeout) = (config.store.path.clone(), config.proxy.connect_timeout);
         let (routes, shutdown) = (Arc::clone(&routes), shutdown.clone());
         let span = tracing::info_span!("connector", name = route.connector);
@@ -197,7 +199,7 @@ pub fn start(config: &Config, shutdown: CancellationToken, tasks: &TaskTracker) 
                 // again, never gone while the relay goes on.
                 loop {
                     let worker = Worker {
-                        connector: connector.clone(),
+                        connector: settings.borrow().clone(),
                         store_path: store_path.clone(),
                         connect_timeout,
                         directory: None,
@@ -207,7 +209,7 @@ pub fn start(config: &Config, shutdown: CancellationToken, tasks: &TaskTracker) 
                     };
                     let run = tokio::spawn(
                         worker
-                            .run(Arc::clone(&routes), index, shutdown.clone())
+                            .run(Arc::clone(&routes), index, settings.clone(), shutdown.clone())
                             .in_current_span(),
                     );
                     match run.await {
@@ -226,10 +228,72 @@ pub fn start(config: &Config, shutdown: CancellationToken, tasks: &TaskTracker) 
             .instrument(span),
         );
     }
-    CaptureRouter {
-        routes,
+    let router = CaptureRouter {
+        routes: Arc::clone(&routes),
         journal,
         warnings: Throttle::new(WARNING_INTERVAL),
+    };
+    (router, ConnectorReloader { routes, senders })
+}
+
+fn scope_bases(connector: &ConnectorConfig) -> Vec<(Category, String)> {
+    connector
+        .scopes()
+        .map(|(category, s)| (category, s.base.clone()))
+        .collect()
+}
+
+/// Applies a reloaded configuration (SIGHUP) to the running workers.
+pub struct ConnectorReloader {
+    routes: Arc<Vec<Route>>,
+    senders: Vec<watch::Sender<ConnectorConfig>>,
+}
+
+impl ConnectorReloader {
+    /// Hands each running connector its new settings; returns what changed,
+    /// for the log. Connectors added or removed apply at restart.
+    pub fn reload(&self, config: &Config) -> Vec<String> {
+        let mut said = Vec::new();
+        for (route, sender) in self.routes.iter().zip(&self.senders) {
+            let Some(new) = config.connector(&route.connector) else {
+                said.push(format!(
+                    "connector {} is no longer in the file; it runs until restart",
+                    route.connector
+                ));
+                continue;
+            };
+            let old = sender.borrow().clone();
+            if old == new {
+                continue;
+            }
+            said.push(if ConnectorConfig::same_scope(&old, &new) {
+                format!(
+                    "connector {}: direction {}, conflict {}, delete {} apply to its next decision",
+                    new.name,
+                    new.direction,
+                    new.conflict_policy(),
+                    new.delete.as_str()
+                )
+            } else {
+                format!(
+                    "connector {}: its directory, scope or mapping changed; a full reconciliation follows",
+                    new.name
+                )
+            });
+            *route.scopes.write().unwrap_or_else(|e| e.into_inner()) = scope_bases(&new);
+            sender.send_replace(new);
+        }
+        for c in &config.connectors {
+            if !self.routes.iter().any(|r| r.connector == c.name) {
+                said.push(format!("connector {} is new; it starts at restart", c.name));
+            }
+        }
+        said
+    }
+
+    /// The settings each worker runs with now, for `status`.
+    pub fn running(&self) -> Vec<ConnectorConfig> {
+        self.senders.iter().map(|s| s.borrow().clone()).collect()
     }
 }
 
@@ -298,12 +362,17 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(mut self, routes: Arc<Vec<Route>>, index: usize, shutdown: CancellationToken) {
+    async fn run(
+        mut self,
+        routes: Arc<Vec<Route>>,
+        index: usize,
+        mut settings: watch::Receiver<ConnectorConfig>,
+        shutdown: CancellationToken,
+    ) {
         let route = &routes[index];
         let Some(mut store) = self.open_store(&shutdown).await else {
             return;
         };
-        let interval = self.connector.poll_interval;
         let mut backoff = Duration::from_secs(1);
         let mut next_poll = Instant::now();
         let mut last_poll = Instant::now();
@@ -312,6 +381,21 @@ impl Worker {
         loop {
             let outcome = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                Ok(()) = settings.changed() => {
+                    let new = settings.borrow_and_update().clone();
+                    if !ConnectorConfig::same_scope(&self.connector, &new) {
+                        // What it reads changed: compare everything again,
+                        // over a fresh connection.
+                        if let Some(directory) = self.directory.take() {
+                            directory.close().await;
+                        }
+                        self.resync_reason = Some("the configuration changed (SIGHUP)".into());
+                        next_poll = Instant::now();
+                    }
+                    next_poll = next_poll.min(Instant::now() + new.poll_interval);
+                    self.connector = new;
+                    continue;
+                }
                 _ = route.captured.notified() => self.captures(&mut store).await,
                 _ = route.poll.notified() => {
                     // Soon, but however often it is asked for, no more than
@@ -336,7 +420,7 @@ impl Worker {
                 }
                 _ = sleep_until(next_poll) => {
                     last_poll = Instant::now();
-                    next_poll = last_poll + interval;
+                    next_poll = last_poll + self.connector.poll_interval;
                     match self.mark_out_of_sync(&mut store) {
                         Ok(()) => self.poll(&mut store).await,
                         Err(e) => Err(e),
@@ -364,7 +448,7 @@ impl Worker {
                         directory.close().await;
                     }
                     next_poll = next_poll.min(Instant::now() + backoff);
-                    backoff = (backoff * 2).min(interval);
+                    backoff = (backoff * 2).min(self.connector.poll_interval);
                 }
             }
         }
