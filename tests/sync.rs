@@ -1643,3 +1643,76 @@ fn sighup_applies_connector_changes_to_the_running_worker_and_status_shows_what_
         "{log}"
     );
 }
+
+#[test]
+fn a_local_delete_follows_the_connectors_direction_and_delete_policy() {
+    // ldap-to-local: the directory owns the object.
+    let env = Env::start(LDAP_TO_LOCAL);
+    env.sync();
+    let out = env.run(&["account", "rm", "alice"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("connector example is ldap-to-local, so the directory owns it"),
+        "{stderr}"
+    );
+    assert!(env.local_accounts().contains(&"alice".to_owned()));
+    env.ok(&["account", "rm", "alice", "--force"]);
+    assert!(!env.local_accounts().contains(&"alice".to_owned()));
+    assert!(
+        env.ok(&["sync", "run", "--connector", "example", "--full"])
+            .contains("create local account alice"),
+        "it comes back"
+    );
+
+    // both with delete = "delete": the entry goes, under the guard.
+    let env = Env::start(Policy {
+        direction: "both",
+        conflict: "ldap-wins",
+        delete: "delete",
+    });
+    env.connector_option("max_deletes = 1\nmax_delete_percent = 100");
+    env.sync();
+    let bob = "uid=bob,ou=people,dc=example,dc=com";
+    let said = env.ok(&["account", "rm", "bob"]);
+    assert!(
+        said.contains(&format!("deleted account bob and its entry {bob}")),
+        "{said}"
+    );
+    assert!(env.ldap_values(bob, "uid").is_empty(), "the entry is deleted");
+    assert!(
+        env.journal().contains("account bob\tlocal\tdeleted"),
+        "{}",
+        env.journal()
+    );
+    let again = env.sync();
+    assert!(!again.contains("account bob"), "nothing comes back: {again}");
+    let out = env.run(&["account", "rm", "carol"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("over the mass-delete guard"),
+        "{stderr}"
+    );
+    assert!(
+        !env.ldap_values("uid=carol,ou=people,dc=example,dc=com", "uid")
+            .is_empty()
+    );
+    env.ok(&["account", "rm", "carol", "--confirm-deletes"]);
+    assert!(
+        env.ldap_values("uid=carol,ou=people,dc=example,dc=com", "uid")
+            .is_empty()
+    );
+
+    // both with delete = "ignore": the entry stays, and says what follows.
+    let env = Env::start(BOTH_LDAP_WINS);
+    env.sync();
+    let said = env.ok(&["account", "rm", "dave"]);
+    assert!(
+        said.contains("stays in the directory (delete = ignore), and the next full pass imports it again"),
+        "{said}"
+    );
+    assert!(
+        !env.ldap_values("uid=dave,ou=people,dc=example,dc=com", "uid")
+            .is_empty()
+    );
+}

@@ -32,8 +32,19 @@ pub enum ObjectCommand {
         #[command(flatten)]
         edit: Edit,
     },
-    /// Delete a local object (and its associations).
-    Rm { name: String },
+    /// Delete a local object. An associated one is deleted as its
+    /// connector says: the entry deleted, disabled or kept (the delete
+    /// policy, under the mass-delete guard); refused under ldap-to-local.
+    Rm {
+        name: String,
+        /// Delete it locally only, whatever its connector says (under
+        /// ldap-to-local the next full pass brings it back).
+        #[arg(long)]
+        force: bool,
+        /// Apply the delete past the mass-delete guard.
+        #[arg(long)]
+        confirm_deletes: bool,
+    },
     /// Show one object with its associations.
     Show { name: String },
     /// List all objects of this kind.
@@ -295,13 +306,45 @@ pub fn object(config: &Config, category: Category, command: ObjectCommand, json:
             store.update_object(&object, &local_journal(category, &name, "local-edit", detail))?;
             outln!("{category} {} updated", object.name);
         }
-        ObjectCommand::Rm { name } => {
+        ObjectCommand::Rm {
+            name,
+            force,
+            confirm_deletes,
+        } => {
             let object = find(&store, category, &name)?;
-            store.delete_object(
-                object.id,
-                &local_journal(category, &name, "local-delete", serde_json::json!({})),
-            )?;
-            outln!("{category} {name} removed");
+            let association = store.association_of_object(object.id)?;
+            let Some(connector) = association
+                .filter(|_| !force)
+                .and_then(|a| config.connector(&a.connector))
+            else {
+                let detail = serde_json::json!({ "operator": operator(), "forced": force });
+                store.delete_object(object.id, &local_journal(category, &name, "local-delete", detail))?;
+                outln!("{category} {name} removed");
+                return Ok(());
+            };
+            let options = PassOptions {
+                dry_run: false,
+                confirm_deletes,
+            };
+            let password = connector.password()?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            let report = runtime.block_on(async {
+                let mut directory =
+                    Directory::connect(&connector, password.expose(), config.proxy.connect_timeout).await?;
+                let deleted =
+                    engine::delete_object(&mut store, &connector, &mut directory, object, options, &operator()).await;
+                directory.close().await;
+                anyhow::Ok(deleted?)
+            })?;
+            if json {
+                return print_json(&report_json(&connector.name, &report));
+            }
+            for line in report.all_lines() {
+                outln!("{line}");
+            }
+            if report.failed > 0 {
+                bail!("{category} {name} could not be deleted; see `ldapsync journal --object {name}`");
+            }
         }
         ObjectCommand::Show { name } => {
             let object = find(&store, category, &name)?;

@@ -297,6 +297,121 @@ pub async fn apply_deleted<S: Store>(
     Ok(pass.report)
 }
 
+/// Deletes an associated local object the way its connector's direction
+/// and delete policy say (README, "Local deletes"): under `ldap-to-local`
+/// the directory owns it and the delete is refused; otherwise the entry is
+/// deleted (`delete`), disabled with the object kept disabled (`disable`),
+/// or left in the directory (`ignore`), under the mass-delete guard.
+pub async fn delete_object<S: Store>(
+    store: &mut S,
+    connector: &ConnectorConfig,
+    directory: &mut Directory,
+    object: LocalObject,
+    options: PassOptions,
+    operator: &str,
+) -> Result<Report, SyncError> {
+    let (category, name) = (object.category, object.name.clone());
+    let refused = |why: String| SyncError::Refused(format!("{category} {name} is not deleted: {why}"));
+    let scope = scope_of(connector, category)
+        .ok_or_else(|| refused(format!("connector {} syncs no {category}s", connector.name)))?;
+    let association = store
+        .association_by_object(&connector.name, object.id)?
+        .ok_or_else(|| refused(format!("it is not associated with connector {}", connector.name)))?;
+    if connector.direction == Direction::LdapToLocal {
+        return Err(refused(format!(
+            "connector {} is ldap-to-local, so the directory owns it and the next full pass would bring \
+             it back; delete {} in the directory, or pass --force to delete it here only",
+            connector.name, association.dn
+        )));
+    }
+    let mut pass = Pass::new(store, connector, directory, ChangeSource::Local, options);
+    let entry = pass.directory.entry_by_id(scope, &association.entry_id).await?;
+    let earlier = pass
+        .store
+        .count_journal(&connector.name, &["deleted", "disabled"], now() - 3600)?;
+    let total = pass.store.association_count(&connector.name, category)?;
+    let count = earlier + 1;
+    let guard_trips = count > connector.max_deletes || count * 100 > usize::from(connector.max_delete_percent) * total;
+    if entry.is_some() && connector.delete != DeletePolicy::Ignore && guard_trips && !options.confirm_deletes {
+        return Err(refused(format!(
+            "with the {earlier} deletes of the last hour that is over the mass-delete guard \
+             ({} objects or {}%); confirm with --confirm-deletes",
+            connector.max_deletes, connector.max_delete_percent
+        )));
+    }
+    let detail = |dn: &str| serde_json::json!({ "dn": dn, "operator": operator, "policy": connector.delete.as_str() });
+    let delete_locally = |pass: &mut Pass<'_, S>, action: &str, dn: &str| {
+        let journal = pass.journal(category, &name, ChangeSource::Local, action, detail(dn));
+        pass.commit(Commit {
+            delete_object: Some(object.id),
+            journal: vec![journal],
+            ..Commit::default()
+        })
+        .map(|_| ())
+    };
+    let Some(entry) = entry else {
+        pass.report.deleted += 1;
+        pass.report.say(format!(
+            "deleted {category} {name}: its entry {} is gone already",
+            association.dn
+        ));
+        delete_locally(&mut pass, "deleted", &association.dn)?;
+        return Ok(pass.report);
+    };
+    match connector.delete {
+        DeletePolicy::Ignore => {
+            pass.report.say(format!(
+                "deleted {category} {name} locally; its entry {} stays in the directory (delete = ignore){}",
+                entry.dn,
+                if connector.direction == Direction::Both {
+                    ", and the next full pass imports it again"
+                } else {
+                    ""
+                }
+            ));
+            delete_locally(&mut pass, "local-delete", &entry.dn)?;
+        }
+        DeletePolicy::Delete => {
+            pass.directory.delete(&entry.dn).await?;
+            pass.report.deleted += 1;
+            pass.report
+                .say(format!("deleted {category} {name} and its entry {}", entry.dn));
+            delete_locally(&mut pass, "deleted", &entry.dn)?;
+        }
+        DeletePolicy::Disable => {
+            if scope.account_control.is_none() {
+                return Err(refused(format!(
+                    "delete = disable needs {category}s.account_control to disable its entry in the directory"
+                )));
+            }
+            let mapping = Mapping { scope, category };
+            pass.members = MemberIndex::for_pair(&*pass.store, connector, &mapping, Some(&entry), Some(&object))?;
+            let ldap = mapping.ldap_values(&entry, &pass.members);
+            let mut disabled = object;
+            disabled.enabled = false;
+            let local = mapping.local_values(&disabled);
+            let mut result = ldap.clone();
+            result.insert(ENABLED_FIELD.into(), vec!["false".into()]);
+            pass.report.disabled += 1;
+            pass.report
+                .say(format!("disabled {category} {name} and its entry {}", entry.dn));
+            let journal_detail = detail(&entry.dn);
+            pass.apply(
+                &mapping,
+                disabled,
+                &entry,
+                &local,
+                &ldap,
+                result,
+                "disabled",
+                journal_detail,
+            )
+            .await?;
+        }
+    }
+    Ok(pass.report)
+}
+
 /// Which directory entry an administrator links an object with.
 #[derive(Debug, Clone)]
 pub enum LinkTarget {
