@@ -1264,9 +1264,12 @@ fn a_disputed_object_is_left_alone_by_every_pass_never_guessed_into_a_new_entry(
         &["sync", "run", "--connector", "example", "--full"],
     ] {
         let report = env.attention(pass);
+        let dispute = "disputed account lee: 2 directory entries have uid=lee \
+                       (uid=lee,ou=sub,ou=people,dc=example,dc=com; uid=lee,ou=sub2,ou=people,dc=example,dc=com); \
+                       resolve with `ldapsync association link lee --connector example --dn DN`";
         assert!(
-            report.contains("disputed account lee: several directory entries have uid=lee"),
-            "{report}"
+            report.contains(dispute),
+            "its candidates and the command that resolves it: {report}"
         );
         assert!(
             report.contains(" 1 disputed,"),
@@ -1278,6 +1281,11 @@ fn a_disputed_object_is_left_alone_by_every_pass_never_guessed_into_a_new_entry(
             "no third entry for lee: {report}"
         );
     }
+    let status = env.status();
+    assert!(
+        status.contains("disputed (last reconciliation): 1\n    disputed account lee: 2 directory entries"),
+        "{status}"
+    );
     // A third candidate at the DN a create would have used: still disputed,
     // and the pass does not fail on an add that was never its business.
     env.ldapmodify(&format!(

@@ -39,6 +39,9 @@ struct ConnectorStatus {
     last_error: Option<String>,
     associated: usize,
     disputed: u64,
+    /// Each dispute of the last reconciliation, with its candidates and
+    /// the command that resolves it.
+    disputes: Vec<String>,
     entry_gone: usize,
     pending_local_changes: usize,
     captures_not_applied: usize,
@@ -122,6 +125,11 @@ pub fn status(config: &Config, json: bool, quiet: bool) -> anyhow::Result<()> {
             last_error: state.last_error,
             associated: associations.len(),
             disputed: last.get("disputed").and_then(|v| v.as_u64()).unwrap_or(0),
+            disputes: last
+                .get("disputes")
+                .and_then(|v| v.as_array())
+                .map(|lines| lines.iter().filter_map(|l| l.as_str().map(str::to_owned)).collect())
+                .unwrap_or_default(),
             entry_gone: associations.iter().filter(|a| a.entry_gone).count(),
             pending_local_changes,
             captures_not_applied: store.pending_captures(&connector.name)?,
@@ -254,6 +262,9 @@ fn print_human(status: &Status) {
         outln!("  captured changes not applied yet: {}", c.captures_not_applied);
         outln!("  associated: {}", c.associated);
         outln!("  disputed (last reconciliation): {}", c.disputed);
+        for dispute in &c.disputes {
+            outln!("    {dispute}");
+        }
         outln!("  out of sync (entry gone): {}", c.entry_gone);
         outln!("  pending local changes: {}", c.pending_local_changes);
     }

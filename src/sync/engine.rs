@@ -70,9 +70,17 @@ pub struct Report {
     pub lines: Vec<String>,
     /// The line of each disputed object (or nameless entry), by category
     /// and name: an object counts once however many entries it has and
-    /// however many events of one poll concern it.
-    #[serde(skip)]
+    /// however many events of one poll concern it. Stored with the last
+    /// reconciliation's result, for `status`: the lines only.
+    #[serde(serialize_with = "dispute_lines")]
     disputes: BTreeMap<(Category, String), String>,
+}
+
+fn dispute_lines<S: serde::Serializer>(
+    disputes: &BTreeMap<(Category, String), String>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(disputes.values())
 }
 
 impl Report {
@@ -751,15 +759,30 @@ impl<'a, S: Store> Pass<'a, S> {
             // Several candidates: left alone, never guessed. The local
             // object of that name counts as matched, so that no pass
             // creates yet another entry for it.
-            let detail =
-                serde_json::json!({ "reason": format!("several entries have {}={name}", mapping.scope.naming) });
+            if self.report.disputes.contains_key(&(category, name.clone())) {
+                return Ok(self.store.object(category, &name)?.map(|o| o.id));
+            }
+            let candidates: Vec<String> = self
+                .directory
+                .entries_named(mapping.scope, &name)
+                .await?
+                .into_iter()
+                .map(|e| e.dn)
+                .collect();
+            let detail = serde_json::json!({
+                "reason": format!("several entries have {}={name}", mapping.scope.naming),
+                "candidates": candidates,
+            });
             self.report.dispute(
                 category,
                 name.clone(),
                 format!(
-                    "disputed {category} {name}: several directory entries have {}={name}; \
+                    "disputed {category} {name}: {} directory entries have {}={name} ({}); \
                      resolve with `ldapsync association link {name} --connector {} --dn DN`",
-                    mapping.scope.naming, self.connector.name
+                    candidates.len(),
+                    mapping.scope.naming,
+                    candidates.join("; "),
+                    self.connector.name
                 ),
             );
             self.journal_once(self.journal(category, &name, self.source, "disputed", detail))?;
