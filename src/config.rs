@@ -871,6 +871,44 @@ impl Config {
         Ok(config)
     }
 
+    /// Reads a file as `load` does, reporting every unknown key rather than
+    /// the first: each one found is set aside and the file read again (for
+    /// check-config). Other errors end the search.
+    pub fn load_reporting_all(path: &Path) -> Result<Config, Vec<ConfigError>> {
+        let text = std::fs::read_to_string(path).map_err(|source| {
+            vec![ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }]
+        })?;
+        let first = match Config::parse(&text, path) {
+            Ok(config) => return Ok(config),
+            Err(e) => e,
+        };
+        let mut problems = vec![first];
+        let Ok(mut table) = toml::from_str::<toml::Table>(&text) else {
+            return Err(problems);
+        };
+        // At most one round per key of the file.
+        for _ in 0..256 {
+            let ConfigError::Parse { message, .. } = problems.last().expect("one at least") else {
+                break;
+            };
+            let Some(key) = unknown_key(message) else { break };
+            if !remove_key(&mut table, &key) {
+                break;
+            }
+            match toml::Value::Table(table.clone()).try_into::<Config>() {
+                Ok(_) => break,
+                Err(e) => problems.push(ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: e.to_string(),
+                }),
+            }
+        }
+        Err(problems)
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -1025,6 +1063,27 @@ impl Config {
         );
         problems
     }
+}
+
+/// The key an "unknown field" error names.
+fn unknown_key(message: &str) -> Option<String> {
+    let rest = message.split("unknown field `").nth(1)?;
+    rest.split('`').next().map(str::to_owned)
+}
+
+/// Removes the first `key` found in `table` or the tables below it.
+fn remove_key(table: &mut toml::Table, key: &str) -> bool {
+    if table.remove(key).is_some() {
+        return true;
+    }
+    table.iter_mut().any(|(_, value)| match value {
+        toml::Value::Table(inner) => remove_key(inner, key),
+        toml::Value::Array(items) => items.iter_mut().any(|item| match item {
+            toml::Value::Table(inner) => remove_key(inner, key),
+            _ => false,
+        }),
+        _ => false,
+    })
 }
 
 /// The most client connections a proxy may be configured to serve at once

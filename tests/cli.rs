@@ -502,6 +502,21 @@ fn check_config_lists_every_problem_with_its_key_and_a_hint() {
     let (ok, out) = check("typo", &format!("{proxy}max_conections = 3\n"));
     assert!(!ok);
     assert!(out.contains("max_conections") && out.contains("hint:"), "{out}");
+    // Several unknown keys, in different tables: every one in one run.
+    let typos = format!(
+        "{proxy}max_conections = 3\n{}",
+        connector("example", "ou=people,dc=example,dc=com", "polling = \"1m\"")
+            .replace("naming = \"uid\"", "naming = \"uid\"\nnamin = \"uid\"")
+    );
+    let (ok, out) = check("typos", &typos);
+    assert!(!ok);
+    for key in ["max_conections", "polling", "namin"] {
+        assert!(
+            out.contains(&format!("unknown field `{key}`")),
+            "{key} missing from:\n{out}"
+        );
+    }
+    assert!(out.contains("3 problem(s)"), "{out}");
 
     // The mapping against the directory's schema.
     let misspelt =

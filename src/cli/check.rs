@@ -128,10 +128,11 @@ fn store_looks_usable(path: &Path) -> Result<(), String> {
 
 /// Prints every problem; true when there were none.
 pub fn check(path: &Path) -> bool {
-    let config = match Config::load(path) {
+    let config = match Config::load_reporting_all(path) {
         Ok(config) => config,
-        Err(e) => {
-            print_problem(&e);
+        Err(problems) => {
+            problems.iter().for_each(print_problem);
+            outln!("{}: {} problem(s)", path.display(), problems.len());
             return false;
         }
     };
