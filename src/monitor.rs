@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use ldap3::{LdapConnAsync, LdapConnSettings, Scope};
 
 use crate::config::{LdapUrl, ProxyConfig};
-use crate::metrics::METRICS;
+use crate::metrics::{ConnectorLabel, METRICS};
 use crate::proxy::tls::{self, TlsError};
 
 /// The running instance, as `/readyz` and the admin socket report it.
@@ -261,14 +261,24 @@ async fn metrics() -> impl IntoResponse {
 
 async fn ready(State(readiness): State<Arc<Running>>) -> impl IntoResponse {
     match readiness.check().await {
-        // The relay does not need the store: ready, and saying it.
-        Ok(url) => match store_unwritable_since() {
-            Some(since) => (
-                StatusCode::OK,
-                format!("ready: {url} reachable; store unwritable since {since}\n"),
-            ),
-            None => (StatusCode::OK, format!("ready: {url} reachable\n")),
-        },
+        // The relay needs neither the store nor the connectors: ready, and
+        // saying what is degraded.
+        Ok(url) => {
+            let mut said = format!("ready: {url} reachable");
+            if let Some(since) = store_unwritable_since() {
+                said.push_str(&format!("; store unwritable since {since}"));
+            }
+            for connector in readiness.connectors.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                let label = ConnectorLabel {
+                    connector: connector.name.clone(),
+                };
+                let held = METRICS.deletes_held.get(&label).map_or(0, |g| g.get());
+                if held > 0 {
+                    said.push_str(&format!("; connector {} degraded: {held} deletes held", connector.name));
+                }
+            }
+            (StatusCode::OK, format!("{said}\n"))
+        }
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
     }
 }

@@ -1724,3 +1724,53 @@ fn a_local_delete_follows_the_connectors_direction_and_delete_policy() {
             .is_empty()
     );
 }
+
+#[test]
+fn held_deletes_make_the_connector_degraded_in_readyz_and_the_metrics() {
+    use std::io::{Read, Write};
+    let env = Env::start(Policy {
+        direction: "ldap-to-local",
+        conflict: "ldap-wins",
+        delete: "delete",
+    });
+    env.poll_every("1s");
+    let served = serve(&[
+        "--config",
+        env.config_path().to_str().unwrap(),
+        "--listen",
+        "ldap://127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    let metrics = served
+        .startup
+        .iter()
+        .find_map(|l| {
+            l.split("metrics=")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .map(str::to_owned)
+        })
+        .expect("the metrics address is logged");
+    let get = |path: &str| {
+        let mut stream = std::net::TcpStream::connect(&metrics).unwrap();
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+    };
+    assert!(eventually(|| env.local_accounts().len() == 6), "imported");
+    env.ldapmodify(
+        "dn: uid=erin,ou=people,dc=example,dc=com\nchangetype: delete\n\n\
+         dn: uid=frank,ou=people,dc=example,dc=com\nchangetype: delete\n",
+    );
+    assert!(
+        eventually(|| get("/readyz").contains("connector example degraded: 2 deletes held")),
+        "{}",
+        get("/readyz")
+    );
+    assert!(get("/readyz").starts_with("HTTP/1.1 200"), "the relay is still ready");
+    assert!(get("/metrics").contains("ldapsync_deletes_held{connector=\"example\"} 2"));
+    let (exit, _) = served.terminate();
+    assert!(exit.success());
+}
