@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod dn;
 pub mod metrics;
 pub mod monitor;
 pub mod poller;

@@ -704,17 +704,10 @@ fn sighup_reloads_the_directory_urls_for_new_sessions_and_refuses_a_broken_file(
 fn a_bind_refused_by_ldapsync_itself_leaves_the_session_anonymous_not_under_the_previous_identity() {
     use common::raw::{Raw, modify, simple_bind, whoami};
     let slapd = Slapd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("ldapsync.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[proxy]\nlisten = [\"ldap://127.0.0.1:0\"]\nupstream = [\"{}\"]\nmax_failed_binds = 2\n",
-            slapd.url()
-        ),
-    )
-    .unwrap();
-    let served = serve(&["--config", config.to_str().unwrap()]);
+    let (_dir, served) = common::serve_config(&format!(
+        "[proxy]\nlisten = [\"ldap://127.0.0.1:0\"]\nupstream = [\"{}\"]\nmax_failed_binds = 2\n",
+        slapd.url()
+    ));
     let (alice, alice_pw) = person("alice");
     let (bob, bob_pw) = person("bob");
 

@@ -293,18 +293,11 @@ fn sigterm_stops_ldapsync_after_its_stderr_reader_is_gone() {
 #[test]
 fn a_frozen_directory_makes_ldapsync_not_ready_within_the_connect_timeout() {
     let slapd = Slapd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("ldapsync.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[proxy]\nlisten = [\"ldap://127.0.0.1:0\"]\nupstream = [\"{}\"]\nconnect_timeout = \"500ms\"\n\
-             [metrics]\nlisten = \"127.0.0.1:0\"\n",
-            slapd.url()
-        ),
-    )
-    .unwrap();
-    let served = serve(&["--config", config.to_str().unwrap()]);
+    let (_dir, served) = common::serve_config(&format!(
+        "[proxy]\nlisten = [\"ldap://127.0.0.1:0\"]\nupstream = [\"{}\"]\nconnect_timeout = \"500ms\"\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n",
+        slapd.url()
+    ));
     let metrics = metrics_addr(&served.startup);
     assert_eq!(http_get(&metrics, "/readyz").0, 200);
     // Its port still accepts connections; nothing answers on them.

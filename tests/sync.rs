@@ -1109,17 +1109,33 @@ fn a_full_reconciliation_reports_progress_in_plain_lines_when_not_on_a_terminal(
     );
 }
 
+/// A raw session through ldapsync at `url`, bound as alice (message id 1).
+fn raw_session_as_alice(url: &str) -> common::raw::Raw {
+    let mut alice = common::raw::Raw::connect(url);
+    alice.send(&[common::raw::simple_bind(1, ALICE, "alice-secret")]);
+    assert_eq!(alice.response().unwrap().result, 0);
+    alice
+}
+
+/// Waits for the local store's mail of alice to be what the directory holds.
+fn assert_alice_agrees_with_the_directory(env: &Env) {
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let directory = env.ldap_values(ALICE, "mail");
+    assert!(
+        eventually(|| env.local_field("account", "alice", "mail").map(|m| vec![m]) == Some(directory.clone())),
+        "local store agrees with the directory ({directory:?})"
+    );
+}
+
 #[test]
 fn a_write_whose_dn_has_an_unusual_tag_is_captured_like_any_other_not_a_reason_to_reconcile() {
-    use common::raw::{Raw, modify, simple_bind};
+    use common::raw::modify;
     let env = Env::start(BOTH_LDAP_WINS);
     env.poll_every("1h");
     let served = env.serve();
     // An ordinary user modifies her own entry, the DN tagged [APPLICATION 4]
     // (0x44) instead of OCTET STRING: slapd applies it.
-    let mut alice = Raw::connect(&served.url);
-    alice.send(&[simple_bind(1, ALICE, "alice-secret")]);
-    assert_eq!(alice.response().unwrap().result, 0);
+    let mut alice = raw_session_as_alice(&served.url);
     for (id, mail) in [(2, "alice@odd-tag.example"), (3, "alice@odd-tag-2.example")] {
         alice.send(&[modify(id, 0x44, ALICE, "mail", mail)]);
         assert_eq!(alice.response().unwrap().result, 0, "slapd accepts it");
@@ -1142,29 +1158,20 @@ fn a_write_whose_dn_has_an_unusual_tag_is_captured_like_any_other_not_a_reason_t
 
 #[test]
 fn a_write_abandoned_in_flight_or_followed_by_a_reused_message_id_still_reaches_the_store() {
-    use common::raw::{Raw, abandon, modify, search_base, simple_bind};
+    use common::raw::{abandon, modify, search_base};
     let env = Env::start(BOTH_LDAP_WINS);
     env.poll_every("1h");
     let served = env.serve();
 
     // Abandoned in the same write: slapd may apply it or not; the store
     // must end up as the directory is, without waiting an hour for a poll.
-    let mut alice = Raw::connect(&served.url);
-    alice.send(&[simple_bind(1, ALICE, "alice-secret")]);
-    assert_eq!(alice.response().unwrap().result, 0);
+    let mut alice = raw_session_as_alice(&served.url);
     alice.send(&[modify(2, 0x04, ALICE, "mail", "alice@abandoned.example"), abandon(3, 2)]);
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let directory = env.ldap_values(ALICE, "mail");
-    assert!(
-        eventually(|| env.local_field("account", "alice", "mail").map(|m| vec![m]) == Some(directory.clone())),
-        "local store agrees with the directory ({directory:?})"
-    );
+    assert_alice_agrees_with_the_directory(&env);
 
     // A search reusing the id of a modify in flight: a protocol error that
     // ends the session, and the modify, relayed already, is not lost.
-    let mut reuse = Raw::connect(&served.url);
-    reuse.send(&[simple_bind(1, ALICE, "alice-secret")]);
-    assert_eq!(reuse.response().unwrap().result, 0);
+    let mut reuse = raw_session_as_alice(&served.url);
     reuse.send(&[
         modify(2, 0x04, ALICE, "mail", "alice@reused-id.example"),
         search_base(2, ALICE),
@@ -1177,12 +1184,7 @@ fn a_write_abandoned_in_flight_or_followed_by_a_reused_message_id_still_reaches_
         notice.diagnostic.contains("message id 2 is already in use"),
         "{notice:?}"
     );
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let directory = env.ldap_values(ALICE, "mail");
-    assert!(
-        eventually(|| env.local_field("account", "alice", "mail").map(|m| vec![m]) == Some(directory.clone())),
-        "local store agrees with the directory ({directory:?})"
-    );
+    assert_alice_agrees_with_the_directory(&env);
     let (exit, log) = served.terminate();
     assert!(exit.success());
     assert!(
@@ -1773,4 +1775,28 @@ fn held_deletes_make_the_connector_degraded_in_readyz_and_the_metrics() {
     assert!(get("/metrics").contains("ldapsync_deletes_held{connector=\"example\"} 2"));
     let (exit, _) = served.terminate();
     assert!(exit.success());
+}
+
+#[test]
+fn a_rename_of_an_entry_whose_name_holds_a_comma_writes_to_the_renamed_entry() {
+    let env = Env::start(BOTH_LDAP_WINS);
+    env.ldapmodify(
+        "dn: uid=smith\\,j,ou=people,dc=example,dc=com\nchangetype: add\nobjectClass: inetOrgPerson\n\
+         uid: smith,j\ncn: J Smith\nsn: Smith\nmail: j@example.com\n",
+    );
+    env.sync();
+    env.ok(&[
+        "account",
+        "set",
+        "smith,j",
+        "--rename",
+        "smith,k",
+        "--set",
+        "mail=k@example.com",
+    ]);
+    let report = env.sync();
+    assert!(report.contains(" 0 failed"), "{report}");
+    let renamed = "uid=smith\\,k,ou=people,dc=example,dc=com";
+    assert_eq!(env.ldap_values(renamed, "mail"), ["k@example.com"], "{report}");
+    assert_eq!(env.ldap_values(renamed, "uid"), ["smith,k"]);
 }

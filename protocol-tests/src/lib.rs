@@ -279,6 +279,11 @@ pub fn encode(message: &rasn_ldap::LdapMessage) -> Vec<u8> {
 
 /// A base search of the root DSE, the cheapest "are you there?".
 pub fn root_dse_search(message_id: u32) -> Vec<u8> {
+    root_dse_search_for(message_id, "supportedLDAPVersion")
+}
+
+/// A base search of the root DSE asking for `attribute`.
+pub fn root_dse_search_for(message_id: u32, attribute: &str) -> Vec<u8> {
     use rasn_ldap::{Filter, LdapMessage, ProtocolOp, SearchRequest, SearchRequestDerefAliases, SearchRequestScope};
     let request = SearchRequest::new(
         "".into(),
@@ -288,7 +293,7 @@ pub fn root_dse_search(message_id: u32) -> Vec<u8> {
         0,
         false,
         Filter::Present("objectClass".into()),
-        vec!["supportedLDAPVersion".into()],
+        vec![attribute.into()],
     );
     encode(&LdapMessage::new(message_id, ProtocolOp::SearchRequest(request)))
 }

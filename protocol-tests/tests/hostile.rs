@@ -154,18 +154,7 @@ async fn a_client_trickling_bytes_is_cut_at_the_idle_timeout_and_others_are_serv
 
 /// A root DSE search made `size`-ish bytes long by one long attribute name.
 fn large_search(message_id: u32, size: usize) -> Vec<u8> {
-    use rasn_ldap::{Filter, LdapMessage, SearchRequest, SearchRequestDerefAliases, SearchRequestScope};
-    let request = SearchRequest::new(
-        "".into(),
-        SearchRequestScope::BaseObject,
-        SearchRequestDerefAliases::NeverDerefAliases,
-        0,
-        0,
-        false,
-        Filter::Present("objectClass".into()),
-        vec!["x".repeat(size).into()],
-    );
-    protocol_tests::encode(&LdapMessage::new(message_id, ProtocolOp::SearchRequest(request)))
+    protocol_tests::root_dse_search_for(message_id, &"x".repeat(size))
 }
 
 async fn notice(conn: &mut RawConn) -> Option<String> {

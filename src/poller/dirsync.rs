@@ -6,7 +6,8 @@ use ldap3::controls::RawControl;
 use ldap3::{Scope, SearchEntry};
 use rasn::prelude::*;
 
-use crate::config::{ScopeConfig, dn_within};
+use crate::config::ScopeConfig;
+use crate::dn;
 use crate::sync::directory::{Directory, DirectoryError};
 
 pub const DIRSYNC_OID: &str = "1.2.840.113556.1.4.841";
@@ -92,7 +93,7 @@ pub async fn changes(directory: &mut Directory, scope: &ScopeConfig, cookie: &[u
                 .any(|(k, v)| k.eq_ignore_ascii_case("isDeleted") && v.iter().any(|x| x == "TRUE"));
             let dn = entry.dn.clone();
             let Some(id) = directory.entry_id(entry) else { continue };
-            if !deleted && dn_within(&dn, &scope.base) {
+            if !deleted && dn::is_within(&dn, &scope.base) {
                 synced.written.push(dn);
             } else {
                 synced.gone.push(id);

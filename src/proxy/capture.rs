@@ -9,6 +9,7 @@ use thiserror::Error;
 
 use super::ber::{self, BerError};
 use super::message::{Envelope, Op};
+use crate::dn;
 
 /// Which write succeeded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,14 +90,9 @@ impl CapturedWrite {
                 let entry = text(entry)?;
                 let parent = match ber::read_element(rest) {
                     Ok((header, superior)) if header.tag == NEW_SUPERIOR => text(superior)?,
-                    _ => parent_dn(&entry).to_owned(),
+                    _ => dn::parent(&entry).to_owned(),
                 };
-                let new_rdn = text(new_rdn)?;
-                Affected::Entry(if parent.is_empty() {
-                    new_rdn
-                } else {
-                    format!("{new_rdn},{parent}")
-                })
+                Affected::Entry(dn::with_rdn(&text(new_rdn)?, &parent))
             }
             _ => return Err(CaptureError::NotAWrite),
         })
@@ -110,19 +106,6 @@ impl CapturedWrite {
 
 fn text(bytes: &[u8]) -> Result<String, CaptureError> {
     String::from_utf8(bytes.to_vec()).map_err(|_| CaptureError::Decode("the DN is not UTF-8".into()))
-}
-
-/// The DN without its first RDN (escaped commas stay in the RDN).
-fn parent_dn(dn: &str) -> &str {
-    let mut escaped = false;
-    for (i, c) in dn.char_indices() {
-        match c {
-            '\\' if !escaped => escaped = true,
-            ',' if !escaped => return &dn[i + 1..],
-            _ => escaped = false,
-        }
-    }
-    ""
 }
 
 /// Why a session's writes can no longer be seen by the relay.

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use super::ber;
 use super::message::{Envelope, NOTICE_OF_DISCONNECTION_OID, Op};
-use crate::config::valid_dn;
+use crate::dn;
 
 /// Deeper PDUs are checked at the envelope only: full decoding recurses.
 const MAX_DECODE_DEPTH: usize = 64;
@@ -145,7 +145,7 @@ impl Checker {
     fn client_fields(&self, message: &LdapMessage) {
         let id = Some(i64::from(message.message_id));
         let dn = |what: &str, dn: &str| {
-            if !dn.is_empty() && !valid_dn(dn) {
+            if !dn.is_empty() && !dn::is_valid(dn) {
                 self.out.violation(
                     From::Client,
                     id,

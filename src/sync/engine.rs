@@ -523,7 +523,7 @@ impl MemberIndex {
             if let Some(account) = store.object_associated_at(&connector.name, dn)?
                 && account.category == Category::Account
             {
-                index.by_dn.insert(dn.to_lowercase(), account.name.clone());
+                index.by_dn.insert(crate::dn::key(dn), account.name.clone());
                 index.by_name.insert(account.name, dn.clone());
             }
         }
@@ -535,7 +535,7 @@ impl MemberIndex {
             if let Some(account) = store.object(Category::Account, &name)?
                 && let Some(a) = store.association_by_object(&connector.name, account.id)?
             {
-                index.by_dn.insert(a.dn.to_lowercase(), name.clone());
+                index.by_dn.insert(crate::dn::key(&a.dn), name.clone());
                 index.by_name.insert(name, a.dn);
             }
         }
@@ -548,7 +548,7 @@ impl MemberIndex {
             if let Some(object) = store.object_by_id(a.object_id)?
                 && object.category == Category::Account
             {
-                index.by_dn.insert(a.dn.to_lowercase(), object.name.clone());
+                index.by_dn.insert(crate::dn::key(&a.dn), object.name.clone());
                 index.by_name.insert(object.name, a.dn);
             }
         }
@@ -1054,8 +1054,9 @@ impl<'a, S: Store> Pass<'a, S> {
         {
             let rdn = format!("{}={}", scope.rdn(), ldap3::dn_escape(new_name));
             self.directory.rename(&dn, &rdn).await?;
-            let parent = dn.split_once(',').map(|(_, p)| p.to_owned()).unwrap_or_default();
-            dn = format!("{rdn},{parent}");
+            // The parent as RFC 4514 splits it: an escaped comma in the
+            // old RDN (uid=smith\,j) is not where the parent starts.
+            dn = crate::dn::with_rdn(&rdn, crate::dn::parent(&dn));
         }
         if !mods.is_empty() {
             self.directory.modify(&dn, mods).await?;
@@ -1577,7 +1578,7 @@ fn member_name(attr: &str, value: &str, members: &MemberIndex) -> String {
     }
     members
         .by_dn
-        .get(&value.to_lowercase())
+        .get(&crate::dn::key(value))
         .cloned()
         // Members nobody is associated with stay as DNs, so they round-trip.
         .unwrap_or_else(|| value.to_owned())

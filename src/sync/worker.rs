@@ -23,7 +23,8 @@ use tracing::{Instrument, debug, info, warn};
 use super::directory::Directory;
 use super::engine::{self, Change, ChangeEvent, PassOptions, Report, SyncError};
 use super::progress::{Lines, Progress};
-use crate::config::{Config, ConnectorConfig, dn_within};
+use crate::config::{Config, ConnectorConfig};
+use crate::dn;
 use crate::metrics::{ChangeLabels, ConflictLabels, ConnectorLabel, METRICS, OutcomeLabel, PollLabels};
 use crate::poller::{self, Mechanism};
 use crate::proxy::capture::{Affected, CaptureLoss, CaptureSink, CapturedWrite};
@@ -80,7 +81,7 @@ impl Route {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .find(|(_, base)| dn_within(dn, base))
+            .find(|(_, base)| dn::is_within(dn, base))
             .map(|(category, _)| *category)
     }
 

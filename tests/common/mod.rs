@@ -128,6 +128,16 @@ impl Served {
     }
 }
 
+/// `ldapsync serve` with `toml` as its config file (in the returned
+/// folder, which must outlive it).
+pub fn serve_config(toml: &str) -> (tempfile::TempDir, Served) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ldapsync.toml");
+    std::fs::write(&config, toml).unwrap();
+    let served = serve(&["--config", config.to_str().unwrap()]);
+    (dir, served)
+}
+
 /// Waits for `condition` to hold, for at most 20 s; false if it never did.
 /// A correctness check with a generous deadline, not a speed assertion.
 pub fn eventually(mut condition: impl FnMut() -> bool) -> bool {
