@@ -12,9 +12,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::poller::Mechanism;
-use crate::store::Category;
-use crate::sync::policy::{ConflictPolicy, Direction, Fallback};
+use crate::model::{Category, ConflictPolicy, Direction, Fallback, Mechanism};
+pub use crate::model::{ENABLED_FIELD, MEMBERS_FIELD, NAME_FIELD};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -318,9 +317,6 @@ pub struct ScopeConfig {
     pub account_control: Option<String>,
 }
 
-/// The local field `account_control` feeds.
-pub const ENABLED_FIELD: &str = "enabled";
-
 /// `preset`: defaults for a kind of directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -599,10 +595,6 @@ fn warn_if_readable_by_others(path: &Path) {
 #[cfg(not(unix))]
 fn warn_if_readable_by_others(_: &Path) {}
 
-/// The local field the naming attribute feeds.
-pub const NAME_FIELD: &str = "name";
-/// The local field group membership feeds.
-pub const MEMBERS_FIELD: &str = "members";
 const MEMBERSHIP_ATTRIBUTES: [&str; 3] = ["member", "uniqueMember", "memberUid"];
 
 /// A password: never printed.

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod dn;
 pub mod metrics;
+pub mod model;
 pub mod monitor;
 pub mod poller;
 pub mod proxy;

@@ -25,6 +25,7 @@ use ldap3::{LdapConnAsync, LdapConnSettings, Scope};
 
 use crate::config::{LdapUrl, ProxyConfig};
 use crate::metrics::{ConnectorLabel, METRICS};
+use crate::proxy::ListenerState;
 use crate::proxy::tls::{self, TlsError};
 
 /// The running instance, as `/readyz` and the admin socket report it.
@@ -38,13 +39,6 @@ pub struct Running {
     /// TLS towards the directory, as the relay uses it.
     tls: Option<Arc<rustls::ClientConfig>>,
     starttls: bool,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ListenerState {
-    pub url: String,
-    pub addr: String,
-    pub require_tls: bool,
 }
 
 /// A connector's policy as its running worker applies it.

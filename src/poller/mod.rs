@@ -10,68 +10,12 @@ pub mod dirsync;
 pub mod syncrepl;
 
 use std::collections::HashSet;
-use std::fmt;
-use std::str::FromStr;
 use std::time::{Duration, Instant, SystemTime};
-
-use serde::Deserialize;
 
 use crate::config::ScopeConfig;
 use crate::sync::directory::{Directory, DirectoryError};
 
-/// How a connector finds the directory's changes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mechanism {
-    /// RFC 4533 refreshOnly with a stored cookie (OpenLDAP syncprov):
-    /// reports adds, modifies, renames and deletes.
-    Syncrepl,
-    /// `modifyTimestamp` at or after the watermark (any server); deletes
-    /// are found by the full reconciliation.
-    Timestamp,
-    /// Active Directory: `uSNChanged` above the domain controller's
-    /// highestCommittedUSN watermark; deletes from the tombstones.
-    Usn,
-    /// Active Directory's DirSync control with a stored cookie: changes and
-    /// deletes of the naming context, on any domain controller.
-    Dirsync,
-    /// No incremental reads: every poll is a full reconciliation.
-    Full,
-}
-
-impl Mechanism {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mechanism::Syncrepl => "syncrepl",
-            Mechanism::Timestamp => "timestamp",
-            Mechanism::Usn => "usn",
-            Mechanism::Dirsync => "dirsync",
-            Mechanism::Full => "full",
-        }
-    }
-}
-
-impl fmt::Display for Mechanism {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Mechanism {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        [
-            Mechanism::Syncrepl,
-            Mechanism::Timestamp,
-            Mechanism::Usn,
-            Mechanism::Dirsync,
-            Mechanism::Full,
-        ]
-        .into_iter()
-        .find(|m| m.as_str() == s)
-        .ok_or_else(|| format!("unknown poll mechanism {s:?}"))
-    }
-}
+pub use crate::model::Mechanism;
 
 /// Active Directory's capability OID (LDAP_CAP_ACTIVE_DIRECTORY_OID).
 const AD_CAPABILITY: &str = "1.2.840.113556.1.4.800";
@@ -293,19 +237,5 @@ mod tests {
         );
         assert_eq!(parse_generalized_time("2026-11-28"), None);
         assert_eq!(parse_generalized_time(""), None);
-    }
-
-    #[test]
-    fn mechanism_names_round_trip() {
-        for m in [
-            Mechanism::Syncrepl,
-            Mechanism::Timestamp,
-            Mechanism::Usn,
-            Mechanism::Dirsync,
-            Mechanism::Full,
-        ] {
-            assert_eq!(m.as_str().parse::<Mechanism>(), Ok(m));
-        }
-        assert!("persistent-search".parse::<Mechanism>().is_err());
     }
 }

@@ -21,6 +21,7 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use rasn_ldap::ResultCode;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
@@ -126,6 +127,14 @@ pub enum ProxyError {
     Report { path: String, source: std::io::Error },
 }
 
+/// A listener as `ldapsync status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ListenerState {
+    pub url: String,
+    pub addr: String,
+    pub require_tls: bool,
+}
+
 /// A listening socket with its configuration.
 pub struct BoundListener {
     socket: TcpListener,
@@ -134,8 +143,8 @@ pub struct BoundListener {
 
 impl BoundListener {
     /// What `ldapsync status` shows of it.
-    pub fn state(&self) -> crate::monitor::ListenerState {
-        crate::monitor::ListenerState {
+    pub fn state(&self) -> ListenerState {
+        ListenerState {
             url: self.config.url.to_string(),
             addr: self.socket.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             require_tls: self.config.require_tls,

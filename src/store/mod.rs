@@ -8,16 +8,13 @@
 
 mod sqlite;
 
-use std::fmt;
-use std::str::FromStr;
-
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use thiserror::Error;
 
 pub use sqlite::SqliteStore;
 
-use crate::poller::Mechanism;
-use crate::sync::policy::Values;
+pub use crate::model::{Category, ChangeSource};
+use crate::model::{Mechanism, Values};
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -49,40 +46,6 @@ impl StoreError {
                 Some(DiskFull | ReadOnly | SystemIoFailure | CannotOpen)
             ),
             _ => false,
-        }
-    }
-}
-
-/// Accounts or groups.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Category {
-    Account,
-    Group,
-}
-
-impl Category {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Category::Account => "account",
-            Category::Group => "group",
-        }
-    }
-}
-
-impl fmt::Display for Category {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Category {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "account" => Ok(Category::Account),
-            "group" => Ok(Category::Group),
-            other => Err(format!("unknown category {other:?}")),
         }
     }
 }
@@ -126,34 +89,6 @@ pub struct HeldDelete {
     /// Where the entry was last seen.
     pub dn: String,
     pub held_at: i64,
-}
-
-/// Where a change was seen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ChangeSource {
-    /// A write that went through the proxy.
-    Proxy,
-    /// The directory, read by the poller or a sync pass.
-    Poll,
-    /// The local store (CLI or admin API).
-    Local,
-}
-
-impl ChangeSource {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ChangeSource::Proxy => "proxy",
-            ChangeSource::Poll => "poll",
-            ChangeSource::Local => "local",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<ChangeSource> {
-        [ChangeSource::Proxy, ChangeSource::Poll, ChangeSource::Local]
-            .into_iter()
-            .find(|c| c.as_str() == s)
-    }
 }
 
 /// One line of the audit trail.

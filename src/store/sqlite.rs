@@ -10,7 +10,7 @@ use super::{
     Association, Capture, CaptureKind, Category, ChangeSource, Commit, ConnectorState, HeldDelete, JournalEntry,
     JournalQuery, LocalObject, Store, StoreError, Watermark,
 };
-use crate::sync::policy::Values;
+use crate::model::Values;
 
 /// Schema versions, applied in order; never edit one that has shipped.
 const MIGRATIONS: &[&str] = &[
@@ -622,9 +622,9 @@ impl Store for SqliteStore {
                 connector,
                 category: parse_category(&category)?,
                 object,
-                source: ChangeSource::parse(&source).ok_or(StoreError::Corrupt {
+                source: source.parse::<ChangeSource>().map_err(|detail| StoreError::Corrupt {
                     what: "journal source",
-                    detail: source,
+                    detail,
                 })?,
                 action,
                 policy,

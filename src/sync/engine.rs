@@ -10,20 +10,19 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::task::Poll;
 
-use serde::Serialize;
 use thiserror::Error;
 
 use super::directory::{AttrMod, Directory, DirectoryError, Entries, Entry};
 use super::policy::{self, ConflictPolicy, Direction, Fallback, Outcome, Side, Values};
 use super::progress::Progress;
+pub use super::report::Report;
 use crate::config::{ConnectorConfig, DeletePolicy, ENABLED_FIELD, MEMBERS_FIELD, NAME_FIELD, ScopeConfig};
 
 /// ACCOUNTDISABLE, bit 2 of AD's userAccountControl.
 const ACCOUNT_DISABLED: i64 = 0x2;
 use crate::poller::Deleted;
 use crate::store::{
-    Association, Category, ChangeSource, Commit, HeldDelete, JournalEntry, JournalQuery, LocalObject, Store,
-    StoreError, now,
+    Association, Category, ChangeSource, Commit, JournalEntry, JournalQuery, LocalObject, Store, StoreError, now,
 };
 
 #[derive(Debug, Error)]
@@ -45,99 +44,6 @@ pub struct PassOptions {
     pub dry_run: bool,
     /// Apply deletes even past the mass-delete guard.
     pub confirm_deletes: bool,
-}
-
-/// What a pass did (or, in a dry run, would do).
-#[derive(Debug, Default, Serialize)]
-pub struct Report {
-    pub associated: usize,
-    pub created_local: usize,
-    pub created_ldap: usize,
-    pub updated: usize,
-    /// Pairs whose sides had made the same change: only the baseline moved.
-    pub converged: usize,
-    pub conflicts: usize,
-    pub disputed: usize,
-    pub deleted: usize,
-    pub disabled: usize,
-    pub deletes_refused: usize,
-    /// Deletes the guard holds for this connector after the pass, from this
-    /// pass and earlier ones (a standing count, not summed).
-    pub deletes_held: usize,
-    pub failed: usize,
-    /// One line per decision that changed something, for the operator.
-    #[serde(skip)]
-    pub lines: Vec<String>,
-    /// The line of each disputed object (or nameless entry), by category
-    /// and name: an object counts once however many entries it has and
-    /// however many events of one poll concern it. Stored with the last
-    /// reconciliation's result, for `status`: the lines only.
-    #[serde(serialize_with = "dispute_lines")]
-    disputes: BTreeMap<(Category, String), String>,
-}
-
-fn dispute_lines<S: serde::Serializer>(
-    disputes: &BTreeMap<(Category, String), String>,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    serializer.collect_seq(disputes.values())
-}
-
-impl Report {
-    fn say(&mut self, line: String) {
-        self.lines.push(line);
-    }
-
-    /// Adds another report's counts and lines to this one.
-    pub fn absorb(&mut self, other: Report) {
-        self.associated += other.associated;
-        self.created_local += other.created_local;
-        self.created_ldap += other.created_ldap;
-        self.updated += other.updated;
-        self.converged += other.converged;
-        self.conflicts += other.conflicts;
-        self.deleted += other.deleted;
-        self.disabled += other.disabled;
-        self.deletes_refused += other.deletes_refused;
-        self.failed += other.failed;
-        self.lines.extend(other.lines);
-        for (key, line) in other.disputes {
-            self.dispute(key.0, key.1, line);
-        }
-    }
-
-    fn dispute(&mut self, category: Category, key: String, line: String) {
-        if let std::collections::btree_map::Entry::Vacant(vacant) = self.disputes.entry((category, key)) {
-            vacant.insert(line);
-            self.disputed += 1;
-        }
-    }
-
-    /// Records the deletes the guard holds after a pass, and says so: every
-    /// pass reports them until they are confirmed or the entries are back.
-    pub fn held(&mut self, connector: &str, held: &[HeldDelete]) {
-        self.deletes_held = held.len();
-        if held.is_empty() {
-            return;
-        }
-        let names: Vec<String> = held
-            .iter()
-            .take(10)
-            .map(|h| format!("{} {}", h.category, h.name))
-            .collect();
-        let more = if held.len() > names.len() { ", …" } else { "" };
-        self.say(format!(
-            "held: {} deletes refused by the mass-delete guard ({}{more}); apply them with \
-             `ldapsync sync run --connector {connector} --confirm-deletes`",
-            held.len(),
-            names.join(", ")
-        ));
-    }
-
-    /// Every line for the operator: decisions, then disputes.
-    pub fn all_lines(&self) -> impl Iterator<Item = &String> {
-        self.lines.iter().chain(self.disputes.values())
-    }
 }
 
 /// Runs one full sync pass of `connector` against its directory: every

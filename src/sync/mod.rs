@@ -5,4 +5,5 @@ pub mod directory;
 pub mod engine;
 pub mod policy;
 pub mod progress;
+pub mod report;
 pub mod worker;

@@ -3,66 +3,11 @@
 //!
 //! A pure function, so the whole policy matrix is tested as a table.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
+use std::collections::BTreeSet;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-/// Field name → values (a set: sorted, no duplicates), in local field names.
-pub type Values = BTreeMap<String, Vec<String>>;
-
-/// Which way changes may flow for a connector.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Direction {
-    Both,
-    LdapToLocal,
-    LocalToLdap,
-}
-
-/// How a conflict is resolved under [`Direction::Both`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConflictPolicy {
-    /// Local values are written to the directory; directory changes are lost.
-    LocalWins,
-    /// Directory values are written locally; local changes are lost.
-    LdapWins,
-    /// Both changes are discarded: both sides go back to the baseline.
-    NoChange,
-    /// Changes to different fields are all kept; a field changed on both
-    /// sides is resolved by the fallback policy.
-    Merge(Fallback),
-}
-
-/// The resolution of a field changed on both sides under `merge`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Fallback {
-    LocalWins,
-    LdapWins,
-    NoChange,
-}
-
-impl fmt::Display for Direction {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Direction::Both => "both",
-            Direction::LdapToLocal => "ldap-to-local",
-            Direction::LocalToLdap => "local-to-ldap",
-        })
-    }
-}
-
-impl fmt::Display for ConflictPolicy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ConflictPolicy::LocalWins => f.write_str("local-wins"),
-            ConflictPolicy::LdapWins => f.write_str("ldap-wins"),
-            ConflictPolicy::NoChange => f.write_str("no-change"),
-            ConflictPolicy::Merge(fallback) => write!(f, "merge ({fallback:?} on overlap)"),
-        }
-    }
-}
+pub use crate::model::{ConflictPolicy, Direction, Fallback, Values};
 
 /// What the decision did, for the journal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

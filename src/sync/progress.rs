@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::engine::Report;
+use super::report::Report;
 use crate::store::Category;
 
 /// Told what a full pass is doing, entry by entry.
