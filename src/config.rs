@@ -514,7 +514,7 @@ impl ConnectorConfig {
         }
         let day = Duration::from_secs(86_400);
         for (key, value, min, max) in [
-            ("poll_interval", self.poll_interval, Duration::from_millis(1), 30 * day),
+            ("poll_interval", self.poll_interval, Duration::from_nanos(1), 30 * day),
             (
                 "reconcile_interval",
                 self.reconcile_interval,
@@ -993,17 +993,18 @@ impl Config {
                 .into_iter()
                 .filter_map(|(key, value, min, max)| count_in(key, value, min, max)),
         );
-        let (ms, hour, day) = (
-            Duration::from_millis(1),
+        // Greater than zero, however small: "500us" is a timeout too.
+        let (tick, hour, day) = (
+            Duration::from_nanos(1),
             Duration::from_secs(3600),
             Duration::from_secs(86_400),
         );
         let durations = [
-            ("proxy.handshake_timeout", p.handshake_timeout, ms, hour),
-            ("proxy.connect_timeout", p.connect_timeout, ms, hour),
-            ("proxy.io_timeout", p.io_timeout, ms, hour),
-            ("proxy.request_read_timeout", p.request_read_timeout, ms, hour),
-            ("proxy.idle_timeout", p.idle_timeout, ms, 30 * day),
+            ("proxy.handshake_timeout", p.handshake_timeout, tick, hour),
+            ("proxy.connect_timeout", p.connect_timeout, tick, hour),
+            ("proxy.io_timeout", p.io_timeout, tick, hour),
+            ("proxy.request_read_timeout", p.request_read_timeout, tick, hour),
+            ("proxy.idle_timeout", p.idle_timeout, tick, 30 * day),
             ("proxy.shutdown_grace", p.shutdown_grace, Duration::ZERO, hour),
             ("proxy.failed_bind_window", p.failed_bind_window, Duration::ZERO, day),
         ];
@@ -1243,7 +1244,7 @@ mod tests {
             ("idle_timeout = \"18446744073709551615s\"", "proxy.idle_timeout = "),
             (
                 "connect_timeout = \"0s\"",
-                "proxy.connect_timeout = \"0s\" is out of range: 1ms to 1h",
+                "proxy.connect_timeout = \"0s\" is out of range: 1ns to 1h",
             ),
         ];
         for (line, needle) in cases {

@@ -6,6 +6,14 @@
 //! each change under the connector's policy; [`store`] keeps the local
 //! objects, associations and journals. [`config`] reads the TOML file and
 //! [`cli`] is the command line the binary runs.
+//!
+//! Panic policy (as kanidm's ldap-proxy): no `unwrap`, `panic!` or
+//! `unreachable!` in the program; an `expect` states the invariant that
+//! makes it hold; a poisoned lock is taken over (`into_inner`), never a
+//! reason to stop; no lock is held across an `.await`. Unit tests may
+//! unwrap: a failing test is what they are for.
+#![deny(clippy::unwrap_used, clippy::panic, clippy::unreachable, clippy::await_holding_lock)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::panic))]
 
 pub mod cli;
 pub mod config;

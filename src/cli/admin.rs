@@ -300,7 +300,7 @@ pub fn object(config: &Config, category: Category, command: ObjectCommand, json:
             edit.apply(&mut object)?;
             let detail = serde_json::json!({
                 "fields": edited_fields(&before.values, &object.values),
-                "renamed": (before.name != object.name).then(|| [&before.name, &object.name]),
+                "renamed": (before.name != object.name).then_some([&before.name, &object.name]),
                 "enabled": object.enabled,
             });
             store.update_object(&object, &local_journal(category, &name, "local-edit", detail))?;

@@ -90,11 +90,11 @@ struct Inflight {
 
 impl Inflight {
     fn insert(&self, id: i64, pending: Pending) {
-        self.ops.lock().unwrap().insert(id, pending);
+        self.ops.lock().unwrap_or_else(|e| e.into_inner()).insert(id, pending);
     }
 
     fn remove(&self, id: i64) -> Option<Pending> {
-        let mut ops = self.ops.lock().unwrap();
+        let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
         let removed = ops.remove(&id);
         if ops.is_empty() {
             self.drained.notify_waiters();
@@ -103,16 +103,16 @@ impl Inflight {
     }
 
     fn is_empty(&self) -> bool {
-        self.ops.lock().unwrap().is_empty()
+        self.ops.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
     }
 
     fn contains(&self, id: i64) -> bool {
-        self.ops.lock().unwrap().contains_key(&id)
+        self.ops.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&id)
     }
 
     /// Forgets every operation in flight; true if a write was among them.
     fn abandon_all(&self) -> bool {
-        let mut ops = self.ops.lock().unwrap();
+        let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
         let writes = ops.values().any(|p| matches!(p.on_success, OnSuccess::Capture(..)));
         ops.clear();
         self.drained.notify_waiters();
@@ -120,7 +120,7 @@ impl Inflight {
     }
 
     fn len(&self) -> usize {
-        self.ops.lock().unwrap().len()
+        self.ops.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     async fn wait_drained(&self) {
