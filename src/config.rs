@@ -1261,6 +1261,8 @@ mod tests {
             2,
             "every problem is reported, not the first"
         );
+        let tiny = Config::parse(&format!("{base}handshake_timeout = \"500us\"\n"), Path::new("c.toml"));
+        assert!(tiny.unwrap().validate().is_ok(), "a short timeout is not a zero one");
     }
 
     #[test]
