@@ -56,7 +56,7 @@ test: deps
 fuzz: deps
 	fuzz/run.sh $(FUZZ_SECONDS)
 
-# The benchmarks (bench/run.sh; README "Performance"): installs what they need
+# The benchmarks (bench/run.sh; docs/performance.md): installs what they need
 # (slapd, ldap-utils, 389-ds-base for ldclt, haproxy, time, iproute2), then
 # about 5 minutes of runs.
 # `bench/run.sh --smoke` is a seconds-long version.

@@ -1,6 +1,6 @@
 //! Configuration: the TOML file, its defaults, and validation.
 //!
-//! Every key is documented in the README. Unknown keys are errors, so a typo
+//! Every key is documented in docs/configuration.md. Unknown keys are errors, so a typo
 //! never silently falls back to a default.
 
 use std::collections::BTreeMap;

@@ -15,7 +15,7 @@ use crate::sync::directory::Directory;
 fn hint(problem: &ConfigError) -> &'static str {
     match problem {
         ConfigError::Read { .. } => "check the path and that the ldapsync user may read it",
-        ConfigError::Parse { .. } => "TOML syntax, or a key this version does not know (see the README's reference)",
+        ConfigError::Parse { .. } => "TOML syntax, or a key this version does not know (see docs/configuration.md)",
         ConfigError::NoUpstream => "proxy.upstream = [\"ldap://dir.example.com\"]",
         ConfigError::NoListener => "proxy.listen = [\"ldap://127.0.0.1:3389\"]",
         ConfigError::OutOfRange { .. } => "limits and timeouts must lie within the range the message gives",
@@ -32,7 +32,7 @@ fn hint(problem: &ConfigError) -> &'static str {
             "filter" => "an RFC 4515 filter in parentheses, e.g. (objectClass=inetOrgPerson)",
             "membership" => "member or uniqueMember (DNs), memberUid (names); groups only",
             "map" => "the naming attribute already feeds the local name; map other attributes",
-            _ => "see the README's configuration reference",
+            _ => "see docs/configuration.md",
         },
     }
 }

@@ -34,7 +34,7 @@ use tokio_util::task::TaskTracker;
                   is running (status)."
 )]
 struct Cli {
-    /// TOML configuration file (see the README for every key). The
+    /// TOML configuration file (docs/configuration.md has every key). The
     /// administrative commands read ./ldapsync.toml when this is not given.
     #[arg(long, short, global = true)]
     config: Option<PathBuf>,

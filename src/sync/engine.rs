@@ -212,7 +212,7 @@ pub async fn apply_deleted<S: Store>(
 }
 
 /// Deletes an associated local object the way its connector's direction
-/// and delete policy say (README, "Local deletes"): under `ldap-to-local`
+/// and delete policy say (docs/sync.md, "Directions and conflict policies"): under `ldap-to-local`
 /// the directory owns it and the delete is refused; otherwise the entry is
 /// deleted (`delete`), disabled with the object kept disabled (`disable`),
 /// or left in the directory (`ignore`), under the mass-delete guard.
