@@ -47,11 +47,16 @@ run: deps
 
 # A short fuzz run of each target, then every test. The last line totals
 # every test binary's results ("N passed, N failed").
+# Tests that cannot run here say so in $(SKIP_LOG), summed up last.
+SKIP_LOG := $(CURDIR)/target/skipped-suites.txt
+
 test: deps
 	fuzz/run.sh $(FUZZ_SECONDS)
-	@set -o pipefail; $(CARGO) test --workspace 2>&1 | awk '{ print } \
+	@mkdir -p target; rm -f $(SKIP_LOG)
+	@set -o pipefail; LDAPSYNC_SKIP_LOG=$(SKIP_LOG) $(CARGO) test --workspace 2>&1 | awk '{ print } \
 	  /^test result:/ { passed += $$4; failed += $$6 } \
 	  END { printf "%d passed, %d failed\n", passed, failed }'
+	@if [ -s $(SKIP_LOG) ]; then echo "skipped: $$(sort -u $(SKIP_LOG) | wc -l) suite(s):"; sort -u $(SKIP_LOG) | sed 's/^/  /'; else echo "skipped: none"; fi
 
 fuzz: deps
 	fuzz/run.sh $(FUZZ_SECONDS)
