@@ -851,6 +851,7 @@ impl Responder {
     async fn run(self, mut client: WriteHalf<Stream>, mut queue: mpsc::Receiver<ToClient>) {
         let mut directory: Option<DirectoryReader> = None;
         let mut out = BytesMut::new();
+        let mut captured = Vec::new();
         loop {
             let next = tokio::select! {
                 // The queue first: once the session says DropUpstream,
@@ -877,12 +878,16 @@ impl Responder {
                     let reader = directory
                         .as_mut()
                         .expect("only read while relaying a directory connection");
-                    let ended = self.relay(reader, read, &mut out);
+                    let ended = self.relay(reader, read, &mut out, &mut captured);
                     // What came before the end (a Notice of Disconnection) still goes out.
                     if !out.is_empty() {
                         METRICS.bytes_to_client.inc_by(out.len() as u64);
                         let written = self.write(&mut client, &out).await;
                         out.clear();
+                        // The writes the directory applied go to the sync core
+                        // once their answers are on their way, whether or not
+                        // the client is still there to read them.
+                        self.hand_over(&mut captured);
                         if written.is_err() {
                             return client_gone(directory);
                         }
@@ -905,6 +910,7 @@ impl Responder {
         reader: &mut DirectoryReader,
         read: std::io::Result<usize>,
         out: &mut BytesMut,
+        captured: &mut Vec<CapturedWrite>,
     ) -> Option<UpstreamEnd> {
         let noticed = reader.noticed;
         match read {
@@ -924,7 +930,7 @@ impl Responder {
         }
         loop {
             match reader.codec.decode(&mut reader.buffer) {
-                Ok(Some(pdu)) => self.pdu(reader, &pdu, out),
+                Ok(Some(pdu)) => self.pdu(reader, &pdu, out, captured),
                 Ok(None) => return None,
                 // The SASL bind negotiated a security layer (see `Session::tunnel`).
                 Err(FrameError::NotASequence(_)) if self.sasl_bound.load(Ordering::Acquire) => {
@@ -938,7 +944,7 @@ impl Responder {
     }
 
     /// One PDU from the directory: checked, its operation completed.
-    fn pdu(&self, reader: &mut DirectoryReader, pdu: &Bytes, out: &mut BytesMut) {
+    fn pdu(&self, reader: &mut DirectoryReader, pdu: &Bytes, out: &mut BytesMut, captured: &mut Vec<CapturedWrite>) {
         if let Some(checker) = &self.checker {
             checker.lock().unwrap_or_else(|e| e.into_inner()).directory(pdu);
         }
@@ -952,7 +958,7 @@ impl Responder {
             }
             Ok(env) if env.op.is_final_response() => {
                 if let Some(pending) = self.inflight.remove(env.message_id) {
-                    self.complete(&env, pdu, pending);
+                    self.complete(&env, pdu, pending, captured);
                 }
             }
             Ok(_) => {}
@@ -981,7 +987,14 @@ impl Responder {
         }
     }
 
-    fn complete(&self, env: &Envelope, response: &[u8], pending: Pending) {
+    /// Hands the writes captured from one read to the capture sink.
+    fn hand_over(&self, captured: &mut Vec<CapturedWrite>) {
+        for write in captured.drain(..) {
+            self.shared.sink.write_succeeded(write);
+        }
+    }
+
+    fn complete(&self, env: &Envelope, response: &[u8], pending: Pending, captured: &mut Vec<CapturedWrite>) {
         let result = env.result_code(response);
         let op = pending.op.name();
         METRICS
@@ -1011,7 +1024,7 @@ impl Responder {
         }
         match pending.on_success {
             OnSuccess::Nothing => {}
-            OnSuccess::Capture(kind, request) => self.shared.sink.write_succeeded(CapturedWrite {
+            OnSuccess::Capture(kind, request) => captured.push(CapturedWrite {
                 session: self.session,
                 message_id: env.message_id,
                 kind,

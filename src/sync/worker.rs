@@ -40,8 +40,16 @@ const BATCH: usize = 512;
 /// The capture sink of a proxy whose directory has connectors: routes each
 /// captured write to the connectors whose scope holds the entry.
 pub struct CaptureRouter {
+    routing: Arc<Routing>,
+    /// To the journal writer, which decodes and routes each write: nothing
+    /// of that happens on the client's response path.
+    journal: mpsc::Sender<CapturedWrite>,
+}
+
+/// The connectors as the capture side sees them, shared by the sink and
+/// the journal writer.
+struct Routing {
     routes: Arc<Vec<Route>>,
-    journal: mpsc::Sender<Capture>,
     /// For warnings about writes that could not be captured.
     warnings: Throttle,
 }
@@ -101,7 +109,7 @@ impl Route {
 /// The least time between two warnings of one kind (see `Throttle`).
 const WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
-impl CaptureRouter {
+impl Routing {
     /// A write may have reached the directory unseen: every connector
     /// polls soon (a poll is cheap; the worker spaces them out).
     fn poll_all(&self, what: &'static str, detail: &dyn std::fmt::Display) {
@@ -111,48 +119,65 @@ impl CaptureRouter {
         }
         self.routes.iter().for_each(|r| r.poll.notify_one());
     }
-}
 
-impl CaptureSink for CaptureRouter {
-    fn write_succeeded(&self, write: CapturedWrite) {
+    /// The journal lines of one write: one per connector whose scope holds
+    /// its entry. An unreadable write asks every connector for a poll.
+    fn route(&self, write: &CapturedWrite) -> Vec<Capture> {
         let affected = match write.affected() {
             Ok(affected) => affected,
-            Err(error) => return self.poll_all("unreadable", &error),
+            Err(error) => {
+                self.poll_all("unreadable", &error);
+                return Vec::new();
+            }
         };
         let (kind, dn) = match affected {
             Affected::Entry(dn) => (CaptureKind::Written, dn),
             Affected::Deleted(dn) => (CaptureKind::Deleted, dn),
         };
-        for route in self.routes.iter() {
-            let Some(category) = route.category_of(&dn) else {
-                continue;
-            };
-            let capture = Capture {
-                id: 0,
-                connector: route.connector.clone(),
-                category,
-                kind,
-                dn: dn.clone(),
-                captured_at: now(),
-            };
-            if self.journal.try_send(capture).is_ok() {
+        self.routes
+            .iter()
+            .filter_map(|route| {
+                Some(Capture {
+                    id: 0,
+                    connector: route.connector.clone(),
+                    category: route.category_of(&dn)?,
+                    kind,
+                    dn: dn.clone(),
+                    captured_at: now(),
+                })
+            })
+            .collect()
+    }
+}
+
+impl CaptureSink for CaptureRouter {
+    fn write_succeeded(&self, write: CapturedWrite) {
+        match self.journal.try_send(write) {
+            Ok(()) => {
                 METRICS
                     .captures
                     .get_or_create(&OutcomeLabel { outcome: "queued" })
                     .inc();
-            } else {
+            }
+            // Only then is the write read here: the connectors it concerns
+            // compare everything instead.
+            Err(mpsc::error::TrySendError::Full(write) | mpsc::error::TrySendError::Closed(write)) => {
                 METRICS
                     .captures
                     .get_or_create(&OutcomeLabel { outcome: "dropped" })
                     .inc();
-                route.out_of_sync(format!("capture queue full at {dn}"));
+                for capture in self.routing.route(&write) {
+                    if let Some(route) = self.routing.routes.iter().find(|r| r.connector == capture.connector) {
+                        route.out_of_sync(format!("capture queue full at {}", capture.dn));
+                    }
+                }
             }
         }
     }
 
     fn capture_lost(&self, session: u64, why: CaptureLoss) {
         match why {
-            CaptureLoss::OutcomeUnknown => self.poll_all("outcome-unknown", &format!("session {session}")),
+            CaptureLoss::OutcomeUnknown => self.routing.poll_all("outcome-unknown", &format!("session {session}")),
             CaptureLoss::SecurityLayer => {
                 METRICS
                     .captures
@@ -160,7 +185,7 @@ impl CaptureSink for CaptureRouter {
                         outcome: "security-layer",
                     })
                     .inc();
-                if let Some(held_back) = self.warnings.allow() {
+                if let Some(held_back) = self.routing.warnings.allow() {
                     warn!(
                         session,
                         held_back, "writes on this session are not captured (SASL security layer); polls bring them in"
@@ -182,10 +207,14 @@ pub fn start(config: &Config, shutdown: CancellationToken, tasks: &TaskTracker) 
             .map(|c| Route::new(c.name.clone(), scope_bases(c)))
             .collect(),
     );
+    let routing = Arc::new(Routing {
+        routes: Arc::clone(&routes),
+        warnings: Throttle::new(WARNING_INTERVAL),
+    });
     let (journal, queue) = mpsc::channel(QUEUE);
-    let writer_routes = Arc::clone(&routes);
+    let writer_routing = Arc::clone(&routing);
     let store_path = config.store.path.clone();
-    tasks.spawn_blocking(move || write_captures(store_path, queue, writer_routes));
+    tasks.spawn_blocking(move || write_captures(store_path, queue, writer_routing));
     let mut senders = Vec::new();
     for (index, route) in routes.iter().enumerate() {
         let connector = config.connector(&route.connector).expect("connector from the config");
@@ -229,11 +258,7 @@ pub fn start(config: &Config, shutdown: CancellationToken, tasks: &TaskTracker) 
             .instrument(span),
         );
     }
-    let router = CaptureRouter {
-        routes: Arc::clone(&routes),
-        journal,
-        warnings: Throttle::new(WARNING_INTERVAL),
-    };
+    let router = CaptureRouter { routing, journal };
     (router, ConnectorReloader { routes, senders })
 }
 
@@ -299,14 +324,18 @@ impl ConnectorReloader {
 }
 
 /// The journal writer: appends captures in batches until the proxy is gone.
-fn write_captures(store_path: PathBuf, mut queue: mpsc::Receiver<Capture>, routes: Arc<Vec<Route>>) {
+fn write_captures(store_path: PathBuf, mut queue: mpsc::Receiver<CapturedWrite>, routing: Arc<Routing>) {
     let mut store: Option<SqliteStore> = None;
+    let routes = &routing.routes;
     while let Some(first) = queue.blocking_recv() {
-        let mut batch = vec![first];
+        let mut batch = routing.route(&first);
         while batch.len() < BATCH
             && let Ok(next) = queue.try_recv()
         {
-            batch.push(next);
+            batch.extend(routing.route(&next));
+        }
+        if batch.is_empty() {
+            continue;
         }
         let result = match &mut store {
             Some(store) => store.append_captures(&batch),
@@ -814,38 +843,53 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_full_capture_queue_marks_the_connector_out_of_sync_instead_of_blocking() {
-        let (journal, mut queue) = mpsc::channel(1);
-        let router = CaptureRouter {
+    fn routing() -> Arc<Routing> {
+        Arc::new(Routing {
             routes: Arc::new(vec![Route::new(
                 "example".into(),
                 vec![(Category::Account, "ou=people,dc=example,dc=com".into())],
             )]),
-            journal,
             warnings: Throttle::new(WARNING_INTERVAL),
-        };
-        router.write_succeeded(deleted("uid=outside,dc=example,dc=com"));
-        router.write_succeeded(deleted("uid=a,ou=people,dc=example,dc=com"));
-        router.write_succeeded(deleted("uid=b,ou=people,dc=example,dc=com"));
+        })
+    }
 
-        let queued = queue.try_recv().expect("the first in-scope write is queued");
+    #[test]
+    fn a_write_is_routed_to_the_connectors_whose_scope_holds_its_entry() {
+        let routing = routing();
+        let routed = routing.route(&deleted("uid=a,ou=People,dc=example,dc=com"));
         assert_eq!(
-            (
-                queued.connector.as_str(),
-                queued.category,
-                queued.kind,
-                queued.dn.as_str()
-            ),
-            (
+            routed
+                .iter()
+                .map(|c| (c.connector.as_str(), c.category, c.kind, c.dn.as_str()))
+                .collect::<Vec<_>>(),
+            [(
                 "example",
                 Category::Account,
                 CaptureKind::Deleted,
-                "uid=a,ou=people,dc=example,dc=com"
-            )
+                "uid=a,ou=People,dc=example,dc=com"
+            )]
         );
-        assert!(queue.try_recv().is_err(), "the out-of-scope write is not routed");
-        let route = &router.routes[0];
+        assert!(routing.route(&deleted("uid=outside,dc=example,dc=com")).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_full_capture_queue_marks_the_connector_out_of_sync_instead_of_blocking() {
+        let (journal, mut queue) = mpsc::channel(1);
+        let router = CaptureRouter {
+            routing: routing(),
+            journal,
+        };
+        router.write_succeeded(deleted("uid=a,ou=people,dc=example,dc=com"));
+        // The queue is full: a write outside every scope concerns no one,
+        // one inside marks its connector.
+        router.write_succeeded(deleted("uid=outside,dc=example,dc=com"));
+        let route = &router.routing.routes[0];
+        assert_eq!(*route.lost.lock().unwrap(), None);
+        router.write_succeeded(deleted("uid=b,ou=people,dc=example,dc=com"));
+
+        let queued = queue.try_recv().expect("the first write is queued, as it came");
+        assert_eq!(queued.target_dn().unwrap(), "uid=a,ou=people,dc=example,dc=com");
+        assert!(queue.try_recv().is_err(), "nothing else fits");
         let reason = route.lost.lock().unwrap().clone();
         assert_eq!(
             reason.as_deref(),
