@@ -35,7 +35,11 @@ fn unescape(value: &str) -> String {
     let mut i = 0;
     while i < raw.len() {
         if raw[i] == b'\\' && i + 1 < raw.len() {
-            let hex = raw.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+            // Two hex digits exactly (from_str_radix alone would take "+5").
+            let hex = raw
+                .get(i + 1..i + 3)
+                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+                .and_then(|h| std::str::from_utf8(h).ok());
             match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
                 Some(byte) => {
                     bytes.push(byte);
@@ -54,6 +58,21 @@ fn unescape(value: &str) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
+/// `value` without its trailing spaces, but for one escaped by an odd
+/// number of backslashes (`a\\ ` keeps its space; `a\\\\ ` does not).
+fn keep_escaped_trailing_space(value: &str) -> &str {
+    let trimmed = value.trim_end();
+    if trimmed.len() == value.len() {
+        return value;
+    }
+    let backslashes = trimmed.bytes().rev().take_while(|b| *b == b'\\').count();
+    if backslashes % 2 == 1 {
+        &value[..trimmed.len() + 1]
+    } else {
+        trimmed
+    }
+}
+
 /// One RDN for comparison: its (attribute, value) pairs lowercased, values
 /// decoded, sorted (a multi-valued RDN's order does not matter).
 fn canonical_rdn(rdn: &str) -> Option<Vec<(String, String)>> {
@@ -65,11 +84,7 @@ fn canonical_rdn(rdn: &str) -> Option<Vec<(String, String)>> {
             && attr.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
         // Spaces around the value are not part of it, unless escaped.
         let value = value.trim_start();
-        let value = if value.ends_with("\\ ") {
-            value
-        } else {
-            value.trim_end()
-        };
+        let value = keep_escaped_trailing_space(value);
         if !valid_attr || value.is_empty() {
             return None;
         }
@@ -171,6 +186,15 @@ mod tests {
             assert_eq!(key(a), key(b), "{a} = {b}");
         }
         assert!(!same("uid=smith\\,j,dc=x", "uid=smith,j=,dc=x"));
+        assert!(
+            same("cn=a\\+5,dc=x", "cn=a\\2B5,dc=x"),
+            "an escaped plus, not a hex byte"
+        );
+        assert!(same("cn=a\\ ,dc=x", "cn=a\\20,dc=x"), "an escaped trailing space stays");
+        assert!(
+            same("cn=a\\\\ ,dc=x", "cn=a\\\\,dc=x"),
+            "after an escaped backslash a space is not escaped"
+        );
         assert!(!same("uid=a,dc=x", "uid=b,dc=x"));
     }
 

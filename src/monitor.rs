@@ -34,11 +34,56 @@ pub struct Running {
     listeners: Mutex<Vec<ListenerState>>,
     /// The connectors' settings the workers run with (not the file's).
     connectors: Mutex<Vec<RunningConnector>>,
+    /// What readiness probes: the relay's directory, as last (re)loaded.
+    probe: Mutex<Arc<Probe>>,
+}
+
+/// The directory URLs readiness probes, and how.
+struct Probe {
     upstream: Vec<LdapUrl>,
-    probe_timeout: Duration,
+    timeout: Duration,
     /// TLS towards the directory, as the relay uses it.
     tls: Option<Arc<rustls::ClientConfig>>,
     starttls: bool,
+}
+
+impl Probe {
+    /// An anonymous read of the root DSE, as a client's first search would
+    /// be, within the probe timeout.
+    async fn probe_one(&self, url: &LdapUrl) -> Result<(), String> {
+        let mut settings = LdapConnSettings::new().set_conn_timeout(self.timeout);
+        if let Some(tls) = &self.tls {
+            settings = settings
+                .set_config(Arc::clone(tls))
+                .set_starttls(self.starttls && !url.is_ldaps());
+        }
+        let read = async {
+            let (conn, mut ldap) = LdapConnAsync::with_settings(settings, &url.to_string())
+                .await
+                .map_err(|e| e.to_string())?;
+            ldap3::drive!(conn);
+            let result = ldap.search("", Scope::Base, "(objectClass=*)", vec!["1.1"]).await;
+            let _ = ldap.unbind().await;
+            result.and_then(|r| r.success()).map(|_| ()).map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(self.timeout, read).await {
+            Ok(result) => result,
+            Err(_) => Err(format!(
+                "no answer to a root DSE read within {}",
+                humantime::format_duration(self.timeout)
+            )),
+        }
+    }
+
+    fn new(proxy: &ProxyConfig) -> Result<Probe, TlsError> {
+        let tls = proxy.upstream_tls.starttls || proxy.upstream.iter().any(|u| u.is_ldaps());
+        Ok(Probe {
+            upstream: proxy.upstream.clone(),
+            timeout: proxy.connect_timeout,
+            tls: tls.then(|| tls::client_config(&proxy.upstream_tls)).transpose()?,
+            starttls: proxy.upstream_tls.starttls,
+        })
+    }
 }
 
 /// A connector's policy as its running worker applies it.
@@ -76,16 +121,18 @@ pub struct RunningState {
 
 impl Running {
     pub fn new(proxy: &ProxyConfig) -> Result<Arc<Running>, TlsError> {
-        let tls = proxy.upstream_tls.starttls || proxy.upstream.iter().any(|u| u.is_ldaps());
         Ok(Arc::new(Running {
             started_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             listeners: Mutex::default(),
             connectors: Mutex::default(),
-            upstream: proxy.upstream.clone(),
-            probe_timeout: proxy.connect_timeout,
-            tls: tls.then(|| tls::client_config(&proxy.upstream_tls)).transpose()?,
-            starttls: proxy.upstream_tls.starttls,
+            probe: Mutex::new(Arc::new(Probe::new(proxy)?)),
         }))
+    }
+
+    /// Readiness probes the directory URLs of a reloaded configuration.
+    pub fn set_upstream(&self, proxy: &ProxyConfig) -> Result<(), TlsError> {
+        *self.probe.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(Probe::new(proxy)?);
+        Ok(())
     }
 
     /// The workers run with these settings (at start, after a reload).
@@ -99,9 +146,10 @@ impl Running {
     }
 
     async fn probe(&self) -> Vec<UpstreamState> {
+        let probe = Arc::clone(&self.probe.lock().unwrap_or_else(|e| e.into_inner()));
         let mut states = Vec::new();
-        for url in &self.upstream {
-            let error = self.probe_one(url).await.err();
+        for url in &probe.upstream {
+            let error = probe.probe_one(url).await.err();
             states.push(UpstreamState {
                 url: url.to_string(),
                 reachable: error.is_none(),
@@ -109,33 +157,6 @@ impl Running {
             });
         }
         states
-    }
-
-    /// An anonymous read of the root DSE, as a client's first search would
-    /// be, within the probe timeout.
-    async fn probe_one(&self, url: &LdapUrl) -> Result<(), String> {
-        let mut settings = LdapConnSettings::new().set_conn_timeout(self.probe_timeout);
-        if let Some(tls) = &self.tls {
-            settings = settings
-                .set_config(Arc::clone(tls))
-                .set_starttls(self.starttls && !url.is_ldaps());
-        }
-        let read = async {
-            let (conn, mut ldap) = LdapConnAsync::with_settings(settings, &url.to_string())
-                .await
-                .map_err(|e| e.to_string())?;
-            ldap3::drive!(conn);
-            let result = ldap.search("", Scope::Base, "(objectClass=*)", vec!["1.1"]).await;
-            let _ = ldap.unbind().await;
-            result.and_then(|r| r.success()).map(|_| ()).map_err(|e| e.to_string())
-        };
-        match tokio::time::timeout(self.probe_timeout, read).await {
-            Ok(result) => result,
-            Err(_) => Err(format!(
-                "no answer to a root DSE read within {}",
-                humantime::format_duration(self.probe_timeout)
-            )),
-        }
     }
 
     /// `Ok` with the reachable URL, or why ldapsync is not ready.

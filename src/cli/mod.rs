@@ -166,12 +166,17 @@ impl Exit {
 /// Runs the command line; errors are printed with their causes.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A health check's answer is its exit code alone.
+    let quiet = matches!(cli.command, Command::Status { quiet: true });
     match run(cli).and_then(|()| output::finish().map_err(anyhow::Error::msg)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // Not eprintln!, which panics when stderr is gone.
-            let _ = writeln!(std::io::stderr(), "ldapsync: {e:#}");
-            match e.downcast_ref::<Exit>() {
+            let exit = e.downcast_ref::<Exit>();
+            if !(quiet && exit.is_some()) {
+                // Not eprintln!, which panics when stderr is gone.
+                let _ = writeln!(std::io::stderr(), "ldapsync: {e:#}");
+            }
+            match exit {
                 Some(exit) => ExitCode::from(exit.code()),
                 None => ExitCode::FAILURE,
             }
@@ -349,6 +354,9 @@ impl Reload {
                 Ok(()) => tracing::info!(level = %config.log.level, "SIGHUP: log level reloaded"),
                 Err(e) => tracing::error!(error = %e, "SIGHUP: log level not reloaded"),
             }
+        }
+        if let Err(e) = self.running.set_upstream(&config.proxy) {
+            tracing::error!(error = %e, "SIGHUP: readiness keeps probing the previous directory URLs");
         }
         match self.proxy.reload(config.proxy.clone()) {
             Ok(at_restart) => {

@@ -114,9 +114,10 @@ pub enum CaptureLoss {
     /// A SASL security layer (integrity or confidentiality) wraps the
     /// session's traffic: it is relayed opaquely.
     SecurityLayer,
-    /// A write was relayed but its outcome was never seen (abandoned, or
-    /// the session ended first): the directory may have applied it.
-    OutcomeUnknown,
+    /// A write of this kind was relayed but its outcome was never seen
+    /// (abandoned, or the session ended first): the directory may have
+    /// applied it.
+    OutcomeUnknown(WriteKind),
 }
 
 /// Receives successful writes. Called on the session's relay path, so it

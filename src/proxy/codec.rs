@@ -160,7 +160,8 @@ impl Decoder for PduCodec {
             self.account(0)?;
         } else {
             self.partial_since.get_or_insert_with(Instant::now);
-            self.account(src.len())?;
+            // What the buffer holds in memory, reserved room included.
+            self.account(src.capacity())?;
         }
         Ok(frame)
     }
@@ -220,7 +221,8 @@ mod tests {
 
     #[test]
     fn partly_received_pdus_share_one_budget_and_give_it_back() {
-        let budget = Arc::new(Budget::new(100));
+        // Each partial PDU below holds its 200 announced bytes' room.
+        let budget = Arc::new(Budget::new(300));
         let mut a = PduCodec::with_budget(1024, Arc::clone(&budget));
         let mut b = PduCodec::with_budget(1024, Arc::clone(&budget));
         // 60 of 200 announced bytes each: the second is over the budget.
@@ -232,7 +234,7 @@ mod tests {
         let mut first = partial(60);
         assert!(a.decode(&mut first).unwrap().is_none());
         assert!(a.partial_since().is_some());
-        assert!(matches!(b.decode(&mut partial(60)), Err(FrameError::OverBudget(100))));
+        assert!(matches!(b.decode(&mut partial(60)), Err(FrameError::OverBudget(300))));
         drop(a);
         assert!(
             b.decode(&mut partial(60)).unwrap().is_none(),

@@ -110,13 +110,18 @@ impl Inflight {
         self.ops.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&id)
     }
 
-    /// Forgets every operation in flight; true if a write was among them.
-    fn abandon_all(&self) -> bool {
+    /// Forgets every operation in flight; the kind of write among them, if
+    /// any (a delete or rename before others: polls may not see those).
+    fn abandon_all(&self) -> Option<WriteKind> {
         let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
-        let writes = ops.values().any(|p| matches!(p.on_success, OnSuccess::Capture(..)));
+        let kinds = ops.values().filter_map(|p| match p.on_success {
+            OnSuccess::Capture(kind, _) => Some(kind),
+            _ => None,
+        });
+        let kind = kinds.max_by_key(|kind| matches!(kind, WriteKind::Delete | WriteKind::ModifyDn));
         ops.clear();
         self.drained.notify_waiters();
-        writes
+        kind
     }
 
     fn len(&self) -> usize {
@@ -282,8 +287,9 @@ struct Session {
     /// The session relays opaque bytes (a SASL security layer is in effect),
     /// so ldapsync can no longer speak LDAP to the client itself.
     tunneled: bool,
-    /// When recent operations were abandoned (see `outstanding`).
-    abandoned: VecDeque<tokio::time::Instant>,
+    /// Operations abandoned lately, with when (see `outstanding`): they
+    /// still count, and their message ids are not free yet.
+    abandoned: VecDeque<(tokio::time::Instant, i64)>,
 }
 
 impl Session {
@@ -437,7 +443,9 @@ impl Session {
         // RFC 4511 §4.1.1.1: a message id names one operation at a time.
         // Relaying a second one would make its response (and the first
         // one's capture) ambiguous.
-        if env.op.expects_response() && self.inflight.contains(env.message_id) {
+        if env.op.expects_response()
+            && (self.inflight.contains(env.message_id) || self.abandoned_lately(env.message_id))
+        {
             return Some(End::Malformed(format!(
                 "message id {} is already in use by an operation in progress",
                 env.message_id
@@ -460,9 +468,11 @@ impl Session {
                 if let Some(target) = env.abandoned_id(&pdu)
                     && let Some(pending) = self.inflight.remove(target)
                 {
-                    self.abandoned.push_back(tokio::time::Instant::now());
-                    if matches!(pending.on_success, OnSuccess::Capture(..)) {
-                        self.shared.sink.capture_lost(self.id, CaptureLoss::OutcomeUnknown);
+                    self.abandoned.push_back((tokio::time::Instant::now(), target));
+                    if let OnSuccess::Capture(kind, _) = pending.on_success {
+                        self.shared
+                            .sink
+                            .capture_lost(self.id, CaptureLoss::OutcomeUnknown(kind));
                     }
                 }
             }
@@ -490,6 +500,9 @@ impl Session {
         }
         if env.op.expects_response() && self.outstanding() >= self.settings.config.max_outstanding {
             let why = "ldapsync: too many operations outstanding on this connection";
+            if env.op == Op::Bind {
+                return self.refuse_bind(&env, ResultCode::Busy, why).await;
+            }
             return self.refuse(&env, ResultCode::Busy, why).await;
         }
         if self.upstream.is_none() {
@@ -601,11 +614,26 @@ impl Session {
     /// and those abandoned within the last `ABANDONED_GRACE` (abandon then
     /// request again must not escape `max_outstanding`).
     fn outstanding(&mut self) -> usize {
+        self.forget_abandoned();
+        self.inflight.len() + self.abandoned.len()
+    }
+
+    /// Whether `id` names an operation abandoned within the grace: the
+    /// directory may still answer it, so the id is not free again yet.
+    fn abandoned_lately(&mut self, id: i64) -> bool {
+        self.forget_abandoned();
+        self.abandoned.iter().any(|(_, abandoned)| *abandoned == id)
+    }
+
+    fn forget_abandoned(&mut self) {
         let now = tokio::time::Instant::now();
-        while self.abandoned.front().is_some_and(|at| now - *at > ABANDONED_GRACE) {
+        while self
+            .abandoned
+            .front()
+            .is_some_and(|(at, _)| now - *at > ABANDONED_GRACE)
+        {
             self.abandoned.pop_front();
         }
-        self.inflight.len() + self.abandoned.len()
     }
 
     /// Refuses a bind that ldapsync answers itself. A failed bind leaves a
@@ -631,8 +659,10 @@ impl Session {
         if self.to_client.send(ToClient::DropUpstream).await.is_err() {
             return Some(End::ClientClosed);
         }
-        if self.inflight.abandon_all() {
-            self.shared.sink.capture_lost(self.id, CaptureLoss::OutcomeUnknown);
+        if let Some(kind) = self.inflight.abandon_all() {
+            self.shared
+                .sink
+                .capture_lost(self.id, CaptureLoss::OutcomeUnknown(kind));
         }
         None
     }
@@ -782,8 +812,10 @@ impl Session {
         }
         drop(self.to_client);
         let _ = self.responder.await;
-        if self.inflight.abandon_all() {
-            self.shared.sink.capture_lost(self.id, CaptureLoss::OutcomeUnknown);
+        if let Some(kind) = self.inflight.abandon_all() {
+            self.shared
+                .sink
+                .capture_lost(self.id, CaptureLoss::OutcomeUnknown(kind));
         }
         match end {
             End::ClientClosed | End::Unbind => debug!(?end, "session closed"),

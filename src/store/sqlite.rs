@@ -541,6 +541,12 @@ impl Store for SqliteStore {
                 params![connector, object_id],
             )?;
             if removed > 0 {
+                // A delete held for the old entry is not this object's any more.
+                cached_execute(
+                    tx,
+                    "DELETE FROM held_deletes WHERE connector = ?1 AND object_id = ?2",
+                    params![connector, object_id],
+                )?;
                 // Free again: the next poll matches it or creates its entry.
                 mark_edited(tx, object_id)?;
                 write_journal(tx, journal)?;

@@ -668,6 +668,8 @@ impl<'a, S: Store> Pass<'a, S> {
             if self.report.disputes.contains_key(&(category, name.clone())) {
                 return Ok(self.store.object(category, &name)?.map(|o| o.id));
             }
+            // Not across the network with the store's write lock held.
+            self.store.commit_batch()?;
             let candidates: Vec<String> = self
                 .directory
                 .entries_named(mapping.scope, &name)

@@ -27,7 +27,7 @@ use crate::config::{Config, ConnectorConfig};
 use crate::dn;
 use crate::metrics::{ChangeLabels, ConflictLabels, ConnectorLabel, METRICS, OutcomeLabel, PollLabels};
 use crate::poller::{self, Mechanism};
-use crate::proxy::capture::{Affected, CaptureLoss, CaptureSink, CapturedWrite};
+use crate::proxy::capture::{Affected, CaptureLoss, CaptureSink, CapturedWrite, WriteKind};
 use crate::store::{Capture, CaptureKind, Category, ChangeSource, ConnectorState, SqliteStore, Store, Watermark, now};
 use crate::throttle::Throttle;
 
@@ -125,6 +125,15 @@ impl Routing {
     fn route(&self, write: &CapturedWrite) -> Vec<Capture> {
         let affected = match write.affected() {
             Ok(affected) => affected,
+            Err(error) if matches!(write.kind, WriteKind::Delete | WriteKind::ModifyDn) => {
+                METRICS
+                    .captures
+                    .get_or_create(&OutcomeLabel { outcome: "unreadable" })
+                    .inc();
+                let reason = format!("an unreadable delete or rename was captured: {error}");
+                self.routes.iter().for_each(|r| r.out_of_sync(reason.clone()));
+                return Vec::new();
+            }
             Err(error) => {
                 self.poll_all("unreadable", &error);
                 return Vec::new();
@@ -177,7 +186,19 @@ impl CaptureSink for CaptureRouter {
 
     fn capture_lost(&self, session: u64, why: CaptureLoss) {
         match why {
-            CaptureLoss::OutcomeUnknown => self.routing.poll_all("outcome-unknown", &format!("session {session}")),
+            // An incremental poll may not see deletes (timestamps) or where
+            // an entry went: those need a full comparison.
+            CaptureLoss::OutcomeUnknown(WriteKind::Delete | WriteKind::ModifyDn) => {
+                METRICS
+                    .captures
+                    .get_or_create(&OutcomeLabel {
+                        outcome: "outcome-unknown",
+                    })
+                    .inc();
+                let reason = format!("a delete or rename on session {session} whose outcome was not seen");
+                self.routing.routes.iter().for_each(|r| r.out_of_sync(reason.clone()));
+            }
+            CaptureLoss::OutcomeUnknown(_) => self.routing.poll_all("outcome-unknown", &format!("session {session}")),
             CaptureLoss::SecurityLayer => {
                 METRICS
                     .captures
@@ -235,6 +256,7 @@ pub fn start(config: &Config, shutdown: CancellationToken, tasks: &TaskTracker) 
                         directory: None,
                         last_reconcile: None,
                         resync_reason: None,
+                        resync_due: Instant::now(),
                         warnings: Throttle::new(WARNING_INTERVAL),
                     };
                     let run = tokio::spawn(
@@ -247,6 +269,8 @@ pub fn start(config: &Config, shutdown: CancellationToken, tasks: &TaskTracker) 
                         Err(e) => {
                             tracing::error!(error = %e, "connector worker failed; restarting it in 5 s");
                             METRICS.worker_restarts.inc();
+                            // What it was doing is unknown: the next one compares everything.
+                            routes[index].out_of_sync(format!("its worker failed ({e}) and was restarted"));
                             tokio::select! {
                                 _ = shutdown.cancelled() => break,
                                 _ = tokio::time::sleep(Duration::from_secs(5)) => {}
@@ -385,8 +409,10 @@ struct Worker {
     directory: Option<Directory>,
     /// When this worker last compared every entry.
     last_reconcile: Option<Instant>,
-    /// A full comparison was asked for, and not recorded in the store yet.
+    /// A full comparison was asked for, and not recorded in the store yet;
+    /// it is, at the first poll from `resync_due` on.
     resync_reason: Option<String>,
+    resync_due: Instant,
     /// For "sync failed" warnings, which a sick store or directory repeats.
     warnings: Throttle,
 }
@@ -429,24 +455,31 @@ impl Worker {
                 _ = route.captured.notified() => self.captures(&mut store).await,
                 _ = route.poll.notified() => {
                     // Soon, but however often it is asked for, no more than
-                    // one poll per spacing.
-                    next_poll = next_poll.min(last_poll + POLL_SPACING);
+                    // one poll per spacing; while failing, the back-off
+                    // decides; and a poll that is always a full comparison
+                    // keeps the reconciliations' spacing.
+                    if !failing {
+                        let spacing = if self.connector.poll_mechanism == Some(Mechanism::Full) {
+                            RECONCILE_SPACING
+                        } else {
+                            POLL_SPACING
+                        };
+                        next_poll = next_poll.min(last_poll + spacing);
+                    }
                     continue;
                 }
                 _ = route.resync.notified() => {
                     let reason = route.lost.lock().unwrap_or_else(|e| e.into_inner()).take();
                     self.resync_reason = Some(reason.unwrap_or_else(|| "capture lost".into()));
-                    // Marked at once (status shows it; the next poll is a
-                    // full comparison), run no sooner than the spacing
-                    // after the last one: however many captures are lost,
-                    // one reconciliation is queued at most.
+                    // Recorded (and so run) no sooner than the spacing after
+                    // the last full comparison: however many captures are
+                    // lost, one reconciliation is queued at most.
                     let earliest = self.last_reconcile.map_or_else(Instant::now, |at| at + RECONCILE_SPACING);
-                    next_poll = next_poll.min(earliest.max(Instant::now()));
-                    // While failing, only the poll's back-off retries it.
-                    if failing {
-                        continue;
+                    self.resync_due = earliest.max(Instant::now());
+                    if !failing {
+                        next_poll = next_poll.min(self.resync_due);
                     }
-                    self.mark_out_of_sync(&mut store)
+                    continue;
                 }
                 _ = sleep_until(next_poll) => {
                     last_poll = Instant::now();
@@ -507,6 +540,9 @@ impl Worker {
     /// until then the worker keeps it, so that the reconciliation it asks
     /// for is not lost with the store's health.
     fn mark_out_of_sync(&mut self, store: &mut SqliteStore) -> Result<(), SyncError> {
+        if Instant::now() < self.resync_due {
+            return Ok(());
+        }
         if let Some(reason) = &self.resync_reason {
             store.mark_out_of_sync(&self.connector.name, reason)?;
             METRICS.store_writable();
@@ -830,7 +866,6 @@ pub async fn poll<S: Store>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::capture::WriteKind;
     use rasn_ldap::{DelRequest, LdapMessage, ProtocolOp};
 
     fn deleted(dn: &str) -> CapturedWrite {

@@ -140,8 +140,14 @@ pub fn serve_config(toml: &str) -> (tempfile::TempDir, Served) {
 
 /// Waits for `condition` to hold, for at most 20 s; false if it never did.
 /// A correctness check with a generous deadline, not a speed assertion.
-pub fn eventually(mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(20);
+pub fn eventually(condition: impl FnMut() -> bool) -> bool {
+    eventually_within(Duration::from_secs(20), condition)
+}
+
+/// [`eventually`] with its own deadline, for what the program promises
+/// within a longer time (e.g. the minute between two reconciliations).
+pub fn eventually_within(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         if condition() {
             return true;
