@@ -20,12 +20,65 @@ pub enum DirectoryError {
     Tls { connector: String, message: String },
     #[error("service bind as {dn:?} failed: {message}")]
     Bind { dn: String, message: String },
+    /// The connection or the protocol failed (I/O, a timeout, a reply
+    /// that does not decode).
     #[error("{operation} {dn:?}: {message}")]
     Operation {
         operation: &'static str,
         dn: String,
         message: String,
     },
+    /// The directory answered with an LDAP result code.
+    #[error("{operation} {dn:?}: {message}")]
+    Result {
+        operation: &'static str,
+        dn: String,
+        code: u32,
+        message: String,
+    },
+}
+
+impl DirectoryError {
+    /// The LDAP result code the directory answered with, if it answered.
+    pub fn result_code(&self) -> Option<u32> {
+        match self {
+            DirectoryError::Result { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// Worth trying again later: the directory is down, busy, unavailable
+    /// or the connection failed — not a refusal of what was asked
+    /// (`constraintViolation`, `insufficientAccessRights`, …), which
+    /// trying again would only repeat.
+    pub fn is_transient(&self) -> bool {
+        const TIME_LIMIT: u32 = 3;
+        const BUSY: u32 = 51;
+        const UNAVAILABLE: u32 = 52;
+        const OTHER: u32 = 80;
+        match self {
+            DirectoryError::Unreachable { .. } | DirectoryError::Operation { .. } => true,
+            DirectoryError::Result { code, .. } => matches!(*code, TIME_LIMIT | BUSY | UNAVAILABLE | OTHER),
+            DirectoryError::Tls { .. } | DirectoryError::Bind { .. } => false,
+        }
+    }
+
+    /// An `ldap3` error, keeping the result code when there is one.
+    fn from_ldap(operation: &'static str, dn: &str, e: ldap3::LdapError) -> DirectoryError {
+        match e {
+            ldap3::LdapError::LdapResult { result } => DirectoryError::Result {
+                operation,
+                dn: dn.to_owned(),
+                code: result.rc,
+                message: ldap3::LdapError::LdapResult { result }.to_string(),
+            },
+            other => DirectoryError::Operation {
+                operation,
+                dn: dn.to_owned(),
+                message: other.to_string(),
+            },
+        }
+    }
 }
 
 /// A directory entry as the engine sees it.
@@ -276,11 +329,7 @@ impl Directory {
             .search(&scope.base, Scope::Subtree, filter, self.attributes(scope))
             .await
             .and_then(|r| r.success())
-            .map_err(|e| DirectoryError::Operation {
-                operation: "search",
-                dn: scope.base.clone(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| DirectoryError::from_ldap("search", &scope.base, e))?;
         Ok(result
             .0
             .into_iter()
@@ -305,11 +354,7 @@ impl Directory {
             .ldap
             .search(dn, Scope::Base, &scope.filter, self.attributes(scope))
             .await
-            .map_err(|e| DirectoryError::Operation {
-                operation: "read",
-                dn: dn.to_owned(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| DirectoryError::from_ldap("read", dn, e))?;
         Ok(result
             .0
             .into_iter()
@@ -388,11 +433,7 @@ fn check(
     result
         .and_then(|r| r.success())
         .map(|_| ())
-        .map_err(|e| DirectoryError::Operation {
-            operation,
-            dn: dn.to_owned(),
-            message: e.to_string(),
-        })
+        .map_err(|e| DirectoryError::from_ldap(operation, dn, e))
 }
 
 /// A search result as an [`Entry`]; `None` without a stable id.
@@ -464,16 +505,41 @@ impl Entries {
 }
 
 fn search_error(base: &str, e: ldap3::LdapError) -> DirectoryError {
-    DirectoryError::Operation {
-        operation: "search",
-        dn: base.to_owned(),
-        message: e.to_string(),
-    }
+    DirectoryError::from_ldap("search", base, e)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::definition_names;
+    use super::{DirectoryError, definition_names};
+
+    #[test]
+    fn busy_and_unavailable_are_tried_again_refusals_are_not() {
+        let answered = |code| DirectoryError::Result {
+            operation: "modify",
+            dn: "uid=a,dc=x".into(),
+            code,
+            message: String::new(),
+        };
+        let cases = [
+            (51, true),
+            (52, true),
+            (3, true),
+            (19, false),
+            (50, false),
+            (32, false),
+            (68, false),
+        ];
+        for (code, transient) in cases {
+            assert_eq!(answered(code).is_transient(), transient, "result code {code}");
+            assert_eq!(answered(code).result_code(), Some(code));
+        }
+        let lost = DirectoryError::Operation {
+            operation: "modify",
+            dn: "uid=a,dc=x".into(),
+            message: "connection closed".into(),
+        };
+        assert!(lost.is_transient() && lost.result_code().is_none());
+    }
 
     #[test]
     fn schema_definition_names() {

@@ -870,6 +870,10 @@ impl<'a, S: Store> Pass<'a, S> {
             self.store.commit_batch()?;
             match self.write_directory(mapping, entry, ldap, &result).await {
                 Ok(new_dn) => dn = new_dn,
+                // The directory is down or busy: the pass stops here and the
+                // worker tries again after its back-off, rather than marking
+                // every object that follows as failed.
+                Err(e) if e.is_transient() => return Err(e.into()),
                 Err(e) => {
                     self.report.failed += 1;
                     self.report.say(format!("failed {category} {name}: {e}"));
