@@ -32,6 +32,8 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("no trusted CA certificates: {0}")]
     NoRoots(String),
+    #[error("{host:?} is not a TLS server name: {reason}")]
+    ServerName { host: String, reason: String },
 }
 
 fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -150,8 +152,11 @@ pub fn connector(config: Arc<ClientConfig>) -> TlsConnector {
 }
 
 /// The name a directory's certificate must carry: its host name or address.
-pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
-    ServerName::try_from(host.to_owned()).map_err(|e| format!("{host:?} is not a TLS server name: {e}"))
+pub fn server_name(host: &str) -> Result<ServerName<'static>, TlsError> {
+    ServerName::try_from(host.to_owned()).map_err(|e| TlsError::ServerName {
+        host: host.to_owned(),
+        reason: e.to_string(),
+    })
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {

@@ -19,9 +19,24 @@ use crate::metrics::{METRICS, UrlLabel};
 
 /// Every configured directory URL failed; the message lists why, per URL.
 #[derive(Debug, Error)]
-#[error("no directory server reachable: {}", .attempts.join("; "))]
+#[error("no directory server reachable: {}", .attempts.iter().map(|(url, e)| format!("{url}: {e}")).collect::<Vec<_>>().join("; "))]
 pub struct UnreachableError {
-    attempts: Vec<String>,
+    attempts: Vec<(String, ConnectError)>,
+}
+
+/// Why one directory URL could not be used.
+#[derive(Debug, Error)]
+pub enum ConnectError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("no answer within {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+    #[error("TLS handshake failed: {0}")]
+    Handshake(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] super::tls::TlsError),
+    #[error("StartTLS: {0}")]
+    StartTls(String),
 }
 
 /// How to reach the directory.
@@ -46,20 +61,20 @@ pub async fn connect(route: &Route<'_>) -> Result<Box<dyn Io>, UnreachableError>
                 return Ok(stream);
             }
             Ok(Err(reason)) => reason,
-            Err(_) => format!("no answer within {}", humantime::format_duration(route.connect_timeout)),
+            Err(_) => ConnectError::Timeout(route.connect_timeout),
         };
         tracing::warn!(%url, %reason, "directory unreachable");
         METRICS
             .upstream_connect_failures
             .get_or_create(&UrlLabel { url: url.to_string() })
             .inc();
-        attempts.push(format!("{url}: {reason}"));
+        attempts.push((url.to_string(), reason));
     }
     Err(UnreachableError { attempts })
 }
 
-async fn connect_one(url: &LdapUrl, route: &Route<'_>) -> Result<Box<dyn Io>, String> {
-    let mut stream = TcpStream::connect(url.authority()).await.map_err(|e| e.to_string())?;
+async fn connect_one(url: &LdapUrl, route: &Route<'_>) -> Result<Box<dyn Io>, ConnectError> {
+    let mut stream = TcpStream::connect(url.authority()).await?;
     // Requests and responses are small and latency-bound.
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(%url, error = %e, "could not set TCP_NODELAY");
@@ -73,33 +88,31 @@ async fn connect_one(url: &LdapUrl, route: &Route<'_>) -> Result<Box<dyn Io>, St
         _ => return Ok(Box::new(stream)),
     };
     let name = super::tls::server_name(url.host())?;
-    let stream = tls
-        .connect(name, stream)
-        .await
-        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    let stream = tls.connect(name, stream).await.map_err(ConnectError::Handshake)?;
     Ok(Box::new(stream))
 }
 
 /// Asks the directory for StartTLS before anything of the client's is sent
 /// (so the message id cannot clash with one of the client's).
-async fn start_tls(stream: &mut TcpStream) -> Result<(), String> {
-    stream
-        .write_all(&message::extended_request(1, STARTTLS_OID))
-        .await
-        .map_err(|e| e.to_string())?;
+async fn start_tls(stream: &mut TcpStream) -> Result<(), ConnectError> {
+    stream.write_all(&message::extended_request(1, STARTTLS_OID)).await?;
     // Read exactly the response: the TLS handshake follows on this socket.
     let mut frames = FramedRead::new(&mut *stream, PduCodec::new(64 * 1024));
     let response = frames
         .next()
         .await
-        .ok_or("the directory closed the connection after StartTLS")?
-        .map_err(|e| format!("StartTLS response: {e}"))?;
+        .ok_or_else(|| ConnectError::StartTls("the directory closed the connection after StartTLS".into()))?
+        .map_err(|e| ConnectError::StartTls(format!("its response: {e}")))?;
     if !frames.read_buffer().is_empty() {
-        return Err("the directory sent data after its StartTLS response".into());
+        return Err(ConnectError::StartTls(
+            "the directory sent data after its StartTLS response".into(),
+        ));
     }
-    let env = Envelope::peek(&response).map_err(|e| format!("StartTLS response: {e}"))?;
+    let env = Envelope::peek(&response).map_err(|e| ConnectError::StartTls(format!("its response: {e}")))?;
     match (env.op, env.result_code(&response)) {
         (Op::ExtendedResponse, Some(0)) => Ok(()),
-        (_, code) => Err(format!("the directory refused StartTLS (result code {code:?})")),
+        (_, code) => Err(ConnectError::StartTls(format!(
+            "the directory refused it (result code {code:?})"
+        ))),
     }
 }
