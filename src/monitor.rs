@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use ldap3::{LdapConnAsync, LdapConnSettings, Scope};
 
-use crate::config::{LdapUrl, ProxyConfig};
+use crate::config::{ConnectorConfig, LdapUrl, ProxyConfig};
 use crate::metrics::{ConnectorLabel, METRICS};
 use crate::proxy::ListenerState;
 use crate::proxy::tls::{self, TlsError};
@@ -94,6 +94,18 @@ pub struct RunningConnector {
     pub conflict: String,
     pub delete: String,
     pub poll_interval: String,
+}
+
+impl From<&ConnectorConfig> for RunningConnector {
+    fn from(c: &ConnectorConfig) -> Self {
+        RunningConnector {
+            name: c.name.clone(),
+            direction: c.direction.to_string(),
+            conflict: c.conflict_policy().to_string(),
+            delete: c.delete.as_str().to_owned(),
+            poll_interval: humantime::format_duration(c.poll_interval).to_string(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 
 use super::output::outln;
-use crate::config::{Config, MEMBERS_FIELD, Preset};
+use crate::config::{Config, ConnectorConfig, MEMBERS_FIELD, Preset, Secret};
 use crate::store::{Category, ChangeSource, JournalEntry, JournalQuery, LocalObject, SqliteStore, Store, now};
 use crate::sync::directory::{Directory, PasswordKind};
 use crate::sync::engine::{self, LinkTarget, PassOptions, Report, is_secret_field};
@@ -327,14 +327,8 @@ pub fn object(config: &Config, category: Category, command: ObjectCommand, json:
                 confirm_deletes,
             };
             let password = connector.password()?;
-            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
-            let report = runtime.block_on(async {
-                let mut directory =
-                    Directory::connect(&connector, password.expose(), config.proxy.connect_timeout).await?;
-                let deleted =
-                    engine::delete_object(&mut store, &connector, &mut directory, object, options, &operator()).await;
-                directory.close().await;
-                anyhow::Ok(deleted?)
+            let report = with_directory(config, &connector, &password, async |directory| {
+                Ok(engine::delete_object(&mut store, &connector, directory, object, options, &operator()).await?)
             })?;
             if json {
                 return print_json(&report_json(&connector.name, &report));
@@ -475,22 +469,8 @@ pub fn association(config: &Config, command: AssociationCommand, json: bool) -> 
                 (None, None) => bail!("name the entry with --dn or --entry-id"),
             };
             let password = connector.password()?;
-            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
-            let report = runtime.block_on(async {
-                let mut directory =
-                    Directory::connect(&connector, password.expose(), config.proxy.connect_timeout).await?;
-                let linked = engine::link(
-                    &mut store,
-                    &connector,
-                    &mut directory,
-                    category,
-                    &name,
-                    &target,
-                    &operator(),
-                )
-                .await;
-                directory.close().await;
-                anyhow::Ok(linked?)
+            let report = with_directory(config, &connector, &password, async |directory| {
+                Ok(engine::link(&mut store, &connector, directory, category, &name, &target, &operator()).await?)
             })?;
             if json {
                 print_json(&report_json(&connector.name, &report))?;
@@ -505,6 +485,23 @@ pub fn association(config: &Config, command: AssociationCommand, json: bool) -> 
         }
     }
     Ok(())
+}
+
+/// Runs `work` over a fresh service connection of `connector`, and closes
+/// the connection however the work ends.
+fn with_directory<T>(
+    config: &Config,
+    connector: &ConnectorConfig,
+    password: &Secret,
+    work: impl AsyncFnOnce(&mut Directory) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    runtime.block_on(async {
+        let mut directory = Directory::connect(connector, password.expose(), config.proxy.connect_timeout).await?;
+        let result = work(&mut directory).await;
+        directory.close().await;
+        result
+    })
 }
 
 /// Who runs an administrative command, for the journal.
@@ -553,20 +550,13 @@ pub fn password(config: &Config, name: &str, connector: &str) -> anyhow::Result<
         None => PasswordKind::PasswordModify,
     };
     let secret = connector.password()?;
-    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
-    let dn = runtime.block_on(async {
-        let mut directory = Directory::connect(&connector, secret.expose(), config.proxy.connect_timeout).await?;
-        let result = async {
-            let entry = directory
-                .entry_by_id(scope, &association.entry_id)
-                .await?
-                .with_context(|| format!("the entry of account {name} is no longer in scope"))?;
-            directory.set_password(&entry.dn, password, kind).await?;
-            anyhow::Ok(entry.dn)
-        }
-        .await;
-        directory.close().await;
-        result
+    let dn = with_directory(config, &connector, &secret, async |directory| {
+        let entry = directory
+            .entry_by_id(scope, &association.entry_id)
+            .await?
+            .with_context(|| format!("the entry of account {name} is no longer in scope"))?;
+        directory.set_password(&entry.dn, password, kind).await?;
+        Ok(entry.dn)
     })?;
     let entry = JournalEntry {
         at: now(),
@@ -604,7 +594,6 @@ pub fn sync(config: &Config, command: SyncCommand, json: bool) -> anyhow::Result
     let connector = config.require_connector(&connector)?;
     let password = connector.password()?;
     let mut store = open_store(config)?;
-    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     let poll = if full || dry_run || confirm_deletes {
         Poll::Full(PassOptions {
             dry_run,
@@ -613,20 +602,14 @@ pub fn sync(config: &Config, command: SyncCommand, json: bool) -> anyhow::Result
     } else {
         Poll::Due
     };
-    let outcome = runtime.block_on(async {
-        let mut directory = Directory::connect(&connector, password.expose(), config.proxy.connect_timeout).await?;
-        let outcome = async {
-            worker::apply_captures(&mut store, &connector, &mut directory).await?;
-            let mut progress: Box<dyn Progress> = if std::io::stderr().is_terminal() {
-                Box::new(Bar::default())
-            } else {
-                Box::new(Lines::new(|line| eprintln!("{line}"), Duration::from_secs(10)))
-            };
-            worker::poll(&mut store, &connector, &mut directory, poll, progress.as_mut()).await
-        }
-        .await;
-        directory.close().await;
-        anyhow::Ok(outcome?)
+    let outcome = with_directory(config, &connector, &password, async |directory| {
+        worker::apply_captures(&mut store, &connector, directory).await?;
+        let mut progress: Box<dyn Progress> = if std::io::stderr().is_terminal() {
+            Box::new(Bar::default())
+        } else {
+            Box::new(Lines::new(|line| eprintln!("{line}"), Duration::from_secs(10)))
+        };
+        Ok(worker::poll(&mut store, &connector, directory, poll, progress.as_mut()).await?)
     })?;
     let report = &outcome.report;
     if json {

@@ -381,17 +381,7 @@ impl Reload {
 
 /// The policy each worker runs with, for `status`.
 fn running_connectors(reloader: &worker::ConnectorReloader) -> Vec<monitor::RunningConnector> {
-    reloader
-        .running()
-        .into_iter()
-        .map(|c| monitor::RunningConnector {
-            direction: c.direction.to_string(),
-            conflict: c.conflict_policy().to_string(),
-            delete: c.delete.as_str().to_owned(),
-            poll_interval: humantime::format_duration(c.poll_interval).to_string(),
-            name: c.name,
-        })
-        .collect()
+    reloader.running().iter().map(monitor::RunningConnector::from).collect()
 }
 
 /// SIGHUP re-reads the certificate and the config file; open sessions keep

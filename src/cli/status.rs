@@ -95,13 +95,7 @@ pub fn status(config: &Config, json: bool, quiet: bool) -> anyhow::Result<()> {
         if let Some(error) = &state.last_error {
             degraded.push(format!("last poll failed: {error}"));
         }
-        let in_file = RunningConnector {
-            name: connector.name.clone(),
-            direction: connector.direction.to_string(),
-            conflict: connector.conflict_policy().to_string(),
-            delete: connector.delete.as_str().to_owned(),
-            poll_interval: humantime::format_duration(connector.poll_interval).to_string(),
-        };
+        let in_file = RunningConnector::from(connector);
         let runs = running
             .as_ref()
             .and_then(|r| r.connectors.iter().find(|c| c.name == connector.name))

@@ -106,8 +106,11 @@ impl Inflight {
         self.ops.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
     }
 
-    fn contains(&self, id: i64) -> bool {
-        self.ops.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&id)
+    /// Whether `id` names an operation in flight, and how many are: one
+    /// lock for both, on every request.
+    fn occupancy(&self, id: i64) -> (bool, usize) {
+        let ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+        (ops.contains_key(&id), ops.len())
     }
 
     /// Forgets every operation in flight; the kind of write among them, if
@@ -122,10 +125,6 @@ impl Inflight {
         ops.clear();
         self.drained.notify_waiters();
         kind
-    }
-
-    fn len(&self) -> usize {
-        self.ops.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     async fn wait_drained(&self) {
@@ -443,9 +442,12 @@ impl Session {
         // RFC 4511 §4.1.1.1: a message id names one operation at a time.
         // Relaying a second one would make its response (and the first
         // one's capture) ambiguous.
-        if env.op.expects_response()
-            && (self.inflight.contains(env.message_id) || self.abandoned_lately(env.message_id))
-        {
+        let (in_use, in_flight) = match env.op.expects_response() {
+            true => self.inflight.occupancy(env.message_id),
+            false => (false, 0),
+        };
+        self.forget_abandoned();
+        if env.op.expects_response() && (in_use || self.abandoned.iter().any(|(_, id)| *id == env.message_id)) {
             return Some(End::Malformed(format!(
                 "message id {} is already in use by an operation in progress",
                 env.message_id
@@ -470,13 +472,10 @@ impl Session {
                 {
                     self.abandoned.push_back((tokio::time::Instant::now(), target));
                     if let OnSuccess::Capture(kind, _) = pending.on_success {
-                        self.shared
-                            .sink
-                            .capture_lost(self.id, CaptureLoss::OutcomeUnknown(kind));
+                        outcome_unknown(&self.shared, self.id, Some(kind));
                     }
                 }
             }
-
             Op::Extended if env.extended_name(&pdu) == Some(STARTTLS_OID.as_bytes()) => {
                 return self.start_tls(&env).await;
             }
@@ -498,7 +497,9 @@ impl Session {
             }
             _ => {}
         }
-        if env.op.expects_response() && self.outstanding() >= self.settings.config.max_outstanding {
+        // Abandoned operations still count: the directory may be finishing
+        // them, and abandon-and-ask-again must not escape the limit.
+        if env.op.expects_response() && in_flight + self.abandoned.len() >= self.settings.config.max_outstanding {
             let why = "ldapsync: too many operations outstanding on this connection";
             if env.op == Op::Bind {
                 return self.refuse_bind(&env, ResultCode::Busy, why).await;
@@ -610,21 +611,7 @@ impl Session {
         }
     }
 
-    /// Operations the directory may still be working on: those in flight,
-    /// and those abandoned within the last `ABANDONED_GRACE` (abandon then
-    /// request again must not escape `max_outstanding`).
-    fn outstanding(&mut self) -> usize {
-        self.forget_abandoned();
-        self.inflight.len() + self.abandoned.len()
-    }
-
-    /// Whether `id` names an operation abandoned within the grace: the
-    /// directory may still answer it, so the id is not free again yet.
-    fn abandoned_lately(&mut self, id: i64) -> bool {
-        self.forget_abandoned();
-        self.abandoned.iter().any(|(_, abandoned)| *abandoned == id)
-    }
-
+    /// Forgets the operations abandoned longer than `ABANDONED_GRACE` ago.
     fn forget_abandoned(&mut self) {
         let now = tokio::time::Instant::now();
         while self
@@ -659,11 +646,7 @@ impl Session {
         if self.to_client.send(ToClient::DropUpstream).await.is_err() {
             return Some(End::ClientClosed);
         }
-        if let Some(kind) = self.inflight.abandon_all() {
-            self.shared
-                .sink
-                .capture_lost(self.id, CaptureLoss::OutcomeUnknown(kind));
-        }
+        outcome_unknown(&self.shared, self.id, self.inflight.abandon_all());
         None
     }
 
@@ -812,16 +795,20 @@ impl Session {
         }
         drop(self.to_client);
         let _ = self.responder.await;
-        if let Some(kind) = self.inflight.abandon_all() {
-            self.shared
-                .sink
-                .capture_lost(self.id, CaptureLoss::OutcomeUnknown(kind));
-        }
+        outcome_unknown(&self.shared, self.id, self.inflight.abandon_all());
         match end {
             End::ClientClosed | End::Unbind => debug!(?end, "session closed"),
             End::TlsFailed(reason) => info!(%reason, "TLS handshake failed; session closed"),
             _ => info!(?end, "session closed"),
         }
+    }
+}
+
+/// A write of this kind was relayed on `session` and its outcome will never
+/// be seen.
+fn outcome_unknown(shared: &Shared, session: u64, kind: Option<WriteKind>) {
+    if let Some(kind) = kind {
+        shared.sink.capture_lost(session, CaptureLoss::OutcomeUnknown(kind));
     }
 }
 

@@ -240,12 +240,11 @@ pub async fn delete_object<S: Store>(
     }
     let mut pass = Pass::new(store, connector, directory, ChangeSource::Local, options);
     let entry = pass.directory.entry_by_id(scope, &association.entry_id).await?;
-    let earlier = pass
-        .store
-        .count_journal(&connector.name, &["deleted", "disabled"], now() - 3600)?;
-    let total = pass.store.association_count(&connector.name, category)?;
-    let count = earlier + 1;
-    let guard_trips = count > connector.max_deletes || count * 100 > usize::from(connector.max_delete_percent) * total;
+    let Guard {
+        earlier,
+        trips: guard_trips,
+        ..
+    } = pass.guard(category, 1, Window::Recent)?;
     if entry.is_some() && connector.delete != DeletePolicy::Ignore && guard_trips && !options.confirm_deletes {
         return Err(refused(format!(
             "with the {earlier} deletes of the last hour that is over the mass-delete guard \
@@ -1024,18 +1023,12 @@ impl<'a, S: Store> Pass<'a, S> {
             return Ok(());
         }
         let policy = self.connector.delete;
-        let total = self.store.association_count(&self.connector.name, mapping.category)?;
-        // Deletes seen one poll or capture at a time are counted together
-        // with the others of the last hour, so a slow mass delete trips too.
-        let earlier = match window {
-            Window::Pass => 0,
-            Window::Recent => self
-                .store
-                .count_journal(&self.connector.name, &["deleted", "disabled"], now() - 3600)?,
-        };
+        let Guard {
+            earlier,
+            total,
+            trips: guard_trips,
+        } = self.guard(mapping.category, gone.len(), window)?;
         let count = earlier + gone.len();
-        let guard_trips =
-            count > self.connector.max_deletes || count * 100 > usize::from(self.connector.max_delete_percent) * total;
         if policy != DeletePolicy::Ignore && guard_trips && !self.options.confirm_deletes {
             self.report.deletes_refused += gone.len();
             let category = mapping.category;
@@ -1117,6 +1110,24 @@ impl<'a, S: Store> Pass<'a, S> {
             self.release_hold(association.object_id)?;
         }
         Ok(())
+    }
+
+    /// The mass-delete guard for deleting (or disabling) `deleting` more
+    /// objects of `category`. Deletes seen one poll or capture at a time
+    /// are counted together with the others of the last hour, so a slow
+    /// mass delete trips too.
+    fn guard(&self, category: Category, deleting: usize, window: Window) -> Result<Guard, StoreError> {
+        let total = self.store.association_count(&self.connector.name, category)?;
+        let earlier = match window {
+            Window::Pass => 0,
+            Window::Recent => self
+                .store
+                .count_journal(&self.connector.name, &["deleted", "disabled"], now() - 3600)?,
+        };
+        let count = earlier + deleting;
+        let trips =
+            count > self.connector.max_deletes || count * 100 > usize::from(self.connector.max_delete_percent) * total;
+        Ok(Guard { earlier, total, trips })
     }
 
     /// Forgets a held delete of this object, if there is one: its entry is
@@ -1232,6 +1243,15 @@ impl<'a, S: Store> Pass<'a, S> {
         })?;
         Ok(())
     }
+}
+
+/// What the mass-delete guard says of a delete.
+struct Guard {
+    /// Deletes of the window applied already.
+    earlier: usize,
+    /// The connector's associated objects of the category.
+    total: usize,
+    trips: bool,
 }
 
 /// Which deletes the mass-delete guard counts together.

@@ -110,10 +110,16 @@ impl Route {
 const WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
 impl Routing {
-    /// A write may have reached the directory unseen: every connector
-    /// polls soon (a poll is cheap; the worker spaces them out).
-    fn poll_all(&self, what: &'static str, detail: &dyn std::fmt::Display) {
+    /// A write of `kind` may have reached the directory unseen. Every
+    /// connector polls soon (a poll is cheap; the worker spaces them out),
+    /// but for a delete or rename, which an incremental poll may miss
+    /// (timestamps do not see deletes), it compares everything.
+    fn unseen(&self, what: &'static str, kind: WriteKind, detail: &dyn std::fmt::Display) {
         METRICS.captures.get_or_create(&OutcomeLabel { outcome: what }).inc();
+        if matches!(kind, WriteKind::Delete | WriteKind::ModifyDn) {
+            let reason = format!("{what} delete or rename ({detail})");
+            return self.routes.iter().for_each(|r| r.out_of_sync(reason.clone()));
+        }
         if let Some(held_back) = self.warnings.allow() {
             warn!(%detail, held_back, "{what} write: the next poll brings it in, and comes soon");
         }
@@ -125,17 +131,8 @@ impl Routing {
     fn route(&self, write: &CapturedWrite) -> Vec<Capture> {
         let affected = match write.affected() {
             Ok(affected) => affected,
-            Err(error) if matches!(write.kind, WriteKind::Delete | WriteKind::ModifyDn) => {
-                METRICS
-                    .captures
-                    .get_or_create(&OutcomeLabel { outcome: "unreadable" })
-                    .inc();
-                let reason = format!("an unreadable delete or rename was captured: {error}");
-                self.routes.iter().for_each(|r| r.out_of_sync(reason.clone()));
-                return Vec::new();
-            }
             Err(error) => {
-                self.poll_all("unreadable", &error);
+                self.unseen("unreadable", write.kind, &error);
                 return Vec::new();
             }
         };
@@ -186,19 +183,10 @@ impl CaptureSink for CaptureRouter {
 
     fn capture_lost(&self, session: u64, why: CaptureLoss) {
         match why {
-            // An incremental poll may not see deletes (timestamps) or where
-            // an entry went: those need a full comparison.
-            CaptureLoss::OutcomeUnknown(WriteKind::Delete | WriteKind::ModifyDn) => {
-                METRICS
-                    .captures
-                    .get_or_create(&OutcomeLabel {
-                        outcome: "outcome-unknown",
-                    })
-                    .inc();
-                let reason = format!("a delete or rename on session {session} whose outcome was not seen");
-                self.routing.routes.iter().for_each(|r| r.out_of_sync(reason.clone()));
+            CaptureLoss::OutcomeUnknown(kind) => {
+                self.routing
+                    .unseen("outcome-unknown", kind, &format!("session {session}"))
             }
-            CaptureLoss::OutcomeUnknown(_) => self.routing.poll_all("outcome-unknown", &format!("session {session}")),
             CaptureLoss::SecurityLayer => {
                 METRICS
                     .captures
