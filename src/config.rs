@@ -12,8 +12,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::model::NAME_FIELD;
 use crate::model::{Category, ConflictPolicy, Direction, Fallback, Mechanism};
-pub use crate::model::{ENABLED_FIELD, MEMBERS_FIELD, NAME_FIELD};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {

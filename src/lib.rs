@@ -17,6 +17,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod directory;
 pub mod dn;
 pub mod metrics;
 pub mod model;
@@ -26,3 +27,5 @@ pub mod proxy;
 pub mod store;
 pub mod sync;
 pub mod throttle;
+pub mod tls;
+pub mod worker;

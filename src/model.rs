@@ -4,7 +4,7 @@
 //! It imports nothing of the crate: config, store, poller, sync and the
 //! CLI all import from here.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
 
@@ -156,6 +156,45 @@ pub const NAME_FIELD: &str = "name";
 pub const MEMBERS_FIELD: &str = "members";
 /// The local field `account_control` feeds.
 pub const ENABLED_FIELD: &str = "enabled";
+
+/// A change seen by one of the three sources.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeEvent {
+    pub source: ChangeSource,
+    pub change: Change,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A directory entry was added, modified or renamed; it is now at `dn`.
+    Entry { category: Category, dn: String },
+    /// The directory entry at `dn` was deleted.
+    EntryRemoved { category: Category, dn: String },
+    /// A local object was added or edited.
+    Local { category: Category, name: String },
+}
+
+impl Change {
+    pub fn category(&self) -> Category {
+        match self {
+            Change::Entry { category, .. } | Change::EntryRemoved { category, .. } | Change::Local { category, .. } => {
+                *category
+            }
+        }
+    }
+}
+
+/// What the mechanism says about entries that left the scope.
+#[derive(Debug)]
+pub enum Departures {
+    /// These entries (by stable id) were deleted or moved out.
+    Listed(Vec<String>),
+    /// Every entry not in this set of stable ids has gone (RFC 4533's
+    /// present phase).
+    AllBut(HashSet<String>),
+    /// The mechanism cannot see deletes; the full reconciliation finds them.
+    NotReported,
+}
 
 #[cfg(test)]
 mod tests {

@@ -26,7 +26,7 @@ use ldap3::{LdapConnAsync, LdapConnSettings, Scope};
 use crate::config::{ConnectorConfig, LdapUrl, ProxyConfig};
 use crate::metrics::{ConnectorLabel, METRICS};
 use crate::proxy::ListenerState;
-use crate::proxy::tls::{self, TlsError};
+use crate::tls::{self, TlsError};
 
 /// The running instance, as `/readyz` and the admin socket report it.
 pub struct Running {

@@ -706,9 +706,10 @@ fn unreadable_password_file_is_refused_before_anything_starts() {
 #[tokio::test]
 async fn change_events_sync_one_object_and_are_idempotent() {
     use ldapsync::config::Config;
-    use ldapsync::store::{Category, ChangeSource, SqliteStore};
-    use ldapsync::sync::directory::Directory;
-    use ldapsync::sync::engine::{Change, ChangeEvent, apply_event};
+    use ldapsync::directory::Directory;
+    use ldapsync::model::{Category, Change, ChangeEvent, ChangeSource};
+    use ldapsync::store::SqliteStore;
+    use ldapsync::sync::engine::apply_event;
 
     let env = Env::start(Policy {
         direction: "both",

@@ -10,7 +10,7 @@ use std::time::Duration;
 use ldap3::{LdapConnAsync, LdapConnSettings, Scope, SearchEntry};
 use ldapsync::config::{ClientTlsConfig, Listener, ServerTlsConfig};
 use ldapsync::proxy::message::STARTTLS_OID;
-use ldapsync::proxy::tls::client_config;
+use ldapsync::tls::client_config;
 use ldapsync_fixtures::{BASE_DN, Pki, Slapd, person};
 use protocol_tests::{ProxyHandle, RawConn, Received, extended_request, persistent_search, response_to, result_of};
 use rasn_ldap::ResultCode;

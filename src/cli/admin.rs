@@ -10,13 +10,13 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 
 use super::output::outln;
-use crate::config::{Config, ConnectorConfig, MEMBERS_FIELD, Preset, Secret};
-use crate::store::{Category, ChangeSource, JournalEntry, JournalQuery, LocalObject, SqliteStore, Store, now};
-use crate::sync::directory::{Directory, PasswordKind};
+use crate::config::{Config, ConnectorConfig, Preset, Secret};
+use crate::directory::{Directory, PasswordKind};
+use crate::model::{Category, ChangeSource, MEMBERS_FIELD, Values};
+use crate::store::{JournalEntry, JournalQuery, LocalObject, SqliteStore, Store, now};
 use crate::sync::engine::{self, LinkTarget, PassOptions, Report, is_secret_field};
-use crate::sync::policy::Values;
 use crate::sync::progress::{Bar, Lines, Progress};
-use crate::sync::worker::{self, Poll};
+use crate::worker::{self, Poll};
 
 #[derive(Debug, Subcommand)]
 pub enum ObjectCommand {

@@ -7,9 +7,9 @@ use std::path::Path;
 
 use super::output::outln;
 use crate::config::{ClientTlsConfig, Config, ConfigError, ConnectorConfig, LdapUrl};
-use crate::proxy::tls::{self, ServerTls};
+use crate::directory::Directory;
 use crate::store::SqliteStore;
-use crate::sync::directory::Directory;
+use crate::tls::{self, ServerTls};
 
 /// A hint for the operator, by what the problem concerns.
 fn hint(problem: &ConfigError) -> &'static str {

@@ -17,11 +17,11 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, LdapUrl, LogConfig, LogFormat};
+use crate::model::Category;
 use crate::monitor::{self, Running};
-use crate::proxy::tls::ServerTls;
 use crate::proxy::{CaptureSink, LogSink, Proxy, Reloader};
-use crate::store::Category;
-use crate::sync::worker;
+use crate::tls::ServerTls;
+use crate::worker;
 use tokio_util::task::TaskTracker;
 
 #[derive(Debug, Parser)]

@@ -7,8 +7,8 @@ use ldap3::{Scope, SearchEntry};
 use rasn::prelude::*;
 
 use crate::config::ScopeConfig;
+use crate::directory::{Directory, DirectoryError};
 use crate::dn;
-use crate::sync::directory::{Directory, DirectoryError};
 
 pub const DIRSYNC_OID: &str = "1.2.840.113556.1.4.841";
 /// LDAP_DIRSYNC_OBJECT_SECURITY: what the service account may read,

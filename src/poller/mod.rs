@@ -9,13 +9,12 @@
 pub mod dirsync;
 pub mod syncrepl;
 
-use std::collections::HashSet;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::ScopeConfig;
-use crate::sync::directory::{Directory, DirectoryError};
+use crate::directory::{Directory, DirectoryError};
 
-pub use crate::model::Mechanism;
+use crate::model::{Departures, Mechanism};
 
 /// Active Directory's capability OID (LDAP_CAP_ACTIVE_DIRECTORY_OID).
 const AD_CAPABILITY: &str = "1.2.840.113556.1.4.800";
@@ -79,21 +78,9 @@ pub async fn watermark_now(
 pub struct Changes {
     /// DNs of entries added, modified or renamed (now in scope).
     pub written: Vec<String>,
-    pub deleted: Deleted,
+    pub departures: Departures,
     /// The watermark covering these changes.
     pub watermark: Vec<u8>,
-}
-
-/// What the mechanism says about entries that left the scope.
-#[derive(Debug)]
-pub enum Deleted {
-    /// These entries (by stable id) were deleted or moved out.
-    Listed(Vec<String>),
-    /// Every entry not in this set of stable ids has gone (RFC 4533's
-    /// present phase).
-    AllBut(HashSet<String>),
-    /// The mechanism cannot see deletes; the full reconciliation finds them.
-    NotReported,
 }
 
 /// The changes in `scope` since `watermark`.
@@ -110,9 +97,9 @@ pub async fn changes_since(
             written.dedup();
             Ok(Changes {
                 written,
-                deleted: match refresh.present {
-                    Some(present) => Deleted::AllBut(present),
-                    None => Deleted::Listed(refresh.deleted),
+                departures: match refresh.present {
+                    Some(present) => Departures::AllBut(present),
+                    None => Departures::Listed(refresh.deleted),
                 },
                 watermark: refresh.cookie.unwrap_or_else(|| watermark.to_vec()),
             })
@@ -141,7 +128,7 @@ pub async fn changes_since(
             };
             Ok(Changes {
                 written,
-                deleted: Deleted::NotReported,
+                departures: Departures::NotReported,
                 watermark: watermark.into_bytes(),
             })
         }
@@ -165,7 +152,7 @@ pub async fn changes_since(
             let deleted = directory.tombstones_since(since + 1).await?;
             Ok(Changes {
                 written,
-                deleted: Deleted::Listed(deleted),
+                departures: Departures::Listed(deleted),
                 watermark: highest.to_string().into_bytes(),
             })
         }
@@ -173,13 +160,13 @@ pub async fn changes_since(
             let synced = dirsync::changes(directory, scope, watermark).await?;
             Ok(Changes {
                 written: synced.written,
-                deleted: Deleted::Listed(synced.gone),
+                departures: Departures::Listed(synced.gone),
                 watermark: synced.cookie,
             })
         }
         Mechanism::Full => Ok(Changes {
             written: Vec::new(),
-            deleted: Deleted::NotReported,
+            departures: Departures::NotReported,
             watermark: watermark.to_vec(),
         }),
     }

@@ -10,7 +10,7 @@ use ldap3::{ResultEntry, Scope, SearchEntry};
 use rasn::prelude::*;
 
 use crate::config::ScopeConfig;
-use crate::sync::directory::{Directory, DirectoryError};
+use crate::directory::{Directory, DirectoryError};
 
 pub const SYNC_REQUEST_OID: &str = "1.3.6.1.4.1.4203.1.9.1.1";
 const SYNC_STATE_OID: &str = "1.3.6.1.4.1.4203.1.9.1.2";

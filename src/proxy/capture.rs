@@ -50,9 +50,9 @@ pub struct CapturedWrite {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Affected {
     /// The entry exists at this DN (added, modified, or renamed to here).
-    Entry(String),
+    At(String),
     /// The entry at this DN was deleted.
-    Deleted(String),
+    Removed(String),
 }
 
 /// `newSuperior [0] LDAPDN` of a ModifyDNRequest.
@@ -78,8 +78,8 @@ impl CapturedWrite {
     pub fn affected(&self) -> Result<Affected, CaptureError> {
         let (op, contents) = self.op_contents()?;
         Ok(match op {
-            Op::Add | Op::Modify => Affected::Entry(self.target_dn()?),
-            Op::Delete => Affected::Deleted(text(contents)?),
+            Op::Add | Op::Modify => Affected::At(self.target_dn()?),
+            Op::Delete => Affected::Removed(text(contents)?),
             Op::ModifyDn => {
                 let (entry_header, entry) = ber::read_element(contents)?;
                 let rest = &contents[entry_header.total_len()..];
@@ -92,7 +92,7 @@ impl CapturedWrite {
                     Ok((header, superior)) if header.tag == NEW_SUPERIOR => text(superior)?,
                     _ => dn::parent(&entry).to_owned(),
                 };
-                Affected::Entry(dn::with_rdn(&text(new_rdn)?, &parent))
+                Affected::At(dn::with_rdn(&text(new_rdn)?, &parent))
             }
             _ => return Err(CaptureError::NotAWrite),
         })
@@ -188,7 +188,7 @@ mod tests {
         };
         assert_eq!(
             captured(ProtocolOp::ModDnRequest(rename)).affected().unwrap(),
-            Affected::Entry("uid=c,ou=people,dc=x".into())
+            Affected::At("uid=c,ou=people,dc=x".into())
         );
         let mv = ModifyDnRequest {
             entry: "uid=a,ou=people,dc=x".into(),
@@ -198,12 +198,12 @@ mod tests {
         };
         assert_eq!(
             captured(ProtocolOp::ModDnRequest(mv)).affected().unwrap(),
-            Affected::Entry("uid=a,ou=former,dc=x".into())
+            Affected::At("uid=a,ou=former,dc=x".into())
         );
         let delete = ProtocolOp::DelRequest(DelRequest("uid=a,dc=x".into()));
         assert_eq!(
             captured(delete).affected().unwrap(),
-            Affected::Deleted("uid=a,dc=x".into())
+            Affected::Removed("uid=a,dc=x".into())
         );
     }
 
@@ -225,6 +225,6 @@ mod tests {
             kind: WriteKind::Modify,
             request: pdu.into(),
         };
-        assert_eq!(write.affected().unwrap(), Affected::Entry("uid=a,dc=x".into()));
+        assert_eq!(write.affected().unwrap(), Affected::At("uid=a,dc=x".into()));
     }
 }

@@ -13,7 +13,6 @@ mod conformance;
 mod limits;
 pub mod message;
 mod session;
-pub mod tls;
 mod upstream;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,10 +31,10 @@ use tracing::{info, warn};
 
 use crate::config::{Listener, ProxyConfig};
 use crate::throttle::Throttle;
+use crate::tls::{self, ServerTls, TlsError};
 pub use capture::{CaptureLoss, CaptureSink, CapturedWrite, LogSink, WriteKind};
 use codec::Budget;
 use limits::{AddressCounts, FailedBinds};
-use tls::{ServerTls, TlsError};
 
 /// A byte stream a session runs over: TCP, or TLS over TCP.
 trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}

@@ -34,7 +34,7 @@ pub enum ConnectError {
     #[error("TLS handshake failed: {0}")]
     Handshake(std::io::Error),
     #[error(transparent)]
-    Tls(#[from] super::tls::TlsError),
+    Tls(#[from] crate::tls::TlsError),
     #[error("StartTLS: {0}")]
     StartTls(String),
 }
@@ -87,7 +87,7 @@ async fn connect_one(url: &LdapUrl, route: &Route<'_>) -> Result<Box<dyn Io>, Co
         }
         _ => return Ok(Box::new(stream)),
     };
-    let name = super::tls::server_name(url.host())?;
+    let name = crate::tls::server_name(url.host())?;
     let stream = tls.connect(name, stream).await.map_err(ConnectError::Handshake)?;
     Ok(Box::new(stream))
 }

@@ -13,7 +13,7 @@ use thiserror::Error;
 
 pub use sqlite::SqliteStore;
 
-pub use crate::model::{Category, ChangeSource};
+use crate::model::{Category, ChangeSource};
 use crate::model::{Mechanism, Values};
 
 #[derive(Debug, Error)]
@@ -165,21 +165,24 @@ pub struct Capture {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CaptureKind {
-    /// Added, modified or renamed.
-    Written,
-    Deleted,
+    /// The entry is at the DN after the write: added, modified or renamed.
+    Present,
+    /// No entry is at the DN after the write: deleted.
+    Absent,
 }
 
 impl CaptureKind {
+    /// The names stored in the capture journal (kept from the first
+    /// schema, when the kinds were called after the operations).
     fn as_str(self) -> &'static str {
         match self {
-            CaptureKind::Written => "written",
-            CaptureKind::Deleted => "deleted",
+            CaptureKind::Present => "written",
+            CaptureKind::Absent => "deleted",
         }
     }
 
     fn parse(s: &str) -> Option<CaptureKind> {
-        [CaptureKind::Written, CaptureKind::Deleted]
+        [CaptureKind::Present, CaptureKind::Absent]
             .into_iter()
             .find(|k| k.as_str() == s)
     }

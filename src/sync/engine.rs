@@ -12,18 +12,19 @@ use std::task::Poll;
 
 use thiserror::Error;
 
-use super::directory::{AttrMod, Directory, DirectoryError, Entries, Entry};
-use super::policy::{self, ConflictPolicy, Direction, Fallback, Outcome, Side, Values};
+use super::policy::{self, Outcome, Side};
 use super::progress::Progress;
 pub use super::report::Report;
-use crate::config::{ConnectorConfig, DeletePolicy, ENABLED_FIELD, MEMBERS_FIELD, NAME_FIELD, ScopeConfig};
+use crate::config::{ConnectorConfig, DeletePolicy, ScopeConfig};
+use crate::directory::{AttrMod, Directory, DirectoryError, Entries, Entry};
+use crate::model::{
+    Category, Change, ChangeEvent, ChangeSource, ConflictPolicy, Departures, Direction, ENABLED_FIELD, Fallback,
+    MEMBERS_FIELD, NAME_FIELD, Values,
+};
+use crate::store::{Association, Commit, JournalEntry, JournalQuery, LocalObject, Store, StoreError, now};
 
 /// ACCOUNTDISABLE, bit 2 of AD's userAccountControl.
 const ACCOUNT_DISABLED: i64 = 0x2;
-use crate::poller::Deleted;
-use crate::store::{
-    Association, Category, ChangeSource, Commit, JournalEntry, JournalQuery, LocalObject, Store, StoreError, now,
-};
 
 #[derive(Debug, Error)]
 pub enum SyncError {
@@ -66,33 +67,6 @@ pub async fn run_pass<S: Store>(
     Ok(pass.report)
 }
 
-/// A change seen by one of the three sources.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChangeEvent {
-    pub source: ChangeSource,
-    pub change: Change,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Change {
-    /// A directory entry was added, modified or renamed; it is now at `dn`.
-    Entry { category: Category, dn: String },
-    /// The directory entry at `dn` was deleted.
-    Deleted { category: Category, dn: String },
-    /// A local object was added or edited.
-    Local { category: Category, name: String },
-}
-
-impl Change {
-    pub fn category(&self) -> Category {
-        match self {
-            Change::Entry { category, .. } | Change::Deleted { category, .. } | Change::Local { category, .. } => {
-                *category
-            }
-        }
-    }
-}
-
 /// Applies one change event: the one object it concerns is matched,
 /// decided and written exactly as a full pass would. Idempotent, so a
 /// change seen twice (captured, then polled) is applied once.
@@ -121,7 +95,7 @@ pub async fn apply_event<S: Store>(
                 pass.entry(&mapping, &entry).await?;
             }
         }
-        Change::Deleted { dn, .. } => {
+        Change::EntryRemoved { dn, .. } => {
             let Some(object) = pass.store.object_associated_at(&connector.name, dn)? else {
                 return Ok(pass.report);
             };
@@ -177,20 +151,20 @@ pub async fn apply_event<S: Store>(
 
 /// Applies what a poll reported about entries that left one category's
 /// scope, under the delete policy and the mass-delete guard.
-pub async fn apply_deleted<S: Store>(
+pub async fn apply_departures<S: Store>(
     store: &mut S,
     connector: &ConnectorConfig,
     directory: &mut Directory,
     category: Category,
-    deleted: &Deleted,
+    departures: &Departures,
 ) -> Result<Report, SyncError> {
     let mut pass = Pass::new(store, connector, directory, ChangeSource::Poll, PassOptions::default());
     let Some(scope) = scope_of(connector, category) else {
         return Ok(pass.report);
     };
     let mapping = Mapping { scope, category };
-    match deleted {
-        Deleted::Listed(ids) => {
+    match departures {
+        Departures::Listed(ids) => {
             let mut gone = Vec::new();
             for id in ids {
                 // A server may list every deleted id it knows, whatever the
@@ -205,8 +179,8 @@ pub async fn apply_deleted<S: Store>(
             }
             pass.gone(&mapping, gone, Window::Recent).await?;
         }
-        Deleted::AllBut(present) => pass.vanished(&mapping, present).await?,
-        Deleted::NotReported => {}
+        Departures::AllBut(present) => pass.vanished(&mapping, present).await?,
+        Departures::NotReported => {}
     }
     Ok(pass.report)
 }

@@ -1,9 +1,7 @@
 //! The sync engine: connectors, change events, and the decisions that keep
 //! the local store and the directory in step.
 
-pub mod directory;
 pub mod engine;
 pub mod policy;
 pub mod progress;
 pub mod report;
-pub mod worker;

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use serde::Serialize;
 
-pub use crate::model::{ConflictPolicy, Direction, Fallback, Values};
+use crate::model::{ConflictPolicy, Direction, Fallback, Values};
 
 /// What the decision did, for the journal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::report::Report;
-use crate::store::Category;
+use crate::model::Category;
 
 /// Told what a full pass is doing, entry by entry.
 pub trait Progress: Send {

@@ -20,15 +20,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
 
-use super::directory::Directory;
-use super::engine::{self, Change, ChangeEvent, PassOptions, Report, SyncError};
-use super::progress::{Lines, Progress};
 use crate::config::{Config, ConnectorConfig};
+use crate::directory::Directory;
 use crate::dn;
 use crate::metrics::{ChangeLabels, ConflictLabels, ConnectorLabel, METRICS, OutcomeLabel, PollLabels};
-use crate::poller::{self, Mechanism};
+use crate::model::{Category, Change, ChangeEvent, ChangeSource, Mechanism};
+use crate::poller;
 use crate::proxy::capture::{Affected, CaptureLoss, CaptureSink, CapturedWrite, WriteKind};
-use crate::store::{Capture, CaptureKind, Category, ChangeSource, ConnectorState, SqliteStore, Store, Watermark, now};
+use crate::store::{Capture, CaptureKind, ConnectorState, SqliteStore, Store, Watermark, now};
+use crate::sync::engine::{self, PassOptions, Report, SyncError};
+use crate::sync::progress::{Lines, Progress};
 use crate::throttle::Throttle;
 
 /// Captured writes waiting for the journal writer; past this, the
@@ -137,8 +138,8 @@ impl Routing {
             }
         };
         let (kind, dn) = match affected {
-            Affected::Entry(dn) => (CaptureKind::Written, dn),
-            Affected::Deleted(dn) => (CaptureKind::Deleted, dn),
+            Affected::At(dn) => (CaptureKind::Present, dn),
+            Affected::Removed(dn) => (CaptureKind::Absent, dn),
         };
         self.routes
             .iter()
@@ -678,11 +679,11 @@ pub async fn apply_captures<S: Store>(
         }
         for capture in batch {
             let change = match capture.kind {
-                CaptureKind::Written => Change::Entry {
+                CaptureKind::Present => Change::Entry {
                     category: capture.category,
                     dn: capture.dn,
                 },
-                CaptureKind::Deleted => Change::Deleted {
+                CaptureKind::Absent => Change::EntryRemoved {
                     category: capture.category,
                     dn: capture.dn,
                 },
@@ -791,7 +792,7 @@ pub async fn poll<S: Store>(
                 report.absorb(engine::apply_event(store, connector, directory, &event).await?);
             }
             report.absorb(
-                engine::apply_deleted(store, connector, directory, watermark.category, &changes.deleted).await?,
+                engine::apply_departures(store, connector, directory, watermark.category, &changes.departures).await?,
             );
             watermark.value = changes.watermark;
             watermark.updated_at = now();
@@ -888,7 +889,7 @@ mod tests {
             [(
                 "example",
                 Category::Account,
-                CaptureKind::Deleted,
+                CaptureKind::Absent,
                 "uid=a,ou=People,dc=example,dc=com"
             )]
         );

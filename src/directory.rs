@@ -131,7 +131,7 @@ impl Directory {
         let tls = connector.tls.clone().unwrap_or_default();
         let needs_tls = tls.starttls || connector.upstream.iter().any(|u| u.is_ldaps());
         let tls_config = match needs_tls {
-            true => Some(crate::proxy::tls::client_config(&tls).map_err(|e| DirectoryError::Tls {
+            true => Some(crate::tls::client_config(&tls).map_err(|e| DirectoryError::Tls {
                 connector: connector.name.clone(),
                 message: e.to_string(),
             })?),
