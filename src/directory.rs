@@ -192,12 +192,6 @@ impl Directory {
         self.paged(scope, filter, attrs).await
     }
 
-    /// The stable id and name of every entry in scope.
-    pub async fn names(&mut self, scope: &ScopeConfig) -> Result<Entries, DirectoryError> {
-        let attrs = vec![self.id_attribute.clone(), scope.naming.clone()];
-        self.paged(scope, "", attrs).await
-    }
-
     async fn paged(
         &mut self,
         scope: &ScopeConfig,
@@ -311,18 +305,6 @@ impl Directory {
         &mut self.ldap
     }
 
-    /// The in-scope entry with the given stable id, wherever it now is.
-    pub async fn entry_by_id(&mut self, scope: &ScopeConfig, id: &str) -> Result<Option<Entry>, DirectoryError> {
-        let filter = format!("(&{}({}={}))", scope.filter, self.id_attribute, self.id_assertion(id));
-        Ok(self.search(scope, &filter).await?.into_iter().next())
-    }
-
-    /// The in-scope entries whose naming attribute has `value`.
-    pub async fn entries_named(&mut self, scope: &ScopeConfig, value: &str) -> Result<Vec<Entry>, DirectoryError> {
-        let filter = format!("(&{}({}={}))", scope.filter, scope.naming, ldap3::ldap_escape(value));
-        self.search(scope, &filter).await
-    }
-
     async fn search(&mut self, scope: &ScopeConfig, filter: &str) -> Result<Vec<Entry>, DirectoryError> {
         let result = self
             .ldap
@@ -348,42 +330,8 @@ impl Directory {
         }
     }
 
-    /// The in-scope entry with the given DN, if there is one.
-    pub async fn entry_at(&mut self, scope: &ScopeConfig, dn: &str) -> Result<Option<Entry>, DirectoryError> {
-        let result = self
-            .ldap
-            .search(dn, Scope::Base, &scope.filter, self.attributes(scope))
-            .await
-            .map_err(|e| DirectoryError::from_ldap("read", dn, e))?;
-        Ok(result
-            .0
-            .into_iter()
-            .find_map(|raw| self.entry(SearchEntry::construct(raw))))
-    }
-
     fn entry(&self, raw: SearchEntry) -> Option<Entry> {
         to_entry(&self.id_attribute, raw)
-    }
-
-    pub async fn add(&mut self, dn: &str, attrs: &BTreeMap<String, Vec<String>>) -> Result<(), DirectoryError> {
-        let attrs: Vec<(String, HashSet<String>)> = attrs
-            .iter()
-            .map(|(k, v)| (k.clone(), v.iter().cloned().collect()))
-            .collect();
-        check("add", dn, self.ldap.add(dn, attrs).await)
-    }
-
-    /// Applies the changes in one modify operation.
-    pub async fn modify(&mut self, dn: &str, changes: Vec<AttrMod>) -> Result<(), DirectoryError> {
-        let mods: Vec<Mod<String>> = changes
-            .into_iter()
-            .map(|change| match change {
-                AttrMod::Replace(attr, values) => Mod::Replace(attr, values.into_iter().collect()),
-                AttrMod::Add(attr, values) => Mod::Add(attr, values.into_iter().collect()),
-                AttrMod::Delete(attr, values) => Mod::Delete(attr, values.into_iter().collect()),
-            })
-            .collect();
-        check("modify", dn, self.ldap.modify(dn, mods).await)
     }
 
     /// Sets an entry's password as the service identity: Active Directory's
@@ -410,14 +358,6 @@ impl Directory {
                 check("password modify", dn, result)
             }
         }
-    }
-
-    pub async fn rename(&mut self, dn: &str, new_rdn: &str) -> Result<(), DirectoryError> {
-        check("modrdn", dn, self.ldap.modifydn(dn, new_rdn, true, None).await)
-    }
-
-    pub async fn delete(&mut self, dn: &str) -> Result<(), DirectoryError> {
-        check("delete", dn, self.ldap.delete(dn).await)
     }
 
     pub async fn close(mut self) {
@@ -475,6 +415,123 @@ fn definition_names(definition: &str) -> Vec<String> {
         .collect()
 }
 
+/// What the sync engine needs of a directory: the entries of a scope, one
+/// entry found by DN, stable id or name, and the four writes. The LDAP
+/// client implements it; the engine's unit tests use an in-memory one.
+pub trait DirectoryOps: Send {
+    type Entries: EntryStream;
+
+    /// The stable id and name of every entry in scope.
+    fn names(&mut self, scope: &ScopeConfig) -> impl Future<Output = Result<Self::Entries, DirectoryError>> + Send;
+
+    /// Every entry in scope with the mapped attributes, read as the caller
+    /// consumes them.
+    fn entries(&mut self, scope: &ScopeConfig) -> impl Future<Output = Result<Self::Entries, DirectoryError>> + Send;
+
+    /// The in-scope entry with the given stable id, wherever it now is.
+    fn entry_by_id(
+        &mut self,
+        scope: &ScopeConfig,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<Entry>, DirectoryError>> + Send;
+
+    /// The in-scope entries whose naming attribute has `value`.
+    fn entries_named(
+        &mut self,
+        scope: &ScopeConfig,
+        value: &str,
+    ) -> impl Future<Output = Result<Vec<Entry>, DirectoryError>> + Send;
+
+    /// The in-scope entry with the given DN, if there is one.
+    fn entry_at(
+        &mut self,
+        scope: &ScopeConfig,
+        dn: &str,
+    ) -> impl Future<Output = Result<Option<Entry>, DirectoryError>> + Send;
+
+    fn add(
+        &mut self,
+        dn: &str,
+        attrs: &BTreeMap<String, Vec<String>>,
+    ) -> impl Future<Output = Result<(), DirectoryError>> + Send;
+
+    /// Applies the changes in one modify operation.
+    fn modify(&mut self, dn: &str, changes: Vec<AttrMod>) -> impl Future<Output = Result<(), DirectoryError>> + Send;
+
+    /// Gives the entry a new RDN under the same parent (the old RDN value goes).
+    fn rename(&mut self, dn: &str, new_rdn: &str) -> impl Future<Output = Result<(), DirectoryError>> + Send;
+
+    fn delete(&mut self, dn: &str) -> impl Future<Output = Result<(), DirectoryError>> + Send;
+}
+
+/// Entries of a read, as the caller consumes them.
+pub trait EntryStream: Send {
+    fn next(&mut self) -> impl Future<Output = Result<Option<Entry>, DirectoryError>> + Send;
+}
+
+impl DirectoryOps for Directory {
+    type Entries = Entries;
+
+    async fn names(&mut self, scope: &ScopeConfig) -> Result<Entries, DirectoryError> {
+        let attrs = vec![self.id_attribute.clone(), scope.naming.clone()];
+        self.paged(scope, "", attrs).await
+    }
+
+    async fn entry_by_id(&mut self, scope: &ScopeConfig, id: &str) -> Result<Option<Entry>, DirectoryError> {
+        let filter = format!("(&{}({}={}))", scope.filter, self.id_attribute, self.id_assertion(id));
+        Ok(self.search(scope, &filter).await?.into_iter().next())
+    }
+
+    async fn entries_named(&mut self, scope: &ScopeConfig, value: &str) -> Result<Vec<Entry>, DirectoryError> {
+        let filter = format!("(&{}({}={}))", scope.filter, scope.naming, ldap3::ldap_escape(value));
+        self.search(scope, &filter).await
+    }
+
+    async fn entry_at(&mut self, scope: &ScopeConfig, dn: &str) -> Result<Option<Entry>, DirectoryError> {
+        let result = self
+            .ldap
+            .search(dn, Scope::Base, &scope.filter, self.attributes(scope))
+            .await
+            .map_err(|e| DirectoryError::from_ldap("read", dn, e))?;
+        Ok(result
+            .0
+            .into_iter()
+            .find_map(|raw| self.entry(SearchEntry::construct(raw))))
+    }
+
+    async fn add(&mut self, dn: &str, attrs: &BTreeMap<String, Vec<String>>) -> Result<(), DirectoryError> {
+        let attrs: Vec<(String, HashSet<String>)> = attrs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.iter().cloned().collect()))
+            .collect();
+        check("add", dn, self.ldap.add(dn, attrs).await)
+    }
+
+    async fn modify(&mut self, dn: &str, changes: Vec<AttrMod>) -> Result<(), DirectoryError> {
+        let mods: Vec<Mod<String>> = changes
+            .into_iter()
+            .map(|change| match change {
+                AttrMod::Replace(attr, values) => Mod::Replace(attr, values.into_iter().collect()),
+                AttrMod::Add(attr, values) => Mod::Add(attr, values.into_iter().collect()),
+                AttrMod::Delete(attr, values) => Mod::Delete(attr, values.into_iter().collect()),
+            })
+            .collect();
+        check("modify", dn, self.ldap.modify(dn, mods).await)
+    }
+
+    async fn rename(&mut self, dn: &str, new_rdn: &str) -> Result<(), DirectoryError> {
+        check("modrdn", dn, self.ldap.modifydn(dn, new_rdn, true, None).await)
+    }
+
+    async fn delete(&mut self, dn: &str) -> Result<(), DirectoryError> {
+        check("delete", dn, self.ldap.delete(dn).await)
+    }
+
+    async fn entries(&mut self, scope: &ScopeConfig) -> Result<Entries, DirectoryError> {
+        self.stream(scope, "", &[]).await
+    }
+}
+
 /// Entries of a paged search, fetched a page at a time.
 pub struct Entries {
     stream: SearchStream<'static, String, Vec<String>>,
@@ -482,8 +539,8 @@ pub struct Entries {
     id_attribute: String,
 }
 
-impl Entries {
-    pub async fn next(&mut self) -> Result<Option<Entry>, DirectoryError> {
+impl EntryStream for Entries {
+    async fn next(&mut self) -> Result<Option<Entry>, DirectoryError> {
         loop {
             match self.stream.next().await.map_err(|e| search_error(&self.base, e))? {
                 Some(raw) => {

@@ -11,7 +11,7 @@ use clap::{Args, Subcommand};
 
 use super::output::outln;
 use crate::config::{Config, ConnectorConfig, Preset, Secret};
-use crate::directory::{Directory, PasswordKind};
+use crate::directory::{Directory, DirectoryOps, PasswordKind};
 use crate::model::{Category, ChangeSource, MEMBERS_FIELD, Values};
 use crate::store::{JournalEntry, JournalQuery, LocalObject, SqliteStore, Store, now};
 use crate::sync::engine::{self, LinkTarget, PassOptions, Report, is_secret_field};

@@ -12,7 +12,7 @@ pub mod syncrepl;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::ScopeConfig;
-use crate::directory::{Directory, DirectoryError};
+use crate::directory::{Directory, DirectoryError, EntryStream};
 
 use crate::model::{Departures, Mechanism};
 

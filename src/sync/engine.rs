@@ -16,7 +16,7 @@ use super::policy::{self, Outcome, Side};
 use super::progress::Progress;
 pub use super::report::Report;
 use crate::config::{ConnectorConfig, DeletePolicy, ScopeConfig};
-use crate::directory::{AttrMod, Directory, DirectoryError, Entries, Entry};
+use crate::directory::{AttrMod, DirectoryError, DirectoryOps, Entry, EntryStream};
 use crate::model::{
     Category, Change, ChangeEvent, ChangeSource, ConflictPolicy, Departures, Direction, ENABLED_FIELD, Fallback,
     MEMBERS_FIELD, NAME_FIELD, Values,
@@ -49,10 +49,10 @@ pub struct PassOptions {
 
 /// Runs one full sync pass of `connector` against its directory: every
 /// entry in scope is compared with its baseline.
-pub async fn run_pass<S: Store>(
+pub async fn run_pass<S: Store, D: DirectoryOps>(
     store: &mut S,
     connector: &ConnectorConfig,
-    directory: &mut Directory,
+    directory: &mut D,
     options: PassOptions,
     progress: &mut dyn Progress,
 ) -> Result<Report, SyncError> {
@@ -70,10 +70,10 @@ pub async fn run_pass<S: Store>(
 /// Applies one change event: the one object it concerns is matched,
 /// decided and written exactly as a full pass would. Idempotent, so a
 /// change seen twice (captured, then polled) is applied once.
-pub async fn apply_event<S: Store>(
+pub async fn apply_event<S: Store, D: DirectoryOps>(
     store: &mut S,
     connector: &ConnectorConfig,
-    directory: &mut Directory,
+    directory: &mut D,
     event: &ChangeEvent,
 ) -> Result<Report, SyncError> {
     let mut pass = Pass::new(store, connector, directory, event.source, PassOptions::default());
@@ -151,10 +151,10 @@ pub async fn apply_event<S: Store>(
 
 /// Applies what a poll reported about entries that left one category's
 /// scope, under the delete policy and the mass-delete guard.
-pub async fn apply_departures<S: Store>(
+pub async fn apply_departures<S: Store, D: DirectoryOps>(
     store: &mut S,
     connector: &ConnectorConfig,
-    directory: &mut Directory,
+    directory: &mut D,
     category: Category,
     departures: &Departures,
 ) -> Result<Report, SyncError> {
@@ -190,10 +190,10 @@ pub async fn apply_departures<S: Store>(
 /// the directory owns it and the delete is refused; otherwise the entry is
 /// deleted (`delete`), disabled with the object kept disabled (`disable`),
 /// or left in the directory (`ignore`), under the mass-delete guard.
-pub async fn delete_object<S: Store>(
+pub async fn delete_object<S: Store, D: DirectoryOps>(
     store: &mut S,
     connector: &ConnectorConfig,
-    directory: &mut Directory,
+    directory: &mut D,
     object: LocalObject,
     options: PassOptions,
     operator: &str,
@@ -227,7 +227,7 @@ pub async fn delete_object<S: Store>(
         )));
     }
     let detail = |dn: &str| serde_json::json!({ "dn": dn, "operator": operator, "policy": connector.delete.as_str() });
-    let delete_locally = |pass: &mut Pass<'_, S>, action: &str, dn: &str| {
+    let delete_locally = |pass: &mut Pass<'_, S, D>, action: &str, dn: &str| {
         let journal = pass.journal(category, &name, ChangeSource::Local, action, detail(dn));
         pass.commit(Commit {
             delete_object: Some(object.id),
@@ -311,10 +311,10 @@ pub enum LinkTarget {
 /// administrator's command). Refused when the object already has an
 /// association with this connector or the entry is associated with
 /// another object; the pair is then decided as at a first sync.
-pub async fn link<S: Store>(
+pub async fn link<S: Store, D: DirectoryOps>(
     store: &mut S,
     connector: &ConnectorConfig,
-    directory: &mut Directory,
+    directory: &mut D,
     category: Category,
     name: &str,
     target: &LinkTarget,
@@ -352,10 +352,10 @@ pub async fn link<S: Store>(
     Ok(pass.report)
 }
 
-struct Pass<'a, S: Store> {
+struct Pass<'a, S: Store, D: DirectoryOps> {
     store: &'a mut S,
     connector: &'a ConnectorConfig,
-    directory: &'a mut Directory,
+    directory: &'a mut D,
     options: PassOptions,
     /// Where the changes this pass handles were seen, for the journal.
     source: ChangeSource,
@@ -435,11 +435,11 @@ impl MemberIndex {
     }
 }
 
-impl<'a, S: Store> Pass<'a, S> {
+impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
     fn new(
         store: &'a mut S,
         connector: &'a ConnectorConfig,
-        directory: &'a mut Directory,
+        directory: &'a mut D,
         source: ChangeSource,
         options: PassOptions,
     ) -> Self {
@@ -531,7 +531,7 @@ impl<'a, S: Store> Pass<'a, S> {
         progress.category(category, total);
         let mut seen = HashSet::new();
         let mut matched_objects = HashSet::new();
-        let mut entries = self.directory.stream(scope, "", &[]).await?;
+        let mut entries = self.directory.entries(scope).await?;
         // The decisions about entries already received are committed
         // together; see `next_entry` and `apply` for when a batch ends.
         self.store.begin_batch();
@@ -567,7 +567,7 @@ impl<'a, S: Store> Pass<'a, S> {
     /// the batch is committed before waiting: the store's write lock is
     /// never held across the network (other connections to the store —
     /// the capture journal, the CLI — wait for it at most a few seconds).
-    async fn next_entry(&mut self, entries: &mut Entries) -> Result<Option<Entry>, SyncError> {
+    async fn next_entry(&mut self, entries: &mut D::Entries) -> Result<Option<Entry>, SyncError> {
         let mut next = std::pin::pin!(entries.next());
         let received = std::future::poll_fn(|cx| Poll::Ready(next.as_mut().poll(cx))).await;
         let entry = match received {
@@ -1503,3 +1503,6 @@ fn member_value(attr: &str, name: &str, members: &MemberIndex) -> String {
         _ => name.to_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests;
