@@ -453,6 +453,14 @@ impl ConnectorConfig {
         }
     }
 
+    /// The scope of one category, if the connector syncs it.
+    pub fn scope(&self, category: Category) -> Option<&ScopeConfig> {
+        match category {
+            Category::Account => self.accounts.as_ref(),
+            Category::Group => self.groups.as_ref(),
+        }
+    }
+
     /// The configured categories with their scopes.
     pub fn scopes(&self) -> impl Iterator<Item = (Category, &ScopeConfig)> {
         [(Category::Account, &self.accounts), (Category::Group, &self.groups)]

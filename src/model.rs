@@ -79,6 +79,42 @@ named! {
 }
 
 named! {
+    /// What a journal line records: a decision of the engine, or an
+    /// administrator's act.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+    #[serde(rename_all = "kebab-case")]
+    pub enum Action ("journal action") {
+        /// First sync matched an object and an entry by name.
+        Associated = "associated",
+        /// An administrator associated them (`association link`).
+        Linked = "linked",
+        CreatedLocal = "created-local",
+        CreatedLdap = "created-ldap",
+        Updated = "updated",
+        /// One side's edits were put back (a one-way direction).
+        Overwritten = "overwritten",
+        ConflictResolved = "conflict-resolved",
+        /// Both sides had made the same change: only the baseline moved.
+        Converged = "converged",
+        /// Only the entry's DN changed.
+        Moved = "moved",
+        Disputed = "disputed",
+        Failed = "failed",
+        Deleted = "deleted",
+        Disabled = "disabled",
+        /// The entry left the scope under `delete = "ignore"`.
+        EntryGoneIgnored = "entry-gone-ignored",
+        /// The mass-delete guard held the deletes.
+        DeleteRefused = "delete-refused",
+        LocalAdd = "local-add",
+        LocalEdit = "local-edit",
+        LocalDelete = "local-delete",
+        AssociationRemoved = "association-removed",
+        PasswordSet = "password-set",
+    }
+}
+
+named! {
     /// How a connector finds the directory's changes.
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
     #[serde(rename_all = "kebab-case")]

@@ -624,25 +624,13 @@ async fn connected<'a>(
 
 /// Counts what a report says was done, for the metrics.
 fn record(connector: &ConnectorConfig, source: ChangeSource, report: &Report) {
-    let outcomes = [
-        ("associated", report.associated),
-        ("created-local", report.created_local),
-        ("created-ldap", report.created_ldap),
-        ("updated", report.updated),
-        ("converged", report.converged),
-        ("disputed", report.disputed),
-        ("deleted", report.deleted),
-        ("disabled", report.disabled),
-        ("delete-refused", report.deletes_refused),
-        ("failed", report.failed),
-    ];
-    for (outcome, count) in outcomes.into_iter().filter(|(_, n)| *n > 0) {
+    for (action, count) in report.outcomes().into_iter().filter(|(_, n)| *n > 0) {
         METRICS
             .changes
             .get_or_create(&ChangeLabels {
                 connector: connector.name.clone(),
                 source: source.as_str(),
-                outcome,
+                outcome: action.as_str(),
             })
             .inc_by(count as u64);
     }

@@ -12,7 +12,7 @@ use clap::{Args, Subcommand};
 use super::output::outln;
 use crate::config::{Config, ConnectorConfig, Preset, Secret};
 use crate::directory::{Directory, DirectoryOps, PasswordKind};
-use crate::model::{Category, ChangeSource, MEMBERS_FIELD, Values};
+use crate::model::{Action, Category, ChangeSource, MEMBERS_FIELD, Values};
 use crate::store::{JournalEntry, JournalQuery, LocalObject, SqliteStore, Store, now};
 use crate::sync::engine::{self, LinkTarget, PassOptions, Report, is_secret_field};
 use crate::sync::progress::{Bar, Lines, Progress};
@@ -251,14 +251,14 @@ fn edited_fields(before: &Values, after: &Values) -> serde_json::Value {
     serde_json::Value::Object(changes)
 }
 
-fn local_journal(category: Category, name: &str, action: &str, detail: serde_json::Value) -> JournalEntry {
+fn local_journal(category: Category, name: &str, action: Action, detail: serde_json::Value) -> JournalEntry {
     JournalEntry {
         at: now(),
         connector: String::new(),
         category,
         object: name.to_owned(),
         source: ChangeSource::Local,
-        action: action.to_owned(),
+        action,
         policy: String::new(),
         detail: detail.to_string(),
     }
@@ -290,7 +290,10 @@ pub fn object(config: &Config, category: Category, command: ObjectCommand, json:
             };
             edit.apply(&mut object)?;
             let detail = serde_json::json!({ "fields": edited_fields(&Default::default(), &object.values) });
-            store.insert_object(&object, &local_journal(category, &object.name, "local-add", detail))?;
+            store.insert_object(
+                &object,
+                &local_journal(category, &object.name, Action::LocalAdd, detail),
+            )?;
             outln!("{category} {} added", object.name);
         }
         ObjectCommand::Set { name, edit } => {
@@ -303,7 +306,7 @@ pub fn object(config: &Config, category: Category, command: ObjectCommand, json:
                 "renamed": (before.name != object.name).then_some([&before.name, &object.name]),
                 "enabled": object.enabled,
             });
-            store.update_object(&object, &local_journal(category, &name, "local-edit", detail))?;
+            store.update_object(&object, &local_journal(category, &name, Action::LocalEdit, detail))?;
             outln!("{category} {} updated", object.name);
         }
         ObjectCommand::Rm {
@@ -318,7 +321,7 @@ pub fn object(config: &Config, category: Category, command: ObjectCommand, json:
                 .and_then(|a| config.connector(&a.connector))
             else {
                 let detail = serde_json::json!({ "operator": operator(), "forced": force });
-                store.delete_object(object.id, &local_journal(category, &name, "local-delete", detail))?;
+                store.delete_object(object.id, &local_journal(category, &name, Action::LocalDelete, detail))?;
                 outln!("{category} {name} removed");
                 return Ok(());
             };
@@ -446,7 +449,7 @@ pub fn association(config: &Config, command: AssociationCommand, json: bool) -> 
                 ..local_journal(
                     category,
                     &name,
-                    "association-removed",
+                    Action::AssociationRemoved,
                     serde_json::json!({ "operator": operator() }),
                 )
             };
@@ -564,7 +567,7 @@ pub fn password(config: &Config, name: &str, connector: &str) -> anyhow::Result<
         category: Category::Account,
         object: name.to_owned(),
         source: ChangeSource::Local,
-        action: "password-set".into(),
+        action: Action::PasswordSet,
         policy: String::new(),
         detail: serde_json::json!({ "dn": dn }).to_string(),
     };

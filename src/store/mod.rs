@@ -13,7 +13,7 @@ use thiserror::Error;
 
 pub use sqlite::SqliteStore;
 
-use crate::model::{Category, ChangeSource};
+use crate::model::{Action, Category, ChangeSource};
 use crate::model::{Mechanism, Values};
 
 #[derive(Debug, Error)]
@@ -101,7 +101,7 @@ pub struct JournalEntry {
     pub object: String,
     pub source: ChangeSource,
     /// What was decided: `associated`, `created-local`, `updated`, `disputed`, …
-    pub action: String,
+    pub action: Action,
     /// The policy in force, e.g. `both/local-wins`.
     pub policy: String,
     /// Details as JSON: the outcome, the fields that changed or were lost.
@@ -234,7 +234,7 @@ pub trait Store {
     fn association_count(&self, connector: &str, category: Category) -> Result<usize, StoreError>;
 
     /// Journal lines of a connector with one of `actions` since `since`.
-    fn count_journal(&self, connector: &str, actions: &[&str], since: i64) -> Result<usize, StoreError>;
+    fn count_journal(&self, connector: &str, actions: &[Action], since: i64) -> Result<usize, StoreError>;
 
     /// The local object associated with the entry last seen at `dn` (compared without case).
     fn object_associated_at(&self, connector: &str, dn: &str) -> Result<Option<LocalObject>, StoreError>;

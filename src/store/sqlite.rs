@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
-    Association, Capture, CaptureKind, Category, ChangeSource, Commit, ConnectorState, HeldDelete, JournalEntry,
-    JournalQuery, LocalObject, Store, StoreError, Watermark,
+    Association, Capture, CaptureKind, Commit, ConnectorState, HeldDelete, JournalEntry, JournalQuery, LocalObject,
+    Store, StoreError, Watermark,
 };
-use crate::model::Values;
+use crate::model::{Action, Category, ChangeSource, Values};
 
 /// Schema versions, applied in order; never edit one that has shipped.
 const MIGRATIONS: &[&str] = &[
@@ -361,7 +361,7 @@ fn write_journal(conn: &Connection, entry: &JournalEntry) -> Result<(), StoreErr
             entry.category.as_str(),
             entry.object,
             entry.source.as_str(),
-            entry.action,
+            entry.action.as_str(),
             entry.policy,
             entry.detail
         ],
@@ -632,7 +632,10 @@ impl Store for SqliteStore {
                     what: "journal source",
                     detail,
                 })?,
-                action,
+                action: action.parse::<Action>().map_err(|detail| StoreError::Corrupt {
+                    what: "journal action",
+                    detail,
+                })?,
                 policy,
                 detail,
             })
@@ -651,8 +654,8 @@ impl Store for SqliteStore {
         Ok(count as usize)
     }
 
-    fn count_journal(&self, connector: &str, actions: &[&str], since: i64) -> Result<usize, StoreError> {
-        let actions = serde_json::to_string(actions).expect("strings serialize");
+    fn count_journal(&self, connector: &str, actions: &[Action], since: i64) -> Result<usize, StoreError> {
+        let actions = serde_json::to_string(actions).expect("names serialize");
         let count: i64 = cached_row(
             &self.conn,
             "SELECT count(*) FROM journal WHERE connector = ?1 AND at >= ?2
@@ -973,14 +976,14 @@ mod tests {
     use super::*;
     use crate::store::now;
 
-    fn journal(object: &str, action: &str) -> JournalEntry {
+    fn journal(object: &str, action: Action) -> JournalEntry {
         JournalEntry {
             at: now(),
             connector: "c".into(),
             category: Category::Account,
             object: object.into(),
             source: ChangeSource::Local,
-            action: action.into(),
+            action,
             policy: "both/local-wins".into(),
             detail: "{}".into(),
         }
@@ -1013,21 +1016,23 @@ mod tests {
         let other = SqliteStore::open(&path).unwrap();
         store.begin_batch();
         store
-            .insert_object(&account("alice"), &journal("alice", "added"))
+            .insert_object(&account("alice"), &journal("alice", Action::LocalAdd))
             .unwrap();
         // A failed write undoes itself only, not the batch before it.
         assert!(matches!(
-            store.insert_object(&account("alice"), &journal("alice", "added again")),
+            store.insert_object(&account("alice"), &journal("alice", Action::LocalAdd)),
             Err(StoreError::Exists { .. })
         ));
-        store.insert_object(&account("bob"), &journal("bob", "added")).unwrap();
+        store
+            .insert_object(&account("bob"), &journal("bob", Action::LocalAdd))
+            .unwrap();
         assert_eq!(names(&store), ["alice", "bob"], "the batch reads its own writes");
         assert!(names(&other).is_empty(), "nothing is visible before the batch commits");
 
         store.commit_batch().unwrap();
         assert_eq!(names(&other), ["alice", "bob"]);
         store
-            .insert_object(&account("carol"), &journal("carol", "added"))
+            .insert_object(&account("carol"), &journal("carol", Action::LocalAdd))
             .unwrap();
         assert_eq!(names(&other), ["alice", "bob"]);
         store.end_batch().unwrap();
@@ -1040,13 +1045,13 @@ mod tests {
             .collect();
         assert_eq!(
             actions,
-            ["added", "added", "added"],
+            [Action::LocalAdd, Action::LocalAdd, Action::LocalAdd],
             "the failed write left no journal line"
         );
 
         // Outside a batch every write is its own transaction again.
         store
-            .insert_object(&account("dave"), &journal("dave", "added"))
+            .insert_object(&account("dave"), &journal("dave", Action::LocalAdd))
             .unwrap();
         assert_eq!(names(&other).len(), 4);
     }
@@ -1060,7 +1065,9 @@ mod tests {
         store.begin_batch();
         for i in 0..BATCH_WRITES + 10 {
             let name = format!("user{i:04}");
-            store.insert_object(&account(&name), &journal(&name, "added")).unwrap();
+            store
+                .insert_object(&account(&name), &journal(&name, Action::LocalAdd))
+                .unwrap();
         }
         assert_eq!(names(&other).len(), BATCH_WRITES);
         drop(store);
@@ -1081,9 +1088,11 @@ mod tests {
         };
         assert_eq!(store.last_edit().unwrap(), 0);
         let alice = store
-            .insert_object(&account("alice"), &journal("alice", "added"))
+            .insert_object(&account("alice"), &journal("alice", Action::LocalAdd))
             .unwrap();
-        store.insert_object(&account("bob"), &journal("bob", "added")).unwrap();
+        store
+            .insert_object(&account("bob"), &journal("bob", Action::LocalAdd))
+            .unwrap();
         let seen = store.last_edit().unwrap();
         assert_eq!(edited(&store, 0), ["alice", "bob"]);
         assert!(edited(&store, seen).is_empty());
@@ -1092,7 +1101,7 @@ mod tests {
         store
             .commit(Commit {
                 object: Some(account("carol")),
-                journal: vec![journal("carol", "created-local")],
+                journal: vec![journal("carol", Action::CreatedLocal)],
                 ..Commit::default()
             })
             .unwrap();
@@ -1100,18 +1109,20 @@ mod tests {
 
         let mut changed = store.object_by_id(alice).unwrap().unwrap();
         changed.values.insert("mail".into(), vec!["alice@example.org".into()]);
-        store.update_object(&changed, &journal("alice", "edited")).unwrap();
+        store
+            .update_object(&changed, &journal("alice", Action::LocalEdit))
+            .unwrap();
         assert_eq!(edited(&store, seen), ["alice"]);
         assert!(store.last_edit().unwrap() > seen);
 
         // Numbers never go back, even when the latest edited object goes.
         let bob = store.object(Category::Account, "bob").unwrap().unwrap();
         let mut dave = store.object(Category::Account, "carol").unwrap().unwrap();
-        store.update_object(&bob, &journal("bob", "edited")).unwrap();
+        store.update_object(&bob, &journal("bob", Action::LocalEdit)).unwrap();
         let seen = store.last_edit().unwrap();
-        store.delete_object(bob.id, &journal("bob", "deleted")).unwrap();
+        store.delete_object(bob.id, &journal("bob", Action::Deleted)).unwrap();
         dave.name = "dave".into();
-        store.update_object(&dave, &journal("dave", "renamed")).unwrap();
+        store.update_object(&dave, &journal("dave", Action::LocalEdit)).unwrap();
         assert_eq!(edited(&store, seen), ["dave"]);
     }
 
@@ -1121,10 +1132,10 @@ mod tests {
         let path = dir.path().join("db.sqlite");
         let mut store = SqliteStore::open(&path).unwrap();
         let id = store
-            .insert_object(&account("alice"), &journal("alice", "added"))
+            .insert_object(&account("alice"), &journal("alice", Action::LocalAdd))
             .unwrap();
         assert!(matches!(
-            store.insert_object(&account("alice"), &journal("alice", "added")),
+            store.insert_object(&account("alice"), &journal("alice", Action::LocalAdd)),
             Err(StoreError::Exists { .. })
         ));
         let created = store
@@ -1139,7 +1150,7 @@ mod tests {
                     synced_at: 1,
                     entry_gone: false,
                 }),
-                journal: vec![journal("bob", "created-local")],
+                journal: vec![journal("bob", Action::CreatedLocal)],
                 ..Commit::default()
             })
             .unwrap()
@@ -1158,12 +1169,12 @@ mod tests {
         assert_eq!(store.objects(Category::Account).unwrap().len(), 2);
         assert!(
             store
-                .remove_association("c", created, &journal("bob", "association-removed"))
+                .remove_association("c", created, &journal("bob", Action::AssociationRemoved))
                 .unwrap()
         );
         assert!(
             !store
-                .remove_association("c", created, &journal("bob", "association-removed"))
+                .remove_association("c", created, &journal("bob", Action::AssociationRemoved))
                 .unwrap()
         );
         let actions: Vec<_> = store
@@ -1172,14 +1183,17 @@ mod tests {
             .into_iter()
             .map(|e| e.action)
             .collect();
-        assert_eq!(actions, ["added", "created-local", "association-removed"]);
+        assert_eq!(
+            actions,
+            [Action::LocalAdd, Action::CreatedLocal, Action::AssociationRemoved]
+        );
         let last = store
             .journal(&JournalQuery {
                 limit: 1,
                 ..JournalQuery::default()
             })
             .unwrap();
-        assert_eq!(last[0].action, "association-removed");
+        assert_eq!(last[0].action, Action::AssociationRemoved);
     }
 
     #[test]
@@ -1187,11 +1201,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = SqliteStore::open(&dir.path().join("db")).unwrap();
         store
-            .insert_object(&account("alice"), &journal("alice", "added"))
+            .insert_object(&account("alice"), &journal("alice", Action::LocalAdd))
             .unwrap();
         let clash = store.commit(Commit {
             object: Some(account("alice")),
-            journal: vec![journal("alice", "created-local")],
+            journal: vec![journal("alice", Action::CreatedLocal)],
             ..Commit::default()
         });
         assert!(clash.is_err());

@@ -7,24 +7,24 @@
 //! which is what makes the engine's own directory writes, seen again by the
 //! next pass, harmless.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::task::Poll;
 
 use thiserror::Error;
 
+use super::guard::{Guard, Window};
+pub use super::mapping::is_secret_field;
+use super::mapping::{self, Mapping, MemberIndex};
 use super::policy::{self, Outcome, Side};
 use super::progress::Progress;
 pub use super::report::Report;
 use crate::config::{ConnectorConfig, DeletePolicy, ScopeConfig};
 use crate::directory::{AttrMod, DirectoryError, DirectoryOps, Entry, EntryStream};
 use crate::model::{
-    Category, Change, ChangeEvent, ChangeSource, ConflictPolicy, Departures, Direction, ENABLED_FIELD, Fallback,
-    MEMBERS_FIELD, NAME_FIELD, Values,
+    Action, Category, Change, ChangeEvent, ChangeSource, ConflictPolicy, Departures, Direction, ENABLED_FIELD,
+    Fallback, NAME_FIELD, Values,
 };
 use crate::store::{Association, Commit, JournalEntry, JournalQuery, LocalObject, Store, StoreError, now};
-
-/// ACCOUNTDISABLE, bit 2 of AD's userAccountControl.
-const ACCOUNT_DISABLED: i64 = 0x2;
 
 #[derive(Debug, Error)]
 pub enum SyncError {
@@ -59,7 +59,7 @@ pub async fn run_pass<S: Store, D: DirectoryOps>(
     let mut pass = Pass::new(store, connector, directory, ChangeSource::Poll, options);
     // Accounts first: group membership is translated through their associations.
     for category in [Category::Account, Category::Group] {
-        if let Some(scope) = scope_of(connector, category) {
+        if let Some(scope) = connector.scope(category) {
             pass.members = MemberIndex::build(&*pass.store, connector)?;
             pass.category(category, scope, progress).await?;
         }
@@ -78,7 +78,7 @@ pub async fn apply_event<S: Store, D: DirectoryOps>(
 ) -> Result<Report, SyncError> {
     let mut pass = Pass::new(store, connector, directory, event.source, PassOptions::default());
     let category = event.change.category();
-    let Some(scope) = scope_of(connector, category) else {
+    let Some(scope) = connector.scope(category) else {
         return Ok(pass.report);
     };
     let mapping = Mapping { scope, category };
@@ -159,7 +159,7 @@ pub async fn apply_departures<S: Store, D: DirectoryOps>(
     departures: &Departures,
 ) -> Result<Report, SyncError> {
     let mut pass = Pass::new(store, connector, directory, ChangeSource::Poll, PassOptions::default());
-    let Some(scope) = scope_of(connector, category) else {
+    let Some(scope) = connector.scope(category) else {
         return Ok(pass.report);
     };
     let mapping = Mapping { scope, category };
@@ -200,7 +200,8 @@ pub async fn delete_object<S: Store, D: DirectoryOps>(
 ) -> Result<Report, SyncError> {
     let (category, name) = (object.category, object.name.clone());
     let refused = |why: String| SyncError::Refused(format!("{category} {name} is not deleted: {why}"));
-    let scope = scope_of(connector, category)
+    let scope = connector
+        .scope(category)
         .ok_or_else(|| refused(format!("connector {} syncs no {category}s", connector.name)))?;
     let association = store
         .association_by_object(&connector.name, object.id)?
@@ -218,7 +219,7 @@ pub async fn delete_object<S: Store, D: DirectoryOps>(
         earlier,
         trips: guard_trips,
         ..
-    } = pass.guard(category, 1, Window::Recent)?;
+    } = Guard::check(&*pass.store, pass.connector, category, 1, Window::Recent)?;
     if entry.is_some() && connector.delete != DeletePolicy::Ignore && guard_trips && !options.confirm_deletes {
         return Err(refused(format!(
             "with the {earlier} deletes of the last hour that is over the mass-delete guard \
@@ -227,7 +228,7 @@ pub async fn delete_object<S: Store, D: DirectoryOps>(
         )));
     }
     let detail = |dn: &str| serde_json::json!({ "dn": dn, "operator": operator, "policy": connector.delete.as_str() });
-    let delete_locally = |pass: &mut Pass<'_, S, D>, action: &str, dn: &str| {
+    let delete_locally = |pass: &mut Pass<'_, S, D>, action: Action, dn: &str| {
         let journal = pass.journal(category, &name, ChangeSource::Local, action, detail(dn));
         pass.commit(Commit {
             delete_object: Some(object.id),
@@ -242,7 +243,7 @@ pub async fn delete_object<S: Store, D: DirectoryOps>(
             "deleted {category} {name}: its entry {} is gone already",
             association.dn
         ));
-        delete_locally(&mut pass, "deleted", &association.dn)?;
+        delete_locally(&mut pass, Action::Deleted, &association.dn)?;
         return Ok(pass.report);
     };
     match connector.delete {
@@ -256,14 +257,14 @@ pub async fn delete_object<S: Store, D: DirectoryOps>(
                     ""
                 }
             ));
-            delete_locally(&mut pass, "local-delete", &entry.dn)?;
+            delete_locally(&mut pass, Action::LocalDelete, &entry.dn)?;
         }
         DeletePolicy::Delete => {
             pass.directory.delete(&entry.dn).await?;
             pass.report.deleted += 1;
             pass.report
                 .say(format!("deleted {category} {name} and its entry {}", entry.dn));
-            delete_locally(&mut pass, "deleted", &entry.dn)?;
+            delete_locally(&mut pass, Action::Deleted, &entry.dn)?;
         }
         DeletePolicy::Disable => {
             if scope.account_control.is_none() {
@@ -273,27 +274,17 @@ pub async fn delete_object<S: Store, D: DirectoryOps>(
             }
             let mapping = Mapping { scope, category };
             pass.members = MemberIndex::for_pair(&*pass.store, connector, &mapping, Some(&entry), Some(&object))?;
-            let ldap = mapping.ldap_values(&entry, &pass.members);
             let mut disabled = object;
             disabled.enabled = false;
-            let local = mapping.local_values(&disabled);
-            let mut result = ldap.clone();
+            let pair = Pair::new(&mapping, disabled, &entry, &pass.members);
+            let mut result = pair.ldap.clone();
             result.insert(ENABLED_FIELD.into(), vec!["false".into()]);
             pass.report.disabled += 1;
             pass.report
                 .say(format!("disabled {category} {name} and its entry {}", entry.dn));
             let journal_detail = detail(&entry.dn);
-            pass.apply(
-                &mapping,
-                disabled,
-                &entry,
-                &local,
-                &ldap,
-                result,
-                "disabled",
-                journal_detail,
-            )
-            .await?;
+            pass.apply(&mapping, pair, result, Action::Disabled, journal_detail)
+                .await?;
         }
     }
     Ok(pass.report)
@@ -321,7 +312,8 @@ pub async fn link<S: Store, D: DirectoryOps>(
     operator: &str,
 ) -> Result<Report, SyncError> {
     let refused = |why: String| SyncError::Refused(format!("cannot link {category} {name}: {why}"));
-    let scope = scope_of(connector, category)
+    let scope = connector
+        .scope(category)
         .ok_or_else(|| refused(format!("connector {} syncs no {category}s", connector.name)))?;
     let object = store
         .object(category, name)?
@@ -348,8 +340,28 @@ pub async fn link<S: Store, D: DirectoryOps>(
     let mapping = Mapping { scope, category };
     pass.members = MemberIndex::for_pair(&*pass.store, connector, &mapping, Some(&entry), Some(&object))?;
     let detail = serde_json::json!({ "operator": operator });
-    pass.associate(&mapping, object, &entry, "linked", detail).await?;
+    pass.associate(&mapping, object, &entry, Action::Linked, detail).await?;
     Ok(pass.report)
+}
+
+/// A local object and a directory entry decided together, with each
+/// side's mapped values.
+struct Pair<'e> {
+    object: LocalObject,
+    entry: &'e Entry,
+    local: Values,
+    ldap: Values,
+}
+
+impl<'e> Pair<'e> {
+    fn new(mapping: &Mapping<'_>, object: LocalObject, entry: &'e Entry, members: &MemberIndex) -> Pair<'e> {
+        Pair {
+            local: mapping.local_values(&object),
+            ldap: mapping.ldap_values(entry, members),
+            object,
+            entry,
+        }
+    }
 }
 
 struct Pass<'a, S: Store, D: DirectoryOps> {
@@ -363,76 +375,6 @@ struct Pass<'a, S: Store, D: DirectoryOps> {
     members: MemberIndex,
     /// The objects whose delete the guard holds; read when first needed.
     held: Option<HashSet<i64>>,
-}
-
-/// Account DN ↔ name, for translating group membership.
-#[derive(Default)]
-struct MemberIndex {
-    by_dn: HashMap<String, String>,
-    by_name: HashMap<String, String>,
-    /// Naming attribute and base of accounts, for members not associated yet.
-    accounts: Option<(String, String)>,
-}
-
-impl MemberIndex {
-    fn empty(connector: &ConnectorConfig) -> MemberIndex {
-        MemberIndex {
-            accounts: connector
-                .accounts
-                .as_ref()
-                .map(|s| (s.rdn().to_owned(), s.base.clone())),
-            ..MemberIndex::default()
-        }
-    }
-
-    /// Only the members one entry and one object name: what a single
-    /// change needs, without reading every association.
-    fn for_pair<S: Store>(
-        store: &S,
-        connector: &ConnectorConfig,
-        mapping: &Mapping<'_>,
-        entry: Option<&Entry>,
-        object: Option<&LocalObject>,
-    ) -> Result<MemberIndex, StoreError> {
-        let mut index = MemberIndex::empty(connector);
-        let Some(attr) = &mapping.scope.membership else {
-            return Ok(index);
-        };
-        for dn in entry.map(|e| e.get(attr)).unwrap_or_default() {
-            if let Some(account) = store.object_associated_at(&connector.name, dn)?
-                && account.category == Category::Account
-            {
-                index.by_dn.insert(crate::dn::key(dn), account.name.clone());
-                index.by_name.insert(account.name, dn.clone());
-            }
-        }
-        let names = object
-            .and_then(|o| o.values.get(MEMBERS_FIELD))
-            .cloned()
-            .unwrap_or_default();
-        for name in names {
-            if let Some(account) = store.object(Category::Account, &name)?
-                && let Some(a) = store.association_by_object(&connector.name, account.id)?
-            {
-                index.by_dn.insert(crate::dn::key(&a.dn), name.clone());
-                index.by_name.insert(name, a.dn);
-            }
-        }
-        Ok(index)
-    }
-
-    fn build<S: Store>(store: &S, connector: &ConnectorConfig) -> Result<MemberIndex, StoreError> {
-        let mut index = MemberIndex::empty(connector);
-        for a in store.associations(Some(&connector.name))? {
-            if let Some(object) = store.object_by_id(a.object_id)?
-                && object.category == Category::Account
-            {
-                index.by_dn.insert(crate::dn::key(&a.dn), object.name.clone());
-                index.by_name.insert(object.name, a.dn);
-            }
-        }
-        Ok(index)
-    }
 }
 
 impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
@@ -467,7 +409,7 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
         category: Category,
         object: &str,
         source: ChangeSource,
-        action: &str,
+        action: Action,
         detail: serde_json::Value,
     ) -> JournalEntry {
         JournalEntry {
@@ -476,7 +418,7 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
             category,
             object: object.to_owned(),
             source,
-            action: action.to_owned(),
+            action,
             policy: self.policy_name(),
             detail: detail.to_string(),
         }
@@ -510,6 +452,19 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
         .map(|_| ())
     }
 
+    /// Leaves an object or entry alone, never guessing: said in the report
+    /// (once per object) and journaled (once while it stands).
+    fn dispute(
+        &mut self,
+        category: Category,
+        key: &str,
+        line: String,
+        detail: serde_json::Value,
+    ) -> Result<(), StoreError> {
+        self.report.dispute(category, key.to_owned(), line);
+        self.journal_once(self.journal(category, key, self.source, Action::Disputed, detail))
+    }
+
     /// Compares every entry of the scope with its baseline, a page at a time.
     async fn category(
         &mut self,
@@ -524,7 +479,7 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
         let mut names = self.directory.names(scope).await?;
         while let Some(entry) = names.next().await? {
             total += 1;
-            if let Some(name) = naming_value(&mapping, &entry) {
+            if let Some(name) = mapping.name_of(&entry) {
                 *naming_counts.entry(name).or_default() += 1;
             }
         }
@@ -542,8 +497,9 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
                     matched_objects.insert(association.object_id);
                     self.reconcile(&mapping, association, &entry).await?;
                 } else {
-                    let name_taken =
-                        naming_value(&mapping, &entry).is_some_and(|n| naming_counts.get(&n).copied().unwrap_or(0) > 1);
+                    let name_taken = mapping
+                        .name_of(&entry)
+                        .is_some_and(|n| naming_counts.get(&n).copied().unwrap_or(0) > 1);
                     if let Some(id) = self.first_sync(&mapping, &entry, name_taken).await? {
                         matched_objects.insert(id);
                     }
@@ -585,7 +541,7 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
         if let Some(association) = self.store.association_by_entry(&self.connector.name, &entry.id)? {
             return self.reconcile(mapping, association, entry).await;
         }
-        let name_taken = match naming_value(mapping, entry) {
+        let name_taken = match mapping.name_of(entry) {
             Some(name) => self.directory.entries_named(mapping.scope, &name).await?.len() > 1,
             None => false,
         };
@@ -604,12 +560,8 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
         let Some(name) = entry.get(&mapping.scope.naming).first().cloned() else {
             let detail =
                 serde_json::json!({ "dn": entry.dn, "reason": format!("entry has no {}", mapping.scope.naming) });
-            self.report.dispute(
-                category,
-                entry.dn.clone(),
-                format!("disputed {category} at {}: no {} value", entry.dn, mapping.scope.naming),
-            );
-            self.journal_once(self.journal(category, &entry.dn, self.source, "disputed", detail))?;
+            let line = format!("disputed {category} at {}: no {} value", entry.dn, mapping.scope.naming);
+            self.dispute(category, &entry.dn, line, detail)?;
             return Ok(None);
         };
         let associated_elsewhere = match self.store.object(category, &name)? {
@@ -623,15 +575,11 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
                 "dn": entry.dn,
                 "reason": format!("{name} is associated with entry {} ({}) of connector {}", other.entry_id, other.dn, other.connector),
             });
-            self.report.dispute(
-                category,
-                entry.dn.clone(),
-                format!(
-                    "disputed {category} entry {}: its {}={name} names {category} {name}, which is associated with {}",
-                    entry.dn, mapping.scope.naming, other.dn
-                ),
+            let line = format!(
+                "disputed {category} entry {}: its {}={name} names {category} {name}, which is associated with {}",
+                entry.dn, mapping.scope.naming, other.dn
             );
-            self.journal_once(self.journal(category, &entry.dn, self.source, "disputed", detail))?;
+            self.dispute(category, &entry.dn, line, detail)?;
             return Ok(Some(object_id));
         }
         if name_taken {
@@ -654,26 +602,22 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
                 "reason": format!("several entries have {}={name}", mapping.scope.naming),
                 "candidates": candidates,
             });
-            self.report.dispute(
-                category,
-                name.clone(),
-                format!(
-                    "disputed {category} {name}: {} directory entries have {}={name} ({}); \
-                     resolve with `ldapsync association link {name} --connector {} --dn DN`",
-                    candidates.len(),
-                    mapping.scope.naming,
-                    candidates.join("; "),
-                    self.connector.name
-                ),
+            let line = format!(
+                "disputed {category} {name}: {} directory entries have {}={name} ({}); \
+                 resolve with `ldapsync association link {name} --connector {} --dn DN`",
+                candidates.len(),
+                mapping.scope.naming,
+                candidates.join("; "),
+                self.connector.name
             );
-            self.journal_once(self.journal(category, &name, self.source, "disputed", detail))?;
+            self.dispute(category, &name, line, detail)?;
             return Ok(self.store.object(category, &name)?.map(|o| o.id));
         }
         let ldap_values = mapping.ldap_values(entry, &self.members);
         match self.store.object(category, &name)? {
             Some(object) => {
                 let object_id = object.id;
-                self.associate(mapping, object, entry, "associated", serde_json::json!({}))
+                self.associate(mapping, object, entry, Action::Associated, serde_json::json!({}))
                     .await?;
                 Ok(Some(object_id))
             }
@@ -695,7 +639,7 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
                     category,
                     &name,
                     self.source,
-                    "created-local",
+                    Action::CreatedLocal,
                     serde_json::json!({ "dn": entry.dn, "entry_id": entry.id }),
                 );
                 let id = self.commit(Commit {
@@ -716,39 +660,28 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
         mapping: &Mapping<'_>,
         object: LocalObject,
         entry: &Entry,
-        action: &str,
+        action: Action,
         mut detail: serde_json::Value,
     ) -> Result<(), SyncError> {
-        let ldap_values = mapping.ldap_values(entry, &self.members);
-        let local_values = mapping.local_values(&object);
+        let pair = Pair::new(mapping, object, entry, &self.members);
         let side = initial_side(self.connector.direction, self.connector.conflict_policy());
         let result = match side {
-            Side::Local => local_values.clone(),
-            Side::Ldap => ldap_values.clone(),
+            Side::Local => pair.local.clone(),
+            Side::Ldap => pair.ldap.clone(),
         };
         self.report.associated += 1;
         self.report.say(format!(
             "associate {} {} with {} ({} values kept)",
             mapping.category,
-            object.name,
+            pair.object.name,
             entry.dn,
             side_name(side)
         ));
         detail["dn"] = entry.dn.clone().into();
         detail["entry_id"] = entry.id.clone().into();
         detail["kept"] = side_name(side).into();
-        detail["changes"] = mapping.value_changes(&Values::new(), &local_values, &ldap_values, &result);
-        self.apply(
-            mapping,
-            object,
-            entry,
-            &local_values,
-            &ldap_values,
-            result,
-            action,
-            detail,
-        )
-        .await
+        detail["changes"] = mapping.value_changes(&Values::new(), &pair.local, &pair.ldap, &result);
+        self.apply(mapping, pair, result, action, detail).await
     }
 
     fn association(&self, object_id: i64, entry: &Entry, baseline: Values) -> Association {
@@ -775,65 +708,68 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
         };
         // The entry is in scope: a delete held for it is moot.
         self.release_hold(object.id)?;
-        let local = mapping.local_values(&object);
-        let ldap = mapping.ldap_values(entry, &self.members);
+        let pair = Pair::new(mapping, object, entry, &self.members);
+        let (local, ldap) = (&pair.local, &pair.ldap);
         let decision = policy::decide(
             self.connector.direction,
             self.connector.conflict_policy(),
             &mapping.fields(),
             &association.baseline,
-            &local,
-            &ldap,
+            local,
+            ldap,
         );
         let moved = association.dn != entry.dn || association.entry_gone;
-        let unchanged = decision.result == local && decision.result == ldap && decision.result == association.baseline;
+        let unchanged =
+            decision.result == *local && decision.result == *ldap && decision.result == association.baseline;
         if unchanged && !moved {
             return Ok(());
         }
         // Nothing to write on either side: both made the same change (or
         // only the DN moved), and only the baseline follows.
-        let writes_nothing = decision.result == local && decision.result == ldap;
+        let writes_nothing = decision.result == *local && decision.result == *ldap;
         let action = match &decision.outcome {
             Outcome::ConflictResolved { .. } | Outcome::Merged => {
                 self.report.conflicts += 1;
-                "conflict-resolved"
+                Action::ConflictResolved
             }
-            Outcome::Overwritten { .. } => "overwritten",
-            _ if writes_nothing && decision.result != association.baseline => "converged",
-            _ if writes_nothing => "moved",
-            _ => "updated",
+            Outcome::Overwritten { .. } => Action::Overwritten,
+            _ if writes_nothing && decision.result != association.baseline => Action::Converged,
+            _ if writes_nothing => Action::Moved,
+            _ => Action::Updated,
         };
         match action {
-            "moved" => {}
-            "converged" => self.report.converged += 1,
+            Action::Moved => {}
+            Action::Converged => self.report.converged += 1,
             _ => self.report.updated += 1,
         }
         self.report.say(format!(
             "{action} {} {}: {}",
             mapping.category,
-            object.name,
+            pair.object.name,
             describe(&decision.outcome)
         ));
-        let changes = mapping.value_changes(&association.baseline, &local, &ldap, &decision.result);
+        let changes = mapping.value_changes(&association.baseline, local, ldap, &decision.result);
         let detail = serde_json::json!({ "dn": entry.dn, "outcome": decision.outcome, "changes": changes });
-        self.apply(mapping, object, entry, &local, &ldap, decision.result, action, detail)
-            .await
+        self.apply(mapping, pair, decision.result, action, detail).await
     }
 
     /// Writes `result` to whichever side differs, then commits the local
     /// object, the baseline and the journal line together.
-    #[allow(clippy::too_many_arguments)]
     async fn apply(
         &mut self,
         mapping: &Mapping<'_>,
-        object: LocalObject,
-        entry: &Entry,
-        local: &Values,
-        ldap: &Values,
+        pair: Pair<'_>,
         result: Values,
-        action: &str,
+        action: Action,
         detail: serde_json::Value,
     ) -> Result<(), SyncError> {
+        let Pair {
+            object,
+            entry,
+            local,
+            ldap,
+        } = pair;
+        let (local, ldap) = (&local, &ldap);
         let category = mapping.category;
         let name = object.name.clone();
         let mut dn = entry.dn.clone();
@@ -852,7 +788,7 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
                     self.report.say(format!("failed {category} {name}: {e}"));
                     let detail = serde_json::json!({ "dn": entry.dn, "error": e.to_string() });
                     self.commit(Commit {
-                        journal: vec![self.journal(category, &name, self.source, "failed", detail)],
+                        journal: vec![self.journal(category, &name, self.source, Action::Failed, detail)],
                         ..Commit::default()
                     })?;
                     return Ok(());
@@ -925,11 +861,7 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
             && result.get(ENABLED_FIELD) != ldap.get(ENABLED_FIELD)
             && let Some(enabled) = result.get(ENABLED_FIELD).and_then(|v| v.first())
         {
-            let flags = if enabled == "true" {
-                flags & !ACCOUNT_DISABLED
-            } else {
-                flags | ACCOUNT_DISABLED
-            };
+            let flags = mapping::account_flags_with(flags, enabled == "true");
             mods.push(AttrMod::Replace(attr.clone(), vec![flags.to_string()]));
         }
         let mut dn = dn.to_owned();
@@ -978,7 +910,7 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
                 mapping.category,
                 "*",
                 self.source,
-                "delete-refused",
+                Action::DeleteRefused,
                 detail,
             ))?);
         }
@@ -1001,7 +933,7 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
             earlier,
             total,
             trips: guard_trips,
-        } = self.guard(mapping.category, gone.len(), window)?;
+        } = Guard::check(&*self.store, self.connector, mapping.category, gone.len(), window)?;
         let count = earlier + gone.len();
         if policy != DeletePolicy::Ignore && guard_trips && !self.options.confirm_deletes {
             self.report.deletes_refused += gone.len();
@@ -1030,7 +962,7 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
                 "associated": total,
                 "objects": gone.iter().map(|(_, o)| &o.name).collect::<Vec<_>>(),
             });
-            self.journal_once(self.journal(category, "*", self.source, "delete-refused", detail))?;
+            self.journal_once(self.journal(category, "*", self.source, Action::DeleteRefused, detail))?;
             if !self.options.dry_run {
                 let held: Vec<Association> = gone.into_iter().map(|(a, _)| a).collect();
                 self.store.hold_deletes(&held)?;
@@ -1042,7 +974,7 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
             association.entry_gone = true;
             let (action, commit) = match policy {
                 DeletePolicy::Ignore => (
-                    "entry-gone-ignored",
+                    Action::EntryGoneIgnored,
                     Commit {
                         association: Some(association.clone()),
                         ..Commit::default()
@@ -1052,7 +984,7 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
                     self.report.disabled += 1;
                     object.enabled = false;
                     (
-                        "disabled",
+                        Action::Disabled,
                         Commit {
                             object: Some(object),
                             association: Some(association.clone()),
@@ -1063,7 +995,7 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
                 DeletePolicy::Delete => {
                     self.report.deleted += 1;
                     (
-                        "deleted",
+                        Action::Deleted,
                         Commit {
                             delete_object: Some(association.object_id),
                             ..Commit::default()
@@ -1084,24 +1016,6 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
             self.release_hold(association.object_id)?;
         }
         Ok(())
-    }
-
-    /// The mass-delete guard for deleting (or disabling) `deleting` more
-    /// objects of `category`. Deletes seen one poll or capture at a time
-    /// are counted together with the others of the last hour, so a slow
-    /// mass delete trips too.
-    fn guard(&self, category: Category, deleting: usize, window: Window) -> Result<Guard, StoreError> {
-        let total = self.store.association_count(&self.connector.name, category)?;
-        let earlier = match window {
-            Window::Pass => 0,
-            Window::Recent => self
-                .store
-                .count_journal(&self.connector.name, &["deleted", "disabled"], now() - 3600)?,
-        };
-        let count = earlier + deleting;
-        let trips =
-            count > self.connector.max_deletes || count * 100 > usize::from(self.connector.max_delete_percent) * total;
-        Ok(Guard { earlier, total, trips })
     }
 
     /// Forgets a held delete of this object, if there is one: its entry is
@@ -1191,7 +1105,7 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
                 let baseline = mapping.ldap_values(&entry, &self.members);
                 let detail = serde_json::json!({ "dn": entry.dn, "entry_id": entry.id });
                 (
-                    "created-ldap",
+                    Action::CreatedLdap,
                     detail,
                     Some(self.association(object.id, &entry, baseline)),
                 )
@@ -1200,13 +1114,17 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
                 self.report.failed += 1;
                 let detail =
                     serde_json::json!({ "dn": dn, "error": "created entry is outside the connector's filter" });
-                ("failed", detail, None)
+                (Action::Failed, detail, None)
             }
             Err(e) => {
                 self.report.failed += 1;
                 self.report
                     .say(format!("failed {} {}: {e}", mapping.category, object.name));
-                ("failed", serde_json::json!({ "dn": dn, "error": e.to_string() }), None)
+                (
+                    Action::Failed,
+                    serde_json::json!({ "dn": dn, "error": e.to_string() }),
+                    None,
+                )
             }
         };
         let journal = self.journal(mapping.category, &object.name, ChangeSource::Local, action, detail);
@@ -1217,24 +1135,6 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
         })?;
         Ok(())
     }
-}
-
-/// What the mass-delete guard says of a delete.
-struct Guard {
-    /// Deletes of the window applied already.
-    earlier: usize,
-    /// The connector's associated objects of the category.
-    total: usize,
-    trips: bool,
-}
-
-/// Which deletes the mass-delete guard counts together.
-#[derive(Debug, Clone, Copy)]
-enum Window {
-    /// Those of one full pass.
-    Pass,
-    /// Those of the last hour, for deletes seen one capture or poll at a time.
-    Recent,
 }
 
 /// Local objects edited since their last sync, and local objects no
@@ -1265,18 +1165,6 @@ pub fn local_changes<S: Store>(
         }
     }
     Ok(events)
-}
-
-fn scope_of(connector: &ConnectorConfig, category: Category) -> Option<&ScopeConfig> {
-    match category {
-        Category::Account => connector.accounts.as_ref(),
-        Category::Group => connector.groups.as_ref(),
-    }
-}
-
-/// The entry's name, lowercased for comparison (LDAP names compare without case).
-fn naming_value(mapping: &Mapping<'_>, entry: &Entry) -> Option<String> {
-    entry.get(&mapping.scope.naming).first().map(|n| n.to_lowercase())
 }
 
 /// On first association there is no baseline: the side whose values are kept.
@@ -1321,186 +1209,6 @@ fn describe(outcome: &Outcome) -> String {
             list(local_lost),
             list(ldap_lost)
         ),
-    }
-}
-
-/// One category's attribute mapping.
-struct Mapping<'a> {
-    scope: &'a ScopeConfig,
-    category: Category,
-}
-
-/// Directory attributes whose values are secrets: a field fed by one is
-/// journaled by name only.
-const SECRET_ATTRIBUTES: [&str; 6] = [
-    "userPassword",
-    "unicodePwd",
-    "authPassword",
-    "sambaNTPassword",
-    "sambaLMPassword",
-    "krbPrincipalKey",
-];
-
-/// A local field whose values must never reach the journal.
-pub fn is_secret_field(field: &str) -> bool {
-    let field = field.to_lowercase();
-    field.contains("password") || field.contains("secret")
-}
-
-impl Mapping<'_> {
-    fn is_secret(&self, field: &str) -> bool {
-        is_secret_field(field)
-            || self
-                .scope
-                .map
-                .iter()
-                .any(|(attr, f)| f == field && SECRET_ATTRIBUTES.iter().any(|s| s.eq_ignore_ascii_case(attr)))
-    }
-
-    /// Each field where the baseline, the two sides and the result do not
-    /// all agree, with those values, for the journal: what a policy threw
-    /// away is recorded, not only that something changed.
-    fn value_changes(&self, baseline: &Values, local: &Values, ldap: &Values, result: &Values) -> serde_json::Value {
-        let mut changes = serde_json::Map::new();
-        for field in self.fields() {
-            let get = |values: &Values| values.get(&field).cloned().unwrap_or_default();
-            let (b, l, d, r) = (get(baseline), get(local), get(ldap), get(result));
-            if b == l && l == d && d == r {
-                continue;
-            }
-            let entry = if self.is_secret(&field) {
-                serde_json::json!("(secret: values not journaled)")
-            } else {
-                serde_json::json!({ "baseline": b, "local": l, "directory": d, "result": r })
-            };
-            changes.insert(field, entry);
-        }
-        serde_json::Value::Object(changes)
-    }
-
-    /// The local fields compared and synced.
-    fn fields(&self) -> BTreeSet<String> {
-        let mut fields: BTreeSet<String> = self.scope.map.values().cloned().collect();
-        fields.insert(NAME_FIELD.into());
-        if self.scope.membership.is_some() {
-            fields.insert(MEMBERS_FIELD.into());
-        }
-        if self.scope.account_control.is_some() {
-            fields.insert(ENABLED_FIELD.into());
-        }
-        fields
-    }
-
-    fn local_values(&self, object: &LocalObject) -> Values {
-        let mut values: Values = self
-            .fields()
-            .into_iter()
-            .filter_map(|f| object.values.get(&f).map(|v| (f, normalized(v.clone()))))
-            .filter(|(_, v)| !v.is_empty())
-            .collect();
-        values.insert(NAME_FIELD.into(), vec![object.name.clone()]);
-        if self.scope.account_control.is_some() {
-            values.insert(ENABLED_FIELD.into(), vec![object.enabled.to_string()]);
-        }
-        values
-    }
-
-    fn ldap_values(&self, entry: &Entry, members: &MemberIndex) -> Values {
-        let mut values = Values::new();
-        let mut put = |field: &str, v: Vec<String>| {
-            let v = normalized(v);
-            if !v.is_empty() {
-                values.insert(field.to_owned(), v);
-            }
-        };
-        put(
-            NAME_FIELD,
-            entry.get(&self.scope.naming).iter().take(1).cloned().collect(),
-        );
-        for (attr, field) in &self.scope.map {
-            put(field, entry.get(attr).to_vec());
-        }
-        if let Some(attr) = &self.scope.membership {
-            let names = entry.get(attr).iter().map(|m| member_name(attr, m, members)).collect();
-            put(MEMBERS_FIELD, names);
-        }
-        if let Some(flags) = self.account_flags(entry) {
-            put(ENABLED_FIELD, vec![(flags & ACCOUNT_DISABLED == 0).to_string()]);
-        }
-        values
-    }
-
-    /// The entry's account control flags, when the scope maps them.
-    fn account_flags(&self, entry: &Entry) -> Option<i64> {
-        let attr = self.scope.account_control.as_ref()?;
-        entry.get(attr).first()?.parse().ok()
-    }
-
-    fn to_attributes(&self, values: &Values, members: &MemberIndex) -> BTreeMap<String, Vec<String>> {
-        let mut attrs = BTreeMap::new();
-        if let Some(name) = values.get(NAME_FIELD) {
-            attrs.insert(self.scope.naming.clone(), name.clone());
-        }
-        for (attr, field) in &self.scope.map {
-            attrs.insert(attr.clone(), values.get(field).cloned().unwrap_or_default());
-        }
-        if let Some(attr) = &self.scope.membership {
-            let names = values.get(MEMBERS_FIELD).cloned().unwrap_or_default();
-            let dns = names.iter().map(|n| member_value(attr, n, members)).collect();
-            attrs.insert(attr.clone(), normalized(dns));
-        }
-        attrs
-    }
-
-    /// The object with its synced fields set to `result` (others untouched).
-    fn apply_to_object(&self, mut object: LocalObject, result: &Values) -> LocalObject {
-        for field in self.fields() {
-            match result.get(&field) {
-                Some(v) if field == NAME_FIELD => object.name = v[0].clone(),
-                Some(v) if field == ENABLED_FIELD => object.enabled = v[0] == "true",
-                None if field == ENABLED_FIELD => {}
-                Some(v) => {
-                    object.values.insert(field, v.clone());
-                }
-                None => {
-                    object.values.remove(&field);
-                }
-            }
-        }
-        object
-    }
-}
-
-fn normalized(mut values: Vec<String>) -> Vec<String> {
-    values.sort();
-    values.dedup();
-    values
-}
-
-/// A directory member value as a local member name.
-fn member_name(attr: &str, value: &str, members: &MemberIndex) -> String {
-    if attr.eq_ignore_ascii_case("memberUid") {
-        return value.to_owned();
-    }
-    members
-        .by_dn
-        .get(&crate::dn::key(value))
-        .cloned()
-        // Members nobody is associated with stay as DNs, so they round-trip.
-        .unwrap_or_else(|| value.to_owned())
-}
-
-/// A local member name as a directory member value.
-fn member_value(attr: &str, name: &str, members: &MemberIndex) -> String {
-    if attr.eq_ignore_ascii_case("memberUid") {
-        return name.to_owned();
-    }
-    if let Some(dn) = members.by_name.get(name) {
-        return dn.clone();
-    }
-    match &members.accounts {
-        Some((naming, base)) if !name.contains('=') => format!("{naming}={},{base}", ldap3::dn_escape(name)),
-        _ => name.to_owned(),
     }
 }
 

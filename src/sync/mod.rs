@@ -2,6 +2,8 @@
 //! the local store and the directory in step.
 
 pub mod engine;
+mod guard;
+mod mapping;
 pub mod policy;
 pub mod progress;
 pub mod report;

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::model::Category;
+use crate::model::{Action, Category};
 use crate::store::HeldDelete;
 
 /// What a pass did (or, in a dry run, would do).
@@ -48,6 +48,22 @@ fn dispute_lines<S: serde::Serializer>(
 impl Report {
     pub(super) fn say(&mut self, line: String) {
         self.lines.push(line);
+    }
+
+    /// The counts by the journal action they count, for the metrics.
+    pub fn outcomes(&self) -> [(Action, usize); 10] {
+        [
+            (Action::Associated, self.associated),
+            (Action::CreatedLocal, self.created_local),
+            (Action::CreatedLdap, self.created_ldap),
+            (Action::Updated, self.updated),
+            (Action::Converged, self.converged),
+            (Action::Disputed, self.disputed),
+            (Action::Deleted, self.deleted),
+            (Action::Disabled, self.disabled),
+            (Action::DeleteRefused, self.deletes_refused),
+            (Action::Failed, self.failed),
+        ]
     }
 
     /// Adds another report's counts and lines to this one.

@@ -9,6 +9,7 @@ use super::*;
 use crate::config::Config;
 use crate::directory::{AttrMod, DirectoryError, DirectoryOps, Entry, EntryStream};
 use crate::dn;
+use crate::model::MEMBERS_FIELD;
 use crate::store::SqliteStore;
 use crate::sync::progress::Quiet;
 
