@@ -10,7 +10,15 @@ use std::path::Path;
 const LAYERS: &[&[&str]] = &[
     &["model", "dn", "throttle", "metrics"],
     &["config"],
-    &["tls", "store", "directory", "sync::policy", "sync::report", "sync::mapping", "sync::guard"],
+    &[
+        "tls",
+        "store",
+        "directory",
+        "sync::policy",
+        "sync::report",
+        "sync::mapping",
+        "sync::guard",
+    ],
     &["proxy", "poller", "sync::engine", "sync::progress"],
     &["worker", "monitor"],
     &["cli", "lib", "main", "sync"],
