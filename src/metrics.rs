@@ -82,7 +82,10 @@ pub struct Metrics {
     /// Unix time of the first failed write of a run of them; 0 while the
     /// store takes writes.
     pub store_unwritable_since: Gauge,
-    pub worker_restarts: Counter,
+    pub worker_restarts: Family<ConnectorLabel, Counter>,
+    /// 1 while a connector waits for the full comparison that a lost
+    /// change or a failed worker asked for.
+    pub out_of_sync: Family<ConnectorLabel, Gauge>,
 }
 
 /// The process's metrics.
@@ -109,7 +112,8 @@ impl Metrics {
             conflicts: Family::default(),
             deletes_held: Family::default(),
             store_unwritable_since: Gauge::default(),
-            worker_restarts: Counter::default(),
+            worker_restarts: Family::default(),
+            out_of_sync: Family::default(),
         };
         let mut registry = Registry::with_prefix("ldapsync");
         registry.register(
@@ -175,8 +179,13 @@ impl Metrics {
         );
         registry.register(
             "worker_restarts",
-            "Connector workers started again after a failure (a bug: please report it)",
+            "Connector workers started again after a failure, by connector (a bug: please report it)",
             metrics.worker_restarts.clone(),
+        );
+        registry.register(
+            "out_of_sync",
+            "1 while a connector waits for a full comparison (a change was lost or its worker failed)",
+            metrics.out_of_sync.clone(),
         );
         let direction = |direction| metrics.bytes.get_or_create(&DirectionLabel { direction }).clone();
         Metrics {

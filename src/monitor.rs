@@ -303,6 +303,13 @@ async fn ready(State(readiness): State<Arc<Running>>) -> impl IntoResponse {
                 if held > 0 {
                     said.push_str(&format!("; connector {} degraded: {held} deletes held", connector.name));
                 }
+                if METRICS.out_of_sync.get(&label).is_some_and(|g| g.get() > 0) {
+                    let restarts = METRICS.worker_restarts.get(&label).map_or(0, |c| c.get());
+                    said.push_str(&format!(
+                        "; connector {} degraded: out of sync, a full comparison follows ({restarts} worker restarts)",
+                        connector.name
+                    ));
+                }
             }
             (StatusCode::OK, format!("{said}\n"))
         }

@@ -103,6 +103,7 @@ impl Route {
             );
         }
         *self.lost.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+        set_out_of_sync(&self.connector, true);
         self.resync.notify_one();
     }
 }
@@ -257,7 +258,12 @@ pub fn start(config: &Config, shutdown: CancellationToken, tasks: &TaskTracker) 
                         Ok(()) => break,
                         Err(e) => {
                             tracing::error!(error = %e, "connector worker failed; restarting it in 5 s");
-                            METRICS.worker_restarts.inc();
+                            METRICS
+                                .worker_restarts
+                                .get_or_create(&ConnectorLabel {
+                                    connector: routes[index].connector.clone(),
+                                })
+                                .inc();
                             // What it was doing is unknown: the next one compares everything.
                             routes[index].out_of_sync(format!("its worker failed ({e}) and was restarted"));
                             tokio::select! {
@@ -534,6 +540,7 @@ impl Worker {
         }
         if let Some(reason) = &self.resync_reason {
             store.mark_out_of_sync(&self.connector.name, reason)?;
+            set_out_of_sync(&self.connector.name, true);
             METRICS.store_writable();
             self.resync_reason = None;
         }
@@ -620,6 +627,16 @@ async fn connected<'a>(
         *slot = Some(Directory::connect(connector, password.expose(), timeout).await?);
     }
     Ok(slot.as_mut().expect("connected above"))
+}
+
+/// The `out_of_sync` gauge, which `/readyz` reads too.
+fn set_out_of_sync(connector: &str, out: bool) {
+    METRICS
+        .out_of_sync
+        .get_or_create(&ConnectorLabel {
+            connector: connector.to_owned(),
+        })
+        .set(i64::from(out));
 }
 
 /// Counts what a report says was done, for the metrics.
@@ -825,6 +842,7 @@ pub async fn poll<S: Store>(
         state.last_sync_at = Some(started);
         state.last_result = serde_json::to_string(&report).expect("report serializes");
         state.out_of_sync = None;
+        set_out_of_sync(&connector.name, false);
     }
     state.last_poll_at = Some(started);
     state.last_error = None;

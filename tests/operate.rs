@@ -310,3 +310,139 @@ fn a_frozen_directory_makes_ldapsync_not_ready_within_the_connect_timeout() {
     let (exit, _) = served.terminate();
     assert!(exit.success());
 }
+
+/// A directory that answers a paged search with a malformed paged-results
+/// control: slapd behind a relay that turns the control value's SEQUENCE
+/// into an OCTET STRING. Everything else passes unchanged.
+struct MangledPaging {
+    url: String,
+}
+
+impl MangledPaging {
+    const PAGED_RESULTS: &[u8] = b"1.2.840.113556.1.4.319";
+
+    fn start(directory: &str) -> MangledPaging {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("ldap://{}", listener.local_addr().unwrap());
+        let directory = directory.trim_start_matches("ldap://").to_owned();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(&directory) else {
+                    return;
+                };
+                let (mut up_from, mut up_to) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut up_from, &mut up_to);
+                    let _ = up_to.shutdown(std::net::Shutdown::Write);
+                });
+                std::thread::spawn(move || Self::answers(server, client));
+            }
+        });
+        MangledPaging { url }
+    }
+
+    /// Relays the directory's PDUs one by one, mangling paged-results
+    /// controls.
+    fn answers(mut from: TcpStream, mut to: TcpStream) {
+        loop {
+            let mut header = [0u8; 2];
+            if from.read_exact(&mut header).is_err() {
+                return;
+            }
+            let mut pdu = header.to_vec();
+            let length = if header[1] & 0x80 == 0 {
+                usize::from(header[1])
+            } else {
+                let mut bytes = vec![0u8; usize::from(header[1] & 0x7f)];
+                from.read_exact(&mut bytes).unwrap();
+                pdu.extend(&bytes);
+                bytes.iter().fold(0, |n, b| n << 8 | usize::from(*b))
+            };
+            let start = pdu.len();
+            pdu.resize(start + length, 0);
+            if from.read_exact(&mut pdu[start..]).is_err() {
+                return;
+            }
+            if let Some(at) = pdu
+                .windows(Self::PAGED_RESULTS.len())
+                .position(|w| w == Self::PAGED_RESULTS)
+            {
+                // controlValue: OCTET STRING { SEQUENCE { size, cookie } }.
+                let rest = at + Self::PAGED_RESULTS.len();
+                if let Some(value) = (rest..pdu.len() - 2).find(|&i| pdu[i] == 0x04 && pdu[i + 2] == 0x30) {
+                    pdu[value + 2] = 0x04;
+                }
+            }
+            if to.write_all(&pdu).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// The ldap3 crate panics on a malformed paged-results control. A worker
+/// that panics is restarted, counted, and its connector shown out of sync
+/// in `status` and `/readyz`, while the relay serves on.
+#[test]
+fn a_worker_that_panics_is_restarted_and_its_connector_shown_out_of_sync() {
+    let slapd = Slapd::start();
+    let mangled = MangledPaging::start(&slapd.url());
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("service.secret");
+    std::fs::write(&secret, format!("{ROOT_PW}\n")).unwrap();
+    let (config_dir, served) = common::serve_config(&format!(
+        "[proxy]\nlisten = [\"ldap://127.0.0.1:0\"]\nupstream = [\"{}\"]\n[metrics]\nlisten = \"127.0.0.1:0\"\n\
+         [store]\npath = \"{}\"\n\
+         [[connector]]\nname = \"example\"\nupstream = [\"{}\"]\nbind_dn = \"{ROOT_DN}\"\npassword_file = \"{}\"\n\
+         poll_mechanism = \"full\"\n\
+         [connector.accounts]\nbase = \"ou=people,dc=example,dc=com\"\nnaming = \"uid\"\n\
+         filter = \"(objectClass=inetOrgPerson)\"\n",
+        slapd.url(),
+        dir.path().join("ldapsync.db").display(),
+        mangled.url,
+        secret.display()
+    ));
+    let metrics = metrics_addr(&served.startup);
+    let restarts = || {
+        sample(
+            &http_get(&metrics, "/metrics").1,
+            "ldapsync_worker_restarts_total{connector=\"example\"}",
+        )
+    };
+    assert!(
+        common::eventually_within(std::time::Duration::from_secs(30), || restarts() >= Some(2.0)),
+        "the worker fails, is restarted after 5 s, and fails again: {:?}",
+        restarts()
+    );
+    let (status, body) = http_get(&metrics, "/readyz");
+    assert_eq!(status, 200, "the relay does not need the connector: {body}");
+    assert!(body.contains("connector example degraded: out of sync"), "{body}");
+
+    let config = config_dir.path().join("ldapsync.toml");
+    let out = common::ldapsync()
+        .arg("--config")
+        .arg(&config)
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reason = json["connectors"][0]["out_of_sync"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        reason.contains("its worker failed") && reason.contains("panicked"),
+        "{json}"
+    );
+    assert_ne!(out.status.code(), Some(0), "status says the connector needs attention");
+
+    // Clients are still served, through the healthy path.
+    let whoami = Command::new("ldapwhoami")
+        .args(["-x", "-H", &served.url, "-D", ROOT_DN, "-w", ROOT_PW])
+        .output()
+        .unwrap();
+    assert!(whoami.status.success(), "{}", String::from_utf8_lossy(&whoami.stderr));
+    let (exit, _) = served.terminate();
+    assert!(exit.success());
+}
