@@ -5,7 +5,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # libldap2-dev and libsasl2-dev: python-ldap (protocol-tests/python) builds from source.
-APT_PACKAGES := slapd ldap-utils libldap2-dev libsasl2-dev
+APT_PACKAGES := slapd ldap-utils libldap2-dev libsasl2-dev postgresql
 # The Python LDAP clients the protocol tests drive, in a project-local venv.
 VENV := .venv
 PY_REQUIREMENTS := protocol-tests/python/requirements.txt
@@ -49,11 +49,16 @@ run: deps
 # every test binary's results ("N passed, N failed").
 # Tests that cannot run here say so in $(SKIP_LOG), summed up last.
 SKIP_LOG := $(CURDIR)/target/skipped-suites.txt
+# The suites that run on both stores (tests named *sqlite* are about the file).
+PG_TESTS := --test sync --test cli
 
 test: deps
 	fuzz/run.sh $(FUZZ_SECONDS)
 	@mkdir -p target; rm -f $(SKIP_LOG)
-	@set -o pipefail; LDAPSYNC_SKIP_LOG=$(SKIP_LOG) $(CARGO) test --workspace 2>&1 | awk '{ print } \
+	@set -o pipefail; { LDAPSYNC_SKIP_LOG=$(SKIP_LOG) $(CARGO) test --workspace && \
+	  echo "== the store's integration tests again, on PostgreSQL ==" && \
+	  LDAPSYNC_TEST_STORE=postgresql LDAPSYNC_SKIP_LOG=$(SKIP_LOG) $(CARGO) test -p ldapsync $(PG_TESTS) -- --skip sqlite; \
+	} 2>&1 | awk '{ print } \
 	  /^test result:/ { passed += $$4; failed += $$6 } \
 	  END { printf "%d passed, %d failed\n", passed, failed }'
 	@if [ -s $(SKIP_LOG) ]; then echo "skipped: $$(sort -u $(SKIP_LOG) | wc -l) suite(s):"; sort -u $(SKIP_LOG) | sed 's/^/  /'; else echo "skipped: none"; fi

@@ -21,6 +21,8 @@ pub enum ConfigError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error("store.{key}: {message}")]
+    Store { key: String, message: String },
     #[error("no upstream directory: set proxy.upstream in the config file or pass --upstream")]
     NoUpstream,
     #[error("no listener: set proxy.listen in the config file or pass --listen")]
@@ -186,12 +188,28 @@ pub struct MetricsConfig {
     pub listen: Option<String>,
 }
 
-/// `[store]`: where the local store and sync state live.
+/// `[store]`: where the local store and sync state live: a SQLite file
+/// (`path`, one instance) or a PostgreSQL database (`url`, shared by
+/// several instances).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
+    /// The SQLite database, when `url` is unset.
     pub path: PathBuf,
-    /// The running instance's admin socket; next to the database when unset.
+    /// `postgresql://user@host:port/database`; when set, `path` is unused.
+    pub url: Option<String>,
+    /// PostgreSQL's password, from a file (first line) or a variable; never in `url`.
+    pub password_file: Option<PathBuf>,
+    pub password_env: Option<String>,
+    /// TLS to PostgreSQL (`ca`, `verify`, `client_cert`/`client_key`); plain TCP when unset.
+    pub tls: Option<ClientTlsConfig>,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long a connector's lease outlives its holder's last renewal:
+    /// another instance takes the connector over within it.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// The running instance's admin socket; next to the SQLite database when unset.
     pub admin_socket: Option<PathBuf>,
 }
 
@@ -201,12 +219,75 @@ impl StoreConfig {
             .clone()
             .unwrap_or_else(|| self.path.with_extension("sock"))
     }
+
+    /// PostgreSQL's password, if one is configured.
+    pub fn password(&self) -> Result<Option<Secret>, ConfigError> {
+        read_secret(&self.password_file, &self.password_env, |key, message| {
+            ConfigError::Store {
+                key: key.into(),
+                message,
+            }
+        })
+    }
+
+    /// Every problem of the store's settings.
+    pub fn problems(&self) -> Vec<ConfigError> {
+        let error = |key: &str, message: String| ConfigError::Store {
+            key: key.into(),
+            message,
+        };
+        let mut problems = Vec::new();
+        match &self.url {
+            Some(url) if !(url.starts_with("postgresql://") || url.starts_with("postgres://")) => {
+                problems.push(error("url", format!("{url:?} is not a postgresql:// URL")));
+            }
+            Some(url) if url_has_password(url) => {
+                problems.push(error(
+                    "url",
+                    "holds a password: use password_file or password_env".into(),
+                ));
+            }
+            None if self.password_file.is_some() || self.password_env.is_some() || self.tls.is_some() => {
+                problems.push(error(
+                    "url",
+                    "password and TLS settings are for PostgreSQL: set url".into(),
+                ));
+            }
+            _ => {}
+        }
+        if let Err(e) = self.password() {
+            problems.push(e);
+        }
+        for (key, value, min, max) in [
+            (
+                "store.connect_timeout",
+                self.connect_timeout,
+                Duration::from_millis(1),
+                Duration::from_secs(3600),
+            ),
+            (
+                "store.lease_ttl",
+                self.lease_ttl,
+                Duration::from_secs(1),
+                Duration::from_secs(3600),
+            ),
+        ] {
+            problems.extend(duration_in(key, value, min, max));
+        }
+        problems
+    }
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             path: PathBuf::from("ldapsync.db"),
+            url: None,
+            password_file: None,
+            password_env: None,
+            tls: None,
+            connect_timeout: Duration::from_secs(5),
+            lease_ttl: Duration::from_secs(10),
             admin_socket: None,
         }
     }
@@ -475,21 +556,8 @@ impl ConnectorConfig {
             key: key.into(),
             message,
         };
-        match (&self.password_file, &self.password_env) {
-            (Some(path), None) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| error("password_file", format!("cannot read {}: {e}", path.display())))?;
-                Ok(Secret(text.lines().next().unwrap_or_default().to_owned()))
-            }
-            (None, Some(var)) => std::env::var(var)
-                .map(Secret)
-                .map_err(|_| error("password_env", format!("environment variable {var} is not set"))),
-            (Some(_), Some(_)) => Err(error(
-                "password_file",
-                "set password_file or password_env, not both".into(),
-            )),
-            (None, None) => Err(error("password_file", "set password_file or password_env".into())),
-        }
+        read_secret(&self.password_file, &self.password_env, error)?
+            .ok_or_else(|| error("password_file", "set password_file or password_env".into()))
     }
 
     /// Every problem of this connector's settings.
@@ -604,6 +672,38 @@ fn warn_if_readable_by_others(path: &Path) {
 fn warn_if_readable_by_others(_: &Path) {}
 
 const MEMBERSHIP_ATTRIBUTES: [&str; 3] = ["member", "uniqueMember", "memberUid"];
+
+/// Whether `scheme://user:password@host/…` carries a password.
+fn url_has_password(url: &str) -> bool {
+    url.split_once("://")
+        .and_then(|(_, rest)| rest.split('/').next())
+        .and_then(|authority| authority.rsplit_once('@'))
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+}
+
+/// A password from its file (the first line) or environment variable;
+/// `None` when neither is set. `error(key, message)` names the key.
+fn read_secret(
+    file: &Option<PathBuf>,
+    env: &Option<String>,
+    error: impl Fn(&str, String) -> ConfigError,
+) -> Result<Option<Secret>, ConfigError> {
+    match (file, env) {
+        (Some(path), None) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| error("password_file", format!("cannot read {}: {e}", path.display())))?;
+            Ok(Some(Secret(text.lines().next().unwrap_or_default().to_owned())))
+        }
+        (None, Some(var)) => std::env::var(var)
+            .map(|v| Some(Secret(v)))
+            .map_err(|_| error("password_env", format!("environment variable {var} is not set"))),
+        (Some(_), Some(_)) => Err(error(
+            "password_file",
+            "set password_file or password_env, not both".into(),
+        )),
+        (None, None) => Ok(None),
+    }
+}
 
 /// A password: never printed.
 #[derive(Clone, PartialEq, Eq)]
@@ -956,7 +1056,7 @@ impl Config {
         self.proxy_problems().into_iter().next().map_or(Ok(()), Err)
     }
 
-    /// Every problem of the relay's settings.
+    /// Every problem of the relay's settings and the store's.
     pub fn proxy_problems(&self) -> Vec<ConfigError> {
         let p = &self.proxy;
         let mut problems = Vec::new();
@@ -1021,6 +1121,7 @@ impl Config {
                 .into_iter()
                 .filter_map(|(key, value, min, max)| duration_in(key, value, min, max)),
         );
+        problems.extend(self.store.problems());
         problems
     }
 }

@@ -9,7 +9,6 @@
 //! with its baseline. The full comparison is the safety net that makes any
 //! lost change harmless.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,14 +19,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::config::{Config, ConnectorConfig};
+use crate::config::{Config, ConnectorConfig, StoreConfig};
 use crate::directory::Directory;
 use crate::dn;
 use crate::metrics::{ChangeLabels, ConflictLabels, ConnectorLabel, METRICS, OutcomeLabel, PollLabels};
 use crate::model::{Category, Change, ChangeEvent, ChangeSource, Mechanism};
 use crate::poller;
 use crate::proxy::capture::{Affected, CaptureLoss, CaptureSink, CapturedWrite, WriteKind};
-use crate::store::{Capture, CaptureKind, ConnectorState, SqliteStore, Store, Watermark, now};
+use crate::store::{self, AnyStore, Capture, CaptureKind, ConnectorState, Store, Watermark, now};
 use crate::sync::engine::{self, PassOptions, Report, SyncError};
 use crate::sync::progress::{Lines, Progress};
 use crate::throttle::Throttle;
@@ -224,14 +223,14 @@ pub fn start(config: &Config, shutdown: CancellationToken, tasks: &TaskTracker) 
     });
     let (journal, queue) = mpsc::channel(QUEUE);
     let writer_routing = Arc::clone(&routing);
-    let store_path = config.store.path.clone();
-    tasks.spawn_blocking(move || write_captures(store_path, queue, writer_routing));
+    let store_config = config.store.clone();
+    tasks.spawn_blocking(move || write_captures(store_config, queue, writer_routing));
     let mut senders = Vec::new();
     for (index, route) in routes.iter().enumerate() {
         let connector = config.connector(&route.connector).expect("connector from the config");
         let (settings_tx, settings) = watch::channel(connector);
         senders.push(settings_tx);
-        let (store_path, connect_timeout) = (config.store.path.clone(), config.proxy.connect_timeout);
+        let (store_config, connect_timeout) = (config.store.clone(), config.proxy.connect_timeout);
         let (routes, shutdown) = (Arc::clone(&routes), shutdown.clone());
         let span = tracing::info_span!("connector", name = route.connector);
         tasks.spawn(
@@ -241,7 +240,7 @@ pub fn start(config: &Config, shutdown: CancellationToken, tasks: &TaskTracker) 
                 loop {
                     let worker = Worker {
                         connector: settings.borrow().clone(),
-                        store_path: store_path.clone(),
+                        store_config: store_config.clone(),
                         connect_timeout,
                         directory: None,
                         last_reconcile: None,
@@ -343,8 +342,8 @@ impl ConnectorReloader {
 }
 
 /// The journal writer: appends captures in batches until the proxy is gone.
-fn write_captures(store_path: PathBuf, mut queue: mpsc::Receiver<CapturedWrite>, routing: Arc<Routing>) {
-    let mut store: Option<SqliteStore> = None;
+fn write_captures(store_config: StoreConfig, mut queue: mpsc::Receiver<CapturedWrite>, routing: Arc<Routing>) {
+    let mut store: Option<AnyStore> = None;
     let routes = &routing.routes;
     while let Some(first) = queue.blocking_recv() {
         let mut batch = routing.route(&first);
@@ -358,7 +357,7 @@ fn write_captures(store_path: PathBuf, mut queue: mpsc::Receiver<CapturedWrite>,
         }
         let result = match &mut store {
             Some(store) => store.append_captures(&batch),
-            None => SqliteStore::open(&store_path).and_then(|mut s| {
+            None => store::open(&store_config).and_then(|mut s| {
                 let result = s.append_captures(&batch);
                 store = Some(s);
                 result
@@ -399,7 +398,7 @@ fn write_captures(store_path: PathBuf, mut queue: mpsc::Receiver<CapturedWrite>,
 
 struct Worker {
     connector: ConnectorConfig,
-    store_path: PathBuf,
+    store_config: StoreConfig,
     connect_timeout: Duration,
     directory: Option<Directory>,
     /// When this worker last compared every entry.
@@ -517,10 +516,10 @@ impl Worker {
 
     /// Opens the store, retrying while it is busy (e.g. another process is
     /// creating it) until it opens or ldapsync shuts down.
-    async fn open_store(&self, shutdown: &CancellationToken) -> Option<SqliteStore> {
+    async fn open_store(&self, shutdown: &CancellationToken) -> Option<AnyStore> {
         let mut delay = Duration::from_millis(100);
         loop {
-            match SqliteStore::open(&self.store_path) {
+            match store::open(&self.store_config) {
                 Ok(store) => return Some(store),
                 Err(e) => warn!(error = %e, retry_in = ?delay, "cannot open the store"),
             }
@@ -534,7 +533,7 @@ impl Worker {
     /// Records a lost capture's reason in the store, once it takes writes:
     /// until then the worker keeps it, so that the reconciliation it asks
     /// for is not lost with the store's health.
-    fn mark_out_of_sync(&mut self, store: &mut SqliteStore) -> Result<(), SyncError> {
+    fn mark_out_of_sync(&mut self, store: &mut AnyStore) -> Result<(), SyncError> {
         if Instant::now() < self.resync_due {
             return Ok(());
         }
@@ -547,7 +546,7 @@ impl Worker {
         Ok(())
     }
 
-    async fn captures(&mut self, store: &mut SqliteStore) -> Result<(), SyncError> {
+    async fn captures(&mut self, store: &mut AnyStore) -> Result<(), SyncError> {
         let directory = connected(&mut self.directory, &self.connector, self.connect_timeout).await?;
         let report = apply_captures(store, &self.connector, directory).await?;
         record(&self.connector, ChangeSource::Proxy, &report);
@@ -555,14 +554,14 @@ impl Worker {
         Ok(())
     }
 
-    async fn poll(&mut self, store: &mut SqliteStore) -> Result<(), SyncError> {
+    async fn poll(&mut self, store: &mut AnyStore) -> Result<(), SyncError> {
         let directory = connected(&mut self.directory, &self.connector, self.connect_timeout).await?;
         let captured = apply_captures(store, &self.connector, directory).await?;
         record(&self.connector, ChangeSource::Proxy, &captured);
         self.timed_poll(store, Poll::Due).await
     }
 
-    async fn timed_poll(&mut self, store: &mut SqliteStore, kind: Poll) -> Result<(), SyncError> {
+    async fn timed_poll(&mut self, store: &mut AnyStore, kind: Poll) -> Result<(), SyncError> {
         let directory = connected(&mut self.directory, &self.connector, self.connect_timeout).await?;
         let started = std::time::Instant::now();
         // A long reconciliation says how far it is, every minute.
@@ -598,7 +597,7 @@ const RECONCILE_SPACING: Duration = Duration::from_secs(60);
 
 /// Records the failure for `status`; `say` whether a failure to record it
 /// is worth a warning (not while warnings are held back).
-fn record_error(store: &mut SqliteStore, connector: &str, error: &SyncError, say: bool) {
+fn record_error(store: &mut AnyStore, connector: &str, error: &SyncError, say: bool) {
     let mut state = store
         .connector_state(connector)
         .ok()

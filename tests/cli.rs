@@ -597,6 +597,7 @@ fn a_password_set_through_ldapsync_reaches_openldap_over_starttls() {
     let pki = Pki::new("directory");
     let slapd = Slapd::start_with_tls(&pki);
     let dir = tempfile::tempdir().unwrap();
+    let store = common::TestStore::start();
     let secret = dir.path().join("service.secret");
     std::fs::write(&secret, format!("{ROOT_PW}\n")).unwrap();
     let config = dir.path().join("ldapsync.toml");
@@ -605,12 +606,12 @@ fn a_password_set_through_ldapsync_reaches_openldap_over_starttls() {
             &config,
             format!(
                 "[proxy]\nupstream = [\"{}\"]\n[proxy.upstream_tls]\nstarttls = {starttls}\nca = \"{}\"\n\
-                 [store]\npath = \"{}\"\n[[connector]]\nname = \"example\"\nbind_dn = \"{ROOT_DN}\"\n\
+                 {}[[connector]]\nname = \"example\"\nbind_dn = \"{ROOT_DN}\"\n\
                  password_file = \"{}\"\ndirection = \"ldap-to-local\"\n[connector.accounts]\n\
                  base = \"ou=people,dc=example,dc=com\"\nnaming = \"uid\"\nfilter = \"(objectClass=inetOrgPerson)\"\n",
                 slapd.url(),
                 pki.ca.display(),
-                dir.path().join("ldapsync.db").display(),
+                store.toml(dir.path()),
                 secret.display()
             ),
         )

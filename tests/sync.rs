@@ -13,6 +13,7 @@ use ldapsync_fixtures::{ROOT_DN, ROOT_PW, Slapd};
 struct Env {
     slapd: Slapd,
     dir: tempfile::TempDir,
+    store: common::TestStore,
 }
 
 /// Connector settings a test varies.
@@ -39,6 +40,7 @@ impl Env {
         let env = Env {
             slapd: Slapd::start(),
             dir: tempfile::tempdir().unwrap(),
+            store: common::TestStore::start(),
         };
         env.configure(policy);
         env
@@ -56,9 +58,7 @@ impl Env {
 [proxy]
 upstream = ["{url}"]
 
-[store]
-path = "{db}"
-
+{store}
 [[connector]]
 name = "example"
 bind_dn = "{ROOT_DN}"
@@ -85,7 +85,7 @@ object_classes = ["groupOfNames"]
 map = {{ description = "description" }}
 "#,
             url = self.slapd.url(),
-            db = self.dir.path().join("ldapsync.db").display(),
+            store = self.store.toml(self.dir.path()),
             secret = secret.display(),
             direction = policy.direction,
             conflict = policy.conflict,
@@ -708,7 +708,7 @@ async fn change_events_sync_one_object_and_are_idempotent() {
     use ldapsync::config::Config;
     use ldapsync::directory::Directory;
     use ldapsync::model::{Category, Change, ChangeEvent, ChangeSource};
-    use ldapsync::store::SqliteStore;
+    use ldapsync::store;
     use ldapsync::sync::engine::apply_event;
 
     let env = Env::start(Policy {
@@ -719,7 +719,7 @@ async fn change_events_sync_one_object_and_are_idempotent() {
     env.sync();
     let config = Config::load(&env.config_path()).unwrap();
     let connector = config.connector("example").unwrap();
-    let mut store = SqliteStore::open(&config.store.path).unwrap();
+    let mut store = store::open(&config.store).unwrap();
     let password = connector.password().unwrap();
     let mut directory = Directory::connect(&connector, password.expose(), std::time::Duration::from_secs(5))
         .await
@@ -1196,7 +1196,7 @@ fn a_write_abandoned_in_flight_or_followed_by_a_reused_message_id_still_reaches_
 
 #[cfg(unix)]
 #[test]
-fn a_store_others_can_read_is_made_owner_only_at_start_and_said_so() {
+fn a_sqlite_store_others_can_read_is_made_owner_only_at_start_and_said_so() {
     use std::os::unix::fs::PermissionsExt;
     let env = Env::start(LDAP_TO_LOCAL);
     env.sync();
@@ -1416,7 +1416,7 @@ impl Drop for SmallDisk {
 }
 
 #[test]
-fn a_full_store_disk_is_reported_without_a_log_flood_and_nothing_is_lost_once_it_has_room() {
+fn a_full_sqlite_disk_is_reported_without_a_log_flood_and_nothing_is_lost_once_it_has_room() {
     let env = Env::start(BOTH_LDAP_WINS);
     env.poll_every("1h");
     let Some(disk) = SmallDisk::mount(env.dir.path().join("disk")) else {

@@ -13,7 +13,7 @@ use super::output::outln;
 use crate::config::{Config, ConnectorConfig, Preset, Secret};
 use crate::directory::{Directory, DirectoryOps, PasswordKind};
 use crate::model::{Action, Category, ChangeSource, MEMBERS_FIELD, Values};
-use crate::store::{JournalEntry, JournalQuery, LocalObject, SqliteStore, Store, now};
+use crate::store::{self, AnyStore, JournalEntry, JournalQuery, LocalObject, Store, now};
 use crate::sync::engine::{self, LinkTarget, PassOptions, Report, is_secret_field};
 use crate::sync::progress::{Bar, Lines, Progress};
 use crate::worker::{self, Poll};
@@ -148,8 +148,8 @@ pub struct JournalArgs {
     limit: usize,
 }
 
-pub(super) fn open_store(config: &Config) -> anyhow::Result<SqliteStore> {
-    Ok(SqliteStore::open(&config.store.path)?)
+pub(super) fn open_store(config: &Config) -> anyhow::Result<AnyStore> {
+    Ok(store::open(&config.store)?)
 }
 
 fn parse_pair(text: &str) -> anyhow::Result<(String, String)> {
@@ -264,7 +264,7 @@ fn local_journal(category: Category, name: &str, action: Action, detail: serde_j
     }
 }
 
-fn find(store: &SqliteStore, category: Category, name: &str) -> anyhow::Result<LocalObject> {
+fn find(store: &AnyStore, category: Category, name: &str) -> anyhow::Result<LocalObject> {
     store
         .object(category, name)?
         .with_context(|| format!("no {category} named {name:?}"))

@@ -8,7 +8,7 @@ use std::path::Path;
 use super::output::outln;
 use crate::config::{ClientTlsConfig, Config, ConfigError, ConnectorConfig, LdapUrl};
 use crate::directory::Directory;
-use crate::store::SqliteStore;
+use crate::store::{self, SqliteStore};
 use crate::tls::{self, ServerTls};
 
 /// A hint for the operator, by what the problem concerns.
@@ -26,6 +26,11 @@ fn hint(problem: &ConfigError) -> &'static str {
         }
         ConfigError::NoCertificate { .. } => "[proxy.tls] cert = \"cert.pem\", key = \"key.pem\"",
         ConfigError::ClientCertificate => "a client certificate needs its key, and the other way round",
+        ConfigError::Store { key, .. } => match key.as_str() {
+            "url" => "store.url = \"postgresql://ldapsync@db.example.com:5432/ldapsync\", the password apart",
+            "password_file" | "password_env" => "PostgreSQL's password: one readable file, or one set variable",
+            _ => "see docs/configuration.md, [store]",
+        },
         ConfigError::Connector { key, .. } => match key.rsplit('.').next().unwrap_or_default() {
             "password_file" | "password_env" => "the service password: one readable file, or one set variable",
             "bind_dn" | "base" => "a DN, e.g. ou=people,dc=example,dc=com",
@@ -71,13 +76,23 @@ pub fn startup_problems(config: &Config, create_store: bool) -> Vec<String> {
     {
         problems.push(format!("metrics.listen {addr:?} is not host:port: {e}"));
     }
-    if !config.connectors.is_empty()
-        && let Err(e) = store_usable(&config.store.path, create_store)
-    {
-        problems.push(format!(
-            "store.path {}: {e} (the connectors need it; without connectors ldapsync relays without a store)",
-            config.store.path.display()
-        ));
+    if !config.connectors.is_empty() {
+        match &config.store.url {
+            None => {
+                if let Err(e) = store_usable(&config.store.path, create_store) {
+                    problems.push(format!(
+                        "store.path {}: {e} (the connectors need it; without connectors ldapsync relays without a store)",
+                        config.store.path.display()
+                    ));
+                }
+            }
+            // Reached and migrated by serve; check-config only connects.
+            Some(_) => {
+                if let Err(e) = store::open(&config.store) {
+                    problems.push(format!("{e} (the connectors need the store)"));
+                }
+            }
+        }
     }
     problems
 }

@@ -1,16 +1,21 @@
 //! The local store and the sync state: accounts and groups, associations
 //! with their baselines, and the journal of every decision.
 //!
-//! Behind the [`Store`] trait so that a PostgreSQL implementation can serve
-//! several instances; [`SqliteStore`] is the embedded default. A sync
-//! decision's local change, its association and its journal lines are
-//! committed together by [`Store::commit`].
+//! Behind the [`Store`] trait: [`SqliteStore`] is the embedded default,
+//! [`PostgresStore`] the state several instances share. A sync decision's
+//! local change, its association and its journal lines are committed
+//! together by [`Store::commit`]. [`open`] picks the backend the
+//! configuration names.
 
+mod any;
+pub mod postgres;
 mod sqlite;
 
 use serde::Serialize;
 use thiserror::Error;
 
+pub use any::{AnyStore, open};
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 use crate::model::{Action, Category, ChangeSource};
@@ -28,6 +33,16 @@ pub enum StoreError {
     Corrupt { what: &'static str, detail: String },
     #[error("database schema version {found} is newer than this ldapsync understands ({known})")]
     TooNew { found: i64, known: i64 },
+    #[error("cannot connect to the store {url}: {source}")]
+    Connect { url: String, source: ::postgres::Error },
+    #[error("store: {0}")]
+    Postgres(::postgres::Error),
+    #[error("the connection thread of the store {url} is gone")]
+    Closed { url: String },
+    #[error("connector {connector:?}: this instance no longer holds its lease; another one syncs it")]
+    LeaseLost { connector: String },
+    #[error("store: {0}")]
+    Config(String),
     #[error("{category} {name:?} already exists")]
     Exists { category: Category, name: String },
     #[error("no {category} named {name:?}")]
@@ -40,7 +55,9 @@ impl StoreError {
     pub fn is_unwritable(&self) -> bool {
         use rusqlite::ErrorCode::{CannotOpen, DiskFull, ReadOnly, SystemIoFailure};
         match self {
-            StoreError::Io { .. } => true,
+            StoreError::Io { .. } | StoreError::Connect { .. } | StoreError::Closed { .. } => true,
+            // PostgreSQL's class 53: insufficient resources (disk full, …).
+            StoreError::Postgres(e) => e.is_closed() || e.code().is_some_and(|c| c.code().starts_with("53")),
             StoreError::Open { source, .. } | StoreError::Sqlite(source) => matches!(
                 source.sqlite_error_code(),
                 Some(DiskFull | ReadOnly | SystemIoFailure | CannotOpen)

@@ -8,6 +8,39 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// The store an integration test's ldapsync runs on: SQLite in the test
+/// directory, or with `LDAPSYNC_TEST_STORE=postgresql` (the second run of
+/// `make test`) a throw-away PostgreSQL cluster, so that both backends
+/// pass the same sync, capture and CLI tests.
+pub enum TestStore {
+    Sqlite,
+    Postgres(ldapsync_fixtures::Postgres),
+}
+
+impl TestStore {
+    pub fn start() -> TestStore {
+        match std::env::var("LDAPSYNC_TEST_STORE").as_deref() {
+            Ok("postgresql") => TestStore::Postgres(ldapsync_fixtures::Postgres::start()),
+            Ok(other) if !other.is_empty() && other != "sqlite" => {
+                panic!("LDAPSYNC_TEST_STORE={other}: say sqlite or postgresql")
+            }
+            _ => TestStore::Sqlite,
+        }
+    }
+
+    /// The `[store]` table for a config in `dir`.
+    pub fn toml(&self, dir: &std::path::Path) -> String {
+        match self {
+            TestStore::Sqlite => format!("[store]\npath = \"{}\"\n", dir.join("ldapsync.db").display()),
+            TestStore::Postgres(pg) => format!(
+                "[store]\nurl = \"{}\"\nadmin_socket = \"{}\"\n",
+                pg.url(),
+                dir.join("ldapsync.sock").display()
+            ),
+        }
+    }
+}
+
 pub fn ldapsync() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ldapsync"))
 }

@@ -1,0 +1,246 @@
+//! The store the configuration names: SQLite (`store.path`, the embedded
+//! default) or PostgreSQL (`store.url`, shared by several instances).
+//! Everything above the store holds an [`AnyStore`] and sees one behaviour.
+
+use std::str::FromStr;
+
+use super::postgres::{Fence, PostgresStore, Target};
+use super::{
+    Association, Capture, Commit, ConnectorState, HeldDelete, JournalEntry, JournalQuery, LocalObject, SqliteStore,
+    Store, StoreError, Watermark,
+};
+use crate::config::StoreConfig;
+use crate::model::{Action, Category};
+
+pub enum AnyStore {
+    Sqlite(SqliteStore),
+    Postgres(PostgresStore),
+}
+
+/// Opens the configured store (creating or upgrading its schema).
+pub fn open(config: &StoreConfig) -> Result<AnyStore, StoreError> {
+    match &config.url {
+        None => SqliteStore::open(&config.path).map(AnyStore::Sqlite),
+        Some(url) => PostgresStore::open(target(config, url)?).map(AnyStore::Postgres),
+    }
+}
+
+/// The connection settings of `store.url`, with the password from its
+/// file or variable and TLS when `[store.tls]` asks for it.
+fn target(config: &StoreConfig, url: &str) -> Result<Target, StoreError> {
+    let bad = |message: String| StoreError::Config(format!("store.url: {message}"));
+    let mut pg = postgres::Config::from_str(url).map_err(|e| bad(e.to_string()))?;
+    if let Some(password) = config.password().map_err(|e| StoreError::Config(e.to_string()))? {
+        pg.password(password.expose());
+    }
+    pg.application_name("ldapsync");
+    pg.connect_timeout(config.connect_timeout);
+    let tls = match &config.tls {
+        Some(tls) => {
+            pg.ssl_mode(postgres::config::SslMode::Require);
+            let client = crate::tls::client_config(tls).map_err(|e| StoreError::Config(format!("store.tls: {e}")))?;
+            Some((*client).clone())
+        }
+        None => None,
+    };
+    Ok(Target {
+        config: pg,
+        tls,
+        shown: shown(url),
+    })
+}
+
+/// The URL as messages may show it: any password replaced.
+fn shown(url: &str) -> String {
+    match url.split_once("://").and_then(|(scheme, rest)| {
+        let (userinfo, host) = rest.split_once('@')?;
+        let user = userinfo.split(':').next().unwrap_or_default();
+        Some(format!("{scheme}://{user}@{host}"))
+    }) {
+        Some(without) => without,
+        None => url.to_owned(),
+    }
+}
+
+impl AnyStore {
+    /// The PostgreSQL store, which alone is shared by several instances.
+    pub fn shared(&self) -> Option<&PostgresStore> {
+        match self {
+            AnyStore::Postgres(s) => Some(s),
+            AnyStore::Sqlite(_) => None,
+        }
+    }
+
+    /// From now on this store's writes commit only under `fence`'s lease
+    /// (PostgreSQL; SQLite has one instance, and no leases).
+    pub fn set_fence(&mut self, fence: Option<Fence>) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Postgres(s) => s.set_fence(fence),
+            AnyStore::Sqlite(_) => Ok(()),
+        }
+    }
+}
+
+macro_rules! each {
+    ($store:expr, $s:ident => $call:expr) => {
+        match $store {
+            AnyStore::Sqlite($s) => $call,
+            AnyStore::Postgres($s) => $call,
+        }
+    };
+}
+
+impl Store for AnyStore {
+    fn object(&self, category: Category, name: &str) -> Result<Option<LocalObject>, StoreError> {
+        each!(self, s => s.object(category, name))
+    }
+
+    fn object_by_id(&self, id: i64) -> Result<Option<LocalObject>, StoreError> {
+        each!(self, s => s.object_by_id(id))
+    }
+
+    fn objects(&self, category: Category) -> Result<Vec<LocalObject>, StoreError> {
+        each!(self, s => s.objects(category))
+    }
+
+    fn insert_object(&mut self, object: &LocalObject, journal: &JournalEntry) -> Result<i64, StoreError> {
+        each!(self, s => s.insert_object(object, journal))
+    }
+
+    fn update_object(&mut self, object: &LocalObject, journal: &JournalEntry) -> Result<(), StoreError> {
+        each!(self, s => s.update_object(object, journal))
+    }
+
+    fn delete_object(&mut self, id: i64, journal: &JournalEntry) -> Result<(), StoreError> {
+        each!(self, s => s.delete_object(id, journal))
+    }
+
+    fn association_by_entry(&self, connector: &str, entry_id: &str) -> Result<Option<Association>, StoreError> {
+        each!(self, s => s.association_by_entry(connector, entry_id))
+    }
+
+    fn association_by_object(&self, connector: &str, object_id: i64) -> Result<Option<Association>, StoreError> {
+        each!(self, s => s.association_by_object(connector, object_id))
+    }
+
+    fn associations(&self, connector: Option<&str>) -> Result<Vec<Association>, StoreError> {
+        each!(self, s => s.associations(connector))
+    }
+
+    fn association_of_object(&self, object_id: i64) -> Result<Option<Association>, StoreError> {
+        each!(self, s => s.association_of_object(object_id))
+    }
+
+    fn remove_association(
+        &mut self,
+        connector: &str,
+        object_id: i64,
+        journal: &JournalEntry,
+    ) -> Result<bool, StoreError> {
+        each!(self, s => s.remove_association(connector, object_id, journal))
+    }
+
+    fn commit(&mut self, commit: Commit) -> Result<Option<i64>, StoreError> {
+        each!(self, s => s.commit(commit))
+    }
+
+    fn journal(&self, query: &JournalQuery) -> Result<Vec<JournalEntry>, StoreError> {
+        each!(self, s => s.journal(query))
+    }
+
+    fn association_count(&self, connector: &str, category: Category) -> Result<usize, StoreError> {
+        each!(self, s => s.association_count(connector, category))
+    }
+
+    fn count_journal(&self, connector: &str, actions: &[Action], since: i64) -> Result<usize, StoreError> {
+        each!(self, s => s.count_journal(connector, actions, since))
+    }
+
+    fn object_associated_at(&self, connector: &str, dn: &str) -> Result<Option<LocalObject>, StoreError> {
+        each!(self, s => s.object_associated_at(connector, dn))
+    }
+
+    fn connector_state(&self, connector: &str) -> Result<Option<ConnectorState>, StoreError> {
+        each!(self, s => s.connector_state(connector))
+    }
+
+    fn set_connector_state(&mut self, state: &ConnectorState) -> Result<(), StoreError> {
+        each!(self, s => s.set_connector_state(state))
+    }
+
+    fn mark_out_of_sync(&mut self, connector: &str, reason: &str) -> Result<(), StoreError> {
+        each!(self, s => s.mark_out_of_sync(connector, reason))
+    }
+
+    fn hold_deletes(&mut self, associations: &[Association]) -> Result<(), StoreError> {
+        each!(self, s => s.hold_deletes(associations))
+    }
+
+    fn held_deletes(&self, connector: &str) -> Result<Vec<HeldDelete>, StoreError> {
+        each!(self, s => s.held_deletes(connector))
+    }
+
+    fn release_held_delete(&mut self, connector: &str, object_id: i64) -> Result<(), StoreError> {
+        each!(self, s => s.release_held_delete(connector, object_id))
+    }
+
+    fn append_captures(&mut self, captures: &[Capture]) -> Result<(), StoreError> {
+        each!(self, s => s.append_captures(captures))
+    }
+
+    fn captures(&self, connector: &str, limit: usize) -> Result<Vec<Capture>, StoreError> {
+        each!(self, s => s.captures(connector, limit))
+    }
+
+    fn pending_captures(&self, connector: &str) -> Result<usize, StoreError> {
+        each!(self, s => s.pending_captures(connector))
+    }
+
+    fn remove_capture(&mut self, id: i64) -> Result<(), StoreError> {
+        each!(self, s => s.remove_capture(id))
+    }
+
+    fn watermark(&self, connector: &str, category: Category) -> Result<Option<Watermark>, StoreError> {
+        each!(self, s => s.watermark(connector, category))
+    }
+
+    fn finish_poll(&mut self, state: &ConnectorState, watermarks: &[Watermark]) -> Result<(), StoreError> {
+        each!(self, s => s.finish_poll(state, watermarks))
+    }
+
+    fn edited_since(&self, category: Category, edit: i64) -> Result<Vec<LocalObject>, StoreError> {
+        each!(self, s => s.edited_since(category, edit))
+    }
+
+    fn last_edit(&self) -> Result<i64, StoreError> {
+        each!(self, s => s.last_edit())
+    }
+
+    fn begin_batch(&mut self) {
+        each!(self, s => s.begin_batch())
+    }
+
+    fn commit_batch(&mut self) -> Result<(), StoreError> {
+        each!(self, s => s.commit_batch())
+    }
+
+    fn end_batch(&mut self) -> Result<(), StoreError> {
+        each!(self, s => s.end_batch())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_password_in_the_url_is_never_shown() {
+        assert_eq!(
+            super::shown("postgresql://sync:hunter2@db.example.com:5432/ldapsync"),
+            "postgresql://sync@db.example.com:5432/ldapsync"
+        );
+        assert_eq!(
+            super::shown("postgresql://sync@db/ldapsync"),
+            "postgresql://sync@db/ldapsync"
+        );
+        assert_eq!(super::shown("host=db user=sync"), "host=db user=sync");
+    }
+}

@@ -1,0 +1,1196 @@
+//! The PostgreSQL store: one shared state for several ldapsync instances.
+//! The same records and the same transactional guarantees as the SQLite
+//! store (a decision's object, association and journal lines commit
+//! together; full passes batch their writes), plus what a cluster needs:
+//! the instances' registry and one lease per connector, which every
+//! write of a worker checks in its own transaction (fencing).
+//!
+//! The `postgres` crate is synchronous and runs a small tokio runtime of
+//! its own, which cannot run on a thread that drives ldapsync's tasks: so
+//! each store owns one thread with one connection, and its methods hand
+//! that thread a job and wait for the answer, as the SQLite store waits
+//! for its file. A lost connection is opened again by the next job.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use postgres::{Client, NoTls, Row};
+use serde::Serialize;
+
+use super::{
+    Association, Capture, CaptureKind, Commit, ConnectorState, HeldDelete, JournalEntry, JournalQuery, LocalObject,
+    Store, StoreError, Watermark,
+};
+use crate::model::{Action, Category, ChangeSource, Values};
+
+/// Schema versions, applied in order; never edit one that has shipped.
+const MIGRATIONS: &[&str] = &[r#"
+    CREATE TABLE objects (
+        id       BIGSERIAL PRIMARY KEY,
+        category TEXT NOT NULL,
+        name     TEXT NOT NULL,
+        enabled  BOOLEAN NOT NULL DEFAULT true,
+        "values" TEXT NOT NULL,
+        edit     BIGINT NOT NULL DEFAULT 0,
+        UNIQUE (category, name)
+    );
+    CREATE INDEX objects_by_edit ON objects (edit);
+    CREATE TABLE associations (
+        connector  TEXT NOT NULL,
+        object_id  BIGINT NOT NULL REFERENCES objects(id) ON DELETE CASCADE,
+        entry_id   TEXT NOT NULL,
+        dn         TEXT NOT NULL,
+        baseline   TEXT NOT NULL,
+        synced_at  BIGINT NOT NULL,
+        entry_gone BOOLEAN NOT NULL DEFAULT false,
+        PRIMARY KEY (connector, object_id),
+        UNIQUE (connector, entry_id)
+    );
+    CREATE INDEX associations_by_dn ON associations (connector, lower(dn));
+    CREATE INDEX associations_by_object ON associations (object_id);
+    CREATE TABLE journal (
+        id        BIGSERIAL PRIMARY KEY,
+        at        BIGINT NOT NULL,
+        connector TEXT NOT NULL,
+        category  TEXT NOT NULL,
+        object    TEXT NOT NULL,
+        source    TEXT NOT NULL,
+        action    TEXT NOT NULL,
+        policy    TEXT NOT NULL,
+        detail    TEXT NOT NULL
+    );
+    CREATE INDEX journal_by_object ON journal (connector, object);
+    CREATE INDEX journal_by_time ON journal (connector, at);
+    CREATE TABLE connector_state (
+        connector    TEXT PRIMARY KEY,
+        last_sync_at BIGINT,
+        last_result  TEXT NOT NULL,
+        last_poll_at BIGINT,
+        out_of_sync  TEXT,
+        last_error   TEXT,
+        local_seen   BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE TABLE captures (
+        id          BIGSERIAL PRIMARY KEY,
+        connector   TEXT NOT NULL,
+        category    TEXT NOT NULL,
+        kind        TEXT NOT NULL,
+        dn          TEXT NOT NULL,
+        captured_at BIGINT NOT NULL
+    );
+    CREATE INDEX captures_by_connector ON captures (connector, id);
+    CREATE TABLE watermarks (
+        connector  TEXT NOT NULL,
+        category   TEXT NOT NULL,
+        mechanism  TEXT NOT NULL,
+        server     TEXT NOT NULL,
+        value      BYTEA NOT NULL,
+        updated_at BIGINT NOT NULL,
+        PRIMARY KEY (connector, category)
+    );
+    CREATE TABLE counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
+    INSERT INTO counters VALUES ('local_edit', 0);
+    CREATE TABLE held_deletes (
+        connector TEXT NOT NULL,
+        object_id BIGINT NOT NULL REFERENCES objects(id) ON DELETE CASCADE,
+        held_at   BIGINT NOT NULL,
+        PRIMARY KEY (connector, object_id)
+    );
+    CREATE TABLE instances (
+        id          TEXT PRIMARY KEY,
+        host        TEXT NOT NULL,
+        pid         BIGINT NOT NULL,
+        listeners   TEXT NOT NULL,
+        version     TEXT NOT NULL,
+        started_at  BIGINT NOT NULL,
+        heartbeat   TIMESTAMPTZ NOT NULL
+    );
+    CREATE TABLE leases (
+        connector   TEXT PRIMARY KEY,
+        holder      TEXT NOT NULL,
+        token       BIGINT NOT NULL,
+        acquired_at TIMESTAMPTZ NOT NULL,
+        expires_at  TIMESTAMPTZ NOT NULL
+    );
+"#];
+
+/// Writes a batch holds at most before it commits them.
+const BATCH_WRITES: usize = 500;
+
+/// How long a session may sit in an open transaction: a worker paused
+/// (SIGSTOP) inside one would otherwise hold its lease row's lock, and no
+/// other instance could take the connector over. Shorter than any lease.
+const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(3);
+
+/// The lease a worker holds; its writes commit only while it does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub connector: String,
+    pub holder: String,
+    pub token: i64,
+}
+
+/// One running ldapsync, as it registered itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Instance {
+    pub id: String,
+    pub host: String,
+    pub pid: i64,
+    pub listeners: String,
+    pub version: String,
+    pub started_at: i64,
+    /// Seconds since its last heartbeat.
+    pub heartbeat_age: i64,
+}
+
+/// Who holds a connector's lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Lease {
+    pub connector: String,
+    pub holder: String,
+    pub token: i64,
+    /// Seconds since it was acquired.
+    pub age: i64,
+    /// Seconds until it expires unless renewed (negative: expired).
+    pub expires_in: i64,
+}
+
+/// Where and how to connect.
+#[derive(Clone)]
+pub struct Target {
+    pub config: postgres::Config,
+    pub tls: Option<rustls::ClientConfig>,
+    /// The URL without any password, for messages.
+    pub shown: String,
+}
+
+type Job = Box<dyn FnOnce(&mut Session) + Send>;
+
+pub struct PostgresStore {
+    jobs: mpsc::Sender<Job>,
+    shown: String,
+}
+
+/// The connection thread's state.
+struct Session {
+    target: Target,
+    client: Option<Client>,
+    batch: Option<Batch>,
+    fence: Option<Fence>,
+}
+
+#[derive(Default)]
+struct Batch {
+    held: usize,
+    open: bool,
+}
+
+fn error(e: postgres::Error) -> StoreError {
+    StoreError::Postgres(e)
+}
+
+impl Session {
+    fn client(&mut self) -> Result<&mut Client, StoreError> {
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            // A transaction open on a lost connection is lost with it.
+            if let Some(batch) = &mut self.batch {
+                batch.open = false;
+                batch.held = 0;
+            }
+            let mut client = match &self.target.tls {
+                Some(tls) => self
+                    .target
+                    .config
+                    .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls.clone())),
+                None => self.target.config.connect(NoTls),
+            }
+            .map_err(|source| StoreError::Connect {
+                url: self.target.shown.clone(),
+                source,
+            })?;
+            client
+                .batch_execute(&format!(
+                    "SET idle_in_transaction_session_timeout = {}",
+                    IDLE_IN_TRANSACTION.as_millis()
+                ))
+                .map_err(error)?;
+            self.client = Some(client);
+        }
+        Ok(self.client.as_mut().expect("connected above"))
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let client = self.client()?;
+        let mut tx = client.transaction().map_err(error)?;
+        // One instance migrates; the others wait for its lock.
+        tx.batch_execute(
+            "SELECT pg_advisory_xact_lock(4242001);
+             CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)",
+        )
+        .map_err(error)?;
+        let version: i64 = match tx.query_opt("SELECT version FROM schema_version", &[]).map_err(error)? {
+            Some(row) => row.get(0),
+            None => {
+                tx.execute("INSERT INTO schema_version VALUES (0)", &[])
+                    .map_err(error)?;
+                0
+            }
+        };
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StoreError::TooNew { found: version, known });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            tx.batch_execute(sql).map_err(error)?;
+            tx.execute("UPDATE schema_version SET version = $1", &[&(i as i64 + 1)])
+                .map_err(error)?;
+        }
+        tx.commit().map_err(error)
+    }
+
+    /// Runs one atomic write, as the SQLite store does: a transaction of
+    /// its own, or a savepoint of the batch's. Under a fence, the lease is
+    /// checked (and its row locked against a takeover) in the same
+    /// transaction, so a worker that lost its lease writes nothing.
+    fn write<T>(&mut self, f: impl FnOnce(&mut Client) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let fence = self.fence.clone();
+        let in_batch = self.batch.is_some();
+        let opened = self.batch.as_ref().is_some_and(|b| b.open);
+        let client = self.client()?;
+        if !opened {
+            client.batch_execute("BEGIN").map_err(error)?;
+        }
+        if let Some(batch) = &mut self.batch {
+            batch.open = true;
+        }
+        let client = self.client.as_mut().expect("connected above");
+        let written = (|| {
+            client.batch_execute("SAVEPOINT w").map_err(error)?;
+            if let Some(fence) = &fence {
+                let held = client
+                    .query_opt(
+                        "SELECT 1 FROM leases WHERE connector = $1 AND holder = $2 AND token = $3
+                           AND expires_at > clock_timestamp() FOR SHARE",
+                        &[&fence.connector, &fence.holder, &fence.token],
+                    )
+                    .map_err(error)?;
+                if held.is_none() {
+                    return Err(StoreError::LeaseLost {
+                        connector: fence.connector.clone(),
+                    });
+                }
+            }
+            let value = f(client)?;
+            client.batch_execute("RELEASE SAVEPOINT w").map_err(error)?;
+            Ok(value)
+        })();
+        if written.is_err() && !client.is_closed() {
+            let _ = client.batch_execute("ROLLBACK TO SAVEPOINT w; RELEASE SAVEPOINT w");
+        }
+        if in_batch {
+            let lease_lost = matches!(written, Err(StoreError::LeaseLost { .. }));
+            let batch = self.batch.as_mut().expect("in a batch");
+            batch.held += 1;
+            if batch.held >= BATCH_WRITES || lease_lost {
+                // Under a lost lease nothing of the batch may stand.
+                if lease_lost {
+                    self.rollback();
+                } else {
+                    self.commit_open()?;
+                }
+            }
+        } else if written.is_ok() {
+            self.finish()?;
+        } else {
+            self.rollback();
+        }
+        written
+    }
+
+    fn finish(&mut self) -> Result<(), StoreError> {
+        let client = self.client.as_mut().expect("a transaction is open");
+        if let Err(e) = client.batch_execute("COMMIT") {
+            let _ = client.batch_execute("ROLLBACK");
+            return Err(error(e));
+        }
+        Ok(())
+    }
+
+    fn rollback(&mut self) {
+        if let Some(client) = self.client.as_mut().filter(|c| !c.is_closed()) {
+            let _ = client.batch_execute("ROLLBACK");
+        }
+        if let Some(batch) = &mut self.batch {
+            batch.open = false;
+            batch.held = 0;
+        }
+    }
+
+    fn commit_open(&mut self) -> Result<(), StoreError> {
+        match &mut self.batch {
+            Some(batch) if batch.open => {
+                batch.open = false;
+                batch.held = 0;
+                self.finish()
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl PostgresStore {
+    /// Connects, creating or upgrading the schema.
+    pub fn open(target: Target) -> Result<PostgresStore, StoreError> {
+        let shown = target.shown.clone();
+        let (jobs, queue) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("postgres-store".into())
+            .spawn(move || {
+                let mut session = Session {
+                    target,
+                    client: None,
+                    batch: None,
+                    fence: None,
+                };
+                // Ends when the store is dropped.
+                while let Ok(job) = queue.recv() {
+                    job(&mut session);
+                }
+                session.rollback();
+            })
+            .map_err(|source| StoreError::Io {
+                path: shown.clone(),
+                source,
+            })?;
+        let store = PostgresStore { jobs, shown };
+        store.call(Session::migrate)?;
+        Ok(store)
+    }
+
+    /// The URL without its password.
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+
+    fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Session) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        let gone = || StoreError::Closed {
+            url: self.shown.clone(),
+        };
+        self.jobs
+            .send(Box::new(move |session| {
+                let _ = reply.send(f(session));
+            }))
+            .map_err(|_| gone())?;
+        answer.recv().map_err(|_| gone())?
+    }
+
+    /// A read on the connection (outside any write, or inside the open batch).
+    fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Client) -> Result<T, postgres::Error> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.call(move |s| f(s.client()?).map_err(error))
+    }
+
+    fn write<T: Send + 'static>(
+        &mut self,
+        f: impl FnOnce(&mut Client) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.call(move |s| s.write(f))
+    }
+
+    /// From now on every write commits only while `fence` holds its lease.
+    pub fn set_fence(&mut self, fence: Option<Fence>) -> Result<(), StoreError> {
+        self.call(move |s| {
+            s.fence = fence;
+            Ok(())
+        })
+    }
+
+    /// Takes the connector's lease if it is free or expired: a new token,
+    /// which fences out every earlier holder.
+    pub fn acquire_lease(&self, connector: &str, holder: &str, ttl: Duration) -> Result<Option<Fence>, StoreError> {
+        let (connector, holder) = (connector.to_owned(), holder.to_owned());
+        let ttl = ttl.as_secs_f64();
+        self.read(move |c| {
+            let row = c.query_opt(
+                "INSERT INTO leases (connector, holder, token, acquired_at, expires_at)
+                 VALUES ($1, $2, 1, clock_timestamp(), clock_timestamp() + make_interval(secs => $3))
+                 ON CONFLICT (connector) DO UPDATE SET holder = excluded.holder, token = leases.token + 1,
+                   acquired_at = excluded.acquired_at, expires_at = excluded.expires_at
+                 WHERE leases.expires_at <= clock_timestamp()
+                 RETURNING token",
+                &[&connector, &holder, &ttl],
+            )?;
+            Ok(row.map(|r| Fence {
+                connector,
+                holder,
+                token: r.get(0),
+            }))
+        })
+    }
+
+    /// Extends a held lease; false if it was lost (expired, or taken over).
+    pub fn renew_lease(&self, fence: &Fence, ttl: Duration) -> Result<bool, StoreError> {
+        let fence = fence.clone();
+        let ttl = ttl.as_secs_f64();
+        self.read(move |c| {
+            let renewed = c.execute(
+                "UPDATE leases SET expires_at = clock_timestamp() + make_interval(secs => $4)
+                 WHERE connector = $1 AND holder = $2 AND token = $3 AND expires_at > clock_timestamp()",
+                &[&fence.connector, &fence.holder, &fence.token, &ttl],
+            )?;
+            Ok(renewed == 1)
+        })
+    }
+
+    /// Gives a lease up at once (a clean shutdown), for another instance
+    /// to take without waiting for it to expire.
+    pub fn release_lease(&self, fence: &Fence) -> Result<(), StoreError> {
+        let fence = fence.clone();
+        self.read(move |c| {
+            c.execute(
+                "UPDATE leases SET expires_at = clock_timestamp()
+                 WHERE connector = $1 AND holder = $2 AND token = $3",
+                &[&fence.connector, &fence.holder, &fence.token],
+            )
+            .map(drop)
+        })
+    }
+
+    /// Registers (or refreshes) an instance; its heartbeat is now.
+    pub fn heartbeat(&self, instance: &Instance) -> Result<(), StoreError> {
+        let i = instance.clone();
+        self.read(move |c| {
+            c.execute(
+                "INSERT INTO instances (id, host, pid, listeners, version, started_at, heartbeat)
+                 VALUES ($1, $2, $3, $4, $5, $6, clock_timestamp())
+                 ON CONFLICT (id) DO UPDATE SET heartbeat = excluded.heartbeat, listeners = excluded.listeners",
+                &[&i.id, &i.host, &i.pid, &i.listeners, &i.version, &i.started_at],
+            )
+            .map(drop)
+        })
+    }
+
+    /// Removes an instance's registration (a clean shutdown).
+    pub fn deregister(&self, id: &str) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.read(move |c| c.execute("DELETE FROM instances WHERE id = $1", &[&id]).map(drop))
+    }
+
+    pub fn instances(&self) -> Result<Vec<Instance>, StoreError> {
+        self.read(|c| {
+            let rows = c.query(
+                "SELECT id, host, pid, listeners, version, started_at,
+                        extract(epoch FROM clock_timestamp() - heartbeat)::bigint
+                   FROM instances ORDER BY started_at, id",
+                &[],
+            )?;
+            Ok(rows
+                .iter()
+                .map(|r| Instance {
+                    id: r.get(0),
+                    host: r.get(1),
+                    pid: r.get(2),
+                    listeners: r.get(3),
+                    version: r.get(4),
+                    started_at: r.get(5),
+                    heartbeat_age: r.get(6),
+                })
+                .collect())
+        })
+    }
+
+    pub fn leases(&self) -> Result<Vec<Lease>, StoreError> {
+        self.read(|c| {
+            let rows = c.query(
+                "SELECT connector, holder, token,
+                        extract(epoch FROM clock_timestamp() - acquired_at)::bigint,
+                        extract(epoch FROM expires_at - clock_timestamp())::bigint
+                   FROM leases ORDER BY connector",
+                &[],
+            )?;
+            Ok(rows
+                .iter()
+                .map(|r| Lease {
+                    connector: r.get(0),
+                    holder: r.get(1),
+                    token: r.get(2),
+                    age: r.get(3),
+                    expires_in: r.get(4),
+                })
+                .collect())
+        })
+    }
+}
+
+fn to_json(values: &Values) -> String {
+    serde_json::to_string(values).expect("a map of strings serializes")
+}
+
+fn from_json(what: &'static str, text: &str) -> Result<Values, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
+        what,
+        detail: e.to_string(),
+    })
+}
+
+fn parse<T: std::str::FromStr<Err = String>>(what: &'static str, text: &str) -> Result<T, StoreError> {
+    text.parse().map_err(|detail| StoreError::Corrupt { what, detail })
+}
+
+const OBJECT_COLUMNS: &str = r#"o.id, o.category, o.name, o.enabled, o."values""#;
+
+fn object_from(row: &Row) -> Result<LocalObject, StoreError> {
+    Ok(LocalObject {
+        id: row.get(0),
+        category: parse("category", row.get(1))?,
+        name: row.get(2),
+        enabled: row.get(3),
+        values: from_json("object values", row.get(4))?,
+    })
+}
+
+const ASSOCIATION_COLUMNS: &str = "connector, object_id, entry_id, dn, baseline, synced_at, entry_gone";
+
+fn association_from(row: &Row) -> Result<Association, StoreError> {
+    Ok(Association {
+        connector: row.get(0),
+        object_id: row.get(1),
+        entry_id: row.get(2),
+        dn: row.get(3),
+        baseline: from_json("baseline", row.get(4))?,
+        synced_at: row.get(5),
+        entry_gone: row.get(6),
+    })
+}
+
+fn objects(rows: Vec<Row>) -> Result<Vec<LocalObject>, StoreError> {
+    rows.iter().map(object_from).collect()
+}
+
+fn write_journal(c: &mut Client, e: &JournalEntry) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO journal (at, connector, category, object, source, action, policy, detail)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        &[
+            &e.at,
+            &e.connector,
+            &e.category.as_str(),
+            &e.object,
+            &e.source.as_str(),
+            &e.action.as_str(),
+            &e.policy,
+            &e.detail,
+        ],
+    )
+    .map_err(error)?;
+    Ok(())
+}
+
+fn insert_object(c: &mut Client, o: &LocalObject) -> Result<i64, StoreError> {
+    let row = c
+        .query_opt(
+            r#"INSERT INTO objects (category, name, enabled, "values") VALUES ($1, $2, $3, $4)
+               ON CONFLICT (category, name) DO NOTHING RETURNING id"#,
+            &[&o.category.as_str(), &o.name, &o.enabled, &to_json(&o.values)],
+        )
+        .map_err(error)?;
+    row.map(|r| r.get(0)).ok_or_else(|| StoreError::Exists {
+        category: o.category,
+        name: o.name.clone(),
+    })
+}
+
+/// Gives the object the next local edit number, as the SQLite store does.
+fn mark_edited(c: &mut Client, id: i64) -> Result<(), StoreError> {
+    c.execute(
+        "WITH n AS (UPDATE counters SET value = value + 1 WHERE name = 'local_edit' RETURNING value)
+         UPDATE objects SET edit = (SELECT value FROM n) WHERE id = $1",
+        &[&id],
+    )
+    .map_err(error)?;
+    Ok(())
+}
+
+fn update_object(c: &mut Client, o: &LocalObject) -> Result<(), StoreError> {
+    let clash = c
+        .query_opt(
+            "SELECT id FROM objects WHERE category = $1 AND name = $2 AND id != $3",
+            &[&o.category.as_str(), &o.name, &o.id],
+        )
+        .map_err(error)?;
+    if clash.is_some() {
+        return Err(StoreError::Exists {
+            category: o.category,
+            name: o.name.clone(),
+        });
+    }
+    c.execute(
+        r#"UPDATE objects SET name = $2, enabled = $3, "values" = $4 WHERE id = $1"#,
+        &[&o.id, &o.name, &o.enabled, &to_json(&o.values)],
+    )
+    .map_err(error)?;
+    Ok(())
+}
+
+fn write_state(c: &mut Client, s: &ConnectorState) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO connector_state
+           (connector, last_sync_at, last_result, last_poll_at, out_of_sync, last_error, local_seen)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT (connector) DO UPDATE SET
+           last_sync_at = excluded.last_sync_at, last_result = excluded.last_result,
+           last_poll_at = excluded.last_poll_at, out_of_sync = excluded.out_of_sync,
+           last_error = excluded.last_error, local_seen = excluded.local_seen",
+        &[
+            &s.connector,
+            &s.last_sync_at,
+            &s.last_result,
+            &s.last_poll_at,
+            &s.out_of_sync,
+            &s.last_error,
+            &s.local_seen,
+        ],
+    )
+    .map_err(error)?;
+    Ok(())
+}
+
+impl Store for PostgresStore {
+    fn object(&self, category: Category, name: &str) -> Result<Option<LocalObject>, StoreError> {
+        let name = name.to_owned();
+        self.call(move |s| {
+            let row = s
+                .client()?
+                .query_opt(
+                    &format!("SELECT {OBJECT_COLUMNS} FROM objects o WHERE category = $1 AND name = $2"),
+                    &[&category.as_str(), &name],
+                )
+                .map_err(error)?;
+            row.as_ref().map(object_from).transpose()
+        })
+    }
+
+    fn object_by_id(&self, id: i64) -> Result<Option<LocalObject>, StoreError> {
+        self.call(move |s| {
+            let row = s
+                .client()?
+                .query_opt(&format!("SELECT {OBJECT_COLUMNS} FROM objects o WHERE id = $1"), &[&id])
+                .map_err(error)?;
+            row.as_ref().map(object_from).transpose()
+        })
+    }
+
+    fn objects(&self, category: Category) -> Result<Vec<LocalObject>, StoreError> {
+        self.call(move |s| {
+            objects(
+                s.client()?
+                    .query(
+                        &format!("SELECT {OBJECT_COLUMNS} FROM objects o WHERE category = $1 ORDER BY name"),
+                        &[&category.as_str()],
+                    )
+                    .map_err(error)?,
+            )
+        })
+    }
+
+    fn insert_object(&mut self, object: &LocalObject, journal: &JournalEntry) -> Result<i64, StoreError> {
+        let (object, journal) = (object.clone(), journal.clone());
+        self.write(move |c| {
+            let id = insert_object(c, &object)?;
+            mark_edited(c, id)?;
+            write_journal(c, &journal)?;
+            Ok(id)
+        })
+    }
+
+    fn update_object(&mut self, object: &LocalObject, journal: &JournalEntry) -> Result<(), StoreError> {
+        let (object, journal) = (object.clone(), journal.clone());
+        self.write(move |c| {
+            update_object(c, &object)?;
+            mark_edited(c, object.id)?;
+            write_journal(c, &journal)
+        })
+    }
+
+    fn delete_object(&mut self, id: i64, journal: &JournalEntry) -> Result<(), StoreError> {
+        let journal = journal.clone();
+        self.write(move |c| {
+            c.execute("DELETE FROM objects WHERE id = $1", &[&id]).map_err(error)?;
+            write_journal(c, &journal)
+        })
+    }
+
+    fn association_by_entry(&self, connector: &str, entry_id: &str) -> Result<Option<Association>, StoreError> {
+        let (connector, entry_id) = (connector.to_owned(), entry_id.to_owned());
+        self.call(move |s| {
+            let row = s
+                .client()?
+                .query_opt(
+                    &format!("SELECT {ASSOCIATION_COLUMNS} FROM associations WHERE connector = $1 AND entry_id = $2"),
+                    &[&connector, &entry_id],
+                )
+                .map_err(error)?;
+            row.as_ref().map(association_from).transpose()
+        })
+    }
+
+    fn association_by_object(&self, connector: &str, object_id: i64) -> Result<Option<Association>, StoreError> {
+        let connector = connector.to_owned();
+        self.call(move |s| {
+            let row = s
+                .client()?
+                .query_opt(
+                    &format!("SELECT {ASSOCIATION_COLUMNS} FROM associations WHERE connector = $1 AND object_id = $2"),
+                    &[&connector, &object_id],
+                )
+                .map_err(error)?;
+            row.as_ref().map(association_from).transpose()
+        })
+    }
+
+    fn associations(&self, connector: Option<&str>) -> Result<Vec<Association>, StoreError> {
+        let connector = connector.map(str::to_owned);
+        self.call(move |s| {
+            let rows = s
+                .client()?
+                .query(
+                    &format!(
+                        "SELECT {ASSOCIATION_COLUMNS} FROM associations
+                         WHERE $1::text IS NULL OR connector = $1 ORDER BY connector, object_id"
+                    ),
+                    &[&connector],
+                )
+                .map_err(error)?;
+            rows.iter().map(association_from).collect()
+        })
+    }
+
+    fn association_of_object(&self, object_id: i64) -> Result<Option<Association>, StoreError> {
+        self.call(move |s| {
+            let row = s
+                .client()?
+                .query_opt(
+                    &format!(
+                        "SELECT {ASSOCIATION_COLUMNS} FROM associations WHERE object_id = $1 ORDER BY connector LIMIT 1"
+                    ),
+                    &[&object_id],
+                )
+                .map_err(error)?;
+            row.as_ref().map(association_from).transpose()
+        })
+    }
+
+    fn remove_association(
+        &mut self,
+        connector: &str,
+        object_id: i64,
+        journal: &JournalEntry,
+    ) -> Result<bool, StoreError> {
+        let (connector, journal) = (connector.to_owned(), journal.clone());
+        self.write(move |c| {
+            let removed = c
+                .execute(
+                    "DELETE FROM associations WHERE connector = $1 AND object_id = $2",
+                    &[&connector, &object_id],
+                )
+                .map_err(error)?;
+            if removed > 0 {
+                c.execute(
+                    "DELETE FROM held_deletes WHERE connector = $1 AND object_id = $2",
+                    &[&connector, &object_id],
+                )
+                .map_err(error)?;
+                mark_edited(c, object_id)?;
+                write_journal(c, &journal)?;
+            }
+            Ok(removed > 0)
+        })
+    }
+
+    fn commit(&mut self, commit: Commit) -> Result<Option<i64>, StoreError> {
+        self.write(move |c| {
+            let mut object_id = None;
+            if let Some(object) = &commit.object {
+                object_id = Some(if object.id == 0 {
+                    insert_object(c, object)?
+                } else {
+                    update_object(c, object)?;
+                    object.id
+                });
+            }
+            if let Some(id) = commit.delete_object {
+                c.execute("DELETE FROM objects WHERE id = $1", &[&id]).map_err(error)?;
+            }
+            if let Some(a) = &commit.association {
+                let id = if a.object_id == 0 {
+                    object_id.unwrap_or(0)
+                } else {
+                    a.object_id
+                };
+                c.execute(
+                    "INSERT INTO associations (connector, object_id, entry_id, dn, baseline, synced_at, entry_gone)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)
+                     ON CONFLICT (connector, object_id) DO UPDATE SET
+                       entry_id = excluded.entry_id, dn = excluded.dn, baseline = excluded.baseline,
+                       synced_at = excluded.synced_at, entry_gone = excluded.entry_gone",
+                    &[
+                        &a.connector,
+                        &id,
+                        &a.entry_id,
+                        &a.dn,
+                        &to_json(&a.baseline),
+                        &a.synced_at,
+                        &a.entry_gone,
+                    ],
+                )
+                .map_err(error)?;
+            }
+            for entry in &commit.journal {
+                write_journal(c, entry)?;
+            }
+            Ok(object_id)
+        })
+    }
+
+    fn journal(&self, query: &JournalQuery) -> Result<Vec<JournalEntry>, StoreError> {
+        let query = query.clone();
+        let limit = if query.limit == 0 { i64::MAX } else { query.limit as i64 };
+        self.call(move |s| {
+            let rows = s
+                .client()?
+                .query(
+                    "SELECT at, connector, category, object, source, action, policy, detail FROM (
+                       SELECT * FROM journal
+                       WHERE ($1::text IS NULL OR connector = $1) AND ($2::text IS NULL OR object = $2)
+                       ORDER BY id DESC LIMIT $3
+                     ) j ORDER BY id",
+                    &[&query.connector, &query.object, &limit],
+                )
+                .map_err(error)?;
+            rows.iter()
+                .map(|r| {
+                    Ok(JournalEntry {
+                        at: r.get(0),
+                        connector: r.get(1),
+                        category: parse("category", r.get(2))?,
+                        object: r.get(3),
+                        source: parse::<ChangeSource>("journal source", r.get(4))?,
+                        action: parse::<Action>("journal action", r.get(5))?,
+                        policy: r.get(6),
+                        detail: r.get(7),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn association_count(&self, connector: &str, category: Category) -> Result<usize, StoreError> {
+        let connector = connector.to_owned();
+        self.read(move |c| {
+            let row = c.query_one(
+                "SELECT count(*) FROM associations a JOIN objects o ON o.id = a.object_id
+                 WHERE a.connector = $1 AND o.category = $2",
+                &[&connector, &category.as_str()],
+            )?;
+            Ok(row.get::<_, i64>(0) as usize)
+        })
+    }
+
+    fn count_journal(&self, connector: &str, actions: &[Action], since: i64) -> Result<usize, StoreError> {
+        let connector = connector.to_owned();
+        let actions: Vec<&'static str> = actions.iter().map(|a| a.as_str()).collect();
+        self.read(move |c| {
+            let row = c.query_one(
+                "SELECT count(*) FROM journal WHERE connector = $1 AND at >= $2 AND action = ANY($3)",
+                &[&connector, &since, &actions],
+            )?;
+            Ok(row.get::<_, i64>(0) as usize)
+        })
+    }
+
+    fn object_associated_at(&self, connector: &str, dn: &str) -> Result<Option<LocalObject>, StoreError> {
+        let (connector, dn) = (connector.to_owned(), dn.to_owned());
+        self.call(move |s| {
+            let row = s
+                .client()?
+                .query_opt(
+                    &format!(
+                        "SELECT {OBJECT_COLUMNS} FROM objects o JOIN associations a ON a.object_id = o.id
+                         WHERE a.connector = $1 AND lower(a.dn) = lower($2) LIMIT 1"
+                    ),
+                    &[&connector, &dn],
+                )
+                .map_err(error)?;
+            row.as_ref().map(object_from).transpose()
+        })
+    }
+
+    fn connector_state(&self, connector: &str) -> Result<Option<ConnectorState>, StoreError> {
+        let connector = connector.to_owned();
+        self.read(move |c| {
+            let row = c.query_opt(
+                "SELECT connector, last_sync_at, last_result, last_poll_at, out_of_sync, last_error, local_seen
+                 FROM connector_state WHERE connector = $1",
+                &[&connector],
+            )?;
+            Ok(row.map(|r| ConnectorState {
+                connector: r.get(0),
+                last_sync_at: r.get(1),
+                last_result: r.get(2),
+                last_poll_at: r.get(3),
+                out_of_sync: r.get(4),
+                last_error: r.get(5),
+                local_seen: r.get(6),
+            }))
+        })
+    }
+
+    fn set_connector_state(&mut self, state: &ConnectorState) -> Result<(), StoreError> {
+        let state = state.clone();
+        self.write(move |c| write_state(c, &state))
+    }
+
+    fn mark_out_of_sync(&mut self, connector: &str, reason: &str) -> Result<(), StoreError> {
+        let (connector, reason) = (connector.to_owned(), reason.to_owned());
+        // Not fenced: any instance that lost a capture may say so.
+        self.read(move |c| {
+            c.execute(
+                "INSERT INTO connector_state (connector, last_result, out_of_sync) VALUES ($1, '{}', $2)
+                 ON CONFLICT (connector) DO UPDATE SET out_of_sync = excluded.out_of_sync",
+                &[&connector, &reason],
+            )
+            .map(drop)
+        })
+    }
+
+    fn hold_deletes(&mut self, associations: &[Association]) -> Result<(), StoreError> {
+        let at = super::now();
+        let held: Vec<(String, i64)> = associations
+            .iter()
+            .map(|a| (a.connector.clone(), a.object_id))
+            .collect();
+        self.write(move |c| {
+            for (connector, object_id) in &held {
+                c.execute(
+                    "INSERT INTO held_deletes (connector, object_id, held_at) VALUES ($1, $2, $3)
+                     ON CONFLICT DO NOTHING",
+                    &[connector, object_id, &at],
+                )
+                .map_err(error)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn held_deletes(&self, connector: &str) -> Result<Vec<HeldDelete>, StoreError> {
+        let connector = connector.to_owned();
+        self.call(move |s| {
+            let rows = s
+                .client()?
+                .query(
+                    "SELECT o.category, o.name, o.id, a.entry_id, a.dn, h.held_at
+                       FROM held_deletes h
+                       JOIN objects o ON o.id = h.object_id
+                       JOIN associations a ON a.connector = h.connector AND a.object_id = h.object_id
+                      WHERE h.connector = $1 AND NOT a.entry_gone
+                      ORDER BY o.category, o.name",
+                    &[&connector],
+                )
+                .map_err(error)?;
+            rows.iter()
+                .map(|r| {
+                    Ok(HeldDelete {
+                        category: parse("category", r.get(0))?,
+                        name: r.get(1),
+                        object_id: r.get(2),
+                        entry_id: r.get(3),
+                        dn: r.get(4),
+                        held_at: r.get(5),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn release_held_delete(&mut self, connector: &str, object_id: i64) -> Result<(), StoreError> {
+        let connector = connector.to_owned();
+        self.write(move |c| {
+            c.execute(
+                "DELETE FROM held_deletes WHERE connector = $1 AND object_id = $2",
+                &[&connector, &object_id],
+            )
+            .map_err(error)?;
+            Ok(())
+        })
+    }
+
+    fn append_captures(&mut self, captures: &[Capture]) -> Result<(), StoreError> {
+        let captures = captures.to_vec();
+        // Every instance captures: the journal is not fenced.
+        self.call(move |s| {
+            let client = s.client()?;
+            let mut tx = client.transaction().map_err(error)?;
+            let insert = tx
+                .prepare(
+                    "INSERT INTO captures (connector, category, kind, dn, captured_at) VALUES ($1, $2, $3, $4, $5)",
+                )
+                .map_err(error)?;
+            for c in &captures {
+                tx.execute(
+                    &insert,
+                    &[
+                        &c.connector,
+                        &c.category.as_str(),
+                        &c.kind.as_str(),
+                        &c.dn,
+                        &c.captured_at,
+                    ],
+                )
+                .map_err(error)?;
+            }
+            tx.commit().map_err(error)
+        })
+    }
+
+    fn captures(&self, connector: &str, limit: usize) -> Result<Vec<Capture>, StoreError> {
+        let connector = connector.to_owned();
+        let limit = limit as i64;
+        self.call(move |s| {
+            let rows = s
+                .client()?
+                .query(
+                    "SELECT id, connector, category, kind, dn, captured_at FROM captures
+                     WHERE connector = $1 ORDER BY id LIMIT $2",
+                    &[&connector, &limit],
+                )
+                .map_err(error)?;
+            rows.iter()
+                .map(|r| {
+                    let kind: String = r.get(3);
+                    Ok(Capture {
+                        id: r.get(0),
+                        connector: r.get(1),
+                        category: parse("category", r.get(2))?,
+                        kind: CaptureKind::parse(&kind).ok_or(StoreError::Corrupt {
+                            what: "capture kind",
+                            detail: kind,
+                        })?,
+                        dn: r.get(4),
+                        captured_at: r.get(5),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn pending_captures(&self, connector: &str) -> Result<usize, StoreError> {
+        let connector = connector.to_owned();
+        self.read(move |c| {
+            let row = c.query_one("SELECT count(*) FROM captures WHERE connector = $1", &[&connector])?;
+            Ok(row.get::<_, i64>(0) as usize)
+        })
+    }
+
+    fn remove_capture(&mut self, id: i64) -> Result<(), StoreError> {
+        self.write(move |c| {
+            c.execute("DELETE FROM captures WHERE id = $1", &[&id]).map_err(error)?;
+            Ok(())
+        })
+    }
+
+    fn watermark(&self, connector: &str, category: Category) -> Result<Option<Watermark>, StoreError> {
+        let connector = connector.to_owned();
+        self.call(move |s| {
+            let row = s
+                .client()?
+                .query_opt(
+                    "SELECT mechanism, server, value, updated_at FROM watermarks WHERE connector = $1 AND category = $2",
+                    &[&connector, &category.as_str()],
+                )
+                .map_err(error)?;
+            row.map(|r| {
+                Ok(Watermark {
+                    connector: connector.clone(),
+                    category,
+                    mechanism: parse("watermark mechanism", r.get(0))?,
+                    server: r.get(1),
+                    value: r.get(2),
+                    updated_at: r.get(3),
+                })
+            })
+            .transpose()
+        })
+    }
+
+    fn finish_poll(&mut self, state: &ConnectorState, watermarks: &[Watermark]) -> Result<(), StoreError> {
+        let (state, watermarks) = (state.clone(), watermarks.to_vec());
+        self.write(move |c| {
+            for w in &watermarks {
+                c.execute(
+                    "INSERT INTO watermarks (connector, category, mechanism, server, value, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT (connector, category) DO UPDATE SET mechanism = excluded.mechanism,
+                       server = excluded.server, value = excluded.value, updated_at = excluded.updated_at",
+                    &[
+                        &w.connector,
+                        &w.category.as_str(),
+                        &w.mechanism.as_str(),
+                        &w.server,
+                        &w.value,
+                        &w.updated_at,
+                    ],
+                )
+                .map_err(error)?;
+            }
+            write_state(c, &state)
+        })
+    }
+
+    fn edited_since(&self, category: Category, edit: i64) -> Result<Vec<LocalObject>, StoreError> {
+        self.call(move |s| {
+            objects(
+                s.client()?
+                    .query(
+                        &format!(
+                            "SELECT {OBJECT_COLUMNS} FROM objects o WHERE category = $1 AND edit > $2 ORDER BY edit"
+                        ),
+                        &[&category.as_str(), &edit],
+                    )
+                    .map_err(error)?,
+            )
+        })
+    }
+
+    fn last_edit(&self) -> Result<i64, StoreError> {
+        self.read(|c| {
+            c.query_one("SELECT value FROM counters WHERE name = 'local_edit'", &[])
+                .map(|r| r.get(0))
+        })
+    }
+
+    fn begin_batch(&mut self) {
+        // A closed thread shows at the first write of the batch.
+        let _ = self.call(|s| {
+            s.batch.get_or_insert_default();
+            Ok(())
+        });
+    }
+
+    fn commit_batch(&mut self) -> Result<(), StoreError> {
+        self.call(Session::commit_open)
+    }
+
+    fn end_batch(&mut self) -> Result<(), StoreError> {
+        self.call(|s| {
+            let committed = s.commit_open();
+            s.batch = None;
+            committed
+        })
+    }
+}
