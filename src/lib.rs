@@ -16,6 +16,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::panic))]
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod directory;
 pub mod dn;

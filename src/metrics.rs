@@ -86,6 +86,9 @@ pub struct Metrics {
     /// 1 while a connector waits for the full comparison that a lost
     /// change or a failed worker asked for.
     pub out_of_sync: Family<ConnectorLabel, Gauge>,
+    /// 1 while this instance holds the connector's lease (PostgreSQL store).
+    pub lease_held: Family<ConnectorLabel, Gauge>,
+    pub leases_acquired: Family<ConnectorLabel, Counter>,
 }
 
 /// The process's metrics.
@@ -114,6 +117,8 @@ impl Metrics {
             store_unwritable_since: Gauge::default(),
             worker_restarts: Family::default(),
             out_of_sync: Family::default(),
+            lease_held: Family::default(),
+            leases_acquired: Family::default(),
         };
         let mut registry = Registry::with_prefix("ldapsync");
         registry.register(
@@ -186,6 +191,16 @@ impl Metrics {
             "out_of_sync",
             "1 while a connector waits for a full comparison (a change was lost or its worker failed)",
             metrics.out_of_sync.clone(),
+        );
+        registry.register(
+            "lease_held",
+            "1 while this instance holds the connector's lease and syncs it (PostgreSQL store)",
+            metrics.lease_held.clone(),
+        );
+        registry.register(
+            "leases_acquired",
+            "Times this instance took a connector's lease (at start, or over from another instance)",
+            metrics.leases_acquired.clone(),
         );
         let direction = |direction| metrics.bytes.get_or_create(&DirectionLabel { direction }).clone();
         Metrics {

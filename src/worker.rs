@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
 
+use crate::cluster;
 use crate::config::{Config, ConnectorConfig, StoreConfig};
 use crate::directory::Directory;
 use crate::dn;
@@ -26,7 +27,8 @@ use crate::metrics::{ChangeLabels, ConflictLabels, ConnectorLabel, METRICS, Outc
 use crate::model::{Category, Change, ChangeEvent, ChangeSource, Mechanism};
 use crate::poller;
 use crate::proxy::capture::{Affected, CaptureLoss, CaptureSink, CapturedWrite, WriteKind};
-use crate::store::{self, AnyStore, Capture, CaptureKind, ConnectorState, Store, Watermark, now};
+use crate::store::postgres::{Fence, Instance};
+use crate::store::{self, AnyStore, Capture, CaptureKind, ConnectorState, PostgresStore, Store, Watermark, now};
 use crate::sync::engine::{self, PassOptions, Report, SyncError};
 use crate::sync::progress::{Lines, Progress};
 use crate::throttle::Throttle;
@@ -225,20 +227,46 @@ pub fn start(config: &Config, shutdown: CancellationToken, tasks: &TaskTracker) 
     let writer_routing = Arc::clone(&routing);
     let store_config = config.store.clone();
     tasks.spawn_blocking(move || write_captures(store_config, queue, writer_routing));
+    let cluster = config.store.url.is_some().then(|| {
+        let (publish, store) = watch::channel(None);
+        let shared = Shared {
+            instance: cluster::this_instance(config),
+            ttl: config.store.lease_ttl,
+            store,
+        };
+        tasks.spawn(connect_cluster(
+            config.store.clone(),
+            shared.instance.clone(),
+            Arc::clone(&routes),
+            publish,
+            shutdown.clone(),
+        ));
+        shared
+    });
     let mut senders = Vec::new();
     for (index, route) in routes.iter().enumerate() {
         let connector = config.connector(&route.connector).expect("connector from the config");
         let (settings_tx, settings) = watch::channel(connector);
         senders.push(settings_tx);
         let (store_config, connect_timeout) = (config.store.clone(), config.proxy.connect_timeout);
-        let (routes, shutdown) = (Arc::clone(&routes), shutdown.clone());
+        let (routes, shutdown, cluster) = (Arc::clone(&routes), shutdown.clone(), cluster.clone());
         let span = tracing::info_span!("connector", name = route.connector);
         tasks.spawn(
             async move {
                 // Supervised: a worker that panics is said and started
                 // again, never gone while the relay goes on.
                 loop {
+                    // On a shared store, only the lease's holder syncs.
+                    let held = match &cluster {
+                        None => None,
+                        Some(cluster) => match cluster.hold(&routes[index], &shutdown).await {
+                            Some(held) => Some(held),
+                            None => break,
+                        },
+                    };
+                    let stop = held.as_ref().map_or_else(|| shutdown.clone(), |h| h.lost.clone());
                     let worker = Worker {
+                        fence: held.as_ref().map(|h| h.fence.clone()),
                         connector: settings.borrow().clone(),
                         store_config: store_config.clone(),
                         connect_timeout,
@@ -250,11 +278,19 @@ pub fn start(config: &Config, shutdown: CancellationToken, tasks: &TaskTracker) 
                     };
                     let run = tokio::spawn(
                         worker
-                            .run(Arc::clone(&routes), index, settings.clone(), shutdown.clone())
+                            .run(Arc::clone(&routes), index, settings.clone(), stop)
                             .in_current_span(),
                     );
-                    match run.await {
-                        Ok(()) => break,
+                    let ended = run.await;
+                    if let Some(held) = &held {
+                        // Given up (and so taken at once by whoever is next)
+                        // unless it was lost already.
+                        held.lost.cancel();
+                    }
+                    match ended {
+                        Ok(()) if shutdown.is_cancelled() => break,
+                        // The lease was lost: wait for it again.
+                        Ok(()) => continue,
                         Err(e) => {
                             tracing::error!(error = %e, "connector worker failed; restarting it in 5 s");
                             METRICS
@@ -278,6 +314,88 @@ pub fn start(config: &Config, shutdown: CancellationToken, tasks: &TaskTracker) 
     }
     let router = CaptureRouter { routing, journal };
     (router, ConnectorReloader { routes, senders })
+}
+
+/// What the connectors' supervisors share on a PostgreSQL store.
+#[derive(Clone)]
+struct Shared {
+    instance: Instance,
+    ttl: Duration,
+    /// The store for leases, once it could be opened.
+    store: watch::Receiver<Option<Arc<PostgresStore>>>,
+}
+
+impl Shared {
+    /// Waits for the connector's lease. Meanwhile a full comparison that
+    /// this instance's captures ask for is recorded in the store, for the
+    /// holder's next poll: it is not this instance's to run.
+    async fn hold(&self, route: &Route, shutdown: &CancellationToken) -> Option<cluster::Held> {
+        let mut published = self.store.clone();
+        let store = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            store = published.wait_for(Option::is_some) => store.ok()?.clone()?,
+        };
+        let mut holding = std::pin::pin!(cluster::hold(
+            &store,
+            &route.connector,
+            &self.instance.id,
+            self.ttl,
+            shutdown
+        ));
+        loop {
+            tokio::select! {
+                held = &mut holding => return held,
+                _ = route.resync.notified() => {
+                    let Some(reason) = route.lost.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+                        continue;
+                    };
+                    let (shared, connector) = (Arc::clone(&store), route.connector.clone());
+                    let marked = tokio::task::spawn_blocking(move || shared.record_out_of_sync(&connector, &reason)).await;
+                    if !matches!(marked, Ok(Ok(()))) {
+                        warn!("cannot record in the store that the connector is out of sync; it stays in the store's next poll");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Opens the shared store (retrying while PostgreSQL is away: the relay
+/// does not wait for it), then registers this instance, keeps its
+/// heartbeat, and wakes the local holders when any instance journals
+/// captures.
+async fn connect_cluster(
+    config: StoreConfig,
+    instance: Instance,
+    routes: Arc<Vec<Route>>,
+    publish: watch::Sender<Option<Arc<PostgresStore>>>,
+    shutdown: CancellationToken,
+) {
+    let mut delay = Duration::from_millis(100);
+    let store = loop {
+        let opening = config.clone();
+        match tokio::task::spawn_blocking(move || store::open(&opening)).await {
+            Ok(Ok(opened)) => break Arc::new(opened.into_shared().expect("store.url names PostgreSQL")),
+            Ok(Err(e)) => warn!(error = %e, retry_in = ?delay, "cannot open the shared store"),
+            Err(e) => warn!(error = %e, "opening the shared store failed"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => delay = (delay * 2).min(Duration::from_secs(10)),
+        }
+    };
+    let woken = Arc::clone(&routes);
+    let listening = store.listen_captures(move |connector| {
+        woken
+            .iter()
+            .filter(|r| connector.is_none_or(|c| c == r.connector))
+            .for_each(|r| r.captured.notify_one());
+    });
+    if let Err(e) = listening {
+        warn!(error = %e, "cannot listen for other instances' captures; they are applied at each poll");
+    }
+    let _ = publish.send(Some(Arc::clone(&store)));
+    cluster::heartbeat(store, instance, config.lease_ttl, shutdown).await;
 }
 
 fn scope_bases(connector: &ConnectorConfig) -> Vec<(Category, String)> {
@@ -398,6 +516,8 @@ fn write_captures(store_config: StoreConfig, mut queue: mpsc::Receiver<CapturedW
 
 struct Worker {
     connector: ConnectorConfig,
+    /// The lease this worker syncs under (PostgreSQL store).
+    fence: Option<Fence>,
     store_config: StoreConfig,
     connect_timeout: Duration,
     directory: Option<Directory>,
@@ -423,6 +543,10 @@ impl Worker {
         let Some(mut store) = self.open_store(&shutdown).await else {
             return;
         };
+        if let Err(e) = store.set_fence(self.fence.clone()) {
+            warn!(error = %e, "cannot fence the worker's store; it does not start");
+            return;
+        }
         let mut backoff = Duration::from_secs(1);
         let mut next_poll = Instant::now();
         let mut last_poll = Instant::now();

@@ -19,7 +19,7 @@ const LAYERS: &[&[&str]] = &[
         "sync::mapping",
         "sync::guard",
     ],
-    &["proxy", "poller", "sync::engine", "sync::progress"],
+    &["proxy", "poller", "sync::engine", "sync::progress", "cluster"],
     &["worker", "monitor"],
     &["cli", "lib", "main", "sync"],
 ];

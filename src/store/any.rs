@@ -71,6 +71,14 @@ impl AnyStore {
         }
     }
 
+    /// The PostgreSQL store itself, for the cluster's leases and registry.
+    pub fn into_shared(self) -> Option<PostgresStore> {
+        match self {
+            AnyStore::Postgres(s) => Some(s),
+            AnyStore::Sqlite(_) => None,
+        }
+    }
+
     /// From now on this store's writes commit only under `fence`'s lease
     /// (PostgreSQL; SQLite has one instance, and no leases).
     pub fn set_fence(&mut self, fence: Option<Fence>) -> Result<(), StoreError> {

@@ -14,6 +14,7 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
+use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls, Row};
 use serde::Serialize;
 
@@ -168,8 +169,12 @@ type Job = Box<dyn FnOnce(&mut Session) + Send>;
 
 pub struct PostgresStore {
     jobs: mpsc::Sender<Job>,
-    shown: String,
+    target: std::sync::Arc<Target>,
 }
+
+/// The channel captures are announced on, so that the instance holding a
+/// connector's lease applies what another instance captured at once.
+const CAPTURES_CHANNEL: &str = "ldapsync_captures";
 
 /// The connection thread's state.
 struct Session {
@@ -342,12 +347,13 @@ impl PostgresStore {
     /// Connects, creating or upgrading the schema.
     pub fn open(target: Target) -> Result<PostgresStore, StoreError> {
         let shown = target.shown.clone();
+        let for_thread = target.clone();
         let (jobs, queue) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("postgres-store".into())
             .spawn(move || {
                 let mut session = Session {
-                    target,
+                    target: for_thread,
                     client: None,
                     batch: None,
                     fence: None,
@@ -362,14 +368,63 @@ impl PostgresStore {
                 path: shown.clone(),
                 source,
             })?;
-        let store = PostgresStore { jobs, shown };
+        let store = PostgresStore {
+            jobs,
+            target: std::sync::Arc::new(target),
+        };
         store.call(Session::migrate)?;
         Ok(store)
     }
 
     /// The URL without its password.
     pub fn shown(&self) -> &str {
-        &self.shown
+        &self.target.shown
+    }
+
+    /// Calls `on(Some(connector))` for every batch of captures any instance
+    /// journals for a connector, and `on(None)` whenever the listening
+    /// connection is (re)opened, when some may have been missed; on its
+    /// own thread and connection, for the life of the process.
+    pub fn listen_captures(&self, on: impl Fn(Option<&str>) + Send + 'static) -> Result<(), StoreError> {
+        let target = Target::clone(&self.target);
+        std::thread::Builder::new()
+            .name("postgres-listen".into())
+            .spawn(move || {
+                let mut session = Session {
+                    target,
+                    client: None,
+                    batch: None,
+                    fence: None,
+                };
+                loop {
+                    let listening = session
+                        .client()
+                        .and_then(|c| c.batch_execute(&format!("LISTEN {CAPTURES_CHANNEL}")).map_err(error));
+                    if listening.is_err() {
+                        session.client = None;
+                        std::thread::sleep(Duration::from_secs(1));
+                        continue;
+                    }
+                    on(None);
+                    let client = session.client.as_mut().expect("listening above");
+                    loop {
+                        // A fresh iterator each time: one that timed out
+                        // answers at once ever after.
+                        let next = client.notifications().timeout_iter(Duration::from_secs(5)).next();
+                        match next {
+                            Ok(Some(n)) => on(Some(n.payload())),
+                            Ok(None) if !client.is_closed() => {}
+                            _ => break,
+                        }
+                    }
+                    session.client = None;
+                }
+            })
+            .map(drop)
+            .map_err(|source| StoreError::Io {
+                path: self.target.shown.clone(),
+                source,
+            })
     }
 
     fn call<T: Send + 'static>(
@@ -378,7 +433,7 @@ impl PostgresStore {
     ) -> Result<T, StoreError> {
         let (reply, answer) = mpsc::sync_channel(1);
         let gone = || StoreError::Closed {
-            url: self.shown.clone(),
+            url: self.target.shown.clone(),
         };
         self.jobs
             .send(Box::new(move |session| {
@@ -457,6 +512,20 @@ impl PostgresStore {
                 "UPDATE leases SET expires_at = clock_timestamp()
                  WHERE connector = $1 AND holder = $2 AND token = $3",
                 &[&fence.connector, &fence.holder, &fence.token],
+            )
+            .map(drop)
+        })
+    }
+
+    /// Records that the connector needs a full comparison. Not fenced:
+    /// any instance that lost a capture may say so, for the holder.
+    pub fn record_out_of_sync(&self, connector: &str, reason: &str) -> Result<(), StoreError> {
+        let (connector, reason) = (connector.to_owned(), reason.to_owned());
+        self.read(move |c| {
+            c.execute(
+                "INSERT INTO connector_state (connector, last_result, out_of_sync) VALUES ($1, '{}', $2)
+                 ON CONFLICT (connector) DO UPDATE SET out_of_sync = excluded.out_of_sync",
+                &[&connector, &reason],
             )
             .map(drop)
         })
@@ -957,16 +1026,7 @@ impl Store for PostgresStore {
     }
 
     fn mark_out_of_sync(&mut self, connector: &str, reason: &str) -> Result<(), StoreError> {
-        let (connector, reason) = (connector.to_owned(), reason.to_owned());
-        // Not fenced: any instance that lost a capture may say so.
-        self.read(move |c| {
-            c.execute(
-                "INSERT INTO connector_state (connector, last_result, out_of_sync) VALUES ($1, '{}', $2)
-                 ON CONFLICT (connector) DO UPDATE SET out_of_sync = excluded.out_of_sync",
-                &[&connector, &reason],
-            )
-            .map(drop)
-        })
+        self.record_out_of_sync(connector, reason)
     }
 
     fn hold_deletes(&mut self, associations: &[Association]) -> Result<(), StoreError> {
@@ -1053,6 +1113,14 @@ impl Store for PostgresStore {
                     ],
                 )
                 .map_err(error)?;
+            }
+            let mut connectors: Vec<&str> = captures.iter().map(|c| c.connector.as_str()).collect();
+            connectors.sort_unstable();
+            connectors.dedup();
+            for connector in connectors {
+                // Delivered at commit, to every listening instance.
+                tx.execute("SELECT pg_notify($1, $2)", &[&CAPTURES_CHANNEL, &connector])
+                    .map_err(error)?;
             }
             tx.commit().map_err(error)
         })

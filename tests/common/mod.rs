@@ -122,6 +122,10 @@ pub fn listening(line: &str) -> Option<(String, String)> {
 }
 
 impl Served {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// SIGKILL: a crash, with no chance to finish anything.
     pub fn kill(mut self) {
         if let Some(mut child) = self.child.take() {

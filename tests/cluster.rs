@@ -1,0 +1,347 @@
+//! Several ldapsync instances on one PostgreSQL store and one slapd, as an
+//! operator runs them behind a load balancer: every instance relays and
+//! captures, one at a time syncs each connector (its lease), and when the
+//! holder dies or is paused another takes over with nothing lost.
+//! Real parts: slapd, PostgreSQL, the ldapsync binary, ldapmodify.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Served, eventually_within, serve};
+use ldapsync_fixtures::{Postgres, ROOT_DN, ROOT_PW, Slapd};
+
+/// The lease time the tests run with: short, so that a takeover fits a test.
+const TTL: Duration = Duration::from_secs(3);
+
+struct Cluster {
+    slapd: Slapd,
+    postgres: Postgres,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let cluster = Cluster {
+            slapd: Slapd::start(),
+            postgres: Postgres::start(),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        std::fs::write(cluster.dir.path().join("service.secret"), format!("{ROOT_PW}\n")).unwrap();
+        cluster
+    }
+
+    /// The config file of instance `n`: its own listener and admin socket,
+    /// the shared store and directory.
+    fn config(&self, n: usize) -> std::path::PathBuf {
+        let path = self.dir.path().join(format!("instance-{n}.toml"));
+        let text = format!(
+            r#"
+[proxy]
+listen = ["ldap://127.0.0.1:0"]
+upstream = ["{url}"]
+
+[store]
+url = "{store}"
+admin_socket = "{socket}"
+lease_ttl = "{ttl}s"
+
+[[connector]]
+name = "example"
+bind_dn = "{ROOT_DN}"
+password_file = "{secret}"
+direction = "ldap-to-local"
+poll_interval = "1s"
+
+[connector.accounts]
+base = "ou=people,dc=example,dc=com"
+filter = "(objectClass=inetOrgPerson)"
+naming = "uid"
+object_classes = ["inetOrgPerson"]
+map = {{ description = "description", mail = "mail" }}
+"#,
+            url = self.slapd.url(),
+            store = self.postgres.url(),
+            socket = self.dir.path().join(format!("instance-{n}.sock")).display(),
+            ttl = TTL.as_secs(),
+            secret = self.dir.path().join("service.secret").display(),
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn serve(&self, n: usize) -> Served {
+        serve(&["--config", self.config(n).to_str().unwrap()])
+    }
+
+    /// The pid in the lease holder's id (`host/pid/started`), and its token.
+    fn holder(&self) -> Option<(u32, i64)> {
+        let row = self
+            .postgres
+            .sql("SELECT holder || ' ' || token FROM leases WHERE connector = 'example' AND expires_at > now()");
+        let (holder, token) = row.split_once(' ')?;
+        Some((holder.split('/').nth(1)?.parse().ok()?, token.parse().ok()?))
+    }
+
+    /// uid → description, as the local store holds them.
+    fn local(&self) -> BTreeMap<String, String> {
+        self.postgres
+            .sql(r#"SELECT name || '|' || coalesce("values"::json->'description'->>0, '') FROM objects WHERE category = 'account'"#)
+            .lines()
+            .filter_map(|l| l.split_once('|').map(|(a, b)| (a.to_owned(), b.to_owned())))
+            .collect()
+    }
+
+    /// uid → description, as the directory holds them.
+    fn directory(&self) -> BTreeMap<String, String> {
+        let out = Command::new("ldapsearch")
+            .args([
+                "-x",
+                "-LLL",
+                "-o",
+                "ldif-wrap=no",
+                "-H",
+                &self.slapd.url(),
+                "-D",
+                ROOT_DN,
+                "-w",
+                ROOT_PW,
+            ])
+            .args([
+                "-b",
+                "ou=people,dc=example,dc=com",
+                "(objectClass=inetOrgPerson)",
+                "uid",
+                "description",
+            ])
+            .output()
+            .unwrap();
+        let mut entries = BTreeMap::new();
+        for block in String::from_utf8_lossy(&out.stdout).split("\n\n") {
+            let field = |name: &str| {
+                block
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&format!("{name}: ")).map(str::to_owned))
+            };
+            if let Some(uid) = field("uid") {
+                entries.insert(uid, field("description").unwrap_or_default());
+            }
+        }
+        entries
+    }
+
+    /// How many times each local name exists (an object must exist once).
+    fn duplicates(&self) -> String {
+        self.postgres
+            .sql("SELECT count(*) - count(DISTINCT (category, name)) FROM objects")
+    }
+}
+
+/// Runs ldapmodify against `url` with -c (continue past errors); returns
+/// how many changes it reported done.
+fn ldapmodify(url: &str, ldif: String) -> std::thread::JoinHandle<usize> {
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        let mut child = Command::new("ldapmodify")
+            .args(["-x", "-c", "-H", &url, "-D", ROOT_DN, "-w", ROOT_PW])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        // A write error is a killed instance: what was sent is what counts.
+        let _ = child.stdin.take().unwrap().write_all(ldif.as_bytes());
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("modifying entry") || l.starts_with("adding new entry"))
+            .count()
+    })
+}
+
+/// `count` writes through one instance: new people, and changes of the
+/// description of the people the directory has (the last one wins).
+fn writes(instance: usize, count: usize) -> String {
+    let mut ldif = String::new();
+    for i in 0..count {
+        if i % 4 == 0 {
+            ldif.push_str(&format!(
+                "dn: uid=load-{instance}-{i},ou=people,dc=example,dc=com\nchangetype: add\nobjectClass: inetOrgPerson\n\
+                 uid: load-{instance}-{i}\ncn: load {i}\nsn: load\ndescription: born {i}\n\n"
+            ));
+        } else {
+            let uid = ["alice", "bob", "carol", "dave", "erin", "frank"][i % 6];
+            ldif.push_str(&format!(
+                "dn: uid={uid},ou=people,dc=example,dc=com\nchangetype: modify\nreplace: description\n\
+                 description: instance {instance} write {i}\n\n"
+            ));
+        }
+    }
+    ldif
+}
+
+fn wait_for_holder(cluster: &Cluster, instances: &[&Served], within: Duration) -> (u32, i64) {
+    let mut held = None;
+    let found = eventually_within(within, || {
+        held = cluster
+            .holder()
+            .filter(|(pid, _)| instances.iter().any(|s| s.pid() == *pid));
+        held.is_some()
+    });
+    assert!(found, "no instance took the lease within {within:?}");
+    held.unwrap()
+}
+
+#[test]
+fn a_killed_lease_holder_is_replaced_within_the_ttl_and_no_write_is_lost() {
+    let cluster = Cluster::start();
+    let instances: Vec<Served> = (0..3).map(|n| cluster.serve(n)).collect();
+    let all: Vec<&Served> = instances.iter().collect();
+    let (holder, first_token) = wait_for_holder(&cluster, &all, Duration::from_secs(20));
+    assert!(
+        eventually_within(Duration::from_secs(20), || cluster.local() == cluster.directory()),
+        "the first sync imports the directory"
+    );
+    let registered = cluster.postgres.sql("SELECT count(*) FROM instances");
+    assert_eq!(registered, "3", "each instance registers itself");
+
+    // 3,000 writes spread over the three instances; the holder is killed
+    // in the middle of them.
+    let clients: Vec<_> = instances
+        .iter()
+        .enumerate()
+        .map(|(n, s)| ldapmodify(&s.url, writes(n, 1000)))
+        .collect();
+    std::thread::sleep(Duration::from_millis(700));
+    let mut instances = instances;
+    let killed = instances.iter().position(|s| s.pid() == holder).unwrap();
+    let killed_at = Instant::now();
+    instances.remove(killed).kill();
+    let done: Vec<usize> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    assert!(
+        done.iter().sum::<usize>() >= 2000,
+        "the survivors' clients were served: {done:?}"
+    );
+
+    let rest: Vec<&Served> = instances.iter().collect();
+    let (new_holder, token) = wait_for_holder(&cluster, &rest, Duration::from_secs(20));
+    let takeover = killed_at.elapsed();
+    assert_ne!(new_holder, holder);
+    assert!(token > first_token, "a takeover gets a new token");
+    assert!(
+        takeover <= TTL + Duration::from_secs(3),
+        "taken over in {takeover:?}, TTL {TTL:?}"
+    );
+
+    // Everything a client saw succeed is in the directory; the store
+    // follows the directory, entry for entry, each object once.
+    assert!(
+        eventually_within(Duration::from_secs(30), || cluster.local() == cluster.directory()),
+        "the local store equals the directory: {} local, {} in the directory",
+        cluster.local().len(),
+        cluster.directory().len()
+    );
+    assert_eq!(cluster.duplicates(), "0");
+}
+
+#[test]
+fn a_paused_holder_writes_nothing_after_losing_its_lease() {
+    let cluster = Cluster::start();
+    let first = cluster.serve(0);
+    let (holder, _) = wait_for_holder(&cluster, &[&first], Duration::from_secs(20));
+    assert_eq!(holder, first.pid());
+    assert!(eventually_within(Duration::from_secs(20), || cluster.local() == cluster.directory()));
+    let second = cluster.serve(1);
+
+    first.signal("STOP");
+    let (taker, _) = wait_for_holder(&cluster, &[&second], TTL * 3);
+    assert_eq!(taker, second.pid());
+    // The new holder syncs a change; then the old one wakes up.
+    let ldif = "dn: uid=alice,ou=people,dc=example,dc=com\nchangetype: modify\nreplace: description\ndescription: after the pause\n\n";
+    assert_eq!(ldapmodify(&second.url, ldif.to_owned()).join().unwrap(), 1);
+    assert!(eventually_within(Duration::from_secs(20), || {
+        cluster.local().get("alice").map(String::as_str) == Some("after the pause")
+    }));
+    let journal_before = cluster.postgres.sql("SELECT count(*) FROM journal");
+    first.signal("CONT");
+    std::thread::sleep(TTL);
+    assert_eq!(
+        cluster.holder().map(|h| h.0),
+        Some(second.pid()),
+        "the woken instance does not take the lease back"
+    );
+    assert_eq!(
+        cluster.local().get("alice").map(String::as_str),
+        Some("after the pause")
+    );
+    let journal_after = cluster.postgres.sql("SELECT count(*) FROM journal");
+    assert_eq!(journal_before, journal_after, "the woken holder journaled nothing");
+    let (_, log) = first.terminate();
+    assert!(
+        log.contains("stops syncing it"),
+        "the woken holder knows it lost the lease: {log}"
+    );
+}
+
+/// Fencing itself, on the store: once another instance holds the lease,
+/// a write under the old token fails and leaves nothing, even from an
+/// instance that never noticed it lost the lease.
+#[test]
+fn a_write_under_a_lost_lease_is_refused_by_the_store() {
+    use ldapsync::config::StoreConfig;
+    use ldapsync::model::{Action, Category, ChangeSource};
+    use ldapsync::store::{self, Commit, JournalEntry, LocalObject, Store, StoreError};
+
+    let postgres = Postgres::start();
+    let config = StoreConfig {
+        url: Some(postgres.url()),
+        ..StoreConfig::default()
+    };
+    let object = |name: &str| LocalObject {
+        id: 0,
+        category: Category::Account,
+        name: name.into(),
+        enabled: true,
+        values: Default::default(),
+    };
+    let commit = |name: &str| Commit {
+        object: Some(object(name)),
+        journal: vec![JournalEntry {
+            at: 0,
+            connector: "example".into(),
+            category: Category::Account,
+            object: name.into(),
+            source: ChangeSource::Poll,
+            action: Action::CreatedLocal,
+            policy: "ldap-to-local".into(),
+            detail: "{}".into(),
+        }],
+        ..Commit::default()
+    };
+    let mut old = store::open(&config).unwrap();
+    let mut new = store::open(&config).unwrap();
+    let lease = |s: &store::AnyStore, holder: &str, ttl: Duration| {
+        s.shared().unwrap().acquire_lease("example", holder, ttl).unwrap()
+    };
+    let fence = lease(&old, "old", Duration::from_secs(1)).expect("a free lease is taken");
+    assert!(lease(&new, "new", TTL).is_none(), "a held lease is not");
+    old.set_fence(Some(fence)).unwrap();
+    old.commit(commit("before")).unwrap();
+
+    std::thread::sleep(Duration::from_millis(1200));
+    let taken = lease(&new, "new", TTL).expect("an expired lease is taken over");
+    new.set_fence(Some(taken)).unwrap();
+    assert!(matches!(old.commit(commit("after")), Err(StoreError::LeaseLost { .. })));
+    new.commit(commit("by-new")).unwrap();
+    let names: Vec<String> = new
+        .objects(Category::Account)
+        .unwrap()
+        .into_iter()
+        .map(|o| o.name)
+        .collect();
+    assert_eq!(names, ["before", "by-new"]);
+    assert_eq!(postgres.sql("SELECT count(*) FROM journal WHERE object = 'after'"), "0");
+}
