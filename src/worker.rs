@@ -349,10 +349,15 @@ impl Shared {
                     let Some(reason) = route.lost.lock().unwrap_or_else(|e| e.into_inner()).take() else {
                         continue;
                     };
-                    let (shared, connector) = (Arc::clone(&store), route.connector.clone());
-                    let marked = tokio::task::spawn_blocking(move || shared.record_out_of_sync(&connector, &reason)).await;
+                    let (shared, connector, kept) = (Arc::clone(&store), route.connector.clone(), reason.clone());
+                    let marked = tokio::task::spawn_blocking(move || shared.record_out_of_sync(&connector, &kept)).await;
                     if !matches!(marked, Ok(Ok(()))) {
-                        warn!("cannot record in the store that the connector is out of sync; it stays in the store's next poll");
+                        // Kept until the store takes it: the holder must
+                        // learn that a change was lost.
+                        warn!("cannot record in the store that the connector is out of sync; trying again in 1 s");
+                        route.lost.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(reason);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        route.resync.notify_one();
                     }
                 }
             }

@@ -345,3 +345,32 @@ fn a_write_under_a_lost_lease_is_refused_by_the_store() {
     assert_eq!(names, ["before", "by-new"]);
     assert_eq!(postgres.sql("SELECT count(*) FROM journal WHERE object = 'after'"), "0");
 }
+
+/// The relay never waits for the store: with PostgreSQL restarted in the
+/// middle of a client's writes, every write succeeds, and afterwards the
+/// store catches up (captures applied, or a reconciliation).
+#[test]
+fn postgresql_restarted_under_load_costs_clients_nothing_and_loses_nothing() {
+    let mut cluster = Cluster::start();
+    let a = cluster.serve(0);
+    let b = cluster.serve(1);
+    wait_for_holder(&cluster, &[&a, &b], Duration::from_secs(20));
+    assert!(eventually_within(Duration::from_secs(20), || cluster.local() == cluster.directory()));
+
+    let clients = [ldapmodify(&a.url, writes(0, 600)), ldapmodify(&b.url, writes(1, 600))];
+    std::thread::sleep(Duration::from_millis(300));
+    cluster.postgres.restart();
+    let done: Vec<usize> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    assert_eq!(
+        done,
+        [600, 600],
+        "every client write succeeded while the store restarted"
+    );
+    assert!(
+        eventually_within(Duration::from_secs(60), || cluster.local() == cluster.directory()),
+        "the store catches up: {} local, {} in the directory",
+        cluster.local().len(),
+        cluster.directory().len()
+    );
+    assert_eq!(cluster.duplicates(), "0");
+}
