@@ -245,6 +245,27 @@ fn a_killed_lease_holder_is_replaced_within_the_ttl_and_no_write_is_lost() {
         cluster.directory().len()
     );
     assert_eq!(cluster.duplicates(), "0");
+
+    // `status` from any instance's host tells who syncs, and who is gone.
+    let out = common::ldapsync()
+        .arg("--config")
+        .arg(cluster.config(0))
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let lease = &json["connectors"][0]["lease"];
+    assert_eq!(lease["token"], token, "{json}");
+    let instances = json["instances"].as_array().unwrap();
+    let by_pid = |pid: u32| {
+        instances
+            .iter()
+            .find(|i| i["pid"] == pid)
+            .unwrap_or_else(|| panic!("{json}"))
+    };
+    assert_eq!(by_pid(new_holder)["holds"][0], "example");
+    assert_eq!(by_pid(new_holder)["alive"], true);
+    assert_eq!(by_pid(holder)["alive"], false, "the killed instance is stale: {json}");
 }
 
 #[test]

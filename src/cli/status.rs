@@ -10,6 +10,7 @@ use super::admin::{open_store, timestamp};
 use super::output::outln;
 use crate::config::Config;
 use crate::monitor::{self, RunningConnector, RunningState};
+use crate::store::postgres::{Instance, Lease};
 use crate::store::{HeldDelete, Store};
 use crate::sync::engine;
 
@@ -17,7 +18,19 @@ use crate::sync::engine;
 struct Status {
     /// `None` when no instance answers on the admin socket.
     running: Option<RunningState>,
+    /// The instances sharing a PostgreSQL store; `None` on SQLite.
+    instances: Option<Vec<InstanceStatus>>,
     connectors: Vec<ConnectorStatus>,
+}
+
+#[derive(Serialize)]
+struct InstanceStatus {
+    #[serde(flatten)]
+    instance: Instance,
+    /// Its heartbeat is younger than the lease time.
+    alive: bool,
+    /// The connectors whose lease it holds.
+    holds: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -29,6 +42,8 @@ struct ConnectorStatus {
     /// What the file says, when it differs from what the instance runs:
     /// the file changed and was not reloaded yet.
     file_differs: Option<RunningConnector>,
+    /// Who syncs it, on a PostgreSQL store.
+    lease: Option<Lease>,
     poll_interval: String,
     poll_mechanism: Option<String>,
     reconcile_interval: String,
@@ -66,8 +81,33 @@ struct WatermarkStatus {
 pub fn status(config: &Config, json: bool, quiet: bool) -> anyhow::Result<()> {
     let store = open_store(config)?;
     let running = tokio::runtime::Runtime::new()?.block_on(monitor::query_socket(&config.store.admin_socket()));
+    let (instances, leases) = match store.shared() {
+        Some(shared) => {
+            let leases = shared.leases()?;
+            let ttl = config.store.lease_ttl.as_secs() as i64;
+            let instances = shared
+                .instances()?
+                .into_iter()
+                .map(|instance| InstanceStatus {
+                    alive: instance.heartbeat_age <= ttl,
+                    holds: leases
+                        .iter()
+                        .filter(|l| l.holder == instance.id && l.expires_in >= 0)
+                        .map(|l| l.connector.clone())
+                        .collect(),
+                    instance,
+                })
+                .collect();
+            (Some(instances), Some(leases))
+        }
+        None => (None, None),
+    };
     let mut connectors = Vec::new();
     for connector in &config.connectors {
+        let lease = leases
+            .as_ref()
+            .and_then(|all| all.iter().find(|l| l.connector == connector.name))
+            .cloned();
         let associations = store.associations(Some(&connector.name))?;
         let state = store.connector_state(&connector.name)?.unwrap_or_default();
         let last: serde_json::Value = serde_json::from_str(&state.last_result).unwrap_or_default();
@@ -95,6 +135,9 @@ pub fn status(config: &Config, json: bool, quiet: bool) -> anyhow::Result<()> {
         if let Some(error) = &state.last_error {
             degraded.push(format!("last poll failed: {error}"));
         }
+        if leases.is_some() && lease.as_ref().is_none_or(|l| l.expires_in < 0) {
+            degraded.push("no instance holds its lease: nobody syncs it".into());
+        }
         let in_file = RunningConnector::from(connector);
         let runs = running
             .as_ref()
@@ -109,6 +152,7 @@ pub fn status(config: &Config, json: bool, quiet: bool) -> anyhow::Result<()> {
             direction,
             conflict,
             file_differs: runs.filter(|r| *r != in_file).map(|_| in_file),
+            lease,
             poll_interval: humantime::format_duration(connector.poll_interval).to_string(),
             poll_mechanism: connector.poll_mechanism.map(|m| m.to_string()),
             reconcile_interval: humantime::format_duration(connector.reconcile_interval).to_string(),
@@ -132,7 +176,11 @@ pub fn status(config: &Config, json: bool, quiet: bool) -> anyhow::Result<()> {
             degraded,
         });
     }
-    let status = Status { running, connectors };
+    let status = Status {
+        running,
+        instances,
+        connectors,
+    };
     if json {
         outln!("{}", serde_json::to_string_pretty(&status)?);
     } else if !quiet {
@@ -183,9 +231,38 @@ fn print_human(status: &Status) {
         }
         None => outln!("ldapsync is not running (no answer on its admin socket)"),
     }
+    for i in status.instances.iter().flatten() {
+        let holds = if i.holds.is_empty() {
+            "holds no lease".to_owned()
+        } else {
+            format!("syncs {}", i.holds.join(", "))
+        };
+        outln!(
+            "instance {} ({}, v{}, heartbeat {} s ago{}): {holds}; listeners {}",
+            i.instance.id,
+            i.instance.host,
+            i.instance.version,
+            i.instance.heartbeat_age,
+            if i.alive { "" } else { ", STALE" },
+            i.instance.listeners
+        );
+    }
     for c in &status.connectors {
         outln!("connector {}", c.name);
         outln!("  direction: {}, conflict: {}", c.direction, c.conflict);
+        if let Some(l) = &c.lease {
+            outln!(
+                "  lease: held by {} for {} s (token {}), {}",
+                l.holder,
+                l.age,
+                l.token,
+                if l.expires_in >= 0 {
+                    format!("expires in {} s unless renewed", l.expires_in)
+                } else {
+                    "EXPIRED: the next instance to ask takes it".to_owned()
+                }
+            );
+        }
         if let Some(file) = &c.file_differs {
             outln!(
                 "  WARNING: the config file says direction {}, conflict {}, delete {}, poll every {}; \
