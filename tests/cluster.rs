@@ -395,3 +395,85 @@ fn postgresql_restarted_under_load_costs_clients_nothing_and_loses_nothing() {
     );
     assert_eq!(cluster.duplicates(), "0");
 }
+
+/// An installation moves from the embedded store to PostgreSQL and back:
+/// 10,000 people with their associations and journal, identical at the
+/// end as the CLI shows them, and a copy into a store that is not empty
+/// is refused.
+#[test]
+fn store_copy_round_trips_sqlite_postgresql_sqlite() {
+    let slapd = Slapd::start_with_bulk(10_000);
+    let postgres = Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("service.secret");
+    std::fs::write(&secret, format!("{ROOT_PW}\n")).unwrap();
+    let config_with = |store: &str, name: &str| {
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[proxy]\nupstream = [\"{}\"]\n{store}\n[[connector]]\nname = \"example\"\nbind_dn = \"{ROOT_DN}\"\n\
+                 password_file = \"{}\"\ndirection = \"ldap-to-local\"\n[connector.accounts]\nbase = \"dc=example,dc=com\"\n\
+                 naming = \"uid\"\nfilter = \"(objectClass=inetOrgPerson)\"\nmap = {{ mail = \"mail\" }}\n",
+                slapd.url(),
+                secret.display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let sqlite = |n: &str| dir.path().join(format!("{n}.db"));
+    let first = config_with(&format!("[store]\npath = \"{}\"", sqlite("first").display()), "first");
+    let back = config_with(&format!("[store]\npath = \"{}\"", sqlite("back").display()), "back");
+    let run = |config: &std::path::Path, args: &[&str]| {
+        let out = common::ldapsync()
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&first, &["sync", "run", "--connector", "example", "--full"]);
+    let seen = |config: &std::path::Path| {
+        [
+            run(config, &["account", "list", "--json"]),
+            run(config, &["association", "list", "--json"]),
+            run(config, &["journal", "--limit", "0", "--json"]),
+        ]
+    };
+    let original = seen(&first);
+    assert!(
+        original[0].matches("\"name\"").count() >= 10_000,
+        "10,000 people imported"
+    );
+
+    let from_sqlite = format!("sqlite:{}", sqlite("first").display());
+    run(
+        &first,
+        &["store", "copy", "--from", &from_sqlite, "--to", &postgres.url()],
+    );
+    let on_postgres = config_with(&format!("[store]\nurl = \"{}\"", postgres.url()), "pg");
+    assert_eq!(seen(&on_postgres), original, "PostgreSQL holds what SQLite held");
+    let to_back = format!("sqlite:{}", sqlite("back").display());
+    let report = run(&first, &["store", "copy", "--from", &postgres.url(), "--to", &to_back]);
+    assert!(report.contains("copied and verified"), "{report}");
+    assert_eq!(seen(&back), original, "and back");
+
+    let again = common::ldapsync()
+        .arg("--config")
+        .arg(&first)
+        .args(["store", "copy", "--from", &from_sqlite, "--to", &postgres.url()])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
+    // The copy goes on where the original would: new objects get new ids.
+    run(&on_postgres, &["account", "add", "newcomer"]);
+    assert!(run(&on_postgres, &["account", "list"]).lines().any(|l| l == "newcomer"));
+}

@@ -79,6 +79,9 @@ enum Command {
     },
     /// The audit trail of sync decisions and local edits.
     Journal(admin::JournalArgs),
+    /// The store itself: copy an installation between SQLite and PostgreSQL.
+    #[command(subcommand)]
+    Store(admin::StoreCommand),
     /// Check a configuration file: every problem, with its key and a hint,
     /// and each connector's mapping against the directory's schema.
     CheckConfig {
@@ -211,6 +214,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sync(command) => admin::sync(&admin_config()?, command, cli.json),
         Command::Status { quiet } => status::status(&admin_config()?, cli.json, quiet),
         Command::Journal(args) => admin::journal(&admin_config()?, args, cli.json),
+        Command::Store(command) => admin::store_command(&admin_config()?, command, cli.json),
     }
 }
 

@@ -4,6 +4,7 @@
 
 use std::str::FromStr;
 
+use super::copy::Tables;
 use super::postgres::{Fence, PostgresStore, Target};
 use super::{
     Association, Capture, Commit, ConnectorState, HeldDelete, JournalEntry, JournalQuery, LocalObject, SqliteStore,
@@ -62,6 +63,15 @@ fn shown(url: &str) -> String {
     }
 }
 
+macro_rules! each {
+    ($store:expr, $s:ident => $call:expr) => {
+        match $store {
+            AnyStore::Sqlite($s) => $call,
+            AnyStore::Postgres($s) => $call,
+        }
+    };
+}
+
 impl AnyStore {
     /// The PostgreSQL store, which alone is shared by several instances.
     pub fn shared(&self) -> Option<&PostgresStore> {
@@ -69,6 +79,16 @@ impl AnyStore {
             AnyStore::Postgres(s) => Some(s),
             AnyStore::Sqlite(_) => None,
         }
+    }
+
+    /// Every table's rows, for `store copy`.
+    pub fn export(&self) -> Result<Tables, StoreError> {
+        each!(self, s => s.export())
+    }
+
+    /// Writes every table's rows into this (empty) store.
+    pub fn import(&mut self, tables: &Tables) -> Result<(), StoreError> {
+        each!(self, s => s.import(tables))
     }
 
     /// The PostgreSQL store itself, for the cluster's leases and registry.
@@ -87,15 +107,6 @@ impl AnyStore {
             AnyStore::Sqlite(_) => Ok(()),
         }
     }
-}
-
-macro_rules! each {
-    ($store:expr, $s:ident => $call:expr) => {
-        match $store {
-            AnyStore::Sqlite($s) => $call,
-            AnyStore::Postgres($s) => $call,
-        }
-    };
 }
 
 impl Store for AnyStore {

@@ -8,6 +8,7 @@
 //! configuration names.
 
 mod any;
+pub mod copy;
 pub mod postgres;
 mod sqlite;
 

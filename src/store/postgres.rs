@@ -18,6 +18,7 @@ use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls, Row};
 use serde::Serialize;
 
+use super::copy::Tables;
 use super::{
     Association, Capture, CaptureKind, Commit, ConnectorState, HeldDelete, JournalEntry, JournalQuery, LocalObject,
     Store, StoreError, Watermark,
@@ -1259,6 +1260,141 @@ impl Store for PostgresStore {
             let committed = s.commit_open();
             s.batch = None;
             committed
+        })
+    }
+}
+
+impl PostgresStore {
+    /// Every table's rows, for `store copy`.
+    pub(super) fn export(&self) -> Result<Tables, StoreError> {
+        let mut tables = Tables {
+            local_edit: self.last_edit()?,
+            associations: self.associations(None)?,
+            ..Tables::default()
+        };
+        let (objects, ids, states, captures, watermarks, held) = self.read(|c| {
+            let objects = c.query(&format!("SELECT {OBJECT_COLUMNS}, o.edit FROM objects o"), &[])?;
+            let ids: Vec<i64> = c
+                .query("SELECT id FROM journal ORDER BY id", &[])?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let states: Vec<String> = c
+                .query("SELECT connector FROM connector_state", &[])?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let captures: Vec<String> = c
+                .query("SELECT DISTINCT connector FROM captures", &[])?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let watermarks: Vec<(String, String)> = c
+                .query("SELECT connector, category FROM watermarks", &[])?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            let held: Vec<(String, i64, i64)> = c
+                .query("SELECT connector, object_id, held_at FROM held_deletes", &[])?
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect();
+            Ok((objects, ids, states, captures, watermarks, held))
+        })?;
+        for row in &objects {
+            tables.objects.push((object_from(row)?, row.get(5)));
+        }
+        tables.journal = ids.into_iter().zip(self.journal(&JournalQuery::default())?).collect();
+        for name in states {
+            tables.states.extend(self.connector_state(&name)?);
+        }
+        for name in captures {
+            tables.captures.extend(self.captures(&name, usize::MAX >> 1)?);
+        }
+        for (connector, category) in watermarks {
+            tables
+                .watermarks
+                .extend(self.watermark(&connector, parse("category", &category)?)?);
+        }
+        tables.held_deletes = held;
+        Ok(tables.sorted())
+    }
+
+    /// Writes every table's rows, ids kept, in one transaction; the id
+    /// sequences then continue after the copied ids.
+    pub(super) fn import(&mut self, tables: &Tables) -> Result<(), StoreError> {
+        let t = tables.clone();
+        self.write(move |c| {
+            for (o, edit) in &t.objects {
+                c.execute(
+                    r#"INSERT INTO objects (id, category, name, enabled, "values", edit) VALUES ($1, $2, $3, $4, $5, $6)"#,
+                    &[&o.id, &o.category.as_str(), &o.name, &o.enabled, &to_json(&o.values), edit],
+                )
+                .map_err(error)?;
+            }
+            for a in &t.associations {
+                c.execute(
+                    "INSERT INTO associations (connector, object_id, entry_id, dn, baseline, synced_at, entry_gone)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    &[&a.connector, &a.object_id, &a.entry_id, &a.dn, &to_json(&a.baseline), &a.synced_at, &a.entry_gone],
+                )
+                .map_err(error)?;
+            }
+            for (id, e) in &t.journal {
+                c.execute(
+                    "INSERT INTO journal (id, at, connector, category, object, source, action, policy, detail)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    &[
+                        id,
+                        &e.at,
+                        &e.connector,
+                        &e.category.as_str(),
+                        &e.object,
+                        &e.source.as_str(),
+                        &e.action.as_str(),
+                        &e.policy,
+                        &e.detail,
+                    ],
+                )
+                .map_err(error)?;
+            }
+            for state in &t.states {
+                write_state(c, state)?;
+            }
+            for k in &t.captures {
+                c.execute(
+                    "INSERT INTO captures (id, connector, category, kind, dn, captured_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                    &[&k.id, &k.connector, &k.category.as_str(), &k.kind.as_str(), &k.dn, &k.captured_at],
+                )
+                .map_err(error)?;
+            }
+            for w in &t.watermarks {
+                c.execute(
+                    "INSERT INTO watermarks (connector, category, mechanism, server, value, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                    &[&w.connector, &w.category.as_str(), &w.mechanism.as_str(), &w.server, &w.value, &w.updated_at],
+                )
+                .map_err(error)?;
+            }
+            for (connector, object_id, held_at) in &t.held_deletes {
+                c.execute(
+                    "INSERT INTO held_deletes (connector, object_id, held_at) VALUES ($1, $2, $3)",
+                    &[connector, object_id, held_at],
+                )
+                .map_err(error)?;
+            }
+            c.execute(
+                "UPDATE counters SET value = $1 WHERE name = 'local_edit'",
+                &[&t.local_edit],
+            )
+            .map_err(error)?;
+            c.batch_execute(
+                "SELECT setval('objects_id_seq', coalesce((SELECT max(id) FROM objects), 0) + 1, false);
+                 SELECT setval('journal_id_seq', coalesce((SELECT max(id) FROM journal), 0) + 1, false);
+                 SELECT setval('captures_id_seq', coalesce((SELECT max(id) FROM captures), 0) + 1, false);",
+            )
+            .map_err(error)?;
+            Ok(())
         })
     }
 }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
+use super::copy::Tables;
 use super::{
     Association, Capture, CaptureKind, Commit, ConnectorState, HeldDelete, JournalEntry, JournalQuery, LocalObject,
     Store, StoreError, Watermark,
@@ -969,6 +970,115 @@ fn write_state(conn: &Connection, state: &ConnectorState) -> Result<(), StoreErr
         ],
     )?;
     Ok(())
+}
+
+impl SqliteStore {
+    /// Every table's rows, for `store copy`.
+    pub(super) fn export(&self) -> Result<Tables, StoreError> {
+        let mut tables = Tables {
+            local_edit: self.last_edit()?,
+            ..Tables::default()
+        };
+        let c = &self.conn;
+        let mut stmt = c.prepare(&format!("SELECT {OBJECT_COLUMNS}, edit FROM objects"))?;
+        let rows = stmt.query_map([], |r| Ok((object_row(r)?, r.get::<_, i64>(5)?)))?;
+        for row in rows {
+            let (raw, edit) = row?;
+            tables.objects.push((object_from(raw)?, edit));
+        }
+        tables.associations = self.associations(None)?;
+        let mut stmt = c.prepare("SELECT id FROM journal ORDER BY id")?;
+        let ids: Vec<i64> = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        let lines = self.journal(&JournalQuery::default())?;
+        tables.journal = ids.into_iter().zip(lines).collect();
+        let mut stmt = c.prepare("SELECT connector FROM connector_state")?;
+        let names: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        for name in names {
+            tables.states.extend(self.connector_state(&name)?);
+        }
+        let mut stmt = c.prepare("SELECT DISTINCT connector FROM captures")?;
+        let names: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        for name in names {
+            tables.captures.extend(self.captures(&name, usize::MAX >> 1)?);
+        }
+        let mut stmt = c.prepare("SELECT connector, category FROM watermarks")?;
+        let keys: Vec<(String, String)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        for (connector, category) in keys {
+            tables
+                .watermarks
+                .extend(self.watermark(&connector, parse_category(&category)?)?);
+        }
+        let mut stmt = c.prepare("SELECT connector, object_id, held_at FROM held_deletes")?;
+        tables.held_deletes = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        Ok(tables.sorted())
+    }
+
+    /// Writes every table's rows, ids kept, in one transaction.
+    pub(super) fn import(&mut self, tables: &Tables) -> Result<(), StoreError> {
+        self.write(|tx| {
+            for (o, edit) in &tables.objects {
+                tx.execute(
+                    r#"INSERT INTO objects (id, category, name, enabled, "values", edit) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"#,
+                    params![o.id, o.category.as_str(), o.name, o.enabled, to_json(&o.values), edit],
+                )?;
+            }
+            for a in &tables.associations {
+                tx.execute(
+                    "INSERT INTO associations (connector, object_id, entry_id, dn, baseline, synced_at, entry_gone)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![a.connector, a.object_id, a.entry_id, a.dn, to_json(&a.baseline), a.synced_at, a.entry_gone],
+                )?;
+            }
+            for (id, e) in &tables.journal {
+                tx.execute(
+                    "INSERT INTO journal (id, at, connector, category, object, source, action, policy, detail)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    params![
+                        id,
+                        e.at,
+                        e.connector,
+                        e.category.as_str(),
+                        e.object,
+                        e.source.as_str(),
+                        e.action.as_str(),
+                        e.policy,
+                        e.detail
+                    ],
+                )?;
+            }
+            for state in &tables.states {
+                write_state(tx, state)?;
+            }
+            for c in &tables.captures {
+                tx.execute(
+                    "INSERT INTO captures (id, connector, category, kind, dn, captured_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![c.id, c.connector, c.category.as_str(), c.kind.as_str(), c.dn, c.captured_at],
+                )?;
+            }
+            for w in &tables.watermarks {
+                tx.execute(
+                    "INSERT INTO watermarks (connector, category, mechanism, server, value, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![w.connector, w.category.as_str(), w.mechanism.as_str(), w.server, w.value, w.updated_at],
+                )?;
+            }
+            for (connector, object_id, held_at) in &tables.held_deletes {
+                tx.execute(
+                    "INSERT INTO held_deletes (connector, object_id, held_at) VALUES (?1, ?2, ?3)",
+                    params![connector, object_id, held_at],
+                )?;
+            }
+            tx.execute(
+                "UPDATE counters SET value = ?1 WHERE name = 'local_edit'",
+                [tables.local_edit],
+            )?;
+            Ok(())
+        })
+    }
 }
 
 #[cfg(test)]
