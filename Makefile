@@ -10,7 +10,7 @@ APT_PACKAGES := slapd ldap-utils libldap2-dev libsasl2-dev postgresql
 VENV := .venv
 PY_REQUIREMENTS := protocol-tests/python/requirements.txt
 
-.PHONY: deps run test fuzz lint clean bench bench-smoke bench-deps
+.PHONY: deps run run-cluster test fuzz lint clean bench bench-smoke bench-deps
 
 # Installs the Debian packages in $(1) that are missing, and only those.
 define apt_install
@@ -44,6 +44,11 @@ deps:
 run: deps
 	$(CARGO) build --release --bin ldapsync
 	fixtures/run-demo.sh target/release/ldapsync
+
+# Two instances on one PostgreSQL store (docs/high-availability.md).
+run-cluster: deps
+	$(CARGO) build --release --bin ldapsync
+	fixtures/run-cluster.sh target/release/ldapsync
 
 # A short fuzz run of each target, then every test. The last line totals
 # every test binary's results ("N passed, N failed").

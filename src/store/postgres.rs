@@ -363,7 +363,11 @@ impl PostgresStore {
                 while let Ok(job) = queue.recv() {
                     job(&mut session);
                 }
-                session.rollback();
+                // A batch never committed is a pass cut short: the next one
+                // makes its decisions again.
+                if session.batch.as_ref().is_some_and(|b| b.open) {
+                    session.rollback();
+                }
             })
             .map_err(|source| StoreError::Io {
                 path: shown.clone(),
