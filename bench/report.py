@@ -14,7 +14,8 @@ import sys
 
 # haproxy-tcp next to slapd: both are limits (the directory itself, and a
 # relay that does no LDAP work) rather than alternatives to ldapsync.
-TARGETS = ["slapd", "haproxy-tcp", "ldapsync", "ldapsync+cap", "back-ldap", "back-asyncmeta"]
+# ldapsync+pg: capture on, its store on PostgreSQL (docs/high-availability.md).
+TARGETS = ["slapd", "haproxy-tcp", "ldapsync", "ldapsync+cap", "ldapsync+pg", "back-ldap", "back-asyncmeta"]
 
 
 def load(path):
@@ -111,11 +112,20 @@ def main():
          {t: get(find(rows, "modify", t), "ops_per_s") for t in TARGETS})
     line("modify, 8 connections: latency p99", "µs", False,
          {t: get(find(rows, "modify", t), "latency", "p99_us") for t in TARGETS})
-    cap = find(rows, "capture", "ldapsync+cap")
-    line("capture: write → in the local store, p50", "ms", False,
-         {"ldapsync+cap": None if cap is None else get(cap, "visible", "p50_us") / 1000})
-    line("capture: write → in the local store, p99", "ms", False,
-         {"ldapsync+cap": None if cap is None else get(cap, "visible", "p99_us") / 1000})
+    caps = {t: find(rows, "capture", t) for t in ("ldapsync+cap", "ldapsync+pg")}
+    for q in ("p50", "p99"):
+        line(f"capture: write → in the local store, {q}", "ms", False,
+             {t: None if c is None else get(c, "visible", f"{q}_us") / 1000 for t, c in caps.items()})
+    fails = sorted(r["secs"] for r in rows if r.get("scenario") == "failover" and not r.get("failed"))
+    failed_runs = sum(1 for r in rows if r.get("scenario") == "failover" and r.get("failed"))
+
+    def pct(xs, q):
+        return None if not xs else xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+    if fails or failed_runs:
+        what = f"failover, kill -9 of the lease holder → a write through the other instance in the store ({len(fails)} runs"
+        what += f", {failed_runs} failed)" if failed_runs else ")"
+        line(f"{what}: p50", "s", False, {"ldapsync+pg": pct(fails, 0.5)})
+        line(f"{what}: p99", "s", False, {"ldapsync+pg": pct(fails, 0.99)})
     idle = {t: find(rows, "idle", t, bind=False) for t in TARGETS}
     idle_n = next((r["alive"] for r in idle.values() if r), None)
     line(f"idle connections ({fmt(idle_n)}): RSS per connection", "KiB", False,
@@ -125,12 +135,15 @@ def main():
         line(f"idle after an anonymous bind ({fmt(bound['alive'])}): RSS per connection", "KiB", False,
              {"ldapsync": bound["bytes_per_conn"] / 1024})
     for pass_ in ("first", "again"):
-        r = find(rows, "reconcile", "ldapsync", **{"pass": pass_})
+        by_store = {t: find(rows, "reconcile", "ldapsync", **{"pass": pass_, "store": store})
+                    for t, store in (("ldapsync", "sqlite"), ("ldapsync+pg", "postgresql"))}
+        r = next((r for r in by_store.values() if r), None)
         if r:
             what = "first import" if pass_ == "first" else "nothing changed"
-            line(f"full reconciliation of {fmt(r['entries'])} people ({what}): time", "s", False, {"ldapsync": r["secs"]})
-            line(f"full reconciliation of {fmt(r['entries'])} people ({what}): peak RSS", "MiB", False,
-                 {"ldapsync": r["peak_rss_kib"] / 1024})
+            line(f"full reconciliation of {fmt(r['entries'])} people ({what}): time", "s", False,
+                 {t: None if x is None else x["secs"] for t, x in by_store.items()})
+            line(f"full reconciliation of {fmt(r['entries'])} people ({what}): peak RSS of ldapsync", "MiB", False,
+                 {t: None if x is None else x["peak_rss_kib"] / 1024 for t, x in by_store.items()})
 
     r = find(rows, "poll", "ldapsync")
     if r:
@@ -178,6 +191,17 @@ def main():
     goal("added p50 latency ≤ 30 µs", None if added is None else f"{added:.1f} µs", None if added is None else added <= 30)
     c = value("capture: write → in the local store, p99", "ldapsync+cap")
     goal("capture p99 ≤ 20 ms", None if c is None else f"{c:.1f} ms", None if c is None else c <= 20)
+    c = value("capture: write → in the local store, p99", "ldapsync+pg")
+    goal("capture p99 ≤ 20 ms with the store on PostgreSQL", None if c is None else f"{c:.1f} ms",
+         None if c is None else c <= 20)
+    f99 = pct(fails, 0.99)
+    goal("failover p99 ≤ 12 s with the default lease (10 s)", None if f99 is None else f"{f99:.1f} s ({len(fails)} runs)",
+         None if f99 is None else f99 <= 12 and not failed_runs)
+    s32pg = [l for l in lines if l["label"].startswith("search by uid, 32 connections: throughput")][0]["values"]
+    if s32pg.get("ldapsync") and s32pg.get("ldapsync+pg"):
+        r = s32pg["ldapsync+pg"] / s32pg["ldapsync"]
+        goal("(informative) relay throughput with the store on PostgreSQL ÷ without a store, 32 connections",
+             f"{r:.2f}×", r >= 0.9)
     i = idle.get("ldapsync")
     goal("≤ 32 KiB per idle connection", None if i is None else f"{i['bytes_per_conn'] / 1024:.1f} KiB",
          None if i is None else i["bytes_per_conn"] <= 32 * 1024)
@@ -185,11 +209,16 @@ def main():
     goal("incremental poll of 1k direct changes ≤ 1 s (the whole `sync run`, process start included)",
          None if p is None else f"{p['secs']:.2f} s ({p['updated']} applied)",
          None if p is None else p["secs"] <= 1 and p["updated"] == p["changes"])
-    r = find(rows, "reconcile", "ldapsync", **{"pass": "first"})
+    r = find(rows, "reconcile", "ldapsync", **{"pass": "first", "store": "sqlite"})
     if r:
         goal(f"reconciliation of {fmt(r['entries'])} entries ≤ 10 s in ≤ 200 MB (first import)",
              f"{r['secs']:.1f} s, {r['peak_rss_kib'] / 1024:.0f} MiB",
              r["secs"] <= 10 and r["peak_rss_kib"] <= 200 * 1024)
+    r = find(rows, "reconcile", "ldapsync", **{"pass": "first", "store": "postgresql"})
+    if r:
+        goal(f"first import of {fmt(r['entries'])} people on PostgreSQL ≤ 15 s in ≤ 200 MB",
+             f"{r['secs']:.1f} s, {r['peak_rss_kib'] / 1024:.0f} MiB",
+             r["secs"] <= 15 and r["peak_rss_kib"] <= 200 * 1024)
 
     # The Markdown table: each target's figure, then its ratio to direct slapd.
     present = [t for t in TARGETS if any(l["values"].get(t) is not None for l in lines)]

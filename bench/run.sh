@@ -41,11 +41,11 @@ done
 
 if ((smoke)); then
     PEOPLE=2000 NGROUPS=20 SECS=1 LAT_OPS=1000 CAP_OPS=30 IDLE=300 IDLE_BIND=100 STORM=200
-    LDCLT_TARGETS="ldapsync" LDCLT_THREADS=8 RECON=0 name=smoke
+    LDCLT_TARGETS="ldapsync" LDCLT_THREADS=8 RECON=0 FAILOVERS=1 name=smoke
 else
     PEOPLE=${BENCH_PEOPLE:-100000} NGROUPS=${BENCH_GROUPS:-1000} SECS=${BENCH_SECS:-8}
     LAT_OPS=20000 CAP_OPS=500 IDLE=10000 IDLE_BIND=5000 STORM=1000
-    LDCLT_TARGETS="slapd haproxy-tcp ldapsync back-ldap back-asyncmeta" LDCLT_THREADS=32 RECON=1 name=latest
+    LDCLT_TARGETS="slapd haproxy-tcp ldapsync back-ldap back-asyncmeta" LDCLT_THREADS=32 RECON=1 FAILOVERS=10 name=latest
 fi
 # Each needs one descriptor per connection (two for ldapsync with upstream,
 # and for a storm's clients through any relay).
@@ -130,9 +130,39 @@ proxy_slapd() { # NAME TEMPLATE
     start_slapd "$1" "$dir/slapd.d"
 }
 
+# A throw-away PostgreSQL for the shared-store scenarios (initdb refuses
+# root: then it runs as Debian's postgres user), fsync off like the bench
+# slapd's. Sets PG_URL's base; each scenario creates its own database.
+PG_BIN=/usr/lib/postgresql/15/bin
+as_pg() { if [ "$(id -u)" = 0 ]; then setpriv --reuid=postgres --regid=postgres --clear-groups -- "$@"; else "$@"; fi; }
+start_postgres() {
+    free_port
+    PG_PORT=$port
+    local dir=$work/postgres
+    mkdir -p "$dir"
+    [ "$(id -u)" = 0 ] && chown postgres: "$dir"
+    as_pg "$PG_BIN/initdb" --no-sync -A trust -U ldapsync -D "$dir/data" >"$work/initdb.log" 2>&1 ||
+        { cat "$work/initdb.log" >&2; exit 1; }
+    as_pg "$PG_BIN/postgres" -D "$dir/data" -h 127.0.0.1 -p "$PG_PORT" -k "" -F -c max_connections=200 \
+        >"$work/postgres.log" 2>&1 &
+    PID[postgres]=$!
+    pids+=("${PID[postgres]}")
+    for _ in $(seq 200); do "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" && return 0; sleep 0.1; done
+    echo "run.sh: PostgreSQL did not start; see $work/postgres.log" >&2
+    exit 1
+}
+pg_db() { # NAME: creates database NAME; prints its URL
+    psql -h 127.0.0.1 -p "$PG_PORT" -U ldapsync -d postgres -qc "CREATE DATABASE \"$1\"" >/dev/null
+    echo "postgresql://ldapsync@127.0.0.1:$PG_PORT/$1"
+}
+pg_sql() { # DB SQL
+    psql -h 127.0.0.1 -p "$PG_PORT" -U ldapsync -d "$1" -XAtqc "$2"
+}
+
 # ldapsync's configuration: high connection limits for the idle scenario;
-# CONNECTOR=1 adds a connector over user000001…user000999 (capture on).
-start_ldapsync() { # NAME CONNECTOR
+# CONNECTOR=1 adds a connector over user000001…user000999 (capture on);
+# STORE, when given, is a PostgreSQL URL for [store] instead of SQLite.
+start_ldapsync() { # NAME CONNECTOR [STORE [EXTRA_STORE_LINES]]
     free_port
     URL[$1]=ldap://127.0.0.1:$port
     local dir=$work/$1
@@ -149,9 +179,12 @@ max_connections_per_address = 30000
 [log]
 level = "warn"
 
-[store]
-path = "$dir/ldapsync.db"
 TOML
+    if [[ -n ${3:-} ]]; then
+        printf '[store]\nurl = "%s"\nadmin_socket = "%s/ldapsync.sock"\n%s\n' "$3" "$dir" "${4:-}" >>"$dir/ldapsync.toml"
+    else
+        printf '[store]\npath = "%s/ldapsync.db"\n' "$dir" >>"$dir/ldapsync.toml"
+    fi
     if [[ $2 == 1 ]]; then
         cat >>"$dir/ldapsync.toml" <<TOML
 
@@ -206,11 +239,14 @@ CFG
     wait_ldap "${URL[$1]}" "${PID[$1]}" "$1"
 }
 
-say "starting slapd, haproxy-tcp, ldapsync (relay), ldapsync (capture), back-ldap, back-asyncmeta"
+say "starting slapd, haproxy-tcp, ldapsync (relay), ldapsync (capture, SQLite and PostgreSQL), back-ldap, back-asyncmeta"
 start_slapd slapd "$data/slapd.d"
+start_postgres
 start_haproxy haproxy-tcp
 start_ldapsync ldapsync 0
 start_ldapsync ldapsync+cap 1
+capurl=$(pg_db capture)
+start_ldapsync ldapsync+pg 1 "$capurl"
 proxy_slapd back-ldap back-ldap.ldif.in
 proxy_slapd back-asyncmeta back-asyncmeta.ldif.in
 # The capture connector's first pass associates its 999 people.
@@ -219,6 +255,12 @@ for i in $(seq 600); do
     n=$(python3 -c 'import sqlite3,sys; print(sqlite3.connect("file:"+sys.argv[1]+"?mode=ro", uri=True).execute("select count(*) from objects").fetchone()[0])' "$capdb" 2>/dev/null || echo 0)
     ((n >= 999)) && break
     ((i == 600)) && { echo "run.sh: the capture connector's first sync did not finish (objects: $n)" >&2; exit 1; }
+    sleep 0.1
+done
+for i in $(seq 600); do
+    n=$(pg_sql capture "SELECT count(*) FROM objects" 2>/dev/null || echo 0)
+    ((n >= 999)) && break
+    ((i == 600)) && { echo "run.sh: the PostgreSQL capture connector's first sync did not finish (objects: $n)" >&2; exit 1; }
     sleep 0.1
 done
 
@@ -252,9 +294,49 @@ for t in $proxies; do bench "$t" churn --conns 32 --secs "$SECS"; done
 say "(c2) connection storm: $STORM clients released at once, each connect + anonymous bind + search + unbind"
 for t in $proxies; do bench "$t" storm --conns "$STORM"; done
 say "(d) modify (replace description) on 999 people, 8 connections, ${SECS}s each"
-for t in slapd ldapsync ldapsync+cap back-ldap; do bench "$t" modify --conns 8 --secs "$SECS" --range 999; done
-say "(e) capture latency: $CAP_OPS modifies through ldapsync until each is in the local store"
+for t in slapd ldapsync ldapsync+cap ldapsync+pg back-ldap; do bench "$t" modify --conns 8 --secs "$SECS" --range 999; done
+say "(d2) search by uid, 32 connections, through ldapsync with its store on PostgreSQL"
+bench ldapsync+pg search --conns 32 --secs "$SECS" --cpu "slapd=${PID[slapd]}" --cpu "proxy=${PID[ldapsync+pg]}"
+say "(e) capture latency: $CAP_OPS modifies through ldapsync until each is in the local store (SQLite, PostgreSQL)"
 bench ldapsync+cap capture --db "$capdb" --ops "$CAP_OPS" --range 999
+bench ldapsync+pg capture --db "$capurl" --ops "$CAP_OPS" --range 999
+
+say "(e2) failover: kill -9 of the lease holder, then a write through the other instance, until it is in the store; $FAILOVERS runs"
+fourl=$(pg_db failover)
+start_ldapsync failover-a 1 "$fourl"
+start_ldapsync failover-b 1 "$fourl"
+for i in $(seq 600); do
+    n=$(pg_sql failover "SELECT count(*) FROM objects" 2>/dev/null || echo 0)
+    ((n >= 999)) && break
+    sleep 0.1
+done
+for run in $(seq "$FAILOVERS"); do
+    holder=$(pg_sql failover "SELECT split_part(holder, '/', 2) FROM leases WHERE expires_at > now()")
+    if [[ $holder == "${PID[failover-a]}" ]]; then dead=failover-a alive=failover-b; else dead=failover-b alive=failover-a; fi
+    value="failover-$run-$(date +%s%N)"
+    t0=$(date +%s.%N)
+    kill -9 "${PID[$dead]}"
+    wait "${PID[$dead]}" 2>/dev/null || true
+    printf 'dn: uid=user000001,ou=bulk,dc=example,dc=com\nchangetype: modify\nreplace: description\ndescription: %s\n' "$value" |
+        ldapmodify -x -H "${URL[$alive]}" -D cn=admin,dc=example,dc=com -w secret >/dev/null
+    secs=
+    for _ in $(seq 1200); do
+        if [[ $(pg_sql failover "SELECT count(*) FROM objects WHERE name = 'user000001' AND \"values\" LIKE '%$value%'") == 1 ]]; then
+            secs=$(python3 -c "import sys; print(round($(date +%s.%N) - $t0, 3))")
+            break
+        fi
+        sleep 0.05
+    done
+    if [[ -n $secs ]]; then
+        echo "{\"target\":\"ldapsync+pg\",\"scenario\":\"failover\",\"run\":$run,\"secs\":$secs}" >>"$results"
+    else
+        say "  failover run $run: the write never reached the store"
+        echo "{\"target\":\"ldapsync+pg\",\"scenario\":\"failover\",\"run\":$run,\"failed\":true}" >>"$results"
+    fi
+    # The killed one comes back as the standby of the next run.
+    rm -rf "$work/$dead"
+    start_ldapsync "$dead" 1 "$fourl"
+done
 
 say "ldclt (389-ds-base): search by uid, $LDCLT_THREADS threads, one 10 s sample per target"
 for t in $LDCLT_TARGETS; do
@@ -318,17 +400,24 @@ naming = "uid"
 map = { cn = "display_name", mail = "mail", description = "description" }
 object_classes = ["inetOrgPerson"]
 TOML
+    for store in sqlite postgresql; do
+    if [[ $store == postgresql ]]; then
+        sed -i "s|^path = .*|url = \"$(pg_db recon)\"|" "$dir/ldapsync.toml"
+    fi
     for pass in first again; do
         if timeout "${BENCH_RECON_TIMEOUT:-240}" /usr/bin/time -f 'elapsed=%e maxrss_kib=%M' -o "$dir/time-$pass" \
             "$LDAPSYNC" --config "$dir/ldapsync.toml" sync run --connector all --full >"$dir/$pass.out" 2>"$dir/$pass.err"; then
             read -r e m < <(sed -n 's/^elapsed=\([0-9.]*\) maxrss_kib=\([0-9]*\)/\1 \2/p' "$dir/time-$pass")
-            echo "{\"target\":\"ldapsync\",\"scenario\":\"reconcile\",\"pass\":\"$pass\",\"entries\":$PEOPLE,\"secs\":$e,\"peak_rss_kib\":$m}" >>"$results"
+            echo "{\"target\":\"ldapsync\",\"scenario\":\"reconcile\",\"store\":\"$store\",\"pass\":\"$pass\",\"entries\":$PEOPLE,\"secs\":$e,\"peak_rss_kib\":$m}" >>"$results"
         else
-            say "  reconciliation ($pass) failed or timed out (see $dir)"
-            echo "{\"target\":\"ldapsync\",\"scenario\":\"reconcile\",\"pass\":\"$pass\",\"failed\":true}" >>"$results"
+            say "  reconciliation ($store, $pass) failed or timed out (see $dir)"
+            echo "{\"target\":\"ldapsync\",\"scenario\":\"reconcile\",\"store\":\"$store\",\"pass\":\"$pass\",\"failed\":true}" >>"$results"
             break
         fi
     done
+    done
+    # The poll below runs on SQLite, as before.
+    sed -i "s|^url = .*|path = \"$dir/ldapsync.db\"|" "$dir/ldapsync.toml"
 
     say "(h) poll: 1,000 people changed directly in slapd, then one incremental poll (sync run)"
     n=$((PEOPLE < 1000 ? PEOPLE : 1000))

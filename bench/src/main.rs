@@ -107,7 +107,7 @@ enum Cmd {
     Capture {
         #[command(flatten)]
         c: Common,
-        /// ldapsync's store (store.path)
+        /// ldapsync's store: store.path, or store.url (postgresql://…)
         #[arg(long)]
         db: String,
         #[arg(long, default_value_t = 300)]
@@ -543,15 +543,48 @@ async fn modify(c: Common, conns: usize, secs: f64, range: u32) -> Result<Value>
     )
 }
 
+/// Where the capture scenario looks for a write: ldapsync's SQLite file,
+/// or its PostgreSQL database.
+enum Store {
+    Sqlite(rusqlite::Connection),
+    Postgres(tokio_postgres::Client),
+}
+
+const VISIBLE: &str = r#"SELECT count(*) FROM objects WHERE category = 'account' AND name = $1 AND "values" LIKE $2"#;
+
+impl Store {
+    async fn open(db: &str) -> Result<Store> {
+        if db.starts_with("postgresql://") {
+            let (client, connection) = tokio_postgres::connect(db, tokio_postgres::NoTls)
+                .await
+                .with_context(|| format!("connecting to {db}"))?;
+            tokio::spawn(connection);
+            return Ok(Store::Postgres(client));
+        }
+        let store = rusqlite::Connection::open_with_flags(
+            db,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .with_context(|| format!("opening {db}"))?;
+        store.busy_timeout(Duration::from_secs(5))?;
+        Ok(Store::Sqlite(store))
+    }
+
+    async fn visible(&self, name: &str, pattern: &str) -> Result<bool> {
+        Ok(match self {
+            Store::Sqlite(c) => {
+                let n: i64 = c
+                    .prepare_cached(&VISIBLE.replace('$', "?"))?
+                    .query_row(rusqlite::params![name, pattern], |r| r.get(0))?;
+                n > 0
+            }
+            Store::Postgres(c) => c.query_one(VISIBLE, &[&name, &pattern]).await?.get::<_, i64>(0) > 0,
+        })
+    }
+}
+
 async fn capture(c: Common, db: String, ops: u64, range: u32, gap_ms: u64, timeout_ms: u64) -> Result<Value> {
-    let store = rusqlite::Connection::open_with_flags(
-        &db,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .with_context(|| format!("opening {db}"))?;
-    store.busy_timeout(Duration::from_secs(5))?;
-    let mut visible = store
-        .prepare(r#"SELECT count(*) FROM objects WHERE category = 'account' AND name = ?1 AND "values" LIKE ?2"#)?;
+    let store = Store::open(&db).await?;
     let mut ldap = admin(&c.url).await?;
     let mut rng = Rng::new(c.seed);
     let mut h = hist();
@@ -568,8 +601,7 @@ async fn capture(c: Common, db: String, ops: u64, range: u32, gap_ms: u64, timeo
         record(&mut write, t.elapsed());
         let deadline = t + Duration::from_millis(timeout_ms);
         loop {
-            let seen: i64 = visible.query_row(rusqlite::params![uid(n), pattern], |r| r.get(0))?;
-            if seen > 0 {
+            if store.visible(&uid(n), &pattern).await? {
                 record(&mut h, t.elapsed());
                 break;
             }
