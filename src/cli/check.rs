@@ -86,12 +86,15 @@ pub fn startup_problems(config: &Config, create_store: bool) -> Vec<String> {
                     ));
                 }
             }
-            // Reached and migrated by serve; check-config only connects.
-            Some(_) => {
-                if let Err(e) = store::open(&config.store) {
+            // check-config only reaches it. serve does not wait for it:
+            // the relay never depends on the store, and the workers open
+            // (and migrate) it when it is there.
+            Some(_) if !create_store => {
+                if let Err(e) = store::reach(&config.store) {
                     problems.push(format!("{e} (the connectors need the store)"));
                 }
             }
+            Some(_) => {}
         }
     }
     problems

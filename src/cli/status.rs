@@ -135,8 +135,10 @@ pub fn status(config: &Config, json: bool, quiet: bool) -> anyhow::Result<()> {
         if let Some(error) = &state.last_error {
             degraded.push(format!("last poll failed: {error}"));
         }
-        if leases.is_some() && lease.as_ref().is_none_or(|l| l.expires_in < 0) {
-            degraded.push("no instance holds its lease: nobody syncs it".into());
+        // With no instance running, `status` says that already.
+        let cluster_runs = instances.iter().flatten().any(|i: &InstanceStatus| i.alive);
+        if cluster_runs && lease.as_ref().is_none_or(|l| l.expires_in < 0) {
+            degraded.push("no running instance holds its lease: nobody syncs it".into());
         }
         let in_file = RunningConnector::from(connector);
         let runs = running

@@ -26,6 +26,15 @@ pub fn open(config: &StoreConfig) -> Result<AnyStore, StoreError> {
     }
 }
 
+/// Reaches the configured PostgreSQL store without creating or changing
+/// anything; SQLite is checked by its file (`cli::check`).
+pub fn reach(config: &StoreConfig) -> Result<(), StoreError> {
+    match &config.url {
+        Some(url) => PostgresStore::reach(target(config, url)?),
+        None => Ok(()),
+    }
+}
+
 /// The connection settings of `store.url`, with the password from its
 /// file or variable and TLS when `[store.tls]` asks for it.
 fn target(config: &StoreConfig, url: &str) -> Result<Target, StoreError> {

@@ -15,7 +15,7 @@ mod sqlite;
 use serde::Serialize;
 use thiserror::Error;
 
-pub use any::{AnyStore, open};
+pub use any::{AnyStore, open, reach};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 

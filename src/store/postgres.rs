@@ -347,6 +347,18 @@ impl Session {
 impl PostgresStore {
     /// Connects, creating or upgrading the schema.
     pub fn open(target: Target) -> Result<PostgresStore, StoreError> {
+        let store = PostgresStore::start(target)?;
+        store.call(Session::migrate)?;
+        Ok(store)
+    }
+
+    /// Connects and changes nothing (check-config).
+    pub fn reach(target: Target) -> Result<(), StoreError> {
+        PostgresStore::start(target)?.call(|s| s.client().map(drop))
+    }
+
+    /// The connection thread; it connects at the first job.
+    fn start(target: Target) -> Result<PostgresStore, StoreError> {
         let shown = target.shown.clone();
         let for_thread = target.clone();
         let (jobs, queue) = mpsc::channel::<Job>();
@@ -373,12 +385,10 @@ impl PostgresStore {
                 path: shown.clone(),
                 source,
             })?;
-        let store = PostgresStore {
+        Ok(PostgresStore {
             jobs,
             target: std::sync::Arc::new(target),
-        };
-        store.call(Session::migrate)?;
-        Ok(store)
+        })
     }
 
     /// The URL without its password.
