@@ -15,7 +15,10 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::{Client, NoTls, Row};
+use std::collections::HashMap;
+
+use postgres::types::ToSql;
+use postgres::{Client, NoTls, Row, Statement};
 use serde::Serialize;
 
 use super::copy::Tables;
@@ -181,6 +184,9 @@ const CAPTURES_CHANNEL: &str = "ldapsync_captures";
 struct Session {
     target: Target,
     client: Option<Client>,
+    /// Statements prepared on `client`, by their SQL: preparing is a round
+    /// trip, and a pass runs the same few statements for every entry.
+    statements: HashMap<String, Statement>,
     batch: Option<Batch>,
     fence: Option<Fence>,
 }
@@ -195,9 +201,64 @@ fn error(e: postgres::Error) -> StoreError {
     StoreError::Postgres(e)
 }
 
+/// A connection with its prepared statements: the methods of `Client`
+/// the store uses, each preparing its SQL once per connection.
+struct Db<'a> {
+    client: &'a mut Client,
+    statements: &'a mut HashMap<String, Statement>,
+}
+
+type Params<'p> = [&'p (dyn ToSql + Sync)];
+
+impl Db<'_> {
+    fn statement(&mut self, sql: &str) -> Result<Statement, postgres::Error> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql)?;
+        self.statements.insert(sql.to_owned(), statement.clone());
+        Ok(statement)
+    }
+
+    fn execute(&mut self, sql: &str, params: &Params<'_>) -> Result<u64, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.client.execute(&statement, params)
+    }
+
+    fn query(&mut self, sql: &str, params: &Params<'_>) -> Result<Vec<Row>, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.client.query(&statement, params)
+    }
+
+    fn query_opt(&mut self, sql: &str, params: &Params<'_>) -> Result<Option<Row>, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.client.query_opt(&statement, params)
+    }
+
+    fn query_one(&mut self, sql: &str, params: &Params<'_>) -> Result<Row, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.client.query_one(&statement, params)
+    }
+
+    fn batch_execute(&mut self, sql: &str) -> Result<(), postgres::Error> {
+        self.client.batch_execute(sql)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// The connection itself, for transactions and notifications.
+    fn raw(&mut self) -> &mut Client {
+        self.client
+    }
+}
+
 impl Session {
-    fn client(&mut self) -> Result<&mut Client, StoreError> {
+    /// The connection, opened (again) if need be, with its statement cache.
+    fn client(&mut self) -> Result<Db<'_>, StoreError> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
+            self.statements.clear();
             // A transaction open on a lost connection is lost with it.
             if let Some(batch) = &mut self.batch {
                 batch.open = false;
@@ -222,12 +283,15 @@ impl Session {
                 .map_err(error)?;
             self.client = Some(client);
         }
-        Ok(self.client.as_mut().expect("connected above"))
+        Ok(Db {
+            client: self.client.as_mut().expect("connected above"),
+            statements: &mut self.statements,
+        })
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
-        let client = self.client()?;
-        let mut tx = client.transaction().map_err(error)?;
+        let mut db = self.client()?;
+        let mut tx = db.raw().transaction().map_err(error)?;
         // One instance migrates; the others wait for its lock.
         tx.batch_execute(
             "SELECT pg_advisory_xact_lock(4242001);
@@ -258,18 +322,18 @@ impl Session {
     /// its own, or a savepoint of the batch's. Under a fence, the lease is
     /// checked (and its row locked against a takeover) in the same
     /// transaction, so a worker that lost its lease writes nothing.
-    fn write<T>(&mut self, f: impl FnOnce(&mut Client) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    fn write<T>(&mut self, f: impl FnOnce(&mut Db<'_>) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let fence = self.fence.clone();
         let in_batch = self.batch.is_some();
         let opened = self.batch.as_ref().is_some_and(|b| b.open);
-        let client = self.client()?;
         if !opened {
-            client.batch_execute("BEGIN").map_err(error)?;
+            self.client()?.batch_execute("BEGIN").map_err(error)?;
         }
         if let Some(batch) = &mut self.batch {
             batch.open = true;
         }
-        let client = self.client.as_mut().expect("connected above");
+        let mut db = self.client()?;
+        let client = &mut db;
         let written = (|| {
             client.batch_execute("SAVEPOINT w").map_err(error)?;
             if let Some(fence) = &fence {
@@ -286,7 +350,7 @@ impl Session {
                     });
                 }
             }
-            let value = f(client)?;
+            let value = f(&mut *client)?;
             client.batch_execute("RELEASE SAVEPOINT w").map_err(error)?;
             Ok(value)
         })();
@@ -368,6 +432,7 @@ impl PostgresStore {
                 let mut session = Session {
                     target: for_thread,
                     client: None,
+                    statements: HashMap::new(),
                     batch: None,
                     fence: None,
                 };
@@ -408,13 +473,14 @@ impl PostgresStore {
                 let mut session = Session {
                     target,
                     client: None,
+                    statements: HashMap::new(),
                     batch: None,
                     fence: None,
                 };
                 loop {
                     let listening = session
                         .client()
-                        .and_then(|c| c.batch_execute(&format!("LISTEN {CAPTURES_CHANNEL}")).map_err(error));
+                        .and_then(|mut c| c.batch_execute(&format!("LISTEN {CAPTURES_CHANNEL}")).map_err(error));
                     if listening.is_err() {
                         session.client = None;
                         std::thread::sleep(Duration::from_secs(1));
@@ -461,14 +527,14 @@ impl PostgresStore {
     /// A read on the connection (outside any write, or inside the open batch).
     fn read<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Client) -> Result<T, postgres::Error> + Send + 'static,
+        f: impl FnOnce(&mut Db<'_>) -> Result<T, postgres::Error> + Send + 'static,
     ) -> Result<T, StoreError> {
-        self.call(move |s| f(s.client()?).map_err(error))
+        self.call(move |s| f(&mut s.client()?).map_err(error))
     }
 
     fn write<T: Send + 'static>(
         &mut self,
-        f: impl FnOnce(&mut Client) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&mut Db<'_>) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         self.call(move |s| s.write(f))
     }
@@ -657,7 +723,7 @@ fn objects(rows: Vec<Row>) -> Result<Vec<LocalObject>, StoreError> {
     rows.iter().map(object_from).collect()
 }
 
-fn write_journal(c: &mut Client, e: &JournalEntry) -> Result<(), StoreError> {
+fn write_journal(c: &mut Db<'_>, e: &JournalEntry) -> Result<(), StoreError> {
     c.execute(
         "INSERT INTO journal (at, connector, category, object, source, action, policy, detail)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -676,7 +742,7 @@ fn write_journal(c: &mut Client, e: &JournalEntry) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn insert_object(c: &mut Client, o: &LocalObject) -> Result<i64, StoreError> {
+fn insert_object(c: &mut Db<'_>, o: &LocalObject) -> Result<i64, StoreError> {
     let row = c
         .query_opt(
             r#"INSERT INTO objects (category, name, enabled, "values") VALUES ($1, $2, $3, $4)
@@ -691,7 +757,7 @@ fn insert_object(c: &mut Client, o: &LocalObject) -> Result<i64, StoreError> {
 }
 
 /// Gives the object the next local edit number, as the SQLite store does.
-fn mark_edited(c: &mut Client, id: i64) -> Result<(), StoreError> {
+fn mark_edited(c: &mut Db<'_>, id: i64) -> Result<(), StoreError> {
     c.execute(
         "WITH n AS (UPDATE counters SET value = value + 1 WHERE name = 'local_edit' RETURNING value)
          UPDATE objects SET edit = (SELECT value FROM n) WHERE id = $1",
@@ -701,7 +767,7 @@ fn mark_edited(c: &mut Client, id: i64) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn update_object(c: &mut Client, o: &LocalObject) -> Result<(), StoreError> {
+fn update_object(c: &mut Db<'_>, o: &LocalObject) -> Result<(), StoreError> {
     let clash = c
         .query_opt(
             "SELECT id FROM objects WHERE category = $1 AND name = $2 AND id != $3",
@@ -722,7 +788,7 @@ fn update_object(c: &mut Client, o: &LocalObject) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn write_state(c: &mut Client, s: &ConnectorState) -> Result<(), StoreError> {
+fn write_state(c: &mut Db<'_>, s: &ConnectorState) -> Result<(), StoreError> {
     c.execute(
         "INSERT INTO connector_state
            (connector, last_sync_at, last_result, last_poll_at, out_of_sync, last_error, local_seen)
@@ -1109,8 +1175,8 @@ impl Store for PostgresStore {
         let captures = captures.to_vec();
         // Every instance captures: the journal is not fenced.
         self.call(move |s| {
-            let client = s.client()?;
-            let mut tx = client.transaction().map_err(error)?;
+            let mut db = s.client()?;
+            let mut tx = db.raw().transaction().map_err(error)?;
             let insert = tx
                 .prepare(
                     "INSERT INTO captures (connector, category, kind, dn, captured_at) VALUES ($1, $2, $3, $4, $5)",
