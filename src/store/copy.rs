@@ -49,17 +49,12 @@ fn summary<T: std::fmt::Debug>(table: &'static str, rows: &[T]) -> TableSummary 
 
 impl Tables {
     pub fn summaries(&self) -> Vec<TableSummary> {
-        let capture_rows: Vec<_> = self
-            .captures
-            .iter()
-            .map(|c| (c.id, &c.connector, c.category, c.kind, &c.dn, c.captured_at))
-            .collect();
         vec![
             summary("objects", &self.objects),
             summary("associations", &self.associations),
             summary("journal", &self.journal),
             summary("connector_state", &self.states),
-            summary("captures", &capture_rows),
+            summary("captures", &self.captures),
             summary("watermarks", &self.watermarks),
             summary("held_deletes", &self.held_deletes),
             summary("counters", &[self.local_edit]),

@@ -352,10 +352,15 @@ fn association_from(raw: AssociationRow) -> Result<Association, StoreError> {
 }
 
 fn write_journal(conn: &Connection, entry: &JournalEntry) -> Result<(), StoreError> {
+    insert_journal(conn, None, entry)
+}
+
+/// A journal line; `id` keeps a copied line's (`store copy`), `None` takes the next.
+fn insert_journal(conn: &Connection, id: Option<i64>, entry: &JournalEntry) -> Result<(), StoreError> {
     cached_execute(
         conn,
-        "INSERT INTO journal (at, connector, category, object, source, action, policy, detail)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO journal (id, at, connector, category, object, source, action, policy, detail)
+         VALUES (?9, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         params![
             entry.at,
             entry.connector,
@@ -364,7 +369,8 @@ fn write_journal(conn: &Connection, entry: &JournalEntry) -> Result<(), StoreErr
             entry.source.as_str(),
             entry.action.as_str(),
             entry.policy,
-            entry.detail
+            entry.detail,
+            id
         ],
     )?;
     Ok(())
@@ -1034,21 +1040,7 @@ impl SqliteStore {
                 )?;
             }
             for (id, e) in &tables.journal {
-                tx.execute(
-                    "INSERT INTO journal (id, at, connector, category, object, source, action, policy, detail)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                    params![
-                        id,
-                        e.at,
-                        e.connector,
-                        e.category.as_str(),
-                        e.object,
-                        e.source.as_str(),
-                        e.action.as_str(),
-                        e.policy,
-                        e.detail
-                    ],
-                )?;
+                insert_journal(tx, Some(*id), e)?;
             }
             for state in &tables.states {
                 write_state(tx, state)?;
