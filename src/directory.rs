@@ -419,7 +419,7 @@ fn definition_names(definition: &str) -> Vec<String> {
 /// entry found by DN, stable id or name, and the four writes. The LDAP
 /// client implements it; the engine's unit tests use an in-memory one.
 pub trait DirectoryOps: Send {
-    type Entries: EntryStream;
+    type Entries: EntryStream + 'static;
 
     /// The stable id and name of every entry in scope.
     fn names(&mut self, scope: &ScopeConfig) -> impl Future<Output = Result<Self::Entries, DirectoryError>> + Send;

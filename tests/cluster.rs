@@ -379,6 +379,110 @@ fn a_write_under_a_lost_lease_is_refused_by_the_store() {
     assert_eq!(postgres.sql("SELECT count(*) FROM journal WHERE object = 'after'"), "0");
 }
 
+/// A full pass on PostgreSQL looks its entries up ahead and sends the
+/// objects it creates together (`Store::look_ahead`): what it created is
+/// read back inside the batch, and when one of them can no longer be
+/// written (another session took the name meanwhile), the decisions before
+/// it stand, with their associations and journal lines, and its own error
+/// is the one told.
+#[test]
+fn a_pass_creations_sent_together_are_read_back_and_one_that_fails_spoils_no_other() {
+    use ldapsync::config::StoreConfig;
+    use ldapsync::model::{Action, Category, ChangeSource};
+    use ldapsync::store::{self, Association, Commit, JournalEntry, LocalObject, Store, StoreError};
+
+    let postgres = Postgres::start();
+    let config = StoreConfig {
+        url: Some(postgres.url()),
+        ..StoreConfig::default()
+    };
+    let created = |name: &str| Commit {
+        object: Some(LocalObject {
+            id: 0,
+            category: Category::Account,
+            name: name.into(),
+            enabled: true,
+            values: Default::default(),
+        }),
+        association: Some(Association {
+            connector: "example".into(),
+            object_id: 0,
+            entry_id: format!("entry-{name}"),
+            dn: format!("uid={name},ou=people,dc=example,dc=com"),
+            baseline: Default::default(),
+            synced_at: 0,
+            entry_gone: false,
+        }),
+        journal: vec![JournalEntry {
+            at: 0,
+            connector: "example".into(),
+            category: Category::Account,
+            object: name.into(),
+            source: ChangeSource::Poll,
+            action: Action::CreatedLocal,
+            policy: "ldap-to-local".into(),
+            detail: "{}".into(),
+        }],
+        ..Commit::default()
+    };
+    let mut pass = store::open(&config).unwrap();
+    let mut other = store::open(&config).unwrap();
+    let names = ["alice", "bob", "carol"];
+    let keys: Vec<(String, Option<String>)> = names
+        .iter()
+        .map(|n| (format!("entry-{n}"), Some(n.to_string())))
+        .collect();
+
+    pass.begin_batch();
+    pass.look_ahead("example", Category::Account, &keys).unwrap();
+    let alice = pass
+        .commit(created("alice"))
+        .unwrap()
+        .expect("an id for the new object");
+    assert_eq!(
+        pass.object(Category::Account, "alice").unwrap().map(|o| o.id),
+        Some(alice)
+    );
+    let association = pass.association_by_entry("example", "entry-alice").unwrap();
+    assert_eq!(association.map(|a| a.object_id), Some(alice));
+    // Not sent yet: another session does not see it, and takes a name the
+    // look-ahead found free.
+    assert!(other.object(Category::Account, "alice").unwrap().is_none());
+    other
+        .commit(Commit {
+            association: None,
+            ..created("carol")
+        })
+        .unwrap();
+    pass.commit(created("bob")).unwrap();
+    pass.commit(created("carol")).unwrap();
+    let ended = pass.end_batch();
+    assert!(
+        matches!(&ended, Err(StoreError::Exists { name, .. }) if name == "carol"),
+        "the creation that cannot be written is the error told: {ended:?}"
+    );
+
+    for name in ["alice", "bob"] {
+        let object = other
+            .object(Category::Account, name)
+            .unwrap()
+            .expect("a decision before it stands");
+        let association = other.association_by_entry("example", &format!("entry-{name}")).unwrap();
+        assert_eq!(
+            association.map(|a| a.object_id),
+            Some(object.id),
+            "{name}'s association"
+        );
+    }
+    assert_eq!(postgres.sql("SELECT count(*) FROM objects WHERE name = 'carol'"), "1");
+    assert!(other.association_by_entry("example", "entry-carol").unwrap().is_none());
+    assert_eq!(
+        postgres.sql("SELECT string_agg(object, ',' ORDER BY id) FROM journal"),
+        "carol,alice,bob",
+        "one journal line per decision that stands, in order"
+    );
+}
+
 /// The relay never waits for the store: with PostgreSQL restarted in the
 /// middle of a client's writes, every write succeeds, and afterwards the
 /// store catches up (captures applied, or a reconciliation).

@@ -248,6 +248,15 @@ impl Store for AnyStore {
         each!(self, s => s.begin_batch())
     }
 
+    fn look_ahead(
+        &mut self,
+        connector: &str,
+        category: Category,
+        entries: &[(String, Option<String>)],
+    ) -> Result<(), StoreError> {
+        each!(self, s => s.look_ahead(connector, category, entries))
+    }
+
     fn commit_batch(&mut self) -> Result<(), StoreError> {
         each!(self, s => s.commit_batch())
     }

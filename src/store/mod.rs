@@ -295,6 +295,17 @@ pub trait Store {
     /// transaction per object. A batch holds the store's write lock: commit
     /// it before waiting on anything slow.
     fn begin_batch(&mut self);
+    /// A full pass is about to decide these entries (stable id, name): a
+    /// store whose every read is a round trip may look them all up now.
+    /// Reads stay exact: they see what the pass writes meanwhile.
+    fn look_ahead(
+        &mut self,
+        _connector: &str,
+        _category: Category,
+        _entries: &[(String, Option<String>)],
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Makes everything written so far durable now, and goes on batching.
     fn commit_batch(&mut self) -> Result<(), StoreError>;
     /// Commits what the batch holds and ends it.

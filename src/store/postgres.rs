@@ -21,12 +21,15 @@ use postgres::types::ToSql;
 use postgres::{Client, NoTls, Row, Statement};
 use serde::Serialize;
 
+use self::ahead::{Ahead, insert_created};
 use super::copy::Tables;
 use super::{
     Association, Capture, CaptureKind, Commit, ConnectorState, HeldDelete, JournalEntry, JournalQuery, LocalObject,
     Store, StoreError, Watermark,
 };
 use crate::model::{Action, Category, ChangeSource, Values};
+
+mod ahead;
 
 /// Schema versions, applied in order; never edit one that has shipped.
 const MIGRATIONS: &[&str] = &[r#"
@@ -188,6 +191,8 @@ struct Session {
     /// trip, and a pass runs the same few statements for every entry.
     statements: HashMap<String, Statement>,
     batch: Option<Batch>,
+    /// A full pass's look-ahead, inside its batch.
+    ahead: Option<Ahead>,
     fence: Option<Fence>,
 }
 
@@ -230,6 +235,32 @@ impl Db<'_> {
         self.client.query(&statement, params)
     }
 
+    /// Planned for these parameters, every time: a plan kept from when a
+    /// table was small would scan it whole once it has grown.
+    fn query_planned(&mut self, sql: &str, params: &Params<'_>) -> Result<Vec<Row>, postgres::Error> {
+        self.client.query(sql, params)
+    }
+
+    /// Every row converted as it arrives: a whole table is never held
+    /// twice, as rows and as records.
+    fn query_each<T>(
+        &mut self,
+        sql: &str,
+        params: &Params<'_>,
+        mut convert: impl FnMut(&Row) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        let statement = self.statement(sql).map_err(error)?;
+        let mut rows = self
+            .client
+            .query_raw(&statement, params.iter().copied())
+            .map_err(error)?;
+        let mut records = Vec::new();
+        while let Some(row) = rows.next().map_err(error)? {
+            records.push(convert(&row)?);
+        }
+        Ok(records)
+    }
+
     fn query_opt(&mut self, sql: &str, params: &Params<'_>) -> Result<Option<Row>, postgres::Error> {
         let statement = self.statement(sql)?;
         self.client.query_opt(&statement, params)
@@ -257,6 +288,10 @@ impl Db<'_> {
 impl Session {
     /// The connection, opened (again) if need be, with its statement cache.
     fn client(&mut self) -> Result<Db<'_>, StoreError> {
+        // What a read may look for is sent first.
+        if self.ahead.as_ref().is_some_and(|a| !a.created.is_empty()) {
+            self.flush()?;
+        }
         if self.client.as_ref().is_none_or(Client::is_closed) {
             self.statements.clear();
             // A transaction open on a lost connection is lost with it.
@@ -323,6 +358,7 @@ impl Session {
     /// checked (and its row locked against a takeover) in the same
     /// transaction, so a worker that lost its lease writes nothing.
     fn write<T>(&mut self, f: impl FnOnce(&mut Db<'_>) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        self.flush()?;
         let fence = self.fence.clone();
         let in_batch = self.batch.is_some();
         let opened = self.batch.as_ref().is_some_and(|b| b.open);
@@ -358,16 +394,11 @@ impl Session {
             let _ = client.batch_execute("ROLLBACK TO SAVEPOINT w; RELEASE SAVEPOINT w");
         }
         if in_batch {
-            let lease_lost = matches!(written, Err(StoreError::LeaseLost { .. }));
-            let batch = self.batch.as_mut().expect("in a batch");
-            batch.held += 1;
-            if batch.held >= BATCH_WRITES || lease_lost {
+            if matches!(written, Err(StoreError::LeaseLost { .. })) {
                 // Under a lost lease nothing of the batch may stand.
-                if lease_lost {
-                    self.rollback();
-                } else {
-                    self.commit_open()?;
-                }
+                self.rollback();
+            } else {
+                self.held_one()?;
             }
         } else if written.is_ok() {
             self.finish()?;
@@ -375,6 +406,40 @@ impl Session {
             self.rollback();
         }
         written
+    }
+
+    /// Counts one more write in the batch, which commits when it is full.
+    fn held_one(&mut self) -> Result<(), StoreError> {
+        let batch = self.batch.as_mut().expect("in a batch");
+        batch.held += 1;
+        if batch.held >= BATCH_WRITES {
+            self.commit_open()?;
+        }
+        Ok(())
+    }
+
+    /// Sends the creations the look-ahead deferred.
+    fn flush(&mut self) -> Result<(), StoreError> {
+        let created = match &mut self.ahead {
+            Some(ahead) if !ahead.created.is_empty() => std::mem::take(&mut ahead.created),
+            _ => return Ok(()),
+        };
+        match self.write(|c| insert_created(c, &created)) {
+            Ok(()) => Ok(()),
+            Err(e @ StoreError::LeaseLost { .. }) => Err(e),
+            Err(e) if self.client.as_ref().is_none_or(Client::is_closed) => Err(e),
+            // One of them cannot be written: each on its own, so that the
+            // decisions before it stand and its own error is the one told.
+            Err(_) => {
+                if let Some(ahead) = &mut self.ahead {
+                    ahead.forget_all();
+                }
+                for k in created {
+                    self.write(move |c| write_commit(c, &k.commit, Some(k.id)))?;
+                }
+                Ok(())
+            }
+        }
     }
 
     fn finish(&mut self) -> Result<(), StoreError> {
@@ -390,6 +455,10 @@ impl Session {
         if let Some(client) = self.client.as_mut().filter(|c| !c.is_closed()) {
             let _ = client.batch_execute("ROLLBACK");
         }
+        if let Some(ahead) = &mut self.ahead {
+            ahead.created.clear();
+            ahead.forget_all();
+        }
         if let Some(batch) = &mut self.batch {
             batch.open = false;
             batch.held = 0;
@@ -397,14 +466,17 @@ impl Session {
     }
 
     fn commit_open(&mut self) -> Result<(), StoreError> {
-        match &mut self.batch {
+        // What was decided before a creation that fails stands all the same.
+        let flushed = self.flush();
+        let committed = match &mut self.batch {
             Some(batch) if batch.open => {
                 batch.open = false;
                 batch.held = 0;
                 self.finish()
             }
             _ => Ok(()),
-        }
+        };
+        flushed.and(committed)
     }
 }
 
@@ -434,6 +506,7 @@ impl PostgresStore {
                     client: None,
                     statements: HashMap::new(),
                     batch: None,
+                    ahead: None,
                     fence: None,
                 };
                 // Ends when the store is dropped.
@@ -475,6 +548,7 @@ impl PostgresStore {
                     client: None,
                     statements: HashMap::new(),
                     batch: None,
+                    ahead: None,
                     fence: None,
                 };
                 loop {
@@ -536,7 +610,13 @@ impl PostgresStore {
         &mut self,
         f: impl FnOnce(&mut Db<'_>) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        self.call(move |s| s.write(f))
+        // Not a commit: the look-ahead cannot tell what it changed.
+        self.call(move |s| {
+            if let Some(ahead) = &mut s.ahead {
+                ahead.forget_all();
+            }
+            s.write(f)
+        })
     }
 
     /// From now on every write commits only while `fence` holds its lease.
@@ -748,12 +828,14 @@ fn insert_journal(c: &mut Db<'_>, id: Option<i64>, e: &JournalEntry) -> Result<(
     Ok(())
 }
 
-fn insert_object(c: &mut Db<'_>, o: &LocalObject) -> Result<i64, StoreError> {
+/// A new object; `id` is one taken from the sequence already, `None` the next.
+fn insert_object(c: &mut Db<'_>, o: &LocalObject, id: Option<i64>) -> Result<i64, StoreError> {
     let row = c
         .query_opt(
-            r#"INSERT INTO objects (category, name, enabled, "values") VALUES ($1, $2, $3, $4)
+            r#"INSERT INTO objects (id, category, name, enabled, "values")
+               VALUES (coalesce($5, nextval('objects_id_seq')), $1, $2, $3, $4)
                ON CONFLICT (category, name) DO NOTHING RETURNING id"#,
-            &[&o.category.as_str(), &o.name, &o.enabled, &to_json(&o.values)],
+            &[&o.category.as_str(), &o.name, &o.enabled, &to_json(&o.values), &id],
         )
         .map_err(error)?;
     row.map(|r| r.get(0)).ok_or_else(|| StoreError::Exists {
@@ -817,10 +899,57 @@ fn write_state(c: &mut Db<'_>, s: &ConnectorState) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// One decision's writes; `id`: the new object's id, taken already.
+fn write_commit(c: &mut Db<'_>, commit: &Commit, id: Option<i64>) -> Result<Option<i64>, StoreError> {
+    let mut object_id = None;
+    if let Some(object) = &commit.object {
+        object_id = Some(if object.id == 0 {
+            insert_object(c, object, id)?
+        } else {
+            update_object(c, object)?;
+            object.id
+        });
+    }
+    if let Some(id) = commit.delete_object {
+        c.execute("DELETE FROM objects WHERE id = $1", &[&id]).map_err(error)?;
+    }
+    if let Some(a) = &commit.association {
+        let id = if a.object_id == 0 {
+            object_id.unwrap_or(0)
+        } else {
+            a.object_id
+        };
+        c.execute(
+            "INSERT INTO associations (connector, object_id, entry_id, dn, baseline, synced_at, entry_gone)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (connector, object_id) DO UPDATE SET
+               entry_id = excluded.entry_id, dn = excluded.dn, baseline = excluded.baseline,
+               synced_at = excluded.synced_at, entry_gone = excluded.entry_gone",
+            &[
+                &a.connector,
+                &id,
+                &a.entry_id,
+                &a.dn,
+                &to_json(&a.baseline),
+                &a.synced_at,
+                &a.entry_gone,
+            ],
+        )
+        .map_err(error)?;
+    }
+    for entry in &commit.journal {
+        write_journal(c, entry)?;
+    }
+    Ok(object_id)
+}
+
 impl Store for PostgresStore {
     fn object(&self, category: Category, name: &str) -> Result<Option<LocalObject>, StoreError> {
         let name = name.to_owned();
         self.call(move |s| {
+            if let Some(known) = s.ahead.as_ref().and_then(|a| a.object(category, &name)) {
+                return Ok(known);
+            }
             let row = s
                 .client()?
                 .query_opt(
@@ -834,6 +963,9 @@ impl Store for PostgresStore {
 
     fn object_by_id(&self, id: i64) -> Result<Option<LocalObject>, StoreError> {
         self.call(move |s| {
+            if let Some(known) = s.ahead.as_ref().and_then(|a| a.object_by_id(id)) {
+                return Ok(known);
+            }
             let row = s
                 .client()?
                 .query_opt(&format!("SELECT {OBJECT_COLUMNS} FROM objects o WHERE id = $1"), &[&id])
@@ -844,13 +976,10 @@ impl Store for PostgresStore {
 
     fn objects(&self, category: Category) -> Result<Vec<LocalObject>, StoreError> {
         self.call(move |s| {
-            objects(
-                s.client()?
-                    .query(
-                        &format!("SELECT {OBJECT_COLUMNS} FROM objects o WHERE category = $1 ORDER BY name"),
-                        &[&category.as_str()],
-                    )
-                    .map_err(error)?,
+            s.client()?.query_each(
+                &format!("SELECT {OBJECT_COLUMNS} FROM objects o WHERE category = $1 ORDER BY name"),
+                &[&category.as_str()],
+                object_from,
             )
         })
     }
@@ -858,7 +987,7 @@ impl Store for PostgresStore {
     fn insert_object(&mut self, object: &LocalObject, journal: &JournalEntry) -> Result<i64, StoreError> {
         let (object, journal) = (object.clone(), journal.clone());
         self.write(move |c| {
-            let id = insert_object(c, &object)?;
+            let id = insert_object(c, &object, None)?;
             mark_edited(c, id)?;
             write_journal(c, &journal)?;
             Ok(id)
@@ -885,6 +1014,13 @@ impl Store for PostgresStore {
     fn association_by_entry(&self, connector: &str, entry_id: &str) -> Result<Option<Association>, StoreError> {
         let (connector, entry_id) = (connector.to_owned(), entry_id.to_owned());
         self.call(move |s| {
+            if let Some(known) = s
+                .ahead
+                .as_ref()
+                .and_then(|a| a.association_by_entry(&connector, &entry_id))
+            {
+                return Ok(known);
+            }
             let row = s
                 .client()?
                 .query_opt(
@@ -913,22 +1049,22 @@ impl Store for PostgresStore {
     fn associations(&self, connector: Option<&str>) -> Result<Vec<Association>, StoreError> {
         let connector = connector.map(str::to_owned);
         self.call(move |s| {
-            let rows = s
-                .client()?
-                .query(
-                    &format!(
-                        "SELECT {ASSOCIATION_COLUMNS} FROM associations
-                         WHERE $1::text IS NULL OR connector = $1 ORDER BY connector, object_id"
-                    ),
-                    &[&connector],
-                )
-                .map_err(error)?;
-            rows.iter().map(association_from).collect()
+            s.client()?.query_each(
+                &format!(
+                    "SELECT {ASSOCIATION_COLUMNS} FROM associations
+                     WHERE $1::text IS NULL OR connector = $1 ORDER BY connector, object_id"
+                ),
+                &[&connector],
+                association_from,
+            )
         })
     }
 
     fn association_of_object(&self, object_id: i64) -> Result<Option<Association>, StoreError> {
         self.call(move |s| {
+            if let Some(known) = s.ahead.as_ref().and_then(|a| a.association_of_object(object_id)) {
+                return Ok(known);
+            }
             let row = s
                 .client()?
                 .query_opt(
@@ -970,47 +1106,39 @@ impl Store for PostgresStore {
     }
 
     fn commit(&mut self, commit: Commit) -> Result<Option<i64>, StoreError> {
-        self.write(move |c| {
-            let mut object_id = None;
-            if let Some(object) = &commit.object {
-                object_id = Some(if object.id == 0 {
-                    insert_object(c, object)?
-                } else {
-                    update_object(c, object)?;
-                    object.id
-                });
+        self.call(move |s| {
+            let commit = match s.ahead.take() {
+                Some(mut ahead) if s.batch.is_some() => {
+                    let deferred = s.client().and_then(|mut c| ahead.defer(&mut c, commit));
+                    s.ahead = Some(ahead);
+                    match deferred? {
+                        Ok(id) => {
+                            s.held_one()?;
+                            return Ok(Some(id));
+                        }
+                        Err(commit) => commit,
+                    }
+                }
+                ahead => {
+                    s.ahead = ahead;
+                    commit
+                }
+            };
+            if let Some(ahead) = &mut s.ahead {
+                let ids: Vec<i64> = [
+                    commit.object.as_ref().map(|o| o.id),
+                    commit.delete_object,
+                    commit.association.as_ref().map(|a| a.object_id),
+                ]
+                .into_iter()
+                .flatten()
+                .filter(|id| *id != 0)
+                .collect();
+                let names: Vec<&str> = commit.object.iter().map(|o| o.name.as_str()).collect();
+                let entry_ids: Vec<&str> = commit.association.iter().map(|a| a.entry_id.as_str()).collect();
+                ahead.forget(&ids, &names, &entry_ids);
             }
-            if let Some(id) = commit.delete_object {
-                c.execute("DELETE FROM objects WHERE id = $1", &[&id]).map_err(error)?;
-            }
-            if let Some(a) = &commit.association {
-                let id = if a.object_id == 0 {
-                    object_id.unwrap_or(0)
-                } else {
-                    a.object_id
-                };
-                c.execute(
-                    "INSERT INTO associations (connector, object_id, entry_id, dn, baseline, synced_at, entry_gone)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)
-                     ON CONFLICT (connector, object_id) DO UPDATE SET
-                       entry_id = excluded.entry_id, dn = excluded.dn, baseline = excluded.baseline,
-                       synced_at = excluded.synced_at, entry_gone = excluded.entry_gone",
-                    &[
-                        &a.connector,
-                        &id,
-                        &a.entry_id,
-                        &a.dn,
-                        &to_json(&a.baseline),
-                        &a.synced_at,
-                        &a.entry_gone,
-                    ],
-                )
-                .map_err(error)?;
-            }
-            for entry in &commit.journal {
-                write_journal(c, entry)?;
-            }
-            Ok(object_id)
+            s.write(|c| write_commit(c, &commit, None))
         })
     }
 
@@ -1337,6 +1465,24 @@ impl Store for PostgresStore {
         });
     }
 
+    fn look_ahead(
+        &mut self,
+        connector: &str,
+        category: Category,
+        entries: &[(String, Option<String>)],
+    ) -> Result<(), StoreError> {
+        let (connector, entries) = (connector.to_owned(), entries.to_vec());
+        self.call(move |s| {
+            if s.batch.is_none() {
+                return Ok(());
+            }
+            s.flush()?;
+            let before = s.ahead.take();
+            s.ahead = Some(Ahead::read(&mut s.client()?, &connector, category, &entries, before)?);
+            Ok(())
+        })
+    }
+
     fn commit_batch(&mut self) -> Result<(), StoreError> {
         self.call(Session::commit_open)
     }
@@ -1345,6 +1491,7 @@ impl Store for PostgresStore {
         self.call(|s| {
             let committed = s.commit_open();
             s.batch = None;
+            s.ahead = None;
             committed
         })
     }

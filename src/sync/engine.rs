@@ -7,10 +7,10 @@
 //! which is what makes the engine's own directory writes, seen again by the
 //! next pass, harmless.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::task::Poll;
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
 use thiserror::Error;
+use tokio::sync::mpsc;
 
 use super::guard::{Guard, Window};
 pub use super::mapping::is_secret_field;
@@ -486,12 +486,12 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
         progress.category(category, total);
         let mut seen = HashSet::new();
         let mut matched_objects = HashSet::new();
-        let mut entries = self.directory.entries(scope).await?;
+        let mut ahead = ReadAhead::start(self.directory.entries(scope).await?);
         // The decisions about entries already received are committed
         // together; see `next_entry` and `apply` for when a batch ends.
         self.store.begin_batch();
         let compared = async {
-            while let Some(entry) = self.next_entry(&mut entries).await? {
+            while let Some(entry) = self.next_entry(&mapping, &mut ahead).await? {
                 seen.insert(entry.id.clone());
                 if let Some(association) = self.store.association_by_entry(&self.connector.name, &entry.id)? {
                     matched_objects.insert(association.object_id);
@@ -523,17 +523,42 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
     /// the batch is committed before waiting: the store's write lock is
     /// never held across the network (other connections to the store —
     /// the capture journal, the CLI — wait for it at most a few seconds).
-    async fn next_entry(&mut self, entries: &mut D::Entries) -> Result<Option<Entry>, SyncError> {
-        let mut next = std::pin::pin!(entries.next());
-        let received = std::future::poll_fn(|cx| Poll::Ready(next.as_mut().poll(cx))).await;
-        let entry = match received {
-            Poll::Ready(entry) => entry,
-            Poll::Pending => {
-                self.store.commit_batch()?;
-                next.await
+    /// The entries already received are handed to the store at once
+    /// (`Store::look_ahead`), so that it can look them all up together.
+    async fn next_entry(&mut self, mapping: &Mapping<'_>, ahead: &mut ReadAhead) -> Result<Option<Entry>, SyncError> {
+        if ahead.ready.is_empty() {
+            if let Some(e) = ahead.failed.take() {
+                return Err(e.into());
             }
-        };
-        Ok(entry?)
+            let first = match ahead.received.try_recv() {
+                Ok(received) => Some(received),
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    self.store.commit_batch()?;
+                    ahead.received.recv().await
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+            };
+            let Some(first) = first else { return Ok(None) };
+            ahead.ready.push_back(first?);
+            while ahead.ready.len() < READ_AHEAD {
+                match ahead.received.try_recv() {
+                    Ok(Ok(entry)) => ahead.ready.push_back(entry),
+                    // The entries before it are decided first, as they came.
+                    Ok(Err(e)) => {
+                        ahead.failed = Some(e);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            let keys: Vec<(String, Option<String>)> = ahead
+                .ready
+                .iter()
+                .map(|e| (e.id.clone(), e.get(&mapping.scope.naming).first().cloned()))
+                .collect();
+            self.store.look_ahead(&self.connector.name, mapping.category, &keys)?;
+        }
+        Ok(ahead.ready.pop_front())
     }
 
     /// One directory entry seen outside a full pass.
@@ -1168,6 +1193,40 @@ pub fn local_changes<S: Store>(
 }
 
 /// On first association there is no baseline: the side whose values are kept.
+/// How many entries of a full pass may be received before they are decided:
+/// the directory goes on sending while the store works.
+const READ_AHEAD: usize = 500;
+
+/// A full pass's entries, received by a task of their own.
+struct ReadAhead {
+    received: mpsc::Receiver<Result<Entry, DirectoryError>>,
+    ready: VecDeque<Entry>,
+    /// Where the directory stopped with an error, once `ready` is decided.
+    failed: Option<DirectoryError>,
+}
+
+impl ReadAhead {
+    fn start<E: EntryStream + 'static>(mut entries: E) -> ReadAhead {
+        let (send, received) = mpsc::channel(READ_AHEAD);
+        // Ends with the stream, or when the pass stops listening.
+        tokio::spawn(async move {
+            loop {
+                let next = entries.next().await.transpose();
+                let stop = !matches!(next, Some(Ok(_)));
+                let Some(next) = next else { break };
+                if send.send(next).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        ReadAhead {
+            received,
+            ready: VecDeque::new(),
+            failed: None,
+        }
+    }
+}
+
 fn initial_side(direction: Direction, policy: ConflictPolicy) -> Side {
     match (direction, policy) {
         (Direction::LocalToLdap, _) => Side::Local,
