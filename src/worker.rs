@@ -896,6 +896,9 @@ pub async fn poll<S: Store>(
         && !reconcile_due
         && watermarks.len() == connector.scopes().count();
     let started = now();
+    // What a full comparison may clear: a reason recorded while it runs
+    // (another instance lost a capture) is for the next one.
+    let mut cleared = None;
     // Read first: what is edited while the poll runs is for the next one.
     let local_edit = store.last_edit()?;
     let kind = if incremental {
@@ -969,7 +972,7 @@ pub async fn poll<S: Store>(
         }
         state.last_sync_at = Some(started);
         state.last_result = serde_json::to_string(&report).expect("report serializes");
-        state.out_of_sync = None;
+        cleared = state.out_of_sync.take();
         set_out_of_sync(&connector.name, false);
     }
     state.last_poll_at = Some(started);
@@ -978,7 +981,7 @@ pub async fn poll<S: Store>(
     if local_failed == 0 {
         state.local_seen = local_edit;
     }
-    store.finish_poll(&state, &watermarks)?;
+    store.finish_poll(&state, &watermarks, cleared.as_deref())?;
     Ok(PollOutcome {
         kind,
         mechanism,

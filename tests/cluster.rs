@@ -379,6 +379,51 @@ fn a_write_under_a_lost_lease_is_refused_by_the_store() {
     assert_eq!(postgres.sql("SELECT count(*) FROM journal WHERE object = 'after'"), "0");
 }
 
+/// An instance that lost a capture records it while the holder runs a full
+/// comparison: the comparison clears only the reason it read when it
+/// started, so the newer one stands for the next comparison. On both stores.
+#[test]
+fn a_full_comparison_clears_only_the_out_of_sync_reason_it_started_with() {
+    use ldapsync::config::StoreConfig;
+    use ldapsync::store::{self, ConnectorState, Store};
+
+    let postgres = Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let configs = [
+        StoreConfig {
+            path: dir.path().join("ldapsync.db"),
+            ..StoreConfig::default()
+        },
+        StoreConfig {
+            url: Some(postgres.url()),
+            ..StoreConfig::default()
+        },
+    ];
+    for config in &configs {
+        let mut holder = store::open(config).unwrap();
+        let mut other = store::open(config).unwrap();
+        holder
+            .mark_out_of_sync("example", "a capture was lost at 10:00")
+            .unwrap();
+        let mut state = holder.connector_state("example").unwrap().expect("a state");
+        let read = state.out_of_sync.take();
+        assert_eq!(read.as_deref(), Some("a capture was lost at 10:00"));
+        // Meanwhile, from another instance:
+        other
+            .mark_out_of_sync("example", "a capture was lost at 10:01")
+            .unwrap();
+        holder.finish_poll(&state, &[], read.as_deref()).unwrap();
+        let stands = other.connector_state("example").unwrap().and_then(|s| s.out_of_sync);
+        assert_eq!(stands.as_deref(), Some("a capture was lost at 10:01"), "{config:?}");
+
+        let mut state: ConnectorState = holder.connector_state("example").unwrap().expect("a state");
+        let read = state.out_of_sync.take();
+        holder.finish_poll(&state, &[], read.as_deref()).unwrap();
+        let left = other.connector_state("example").unwrap().and_then(|s| s.out_of_sync);
+        assert_eq!(left, None, "the reason it read is cleared: {config:?}");
+    }
+}
+
 /// A full pass on PostgreSQL looks its entries up ahead and sends the
 /// objects it creates together (`Store::look_ahead`): what it created is
 /// read back inside the batch, and when one of them can no longer be

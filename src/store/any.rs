@@ -232,8 +232,13 @@ impl Store for AnyStore {
         each!(self, s => s.watermark(connector, category))
     }
 
-    fn finish_poll(&mut self, state: &ConnectorState, watermarks: &[Watermark]) -> Result<(), StoreError> {
-        each!(self, s => s.finish_poll(state, watermarks))
+    fn finish_poll(
+        &mut self,
+        state: &ConnectorState,
+        watermarks: &[Watermark],
+        cleared: Option<&str>,
+    ) -> Result<(), StoreError> {
+        each!(self, s => s.finish_poll(state, watermarks, cleared))
     }
 
     fn edited_since(&self, category: Category, edit: i64) -> Result<Vec<LocalObject>, StoreError> {

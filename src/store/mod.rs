@@ -158,7 +158,9 @@ pub struct ConnectorState {
     /// The last incremental poll.
     pub last_poll_at: Option<i64>,
     /// Why the connector needs a full reconciliation (a capture could not be
-    /// journaled, …); cleared by the next successful one.
+    /// journaled, …); cleared by the next successful one. Set only by
+    /// [`Store::mark_out_of_sync`] and cleared only by [`Store::finish_poll`]:
+    /// writing a state read earlier never overwrites a newer mark.
     pub out_of_sync: Option<String>,
     /// The last failure of a poll or pass, cleared by the next success.
     pub last_error: Option<String>,
@@ -279,8 +281,15 @@ pub trait Store {
     fn remove_capture(&mut self, id: i64) -> Result<(), StoreError>;
 
     fn watermark(&self, connector: &str, category: Category) -> Result<Option<Watermark>, StoreError>;
-    /// Stores a poll's new watermarks and the connector's state together.
-    fn finish_poll(&mut self, state: &ConnectorState, watermarks: &[Watermark]) -> Result<(), StoreError>;
+    /// Stores a poll's new watermarks and the connector's state together;
+    /// `cleared`: the out-of-sync reason a full comparison read before it
+    /// started, cleared unless another was recorded since (that one stands).
+    fn finish_poll(
+        &mut self,
+        state: &ConnectorState,
+        watermarks: &[Watermark],
+        cleared: Option<&str>,
+    ) -> Result<(), StoreError>;
 
     /// Objects of a category edited locally (added, edited, freed from an
     /// association) after local edit number `edit`, in edit order.

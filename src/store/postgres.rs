@@ -883,7 +883,7 @@ fn write_state(c: &mut Db<'_>, s: &ConnectorState) -> Result<(), StoreError> {
          VALUES ($1, $2, $3, $4, $5, $6, $7)
          ON CONFLICT (connector) DO UPDATE SET
            last_sync_at = excluded.last_sync_at, last_result = excluded.last_result,
-           last_poll_at = excluded.last_poll_at, out_of_sync = excluded.out_of_sync,
+           last_poll_at = excluded.last_poll_at,
            last_error = excluded.last_error, local_seen = excluded.local_seen",
         &[
             &s.connector,
@@ -1411,8 +1411,13 @@ impl Store for PostgresStore {
         })
     }
 
-    fn finish_poll(&mut self, state: &ConnectorState, watermarks: &[Watermark]) -> Result<(), StoreError> {
-        let (state, watermarks) = (state.clone(), watermarks.to_vec());
+    fn finish_poll(
+        &mut self,
+        state: &ConnectorState,
+        watermarks: &[Watermark],
+        cleared: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let (state, watermarks, cleared) = (state.clone(), watermarks.to_vec(), cleared.map(str::to_owned));
         self.write(move |c| {
             for w in &watermarks {
                 c.execute(
@@ -1431,7 +1436,13 @@ impl Store for PostgresStore {
                 )
                 .map_err(error)?;
             }
-            write_state(c, &state)
+            write_state(c, &state)?;
+            c.execute(
+                "UPDATE connector_state SET out_of_sync = NULL WHERE connector = $1 AND out_of_sync = $2",
+                &[&state.connector, &cleared],
+            )
+            .map_err(error)?;
+            Ok(())
         })
     }
 

@@ -890,7 +890,12 @@ impl Store for SqliteStore {
         .transpose()
     }
 
-    fn finish_poll(&mut self, state: &ConnectorState, watermarks: &[Watermark]) -> Result<(), StoreError> {
+    fn finish_poll(
+        &mut self,
+        state: &ConnectorState,
+        watermarks: &[Watermark],
+        cleared: Option<&str>,
+    ) -> Result<(), StoreError> {
         self.write(|tx| {
             for w in watermarks {
                 cached_execute(
@@ -910,6 +915,11 @@ impl Store for SqliteStore {
                 )?;
             }
             write_state(tx, state)?;
+            cached_execute(
+                tx,
+                "UPDATE connector_state SET out_of_sync = NULL WHERE connector = ?1 AND out_of_sync = ?2",
+                params![state.connector, cleared],
+            )?;
             Ok(())
         })
     }
@@ -963,7 +973,7 @@ fn write_state(conn: &Connection, state: &ConnectorState) -> Result<(), StoreErr
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
          ON CONFLICT (connector) DO UPDATE SET
            last_sync_at = excluded.last_sync_at, last_result = excluded.last_result,
-           last_poll_at = excluded.last_poll_at, out_of_sync = excluded.out_of_sync,
+           last_poll_at = excluded.last_poll_at,
            last_error = excluded.last_error, local_seen = excluded.local_seen",
         params![
             state.connector,
