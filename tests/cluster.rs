@@ -322,26 +322,18 @@ fn a_paused_holder_writes_nothing_after_losing_its_lease() {
 /// Fencing itself, on the store: once another instance holds the lease,
 /// a write under the old token fails and leaves nothing, even from an
 /// instance that never noticed it lost the lease.
-#[test]
-fn a_write_under_a_lost_lease_is_refused_by_the_store() {
-    use ldapsync::config::StoreConfig;
+/// A sync decision that creates the local account `name`, journaled.
+fn created_locally(name: &str) -> ldapsync::store::Commit {
     use ldapsync::model::{Action, Category, ChangeSource};
-    use ldapsync::store::{self, Commit, JournalEntry, LocalObject, Store, StoreError};
-
-    let postgres = Postgres::start();
-    let config = StoreConfig {
-        url: Some(postgres.url()),
-        ..StoreConfig::default()
-    };
-    let object = |name: &str| LocalObject {
-        id: 0,
-        category: Category::Account,
-        name: name.into(),
-        enabled: true,
-        values: Default::default(),
-    };
-    let commit = |name: &str| Commit {
-        object: Some(object(name)),
+    use ldapsync::store::{Commit, JournalEntry, LocalObject};
+    Commit {
+        object: Some(LocalObject {
+            id: 0,
+            category: Category::Account,
+            name: name.into(),
+            enabled: true,
+            values: Default::default(),
+        }),
         journal: vec![JournalEntry {
             at: 0,
             connector: "example".into(),
@@ -353,7 +345,25 @@ fn a_write_under_a_lost_lease_is_refused_by_the_store() {
             detail: "{}".into(),
         }],
         ..Commit::default()
-    };
+    }
+}
+
+/// `[store]` on `postgres`.
+fn on(postgres: &Postgres) -> ldapsync::config::StoreConfig {
+    ldapsync::config::StoreConfig {
+        url: Some(postgres.url()),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_write_under_a_lost_lease_is_refused_by_the_store() {
+    use ldapsync::model::Category;
+    use ldapsync::store::{self, Store, StoreError};
+
+    let postgres = Postgres::start();
+    let config = on(&postgres);
+    let commit = created_locally;
     let mut old = store::open(&config).unwrap();
     let mut new = store::open(&config).unwrap();
     let lease = |s: &store::AnyStore, holder: &str, ttl: Duration| {
@@ -394,10 +404,7 @@ fn a_full_comparison_clears_only_the_out_of_sync_reason_it_started_with() {
             path: dir.path().join("ldapsync.db"),
             ..StoreConfig::default()
         },
-        StoreConfig {
-            url: Some(postgres.url()),
-            ..StoreConfig::default()
-        },
+        on(&postgres),
     ];
     for config in &configs {
         let mut holder = store::open(config).unwrap();
@@ -432,23 +439,12 @@ fn a_full_comparison_clears_only_the_out_of_sync_reason_it_started_with() {
 /// is the one told.
 #[test]
 fn a_pass_creations_sent_together_are_read_back_and_one_that_fails_spoils_no_other() {
-    use ldapsync::config::StoreConfig;
-    use ldapsync::model::{Action, Category, ChangeSource};
-    use ldapsync::store::{self, Association, Commit, JournalEntry, LocalObject, Store, StoreError};
+    use ldapsync::model::Category;
+    use ldapsync::store::{self, Association, Commit, Store, StoreError};
 
     let postgres = Postgres::start();
-    let config = StoreConfig {
-        url: Some(postgres.url()),
-        ..StoreConfig::default()
-    };
+    let config = on(&postgres);
     let created = |name: &str| Commit {
-        object: Some(LocalObject {
-            id: 0,
-            category: Category::Account,
-            name: name.into(),
-            enabled: true,
-            values: Default::default(),
-        }),
         association: Some(Association {
             connector: "example".into(),
             object_id: 0,
@@ -458,17 +454,7 @@ fn a_pass_creations_sent_together_are_read_back_and_one_that_fails_spoils_no_oth
             synced_at: 0,
             entry_gone: false,
         }),
-        journal: vec![JournalEntry {
-            at: 0,
-            connector: "example".into(),
-            category: Category::Account,
-            object: name.into(),
-            source: ChangeSource::Poll,
-            action: Action::CreatedLocal,
-            policy: "ldap-to-local".into(),
-            detail: "{}".into(),
-        }],
-        ..Commit::default()
+        ..created_locally(name)
     };
     let mut pass = store::open(&config).unwrap();
     let mut other = store::open(&config).unwrap();
@@ -493,12 +479,7 @@ fn a_pass_creations_sent_together_are_read_back_and_one_that_fails_spoils_no_oth
     // Not sent yet: another session does not see it, and takes a name the
     // look-ahead found free.
     assert!(other.object(Category::Account, "alice").unwrap().is_none());
-    other
-        .commit(Commit {
-            association: None,
-            ..created("carol")
-        })
-        .unwrap();
+    other.commit(created_locally("carol")).unwrap();
     pass.commit(created("bob")).unwrap();
     pass.commit(created("carol")).unwrap();
     let ended = pass.end_batch();
