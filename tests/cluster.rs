@@ -509,6 +509,64 @@ fn a_pass_creations_sent_together_are_read_back_and_one_that_fails_spoils_no_oth
     );
 }
 
+/// A first import defers most creations without a round trip to the
+/// store's connection thread; they still count towards the batch, so the
+/// pass commits every 500 decisions (another session sees them before the
+/// pass ends), and ids stay unique across the sequence blocks it takes.
+#[test]
+fn a_first_import_commits_its_creations_a_batch_at_a_time() {
+    use ldapsync::model::Category;
+    use ldapsync::store::{self, Association, Commit, Store};
+
+    let postgres = Postgres::start();
+    let config = on(&postgres);
+    let created = |name: &str| Commit {
+        association: Some(Association {
+            connector: "example".into(),
+            object_id: 0,
+            entry_id: format!("entry-{name}"),
+            dn: format!("uid={name},ou=people,dc=example,dc=com"),
+            baseline: Default::default(),
+            synced_at: 0,
+            entry_gone: false,
+        }),
+        ..created_locally(name)
+    };
+    let mut pass = store::open(&config).unwrap();
+    let other = store::open(&config).unwrap();
+    let names: Vec<String> = (0..1200).map(|i| format!("user{i:04}")).collect();
+    let keys: Vec<(String, Option<String>)> = names.iter().map(|n| (format!("entry-{n}"), Some(n.clone()))).collect();
+
+    pass.begin_batch();
+    pass.look_ahead("example", Category::Account, &keys).unwrap();
+    let mut ids = Vec::new();
+    for name in &names[..600] {
+        ids.push(pass.commit(created(name)).unwrap().expect("an id"));
+    }
+    let seen = other.associations(Some("example")).unwrap().len();
+    assert!(
+        (500..600).contains(&seen),
+        "a batch is committed every 500 decisions: another session sees {seen} of 600"
+    );
+    for name in &names[600..] {
+        ids.push(pass.commit(created(name)).unwrap().expect("an id"));
+    }
+    pass.end_batch().unwrap();
+
+    let unique: std::collections::BTreeSet<i64> = ids.iter().copied().collect();
+    assert_eq!(unique.len(), names.len(), "every creation has an id of its own");
+    for (name, id) in names.iter().zip(&ids) {
+        let association = other.association_by_entry("example", &format!("entry-{name}")).unwrap();
+        assert_eq!(association.map(|a| a.object_id), Some(*id), "{name}'s association");
+    }
+    assert_eq!(postgres.sql("SELECT count(*) FROM objects"), "1200");
+    assert_eq!(
+        postgres.sql("SELECT count(*) FROM journal j JOIN objects o ON o.name = j.object"),
+        "1200",
+        "one journal line per creation"
+    );
+}
+
 /// The relay never waits for the store: with PostgreSQL restarted in the
 /// middle of a client's writes, every write succeeds, and afterwards the
 /// store catches up (captures applied, or a reconciliation).

@@ -11,7 +11,7 @@
 //! that thread a job and wait for the answer, as the SQLite store waits
 //! for its file. A lost connection is opened again by the next job.
 
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
 use std::time::Duration;
 
 use postgres::fallible_iterator::FallibleIterator;
@@ -176,7 +176,19 @@ type Job = Box<dyn FnOnce(&mut Session) + Send>;
 
 pub struct PostgresStore {
     jobs: mpsc::Sender<Job>,
-    target: std::sync::Arc<Target>,
+    target: Arc<Target>,
+    /// Shared with the connection thread: what the look-ahead knows is
+    /// answered here, without a round trip to that thread.
+    ahead: SharedAhead,
+}
+
+/// A full pass's look-ahead, inside its batch; only the connection thread
+/// changes it, and only while the store's caller waits for that thread.
+type SharedAhead = Arc<Mutex<Option<Ahead>>>;
+
+fn lock(ahead: &SharedAhead) -> MutexGuard<'_, Option<Ahead>> {
+    // A cache: what a panicking holder left is still what was read.
+    ahead.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The channel captures are announced on, so that the instance holding a
@@ -191,8 +203,7 @@ struct Session {
     /// trip, and a pass runs the same few statements for every entry.
     statements: HashMap<String, Statement>,
     batch: Option<Batch>,
-    /// A full pass's look-ahead, inside its batch.
-    ahead: Option<Ahead>,
+    ahead: SharedAhead,
     fence: Option<Fence>,
 }
 
@@ -289,7 +300,7 @@ impl Session {
     /// The connection, opened (again) if need be, with its statement cache.
     fn client(&mut self) -> Result<Db<'_>, StoreError> {
         // What a read may look for is sent first.
-        if self.ahead.as_ref().is_some_and(|a| !a.created.is_empty()) {
+        if lock(&self.ahead).as_ref().is_some_and(|a| !a.created.is_empty()) {
             self.flush()?;
         }
         if self.client.as_ref().is_none_or(Client::is_closed) {
@@ -408,10 +419,14 @@ impl Session {
         written
     }
 
-    /// Counts one more write in the batch, which commits when it is full.
+    /// Counts one more write in the batch (and the creations deferred
+    /// without a round trip), which commits when it is full.
     fn held_one(&mut self) -> Result<(), StoreError> {
+        let deferred = lock(&self.ahead)
+            .as_mut()
+            .map_or(0, |a| std::mem::take(&mut a.uncounted));
         let batch = self.batch.as_mut().expect("in a batch");
-        batch.held += 1;
+        batch.held += 1 + deferred;
         if batch.held >= BATCH_WRITES {
             self.commit_open()?;
         }
@@ -420,7 +435,7 @@ impl Session {
 
     /// Sends the creations the look-ahead deferred.
     fn flush(&mut self) -> Result<(), StoreError> {
-        let created = match &mut self.ahead {
+        let created = match &mut *lock(&self.ahead) {
             Some(ahead) if !ahead.created.is_empty() => std::mem::take(&mut ahead.created),
             _ => return Ok(()),
         };
@@ -431,7 +446,7 @@ impl Session {
             // One of them cannot be written: each on its own, so that the
             // decisions before it stand and its own error is the one told.
             Err(_) => {
-                if let Some(ahead) = &mut self.ahead {
+                if let Some(ahead) = &mut *lock(&self.ahead) {
                     ahead.forget_all();
                 }
                 for k in created {
@@ -455,8 +470,9 @@ impl Session {
         if let Some(client) = self.client.as_mut().filter(|c| !c.is_closed()) {
             let _ = client.batch_execute("ROLLBACK");
         }
-        if let Some(ahead) = &mut self.ahead {
+        if let Some(ahead) = &mut *lock(&self.ahead) {
             ahead.created.clear();
+            ahead.uncounted = 0;
             ahead.forget_all();
         }
         if let Some(batch) = &mut self.batch {
@@ -468,6 +484,9 @@ impl Session {
     fn commit_open(&mut self) -> Result<(), StoreError> {
         // What was decided before a creation that fails stands all the same.
         let flushed = self.flush();
+        if let Some(ahead) = &mut *lock(&self.ahead) {
+            ahead.uncounted = 0;
+        }
         let committed = match &mut self.batch {
             Some(batch) if batch.open => {
                 batch.open = false;
@@ -498,6 +517,8 @@ impl PostgresStore {
         let shown = target.shown.clone();
         let for_thread = target.clone();
         let (jobs, queue) = mpsc::channel::<Job>();
+        let ahead = SharedAhead::default();
+        let for_thread_ahead = ahead.clone();
         std::thread::Builder::new()
             .name("postgres-store".into())
             .spawn(move || {
@@ -506,7 +527,7 @@ impl PostgresStore {
                     client: None,
                     statements: HashMap::new(),
                     batch: None,
-                    ahead: None,
+                    ahead: for_thread_ahead,
                     fence: None,
                 };
                 // Ends when the store is dropped.
@@ -525,7 +546,8 @@ impl PostgresStore {
             })?;
         Ok(PostgresStore {
             jobs,
-            target: std::sync::Arc::new(target),
+            target: Arc::new(target),
+            ahead,
         })
     }
 
@@ -548,7 +570,7 @@ impl PostgresStore {
                     client: None,
                     statements: HashMap::new(),
                     batch: None,
-                    ahead: None,
+                    ahead: SharedAhead::default(),
                     fence: None,
                 };
                 loop {
@@ -612,7 +634,7 @@ impl PostgresStore {
     ) -> Result<T, StoreError> {
         // Not a commit: the look-ahead cannot tell what it changed.
         self.call(move |s| {
-            if let Some(ahead) = &mut s.ahead {
+            if let Some(ahead) = &mut *lock(&s.ahead) {
                 ahead.forget_all();
             }
             s.write(f)
@@ -945,11 +967,11 @@ fn write_commit(c: &mut Db<'_>, commit: &Commit, id: Option<i64>) -> Result<Opti
 
 impl Store for PostgresStore {
     fn object(&self, category: Category, name: &str) -> Result<Option<LocalObject>, StoreError> {
+        if let Some(known) = lock(&self.ahead).as_ref().and_then(|a| a.object(category, name)) {
+            return Ok(known);
+        }
         let name = name.to_owned();
         self.call(move |s| {
-            if let Some(known) = s.ahead.as_ref().and_then(|a| a.object(category, &name)) {
-                return Ok(known);
-            }
             let row = s
                 .client()?
                 .query_opt(
@@ -962,10 +984,10 @@ impl Store for PostgresStore {
     }
 
     fn object_by_id(&self, id: i64) -> Result<Option<LocalObject>, StoreError> {
+        if let Some(known) = lock(&self.ahead).as_ref().and_then(|a| a.object_by_id(id)) {
+            return Ok(known);
+        }
         self.call(move |s| {
-            if let Some(known) = s.ahead.as_ref().and_then(|a| a.object_by_id(id)) {
-                return Ok(known);
-            }
             let row = s
                 .client()?
                 .query_opt(&format!("SELECT {OBJECT_COLUMNS} FROM objects o WHERE id = $1"), &[&id])
@@ -1012,15 +1034,14 @@ impl Store for PostgresStore {
     }
 
     fn association_by_entry(&self, connector: &str, entry_id: &str) -> Result<Option<Association>, StoreError> {
+        if let Some(known) = lock(&self.ahead)
+            .as_ref()
+            .and_then(|a| a.association_by_entry(connector, entry_id))
+        {
+            return Ok(known);
+        }
         let (connector, entry_id) = (connector.to_owned(), entry_id.to_owned());
         self.call(move |s| {
-            if let Some(known) = s
-                .ahead
-                .as_ref()
-                .and_then(|a| a.association_by_entry(&connector, &entry_id))
-            {
-                return Ok(known);
-            }
             let row = s
                 .client()?
                 .query_opt(
@@ -1061,10 +1082,13 @@ impl Store for PostgresStore {
     }
 
     fn association_of_object(&self, object_id: i64) -> Result<Option<Association>, StoreError> {
+        if let Some(known) = lock(&self.ahead)
+            .as_ref()
+            .and_then(|a| a.association_of_object(object_id))
+        {
+            return Ok(known);
+        }
         self.call(move |s| {
-            if let Some(known) = s.ahead.as_ref().and_then(|a| a.association_of_object(object_id)) {
-                return Ok(known);
-            }
             let row = s
                 .client()?
                 .query_opt(
@@ -1106,11 +1130,20 @@ impl Store for PostgresStore {
     }
 
     fn commit(&mut self, commit: Commit) -> Result<Option<i64>, StoreError> {
+        let commit = match lock(&self.ahead).as_mut() {
+            Some(ahead) => match ahead.defer_here(commit) {
+                Ok(id) => return Ok(Some(id)),
+                Err(commit) => commit,
+            },
+            None => commit,
+        };
         self.call(move |s| {
-            let commit = match s.ahead.take() {
+            // Out of the lock while the connection is used: flushing takes it.
+            let taken = lock(&s.ahead).take();
+            let commit = match taken {
                 Some(mut ahead) if s.batch.is_some() => {
                     let deferred = s.client().and_then(|mut c| ahead.defer(&mut c, commit));
-                    s.ahead = Some(ahead);
+                    *lock(&s.ahead) = Some(ahead);
                     match deferred? {
                         Ok(id) => {
                             s.held_one()?;
@@ -1120,11 +1153,11 @@ impl Store for PostgresStore {
                     }
                 }
                 ahead => {
-                    s.ahead = ahead;
+                    *lock(&s.ahead) = ahead;
                     commit
                 }
             };
-            if let Some(ahead) = &mut s.ahead {
+            if let Some(ahead) = &mut *lock(&s.ahead) {
                 let ids: Vec<i64> = [
                     commit.object.as_ref().map(|o| o.id),
                     commit.delete_object,
@@ -1488,8 +1521,9 @@ impl Store for PostgresStore {
                 return Ok(());
             }
             s.flush()?;
-            let before = s.ahead.take();
-            s.ahead = Some(Ahead::read(&mut s.client()?, &connector, category, &entries, before)?);
+            let before = lock(&s.ahead).take();
+            let ahead = Ahead::read(&mut s.client()?, &connector, category, &entries, before)?;
+            *lock(&s.ahead) = Some(ahead);
             Ok(())
         })
     }
@@ -1502,7 +1536,7 @@ impl Store for PostgresStore {
         self.call(|s| {
             let committed = s.commit_open();
             s.batch = None;
-            s.ahead = None;
+            *lock(&s.ahead) = None;
             committed
         })
     }

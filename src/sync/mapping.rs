@@ -271,12 +271,16 @@ impl MemberIndex {
 
     pub(super) fn build<S: Store>(store: &S, connector: &ConnectorConfig) -> Result<MemberIndex, StoreError> {
         let mut index = MemberIndex::empty(connector);
+        // Two reads, not one per association: a store may be a round trip away.
+        let mut accounts: HashMap<i64, String> = store
+            .objects(Category::Account)?
+            .into_iter()
+            .map(|o| (o.id, o.name))
+            .collect();
         for a in store.associations(Some(&connector.name))? {
-            if let Some(object) = store.object_by_id(a.object_id)?
-                && object.category == Category::Account
-            {
-                index.by_dn.insert(crate::dn::key(&a.dn), object.name.clone());
-                index.by_name.insert(object.name, a.dn);
+            if let Some(name) = accounts.remove(&a.object_id) {
+                index.by_dn.insert(crate::dn::key(&a.dn), name.clone());
+                index.by_name.insert(name, a.dn);
             }
         }
         Ok(index)

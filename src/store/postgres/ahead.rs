@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 
-use super::{ASSOCIATION_COLUMNS, Db, OBJECT_COLUMNS, association_from, error, object_from, to_json};
+use super::{ASSOCIATION_COLUMNS, BATCH_WRITES, Db, OBJECT_COLUMNS, association_from, error, object_from, to_json};
 use crate::model::Category;
 use crate::store::{Association, Commit, LocalObject, StoreError};
 
@@ -33,6 +33,10 @@ pub(super) struct Ahead {
     /// `association_of_object`: any connector's association of the object.
     of_object: HashMap<i64, Option<Association>>,
     pub created: Vec<Created>,
+    /// Creations deferred by the caller's thread that the batch has not
+    /// counted yet: at most a batch's worth, then the connection thread
+    /// counts them (and commits).
+    pub uncounted: usize,
     /// Object ids taken from the sequence and not used yet, last first.
     ids: Vec<i64>,
 }
@@ -48,7 +52,6 @@ impl Ahead {
         before: Option<Ahead>,
     ) -> Result<Ahead, StoreError> {
         let entry_ids: Vec<&str> = entries.iter().map(|(id, _)| id.as_str()).collect();
-        let names: Vec<&str> = entries.iter().filter_map(|(_, name)| name.as_deref()).collect();
         let mut by_entry: HashMap<String, Option<Association>> =
             entry_ids.iter().map(|id| (id.to_string(), None)).collect();
         let rows = c
@@ -62,16 +65,25 @@ impl Ahead {
             by_entry.insert(a.entry_id.clone(), Some(a));
         }
         let associated: Vec<i64> = by_entry.values().flatten().map(|a| a.object_id).collect();
+        // A name matters only to an entry not associated yet (a first sync).
+        let names: Vec<&str> = entries
+            .iter()
+            .filter(|(id, _)| matches!(by_entry.get(id), Some(None)))
+            .filter_map(|(_, name)| name.as_deref())
+            .collect();
         let mut by_id: HashMap<i64, Option<LocalObject>> = associated.iter().map(|id| (*id, None)).collect();
         let mut by_name: HashMap<String, Option<LocalObject>> =
             names.iter().map(|name| (name.to_string(), None)).collect();
         // Two statements, not one with OR: each keeps to its index.
-        let mut rows = c
-            .query_planned(
+        let mut rows = if names.is_empty() {
+            Vec::new()
+        } else {
+            c.query_planned(
                 &format!("SELECT {OBJECT_COLUMNS} FROM objects o WHERE category = $1 AND name = ANY($2)"),
                 &[&category.as_str(), &names],
             )
-            .map_err(error)?;
+            .map_err(error)?
+        };
         if !associated.is_empty() {
             rows.extend(
                 c.query_planned(
@@ -114,6 +126,7 @@ impl Ahead {
             by_id,
             of_object,
             created: Vec::new(),
+            uncounted: 0,
             ids: before.map(|b| b.ids).unwrap_or_default(),
         })
     }
@@ -139,16 +152,7 @@ impl Ahead {
     /// association, that the look-ahead knows does not exist yet; returns
     /// the new object's id. Anything else is written at once.
     pub fn defer(&mut self, c: &mut Db<'_>, commit: Commit) -> Result<Result<i64, Commit>, StoreError> {
-        let deferrable = commit.delete_object.is_none()
-            && commit.object.as_ref().is_some_and(|o| {
-                o.id == 0 && o.category == self.category && matches!(self.by_name.get(&o.name), Some(None))
-            })
-            && commit.association.as_ref().is_some_and(|a| {
-                a.object_id == 0
-                    && a.connector == self.connector
-                    && matches!(self.by_entry.get(&a.entry_id), Some(None))
-            });
-        if !deferrable {
+        if !self.deferrable(&commit) {
             return Ok(Err(commit));
         }
         if self.ids.is_empty() {
@@ -160,7 +164,36 @@ impl Ahead {
                 .map_err(error)?;
             self.ids = rows.iter().rev().map(|r| r.get(0)).collect();
         }
-        let id = self.ids.pop().expect("a block was taken above");
+        Ok(Ok(self.enter(commit)))
+    }
+
+    /// `defer` on the caller's thread: only while ids are left and the
+    /// batch need not be counted, which takes the connection thread.
+    pub fn defer_here(&mut self, commit: Commit) -> Result<i64, Commit> {
+        if self.ids.is_empty() || self.uncounted >= BATCH_WRITES || !self.deferrable(&commit) {
+            return Err(commit);
+        }
+        self.uncounted += 1;
+        Ok(self.enter(commit))
+    }
+
+    /// A creation, with its association, of what the look-ahead knows
+    /// does not exist yet.
+    fn deferrable(&self, commit: &Commit) -> bool {
+        commit.delete_object.is_none()
+            && commit.object.as_ref().is_some_and(|o| {
+                o.id == 0 && o.category == self.category && matches!(self.by_name.get(&o.name), Some(None))
+            })
+            && commit.association.as_ref().is_some_and(|a| {
+                a.object_id == 0
+                    && a.connector == self.connector
+                    && matches!(self.by_entry.get(&a.entry_id), Some(None))
+            })
+    }
+
+    /// Enters a deferrable creation under the next id; returns the id.
+    fn enter(&mut self, commit: Commit) -> i64 {
+        let id = self.ids.pop().expect("ids are left");
         let mut object = commit.object.clone().expect("checked above");
         object.id = id;
         let mut association = commit.association.clone().expect("checked above");
@@ -171,7 +204,7 @@ impl Ahead {
             .insert(association.entry_id.clone(), Some(association.clone()));
         self.of_object.insert(id, Some(association));
         self.created.push(Created { id, commit });
-        Ok(Ok(id))
+        id
     }
 
     /// Forgets what a write changed: objects by id and name, associations
