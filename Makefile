@@ -1,16 +1,20 @@
-# ldapsync: `make run` starts the demo, `make test` runs every test.
-# Each target installs what it needs first (`make deps`, idempotent).
+# ldapsync: `make run` starts the demo, `make test` runs every test,
+# `make deb` builds the Debian package. Each target installs what it needs
+# first, and only that (idempotent).
 
 SHELL := /bin/bash
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# libldap2-dev and libsasl2-dev: python-ldap (protocol-tests/python) builds from source.
-APT_PACKAGES := slapd ldap-utils libldap2-dev libsasl2-dev postgresql
+# The demo: a directory, its tools and the Rust build.
+RUN_PACKAGES := slapd ldap-utils
+# The tests add PostgreSQL, man (the man pages must render), and
+# libldap2-dev and libsasl2-dev, from which python-ldap builds.
+TEST_PACKAGES := $(RUN_PACKAGES) libldap2-dev libsasl2-dev postgresql man-db
 # The Python LDAP clients the protocol tests drive, in a project-local venv.
 VENV := .venv
 PY_REQUIREMENTS := protocol-tests/python/requirements.txt
 
-.PHONY: deps run run-cluster test fuzz lint clean bench bench-smoke bench-deps
+.PHONY: deps deps-run run run-cluster test fuzz lint clean bench bench-smoke bench-deps deb deb-deps test-deb
 
 # Installs the Debian packages in $(1) that are missing, and only those.
 define apt_install
@@ -28,11 +32,15 @@ endef
 # Seconds per fuzz target in `make test`; `make fuzz FUZZ_SECONDS=3600` for a long run.
 FUZZ_SECONDS ?= 10
 
-# Debian packages, cargo, then the Python venv. The venv keeps a copy of the
-# requirements it was installed from: when that copy matches, pip is not run.
-deps:
-	@$(call apt_install,$(APT_PACKAGES))
-	@command -v $(CARGO) >/dev/null || { echo "make deps: cargo (the Rust toolchain) is required" >&2; exit 1; }
+deps-run:
+	@$(call apt_install,$(RUN_PACKAGES))
+	@command -v $(CARGO) >/dev/null || { echo "make: cargo (the Rust toolchain) is required" >&2; exit 1; }
+
+# The tests' Debian packages, cargo-fuzz, then the Python venv. The venv
+# keeps a copy of the requirements it was installed from: when that copy
+# matches, pip is not run.
+deps: deps-run
+	@$(call apt_install,$(TEST_PACKAGES))
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install -q cargo-fuzz --locked
 	@if [ ! -x $(VENV)/bin/python ] || ! cmp -s $(PY_REQUIREMENTS) $(VENV)/requirements.installed; then \
 	  echo "make deps: installing $(PY_REQUIREMENTS) into $(VENV)"; \
@@ -41,12 +49,13 @@ deps:
 	  cp $(PY_REQUIREMENTS) $(VENV)/requirements.installed; \
 	fi
 
-run: deps
+run: deps-run
 	$(CARGO) build --release --bin ldapsync
 	fixtures/run-demo.sh target/release/ldapsync
 
 # Two instances on one PostgreSQL store (docs/high-availability.md).
-run-cluster: deps
+run-cluster: deps-run
+	@$(call apt_install,postgresql)
 	$(CARGO) build --release --bin ldapsync
 	fixtures/run-cluster.sh target/release/ldapsync
 
@@ -85,6 +94,33 @@ bench-smoke: bench-deps
 
 bench-deps: deps
 	@$(call apt_install,389-ds-base haproxy time iproute2)
+
+# The Debian package (docs/operations.md, "Install"): the release binary,
+# its man pages and completions generated from the CLI definition,
+# ldapsync.toml(5) from the configuration reference, then cargo-deb.
+DEB_ASSETS := target/deb-assets
+deb-deps: deps-run
+	@$(call apt_install,lowdown)
+	@command -v cargo-deb >/dev/null || $(CARGO) install -q cargo-deb --locked
+
+deb: deb-deps
+	$(CARGO) build --release --bin ldapsync
+	rm -rf $(DEB_ASSETS) target/debian && mkdir -p $(DEB_ASSETS)/man $(DEB_ASSETS)/completions
+	target/release/ldapsync man-pages $(DEB_ASSETS)/man
+	{ printf '# NAME\n\nldapsync.toml \\- the configuration file of ldapsync\n\n# DESCRIPTION\n\n'; \
+	  tail -n +2 docs/configuration.md; } | \
+	  lowdown -s -Tman -M title=ldapsync.toml -M section=5 -M source=ldapsync >$(DEB_ASSETS)/man/ldapsync.toml.5
+	gzip -9n $(DEB_ASSETS)/man/*
+	for shell in bash fish; do target/release/ldapsync completions $$shell >$(DEB_ASSETS)/completions/ldapsync.$$shell; done
+	target/release/ldapsync completions zsh >$(DEB_ASSETS)/completions/_ldapsync
+	$(CARGO) deb --no-build --output target/debian/
+	@ls target/debian/*.deb
+
+# Installs the package on this machine, checks it, then purges it (root;
+# CI runs it).
+test-deb: deb
+	@$(call apt_install,lintian man-db)
+	tests/deb.sh target/debian/ldapsync_*.deb
 
 lint:
 	$(CARGO) fmt --all --check

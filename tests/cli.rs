@@ -579,8 +579,11 @@ fn sighup_reloads_the_log_level_from_the_config_file() {
 #[test]
 fn the_systemd_unit_verifies() {
     let dir = tempfile::tempdir().unwrap();
-    let unit = std::fs::read_to_string(ldapsync_fixtures::fixtures_dir().join("ldapsync.service")).unwrap();
-    let unit = unit.replace("/usr/local/bin/ldapsync", env!("CARGO_BIN_EXE_ldapsync"));
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/debian/ldapsync.service")).unwrap();
+    let unit = unit.replace("/usr/bin/ldapsync", env!("CARGO_BIN_EXE_ldapsync"));
+    // The man pages it names are installed by the package only; tests/deb.sh
+    // verifies the installed unit with them.
+    let unit = unit.replace("man:ldapsync(1) man:ldapsync.toml(5) ", "");
     let path = dir.path().join("ldapsync.service");
     std::fs::write(&path, unit).unwrap();
     let out = Command::new("systemd-analyze")
@@ -817,4 +820,96 @@ fn check_config_runs_the_checks_serve_runs_at_start_and_serve_refuses_an_unusabl
             "{name}: serve says {err:?}, should mention {needle:?}"
         );
     }
+}
+
+/// What a packager and a bug report rely on: the version names the commit
+/// it was built from.
+#[test]
+fn the_version_names_the_commit_it_was_built_from() {
+    let out = ldapsync().arg("--version").output().unwrap();
+    let version = String::from_utf8(out.stdout).unwrap();
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let head = String::from_utf8(head.stdout).unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        version.trim(),
+        format!("ldapsync {} ({})", env!("CARGO_PKG_VERSION"), head.trim())
+    );
+}
+
+/// Every shell's completion script is generated from the CLI definition
+/// and parses in bash; it knows the subcommands and their flags.
+#[test]
+fn completion_scripts_are_generated_for_each_shell() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = ldapsync().args(["completions", shell]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{shell}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let script = String::from_utf8(out.stdout).unwrap();
+        for word in ["check-config", "association", "connector"] {
+            assert!(script.contains(word), "the {shell} script knows {word}");
+        }
+    }
+    let bash = ldapsync().args(["completions", "bash"]).output().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("ldapsync.bash");
+    std::fs::write(&script, bash.stdout).unwrap();
+    // Sourced, it registers a completion for ldapsync.
+    let registered = Command::new("bash")
+        .arg("-c")
+        .arg(format!("source {} && complete -p ldapsync", script.display()))
+        .output()
+        .unwrap();
+    assert!(
+        registered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&registered.stderr)
+    );
+    let bad = ldapsync().args(["completions", "tcsh"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2), "an unknown shell is a usage error");
+}
+
+/// One man page per command and subcommand, each rendering with man(1)
+/// and saying what `--help` says.
+#[test]
+fn man_pages_are_written_for_every_subcommand_and_render() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ldapsync().arg("man-pages").arg(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut pages: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    pages.sort();
+    for page in [
+        "ldapsync.1",
+        "ldapsync-serve.1",
+        "ldapsync-account-add.1",
+        "ldapsync-store-copy.1",
+    ] {
+        assert!(pages.contains(&page.to_string()), "{page} among {pages:?}");
+    }
+    assert!(
+        !pages.iter().any(|p| p.contains("help")),
+        "no pages for clap's help: {pages:?}"
+    );
+    let serve = Command::new("man")
+        .arg("-l")
+        .arg(dir.path().join("ldapsync-serve.1"))
+        .env("MANWIDTH", "200")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&serve.stdout);
+    assert!(serve.status.success());
+    assert!(
+        text.contains("--upstream") && text.contains("Relay LDAP clients"),
+        "{text}"
+    );
 }

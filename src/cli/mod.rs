@@ -3,6 +3,7 @@
 
 mod admin;
 mod check;
+mod generate;
 mod output;
 mod status;
 
@@ -24,10 +25,13 @@ use crate::tls::ServerTls;
 use crate::worker;
 use tokio_util::task::TaskTracker;
 
+/// The version and the commit it was built from (build.rs).
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("LDAPSYNC_COMMIT"), ")");
+
 #[derive(Debug, Parser)]
 #[command(
     name = "ldapsync",
-    version,
+    version = VERSION,
     about = "LDAP proxy with a synchronization core",
     after_help = "Exit codes: 0 done; 1 failed; 2 bad usage; 3 done, but it needs an operator \
                   (a pass left disputes or held deletes, a connector is degraded); 4 no instance \
@@ -88,6 +92,15 @@ enum Command {
         /// The file to check (default: --config, then ./ldapsync.toml).
         file: Option<PathBuf>,
     },
+    /// Print the shell completion script for SHELL, e.g.
+    /// `ldapsync completions bash > /etc/bash_completion.d/ldapsync`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (ldapsync.1 and one per subcommand) into DIR.
+    #[command(hide = true)]
+    ManPages { dir: PathBuf },
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -215,6 +228,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { quiet } => status::status(&admin_config()?, cli.json, quiet),
         Command::Journal(args) => admin::journal(&admin_config()?, args, cli.json),
         Command::Store(command) => admin::store_command(&admin_config()?, command, cli.json),
+        Command::Completions { shell } => generate::completions(shell),
+        Command::ManPages { ref dir } => generate::man_pages(dir),
     }
 }
 
