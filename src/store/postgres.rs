@@ -1130,13 +1130,9 @@ impl Store for PostgresStore {
     }
 
     fn commit(&mut self, commit: Commit) -> Result<Option<i64>, StoreError> {
-        let commit = match lock(&self.ahead).as_mut() {
-            Some(ahead) => match ahead.defer_here(commit) {
-                Ok(id) => return Ok(Some(id)),
-                Err(commit) => commit,
-            },
-            None => commit,
-        };
+        if let Some(ahead) = lock(&self.ahead).as_mut().filter(|a| a.defers_here(&commit)) {
+            return Ok(Some(ahead.defer_here(commit)));
+        }
         self.call(move |s| {
             // Out of the lock while the connection is used: flushing takes it.
             let taken = lock(&s.ahead).take();

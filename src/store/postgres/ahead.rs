@@ -167,14 +167,17 @@ impl Ahead {
         Ok(Ok(self.enter(commit)))
     }
 
-    /// `defer` on the caller's thread: only while ids are left and the
-    /// batch need not be counted, which takes the connection thread.
-    pub fn defer_here(&mut self, commit: Commit) -> Result<i64, Commit> {
-        if self.ids.is_empty() || self.uncounted >= BATCH_WRITES || !self.deferrable(&commit) {
-            return Err(commit);
-        }
+    /// Whether `defer_here` takes `commit`: a creation `defer` would take,
+    /// while ids are left and the batch need not be counted (both take the
+    /// connection thread).
+    pub fn defers_here(&self, commit: &Commit) -> bool {
+        !self.ids.is_empty() && self.uncounted < BATCH_WRITES && self.deferrable(commit)
+    }
+
+    /// `defer` on the caller's thread, of a commit `defers_here` took.
+    pub fn defer_here(&mut self, commit: Commit) -> i64 {
         self.uncounted += 1;
-        Ok(self.enter(commit))
+        self.enter(commit)
     }
 
     /// A creation, with its association, of what the look-ahead knows
