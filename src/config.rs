@@ -760,9 +760,29 @@ pub struct ProxyConfig {
     /// Bytes of partly received requests all sessions may hold together;
     /// a session that would go over it is closed.
     pub max_request_buffer: usize,
+    /// What a client sees when its directory connection cannot be opened
+    /// or is lost.
+    pub on_directory_loss: DirectoryLoss,
     /// Conformance mode's report file (from `[conformance]` or the flag).
     #[serde(skip)]
     pub conformance_report: Option<PathBuf>,
+}
+
+/// What a session does when its directory connection cannot be opened or
+/// is lost (`proxy.on_directory_loss`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DirectoryLoss {
+    /// The client's connection closes without an answer, as the
+    /// directory's own would: libldap reports "can't contact LDAP server"
+    /// (SERVER_DOWN), which is what client libraries' failover and
+    /// reconnect logic acts on.
+    #[default]
+    Close,
+    /// The client is told first: an operation that finds no directory is
+    /// answered `unavailable` (52) and the session stays open; a lost
+    /// directory connection ends with a Notice of Disconnection.
+    Notice,
 }
 
 /// `[conformance]`: check every PDU against RFC 4511 and report violations.
@@ -883,6 +903,7 @@ impl Default for ProxyConfig {
             max_upstream_pdu: 16 * 1024 * 1024,
             request_read_timeout: Duration::from_secs(30),
             max_request_buffer: 64 * 1024 * 1024,
+            on_directory_loss: DirectoryLoss::default(),
             conformance_report: None,
         }
     }

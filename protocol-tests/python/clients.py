@@ -725,8 +725,27 @@ def starttls(url, ca_file, untrusted_ca_file):
     return out
 
 
+def pyldap_reconnect(url):
+    """python-ldap's ReconnectLDAPObject, started while the directory is
+    down (the test brings it back a moment later). It retries only on
+    SERVER_DOWN (and TIMEOUT): a directory it cannot contact, never one
+    that answers "unavailable"."""
+    from ldap.ldapobject import ReconnectLDAPObject
+
+    conn = ReconnectLDAPObject(url, retry_max=60, retry_delay=0.25)
+    conn.protocol_version = ldap.VERSION3
+    conn.set_option(ldap.OPT_NETWORK_TIMEOUT, TIMEOUT)
+    conn.set_option(ldap.OPT_TIMEOUT, TIMEOUT)
+    return {
+        "bind": pyldap_do(lambda: conn.simple_bind_s(ADMIN, ADMIN_PW)),
+        "search": pyldap_do(lambda: conn.search_s(BASE, ldap.SCOPE_BASE, "(objectClass=*)", ["dc"])),
+        "whoami": pyldap_do(conn.whoami_s),
+    }
+
+
 SCENARIOS = {
     "python-ldap": pyldap,
+    "reconnect": pyldap_reconnect,
     "ldap3": ldap3_operations,
     "ldap3-async": ldap3_async,
     "syncrepl": syncrepl,

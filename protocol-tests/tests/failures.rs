@@ -1,10 +1,12 @@
 //! What clients get when things go wrong: an unreachable or dying directory,
 //! malformed and oversized PDUs, limits, StartTLS without TLS, shutdown.
 
+use std::process::Command;
 use std::time::Duration;
 
 use ldap3::exop::WhoAmI;
 use ldap3::{LdapConnAsync, Scope};
+use ldapsync::config::DirectoryLoss;
 use ldapsync::proxy::message::STARTTLS_OID;
 use protocol_tests::{
     BASE_DN, ProxyHandle, RawConn, Received, Slapd, answers_root_dse, decode, expect_notice_of_disconnection,
@@ -24,9 +26,51 @@ async fn connect(url: &str) -> ldap3::Ldap {
     ldap
 }
 
+/// By default a session that cannot reach the directory ends as a session
+/// with the directory itself would: closed, no answer, no hang.
 #[tokio::test]
-async fn unreachable_directory_gets_unavailable_not_a_hang() {
+async fn an_unreachable_directory_closes_the_session_as_the_directory_would() {
     let proxy = ProxyHandle::start(&[dead_url(), dead_url()]);
+    let mut conn = RawConn::connect(proxy.addr()).await;
+    conn.send(&root_dse_search(1)).await;
+    assert_eq!(conn.receive(Duration::from_secs(10)).await, Received::Closed);
+}
+
+/// ldap-utils report an unreachable directory through ldapsync as
+/// directly: "Can't contact LDAP server (-1)", SERVER_DOWN, the error
+/// failover scripts and libraries act on. One difference remains: directly
+/// the TCP connect is refused, so libldap fails at the bind (exit 255);
+/// through ldapsync the connect succeeds and the connection closes after
+/// the bind is sent, so it fails waiting for the result (exit 254).
+#[test]
+fn ldap_utils_see_an_unreachable_directory_through_ldapsync_as_directly() {
+    let dead = dead_url();
+    let proxy = ProxyHandle::start(&[dead.clone()]);
+    let whoami = |url: &str| {
+        let out = Command::new("ldapwhoami")
+            .args(["-x", "-H", url, "-o", "nettimeout=10"])
+            .output()
+            .expect("running ldapwhoami");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        // "ldap_sasl_bind(SIMPLE): Can't contact …" → "Can't contact …"
+        let error = stderr
+            .split_once(": ")
+            .map(|(_, e)| e.trim().to_owned())
+            .unwrap_or(stderr);
+        (out.status.success(), error)
+    };
+    let direct = whoami(&dead);
+    assert_eq!(direct, (false, "Can't contact LDAP server (-1)".to_owned()));
+    assert_eq!(whoami(&proxy.url()), direct);
+}
+
+/// `on_directory_loss = "notice"`: the client is told instead, and the
+/// session stays open for the next try.
+#[tokio::test]
+async fn with_notice_an_unreachable_directory_answers_unavailable() {
+    let proxy = ProxyHandle::start_with(&[dead_url(), dead_url()], |c| {
+        c.on_directory_loss = DirectoryLoss::Notice;
+    });
     let mut ldap = connect(&proxy.url()).await;
     ldap.with_timeout(Duration::from_secs(10));
     let bind = ldap.simple_bind("cn=admin,dc=example,dc=com", "secret").await.unwrap();
@@ -58,10 +102,35 @@ async fn next_directory_url_is_tried_when_the_first_is_down() {
     assert_eq!((r.0.len(), r.1.rc), (1, 0));
 }
 
+/// By default the client sees what it would see directly when the
+/// directory dies: its connection closes, with no notice of ldapsync's.
 #[tokio::test]
-async fn directory_killed_mid_session_disconnects_client_and_proxy_recovers() {
+async fn directory_killed_mid_session_closes_the_client_connection_and_proxy_recovers() {
     let mut slapd = Slapd::start();
     let proxy = ProxyHandle::start(&[slapd.url()]);
+    let mut conn = RawConn::connect(proxy.addr()).await;
+    conn.send(&root_dse_search(1)).await;
+    assert!(matches!(conn.receive(Duration::from_secs(5)).await, Received::Pdu(_)));
+    slapd.kill();
+    loop {
+        // The search's remaining PDUs may still be in flight.
+        match conn.receive(Duration::from_secs(10)).await {
+            Received::Pdu(pdu) => assert_ne!(decode(&pdu).message_id, 0, "no Notice of Disconnection"),
+            Received::Closed => break,
+            Received::Silent => panic!("the client connection stays open after the directory died"),
+        }
+    }
+    slapd.restart();
+    assert!(
+        answers_root_dse(proxy.addr()).await,
+        "new sessions are served once the directory is back"
+    );
+}
+
+#[tokio::test]
+async fn with_notice_a_directory_killed_mid_session_is_announced_to_the_client() {
+    let mut slapd = Slapd::start();
+    let proxy = ProxyHandle::start_with(&[slapd.url()], |c| c.on_directory_loss = DirectoryLoss::Notice);
     let mut conn = RawConn::connect(proxy.addr()).await;
     conn.send(&root_dse_search(1)).await;
     assert!(matches!(conn.receive(Duration::from_secs(5)).await, Received::Pdu(_)));

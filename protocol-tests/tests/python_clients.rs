@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ldapsync::config::{Listener, ServerTlsConfig};
+use ldapsync::config::{DirectoryLoss, Listener, ServerTlsConfig};
 use ldapsync::proxy::WriteKind;
 use ldapsync_fixtures::{Pki, Slapd};
 use protocol_tests::{Pair, ProxyHandle, person};
@@ -138,6 +138,43 @@ fn assert_captured(pair: &Pair, expected: &[(WriteKind, &str)]) {
         expected,
         "exactly the successful writes reach the capture sink"
     );
+}
+
+/// Runs the `reconnect` scenario against `url` while `slapd` is down,
+/// bringing it back after a second and a half.
+fn reconnect_while_down(slapd: &mut Slapd, url: &str) -> Value {
+    slapd.kill();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(1500));
+            slapd.restart();
+        });
+        run("reconnect", url, &[])
+    })
+}
+
+/// python-ldap's ReconnectLDAPObject, started while the directory is down,
+/// binds and searches once it is back, through ldapsync as directly: by
+/// default ldapsync closes a session it cannot connect to the directory,
+/// which libldap reports as SERVER_DOWN, the error failover logic retries.
+/// With `on_directory_loss = "notice"` the same client gives up at once
+/// (UNAVAILABLE is not retried): why it is not the default.
+#[test]
+fn python_ldap_reconnect_rides_out_a_directory_restart_as_it_does_directly() {
+    let mut pair = Pair::start();
+    let (direct_url, proxy_url) = pair.urls();
+    let direct = reconnect_while_down(&mut pair.direct, &direct_url);
+    let proxied = reconnect_while_down(&mut pair.behind_proxy, &proxy_url);
+    assert_eq!(direct, proxied, "{}", differences(&direct, &proxied));
+    assert_eq!(proxied["bind"]["result"], 0, "{proxied}");
+    assert_eq!(proxied["whoami"]["value"], "dn:cn=admin,dc=example,dc=com");
+    assert_eq!(dns(&proxied["search"]["entries"]), ["dc=example,dc=com"]);
+
+    let noticing = ProxyHandle::start_with(&[pair.behind_proxy.url()], |c| {
+        c.on_directory_loss = DirectoryLoss::Notice;
+    });
+    let told = reconnect_while_down(&mut pair.behind_proxy, &noticing.url());
+    assert_eq!(told["bind"]["error"], "UNAVAILABLE", "{told}");
 }
 
 #[test]

@@ -38,7 +38,7 @@ use super::conformance::Checker;
 use super::message::{self, Envelope, Op, STARTTLS_OID};
 use super::upstream;
 use super::{Io, Settings, Shared};
-use crate::config::Listener;
+use crate::config::{DirectoryLoss, Listener};
 use crate::metrics::{METRICS, OpLabel, OperationLabels};
 
 type Stream = Box<dyn Io>;
@@ -520,8 +520,11 @@ impl Session {
                     }
                 }
                 Err(e) => {
-                    warn!(error = %e, op = env.op.name(), "request refused: directory unavailable");
                     let diagnostic = format!("ldapsync: {e}");
+                    if self.settings.config.on_directory_loss == DirectoryLoss::Close {
+                        return Some(End::UpstreamLost(diagnostic));
+                    }
+                    warn!(error = %e, op = env.op.name(), "request refused: directory unavailable");
                     return match message::error_response(&env, ResultCode::Unavailable, &diagnostic) {
                         Some(pdu) => self.reply(pdu).await,
                         None => Some(End::UpstreamLost(diagnostic)),
@@ -762,8 +765,9 @@ impl Session {
                 Some((ResultCode::ProtocolError, reason.clone()))
             }
             End::UpstreamLost(reason) => {
-                warn!(%reason, "directory connection lost; disconnecting client");
-                Some((ResultCode::Unavailable, format!("ldapsync: {reason}")))
+                warn!(%reason, "no directory connection; disconnecting client");
+                (self.settings.config.on_directory_loss == DirectoryLoss::Notice)
+                    .then(|| (ResultCode::Unavailable, format!("ldapsync: {reason}")))
             }
             End::Idle => Some((ResultCode::Unavailable, "ldapsync: idle timeout".to_owned())),
             End::SlowRequest(timeout) => Some((
