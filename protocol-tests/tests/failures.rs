@@ -45,7 +45,7 @@ async fn an_unreachable_directory_closes_the_session_as_the_directory_would() {
 #[test]
 fn ldap_utils_see_an_unreachable_directory_through_ldapsync_as_directly() {
     let dead = dead_url();
-    let proxy = ProxyHandle::start(&[dead.clone()]);
+    let proxy = ProxyHandle::start(std::slice::from_ref(&dead));
     let whoami = |url: &str| {
         let out = Command::new("ldapwhoami")
             .args(["-x", "-H", url, "-o", "nettimeout=10"])
