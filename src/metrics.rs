@@ -74,6 +74,7 @@ pub struct Metrics {
     pub bytes_to_client: Counter,
     pub upstream_connect_failures: Family<UrlLabel, Counter>,
     pub upstream_failovers: Counter,
+    pub upstream_up: Family<UrlLabel, Gauge>,
     pub captures: Family<OutcomeLabel, Counter>,
     pub poll_seconds: Family<PollLabels, Histogram>,
     pub changes: Family<ChangeLabels, Counter>,
@@ -109,6 +110,7 @@ impl Metrics {
             bytes_to_client: Counter::default(),
             upstream_connect_failures: Family::default(),
             upstream_failovers: Counter::default(),
+            upstream_up: Family::default(),
             captures: Family::default(),
             poll_seconds: Family::new_with_constructor(polls),
             changes: Family::default(),
@@ -151,6 +153,11 @@ impl Metrics {
             "upstream_failovers",
             "Sessions served by a directory URL other than the first",
             metrics.upstream_failovers.clone(),
+        );
+        registry.register(
+            "upstream_up",
+            "Whether a directory URL is up (1) or known down (0) from sessions' connections and probes",
+            metrics.upstream_up.clone(),
         );
         registry.register(
             "captures",

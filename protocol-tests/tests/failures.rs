@@ -367,3 +367,79 @@ async fn shutdown_tells_clients_and_stops_listening() {
         "no longer listening"
     );
 }
+
+/// A listening socket whose accept queue is full: further connections get
+/// no answer to their SYN, as from a host that is down or filtered. Keep it
+/// (and the connections that fill it) alive while it is used.
+fn black_hole() -> (String, tokio::net::TcpListener, Vec<std::net::TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    while let Ok(stream) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+        fillers.push(stream);
+        assert!(fillers.len() < 64, "the accept queue does not fill");
+    }
+    (format!("ldap://{addr}"), listener, fillers)
+}
+
+fn upstream_metric(family: &str, url: &str) -> i64 {
+    use ldapsync::metrics::{METRICS, UrlLabel};
+    let label = UrlLabel {
+        url: url.parse::<ldapsync::config::LdapUrl>().unwrap().to_string(),
+    };
+    match family {
+        "up" => METRICS.upstream_up.get_or_create(&label).get(),
+        "connect_failures" => METRICS.upstream_connect_failures.get_or_create(&label).get() as i64,
+        _ => unreachable!(),
+    }
+}
+
+/// A black-holed first URL costs the first session its connect timeout;
+/// the sessions after it know it is down and go to the next URL without
+/// trying it (measured by the connect attempts it got, not by a clock).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_black_holed_url_is_tried_once_not_by_every_session() {
+    let (hole, _listener, _fillers) = black_hole();
+    let slapd = Slapd::start();
+    let proxy = ProxyHandle::start_with(&[hole.clone(), slapd.url()], |c| {
+        c.connect_timeout = Duration::from_secs(1);
+    });
+    for session in 0..5 {
+        assert!(answers_root_dse(proxy.addr()).await, "session {session} is served");
+    }
+    assert_eq!(
+        upstream_metric("connect_failures", &hole),
+        1,
+        "only the first session tried it"
+    );
+    assert_eq!(upstream_metric("up", &hole), 0);
+}
+
+/// A URL found down is probed and re-admitted once it answers: new
+/// sessions then prefer it again, as the configured order says. Shown by
+/// freezing the second directory (it accepts and never answers): a session
+/// still sent there first would hang.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_down_url_is_readmitted_when_a_probe_finds_it_answering() {
+    let mut first = Slapd::start();
+    let second = Slapd::start();
+    let proxy = ProxyHandle::start(&[first.url(), second.url()]);
+    first.kill();
+    assert!(answers_root_dse(proxy.addr()).await, "served by the second meanwhile");
+    assert_eq!(upstream_metric("up", &first.url()), 0);
+
+    first.restart();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while upstream_metric("up", &first.url()) != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "the probe never re-admitted it");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    second.freeze();
+    assert!(
+        answers_root_dse(proxy.addr()).await,
+        "new sessions go to the first URL again"
+    );
+    second.thaw();
+}

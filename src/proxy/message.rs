@@ -288,6 +288,25 @@ pub fn extended_request(message_id: u32, oid: &str) -> Bytes {
     )
 }
 
+/// A base search of the root DSE, the cheapest "are you there?" (the
+/// health probe's).
+pub fn root_dse_search(message_id: u32) -> Bytes {
+    use rasn_ldap::{Filter, SearchRequest, SearchRequestDerefAliases, SearchRequestScope};
+    encode(
+        message_id,
+        ProtocolOp::SearchRequest(SearchRequest::new(
+            "".into(),
+            SearchRequestScope::BaseObject,
+            SearchRequestDerefAliases::NeverDerefAliases,
+            0,
+            0,
+            false,
+            Filter::Present("objectClass".into()),
+            vec!["supportedLDAPVersion".into()],
+        )),
+    )
+}
+
 /// An UnbindRequest, as ldapsync sends it when it drops a directory
 /// connection it no longer needs. Message id 1: nothing else is in flight.
 pub fn unbind_request() -> Bytes {

@@ -10,6 +10,7 @@ mod ber;
 pub mod capture;
 pub mod codec;
 mod conformance;
+mod health;
 mod limits;
 pub mod message;
 mod session;
@@ -70,6 +71,8 @@ struct Shared {
     request_buffer: Arc<Budget>,
     /// Conformance mode's report, when it is on.
     conformance: Option<Arc<conformance::Report>>,
+    /// Which directory URLs are known down.
+    health: Arc<health::Health>,
 }
 
 impl Shared {
@@ -195,6 +198,7 @@ impl Proxy {
                 failed_binds,
                 request_buffer,
                 conformance,
+                health: Arc::default(),
             }),
             connections,
             max_connections: config_max_connections,
@@ -236,6 +240,12 @@ impl Proxy {
     pub async fn serve(self, listeners: Vec<BoundListener>, shutdown: CancellationToken) {
         let this = Arc::new(self);
         let sessions = TaskTracker::new();
+        let shared = Arc::clone(&this.shared);
+        sessions.spawn(upstream::probe_down_urls(
+            Arc::clone(&this.shared.health),
+            move || shared.settings(),
+            shutdown.clone(),
+        ));
         for listener in listeners {
             let this = Arc::clone(&this);
             let sessions_for_loop = sessions.clone();

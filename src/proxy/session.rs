@@ -513,7 +513,7 @@ impl Session {
                 tls: self.settings.upstream_tls.as_ref(),
                 starttls: self.settings.config.upstream_tls.starttls,
             };
-            match upstream::connect(&route).await {
+            match upstream::connect(&route, &self.shared.health).await {
                 Ok(stream) => {
                     if let Some(end) = self.start_upstream(stream).await {
                         return Some(end);

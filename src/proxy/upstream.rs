@@ -1,6 +1,8 @@
 //! Connections to the directory behind the proxy: TCP, `ldaps://`, or
-//! StartTLS, tried URL by URL.
+//! StartTLS, tried URL by URL (those known down last), and the probing of
+//! URLs known down.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -10,10 +12,12 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
 
-use super::Io;
 use super::codec::PduCodec;
+use super::health::Health;
 use super::message::{self, Envelope, Op, STARTTLS_OID};
+use super::{Io, Settings};
 use crate::config::LdapUrl;
 use crate::metrics::{METRICS, UrlLabel};
 
@@ -37,6 +41,8 @@ pub enum ConnectError {
     Tls(#[from] crate::tls::TlsError),
     #[error("StartTLS: {0}")]
     StartTls(String),
+    #[error("{0}")]
+    Probe(String),
 }
 
 /// How to reach the directory.
@@ -48,29 +54,57 @@ pub struct Route<'a> {
     pub starttls: bool,
 }
 
-/// Connects to the first of the URLs that answers, in order, each within
-/// the connect timeout (TLS handshake included).
-pub async fn connect(route: &Route<'_>) -> Result<Box<dyn Io>, UnreachableError> {
+/// Connects to the first of the URLs that answers, each within the
+/// connect timeout (TLS handshake included): in order, but those `health`
+/// knows down after the others, so that a dead URL costs a session its
+/// timeout only when nothing else answers.
+pub async fn connect(route: &Route<'_>, health: &Health) -> Result<Box<dyn Io>, UnreachableError> {
     let mut attempts = Vec::with_capacity(route.urls.len());
-    for (index, url) in route.urls.iter().enumerate() {
+    for url in health.order(route.urls) {
         let reason = match timeout(route.connect_timeout, connect_one(url, route)).await {
             Ok(Ok(stream)) => {
-                if index > 0 {
+                if route.urls.first() != Some(url) {
                     METRICS.upstream_failovers.inc();
                 }
+                health.answered(url);
                 return Ok(stream);
             }
             Ok(Err(reason)) => reason,
             Err(_) => ConnectError::Timeout(route.connect_timeout),
         };
-        tracing::warn!(%url, %reason, "directory unreachable");
         METRICS
             .upstream_connect_failures
             .get_or_create(&UrlLabel { url: url.to_string() })
             .inc();
+        health.failed(url, &reason);
         attempts.push((url.to_string(), reason));
     }
     Err(UnreachableError { attempts })
+}
+
+/// Whether `url` serves LDAP: connected as sessions connect, an anonymous
+/// read of the root DSE answered with success, all within the connect
+/// timeout.
+pub async fn probe(url: &LdapUrl, route: &Route<'_>) -> Result<(), ConnectError> {
+    let read = async {
+        let mut stream = connect_one(url, route).await?;
+        stream.write_all(&message::root_dse_search(1)).await?;
+        let mut frames = FramedRead::new(stream, PduCodec::new(1024 * 1024));
+        while let Some(frame) = frames.next().await {
+            let pdu = frame.map_err(|e| ConnectError::Probe(format!("its answer: {e}")))?;
+            let env = Envelope::peek(&pdu).map_err(|e| ConnectError::Probe(format!("its answer: {e}")))?;
+            if env.op == Op::SearchDone {
+                return match env.result_code(&pdu) {
+                    Some(0) => Ok(()),
+                    code => Err(ConnectError::Probe(format!("root DSE read: result code {code:?}"))),
+                };
+            }
+        }
+        Err(ConnectError::Probe("closed before answering the root DSE read".into()))
+    };
+    timeout(route.connect_timeout, read)
+        .await
+        .unwrap_or(Err(ConnectError::Timeout(route.connect_timeout)))
 }
 
 async fn connect_one(url: &LdapUrl, route: &Route<'_>) -> Result<Box<dyn Io>, ConnectError> {
@@ -90,6 +124,35 @@ async fn connect_one(url: &LdapUrl, route: &Route<'_>) -> Result<Box<dyn Io>, Co
     let name = crate::tls::server_name(url.host())?;
     let stream = tls.connect(name, stream).await.map_err(ConnectError::Handshake)?;
     Ok(Box::new(stream))
+}
+
+/// How often the prober looks for down URLs whose probe is due.
+const PROBE_TICK: Duration = Duration::from_millis(250);
+
+/// Probes the down URLs of the current settings until `shutdown`,
+/// re-admitting those that answer.
+pub async fn probe_down_urls(health: Arc<Health>, settings: impl Fn() -> Arc<Settings>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(PROBE_TICK) => {}
+        }
+        let settings = settings();
+        let config = &settings.config;
+        health.retain(&config.upstream);
+        let route = Route {
+            urls: &config.upstream,
+            connect_timeout: config.connect_timeout,
+            tls: settings.upstream_tls.as_ref(),
+            starttls: config.upstream_tls.starttls,
+        };
+        for url in health.due(&config.upstream) {
+            match probe(url, &route).await {
+                Ok(()) => health.answered(url),
+                Err(reason) => tracing::debug!(%url, %reason, "probe: still down"),
+            }
+        }
+    }
 }
 
 /// Asks the directory for StartTLS before anything of the client's is sent
