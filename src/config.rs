@@ -27,6 +27,8 @@ pub enum ConfigError {
     NoUpstream,
     #[error("no listener: set proxy.listen in the config file or pass --listen")]
     NoListener,
+    #[error("{key} names {url:?}, which is not one of proxy.upstream")]
+    UnknownUpstream { key: String, url: String },
     #[error("{key} = {value} is out of range: {range}")]
     OutOfRange { key: String, value: String, range: String },
     #[error("connector {connector:?}: {key}: {message}")]
@@ -763,6 +765,14 @@ pub struct ProxyConfig {
     /// What a client sees when its directory connection cannot be opened
     /// or is lost.
     pub on_directory_loss: DirectoryLoss,
+    /// How new sessions choose among the directory URLs that are up.
+    pub balance: Balance,
+    /// Per directory URL (as in `upstream`): its share of sessions under
+    /// `round-robin` and `least-connections`; 1 when not given.
+    pub weight: BTreeMap<String, usize>,
+    /// Per directory URL: its tier, 1 when not given. A tier's URLs are
+    /// used only while every URL of the tiers below it is down.
+    pub tier: BTreeMap<String, usize>,
     /// Conformance mode's report file (from `[conformance]` or the flag).
     #[serde(skip)]
     pub conformance_report: Option<PathBuf>,
@@ -783,6 +793,35 @@ pub enum DirectoryLoss {
     /// answered `unavailable` (52) and the session stays open; a lost
     /// directory connection ends with a Notice of Disconnection.
     Notice,
+}
+
+/// How new sessions choose among the directory URLs that are up
+/// (`proxy.balance`); URLs known down come last whatever the choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    /// The first URL that answers, in the configured order: failover.
+    #[default]
+    Ordered,
+    /// Each new session starts at the next URL, in proportion to weights.
+    RoundRobin,
+    /// The URL with the fewest open sessions for its weight.
+    LeastConnections,
+}
+
+impl ProxyConfig {
+    /// Each upstream URL's (weight, tier), in the order of `upstream`.
+    pub fn url_options(&self) -> Vec<(usize, usize)> {
+        let lookup = |map: &BTreeMap<String, usize>, url: &LdapUrl| {
+            map.iter()
+                .find(|(key, _)| key.parse::<LdapUrl>().is_ok_and(|k| &k == url))
+                .map_or(1, |(_, value)| *value)
+        };
+        self.upstream
+            .iter()
+            .map(|url| (lookup(&self.weight, url), lookup(&self.tier, url)))
+            .collect()
+    }
 }
 
 /// `[conformance]`: check every PDU against RFC 4511 and report violations.
@@ -904,6 +943,9 @@ impl Default for ProxyConfig {
             request_read_timeout: Duration::from_secs(30),
             max_request_buffer: 64 * 1024 * 1024,
             on_directory_loss: DirectoryLoss::default(),
+            balance: Balance::default(),
+            weight: BTreeMap::new(),
+            tier: BTreeMap::new(),
             conformance_report: None,
         }
     }
@@ -1122,6 +1164,16 @@ impl Config {
                 .into_iter()
                 .filter_map(|(key, value, min, max)| count_in(key, value, min, max)),
         );
+        for (name, map, max) in [("proxy.weight", &p.weight, 1000), ("proxy.tier", &p.tier, 10)] {
+            for (url, value) in map {
+                let key = format!("{name}.{url:?}");
+                if !url.parse::<LdapUrl>().is_ok_and(|u| p.upstream.contains(&u)) {
+                    problems.push(ConfigError::UnknownUpstream { key, url: url.clone() });
+                } else if let Some(problem) = count_in(&key, *value, 1, max) {
+                    problems.push(problem);
+                }
+            }
+        }
         // Greater than zero, however small: "500us" is a timeout too.
         let (tick, hour, day) = (
             Duration::from_nanos(1),
@@ -1356,6 +1408,36 @@ mod tests {
             assert!(err.contains(needle), "{err:?} should say {needle:?}");
             assert!(!err.contains("variant"), "{err}");
         }
+    }
+
+    #[test]
+    fn balance_weights_and_tiers_name_upstream_urls_within_range() {
+        let base = "[proxy]\nlisten = [\"ldap://h\"]\nupstream = [\"ldap://d1\", \"ldap://d2:389\"]\nbalance = \"round-robin\"\n";
+        let parse = |extra: &str| Config::parse(&format!("{base}{extra}"), Path::new("c.toml")).unwrap();
+        let good = parse("[proxy.weight]\n\"ldap://d1:389\" = 3\n[proxy.tier]\n\"ldap://d2\" = 2\n");
+        assert!(
+            good.validate().is_ok(),
+            "a URL may be written with or without its default port"
+        );
+        assert_eq!(good.proxy.balance, Balance::RoundRobin);
+        assert_eq!(good.proxy.url_options(), [(3, 1), (1, 2)]);
+        let cases = [
+            (
+                "[proxy.weight]\n\"ldap://elsewhere\" = 2\n",
+                "names \"ldap://elsewhere\", which is not one of proxy.upstream",
+            ),
+            ("[proxy.weight]\n\"ldap://d1\" = 0\n", "is out of range: 1 to 1000"),
+            ("[proxy.tier]\n\"ldap://d2\" = 11\n", "is out of range: 1 to 10"),
+        ];
+        for (extra, needle) in cases {
+            let err = parse(extra).validate().expect_err(extra).to_string();
+            assert!(err.contains(needle), "{err:?} should say {needle:?}");
+        }
+        let random = base.replace("round-robin", "random");
+        let bad = Config::parse(&random, Path::new("c.toml"))
+            .map(drop)
+            .expect_err("an unknown balance");
+        assert!(bad.to_string().contains("random"), "{bad}");
     }
 
     #[test]

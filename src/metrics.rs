@@ -75,6 +75,7 @@ pub struct Metrics {
     pub upstream_connect_failures: Family<UrlLabel, Counter>,
     pub upstream_failovers: Counter,
     pub upstream_up: Family<UrlLabel, Gauge>,
+    pub upstream_sessions: Family<UrlLabel, Gauge>,
     pub captures: Family<OutcomeLabel, Counter>,
     pub poll_seconds: Family<PollLabels, Histogram>,
     pub changes: Family<ChangeLabels, Counter>,
@@ -111,6 +112,7 @@ impl Metrics {
             upstream_connect_failures: Family::default(),
             upstream_failovers: Counter::default(),
             upstream_up: Family::default(),
+            upstream_sessions: Family::default(),
             captures: Family::default(),
             poll_seconds: Family::new_with_constructor(polls),
             changes: Family::default(),
@@ -158,6 +160,11 @@ impl Metrics {
             "upstream_up",
             "Whether a directory URL is up (1) or known down (0) from sessions' connections and probes",
             metrics.upstream_up.clone(),
+        );
+        registry.register(
+            "upstream_sessions",
+            "Sessions with an open connection to a directory URL",
+            metrics.upstream_sessions.clone(),
         );
         registry.register(
             "captures",

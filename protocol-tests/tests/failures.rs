@@ -392,6 +392,7 @@ fn upstream_metric(family: &str, url: &str) -> i64 {
     match family {
         "up" => METRICS.upstream_up.get_or_create(&label).get(),
         "connect_failures" => METRICS.upstream_connect_failures.get_or_create(&label).get() as i64,
+        "sessions" => METRICS.upstream_sessions.get_or_create(&label).get(),
         _ => unreachable!(),
     }
 }
@@ -442,4 +443,52 @@ async fn a_down_url_is_readmitted_when_a_probe_finds_it_answering() {
         "new sessions go to the first URL again"
     );
     second.thaw();
+}
+
+/// `balance = "round-robin"` over three real directories: 30 sessions
+/// open at once are spread evenly, closing them gives their slots back, and
+/// a weight of 2 doubles a URL's share (least-connections and tiers are
+/// unit-tested in `proxy::pool`).
+#[tokio::test(flavor = "multi_thread")]
+async fn balanced_sessions_spread_over_the_directories_by_weight() {
+    use ldapsync::config::Balance;
+    let slapds = [Slapd::start(), Slapd::start(), Slapd::start()];
+    let urls: Vec<String> = slapds.iter().map(Slapd::url).collect();
+    let open = |proxy: &ProxyHandle, n: usize| {
+        let addr = proxy.addr();
+        async move {
+            let mut sessions = Vec::new();
+            for _ in 0..n {
+                let mut conn = RawConn::connect(addr).await;
+                conn.send(&root_dse_search(1)).await;
+                assert!(matches!(conn.receive(Duration::from_secs(5)).await, Received::Pdu(_)));
+                sessions.push(conn);
+            }
+            sessions
+        }
+    };
+    let spread = |urls: &[String]| urls.iter().map(|u| upstream_metric("sessions", u)).collect::<Vec<_>>();
+
+    let even = ProxyHandle::start_with(&urls, |c| c.balance = Balance::RoundRobin);
+    let sessions = open(&even, 30).await;
+    assert_eq!(spread(&urls), [10, 10, 10]);
+    drop(sessions);
+    // Closed sessions give their slots back.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while spread(&urls) != [0, 0, 0] {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sessions still counted: {:?}",
+            spread(&urls)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(even);
+
+    let weighted = ProxyHandle::start_with(&urls, |c| {
+        c.balance = Balance::RoundRobin;
+        c.weight.insert(urls[0].clone(), 2);
+    });
+    let _sessions = open(&weighted, 40).await;
+    assert_eq!(spread(&urls), [20, 10, 10]);
 }

@@ -18,6 +18,9 @@ fn hint(problem: &ConfigError) -> &'static str {
         ConfigError::Parse { .. } => "TOML syntax, or a key this version does not know (see docs/configuration.md)",
         ConfigError::NoUpstream => "proxy.upstream = [\"ldap://dir.example.com\"]",
         ConfigError::NoListener => "proxy.listen = [\"ldap://127.0.0.1:3389\"]",
+        ConfigError::UnknownUpstream { .. } => {
+            "write the URL exactly as in proxy.upstream, e.g. [proxy.weight] \"ldap://dir1.example.com\" = 2"
+        }
         ConfigError::OutOfRange { .. } => "limits and timeouts must lie within the range the message gives",
         ConfigError::Overlap { .. } => "give each connector its own subtree, or narrow one of the bases",
         ConfigError::UnknownConnector { .. } => "connector names are the `name` keys of the [[connector]] tables",

@@ -10,9 +10,9 @@ mod ber;
 pub mod capture;
 pub mod codec;
 mod conformance;
-mod health;
 mod limits;
 pub mod message;
+mod pool;
 mod session;
 mod upstream;
 
@@ -47,16 +47,35 @@ struct Settings {
     config: ProxyConfig,
     /// TLS towards the directory, when its URLs or `starttls` ask for it.
     upstream_tls: Option<TlsConnector>,
+    /// Each upstream URL's (weight, tier).
+    url_options: Vec<(usize, usize)>,
 }
 
 impl Settings {
+    /// How this session's directory connection is chosen and opened.
+    fn route(&self) -> upstream::Route<'_> {
+        upstream::Route {
+            urls: &self.config.upstream,
+            connect_timeout: self.config.connect_timeout,
+            tls: self.upstream_tls.as_ref(),
+            starttls: self.config.upstream_tls.starttls,
+            options: &self.url_options,
+            balance: self.config.balance,
+        }
+    }
+
     fn new(config: ProxyConfig) -> Result<Settings, TlsError> {
         let upstream_tls = if config.upstream_tls.starttls || config.upstream.iter().any(|u| u.is_ldaps()) {
             Some(tls::connector(tls::client_config(&config.upstream_tls)?))
         } else {
             None
         };
-        Ok(Settings { config, upstream_tls })
+        let url_options = config.url_options();
+        Ok(Settings {
+            config,
+            upstream_tls,
+            url_options,
+        })
     }
 }
 
@@ -71,8 +90,8 @@ struct Shared {
     request_buffer: Arc<Budget>,
     /// Conformance mode's report, when it is on.
     conformance: Option<Arc<conformance::Report>>,
-    /// Which directory URLs are known down.
-    health: Arc<health::Health>,
+    /// Which directory URLs are known down, and the sessions on each.
+    pool: Arc<pool::Pool>,
 }
 
 impl Shared {
@@ -198,7 +217,7 @@ impl Proxy {
                 failed_binds,
                 request_buffer,
                 conformance,
-                health: Arc::default(),
+                pool: Arc::default(),
             }),
             connections,
             max_connections: config_max_connections,
@@ -242,7 +261,7 @@ impl Proxy {
         let sessions = TaskTracker::new();
         let shared = Arc::clone(&this.shared);
         sessions.spawn(upstream::probe_down_urls(
-            Arc::clone(&this.shared.health),
+            Arc::clone(&this.shared.pool),
             move || shared.settings(),
             shutdown.clone(),
         ));

@@ -36,6 +36,7 @@ use super::capture::{CaptureLoss, CapturedWrite, WriteKind};
 use super::codec::{FrameError, PduCodec};
 use super::conformance::Checker;
 use super::message::{self, Envelope, Op, STARTTLS_OID};
+use super::pool::Slot;
 use super::upstream;
 use super::{Io, Settings, Shared};
 use crate::config::{DirectoryLoss, Listener};
@@ -156,6 +157,8 @@ struct Upstream {
     /// one read go to the directory in one write.
     outgoing: BytesMut,
     ended: oneshot::Receiver<UpstreamEnd>,
+    /// Counts this session on its directory URL while it is connected.
+    _slot: Slot,
 }
 
 /// The responder's side of the directory connection.
@@ -507,15 +510,9 @@ impl Session {
             return self.refuse(&env, ResultCode::Busy, why).await;
         }
         if self.upstream.is_none() {
-            let route = upstream::Route {
-                urls: &self.settings.config.upstream,
-                connect_timeout: self.settings.config.connect_timeout,
-                tls: self.settings.upstream_tls.as_ref(),
-                starttls: self.settings.config.upstream_tls.starttls,
-            };
-            match upstream::connect(&route, &self.shared.health).await {
-                Ok(stream) => {
-                    if let Some(end) = self.start_upstream(stream).await {
+            match upstream::connect(&self.settings.route(), &self.shared.pool).await {
+                Ok((stream, slot)) => {
+                    if let Some(end) = self.start_upstream(stream, slot).await {
                         return Some(end);
                     }
                 }
@@ -730,7 +727,7 @@ impl Session {
     }
 
     /// Hands the directory connection's reading side to the responder.
-    async fn start_upstream(&mut self, stream: Stream) -> Option<End> {
+    async fn start_upstream(&mut self, stream: Stream, slot: Slot) -> Option<End> {
         let (read, writer) = tokio::io::split(stream);
         let (report, ended) = oneshot::channel();
         let reader = DirectoryReader {
@@ -748,6 +745,7 @@ impl Session {
             writer,
             outgoing: BytesMut::new(),
             ended,
+            _slot: slot,
         });
         None
     }

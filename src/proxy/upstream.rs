@@ -15,10 +15,10 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 use super::codec::PduCodec;
-use super::health::Health;
 use super::message::{self, Envelope, Op, STARTTLS_OID};
+use super::pool::{Pool, Slot};
 use super::{Io, Settings};
-use crate::config::LdapUrl;
+use crate::config::{Balance, LdapUrl};
 use crate::metrics::{METRICS, UrlLabel};
 
 /// Every configured directory URL failed; the message lists why, per URL.
@@ -52,22 +52,25 @@ pub struct Route<'a> {
     /// Set when any URL is `ldaps://` or `starttls` is on.
     pub tls: Option<&'a TlsConnector>,
     pub starttls: bool,
+    /// Each URL's (weight, tier), as `urls`.
+    pub options: &'a [(usize, usize)],
+    pub balance: Balance,
 }
 
 /// Connects to the first of the URLs that answers, each within the
-/// connect timeout (TLS handshake included): in order, but those `health`
-/// knows down after the others, so that a dead URL costs a session its
-/// timeout only when nothing else answers.
-pub async fn connect(route: &Route<'_>, health: &Health) -> Result<Box<dyn Io>, UnreachableError> {
+/// connect timeout (TLS handshake included), in the order `pool` gives
+/// (those known down last, so that a dead URL costs a session its timeout
+/// only when nothing else answers); the session holds the slot it took.
+pub async fn connect(route: &Route<'_>, pool: &Arc<Pool>) -> Result<(Box<dyn Io>, Slot), UnreachableError> {
     let mut attempts = Vec::with_capacity(route.urls.len());
-    for url in health.order(route.urls) {
+    for url in pool.order(route.urls, route.options, route.balance) {
         let reason = match timeout(route.connect_timeout, connect_one(url, route)).await {
             Ok(Ok(stream)) => {
                 if route.urls.first() != Some(url) {
                     METRICS.upstream_failovers.inc();
                 }
-                health.answered(url);
-                return Ok(stream);
+                pool.answered(url);
+                return Ok((stream, pool.take(url)));
             }
             Ok(Err(reason)) => reason,
             Err(_) => ConnectError::Timeout(route.connect_timeout),
@@ -76,7 +79,7 @@ pub async fn connect(route: &Route<'_>, health: &Health) -> Result<Box<dyn Io>, 
             .upstream_connect_failures
             .get_or_create(&UrlLabel { url: url.to_string() })
             .inc();
-        health.failed(url, &reason);
+        pool.failed(url, &reason);
         attempts.push((url.to_string(), reason));
     }
     Err(UnreachableError { attempts })
@@ -131,24 +134,18 @@ const PROBE_TICK: Duration = Duration::from_millis(250);
 
 /// Probes the down URLs of the current settings until `shutdown`,
 /// re-admitting those that answer.
-pub async fn probe_down_urls(health: Arc<Health>, settings: impl Fn() -> Arc<Settings>, shutdown: CancellationToken) {
+pub async fn probe_down_urls(pool: Arc<Pool>, settings: impl Fn() -> Arc<Settings>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(PROBE_TICK) => {}
         }
         let settings = settings();
-        let config = &settings.config;
-        health.retain(&config.upstream);
-        let route = Route {
-            urls: &config.upstream,
-            connect_timeout: config.connect_timeout,
-            tls: settings.upstream_tls.as_ref(),
-            starttls: config.upstream_tls.starttls,
-        };
-        for url in health.due(&config.upstream) {
+        let route = settings.route();
+        pool.retain(route.urls);
+        for url in pool.due(route.urls) {
             match probe(url, &route).await {
-                Ok(()) => health.answered(url),
+                Ok(()) => pool.answered(url),
                 Err(reason) => tracing::debug!(%url, %reason, "probe: still down"),
             }
         }
