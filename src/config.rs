@@ -767,6 +767,9 @@ pub struct ProxyConfig {
     pub on_directory_loss: DirectoryLoss,
     /// How new sessions choose among the directory URLs that are up.
     pub balance: Balance,
+    /// How often a directory URL that is up is probed (a root DSE read).
+    #[serde(with = "humantime_serde")]
+    pub health_interval: Duration,
     /// Per directory URL (as in `upstream`): its share of sessions under
     /// `round-robin` and `least-connections`; 1 when not given.
     pub weight: BTreeMap<String, usize>,
@@ -944,6 +947,7 @@ impl Default for ProxyConfig {
             max_request_buffer: 64 * 1024 * 1024,
             on_directory_loss: DirectoryLoss::default(),
             balance: Balance::default(),
+            health_interval: Duration::from_secs(10),
             weight: BTreeMap::new(),
             tier: BTreeMap::new(),
             conformance_report: None,
@@ -1183,6 +1187,12 @@ impl Config {
         let durations = [
             ("proxy.handshake_timeout", p.handshake_timeout, tick, hour),
             ("proxy.connect_timeout", p.connect_timeout, tick, hour),
+            (
+                "proxy.health_interval",
+                p.health_interval,
+                Duration::from_millis(100),
+                hour,
+            ),
             ("proxy.io_timeout", p.io_timeout, tick, hour),
             ("proxy.request_read_timeout", p.request_read_timeout, tick, hour),
             ("proxy.idle_timeout", p.idle_timeout, tick, 30 * day),

@@ -3,6 +3,7 @@
 //! exposed on the opt-in HTTP listener (see `monitor`).
 
 use std::sync::LazyLock;
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -76,6 +77,7 @@ pub struct Metrics {
     pub upstream_failovers: Counter,
     pub upstream_up: Family<UrlLabel, Gauge>,
     pub upstream_sessions: Family<UrlLabel, Gauge>,
+    pub upstream_probe_seconds: Family<UrlLabel, Gauge<f64, AtomicU64>>,
     pub captures: Family<OutcomeLabel, Counter>,
     pub poll_seconds: Family<PollLabels, Histogram>,
     pub changes: Family<ChangeLabels, Counter>,
@@ -113,6 +115,7 @@ impl Metrics {
             upstream_failovers: Counter::default(),
             upstream_up: Family::default(),
             upstream_sessions: Family::default(),
+            upstream_probe_seconds: Family::default(),
             captures: Family::default(),
             poll_seconds: Family::new_with_constructor(polls),
             changes: Family::default(),
@@ -165,6 +168,11 @@ impl Metrics {
             "upstream_sessions",
             "Sessions with an open connection to a directory URL",
             metrics.upstream_sessions.clone(),
+        );
+        registry.register(
+            "upstream_probe_seconds",
+            "How long the last health probe of a directory URL took (connect and root DSE read)",
+            metrics.upstream_probe_seconds.clone(),
         );
         registry.register(
             "captures",

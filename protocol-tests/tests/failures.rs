@@ -492,3 +492,28 @@ async fn balanced_sessions_spread_over_the_directories_by_weight() {
     let _sessions = open(&weighted, 40).await;
     assert_eq!(spread(&urls), [20, 10, 10]);
 }
+
+/// A directory that accepts connections but no longer answers (frozen) is
+/// found by the health probe of URLs that are up, before sessions hang on
+/// it: new sessions go to the next URL.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_directory_is_found_by_its_health_probe_and_skipped() {
+    let first = Slapd::start();
+    let second = Slapd::start();
+    let proxy = ProxyHandle::start_with(&[first.url(), second.url()], |c| {
+        c.connect_timeout = Duration::from_secs(1);
+        c.health_interval = Duration::from_millis(200);
+    });
+    assert!(answers_root_dse(proxy.addr()).await);
+    first.freeze();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while upstream_metric("up", &first.url()) != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the probe never found it frozen"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(answers_root_dse(proxy.addr()).await, "served by the second URL");
+    first.thaw();
+}

@@ -260,7 +260,7 @@ impl Proxy {
         let this = Arc::new(self);
         let sessions = TaskTracker::new();
         let shared = Arc::clone(&this.shared);
-        sessions.spawn(upstream::probe_down_urls(
+        sessions.spawn(upstream::probe_urls(
             Arc::clone(&this.shared.pool),
             move || shared.settings(),
             shutdown.clone(),

@@ -39,6 +39,8 @@ struct State {
     down: HashMap<String, Down>,
     /// Open sessions per URL.
     sessions: HashMap<String, usize>,
+    /// When each URL that is up was last probed (or first seen).
+    checked: HashMap<String, Instant>,
 }
 
 struct Down {
@@ -120,20 +122,22 @@ impl Pool {
         }
     }
 
-    /// A connection to `url` failed: down, probed from now on. Said once
-    /// per outage, not once per session.
+    /// A connection to `url` failed, or its probe: down, probed from now
+    /// on (a URL already down keeps its back-off). Said once per outage,
+    /// not once per session.
     pub fn failed(&self, url: &LdapUrl, reason: &dyn Display) {
-        let newly = self
-            .state()
-            .down
-            .insert(
+        let mut state = self.state();
+        let newly = !state.down.contains_key(&url.to_string());
+        if newly {
+            state.down.insert(
                 url.to_string(),
                 Down {
                     retry_at: Instant::now() + FIRST_RETRY,
                     backoff: FIRST_RETRY,
                 },
-            )
-            .is_none();
+            );
+        }
+        drop(state);
         if newly {
             warn!(%url, %reason, "directory URL down: new sessions try the others first until it answers a probe");
             set_up(url, false);
@@ -152,22 +156,36 @@ impl Pool {
     /// open sessions go on, counted until they end).
     pub fn retain(&self, urls: &[LdapUrl]) {
         let keep: Vec<String> = urls.iter().map(ToString::to_string).collect();
-        self.state().down.retain(|url, _| keep.contains(url));
+        let mut state = self.state();
+        state.down.retain(|url, _| keep.contains(url));
+        state.checked.retain(|url, _| keep.contains(url));
     }
 
-    /// The down URLs among `urls` whose probe is due; each next one is
-    /// pushed back, twice as far each time up to `LONGEST_RETRY`.
-    pub fn due<'a>(&self, urls: &'a [LdapUrl]) -> Vec<&'a LdapUrl> {
+    /// The URLs among `urls` whose probe is due: those down whose retry
+    /// has come (the next one pushed back twice as far each time, up to
+    /// `LONGEST_RETRY`), and those up not probed for `interval` (a
+    /// directory that accepts connections but no longer answers is found
+    /// before sessions hang on it).
+    pub fn due<'a>(&self, urls: &'a [LdapUrl], interval: Duration) -> Vec<&'a LdapUrl> {
         let now = Instant::now();
         let mut state = self.state();
+        let State { down, checked, .. } = &mut *state;
         urls.iter()
-            .filter(|url| match state.down.get_mut(&url.to_string()) {
+            .filter(|url| match down.get_mut(&url.to_string()) {
                 Some(d) if d.retry_at <= now => {
                     d.backoff = (d.backoff * 2).min(LONGEST_RETRY);
                     d.retry_at = now + d.backoff;
                     true
                 }
-                _ => false,
+                Some(_) => false,
+                None => {
+                    let last = checked.entry(url.to_string()).or_insert(now);
+                    let due = now.duration_since(*last) >= interval;
+                    if due {
+                        *last = now;
+                    }
+                    due
+                }
             })
             .collect()
     }

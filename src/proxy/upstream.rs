@@ -129,12 +129,13 @@ async fn connect_one(url: &LdapUrl, route: &Route<'_>) -> Result<Box<dyn Io>, Co
     Ok(Box::new(stream))
 }
 
-/// How often the prober looks for down URLs whose probe is due.
+/// How often the prober looks for URLs whose probe is due.
 const PROBE_TICK: Duration = Duration::from_millis(250);
 
-/// Probes the down URLs of the current settings until `shutdown`,
-/// re-admitting those that answer.
-pub async fn probe_down_urls(pool: Arc<Pool>, settings: impl Fn() -> Arc<Settings>, shutdown: CancellationToken) {
+/// Probes the URLs of the current settings as the pool says they are due
+/// (down ones with back-off, up ones every `health_interval`), together,
+/// until `shutdown`: those that answer are up, the others down.
+pub async fn probe_urls(pool: Arc<Pool>, settings: impl Fn() -> Arc<Settings>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -143,10 +144,22 @@ pub async fn probe_down_urls(pool: Arc<Pool>, settings: impl Fn() -> Arc<Setting
         let settings = settings();
         let route = settings.route();
         pool.retain(route.urls);
-        for url in pool.due(route.urls) {
-            match probe(url, &route).await {
+        let due = pool.due(route.urls, settings.config.health_interval);
+        let probes = due.into_iter().map(|url| {
+            let route = &route;
+            async move {
+                let started = tokio::time::Instant::now();
+                (url, probe(url, route).await, started.elapsed())
+            }
+        });
+        for (url, answer, took) in futures_util::future::join_all(probes).await {
+            METRICS
+                .upstream_probe_seconds
+                .get_or_create(&UrlLabel { url: url.to_string() })
+                .set(took.as_secs_f64());
+            match answer {
                 Ok(()) => pool.answered(url),
-                Err(reason) => tracing::debug!(%url, %reason, "probe: still down"),
+                Err(reason) => pool.failed(url, &reason),
             }
         }
     }
