@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use ldap3::{LdapConnAsync, LdapConnSettings, Scope};
 
 use crate::config::{ConnectorConfig, LdapUrl, ProxyConfig};
-use crate::metrics::{ConnectorLabel, METRICS};
+use crate::metrics::{ConnectorLabel, METRICS, UrlLabel};
 use crate::proxy::ListenerState;
 use crate::tls::{self, TlsError};
 
@@ -111,8 +111,16 @@ impl From<&ConnectorConfig> for RunningConnector {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UpstreamState {
     pub url: String,
+    /// What a probe made for this answer saw.
     pub reachable: bool,
     pub error: Option<String>,
+    /// What new sessions see: false while the URL is known down (they try
+    /// it after all the others).
+    #[serde(default)]
+    pub up: bool,
+    /// Sessions connected to it.
+    #[serde(default)]
+    pub sessions: i64,
 }
 
 /// What the admin socket answers.
@@ -162,10 +170,13 @@ impl Running {
         let mut states = Vec::new();
         for url in &probe.upstream {
             let error = probe.probe_one(url).await.err();
+            let label = UrlLabel { url: url.to_string() };
             states.push(UpstreamState {
                 url: url.to_string(),
                 reachable: error.is_none(),
                 error,
+                up: METRICS.upstream_up.get_or_create(&label).get() == 1,
+                sessions: METRICS.upstream_sessions.get_or_create(&label).get(),
             });
         }
         states

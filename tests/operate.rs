@@ -104,6 +104,8 @@ fn metrics_count_real_traffic_and_readiness_follows_the_directory() {
     assert_eq!(count(r#"ldapsync_operation_duration_seconds_count{op="search"}"#), 3.0);
     assert_eq!(count("ldapsync_sessions_total"), 5.0, "3 searches, a whoami, a modify");
     assert!(count(r#"ldapsync_bytes_total{direction="to_client"}"#) > 0.0);
+    let url = slapd.url().parse::<ldapsync::config::LdapUrl>().unwrap().to_string();
+    assert_eq!(count(&format!(r#"ldapsync_upstream_up{{url="{url}"}}"#)), 1.0);
 
     // Readiness follows the directory; health does not.
     slapd.kill();
@@ -201,7 +203,7 @@ fn status_shows_the_running_instance_and_its_connectors_as_text_and_json() {
     let text = status(&[]);
     assert!(text.contains("ldapsync running (pid "), "{text}");
     assert!(
-        text.contains(&format!("directory {}: reachable", slapd.url())),
+        text.contains(&format!("directory {}: reachable, up, 0 sessions", slapd.url())),
         "{text}"
     );
     assert!(text.contains("accounts: mechanism syncrepl, watermark rid="), "{text}");
@@ -211,6 +213,8 @@ fn status_shows_the_running_instance_and_its_connectors_as_text_and_json() {
         json["running"]["listeners"][0]["addr"],
         served.url.trim_start_matches("ldap://")
     );
+    assert_eq!(json["running"]["upstream"][0]["up"], true, "new sessions use it");
+    assert_eq!(json["running"]["upstream"][0]["sessions"], 0);
     assert_eq!(json["connectors"][0]["name"], "example");
     assert_eq!(json["connectors"][0]["associated"], 6);
     assert_eq!(json["connectors"][0]["watermarks"][0]["mechanism"], "syncrepl");

@@ -219,9 +219,14 @@ fn print_human(status: &Status) {
                 outln!("  listener {} on {}{tls}", l.url, l.addr);
             }
             for u in &r.upstream {
+                let pool = if u.up { "up" } else { "DOWN for new sessions" };
                 match &u.error {
-                    None => outln!("  directory {}: reachable", u.url),
-                    Some(e) => outln!("  directory {}: UNREACHABLE ({e})", u.url),
+                    None => outln!("  directory {}: reachable, {pool}, {} sessions", u.url, u.sessions),
+                    Some(e) => outln!(
+                        "  directory {}: UNREACHABLE ({e}), {pool}, {} sessions",
+                        u.url,
+                        u.sessions
+                    ),
                 }
             }
             outln!("  sessions open: {}", r.sessions_open);

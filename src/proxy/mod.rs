@@ -135,6 +135,7 @@ impl Reloader {
         .filter_map(|(key, changed)| changed.then_some(key))
         .collect();
         let settings = Settings::new(config)?;
+        shared.pool.admit(&settings.config.upstream);
         *shared.settings.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
         Ok(pending)
     }
@@ -209,6 +210,8 @@ impl Proxy {
             })?)),
             None => None,
         };
+        let pool = Arc::new(pool::Pool::default());
+        pool.admit(&config.upstream);
         Ok(Proxy {
             shared: Arc::new(Shared {
                 settings: RwLock::new(Arc::new(Settings::new(config)?)),
@@ -217,7 +220,7 @@ impl Proxy {
                 failed_binds,
                 request_buffer,
                 conformance,
-                pool: Arc::default(),
+                pool,
             }),
             connections,
             max_connections: config_max_connections,

@@ -152,6 +152,15 @@ impl Pool {
         set_up(url, true);
     }
 
+    /// `urls` are configured (at start, after a reload): those not known
+    /// down show as up.
+    pub fn admit(&self, urls: &[LdapUrl]) {
+        let state = self.state();
+        for url in urls.iter().filter(|u| !state.down.contains_key(&u.to_string())) {
+            set_up(url, true);
+        }
+    }
+
     /// Forgets URLs no longer configured (a reload removed them; their
     /// open sessions go on, counted until they end).
     pub fn retain(&self, urls: &[LdapUrl]) {
