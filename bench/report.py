@@ -15,7 +15,8 @@ import sys
 # haproxy-tcp next to slapd: both are limits (the directory itself, and a
 # relay that does no LDAP work) rather than alternatives to ldapsync.
 # ldapsync+pg: capture on, its store on PostgreSQL (docs/high-availability.md).
-TARGETS = ["slapd", "haproxy-tcp", "ldapsync", "ldapsync+cap", "ldapsync+pg", "back-ldap", "back-asyncmeta"]
+TARGETS = ["slapd", "haproxy-tcp", "ldapsync", "ldapsync+cap", "ldapsync+pg", "ldapsync+pool", "back-ldap",
+           "back-asyncmeta"]
 
 
 def load(path):
@@ -34,6 +35,10 @@ def find(rows, scenario, target, **match):
             if all(r.get(k) == v for k, v in match.items()):
                 return r
     return None
+
+
+def ms(us):
+    return None if us is None else us / 1000
 
 
 def get(d, *path):
@@ -95,7 +100,9 @@ def main():
     line(f"ldclt search by uid, {ldclt_threads} threads: throughput", "ops/s", True,
          {t: get(find(rows, "ldclt", t), "ops_per_s") for t in TARGETS})
     line("connect+bind+search+unbind, 32 at once", "cycles/s", True,
-         {t: get(find(rows, "churn", t), "cycles_per_s") for t in TARGETS})
+         {t: get(find(rows, "churn", t, conns=32), "cycles_per_s") for t in TARGETS})
+    line("new session, one at a time (connect+bind+search+unbind): p99", "ms", False,
+         {t: ms(get(find(rows, "churn", t, conns=1), "latency", "p99_us")) for t in TARGETS})
     storm = {t: find(rows, "storm", t) for t in TARGETS}
     storm_n = next((r["conns"] for r in storm.values() if r), None)
     if storm_n:
@@ -189,6 +196,10 @@ def main():
     d, s = value("search by uid, 1 connection: latency p50", "ldapsync"), value("search by uid, 1 connection: latency p50", "slapd")
     added = None if d is None or s is None else d - s
     goal("added p50 latency ≤ 30 µs", None if added is None else f"{added:.1f} µs", None if added is None else added <= 30)
+    h, p = (value("new session, one at a time", t) for t in ("ldapsync+pool", "ldapsync"))
+    gap = None if h is None or p is None else h - p
+    goal("one directory URL of two black-holed: a new session's p99 within 10 ms of a healthy one's",
+         None if gap is None else f"{h:.2f} vs {p:.2f} ms", None if gap is None else gap <= 10)
     c = value("capture: write → in the local store, p99", "ldapsync+cap")
     goal("capture p99 ≤ 20 ms", None if c is None else f"{c:.1f} ms", None if c is None else c <= 20)
     c = value("capture: write → in the local store, p99", "ldapsync+pg")

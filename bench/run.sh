@@ -162,9 +162,12 @@ pg_sql() { # DB SQL
 # ldapsync's configuration: high connection limits for the idle scenario;
 # CONNECTOR=1 adds a connector over user000001…user000999 (capture on);
 # STORE, when given, is a PostgreSQL URL for [store] instead of SQLite.
+# UPSTREAMS, when set, replaces the directory URL list (TOML strings).
 start_ldapsync() { # NAME CONNECTOR [STORE [EXTRA_STORE_LINES]]
     free_port
     URL[$1]=ldap://127.0.0.1:$port
+    local upstreams="\"${URL[slapd]}\""
+    [[ -n ${UPSTREAMS:-} ]] && upstreams=$UPSTREAMS
     local dir=$work/$1
     mkdir -p "$dir"
     echo secret >"$dir/service.secret"
@@ -172,7 +175,7 @@ start_ldapsync() { # NAME CONNECTOR [STORE [EXTRA_STORE_LINES]]
     cat >"$dir/ldapsync.toml" <<TOML
 [proxy]
 listen = ["${URL[$1]}"]
-upstream = ["${URL[slapd]}"]
+upstream = [$upstreams]
 max_connections = 30000
 max_connections_per_address = 30000
 
@@ -291,6 +294,35 @@ say "(b2) search by uid pipelined: 4 connections with 32 searches in flight each
 for t in $proxies; do bench "$t" pipelined --conns 4 --depth 32 --secs "$SECS"; done
 say "(c) connect + bind + search + unbind, 32 at once, ${SECS}s each"
 for t in $proxies; do bench "$t" churn --conns 32 --secs "$SECS"; done
+say "(c3) directory pool: connect + bind + search + unbind, one at a time, ${SECS}s each; ldapsync+pool has two directory URLs, the first black-holed"
+# A full accept queue: SYNs to it go unanswered, as to a host that is down or filtered.
+free_port
+hole=$port
+python3 - "$hole" <<'PY' &
+import socket, sys, time
+port = int(sys.argv[1])
+s = socket.socket()
+s.bind(("127.0.0.1", port))
+s.listen(0)
+held = []
+while True:
+    c = socket.socket()
+    c.settimeout(0.2)
+    try:
+        c.connect(("127.0.0.1", port))
+    except OSError:
+        break
+    held.append(c)
+time.sleep(10**6)
+PY
+PID[hole]=$!
+pids+=("${PID[hole]}")
+sleep 1
+UPSTREAMS="\"ldap://127.0.0.1:$hole\", \"${URL[slapd]}\"" start_ldapsync ldapsync+pool 0
+# The first session finds the black hole (it waits the connect timeout);
+# the sessions measured know it is down.
+ldapsearch -x -H "${URL[ldapsync+pool]}" -b "" -s base >/dev/null 2>&1 || true
+for t in ldapsync ldapsync+pool; do bench "$t" churn --conns 1 --secs "$SECS"; done
 say "(c2) connection storm: $STORM clients released at once, each connect + anonymous bind + search + unbind"
 for t in $proxies; do bench "$t" storm --conns "$STORM"; done
 say "(d) modify (replace description) on 999 people, 8 connections, ${SECS}s each"
