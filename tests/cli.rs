@@ -708,6 +708,65 @@ fn sighup_reloads_the_directory_urls_for_new_sessions_and_refuses_a_broken_file(
     );
 }
 
+/// A directory URL a reload removes is drained: a session open on it goes
+/// on there, new sessions go to the URLs that remain. Shown by freezing the
+/// removed directory: a new session sent there would hang.
+#[test]
+fn a_directory_url_removed_by_sighup_is_drained() {
+    use common::raw::{Raw, whoami};
+    let (old, new) = (Slapd::start(), Slapd::start());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ldapsync.toml");
+    let write = |upstream: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[proxy]\nlisten = [\"ldap://127.0.0.1:0\"]\nupstream = [\"{upstream}\"]\nconnect_timeout = \"1s\"\n"
+            ),
+        )
+        .unwrap()
+    };
+    write(&old.url());
+    let served = serve(&["--config", config.to_str().unwrap()]);
+    let mut open = Raw::connect(&served.url);
+    open.send(&[whoami(1)]);
+    assert_eq!(open.response().unwrap().result, 0, "a session on the old URL");
+
+    write(&new.url());
+    served.signal("HUP");
+    old.freeze();
+    let search = || {
+        ldap_tool(
+            "ldapsearch",
+            &served.url,
+            &[
+                "-x",
+                "-s",
+                "base",
+                "-b",
+                "dc=example,dc=com",
+                "-o",
+                "nettimeout=2",
+                "-l",
+                "2",
+            ],
+        )
+    };
+    assert!(
+        common::eventually(|| search().status.success()),
+        "new sessions go to the remaining URL"
+    );
+    old.thaw();
+    open.send(&[whoami(2)]);
+    assert_eq!(
+        open.response().unwrap().result,
+        0,
+        "the open session goes on on the old URL"
+    );
+    let (exit, _) = served.terminate();
+    assert!(exit.success());
+}
+
 #[test]
 fn a_bind_refused_by_ldapsync_itself_leaves_the_session_anonymous_not_under_the_previous_identity() {
     use common::raw::{Raw, modify, simple_bind, whoami};
