@@ -348,6 +348,23 @@ fn created_locally(name: &str) -> ldapsync::store::Commit {
     }
 }
 
+/// What a full pass commits for an entry it imports: the object, its
+/// association with `entry-NAME`, the journal line.
+fn created(name: &str) -> ldapsync::store::Commit {
+    ldapsync::store::Commit {
+        association: Some(ldapsync::store::Association {
+            connector: "example".into(),
+            object_id: 0,
+            entry_id: format!("entry-{name}"),
+            dn: format!("uid={name},ou=people,dc=example,dc=com"),
+            baseline: Default::default(),
+            synced_at: 0,
+            entry_gone: false,
+        }),
+        ..created_locally(name)
+    }
+}
+
 /// `[store]` on `postgres`.
 fn on(postgres: &Postgres) -> ldapsync::config::StoreConfig {
     ldapsync::config::StoreConfig {
@@ -440,22 +457,10 @@ fn a_full_comparison_clears_only_the_out_of_sync_reason_it_started_with() {
 #[test]
 fn a_pass_creations_sent_together_are_read_back_and_one_that_fails_spoils_no_other() {
     use ldapsync::model::Category;
-    use ldapsync::store::{self, Association, Commit, Store, StoreError};
+    use ldapsync::store::{self, Store, StoreError};
 
     let postgres = Postgres::start();
     let config = on(&postgres);
-    let created = |name: &str| Commit {
-        association: Some(Association {
-            connector: "example".into(),
-            object_id: 0,
-            entry_id: format!("entry-{name}"),
-            dn: format!("uid={name},ou=people,dc=example,dc=com"),
-            baseline: Default::default(),
-            synced_at: 0,
-            entry_gone: false,
-        }),
-        ..created_locally(name)
-    };
     let mut pass = store::open(&config).unwrap();
     let mut other = store::open(&config).unwrap();
     let names = ["alice", "bob", "carol"];
@@ -516,22 +521,10 @@ fn a_pass_creations_sent_together_are_read_back_and_one_that_fails_spoils_no_oth
 #[test]
 fn a_first_import_commits_its_creations_a_batch_at_a_time() {
     use ldapsync::model::Category;
-    use ldapsync::store::{self, Association, Commit, Store};
+    use ldapsync::store::{self, Store};
 
     let postgres = Postgres::start();
     let config = on(&postgres);
-    let created = |name: &str| Commit {
-        association: Some(Association {
-            connector: "example".into(),
-            object_id: 0,
-            entry_id: format!("entry-{name}"),
-            dn: format!("uid={name},ou=people,dc=example,dc=com"),
-            baseline: Default::default(),
-            synced_at: 0,
-            entry_gone: false,
-        }),
-        ..created_locally(name)
-    };
     let mut pass = store::open(&config).unwrap();
     let other = store::open(&config).unwrap();
     let names: Vec<String> = (0..1200).map(|i| format!("user{i:04}")).collect();
