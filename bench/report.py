@@ -200,6 +200,11 @@ def main():
     gap = None if h is None or p is None else h - p
     goal("one directory URL of two black-holed: a new session's p99 within 10 ms of a healthy one's",
          None if gap is None else f"{h:.2f} vs {p:.2f} ms", None if gap is None else gap <= 10)
+    spread = (find(rows, "spread", "ldapsync+rr") or {}).get("sessions") or []
+    mean = sum(spread) / len(spread) if spread else 0
+    off = max(abs(n - mean) / mean * 100 for n in spread) if mean else None
+    goal("three healthy directory URLs, round-robin: sessions per URL within ±10 % of the mean",
+         None if off is None else f"{' / '.join(map(str, spread))} (±{off:.1f} %)", None if off is None else off <= 10)
     c = value("capture: write → in the local store, p99", "ldapsync+cap")
     goal("capture p99 ≤ 20 ms", None if c is None else f"{c:.1f} ms", None if c is None else c <= 20)
     c = value("capture: write → in the local store, p99", "ldapsync+pg")

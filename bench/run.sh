@@ -112,10 +112,17 @@ wait_ldap() { # URL PID WHAT
 }
 
 declare -A URL PID
-start_slapd() { # NAME CONFIG_DIR
+# EXTRA listeners more: URL[NAME-2], URL[NAME-3], … reach the same slapd.
+start_slapd() { # NAME CONFIG_DIR [EXTRA]
     free_port
     URL[$1]=ldap://127.0.0.1:$port
-    "$SLAPD" -d none -F "$2" -h "${URL[$1]}/" >"$work/$1.log" 2>&1 &
+    local listen="${URL[$1]}/"
+    for n in $(seq 2 $((${3:-0} + 1))); do
+        free_port
+        URL[$1-$n]=ldap://127.0.0.1:$port
+        listen="$listen ${URL[$1-$n]}/"
+    done
+    "$SLAPD" -d none -F "$2" -h "$listen" >"$work/$1.log" 2>&1 &
     PID[$1]=$!
     pids+=("${PID[$1]}")
     wait_ldap "${URL[$1]}" "${PID[$1]}" "$1"
@@ -162,7 +169,8 @@ pg_sql() { # DB SQL
 # ldapsync's configuration: high connection limits for the idle scenario;
 # CONNECTOR=1 adds a connector over user000001…user000999 (capture on);
 # STORE, when given, is a PostgreSQL URL for [store] instead of SQLite.
-# UPSTREAMS, when set, replaces the directory URL list (TOML strings).
+# UPSTREAMS, when set, replaces the directory URL list (TOML strings);
+# PROXY_LINES are added to [proxy], TOML_LINES to the end of the file.
 start_ldapsync() { # NAME CONNECTOR [STORE [EXTRA_STORE_LINES]]
     free_port
     URL[$1]=ldap://127.0.0.1:$port
@@ -176,6 +184,7 @@ start_ldapsync() { # NAME CONNECTOR [STORE [EXTRA_STORE_LINES]]
 [proxy]
 listen = ["${URL[$1]}"]
 upstream = [$upstreams]
+${PROXY_LINES:-}
 max_connections = 30000
 max_connections_per_address = 30000
 
@@ -206,6 +215,7 @@ map = { cn = "display_name", mail = "mail", description = "description" }
 object_classes = ["inetOrgPerson"]
 TOML
     fi
+    [[ -n ${TOML_LINES:-} ]] && printf '%s\n' "$TOML_LINES" >>"$dir/ldapsync.toml"
     "$LDAPSYNC" serve --config "$dir/ldapsync.toml" >"$dir/ldapsync.log" 2>&1 &
     PID[$1]=$!
     pids+=("${PID[$1]}")
@@ -243,7 +253,7 @@ CFG
 }
 
 say "starting slapd, haproxy-tcp, ldapsync (relay), ldapsync (capture, SQLite and PostgreSQL), back-ldap, back-asyncmeta"
-start_slapd slapd "$data/slapd.d"
+start_slapd slapd "$data/slapd.d" 2
 start_postgres
 start_haproxy haproxy-tcp
 start_ldapsync ldapsync 0
@@ -323,6 +333,18 @@ UPSTREAMS="\"ldap://127.0.0.1:$hole\", \"${URL[slapd]}\"" start_ldapsync ldapsyn
 # the sessions measured know it is down.
 ldapsearch -x -H "${URL[ldapsync+pool]}" -b "" -s base >/dev/null 2>&1 || true
 for t in ldapsync ldapsync+pool; do bench "$t" churn --conns 1 --secs "$SECS"; done
+say "(c4) round-robin over three directory URLs (one slapd listening on three ports): connect + bind + search + unbind, 32 at once, ${SECS}s; sessions per URL"
+free_port
+rr_metrics=127.0.0.1:$port
+UPSTREAMS="\"${URL[slapd]}\", \"${URL[slapd-2]}\", \"${URL[slapd-3]}\"" PROXY_LINES='balance = "round-robin"' \
+    TOML_LINES=$'[metrics]\n'"listen = \"$rr_metrics\"" start_ldapsync ldapsync+rr 0
+bench ldapsync+rr churn --conns 32 --secs "$SECS"
+python3 - "$rr_metrics" >>"$results" <<'PY'
+import json, re, sys, urllib.request
+text = urllib.request.urlopen(f"http://{sys.argv[1]}/metrics").read().decode()
+counts = [int(n) for n in re.findall(r'^ldapsync_upstream_sessions_started_total\{url="[^"]*"\} (\d+)$', text, re.M)]
+print(json.dumps({"target": "ldapsync+rr", "scenario": "spread", "sessions": counts}))
+PY
 say "(c2) connection storm: $STORM clients released at once, each connect + anonymous bind + search + unbind"
 for t in $proxies; do bench "$t" storm --conns "$STORM"; done
 say "(d) modify (replace description) on 999 people, 8 connections, ${SECS}s each"

@@ -77,6 +77,7 @@ pub struct Metrics {
     pub upstream_failovers: Counter,
     pub upstream_up: Family<UrlLabel, Gauge>,
     pub upstream_sessions: Family<UrlLabel, Gauge>,
+    pub upstream_sessions_started: Family<UrlLabel, Counter>,
     pub upstream_probe_seconds: Family<UrlLabel, Gauge<f64, AtomicU64>>,
     pub captures: Family<OutcomeLabel, Counter>,
     pub poll_seconds: Family<PollLabels, Histogram>,
@@ -115,6 +116,7 @@ impl Metrics {
             upstream_failovers: Counter::default(),
             upstream_up: Family::default(),
             upstream_sessions: Family::default(),
+            upstream_sessions_started: Family::default(),
             upstream_probe_seconds: Family::default(),
             captures: Family::default(),
             poll_seconds: Family::new_with_constructor(polls),
@@ -168,6 +170,11 @@ impl Metrics {
             "upstream_sessions",
             "Sessions with an open connection to a directory URL",
             metrics.upstream_sessions.clone(),
+        );
+        registry.register(
+            "upstream_sessions_started",
+            "Sessions connected to a directory URL since the start",
+            metrics.upstream_sessions_started.clone(),
         );
         registry.register(
             "upstream_probe_seconds",

@@ -116,6 +116,10 @@ impl Pool {
         let open = state.sessions.entry(url.clone()).or_default();
         *open += 1;
         set_sessions(&url, *open);
+        METRICS
+            .upstream_sessions_started
+            .get_or_create(&UrlLabel { url: url.clone() })
+            .inc();
         Slot {
             pool: Arc::clone(self),
             url,
