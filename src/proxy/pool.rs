@@ -5,12 +5,14 @@
 //! A URL whose connection failed is *down*: new sessions try it only after
 //! every URL that is up, so a dead or black-holed directory costs one
 //! session the connect timeout, not every session. A probe (connected as
-//! sessions connect, then an anonymous root DSE read;
-//! `upstream::probe_down_urls`) retries a down URL with back-off and
-//! re-admits it when it answers; a session that reaches it (when nothing
-//! else answered) re-admits it too.
+//! sessions connect, then an anonymous root DSE read; `upstream::probe_urls`)
+//! retries a down URL with back-off and re-admits it when it answers; a
+//! session that reaches it (when nothing else answered) re-admits it too.
+//! URLs that are up are probed every `health_interval`, so that a frozen
+//! directory is found down before sessions hang on it.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::fmt::Display;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -72,9 +74,10 @@ impl Pool {
     /// within a tier as `balance` says; then those down, as configured (a
     /// last resort). `options` holds each URL's (weight, tier).
     pub fn order<'a>(&self, urls: &'a [LdapUrl], options: &[(usize, usize)], balance: Balance) -> Vec<&'a LdapUrl> {
+        let keys: Vec<String> = urls.iter().map(ToString::to_string).collect();
         let state = self.state();
-        let is_down = |i: &usize| state.down.contains_key(&urls[*i].to_string());
-        let (mut up, down): (Vec<usize>, Vec<usize>) = (0..urls.len()).partition(|i| !is_down(i));
+        let (mut up, down): (Vec<usize>, Vec<usize>) =
+            (0..urls.len()).partition(|&i| !state.down.contains_key(&keys[i]));
         let weight = |i: usize| options.get(i).map_or(1, |o| o.0.max(1));
         let tier = |i: usize| options.get(i).map_or(1, |o| o.1);
         up.sort_by_key(|&i| tier(i));
@@ -100,7 +103,7 @@ impl Pool {
                     group.rotate_left(first);
                 }
                 Balance::LeastConnections => {
-                    let open = |i: usize| state.sessions.get(&urls[i].to_string()).copied().unwrap_or(0);
+                    let open = |i: usize| state.sessions.get(&keys[i]).copied().unwrap_or(0);
                     // Fewest sessions per unit of weight; the configured order breaks ties.
                     group.sort_by(|&a, &b| (open(a) * weight(b)).cmp(&(open(b) * weight(a))).then(a.cmp(&b)));
                 }
@@ -130,18 +133,16 @@ impl Pool {
     /// on (a URL already down keeps its back-off). Said once per outage,
     /// not once per session.
     pub fn failed(&self, url: &LdapUrl, reason: &dyn Display) {
-        let mut state = self.state();
-        let newly = !state.down.contains_key(&url.to_string());
-        if newly {
-            state.down.insert(
-                url.to_string(),
-                Down {
+        let newly = match self.state().down.entry(url.to_string()) {
+            Entry::Occupied(_) => false,
+            Entry::Vacant(vacant) => {
+                vacant.insert(Down {
                     retry_at: Instant::now() + FIRST_RETRY,
                     backoff: FIRST_RETRY,
-                },
-            );
-        }
-        drop(state);
+                });
+                true
+            }
+        };
         if newly {
             warn!(%url, %reason, "directory URL down: new sessions try the others first until it answers a probe");
             set_up(url, false);

@@ -1,6 +1,6 @@
 //! Connections to the directory behind the proxy: TCP, `ldaps://`, or
-//! StartTLS, tried URL by URL (those known down last), and the probing of
-//! URLs known down.
+//! StartTLS, tried URL by URL in the pool's order, and the health probes
+//! of every URL (down ones with back-off, up ones every `health_interval`).
 
 use std::sync::Arc;
 use std::time::Duration;
