@@ -49,6 +49,10 @@ pub enum ConfigError {
     },
     #[error("listener {listener} needs TLS: set proxy.tls.cert and proxy.tls.key")]
     NoCertificate { listener: String },
+    #[error(
+        "proxy.listen: {listener} passes TLS through to the directory, which needs an {scheme}:// URL in proxy.upstream"
+    )]
+    NoPassthroughUpstream { listener: String, scheme: &'static str },
     #[error("proxy.upstream_tls: set client_cert and client_key together")]
     ClientCertificate,
     #[error("two connectors are named {0:?}")]
@@ -841,6 +845,26 @@ pub struct Listener {
     pub url: LdapUrl,
     /// Refuse binds until the session is under TLS (`confidentialityRequired`).
     pub require_tls: bool,
+    /// Who ends the client's TLS: ldapsync, or the directory.
+    pub tls: ListenerTls,
+}
+
+/// Who ends a client's TLS on a listener (`tls` in a listener's table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ListenerTls {
+    /// ldapsync, with `proxy.tls`'s certificate: the session's operations
+    /// stay visible, and its writes are captured.
+    #[default]
+    Terminate,
+    /// The directory: an `ldaps://` listener relays the connection to an
+    /// `ldaps://` directory URL untouched from the first byte; on an
+    /// `ldap://` listener, StartTLS goes to the directory (over an
+    /// `ldap://` URL) and the session is relayed untouched from its
+    /// response on. The client's certificate then reaches the directory
+    /// (SASL EXTERNAL works), but the session's operations are opaque to
+    /// ldapsync: its writes reach the store by polls only.
+    Passthrough,
 }
 
 /// By hand rather than as an untagged enum, so that a bad value is reported
@@ -852,7 +876,9 @@ impl<'de> Deserialize<'de> for Listener {
             type Value = Listener;
 
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str(r#"a listen URL such as "ldap://127.0.0.1:389", or { url = "…", require_tls = true }"#)
+                f.write_str(
+                    r#"a listen URL such as "ldap://127.0.0.1:389", or { url = "…", require_tls = true, tls = "passthrough" }"#,
+                )
             }
 
             fn visit_str<E: serde::de::Error>(self, url: &str) -> Result<Listener, E> {
@@ -866,11 +892,14 @@ impl<'de> Deserialize<'de> for Listener {
                     url: LdapUrl,
                     #[serde(default)]
                     require_tls: bool,
+                    #[serde(default)]
+                    tls: ListenerTls,
                 }
                 let table = Table::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
                 Ok(Listener {
                     url: table.url,
                     require_tls: table.require_tls,
+                    tls: table.tls,
                 })
             }
         }
@@ -883,6 +912,7 @@ impl From<LdapUrl> for Listener {
         Listener {
             url,
             require_tls: false,
+            tls: ListenerTls::Terminate,
         }
     }
 }
@@ -1134,11 +1164,23 @@ impl Config {
             problems.push(ConfigError::NoListener);
         }
         if p.tls.is_none()
-            && let Some(listener) = p.listen.iter().find(|l| l.url.is_ldaps() || l.require_tls)
+            && let Some(listener) = p
+                .listen
+                .iter()
+                .find(|l| l.tls == ListenerTls::Terminate && (l.url.is_ldaps() || l.require_tls))
         {
             problems.push(ConfigError::NoCertificate {
                 listener: listener.url.to_string(),
             });
+        }
+        for listener in p.listen.iter().filter(|l| l.tls == ListenerTls::Passthrough) {
+            let scheme = if listener.url.is_ldaps() { "ldaps" } else { "ldap" };
+            if !p.upstream.iter().any(|u| u.is_ldaps() == listener.url.is_ldaps()) {
+                problems.push(ConfigError::NoPassthroughUpstream {
+                    listener: listener.url.to_string(),
+                    scheme,
+                });
+            }
         }
         if (p.upstream_tls.client_cert.is_some()) != (p.upstream_tls.client_key.is_some()) {
             problems.push(ConfigError::ClientCertificate);
@@ -1516,5 +1558,38 @@ mod tests {
                 .validate()
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn a_passthrough_listener_needs_no_certificate_but_a_directory_url_of_its_scheme() {
+        let text = |upstream: &str| {
+            format!(
+                r#"
+                [proxy]
+                upstream = ["{upstream}"]
+                listen = [{{ url = "ldaps://127.0.0.1:636", tls = "passthrough" }}, {{ url = "ldap://127.0.0.1:389", tls = "passthrough", require_tls = true }}]
+                "#
+            )
+        };
+        let config = Config::parse(&text("ldaps://dir.example.com"), Path::new("c.toml")).unwrap();
+        assert_eq!(config.proxy.listen[0].tls, ListenerTls::Passthrough);
+        let problems: Vec<String> = config.proxy_problems().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            problems,
+            [
+                "proxy.listen: ldap://127.0.0.1:389 passes TLS through to the directory, which needs an ldap:// URL in proxy.upstream"
+            ]
+        );
+        let config = Config::parse(&text("ldap://dir.example.com"), Path::new("c.toml")).unwrap();
+        let problems: Vec<String> = config.proxy_problems().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            problems,
+            [
+                "proxy.listen: ldaps://127.0.0.1:636 passes TLS through to the directory, which needs an ldaps:// URL in proxy.upstream"
+            ]
+        );
+        let unknown = text("ldap://d").replace("passthrough\", require_tls", "relay\", require_tls");
+        let err = Config::parse(&unknown, Path::new("c.toml")).unwrap_err().to_string();
+        assert!(err.contains("unknown variant `relay`"), "{err}");
     }
 }

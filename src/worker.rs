@@ -26,7 +26,7 @@ use crate::dn;
 use crate::metrics::{ChangeLabels, ConflictLabels, ConnectorLabel, METRICS, OutcomeLabel, PollLabels};
 use crate::model::{Category, Change, ChangeEvent, ChangeSource, Mechanism};
 use crate::poller;
-use crate::proxy::capture::{Affected, CaptureLoss, CaptureSink, CapturedWrite, WriteKind};
+use crate::proxy::capture::{Affected, CaptureLoss, CaptureSink, CapturedWrite, Opacity, WriteKind};
 use crate::store::postgres::{Fence, Instance};
 use crate::store::{self, AnyStore, Capture, CaptureKind, ConnectorState, PostgresStore, Store, Watermark, now};
 use crate::sync::engine::{self, PassOptions, Report, SyncError};
@@ -190,14 +190,20 @@ impl CaptureSink for CaptureRouter {
                 self.routing
                     .unseen("outcome-unknown", kind, &format!("session {session}"))
             }
-            CaptureLoss::SecurityLayer => {
+            CaptureLoss::Opaque(opacity) => {
                 METRICS
                     .captures
                     .get_or_create(&OutcomeLabel {
-                        outcome: "security-layer",
+                        outcome: opacity.as_str(),
                     })
                     .inc();
-                if let Some(held_back) = self.routing.warnings.allow() {
+                // A passthrough listener is the operator's choice, not news.
+                if opacity == Opacity::EndToEndTls {
+                    debug!(
+                        session,
+                        "writes on this session are not captured (end-to-end TLS); polls bring them in"
+                    );
+                } else if let Some(held_back) = self.routing.warnings.allow() {
                     warn!(
                         session,
                         held_back, "writes on this session are not captured (SASL security layer); polls bring them in"

@@ -435,10 +435,9 @@ fn ldap_utils_sasl_binds_multi_step_and_with_security_layer() {
         "a security layer was negotiated: {whoami:?}"
     );
     assert!(
-        pair.proxy
-            .sink
-            .losses()
-            .contains(&ldapsync::proxy::CaptureLoss::SecurityLayer),
+        pair.proxy.sink.losses().contains(&ldapsync::proxy::CaptureLoss::Opaque(
+            ldapsync::proxy::Opacity::SecurityLayer
+        )),
         "a write the relay cannot see is reported, not silently dropped"
     );
 }

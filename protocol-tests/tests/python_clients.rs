@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ldapsync::config::{DirectoryLoss, Listener, ServerTlsConfig};
+use ldapsync::config::{DirectoryLoss, LdapUrl, Listener, ServerTlsConfig};
 use ldapsync::proxy::WriteKind;
 use ldapsync_fixtures::{Pki, Slapd};
 use protocol_tests::{Pair, ProxyHandle, person};
@@ -401,10 +401,7 @@ fn starttls_with_python_ldap_and_ldap3() {
     // the direct run uses (over plain LDAP: TLS ends at ldapsync).
     let slapd = Slapd::start_with_tls(&pki);
     let proxy = ProxyHandle::start_with(&[slapd.url()], |config| {
-        config.listen = vec![Listener {
-            url: "ldap://127.0.0.1:0".parse().unwrap(),
-            require_tls: false,
-        }];
+        config.listen = vec![Listener::from("ldap://127.0.0.1:0".parse::<LdapUrl>().unwrap())];
         config.tls = Some(ServerTlsConfig {
             cert: pki.cert.clone(),
             key: pki.key.clone(),

@@ -1,14 +1,15 @@
 //! TLS on both sides of the relay: real clients (ldap-utils with GnuTLS,
 //! the ldap3 crate with rustls) over `ldaps://` and StartTLS
 //! (RFC 4511 §4.14), slapd serving TLS upstream, certificates refused and
-//! reloaded, and binds refused in clear text where TLS is required.
+//! reloaded, binds refused in clear text where TLS is required, and client
+//! certificates with SASL EXTERNAL through passthrough listeners.
 
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use ldap3::{LdapConnAsync, LdapConnSettings, Scope, SearchEntry};
-use ldapsync::config::{ClientTlsConfig, DirectoryLoss, Listener, ServerTlsConfig};
+use ldapsync::config::{ClientTlsConfig, DirectoryLoss, LdapUrl, Listener, ListenerTls, ServerTlsConfig};
 use ldapsync::proxy::message::STARTTLS_OID;
 use ldapsync::tls::client_config;
 use ldapsync_fixtures::{BASE_DN, Pki, Slapd, person};
@@ -19,8 +20,8 @@ use rasn_ldap::ResultCode;
 fn proxy_with_tls(upstream: &str, pki: &Pki, listener: &str, require_tls: bool) -> ProxyHandle {
     ProxyHandle::start_with(&[upstream.to_owned()], |config| {
         config.listen = vec![Listener {
-            url: listener.parse().unwrap(),
             require_tls,
+            ..Listener::from(listener.parse::<LdapUrl>().unwrap())
         }];
         config.tls = Some(ServerTlsConfig {
             cert: pki.cert.clone(),
@@ -137,8 +138,8 @@ fn binds_in_clear_text_are_refused_where_tls_is_required() {
     // by its code (13, not 52).
     let nowhere = ProxyHandle::start_with(&["ldap://127.0.0.1:1".into()], |config| {
         config.listen = vec![Listener {
-            url: "ldap://127.0.0.1:0".parse().unwrap(),
             require_tls: true,
+            ..Listener::from("ldap://127.0.0.1:0".parse::<LdapUrl>().unwrap())
         }];
         config.tls = Some(ServerTlsConfig {
             cert: pki.cert.clone(),
@@ -266,4 +267,183 @@ async fn a_silent_tls_client_is_dropped_after_the_handshake_timeout() {
     let mut silent = RawConn::connect(proxy.addr()).await;
     // The handshake timeout is 500 ms; no answer comes, the socket closes.
     assert_eq!(silent.receive(Duration::from_secs(5)).await, Received::Closed);
+}
+
+/// ldapwhoami with SASL EXTERNAL, trusting `pki` and presenting `cert`'s
+/// certificate; `extra` chooses StartTLS (`-ZZ`) or not.
+fn whoami_external(url: &str, pki: &Pki, cert: &(std::path::PathBuf, std::path::PathBuf), extra: &[&str]) -> Output {
+    let mut args = vec!["-Q", "-Y", "EXTERNAL", "-H", url];
+    args.extend_from_slice(extra);
+    Command::new("ldapwhoami")
+        .env("LDAPTLS_CACERT", &pki.ca)
+        .env("LDAPTLS_REQCERT", "demand")
+        .env("LDAPTLS_CERT", &cert.0)
+        .env("LDAPTLS_KEY", &cert.1)
+        .env("LDAPCONF", "/dev/null")
+        .args(&args)
+        .output()
+        .unwrap()
+}
+
+/// ldapsync in front of `upstreams` with one passthrough listener.
+fn passthrough_proxy(upstreams: &[String], listener: &str) -> ProxyHandle {
+    ProxyHandle::start_with(upstreams, |config| {
+        config.listen = vec![Listener {
+            tls: ListenerTls::Passthrough,
+            ..Listener::from(listener.parse::<LdapUrl>().unwrap())
+        }];
+        config.shutdown_grace = Duration::from_millis(200);
+    })
+}
+
+#[test]
+fn sasl_external_with_a_client_certificate_works_through_a_passthrough_listener() {
+    let pki = Pki::new("ldapsync test");
+    let slapd = Slapd::start_with_tls(&pki);
+    let ldaps = slapd.ldaps_url().unwrap();
+    let alice = pki.client("alice");
+    let (alice_dn, _) = person("alice");
+
+    let direct = stdout(&whoami_external(&slapd.url(), &pki, &alice, &["-ZZ"]));
+    assert_eq!(
+        direct.trim(),
+        format!("dn:{alice_dn}"),
+        "the directory maps the certificate"
+    );
+    assert_eq!(stdout(&whoami_external(&ldaps, &pki, &alice, &[])), direct);
+
+    // StartTLS goes to the directory; the handshake and the bind are the
+    // client's own with it. Both kinds of URL upstream: StartTLS takes the
+    // ldap:// one.
+    let upstreams = [ldaps.clone(), slapd.url()];
+    let starttls = passthrough_proxy(&upstreams, "ldap://127.0.0.1:0");
+    assert_eq!(
+        stdout(&whoami_external(&starttls.url(), &pki, &alice, &["-ZZ"])),
+        direct,
+        "StartTLS passed through"
+    );
+    // A search over it answers as the directory does, the certificate's
+    // identity applied (alice may read her own entry's attributes).
+    let search = |url: &str| {
+        Command::new("ldapsearch")
+            .env("LDAPTLS_CACERT", &pki.ca)
+            .env("LDAPTLS_CERT", &alice.0)
+            .env("LDAPTLS_KEY", &alice.1)
+            .env("LDAPCONF", "/dev/null")
+            .args([
+                "-Q",
+                "-LLL",
+                "-ZZ",
+                "-Y",
+                "EXTERNAL",
+                "-H",
+                url,
+                "-b",
+                BASE_DN,
+                "(uid=alice)",
+                "cn",
+                "mail",
+                "description",
+            ])
+            .output()
+            .unwrap()
+    };
+    let direct_search = stdout(&search(&slapd.url()));
+    assert!(direct_search.contains("mail: alice@example.com"), "{direct_search}");
+    assert_eq!(stdout(&search(&starttls.url())), direct_search);
+    // Before StartTLS the session is relayed (and its writes captured) as
+    // any other; after it, a write is the poller's to find, and the sink
+    // hears that it cannot see it.
+    let modify = |extra: &[&str], description: &str| {
+        let mut child = Command::new("ldapmodify")
+            .env("LDAPTLS_CACERT", &pki.ca)
+            .env("LDAPTLS_CERT", &alice.0)
+            .env("LDAPTLS_KEY", &alice.1)
+            .env("LDAPCONF", "/dev/null")
+            .args(["-H", &starttls.url()])
+            .args(extra)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let ldif = format!("dn: {alice_dn}\nchangetype: modify\nreplace: description\ndescription: {description}\n");
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), ldif.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let alice_pw = person("alice").1;
+    stdout(&modify(&["-x", "-D", &alice_dn, "-w", &alice_pw], "in clear"));
+    stdout(&modify(&["-Q", "-ZZ", "-Y", "EXTERNAL"], "end to end"));
+    let captured: Vec<_> = starttls.sink.writes().into_iter().map(|(_, dn)| dn).collect();
+    assert_eq!(captured, [alice_dn.clone()], "only the write in clear is captured");
+    assert!(
+        starttls.sink.losses().contains(&ldapsync::proxy::CaptureLoss::Opaque(
+            ldapsync::proxy::Opacity::EndToEndTls
+        )),
+        "{:?}",
+        starttls.sink.losses()
+    );
+    let described = stdout(&search(&slapd.url()));
+    assert!(described.contains("description: end to end"), "{described}");
+
+    // ldaps:// to ldaps://, untouched from the first byte.
+    let tunnel = passthrough_proxy(&upstreams, "ldaps://127.0.0.1:0");
+    assert!(tunnel.url().starts_with("ldaps://"), "{}", tunnel.url());
+    assert_eq!(
+        stdout(&whoami_external(&tunnel.url(), &pki, &alice, &[])),
+        direct,
+        "ldaps passed through"
+    );
+    assert_eq!(
+        stdout(&alice_search(&tunnel.url(), &[], &pki.ca)),
+        stdout(&alice_search(&ldaps, &[], &pki.ca))
+    );
+
+    // Where ldapsync ends TLS itself, the certificate stops there: the
+    // bind fails as it would on a connection without one.
+    let terminated = proxy_with_tls(&slapd.url(), &pki, "ldap://127.0.0.1:0", false);
+    let refused = whoami_external(&terminated.url(), &pki, &alice, &["-ZZ"]);
+    assert!(!refused.status.success(), "{refused:?}");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("no mechanism available") || err.contains("Unknown authentication method"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_relayed_session_never_presents_ldapsyncs_own_client_certificate() {
+    use ldap3::exop::{WhoAmI, WhoAmIResp};
+    let pki = Pki::new("ldapsync test");
+    let slapd = Slapd::start_with_tls(&pki);
+    // ldapsync's certificate maps to carol: a client's SASL EXTERNAL bind
+    // relayed over ldapsync's TLS must not make the client carol.
+    let (cert, key) = pki.client("carol");
+    for upstream in [slapd.url(), slapd.ldaps_url().unwrap()] {
+        let proxy = ProxyHandle::start_with(std::slice::from_ref(&upstream), |config| {
+            config.upstream_tls = ClientTlsConfig {
+                ca: Some(pki.ca.clone()),
+                starttls: !upstream.starts_with("ldaps"),
+                client_cert: Some(cert.clone()),
+                client_key: Some(key.clone()),
+                ..ClientTlsConfig::default()
+            };
+        });
+        let (conn, mut ldap) = LdapConnAsync::new(&proxy.url()).await.unwrap();
+        ldap3::drive!(conn);
+        let bind = ldap.sasl_external_bind().await.unwrap();
+        let (whoami, _) = ldap.extended(WhoAmI).await.unwrap().success().unwrap();
+        let identity = whoami.parse::<WhoAmIResp>().authzid;
+        assert_ne!(bind.rc, 0, "{upstream}: the EXTERNAL bind succeeded as {identity:?}");
+        assert!(!identity.contains("carol"), "{upstream}: {identity}");
+        // The relay itself works over that TLS.
+        let (entries, _) = ldap
+            .search(BASE_DN, Scope::Subtree, "(uid=alice)", vec!["mail"])
+            .await
+            .unwrap()
+            .success()
+            .unwrap();
+        assert_eq!(entries.len(), 1, "{upstream}");
+        ldap.unbind().await.unwrap();
+    }
 }

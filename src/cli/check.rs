@@ -28,6 +28,9 @@ fn hint(problem: &ConfigError) -> &'static str {
             "connector names identify associations and journal lines: make them unique"
         }
         ConfigError::NoCertificate { .. } => "[proxy.tls] cert = \"cert.pem\", key = \"key.pem\"",
+        ConfigError::NoPassthroughUpstream { .. } => {
+            "add a directory URL of the listener's scheme, or let ldapsync end TLS (tls = \"terminate\")"
+        }
         ConfigError::ClientCertificate => "a client certificate needs its key, and the other way round",
         ConfigError::Store { key, .. } => match key.as_str() {
             "url" => "store.url = \"postgresql://ldapsync@db.example.com:5432/ldapsync\", the password apart",

@@ -111,13 +111,31 @@ fn text(bytes: &[u8]) -> Result<String, CaptureError> {
 /// Why a session's writes can no longer be seen by the relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CaptureLoss {
-    /// A SASL security layer (integrity or confidentiality) wraps the
-    /// session's traffic: it is relayed opaquely.
-    SecurityLayer,
+    /// The session's traffic is relayed opaquely from now on.
+    Opaque(Opacity),
     /// A write of this kind was relayed but its outcome was never seen
     /// (abandoned, or the session ended first): the directory may have
     /// applied it.
     OutcomeUnknown(WriteKind),
+}
+
+/// Why a session's bytes are no longer LDAP PDUs to ldapsync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opacity {
+    /// A SASL security layer (integrity or confidentiality) wraps them.
+    SecurityLayer,
+    /// The client's TLS ends at the directory (a passthrough listener).
+    EndToEndTls,
+}
+
+impl Opacity {
+    /// Its name in metrics (`outcome`) and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Opacity::SecurityLayer => "security-layer",
+            Opacity::EndToEndTls => "end-to-end-tls",
+        }
+    }
 }
 
 /// Receives successful writes. Called on the session's relay path, so it

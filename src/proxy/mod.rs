@@ -30,10 +30,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::{Listener, ProxyConfig};
+use crate::config::{ClientTlsConfig, LdapUrl, Listener, ProxyConfig};
 use crate::throttle::Throttle;
 use crate::tls::{self, ServerTls, TlsError};
-pub use capture::{CaptureLoss, CaptureSink, CapturedWrite, LogSink, WriteKind};
+pub use capture::{CaptureLoss, CaptureSink, CapturedWrite, LogSink, Opacity, WriteKind};
 use codec::Budget;
 use limits::{AddressCounts, FailedBinds};
 
@@ -49,6 +49,15 @@ struct Settings {
     upstream_tls: Option<TlsConnector>,
     /// Each upstream URL's (weight, tier).
     url_options: Vec<(usize, usize)>,
+    /// The URLs a session whose TLS the directory ends may use: `ldap://`
+    /// ones (StartTLS) first, then `ldaps://` ones.
+    passthrough: [UrlSubset; 2],
+}
+
+/// Some of the upstream URLs, with their (weight, tier).
+struct UrlSubset {
+    urls: Vec<LdapUrl>,
+    options: Vec<(usize, usize)>,
 }
 
 impl Settings {
@@ -64,17 +73,51 @@ impl Settings {
         }
     }
 
+    /// How a session whose TLS the directory ends reaches it: over the
+    /// `ldaps://` URLs (`ldaps`) or the `ldap://` ones, in plain TCP.
+    fn passthrough_route(&self, ldaps: bool) -> upstream::Route<'_> {
+        let subset = &self.passthrough[usize::from(ldaps)];
+        upstream::Route {
+            urls: &subset.urls,
+            tls: None,
+            starttls: false,
+            options: &subset.options,
+            ..self.route()
+        }
+    }
+
     fn new(config: ProxyConfig) -> Result<Settings, TlsError> {
-        let upstream_tls = if config.upstream_tls.starttls || config.upstream.iter().any(|u| u.is_ldaps()) {
-            Some(tls::connector(tls::client_config(&config.upstream_tls)?))
+        // A relayed session is the client's, never ldapsync's: it does not
+        // present the connectors' certificate, or a SASL EXTERNAL bind (or
+        // Active Directory's implicit certificate binding) would run the
+        // client's operations as ldapsync's identity.
+        let relay_tls = ClientTlsConfig {
+            client_cert: None,
+            client_key: None,
+            ..config.upstream_tls.clone()
+        };
+        let upstream_tls = if relay_tls.starttls || config.upstream.iter().any(|u| u.is_ldaps()) {
+            Some(tls::connector(tls::client_config(&relay_tls)?))
         } else {
             None
         };
         let url_options = config.url_options();
+        let subset = |ldaps: bool| {
+            let (urls, options) = config
+                .upstream
+                .iter()
+                .zip(&url_options)
+                .filter(|(url, _)| url.is_ldaps() == ldaps)
+                .map(|(url, options)| (url.clone(), *options))
+                .unzip();
+            UrlSubset { urls, options }
+        };
+        let passthrough = [subset(false), subset(true)];
         Ok(Settings {
             config,
             upstream_tls,
             url_options,
+            passthrough,
         })
     }
 }
@@ -249,7 +292,13 @@ impl Proxy {
                 .await
                 .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {url}: {e}")))?;
             match socket.local_addr() {
-                Ok(addr) => info!(%url, %addr, require_tls = listener.require_tls, "listening"),
+                Ok(addr) => info!(
+                    %url,
+                    %addr,
+                    require_tls = listener.require_tls,
+                    tls = ?listener.tls,
+                    "listening"
+                ),
                 Err(_) => info!(%url, "listening"),
             }
             listeners.push(BoundListener::new(socket, listener.clone()));

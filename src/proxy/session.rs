@@ -32,14 +32,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
 use super::ber;
-use super::capture::{CaptureLoss, CapturedWrite, WriteKind};
+use super::capture::{CaptureLoss, CapturedWrite, Opacity, WriteKind};
 use super::codec::{FrameError, PduCodec};
 use super::conformance::Checker;
 use super::message::{self, Envelope, Op, STARTTLS_OID};
 use super::pool::Slot;
 use super::upstream;
 use super::{Io, Settings, Shared};
-use crate::config::{DirectoryLoss, Listener};
+use crate::config::{DirectoryLoss, Listener, ListenerTls};
 use crate::metrics::{METRICS, OpLabel, OperationLabels};
 
 type Stream = Box<dyn Io>;
@@ -80,6 +80,9 @@ enum OnSuccess {
     /// A SASL bind: the mechanism may have negotiated a security layer, after
     /// which the session's bytes are no longer LDAP PDUs (RFC 4513 §5.2.1.2).
     SaslBound,
+    /// StartTLS passed through: the directory's next bytes are its side of
+    /// the client's TLS handshake.
+    EndToEndTls,
 }
 
 /// The operations in flight on one session, shared by its two relay tasks.
@@ -226,7 +229,8 @@ pub(super) async fn run(
             debug!(error = %e, "could not set TCP_NODELAY");
         }
         let ldaps = listener.url.is_ldaps();
-        let stream: Stream = if ldaps {
+        let passthrough = listener.tls == ListenerTls::Passthrough;
+        let stream: Stream = if ldaps && !passthrough {
             match handshake(&shared, &settings, stream).await {
                 Ok(stream) => stream,
                 Err(reason) => return info!(%reason, "TLS handshake failed; connection closed"),
@@ -235,7 +239,12 @@ pub(super) async fn run(
             Box::new(stream)
         };
         let session = Session::new(id, stream, peer.ip(), listener, shared, settings);
-        Session { tls: ldaps, ..session }.run(shutdown).await
+        Session {
+            tls: ldaps && !passthrough,
+            ..session
+        }
+        .run(shutdown)
+        .await
     }
     .instrument(span)
     .await
@@ -283,11 +292,15 @@ struct Session {
     responder: JoinHandle<()>,
     inflight: Arc<Inflight>,
     upstream: Option<Upstream>,
-    /// Set once a SASL bind succeeded: from then on, bytes that are not an
-    /// LDAPMessage are taken as a SASL security layer, not as garbage.
-    sasl_bound: Arc<AtomicBool>,
-    /// The session relays opaque bytes (a SASL security layer is in effect),
-    /// so ldapsync can no longer speak LDAP to the client itself.
+    /// Set once the directory agreed to wrap the session's bytes (a SASL
+    /// bind succeeded, or StartTLS passed through): from then on, bytes that
+    /// are not an LDAPMessage are taken as wrapped, not as garbage.
+    wrapped: Arc<AtomicBool>,
+    /// StartTLS was relayed to the directory (a passthrough listener).
+    start_tls_passed: bool,
+    /// The session relays opaque bytes (a SASL security layer or the
+    /// client's own TLS with the directory), so ldapsync can no longer
+    /// speak LDAP to the client itself.
     tunneled: bool,
     /// Operations abandoned lately, with when (see `outstanding`): they
     /// still count, and their message ids are not free yet.
@@ -310,12 +323,12 @@ impl Session {
             .as_ref()
             .map(|report| Arc::new(Mutex::new(Checker::new(Arc::clone(report), id))));
         let inflight = Arc::<Inflight>::default();
-        let sasl_bound = Arc::<AtomicBool>::default();
+        let wrapped = Arc::<AtomicBool>::default();
         let responder = Responder {
             session: id,
             peer,
             checker: checker.clone(),
-            sasl_bound: Arc::clone(&sasl_bound),
+            wrapped: Arc::clone(&wrapped),
             shared: Arc::clone(&shared),
             inflight: Arc::clone(&inflight),
             io_timeout: settings.config.io_timeout,
@@ -334,7 +347,8 @@ impl Session {
             responder,
             inflight,
             upstream: None,
-            sasl_bound,
+            wrapped,
+            start_tls_passed: false,
             tunneled: false,
             abandoned: VecDeque::new(),
         }
@@ -342,8 +356,27 @@ impl Session {
 
     async fn run(mut self, shutdown: CancellationToken) {
         debug!("session opened");
-        let end = self.relay(&shutdown).await;
+        let end = match (self.listener.url.is_ldaps(), self.listener.tls) {
+            (true, ListenerTls::Passthrough) => self.pass_through(&shutdown).await,
+            _ => self.relay(&shutdown).await,
+        };
         self.close(end).await;
+    }
+
+    /// An `ldaps://` passthrough session: relayed untouched, from the first
+    /// byte, to an `ldaps://` directory URL, which ends the client's TLS.
+    async fn pass_through(&mut self, shutdown: &CancellationToken) -> End {
+        // Nothing ldapsync could write would be readable inside the client's TLS.
+        self.tunneled = true;
+        let route = self.settings.passthrough_route(true);
+        let (stream, slot) = match upstream::connect(&route, &self.shared.pool).await {
+            Ok(connected) => connected,
+            Err(e) => return End::UpstreamLost(e.to_string()),
+        };
+        if let Some(end) = self.start_upstream(stream, slot, Framing::Opaque).await {
+            return end;
+        }
+        self.tunnel(shutdown, Opacity::EndToEndTls).await
     }
 
     async fn relay(&mut self, shutdown: &CancellationToken) -> End {
@@ -404,8 +437,12 @@ impl Session {
                     debug!(error = %e, "client read failed");
                     return End::ClientClosed;
                 }
-                Event::Request(Some(Err(FrameError::NotASequence(_)))) if self.sasl_bound.load(Ordering::Acquire) => {
-                    return self.tunnel(shutdown).await;
+                Event::Request(Some(Err(FrameError::NotASequence(_)))) if self.wrapped.load(Ordering::Acquire) => {
+                    let opacity = match self.start_tls_passed {
+                        true => Opacity::EndToEndTls,
+                        false => Opacity::SecurityLayer,
+                    };
+                    return self.tunnel(shutdown, opacity).await;
                 }
                 Event::Request(Some(Err(e @ FrameError::OverBudget(_)))) => return End::Overloaded(e.to_string()),
                 Event::Request(Some(Err(e))) => return End::Malformed(e.to_string()),
@@ -480,7 +517,10 @@ impl Session {
                 }
             }
             Op::Extended if env.extended_name(&pdu) == Some(STARTTLS_OID.as_bytes()) => {
-                return self.start_tls(&env).await;
+                return match self.listener.tls {
+                    ListenerTls::Terminate => self.start_tls(&env).await,
+                    ListenerTls::Passthrough => self.pass_start_tls(&env, pdu).await,
+                };
             }
             // A password must not cross the network in clear text here.
             Op::Bind if self.listener.require_tls && !self.tls && !env.is_anonymous_bind(&pdu) => {
@@ -510,43 +550,59 @@ impl Session {
             return self.refuse(&env, ResultCode::Busy, why).await;
         }
         if self.upstream.is_none() {
-            match upstream::connect(&self.settings.route(), &self.shared.pool).await {
-                Ok((stream, slot)) => {
-                    if let Some(end) = self.start_upstream(stream, slot).await {
-                        return Some(end);
-                    }
-                }
-                Err(e) => {
-                    let diagnostic = format!("ldapsync: {e}");
-                    if self.settings.config.on_directory_loss == DirectoryLoss::Close {
-                        return Some(End::UpstreamLost(diagnostic));
-                    }
-                    warn!(error = %e, op = env.op.name(), "request refused: directory unavailable");
-                    return match message::error_response(&env, ResultCode::Unavailable, &diagnostic) {
-                        Some(pdu) => self.reply(pdu).await,
-                        None => Some(End::UpstreamLost(diagnostic)),
-                    };
-                }
+            let settings = Arc::clone(&self.settings);
+            if let Err(end) = self.connect(&settings.route(), &env).await {
+                return end;
             }
         }
-        if env.op.expects_response() {
-            let on_success = match write_kind(env.op) {
-                Some(kind) => OnSuccess::Capture(kind, pdu.clone()),
-                None if env.is_sasl_bind(&pdu) => OnSuccess::SaslBound,
-                None => OnSuccess::Nothing,
-            };
+        let on_success = match write_kind(env.op) {
+            Some(kind) => OnSuccess::Capture(kind, pdu.clone()),
+            None if env.is_sasl_bind(&pdu) => OnSuccess::SaslBound,
+            None => OnSuccess::Nothing,
+        };
+        self.send(&env, pdu, on_success);
+        None
+    }
+
+    /// Opens the session's directory connection over `route`; when there
+    /// is none, `Err` holds what `request` returns.
+    async fn connect(&mut self, route: &upstream::Route<'_>, request: &Envelope) -> Result<(), Option<End>> {
+        match upstream::connect(route, &self.shared.pool).await {
+            Ok((stream, slot)) => match self.start_upstream(stream, slot, Framing::Pdus).await {
+                None => Ok(()),
+                Some(end) => Err(Some(end)),
+            },
+            Err(e) => {
+                let diagnostic = format!("ldapsync: {e}");
+                if self.settings.config.on_directory_loss == DirectoryLoss::Close {
+                    return Err(Some(End::UpstreamLost(diagnostic)));
+                }
+                warn!(error = %e, op = request.op.name(), "request refused: directory unavailable");
+                Err(
+                    match message::error_response(request, ResultCode::Unavailable, &diagnostic) {
+                        Some(pdu) => self.reply(pdu).await,
+                        None => Some(End::UpstreamLost(diagnostic)),
+                    },
+                )
+            }
+        }
+    }
+
+    /// Queues a request for the directory connection, awaiting its
+    /// response if it has one.
+    fn send(&mut self, request: &Envelope, pdu: Bytes, on_success: OnSuccess) {
+        if request.op.expects_response() {
             self.inflight.insert(
-                env.message_id,
+                request.message_id,
                 Pending {
-                    op: env.op,
+                    op: request.op,
                     started: Instant::now(),
                     on_success,
                 },
             );
         }
-        let upstream = self.upstream.as_mut().expect("connected above");
+        let upstream = self.upstream.as_mut().expect("connected before a request is sent");
         upstream.outgoing.extend_from_slice(&pdu);
-        None
     }
 
     /// Writes the requests relayed so far to the directory.
@@ -566,15 +622,16 @@ impl Session {
         }
     }
 
-    /// Relays the client's bytes opaquely once a SASL security layer wraps
-    /// them; the directory side switches on its own (see `Responder::relay`).
-    async fn tunnel(&mut self, shutdown: &CancellationToken) -> End {
+    /// Relays the client's bytes opaquely once they are wrapped (a SASL
+    /// security layer, the client's TLS with the directory); the directory
+    /// side switches on its own (see `Responder::relay`).
+    async fn tunnel(&mut self, shutdown: &CancellationToken, opacity: Opacity) -> End {
         self.tunneled = true;
-        info!("SASL security layer in effect: relaying this session opaquely");
+        info!(relayed = opacity.as_str(), "relaying this session opaquely");
         if let Some(end) = self.write_upstream().await {
             return end;
         }
-        self.shared.sink.capture_lost(self.id, CaptureLoss::SecurityLayer);
+        self.shared.sink.capture_lost(self.id, CaptureLoss::Opaque(opacity));
         let Some(upstream) = self.upstream.as_mut() else {
             return End::ClientClosed;
         };
@@ -726,15 +783,42 @@ impl Session {
         None
     }
 
+    /// StartTLS on a passthrough listener: relayed to the directory on a
+    /// fresh `ldap://` connection that ldapsync has not upgraded itself, so
+    /// that the handshake after its success is between the client and the
+    /// directory (which then sees the client's certificate).
+    async fn pass_start_tls(&mut self, request: &Envelope, pdu: Bytes) -> Option<End> {
+        if !self.inflight.is_empty() {
+            let why = "operations are outstanding; StartTLS must be requested alone";
+            let response =
+                message::named_extended_response(request.message_id, STARTTLS_OID, ResultCode::OperationsError, why);
+            return match response {
+                Some(response) => self.reply(response).await,
+                None => Some(End::Malformed("StartTLS request with an invalid message id".into())),
+            };
+        }
+        // The session continues anonymous, as after StartTLS ended here.
+        if let Some(end) = self.end_directory_session().await {
+            return Some(end);
+        }
+        let settings = Arc::clone(&self.settings);
+        if let Err(end) = self.connect(&settings.passthrough_route(false), request).await {
+            return end;
+        }
+        self.start_tls_passed = true;
+        self.send(request, pdu, OnSuccess::EndToEndTls);
+        None
+    }
+
     /// Hands the directory connection's reading side to the responder.
-    async fn start_upstream(&mut self, stream: Stream, slot: Slot) -> Option<End> {
+    async fn start_upstream(&mut self, stream: Stream, slot: Slot, framing: Framing) -> Option<End> {
         let (read, writer) = tokio::io::split(stream);
         let (report, ended) = oneshot::channel();
         let reader = DirectoryReader {
             read,
             buffer: BytesMut::new(),
             codec: PduCodec::new(self.settings.config.max_upstream_pdu),
-            framing: Framing::Pdus,
+            framing,
             noticed: false,
             report,
         };
@@ -846,7 +930,7 @@ struct Responder {
     session: u64,
     peer: IpAddr,
     checker: Option<Arc<Mutex<Checker>>>,
-    sasl_bound: Arc<AtomicBool>,
+    wrapped: Arc<AtomicBool>,
     shared: Arc<Shared>,
     inflight: Arc<Inflight>,
     /// A client that accepts nothing for this long is dropped.
@@ -951,10 +1035,16 @@ impl Responder {
         }
         loop {
             match reader.codec.decode(&mut reader.buffer) {
-                Ok(Some(pdu)) => self.pdu(reader, &pdu, out, captured),
+                Ok(Some(pdu)) => {
+                    self.pdu(reader, &pdu, out, captured);
+                    if reader.framing == Framing::Opaque {
+                        out.extend_from_slice(&reader.buffer.split());
+                        return None;
+                    }
+                }
                 Ok(None) => return None,
                 // The SASL bind negotiated a security layer (see `Session::tunnel`).
-                Err(FrameError::NotASequence(_)) if self.sasl_bound.load(Ordering::Acquire) => {
+                Err(FrameError::NotASequence(_)) if self.wrapped.load(Ordering::Acquire) => {
                     reader.framing = Framing::Opaque;
                     out.extend_from_slice(&reader.buffer.split());
                     return None;
@@ -978,8 +1068,10 @@ impl Responder {
                 reader.noticed = true;
             }
             Ok(env) if env.op.is_final_response() => {
-                if let Some(pending) = self.inflight.remove(env.message_id) {
-                    self.complete(&env, pdu, pending, captured);
+                if let Some(pending) = self.inflight.remove(env.message_id)
+                    && self.complete(&env, pdu, pending, captured)
+                {
+                    reader.framing = Framing::Opaque;
                 }
             }
             Ok(_) => {}
@@ -1015,7 +1107,9 @@ impl Responder {
         }
     }
 
-    fn complete(&self, env: &Envelope, response: &[u8], pending: Pending, captured: &mut Vec<CapturedWrite>) {
+    /// Completes an operation; true when the directory's bytes after this
+    /// response are opaque (StartTLS passed through succeeded).
+    fn complete(&self, env: &Envelope, response: &[u8], pending: Pending, captured: &mut Vec<CapturedWrite>) -> bool {
         let result = env.result_code(response);
         let op = pending.op.name();
         METRICS
@@ -1041,7 +1135,7 @@ impl Responder {
             self.shared.failed_binds.record(self.peer);
         }
         if result != Some(0) {
-            return;
+            return false;
         }
         match pending.on_success {
             OnSuccess::Nothing => {}
@@ -1051,8 +1145,14 @@ impl Responder {
                 kind,
                 request,
             }),
-            OnSuccess::SaslBound => self.sasl_bound.store(true, Ordering::Release),
+            OnSuccess::SaslBound => self.wrapped.store(true, Ordering::Release),
+            OnSuccess::EndToEndTls => {
+                // Before the response reaches the client, whose handshake follows it.
+                self.wrapped.store(true, Ordering::Release);
+                return true;
+            }
         }
+        false
     }
 }
 

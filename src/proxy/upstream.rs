@@ -49,7 +49,9 @@ pub enum ConnectError {
 pub struct Route<'a> {
     pub urls: &'a [LdapUrl],
     pub connect_timeout: Duration,
-    /// Set when any URL is `ldaps://` or `starttls` is on.
+    /// Set when any URL is `ldaps://` or `starttls` is on; unset, every
+    /// URL is connected in plain TCP (so an `ldaps://` one carries the
+    /// client's own TLS, passed through).
     pub tls: Option<&'a TlsConnector>,
     pub starttls: bool,
     /// Each URL's (weight, tier), as `urls`.
