@@ -402,6 +402,30 @@ pub struct ScopeConfig {
     /// the local `enabled` flag, both ways (AD: `userAccountControl`; the
     /// other bits are kept as they are).
     pub account_control: Option<String>,
+    /// Accounts only: a boolean attribute, TRUE while the account is locked
+    /// and absent otherwise, that is the local `enabled` flag reversed
+    /// (389 DS: `nsAccountLock`).
+    pub account_lock: Option<String>,
+}
+
+/// Where an account's enabled flag lives in the directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountSwitch<'a> {
+    /// Bit 2 (ACCOUNTDISABLE) of an integer attribute (AD's userAccountControl).
+    ControlBit(&'a str),
+    /// A boolean attribute, TRUE when the account is locked (389 DS's nsAccountLock).
+    Lock(&'a str),
+}
+
+impl ScopeConfig {
+    /// Where the enabled flag lives, when the scope maps it.
+    pub fn account_switch(&self) -> Option<AccountSwitch<'_>> {
+        match (&self.account_control, &self.account_lock) {
+            (Some(attr), _) => Some(AccountSwitch::ControlBit(attr)),
+            (None, Some(attr)) => Some(AccountSwitch::Lock(attr)),
+            (None, None) => None,
+        }
+    }
 }
 
 /// `preset`: defaults for a kind of directory.
@@ -409,62 +433,132 @@ pub struct ScopeConfig {
 #[serde(rename_all = "kebab-case")]
 pub enum Preset {
     /// Active Directory (and Samba AD): objectGUID, sAMAccountName, CN as
-    /// RDN, user/group filters and object classes, the usual mapping.
+    /// RDN, user/group filters and object classes, the usual mapping,
+    /// userAccountControl's disabled bit.
     ActiveDirectory,
+    /// 389 Directory Server (Red Hat Directory Server, FreeIPA's
+    /// directory): nsUniqueId, uid and cn, inetOrgPerson accounts,
+    /// groupOfNames groups, nsAccountLock for disabled accounts.
+    #[serde(rename = "389ds")]
+    Ds389,
+}
+
+/// What a preset fills in one category's scope.
+struct ScopeDefaults {
+    filter: &'static str,
+    naming: &'static str,
+    rdn: Option<&'static str>,
+    object_classes: &'static [&'static str],
+    map: &'static [(&'static str, &'static str)],
+    membership: Option<&'static str>,
+    account_control: Option<&'static str>,
+    account_lock: Option<&'static str>,
+}
+
+impl Preset {
+    /// The stable id attribute of this kind of directory.
+    fn id_attribute(self) -> &'static str {
+        match self {
+            Preset::ActiveDirectory => "objectGUID",
+            Preset::Ds389 => "nsUniqueId",
+        }
+    }
+
+    fn scope(self, category: Category) -> ScopeDefaults {
+        let none = ScopeDefaults {
+            filter: "",
+            naming: "",
+            rdn: None,
+            object_classes: &[],
+            map: &[],
+            membership: None,
+            account_control: None,
+            account_lock: None,
+        };
+        match (self, category) {
+            (Preset::ActiveDirectory, Category::Account) => ScopeDefaults {
+                filter: "(&(objectCategory=person)(objectClass=user))",
+                naming: "sAMAccountName",
+                rdn: Some("cn"),
+                object_classes: &["top", "person", "organizationalPerson", "user"],
+                map: &[
+                    ("mail", "mail"),
+                    ("displayName", "display_name"),
+                    ("userPrincipalName", "upn"),
+                    ("proxyAddresses", "aliases"),
+                ],
+                account_control: Some("userAccountControl"),
+                ..none
+            },
+            (Preset::ActiveDirectory, Category::Group) => ScopeDefaults {
+                filter: "(objectClass=group)",
+                naming: "sAMAccountName",
+                rdn: Some("cn"),
+                object_classes: &["top", "group"],
+                map: &[("description", "description")],
+                membership: Some("member"),
+                ..none
+            },
+            (Preset::Ds389, Category::Account) => ScopeDefaults {
+                filter: "(objectClass=inetOrgPerson)",
+                naming: "uid",
+                object_classes: &["top", "person", "organizationalPerson", "inetOrgPerson"],
+                map: &[("mail", "mail"), ("cn", "display_name")],
+                account_lock: Some("nsAccountLock"),
+                ..none
+            },
+            (Preset::Ds389, Category::Group) => ScopeDefaults {
+                filter: "(|(objectClass=groupOfNames)(objectClass=groupOfUniqueNames))",
+                naming: "cn",
+                object_classes: &["top", "groupOfNames"],
+                map: &[("description", "description")],
+                membership: Some("member"),
+                ..none
+            },
+        }
+    }
 }
 
 impl ConnectorConfig {
     /// Fills what the file left unset: the preset's values, then the
     /// general defaults.
     fn apply_defaults(&mut self) {
-        let ad = self.preset == Some(Preset::ActiveDirectory);
         if self.id_attribute.is_empty() {
-            self.id_attribute = if ad { "objectGUID" } else { "entryUUID" }.into();
+            self.id_attribute = self.preset.map_or("entryUUID", Preset::id_attribute).into();
         }
-        if !ad {
-            return;
-        }
+        let Some(preset) = self.preset else { return };
         for (category, scope) in [
             (Category::Account, &mut self.accounts),
             (Category::Group, &mut self.groups),
         ] {
             let Some(scope) = scope else { continue };
-            let (filter, classes, map): (&str, &[&str], &[(&str, &str)]) = match category {
-                Category::Account => (
-                    "(&(objectCategory=person)(objectClass=user))",
-                    &["top", "person", "organizationalPerson", "user"],
-                    &[
-                        ("mail", "mail"),
-                        ("displayName", "display_name"),
-                        ("userPrincipalName", "upn"),
-                        ("proxyAddresses", "aliases"),
-                    ],
-                ),
-                Category::Group => (
-                    "(objectClass=group)",
-                    &["top", "group"],
-                    &[("description", "description")],
-                ),
-            };
+            let defaults = preset.scope(category);
             if scope.filter == default_filter() {
-                scope.filter = filter.into();
+                scope.filter = defaults.filter.into();
             }
             if scope.naming.is_empty() {
-                scope.naming = "sAMAccountName".into();
+                scope.naming = defaults.naming.into();
             }
-            scope.rdn.get_or_insert_with(|| "cn".into());
+            if scope.rdn.is_none() {
+                scope.rdn = defaults.rdn.map(Into::into);
+            }
             if scope.object_classes.is_empty() {
-                scope.object_classes = classes.iter().map(|c| c.to_string()).collect();
+                scope.object_classes = defaults.object_classes.iter().map(|c| c.to_string()).collect();
             }
             if scope.map.is_empty() {
-                scope.map = map.iter().map(|(a, f)| (a.to_string(), f.to_string())).collect();
+                scope.map = defaults
+                    .map
+                    .iter()
+                    .map(|(a, f)| (a.to_string(), f.to_string()))
+                    .collect();
             }
-            match category {
-                Category::Group if scope.membership.is_none() => scope.membership = Some("member".into()),
-                Category::Account if scope.account_control.is_none() => {
-                    scope.account_control = Some("userAccountControl".into());
-                }
-                _ => {}
+            if scope.membership.is_none() {
+                scope.membership = defaults.membership.map(Into::into);
+            }
+            // One place for the enabled flag: the file's, or else the preset's.
+            if scope.account_control.is_none() && scope.account_lock.is_none() {
+                scope.account_control = defaults.account_control.map(Into::into);
+                scope.account_lock = defaults.account_lock.map(Into::into);
             }
         }
     }
@@ -634,10 +728,18 @@ impl ConnectorConfig {
                     ),
                 ));
             }
-            if category == Category::Group && scope.account_control.is_some() {
+            for (name, attr) in [
+                ("account_control", &scope.account_control),
+                ("account_lock", &scope.account_lock),
+            ] {
+                if category == Category::Group && attr.is_some() {
+                    problems.push(error(key(name), "only accounts are enabled or disabled".into()));
+                }
+            }
+            if scope.account_control.is_some() && scope.account_lock.is_some() {
                 problems.push(error(
-                    key("account_control"),
-                    "only accounts are enabled or disabled".into(),
+                    key("account_lock"),
+                    "set account_control or account_lock, not both: the enabled flag lives in one place".into(),
                 ));
             }
             match (category, &scope.membership) {
@@ -1591,5 +1693,61 @@ mod tests {
         let unknown = text("ldap://d").replace("passthrough\", require_tls", "relay\", require_tls");
         let err = Config::parse(&unknown, Path::new("c.toml")).unwrap_err().to_string();
         assert!(err.contains("unknown variant `relay`"), "{err}");
+    }
+
+    #[test]
+    fn presets_fill_what_the_file_leaves_unset() {
+        let text = |preset: &str, extra: &str| {
+            format!(
+                r#"
+                [proxy]
+                upstream = ["ldap://d"]
+                listen = ["ldap://127.0.0.1:389"]
+                [[connector]]
+                name = "c"
+                bind_dn = "cn=sync"
+                password_env = "P"
+                preset = "{preset}"
+                [connector.accounts]
+                base = "ou=people,dc=example,dc=com"
+                {extra}
+                [connector.groups]
+                base = "ou=groups,dc=example,dc=com"
+                "#
+            )
+        };
+        let connector = |preset: &str, extra: &str| {
+            Config::parse(&text(preset, extra), Path::new("c.toml"))
+                .unwrap()
+                .connectors
+                .remove(0)
+        };
+        let ds = connector("389ds", "");
+        let (accounts, groups) = (ds.accounts.as_ref().unwrap(), ds.groups.as_ref().unwrap());
+        assert_eq!(ds.id_attribute, "nsUniqueId");
+        assert_eq!((accounts.naming.as_str(), accounts.rdn()), ("uid", "uid"));
+        assert_eq!(accounts.filter, "(objectClass=inetOrgPerson)");
+        assert_eq!(accounts.account_switch(), Some(AccountSwitch::Lock("nsAccountLock")));
+        assert_eq!(
+            (groups.naming.as_str(), groups.membership.as_deref()),
+            ("cn", Some("member"))
+        );
+        assert_eq!(groups.account_switch(), None);
+
+        let ad = connector("active-directory", "");
+        let accounts = ad.accounts.as_ref().unwrap();
+        assert_eq!(ad.id_attribute, "objectGUID");
+        assert_eq!((accounts.naming.as_str(), accounts.rdn()), ("sAMAccountName", "cn"));
+        assert_eq!(
+            accounts.account_switch(),
+            Some(AccountSwitch::ControlBit("userAccountControl"))
+        );
+
+        // The file wins, the enabled flag included.
+        let own = connector("389ds", "naming = \"mail\"\naccount_control = \"flags\"");
+        let accounts = own.accounts.as_ref().unwrap();
+        assert_eq!(accounts.naming, "mail");
+        assert_eq!(accounts.account_switch(), Some(AccountSwitch::ControlBit("flags")));
+        assert_eq!(accounts.account_lock, None);
     }
 }

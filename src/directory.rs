@@ -176,6 +176,7 @@ impl Directory {
         attrs.extend(scope.map.keys().cloned());
         attrs.extend(scope.membership.clone());
         attrs.extend(scope.account_control.clone());
+        attrs.extend(scope.account_lock.clone());
         attrs
     }
 

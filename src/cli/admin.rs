@@ -564,7 +564,8 @@ pub fn password(config: &Config, name: &str, connector: &str) -> anyhow::Result<
     }
     let kind = match connector.preset {
         Some(Preset::ActiveDirectory) => PasswordKind::UnicodePwd,
-        None => PasswordKind::PasswordModify,
+        // 389 DS implements the Password Modify extended operation too.
+        Some(Preset::Ds389) | None => PasswordKind::PasswordModify,
     };
     let secret = connector.password()?;
     let dn = with_directory(config, &connector, &secret, async |directory| {

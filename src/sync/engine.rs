@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::guard::{Guard, Window};
 pub use super::mapping::is_secret_field;
-use super::mapping::{self, Mapping, MemberIndex};
+use super::mapping::{Mapping, MemberIndex};
 use super::policy::{self, Outcome, Side};
 use super::progress::Progress;
 pub use super::report::Report;
@@ -267,9 +267,9 @@ pub async fn delete_object<S: Store, D: DirectoryOps>(
             delete_locally(&mut pass, Action::Deleted, &entry.dn)?;
         }
         DeletePolicy::Disable => {
-            if scope.account_control.is_none() {
+            if scope.account_switch().is_none() {
                 return Err(refused(format!(
-                    "delete = disable needs {category}s.account_control to disable its entry in the directory"
+                    "delete = disable needs {category}s.account_control or account_lock to disable its entry in the directory"
                 )));
             }
             let mapping = Mapping { scope, category };
@@ -880,14 +880,13 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
                 mods.push(AttrMod::Replace(attr.clone(), target));
             }
         }
-        // The enabled flag is one bit of an integer the other bits of which
-        // are the directory's business.
-        if let (Some(attr), Some(flags)) = (&scope.account_control, mapping.account_flags(entry))
-            && result.get(ENABLED_FIELD) != ldap.get(ENABLED_FIELD)
+        // The enabled flag may be one bit of an integer the other bits of
+        // which are the directory's business.
+        if result.get(ENABLED_FIELD) != ldap.get(ENABLED_FIELD)
             && let Some(enabled) = result.get(ENABLED_FIELD).and_then(|v| v.first())
+            && let Some((attr, values)) = mapping.enabled_modification(entry, enabled == "true")
         {
-            let flags = mapping::account_flags_with(flags, enabled == "true");
-            mods.push(AttrMod::Replace(attr.clone(), vec![flags.to_string()]));
+            mods.push(AttrMod::Replace(attr, values));
         }
         let mut dn = dn.to_owned();
         if renames

@@ -1,10 +1,11 @@
 //! How one category's entries and local objects correspond: the mapped
-//! fields both ways, member DNs ↔ account names, the AD enabled bit, and
+//! fields both ways, member DNs ↔ account names, the enabled flag (AD's
+//! bit, 389 DS's lock), and
 //! which fields are secrets the journal names but never shows.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::config::{ConnectorConfig, ScopeConfig};
+use crate::config::{AccountSwitch, ConnectorConfig, ScopeConfig};
 use crate::directory::Entry;
 use crate::model::{Category, ENABLED_FIELD, MEMBERS_FIELD, NAME_FIELD, Values};
 use crate::store::{LocalObject, Store, StoreError};
@@ -14,7 +15,7 @@ const ACCOUNT_DISABLED: i64 = 0x2;
 
 /// `flags` with the ACCOUNTDISABLE bit set for a disabled account, the
 /// other bits (the directory's business) as they were.
-pub(super) fn account_flags_with(flags: i64, enabled: bool) -> i64 {
+fn account_flags_with(flags: i64, enabled: bool) -> i64 {
     if enabled {
         flags & !ACCOUNT_DISABLED
     } else {
@@ -94,7 +95,7 @@ impl Mapping<'_> {
         if self.scope.membership.is_some() {
             fields.insert(MEMBERS_FIELD.into());
         }
-        if self.scope.account_control.is_some() {
+        if self.scope.account_switch().is_some() {
             fields.insert(ENABLED_FIELD.into());
         }
         fields
@@ -108,7 +109,7 @@ impl Mapping<'_> {
             .filter(|(_, v)| !v.is_empty())
             .collect();
         values.insert(NAME_FIELD.into(), vec![object.name.clone()]);
-        if self.scope.account_control.is_some() {
+        if self.scope.account_switch().is_some() {
             values.insert(ENABLED_FIELD.into(), vec![object.enabled.to_string()]);
         }
         values
@@ -133,16 +134,35 @@ impl Mapping<'_> {
             let names = entry.get(attr).iter().map(|m| member_name(attr, m, members)).collect();
             put(MEMBERS_FIELD, names);
         }
-        if let Some(flags) = self.account_flags(entry) {
-            put(ENABLED_FIELD, vec![(flags & ACCOUNT_DISABLED == 0).to_string()]);
+        let enabled = match self.scope.account_switch() {
+            Some(AccountSwitch::ControlBit(_)) => self.account_flags(entry).map(|f| f & ACCOUNT_DISABLED == 0),
+            Some(AccountSwitch::Lock(attr)) => Some(!is_locked(entry, attr)),
+            None => None,
+        };
+        if let Some(enabled) = enabled {
+            put(ENABLED_FIELD, vec![enabled.to_string()]);
         }
         values
     }
 
     /// The entry's account control flags, when the scope maps them.
-    pub(super) fn account_flags(&self, entry: &Entry) -> Option<i64> {
+    fn account_flags(&self, entry: &Entry) -> Option<i64> {
         let attr = self.scope.account_control.as_ref()?;
         entry.get(attr).first()?.parse().ok()
+    }
+
+    /// The modification that sets the entry's enabled flag, when the scope
+    /// maps one (an AD entry without its flags gets none).
+    pub(super) fn enabled_modification(&self, entry: &Entry, enabled: bool) -> Option<(String, Vec<String>)> {
+        match self.scope.account_switch()? {
+            AccountSwitch::ControlBit(attr) => {
+                let flags = account_flags_with(self.account_flags(entry)?, enabled);
+                Some((attr.to_owned(), vec![flags.to_string()]))
+            }
+            // Replacing with no value removes the attribute, and is a no-op
+            // where it is absent (RFC 4511 §4.6).
+            AccountSwitch::Lock(attr) => Some((attr.to_owned(), if enabled { vec![] } else { vec!["TRUE".into()] })),
+        }
     }
 
     pub(super) fn to_attributes(&self, values: &Values, members: &MemberIndex) -> BTreeMap<String, Vec<String>> {
@@ -178,6 +198,12 @@ impl Mapping<'_> {
         }
         object
     }
+}
+
+/// A boolean lock attribute says TRUE (LDAP booleans are upper case, but
+/// directories accept either).
+fn is_locked(entry: &Entry, attr: &str) -> bool {
+    entry.get(attr).first().is_some_and(|v| v.eq_ignore_ascii_case("true"))
 }
 
 fn normalized(mut values: Vec<String>) -> Vec<String> {
@@ -284,5 +310,127 @@ impl MemberIndex {
             }
         }
         Ok(index)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scope(control: Option<&str>, lock: Option<&str>) -> ScopeConfig {
+        let text = format!(
+            "base = \"ou=people,dc=example,dc=com\"\nnaming = \"uid\"\n{}{}",
+            control.map_or(String::new(), |a| format!("account_control = \"{a}\"\n")),
+            lock.map_or(String::new(), |a| format!("account_lock = \"{a}\"\n")),
+        );
+        toml::from_str(&text).unwrap()
+    }
+
+    fn entry(attrs: &[(&str, &str)]) -> Entry {
+        Entry {
+            id: "id".into(),
+            dn: "uid=a,ou=people,dc=example,dc=com".into(),
+            attrs: attrs
+                .iter()
+                .map(|(a, v)| (a.to_lowercase(), vec![v.to_string()]))
+                .chain([("uid".into(), vec!["a".into()])])
+                .collect(),
+        }
+    }
+
+    type Modification = Option<(String, Vec<String>)>;
+
+    /// One row of the table: what is read, and what each way writes.
+    struct Case<'a> {
+        case: &'a str,
+        scope: &'a ScopeConfig,
+        entry: Entry,
+        enabled: Option<&'a str>,
+        disable: Modification,
+        enable: Modification,
+    }
+
+    #[test]
+    fn the_enabled_flag_reads_and_writes_where_the_directory_keeps_it() {
+        let ad = scope(Some("userAccountControl"), None);
+        let ds = scope(None, Some("nsAccountLock"));
+        let uac = |v: &str| entry(&[("userAccountControl", v)]);
+        let set = |attr: &str, v: &[&str]| -> Modification {
+            Some((attr.into(), v.iter().map(ToString::to_string).collect()))
+        };
+        let (ad_off, ad_on) = (set("userAccountControl", &["514"]), set("userAccountControl", &["512"]));
+        let (lock, unlock) = (set("nsAccountLock", &["TRUE"]), set("nsAccountLock", &[]));
+        let cases = [
+            Case {
+                case: "AD, enabled",
+                scope: &ad,
+                entry: uac("512"),
+                enabled: Some("true"),
+                disable: ad_off.clone(),
+                enable: ad_on.clone(),
+            },
+            Case {
+                case: "AD, disabled",
+                scope: &ad,
+                entry: uac("514"),
+                enabled: Some("false"),
+                disable: ad_off,
+                enable: ad_on,
+            },
+            Case {
+                case: "AD, no flags read",
+                scope: &ad,
+                entry: entry(&[]),
+                enabled: None,
+                disable: None,
+                enable: None,
+            },
+            Case {
+                case: "389 DS, unlocked",
+                scope: &ds,
+                entry: entry(&[]),
+                enabled: Some("true"),
+                disable: lock.clone(),
+                enable: unlock.clone(),
+            },
+            Case {
+                case: "389 DS, locked",
+                scope: &ds,
+                entry: entry(&[("nsAccountLock", "true")]),
+                enabled: Some("false"),
+                disable: lock.clone(),
+                enable: unlock.clone(),
+            },
+            Case {
+                case: "389 DS, lock false",
+                scope: &ds,
+                entry: entry(&[("nsAccountLock", "FALSE")]),
+                enabled: Some("true"),
+                disable: lock,
+                enable: unlock,
+            },
+        ];
+        for Case {
+            case,
+            scope,
+            entry,
+            enabled,
+            disable,
+            enable,
+        } in cases
+        {
+            let mapping = Mapping {
+                scope,
+                category: Category::Account,
+            };
+            let values = mapping.ldap_values(&entry, &MemberIndex::default());
+            assert_eq!(
+                values.get(ENABLED_FIELD).map(|v| v[0].as_str()),
+                enabled,
+                "{case}: read"
+            );
+            assert_eq!(mapping.enabled_modification(&entry, false), disable, "{case}: disable");
+            assert_eq!(mapping.enabled_modification(&entry, true), enable, "{case}: enable");
+        }
     }
 }
