@@ -131,6 +131,10 @@ named! {
         /// Active Directory's DirSync control with a stored cookie: changes and
         /// deletes of the naming context, on any domain controller.
         Dirsync = "dirsync",
+        /// 389 Directory Server's Retro Changelog (`cn=changelog`): changes
+        /// after a stored change number, deletes and renames included; a
+        /// changelog trimmed past the watermark means a full reconciliation.
+        Changelog = "changelog",
         /// No incremental reads: every poll is a full reconciliation.
         Full = "full",
     }

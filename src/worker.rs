@@ -896,11 +896,21 @@ pub async fn poll<S: Store>(
     let reconcile_due = state
         .last_sync_at
         .is_none_or(|at| now() - at >= connector.reconcile_interval.as_secs() as i64);
-    let incremental = poll == Poll::Due
+    let mut incremental = poll == Poll::Due
         && mechanism != Mechanism::Full
         && state.out_of_sync.is_none()
         && !reconcile_due
         && watermarks.len() == connector.scopes().count();
+    for watermark in &watermarks {
+        if incremental && !poller::watermark_holds(directory, mechanism, &watermark.value).await? {
+            info!(
+                connector = %connector.name,
+                category = %watermark.category,
+                "the directory's changelog no longer reaches back to the watermark: full reconciliation"
+            );
+            incremental = false;
+        }
+    }
     let started = now();
     // What a full comparison may clear: a reason recorded while it runs
     // (another instance lost a capture) is for the next one.
@@ -923,6 +933,18 @@ pub async fn poll<S: Store>(
                 .map(|(_, s)| s)
                 .expect("watermarks are of configured categories");
             let changes = poller::changes_since(directory, mechanism, scope, &watermark.value).await?;
+            // Departures first: an entry deleted and another added at its
+            // DN are two entries, in that order.
+            for dn in changes.removed {
+                let event = ChangeEvent {
+                    source: ChangeSource::Poll,
+                    change: Change::EntryRemoved {
+                        category: watermark.category,
+                        dn,
+                    },
+                };
+                report.absorb(engine::apply_event(store, connector, directory, &event).await?);
+            }
             for dn in changes.written {
                 let event = ChangeEvent {
                     source: ChangeSource::Poll,

@@ -6,6 +6,7 @@
 //! the engine and stores the new watermark once they are applied, so a
 //! crash replays a little and never skips anything.
 
+pub mod changelog;
 pub mod dirsync;
 pub mod syncrepl;
 
@@ -32,7 +33,12 @@ pub async fn detect(
     configured: Option<Mechanism>,
 ) -> Result<(Mechanism, String), DirectoryError> {
     let root = directory
-        .root_dse(&["supportedControl", "supportedCapabilities", "dsServiceName"])
+        .root_dse(&[
+            "supportedControl",
+            "supportedCapabilities",
+            "dsServiceName",
+            "changelog",
+        ])
         .await?;
     let has = |attr: &str, value: &str| root.get(attr).is_some_and(|v| v.iter().any(|x| x == value));
     let mechanism = configured.unwrap_or(if has("supportedcontrol", syncrepl::SYNC_REQUEST_OID) {
@@ -42,6 +48,8 @@ pub async fn detect(
         Mechanism::Dirsync
     } else if has("supportedcapabilities", AD_CAPABILITY) {
         Mechanism::Usn
+    } else if root.contains_key("changelog") {
+        Mechanism::Changelog
     } else {
         Mechanism::Timestamp
     });
@@ -69,8 +77,41 @@ pub async fn watermark_now(
         Mechanism::Timestamp => Some(generalized_time(SystemTime::now() - TIMESTAMP_OVERLAP).into_bytes()),
         Mechanism::Usn => Some(highest_usn(directory).await?.to_string().into_bytes()),
         Mechanism::Dirsync => Some(dirsync::changes(directory, scope, &[]).await?.cookie),
+        Mechanism::Changelog => Some(changelog_bounds(directory).await?.last.to_string().into_bytes()),
         Mechanism::Full => None,
     })
+}
+
+/// Whether `watermark` still says where to read from: false once a
+/// changelog was trimmed past it (a full reconciliation is due).
+pub async fn watermark_holds(
+    directory: &mut Directory,
+    mechanism: Mechanism,
+    watermark: &[u8],
+) -> Result<bool, DirectoryError> {
+    Ok(match mechanism {
+        Mechanism::Changelog => {
+            let bounds = changelog_bounds(directory).await?;
+            change_number(watermark).is_some_and(|since| bounds.holds(since))
+        }
+        // Syncrepl and DirSync cookies too old to use are answered with a
+        // full listing; timestamps and USNs never expire.
+        _ => true,
+    })
+}
+
+async fn changelog_bounds(directory: &mut Directory) -> Result<changelog::Bounds, DirectoryError> {
+    changelog::bounds(directory)
+        .await?
+        .ok_or_else(|| DirectoryError::Operation {
+            operation: "read",
+            dn: String::new(),
+            message: "the directory has no Retro Changelog (no changelog in the root DSE)".into(),
+        })
+}
+
+fn change_number(watermark: &[u8]) -> Option<u64> {
+    std::str::from_utf8(watermark).ok()?.parse().ok()
 }
 
 /// What changed in one scope since a watermark.
@@ -78,6 +119,9 @@ pub async fn watermark_now(
 pub struct Changes {
     /// DNs of entries added, modified or renamed (now in scope).
     pub written: Vec<String>,
+    /// DNs entries were deleted at or renamed away from, for mechanisms
+    /// that name departures by DN; applied before `written`.
+    pub removed: Vec<String>,
     pub departures: Departures,
     /// The watermark covering these changes.
     pub watermark: Vec<u8>,
@@ -97,6 +141,7 @@ pub async fn changes_since(
             written.dedup();
             Ok(Changes {
                 written,
+                removed: Vec::new(),
                 departures: match refresh.present {
                     Some(present) => Departures::AllBut(present),
                     None => Departures::Listed(refresh.deleted),
@@ -128,6 +173,7 @@ pub async fn changes_since(
             };
             Ok(Changes {
                 written,
+                removed: Vec::new(),
                 departures: Departures::NotReported,
                 watermark: watermark.into_bytes(),
             })
@@ -152,6 +198,7 @@ pub async fn changes_since(
             let deleted = directory.tombstones_since(since + 1).await?;
             Ok(Changes {
                 written,
+                removed: Vec::new(),
                 departures: Departures::Listed(deleted),
                 watermark: highest.to_string().into_bytes(),
             })
@@ -160,12 +207,36 @@ pub async fn changes_since(
             let synced = dirsync::changes(directory, scope, watermark).await?;
             Ok(Changes {
                 written: synced.written,
+                removed: Vec::new(),
                 departures: Departures::Listed(synced.gone),
                 watermark: synced.cookie,
             })
         }
+        Mechanism::Changelog => {
+            let bounds = changelog_bounds(directory).await?;
+            let since = change_number(watermark)
+                .filter(|since| bounds.holds(*since))
+                .ok_or_else(|| DirectoryError::Operation {
+                    operation: "poll",
+                    dn: bounds.base.clone(),
+                    message: format!(
+                        "the changelog (changes {} to {}) no longer reaches back to the watermark {}",
+                        bounds.first,
+                        bounds.last,
+                        String::from_utf8_lossy(watermark)
+                    ),
+                })?;
+            let read = changelog::changes(directory, &bounds, scope, since).await?;
+            Ok(Changes {
+                written: read.written,
+                removed: read.removed,
+                departures: Departures::NotReported,
+                watermark: read.last.to_string().into_bytes(),
+            })
+        }
         Mechanism::Full => Ok(Changes {
             written: Vec::new(),
+            removed: Vec::new(),
             departures: Departures::NotReported,
             watermark: watermark.to_vec(),
         }),
