@@ -450,6 +450,8 @@ struct ScopeDefaults {
     rdn: Option<&'static str>,
     object_classes: &'static [&'static str],
     map: &'static [(&'static str, &'static str)],
+    /// Values of entries created in the directory (`{name}`: the name).
+    defaults: &'static [(&'static str, &'static str)],
     membership: Option<&'static str>,
     account_control: Option<&'static str>,
     account_lock: Option<&'static str>,
@@ -471,6 +473,7 @@ impl Preset {
             rdn: None,
             object_classes: &[],
             map: &[],
+            defaults: &[],
             membership: None,
             account_control: None,
             account_lock: None,
@@ -503,7 +506,10 @@ impl Preset {
                 filter: "(objectClass=inetOrgPerson)",
                 naming: "uid",
                 object_classes: &["top", "person", "organizationalPerson", "inetOrgPerson"],
-                map: &[("mail", "mail"), ("cn", "display_name")],
+                // Not cn: person requires it, and an empty display name
+                // would remove it.
+                map: &[("mail", "mail"), ("displayName", "display_name")],
+                defaults: &[("cn", "{name}"), ("sn", "{name}")],
                 account_lock: Some("nsAccountLock"),
                 ..none
             },
@@ -550,6 +556,13 @@ impl ConnectorConfig {
                     .map
                     .iter()
                     .map(|(a, f)| (a.to_string(), f.to_string()))
+                    .collect();
+            }
+            if scope.defaults.is_empty() {
+                scope.defaults = defaults
+                    .defaults
+                    .iter()
+                    .map(|(a, v)| (a.to_string(), v.to_string()))
                     .collect();
             }
             if scope.membership.is_none() {

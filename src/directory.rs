@@ -296,6 +296,11 @@ impl Directory {
             .collect())
     }
 
+    /// The attribute that holds the stable id (`entryUUID`, …).
+    pub fn id_attribute(&self) -> &str {
+        &self.id_attribute
+    }
+
     /// The stable id of a search result, if it has one.
     pub fn entry_id(&self, raw: SearchEntry) -> Option<String> {
         self.entry(raw).map(|entry| entry.id)

@@ -7,7 +7,7 @@ mod common;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use common::serve;
+use common::{CliConnector, serve};
 use ldapsync_fixtures::{AD_ADMIN, AD_ADMIN_DN, AD_BASE, AD_LDAPS_URL, AD_PASSWORD, AD_URL, SambaDc};
 
 const OU: &str = "OU=ldapsync,DC=example,DC=com";
@@ -353,8 +353,13 @@ fn base64_decode(text: &str) -> Vec<u8> {
 }
 
 /// A connector with the Active Directory preset, run through the CLI.
-struct Connector {
-    dir: tempfile::TempDir,
+struct Connector(CliConnector);
+
+impl std::ops::Deref for Connector {
+    type Target = CliConnector;
+    fn deref(&self) -> &CliConnector {
+        &self.0
+    }
 }
 
 impl Connector {
@@ -366,19 +371,16 @@ impl Connector {
     /// names no host (a laboratory, which is what `verify = false` is for).
     fn over_ldaps(accounts: &str, groups: &str, direction: &str) -> Connector {
         let connector = Connector::reaching(AD_LDAPS_URL, accounts, groups, direction);
-        let path = connector.dir.path().join("ldapsync.toml");
-        let config = std::fs::read_to_string(&path).unwrap();
-        let config = config.replace("[store]", "[proxy.upstream_tls]\nverify = false\n[store]");
-        std::fs::write(path, config).unwrap();
-        connector
+        let upstream = format!("upstream = [\"{AD_LDAPS_URL}\"]");
+        Connector(connector.0.with(&upstream, "[proxy.upstream_tls]\nverify = false"))
     }
 
     fn reaching(url: &str, accounts: &str, groups: &str, direction: &str) -> Connector {
-        let dir = tempfile::tempdir().unwrap();
-        let secret = dir.path().join("service.secret");
-        std::fs::write(&secret, format!("{AD_PASSWORD}\n")).unwrap();
-        let config = format!(
-            r#"
+        Connector(CliConnector::new("ad", |dir| {
+            let secret = dir.join("service.secret");
+            std::fs::write(&secret, format!("{AD_PASSWORD}\n")).unwrap();
+            format!(
+                r#"
 [proxy]
 listen = ["ldap://127.0.0.1:0"]
 upstream = ["{url}"]
@@ -398,63 +400,22 @@ base = "{accounts}"
 [connector.groups]
 base = "{groups}"
 "#,
-            db = dir.path().join("ldapsync.db").display(),
-            secret = secret.display(),
-        );
-        std::fs::write(dir.path().join("ldapsync.toml"), config).unwrap();
-        Connector { dir }
-    }
-
-    /// `status`, whatever its exit code says of the instance's health.
-    fn status(&self) -> String {
-        let out = common::ldapsync()
-            .arg("--config")
-            .arg(self.dir.path().join("ldapsync.toml"))
-            .arg("status")
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = common::ldapsync()
-            .arg("--config")
-            .arg(self.dir.path().join("ldapsync.toml"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ldapsync {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn sync(&self) -> String {
-        self.ok(&["sync", "run", "--connector", "ad"])
+                db = dir.join("ldapsync.db").display(),
+                secret = secret.display(),
+            )
+        }))
     }
 
     /// Adds a `key = value` line to the connector's section.
     fn with(self, line: &str) -> Connector {
-        let path = self.dir.path().join("ldapsync.toml");
-        let config = std::fs::read_to_string(&path).unwrap();
-        std::fs::write(
-            &path,
-            config.replace("conflict = \"ldap-wins\"", &format!("conflict = \"ldap-wins\"\n{line}")),
-        )
-        .unwrap();
-        self
+        Connector(self.0.with("conflict = \"ldap-wins\"", line))
     }
 
     /// `ldapsync password NAME` with the password on standard input.
     fn set_password(&self, name: &str, password: &str) -> Output {
         use std::io::Write;
-        let mut child = common::ldapsync()
-            .arg("--config")
-            .arg(self.dir.path().join("ldapsync.toml"))
-            .args(["password", name, "--connector", "ad"])
+        let mut child = self
+            .command(&["password", name, "--connector", "ad"])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())

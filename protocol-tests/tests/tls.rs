@@ -375,7 +375,11 @@ fn sasl_external_with_a_client_certificate_works_through_a_passthrough_listener(
     stdout(&modify(&["-x", "-D", &alice_dn, "-w", &alice_pw], "in clear"));
     stdout(&modify(&["-Q", "-ZZ", "-Y", "EXTERNAL"], "end to end"));
     let captured: Vec<_> = starttls.sink.writes().into_iter().map(|(_, dn)| dn).collect();
-    assert_eq!(captured, std::slice::from_ref(&alice_dn), "only the write in clear is captured");
+    assert_eq!(
+        captured,
+        std::slice::from_ref(&alice_dn),
+        "only the write in clear is captured"
+    );
     assert!(
         starttls.sink.losses().contains(&ldapsync::proxy::CaptureLoss::Opaque(
             ldapsync::proxy::Opacity::EndToEndTls

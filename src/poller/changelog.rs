@@ -48,6 +48,34 @@ pub async fn bounds(directory: &mut Directory) -> Result<Option<Bounds>, Directo
     }))
 }
 
+/// Whether every change after `since` is still in the changelog: the
+/// bounds say so, and the next change is there (the root DSE's first number
+/// may lag behind entries removed since it was computed).
+pub async fn reaches_back(directory: &mut Directory, bounds: &Bounds, since: u64) -> Result<bool, DirectoryError> {
+    if !bounds.holds(since) {
+        return Ok(false);
+    }
+    if bounds.last == since {
+        return Ok(true);
+    }
+    let filter = format!("(changeNumber={})", since + 1);
+    let (entries, _) = directory
+        .ldap()
+        .search(&bounds.base, Scope::OneLevel, &filter, vec!["1.1"])
+        .await
+        .and_then(|r| r.success())
+        .map_err(|e| read_error(bounds, e))?;
+    Ok(!entries.is_empty())
+}
+
+fn read_error(bounds: &Bounds, e: ldap3::LdapError) -> DirectoryError {
+    DirectoryError::Operation {
+        operation: "changelog read",
+        dn: bounds.base.clone(),
+        message: e.to_string(),
+    }
+}
+
 /// What the changelog says changed in one scope after a change number.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Read {
@@ -92,17 +120,21 @@ pub async fn changes(
         .search(&bounds.base, Scope::OneLevel, &filter, attrs)
         .await
         .and_then(|r| r.success())
-        .map_err(|e| DirectoryError::Operation {
-            operation: "changelog read",
-            dn: bounds.base.clone(),
-            message: e.to_string(),
-        })?;
+        .map_err(|e| read_error(bounds, e))?;
     let mut changes: Vec<Change> = entries
         .into_iter()
         .filter_map(|raw| change(SearchEntry::construct(raw)))
         .collect();
     // The server returns them in no promised order.
     changes.sort_by_key(|c| c.number);
+    // Numbers run without gaps: a missing first one was trimmed meanwhile.
+    if changes.first().is_some_and(|c| c.number != since + 1) {
+        return Err(DirectoryError::Operation {
+            operation: "changelog read",
+            dn: bounds.base.clone(),
+            message: format!("change {} was trimmed from the changelog before it was read", since + 1),
+        });
+    }
     read.last = bounds.last;
     for change in changes {
         read.apply(change, &scope.base);

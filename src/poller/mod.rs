@@ -92,7 +92,10 @@ pub async fn watermark_holds(
     Ok(match mechanism {
         Mechanism::Changelog => {
             let bounds = changelog_bounds(directory).await?;
-            change_number(watermark).is_some_and(|since| bounds.holds(since))
+            match change_number(watermark) {
+                Some(since) => changelog::reaches_back(directory, &bounds, since).await?,
+                None => false,
+            }
         }
         // Syncrepl and DirSync cookies too old to use are answered with a
         // full listing; timestamps and USNs never expire.

@@ -97,12 +97,17 @@ fn yes() -> bool {
 pub struct Refresh {
     /// DNs of entries added, modified or renamed into the scope.
     pub written: Vec<String>,
-    /// entryUUIDs of entries deleted or moved out of the scope.
+    /// Stable ids of entries deleted or moved out of the scope.
     pub deleted: Vec<String>,
-    /// With a present phase: the entryUUIDs of every unchanged entry; any
+    /// With a present phase: the stable ids of every unchanged entry; any
     /// other entry has gone.
     pub present: Option<HashSet<String>>,
     pub cookie: Option<Vec<u8>>,
+    /// How the ids above are written.
+    ids: IdFormat,
+    /// The server named unchanged entries (present states, or an id set
+    /// of present ones): it ran a present phase.
+    named_present: bool,
 }
 
 /// Runs a refreshOnly search of `scope` from `cookie` (from the beginning
@@ -128,13 +133,16 @@ pub async fn refresh(
         crit: true,
         val: Some(rasn::ber::encode(&request).map_err(|e| error(e.to_string()))?),
     };
+    let mut refresh = Refresh {
+        ids: IdFormat::of(directory.id_attribute()),
+        ..Refresh::default()
+    };
     let ldap = directory.ldap();
     let mut stream = ldap
         .with_controls(vec![control])
         .streaming_search(&scope.base, Scope::Subtree, &scope.filter, attrs.to_vec())
         .await
         .map_err(|e| error(e.to_string()))?;
-    let mut refresh = Refresh::default();
     let mut present = HashSet::new();
     while let Some(item) = stream.next().await.map_err(|e| error(e.to_string()))? {
         if item.is_intermediate() {
@@ -167,7 +175,14 @@ pub async fn refresh(
     if let Some(cookie) = done_value.cookie {
         refresh.cookie = Some(cookie.to_vec());
     }
-    if !done_value.refresh_deletes {
+    // A present phase only says what has gone if it named what is still
+    // there. 389 DS answers a refresh from a cookie with the changed
+    // entries (as adds) and an id set of deleted ones, and a syncDone
+    // without refreshDeletes: taken as a present phase, every unchanged
+    // entry would look deleted. (When every entry in scope changed, a
+    // present phase names none either; the full reconciliation then finds
+    // the deletes.)
+    if !done_value.refresh_deletes && (cookie.is_none() || refresh.named_present) {
         refresh.present = Some(present);
     }
     Ok(refresh)
@@ -175,13 +190,14 @@ pub async fn refresh(
 
 impl Refresh {
     fn state(&mut self, state: SyncStateValue, dn: String, present: &mut HashSet<String>) {
-        let id = uuid_text(&state.entry_uuid);
+        let id = self.ids.text(&state.entry_uuid);
         match state.state {
             EntryState::Add | EntryState::Modify => {
                 present.insert(id);
                 self.written.push(dn);
             }
             EntryState::Present => {
+                self.named_present = true;
                 present.insert(id);
             }
             EntryState::Delete => self.deleted.push(id),
@@ -196,10 +212,11 @@ impl Refresh {
             SyncInfoValue::NewCookie(cookie) => Some(cookie),
             SyncInfoValue::RefreshDelete(phase) | SyncInfoValue::RefreshPresent(phase) => phase.cookie,
             SyncInfoValue::SyncIdSet(set) => {
-                let ids = set.sync_uuids.to_vec().into_iter().map(|u| uuid_text(u));
+                let ids = set.sync_uuids.to_vec().into_iter().map(|u| self.ids.text(u));
                 if set.refresh_deletes {
                     self.deleted.extend(ids);
                 } else {
+                    self.named_present = true;
                     present.extend(ids);
                 }
                 set.cookie
@@ -221,11 +238,33 @@ fn intermediate_value(item: &ResultEntry) -> Option<Vec<u8>> {
         .expect_primitive()
 }
 
-/// A syncUUID as entryUUID prints it; other lengths are shown in hex.
-fn uuid_text(bytes: &[u8]) -> String {
-    match uuid::Uuid::from_slice(bytes) {
-        Ok(uuid) => uuid.to_string(),
-        Err(_) => bytes.iter().map(|b| format!("{b:02x}")).collect(),
+/// How a syncUUID reads as the connector's id attribute.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum IdFormat {
+    /// As entryUUID prints it (OpenLDAP's syncprov sends the entryUUID).
+    #[default]
+    Uuid,
+    /// As nsUniqueId prints it (389 DS's Content Synchronization sends its
+    /// 16 bytes): four groups of eight hex digits.
+    UniqueId,
+}
+
+impl IdFormat {
+    fn of(id_attribute: &str) -> IdFormat {
+        match id_attribute.eq_ignore_ascii_case("nsUniqueId") {
+            true => IdFormat::UniqueId,
+            false => IdFormat::Uuid,
+        }
+    }
+
+    /// Other lengths than 16 bytes are shown in hex.
+    fn text(self, bytes: &[u8]) -> String {
+        let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        match (self, uuid::Uuid::from_slice(bytes)) {
+            (IdFormat::Uuid, Ok(uuid)) => uuid.to_string(),
+            (IdFormat::UniqueId, Ok(_)) => bytes.chunks(4).map(hex).collect::<Vec<_>>().join("-"),
+            (_, Err(_)) => hex(bytes),
+        }
     }
 }
 
@@ -243,7 +282,14 @@ mod tests {
         ];
         let state: SyncStateValue = rasn::ber::decode(&state).unwrap();
         assert_eq!(state.state, EntryState::Add);
-        assert_eq!(uuid_text(&state.entry_uuid), "96a0aa8a-7fa0-1041-8b0a-7309839da705");
+        assert_eq!(
+            IdFormat::Uuid.text(&state.entry_uuid),
+            "96a0aa8a-7fa0-1041-8b0a-7309839da705"
+        );
+        assert_eq!(
+            IdFormat::UniqueId.text(&state.entry_uuid),
+            "96a0aa8a-7fa01041-8b0a7309-839da705"
+        );
 
         let mut done = vec![0x30, 0x39, 0x04, 0x34];
         done.extend(b"rid=000,csn=20261128180513.684073Z#000000#000#000000");

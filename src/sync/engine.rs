@@ -18,7 +18,7 @@ use super::mapping::{Mapping, MemberIndex};
 use super::policy::{self, Outcome, Side};
 use super::progress::Progress;
 pub use super::report::Report;
-use crate::config::{ConnectorConfig, DeletePolicy, ScopeConfig};
+use crate::config::{AccountSwitch, ConnectorConfig, DeletePolicy, ScopeConfig};
 use crate::directory::{AttrMod, DirectoryError, DirectoryOps, Entry, EntryStream};
 use crate::model::{
     Action, Category, Change, ChangeEvent, ChangeSource, ConflictPolicy, Departures, Direction, ENABLED_FIELD,
@@ -1089,6 +1089,12 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
             attrs
                 .entry(attr.clone())
                 .or_insert_with(|| vec![template.replace("{name}", &object.name)]);
+        }
+        // A lock attribute can say "disabled" from the start.
+        if let Some(AccountSwitch::Lock(attr)) = scope.account_switch()
+            && !object.enabled
+        {
+            attrs.insert(attr.to_owned(), vec!["TRUE".into()]);
         }
         // AD wants the RDN value (CN) among the attributes too.
         attrs

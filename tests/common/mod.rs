@@ -175,6 +175,64 @@ pub fn serve_config(toml: &str) -> (tempfile::TempDir, Served) {
     (dir, served)
 }
 
+/// One connector's configuration in a folder of its own, driven through
+/// the CLI as an operator would.
+pub struct CliConnector {
+    pub dir: tempfile::TempDir,
+    pub name: String,
+}
+
+impl CliConnector {
+    /// `ldapsync.toml` as `toml` writes it for the folder (where its store
+    /// and secrets go), its connector called `name`.
+    pub fn new(name: &str, toml: impl FnOnce(&std::path::Path) -> String) -> CliConnector {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ldapsync.toml"), toml(dir.path())).unwrap();
+        CliConnector { dir, name: name.into() }
+    }
+
+    pub fn config(&self) -> std::path::PathBuf {
+        self.dir.path().join("ldapsync.toml")
+    }
+
+    /// A command with this configuration.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = ldapsync();
+        command.arg("--config").arg(self.config()).args(args);
+        command
+    }
+
+    /// stdout of a command that must succeed.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.command(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "ldapsync {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `status`, whatever its exit code says of the instance's health.
+    pub fn status(&self) -> String {
+        String::from_utf8_lossy(&self.command(&["status"]).output().unwrap().stdout).into_owned()
+    }
+
+    /// One sync pass of this connector: its report.
+    pub fn sync(&self) -> String {
+        self.ok(&["sync", "run", "--connector", &self.name])
+    }
+
+    /// Puts `line` into the file right after `after` (a line of it).
+    pub fn with(self, after: &str, line: &str) -> CliConnector {
+        let config = std::fs::read_to_string(self.config()).unwrap();
+        assert!(config.contains(after), "{after:?} is not in the configuration");
+        std::fs::write(self.config(), config.replacen(after, &format!("{after}\n{line}"), 1)).unwrap();
+        self
+    }
+}
+
 /// Waits for `condition` to hold, for at most 20 s; false if it never did.
 /// A correctness check with a generous deadline, not a speed assertion.
 pub fn eventually(condition: impl FnMut() -> bool) -> bool {
