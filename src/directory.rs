@@ -64,7 +64,7 @@ impl DirectoryError {
     }
 
     /// An `ldap3` error, keeping the result code when there is one.
-    fn from_ldap(operation: &'static str, dn: &str, e: ldap3::LdapError) -> DirectoryError {
+    pub(crate) fn from_ldap(operation: &'static str, dn: &str, e: ldap3::LdapError) -> DirectoryError {
         match e {
             ldap3::LdapError::LdapResult { result } => DirectoryError::Result {
                 operation,

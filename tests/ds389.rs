@@ -507,3 +507,69 @@ fn writes_through_the_relay_reach_the_store_by_capture() {
     let (exit, _) = served.terminate();
     assert!(exit.success());
 }
+
+#[test]
+fn with_entry_uuid_as_the_id_detection_takes_the_changelog_not_content_sync() {
+    let Some(ds) = Ds389::shared() else { return };
+    let _changelog = CHANGELOG.lock().unwrap_or_else(|e| e.into_inner());
+    let base = format!("ou=sync-entryuuid,{BASE}");
+    ds.ldapmodify(&format!(
+        "dn: {base}\nchangetype: add\nobjectClass: organizationalUnit\n\n\
+         dn: uid=una,{base}\nchangetype: add\nobjectClass: inetOrgPerson\nuid: una\ncn: Una\nsn: U\n"
+    ));
+    // Content Synchronization would name entries by nsUniqueId.
+    let connector =
+        connector(&base, &base, "ldap-to-local", ds).with("preset = \"389ds\"", "id_attribute = \"entryUUID\"");
+    assert!(connector.sync().starts_with("full reconciliation (changelog)"));
+    let uuid = ds
+        .search(&["-b", &base, "(uid=una)", "entryUUID"])
+        .lines()
+        .find_map(|l| l.strip_prefix("entryUUID: ").map(str::to_owned))
+        .expect("an entryUUID");
+    assert!(
+        connector
+            .ok(&["association", "show", "una", "--connector", "ds"])
+            .contains(&uuid)
+    );
+    ds.ldapmodify(&format!("dn: uid=una,{base}\nchangetype: delete\n"));
+    let polled = connector.sync();
+    assert!(polled.starts_with("incremental poll (changelog)"), "{polled}");
+    assert!(polled.contains("disabled account una"), "{polled}");
+}
+
+#[test]
+fn a_cookie_the_directory_no_longer_takes_means_a_refresh_from_the_start() {
+    let Some(ds) = Ds389::shared() else { return };
+    let base = format!("ou=sync-cookie,{BASE}");
+    ds.ldapmodify(&format!(
+        "dn: {base}\nchangetype: add\nobjectClass: organizationalUnit\n\n\
+         dn: uid=cody,{base}\nchangetype: add\nobjectClass: inetOrgPerson\nuid: cody\ncn: Cody\nsn: C\n\n\
+         dn: uid=cleo,{base}\nchangetype: add\nobjectClass: inetOrgPerson\nuid: cleo\ncn: Cleo\nsn: C\n"
+    ));
+    let connector = connector(&base, &base, "ldap-to-local", ds);
+    assert!(connector.sync().starts_with("full reconciliation (syncrepl)"));
+    // A cookie of the same server on another port, as after a move.
+    let db = rusqlite::Connection::open(connector.dir.path().join("ldapsync.db")).unwrap();
+    let cookie = format!("localhost:1#{DS_ADMIN_DN}:{base}:(objectClass=inetOrgPerson)#1");
+    let changed = db
+        .execute(
+            "UPDATE watermarks SET value = ?1 WHERE connector = 'ds'",
+            [cookie.as_bytes()],
+        )
+        .unwrap();
+    assert_eq!(changed, 2, "both categories' watermarks");
+    drop(db);
+    ds.ldapmodify(&format!(
+        "dn: uid=cleo,{base}\nchangetype: delete\n\n\
+         dn: uid=cody,{base}\nchangetype: modify\nreplace: mail\nmail: cody@example.com\n"
+    ));
+    let polled = connector.sync();
+    assert!(polled.starts_with("incremental poll (syncrepl)"), "{polled}");
+    assert!(polled.contains("disabled account cleo"), "{polled}");
+    assert!(
+        connector
+            .ok(&["account", "show", "cody"])
+            .contains("mail: cody@example.com")
+    );
+    assert!(connector.sync().contains(" 0 updated"), "settled on a new cookie");
+}

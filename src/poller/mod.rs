@@ -20,6 +20,9 @@ use crate::model::{Departures, Mechanism};
 /// Active Directory's capability OID (LDAP_CAP_ACTIVE_DIRECTORY_OID).
 const AD_CAPABILITY: &str = "1.2.840.113556.1.4.800";
 
+/// 389 Directory Server's vendorName in the root DSE.
+const DS389_VENDOR: &str = "389 Project";
+
 /// How far back a timestamp watermark reaches past the last change seen:
 /// covers clock skew between ldapsync and the directory, and changes
 /// committed while a paged search was between pages. Re-reading an
@@ -38,21 +41,28 @@ pub async fn detect(
             "supportedCapabilities",
             "dsServiceName",
             "changelog",
+            "vendorName",
         ])
         .await?;
     let has = |attr: &str, value: &str| root.get(attr).is_some_and(|v| v.iter().any(|x| x == value));
-    let mechanism = configured.unwrap_or(if has("supportedcontrol", syncrepl::SYNC_REQUEST_OID) {
-        Mechanism::Syncrepl
-    } else if has("supportedcapabilities", AD_CAPABILITY) && has("supportedcontrol", dirsync::DIRSYNC_OID) {
-        // Its cookie holds on any domain controller; USNs only on one.
-        Mechanism::Dirsync
-    } else if has("supportedcapabilities", AD_CAPABILITY) {
-        Mechanism::Usn
-    } else if root.contains_key("changelog") {
-        Mechanism::Changelog
-    } else {
-        Mechanism::Timestamp
-    });
+    // 389 DS's Content Synchronization names entries by their nsUniqueId,
+    // whatever the connector's id attribute: with another, its changelog serves.
+    let syncrepl_names_ids =
+        !has("vendorname", DS389_VENDOR) || directory.id_attribute().eq_ignore_ascii_case("nsUniqueId");
+    let mechanism = configured.unwrap_or(
+        if has("supportedcontrol", syncrepl::SYNC_REQUEST_OID) && syncrepl_names_ids {
+            Mechanism::Syncrepl
+        } else if has("supportedcapabilities", AD_CAPABILITY) && has("supportedcontrol", dirsync::DIRSYNC_OID) {
+            // Its cookie holds on any domain controller; USNs only on one.
+            Mechanism::Dirsync
+        } else if has("supportedcapabilities", AD_CAPABILITY) {
+            Mechanism::Usn
+        } else if root.contains_key("changelog") {
+            Mechanism::Changelog
+        } else {
+            Mechanism::Timestamp
+        },
+    );
     // USNs are per domain controller; other watermarks hold for any replica.
     let server = match mechanism {
         Mechanism::Usn => root
@@ -139,7 +149,14 @@ pub async fn changes_since(
 ) -> Result<Changes, DirectoryError> {
     match mechanism {
         Mechanism::Syncrepl => {
-            let refresh = syncrepl::refresh(directory, scope, Some(watermark), &["1.1"]).await?;
+            let refresh = match syncrepl::refresh(directory, scope, Some(watermark), &["1.1"]).await {
+                // A full listing: every entry as written, the rest gone.
+                Err(e) if e.result_code() == Some(syncrepl::REFRESH_REQUIRED) => {
+                    tracing::info!(base = %scope.base, "the directory wants a sync refresh from the start: {e}");
+                    syncrepl::refresh(directory, scope, None, &["1.1"]).await?
+                }
+                refreshed => refreshed?,
+            };
             let mut written = refresh.written;
             written.dedup();
             Ok(Changes {

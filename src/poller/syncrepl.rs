@@ -110,6 +110,10 @@ pub struct Refresh {
     named_present: bool,
 }
 
+/// e-syncRefreshRequired (RFC 4533 §2.5): the cookie is of no use any
+/// more (too old, or another server's); the client starts without one.
+pub const REFRESH_REQUIRED: u32 = 4096;
+
 /// Runs a refreshOnly search of `scope` from `cookie` (from the beginning
 /// when `None`), asking for `attrs` only.
 pub async fn refresh(
@@ -168,7 +172,9 @@ pub async fn refresh(
         .find(|c| c.1.ctype == SYNC_DONE_OID)
         .and_then(|c| c.1.val.as_deref())
         .map(rasn::ber::decode::<SyncDoneValue>);
-    done.success().map_err(|e| error(e.to_string()))?;
+    // The result code matters: e-syncRefreshRequired asks for a fresh start.
+    done.success()
+        .map_err(|e| DirectoryError::from_ldap("sync refresh", &scope.base, e))?;
     let done_value = done_value
         .ok_or_else(|| error("no sync done control".into()))?
         .map_err(|e| error(format!("undecodable sync done control: {e}")))?;
