@@ -573,3 +573,27 @@ fn a_cookie_the_directory_no_longer_takes_means_a_refresh_from_the_start() {
     );
     assert!(connector.sync().contains(" 0 updated"), "settled on a new cookie");
 }
+
+#[test]
+fn local_to_ldap_creates_in_389_ds_and_puts_its_edits_back() {
+    let Some(ds) = Ds389::shared() else { return };
+    let base = format!("ou=sync-local-first,{BASE}");
+    ds.ldapmodify(&format!(
+        "dn: {base}\nchangetype: add\nobjectClass: organizationalUnit\n"
+    ));
+    let connector = connector(&base, &base, "local-to-ldap", ds);
+    connector.ok(&["account", "add", "lena", "--set", "mail=lena@example.com"]);
+    let report = connector.sync();
+    assert!(report.contains("create in directory account lena"), "{report}");
+    ds.ldapmodify(&format!(
+        "dn: uid=lena,{base}\nchangetype: modify\nreplace: mail\nmail: edited@in-389.example\n\n\
+         dn: uid=lena,{base}\nchangetype: modify\nreplace: nsAccountLock\nnsAccountLock: TRUE\n"
+    ));
+    let report = connector.sync();
+    assert!(report.contains("overwritten account lena"), "{report}");
+    let lena = ds.search(&["-b", &base, "(uid=lena)", "mail", "nsAccountLock"]);
+    assert!(
+        lena.contains("mail: lena@example.com") && !lena.contains("nsAccountLock"),
+        "the local values, the lock lifted: {lena}"
+    );
+}

@@ -450,3 +450,25 @@ fn a_worker_that_panics_is_restarted_and_its_connector_shown_out_of_sync() {
     let (exit, _) = served.terminate();
     assert!(exit.success());
 }
+
+#[test]
+fn a_dead_directory_is_logged_once_per_interval_not_once_per_session() {
+    let served = serve(&["--listen", "ldap://127.0.0.1:0", "--upstream", "ldap://127.0.0.1:1"]);
+    for _ in 0..40 {
+        let out = std::process::Command::new("ldapwhoami")
+            .args(["-x", "-H", &served.url])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "no directory, no answer");
+    }
+    let (exit, log) = served.terminate();
+    assert!(exit.success());
+    let warnings = log
+        .lines()
+        .filter(|l| l.contains("no directory connection") || l.contains("request refused: directory unavailable"))
+        .count();
+    // 40 sessions in well under the 10 s interval: one line, two if the
+    // run straddles an interval on a slow machine.
+    assert!((1..=2).contains(&warnings), "{warnings} warnings:\n{log}");
+    assert!(!log.contains("session closed"), "no line per session at info:\n{log}");
+}

@@ -133,6 +133,9 @@ struct Shared {
     request_buffer: Arc<Budget>,
     /// Conformance mode's report, when it is on.
     conformance: Option<Arc<conformance::Report>>,
+    /// For sessions ended by a directory that cannot be reached: a dead
+    /// directory ends every session, and clients reconnect at will.
+    directory_lost: Throttle,
     /// Which directory URLs are known down, and the sessions on each.
     pool: Arc<pool::Pool>,
 }
@@ -263,6 +266,7 @@ impl Proxy {
                 failed_binds,
                 request_buffer,
                 conformance,
+                directory_lost: Throttle::new(Duration::from_secs(10)),
                 pool,
             }),
             connections,

@@ -577,7 +577,9 @@ impl Session {
                 if self.settings.config.on_directory_loss == DirectoryLoss::Close {
                     return Err(Some(End::UpstreamLost(diagnostic)));
                 }
-                warn!(error = %e, op = request.op.name(), "request refused: directory unavailable");
+                if let Some(held_back) = self.shared.directory_lost.allow() {
+                    warn!(error = %e, op = request.op.name(), held_back, "request refused: directory unavailable");
+                }
                 Err(
                     match message::error_response(request, ResultCode::Unavailable, &diagnostic) {
                         Some(pdu) => self.reply(pdu).await,
@@ -847,7 +849,9 @@ impl Session {
                 Some((ResultCode::ProtocolError, reason.clone()))
             }
             End::UpstreamLost(reason) => {
-                warn!(%reason, "no directory connection; disconnecting client");
+                if let Some(held_back) = self.shared.directory_lost.allow() {
+                    warn!(%reason, held_back, "no directory connection; disconnecting client");
+                }
                 (self.settings.config.on_directory_loss == DirectoryLoss::Notice)
                     .then(|| (ResultCode::Unavailable, format!("ldapsync: {reason}")))
             }
@@ -883,7 +887,8 @@ impl Session {
         let _ = self.responder.await;
         outcome_unknown(&self.shared, self.id, self.inflight.abandon_all());
         match end {
-            End::ClientClosed | End::Unbind => debug!(?end, "session closed"),
+            // A lost directory was said above, once per interval.
+            End::ClientClosed | End::Unbind | End::UpstreamLost(_) => debug!(?end, "session closed"),
             End::TlsFailed(reason) => info!(%reason, "TLS handshake failed; session closed"),
             _ => info!(?end, "session closed"),
         }
