@@ -31,6 +31,8 @@ pub enum ConfigError {
     UnknownUpstream { key: String, url: String },
     #[error("{key} = {value} is out of range: {range}")]
     OutOfRange { key: String, value: String, range: String },
+    #[error("admin.{key}: {message}")]
+    Admin { key: &'static str, message: String },
     #[error("connector {connector:?}: {key}: {message}")]
     Connector {
         connector: String,
@@ -184,6 +186,52 @@ pub struct Config {
     pub conformance: ConformanceConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// `[admin]`: the HTTP admin API, off unless `listen` is set. Operators log
+/// in with their directory credentials, checked against one connector's
+/// directory; membership of `admin_group` lets them change things,
+/// `auditor_group` read them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// `host:port`, e.g. `127.0.0.1:8389`.
+    pub listen: Option<String>,
+    /// The connector whose directory and accounts scope authenticate
+    /// operators; the first connector when unset.
+    pub connector: Option<String>,
+    /// A group entry's DN: its members (`member`, `uniqueMember`) may read
+    /// and change.
+    pub admin_group: Option<String>,
+    /// A group entry's DN: its members may read.
+    pub auditor_group: Option<String>,
+    /// How long a login holds without being used.
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// The largest request body accepted.
+    pub max_body: usize,
+    /// Failed logins per client address within `failed_login_window`
+    /// before further logins from it are refused for that window.
+    pub max_failed_logins: usize,
+    #[serde(with = "humantime_serde")]
+    pub failed_login_window: Duration,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: None,
+            connector: None,
+            admin_group: None,
+            auditor_group: None,
+            session_timeout: Duration::from_secs(30 * 60),
+            max_body: 64 * 1024,
+            max_failed_logins: 5,
+            failed_login_window: Duration::from_secs(60),
+        }
+    }
 }
 
 /// `[metrics]`: the opt-in HTTP listener for `/metrics`, `/healthz`, `/readyz`.
@@ -1223,6 +1271,68 @@ impl Config {
                 }
             }
         }
+        problems.extend(self.admin_problems());
+        problems
+    }
+
+    /// The admin API's problems: it authenticates through a connector.
+    fn admin_problems(&self) -> Vec<ConfigError> {
+        let a = &self.admin;
+        let mut problems = Vec::new();
+        if a.listen.is_none() {
+            return problems;
+        }
+        let error = |key, message: &str| ConfigError::Admin {
+            key,
+            message: message.to_owned(),
+        };
+        match &a.connector {
+            Some(name) if self.connectors.iter().all(|c| &c.name != name) => {
+                problems.push(error("connector", &format!("no connector is called {name:?}")));
+            }
+            None if self.connectors.is_empty() => {
+                problems.push(error(
+                    "listen",
+                    "the admin API logs operators in through a connector's directory: configure one",
+                ));
+            }
+            _ => {}
+        }
+        let connector = a.connector.as_ref().map_or(self.connectors.first(), |name| {
+            self.connectors.iter().find(|c| &c.name == name)
+        });
+        if connector.is_some_and(|c| c.accounts.is_none()) {
+            problems.push(error(
+                "connector",
+                "its connector syncs no accounts, among which operators are found",
+            ));
+        }
+        if a.admin_group.is_none() && a.auditor_group.is_none() {
+            problems.push(error(
+                "admin_group",
+                "set admin_group or auditor_group (a group entry's DN): nobody could log in",
+            ));
+        }
+        for (key, group) in [("admin_group", &a.admin_group), ("auditor_group", &a.auditor_group)] {
+            if let Some(dn) = group.as_ref().filter(|dn| !crate::dn::is_valid(dn)) {
+                problems.push(error(key, &format!("{dn:?} is not a DN")));
+            }
+        }
+        problems.extend(count_in("admin.max_body", a.max_body, 1024, 16 * 1024 * 1024));
+        problems.extend(count_in("admin.max_failed_logins", a.max_failed_logins, 1, 1_000_000));
+        let day = Duration::from_secs(86_400);
+        problems.extend(duration_in(
+            "admin.session_timeout",
+            a.session_timeout,
+            Duration::from_secs(60),
+            30 * day,
+        ));
+        problems.extend(duration_in(
+            "admin.failed_login_window",
+            a.failed_login_window,
+            Duration::from_secs(1),
+            day,
+        ));
         problems
     }
 
@@ -1762,5 +1872,52 @@ mod tests {
         assert_eq!(accounts.naming, "mail");
         assert_eq!(accounts.account_switch(), Some(AccountSwitch::ControlBit("flags")));
         assert_eq!(accounts.account_lock, None);
+    }
+
+    #[test]
+    fn the_admin_api_needs_a_connector_with_accounts_and_a_group() {
+        let base = r#"
+            [proxy]
+            upstream = ["ldap://d"]
+            listen = ["ldap://127.0.0.1:389"]
+        "#;
+        let connector = r#"
+            [[connector]]
+            name = "c"
+            bind_dn = "cn=sync"
+            password_env = "P"
+            [connector.accounts]
+            base = "ou=people,dc=example,dc=com"
+            naming = "uid"
+        "#;
+        let problems = |text: &str| -> Vec<String> {
+            let config = Config::parse(text, Path::new("c.toml")).unwrap();
+            let all = config.connector_problems().into_iter().map(|p| p.to_string());
+            all.filter(|p| p.starts_with("admin")).collect()
+        };
+        let admin = |extra: &str| format!("{base}\n[admin]\nlisten = \"127.0.0.1:0\"\n{extra}\n{connector}");
+        assert_eq!(
+            problems(&admin("admin_group = \"cn=admins,dc=example,dc=com\"")),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            problems(&admin("")),
+            ["admin.admin_group: set admin_group or auditor_group (a group entry's DN): nobody could log in"]
+        );
+        assert_eq!(
+            problems(&admin(
+                "auditor_group = \"not a dn\"\nconnector = \"d\"\nsession_timeout = \"1s\""
+            )),
+            [
+                "admin.connector: no connector is called \"d\"",
+                "admin.auditor_group: \"not a dn\" is not a DN",
+                "admin.session_timeout = \"1s\" is out of range: 1m to 30days",
+            ]
+        );
+        let without_connectors = format!("{base}\n[admin]\nlisten = \"127.0.0.1:0\"\nadmin_group = \"cn=a,dc=b\"");
+        assert_eq!(
+            problems(&without_connectors),
+            ["admin.listen: the admin API logs operators in through a connector's directory: configure one"]
+        );
     }
 }

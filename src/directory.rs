@@ -216,23 +216,7 @@ impl Directory {
 
     /// The root DSE's `attrs`, names lowercased.
     pub async fn root_dse(&mut self, attrs: &[&str]) -> Result<BTreeMap<String, Vec<String>>, DirectoryError> {
-        let (entries, _) = self
-            .ldap
-            .search("", Scope::Base, "(objectClass=*)", attrs.to_vec())
-            .await
-            .and_then(|r| r.success())
-            .map_err(|e| search_error("", e))?;
-        Ok(entries
-            .into_iter()
-            .next()
-            .map(|raw| {
-                SearchEntry::construct(raw)
-                    .attrs
-                    .into_iter()
-                    .map(|(k, v)| (k.to_lowercase(), v))
-                    .collect()
-            })
-            .unwrap_or_default())
+        self.read("", attrs).await
     }
 
     /// The names (lowercased) of the attribute types and object classes in
@@ -294,6 +278,34 @@ impl Directory {
             .filter_map(|raw| self.entry(SearchEntry::construct(raw)))
             .map(|entry| entry.id)
             .collect())
+    }
+
+    /// The values of `attrs` of the entry at `dn` (none when it does not
+    /// exist), attribute names lowercased.
+    pub async fn read(&mut self, dn: &str, attrs: &[&str]) -> Result<BTreeMap<String, Vec<String>>, DirectoryError> {
+        const NO_SUCH_OBJECT: u32 = 32;
+        let result = self
+            .ldap
+            .search(dn, Scope::Base, "(objectClass=*)", attrs.to_vec())
+            .await
+            .and_then(|r| r.success())
+            .map_err(|e| DirectoryError::from_ldap("read", dn, e));
+        let entries = match result {
+            Ok((entries, _)) => entries,
+            Err(e) if e.result_code() == Some(NO_SUCH_OBJECT) => return Ok(BTreeMap::new()),
+            Err(e) => return Err(e),
+        };
+        Ok(entries
+            .into_iter()
+            .next()
+            .map(|raw| {
+                SearchEntry::construct(raw)
+                    .attrs
+                    .into_iter()
+                    .map(|(name, values)| (name.to_lowercase(), values))
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 
     /// The attribute that holds the stable id (`entryUUID`, …).

@@ -15,6 +15,7 @@
 #![deny(clippy::unwrap_used, clippy::panic, clippy::unreachable, clippy::await_holding_lock)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::panic))]
 
+pub mod admin;
 pub mod cli;
 pub mod cluster;
 pub mod config;

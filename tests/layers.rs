@@ -20,7 +20,7 @@ const LAYERS: &[&[&str]] = &[
         "sync::guard",
     ],
     &["proxy", "poller", "sync::engine", "sync::progress", "cluster"],
-    &["worker", "monitor"],
+    &["worker", "monitor", "admin"],
     &["cli", "lib", "main", "sync"],
 ];
 

@@ -10,11 +10,12 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 
 use super::output::outln;
+use crate::admin::{self, AssociationView, DeleteOptions, Deleted, ObjectEdit, ObjectView};
 use crate::config::{Config, ConnectorConfig, Preset, Secret};
 use crate::directory::{Directory, DirectoryOps, PasswordKind};
-use crate::model::{Action, Category, ChangeSource, MEMBERS_FIELD, Values};
-use crate::store::{self, AnyStore, JournalEntry, JournalQuery, LocalObject, Store, now};
-use crate::sync::engine::{self, LinkTarget, PassOptions, Report, is_secret_field};
+use crate::model::{Action, Category, ChangeSource};
+use crate::store::{self, AnyStore, JournalEntry, JournalQuery, Store, now};
+use crate::sync::engine::{self, LinkTarget, PassOptions, Report};
 use crate::sync::progress::{Bar, Lines, Progress};
 use crate::worker::{self, Poll};
 
@@ -174,114 +175,30 @@ fn parse_pair(text: &str) -> anyhow::Result<(String, String)> {
 }
 
 impl Edit {
-    /// Refuses fields no connector of the category maps (a typo would
-    /// otherwise be stored and synced nowhere), unless `--unmapped`.
-    fn check_fields(&self, config: &Config, category: Category) -> anyhow::Result<()> {
-        let mapped: std::collections::BTreeSet<&str> = config
-            .connectors
-            .iter()
-            .flat_map(|c| c.scopes().filter(|(c, _)| *c == category).map(|(_, s)| s))
-            .flat_map(|scope| {
-                let members = scope.membership.as_ref().map(|_| MEMBERS_FIELD);
-                scope.map.values().map(String::as_str).chain(members)
-            })
-            .collect();
-        if self.unmapped || config.connectors.is_empty() {
-            return Ok(());
-        }
-        let pairs = self.set.iter().chain(&self.add).chain(&self.remove);
-        let fields = pairs
-            .map(|p| parse_pair(p).map(|(field, _)| field))
-            .chain(self.unset.iter().cloned().map(Ok));
-        for field in fields {
-            let field = field?;
-            if !mapped.contains(field.as_str()) {
-                let known: Vec<&str> = mapped.iter().copied().collect();
-                bail!(
-                    "no connector maps the {category} field {field:?}; the mapped ones are {} \
-                     (--unmapped keeps a field that is synced nowhere)",
-                    if known.is_empty() {
-                        "none".into()
-                    } else {
-                        known.join(", ")
-                    }
-                );
+    /// The edit as the admin core takes it.
+    fn to_edit(&self) -> anyhow::Result<ObjectEdit> {
+        let grouped = |pairs: &[String]| -> anyhow::Result<BTreeMap<String, Vec<String>>> {
+            let mut fields: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for pair in pairs {
+                let (field, value) = parse_pair(pair)?;
+                fields.entry(field).or_default().push(value);
             }
-        }
-        Ok(())
-    }
-
-    fn apply(&self, object: &mut LocalObject) -> anyhow::Result<()> {
-        let mut replaced: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for pair in &self.set {
-            let (field, value) = parse_pair(pair)?;
-            replaced.entry(field).or_default().push(value);
-        }
-        object.values.extend(replaced);
-        for pair in &self.add {
-            let (field, value) = parse_pair(pair)?;
-            let values = object.values.entry(field).or_default();
-            if !values.contains(&value) {
-                values.push(value);
-                values.sort();
-            }
-        }
-        for pair in &self.remove {
-            let (field, value) = parse_pair(pair)?;
-            if let Some(values) = object.values.get_mut(&field) {
-                values.retain(|v| v != &value);
-            }
-        }
-        for field in &self.unset {
-            object.values.remove(field);
-        }
-        object.values.retain(|_, v| !v.is_empty());
-        if let Some(name) = &self.rename {
-            object.name = name.clone();
-        }
-        if self.disable {
-            object.enabled = false;
-        }
-        if self.enable {
-            object.enabled = true;
-        }
-        Ok(())
-    }
-}
-
-/// Each field a local edit changed, with its old and new values (a secret
-/// field by name only), for the journal.
-fn edited_fields(before: &Values, after: &Values) -> serde_json::Value {
-    let fields: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
-    let mut changes = serde_json::Map::new();
-    for field in fields.into_iter().filter(|f| before.get(*f) != after.get(*f)) {
-        let entry = if is_secret_field(field) {
-            serde_json::json!("(secret: values not journaled)")
-        } else {
-            serde_json::json!({ "old": before.get(field), "new": after.get(field) })
+            Ok(fields)
         };
-        changes.insert(field.clone(), entry);
+        Ok(ObjectEdit {
+            set: grouped(&self.set)?,
+            add: grouped(&self.add)?,
+            remove: grouped(&self.remove)?,
+            unset: self.unset.clone(),
+            rename: self.rename.clone(),
+            enabled: match (self.enable, self.disable) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            },
+            unmapped: self.unmapped,
+        })
     }
-    serde_json::Value::Object(changes)
-}
-
-fn local_journal(category: Category, name: &str, action: Action, detail: serde_json::Value) -> JournalEntry {
-    JournalEntry {
-        at: now(),
-        connector: String::new(),
-        category,
-        object: name.to_owned(),
-        source: ChangeSource::Local,
-        action,
-        policy: String::new(),
-        detail: detail.to_string(),
-    }
-}
-
-fn find(store: &AnyStore, category: Category, name: &str) -> anyhow::Result<LocalObject> {
-    store
-        .object(category, name)?
-        .with_context(|| format!("no {category} named {name:?}"))
 }
 
 /// Prints `value` as pretty JSON (for `--json`).
@@ -294,33 +211,11 @@ pub fn object(config: &Config, category: Category, command: ObjectCommand, json:
     let mut store = open_store(config)?;
     match command {
         ObjectCommand::Add { name, edit } => {
-            edit.check_fields(config, category)?;
-            let mut object = LocalObject {
-                id: 0,
-                category,
-                name: name.clone(),
-                enabled: true,
-                values: Default::default(),
-            };
-            edit.apply(&mut object)?;
-            let detail = serde_json::json!({ "fields": edited_fields(&Default::default(), &object.values) });
-            store.insert_object(
-                &object,
-                &local_journal(category, &object.name, Action::LocalAdd, detail),
-            )?;
+            let object = admin::create(config, &mut store, category, &name, &edit.to_edit()?, &operator())?;
             outln!("{category} {} added", object.name);
         }
         ObjectCommand::Set { name, edit } => {
-            edit.check_fields(config, category)?;
-            let mut object = find(&store, category, &name)?;
-            let before = object.clone();
-            edit.apply(&mut object)?;
-            let detail = serde_json::json!({
-                "fields": edited_fields(&before.values, &object.values),
-                "renamed": (before.name != object.name).then_some([&before.name, &object.name]),
-                "enabled": object.enabled,
-            });
-            store.update_object(&object, &local_journal(category, &name, Action::LocalEdit, detail))?;
+            let object = admin::edit(config, &mut store, category, &name, &edit.to_edit()?, &operator())?;
             outln!("{category} {} updated", object.name);
         }
         ObjectCommand::Rm {
@@ -328,27 +223,18 @@ pub fn object(config: &Config, category: Category, command: ObjectCommand, json:
             force,
             confirm_deletes,
         } => {
-            let object = find(&store, category, &name)?;
-            let association = store.association_of_object(object.id)?;
-            let Some(connector) = association
-                .filter(|_| !force)
-                .and_then(|a| config.connector(&a.connector))
-            else {
-                let detail = serde_json::json!({ "operator": operator(), "forced": force });
-                store.delete_object(object.id, &local_journal(category, &name, Action::LocalDelete, detail))?;
-                outln!("{category} {name} removed");
-                return Ok(());
+            let options = DeleteOptions { force, confirm_deletes };
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            let deleted = runtime.block_on(admin::delete(config, &mut store, category, &name, options, &operator()))?;
+            let (connector, report) = match deleted {
+                Deleted::Locally => {
+                    outln!("{category} {name} removed");
+                    return Ok(());
+                }
+                Deleted::ByConnector { connector, report } => (connector, report),
             };
-            let options = PassOptions {
-                dry_run: false,
-                confirm_deletes,
-            };
-            let password = connector.password()?;
-            let report = with_directory(config, &connector, &password, async |directory| {
-                Ok(engine::delete_object(&mut store, &connector, directory, object, options, &operator()).await?)
-            })?;
             if json {
-                return print_json(&report_json(&connector.name, &report));
+                return print_json(&report_json(&connector, &report));
             }
             for line in report.all_lines() {
                 outln!("{line}");
@@ -358,12 +244,7 @@ pub fn object(config: &Config, category: Category, command: ObjectCommand, json:
             }
         }
         ObjectCommand::Show { name } => {
-            let object = find(&store, category, &name)?;
-            let associations: Vec<_> = store
-                .associations(None)?
-                .into_iter()
-                .filter(|a| a.object_id == object.id)
-                .collect();
+            let ObjectView { object, associations } = admin::show(&store, category, &name)?;
             if json {
                 return print_json(&serde_json::json!({ "object": object, "associations": associations }));
             }
@@ -407,23 +288,22 @@ pub fn association(config: &Config, command: AssociationCommand, json: bool) -> 
     let mut store = open_store(config)?;
     match command {
         AssociationCommand::List { connector } => {
-            let mut listed = Vec::new();
-            for a in store.associations(connector.as_deref())? {
-                let object = store.object_by_id(a.object_id)?;
-                if json {
-                    listed.push(serde_json::json!({
-                        "category": object.as_ref().map(|o| o.category),
-                        "name": object.as_ref().map(|o| &o.name),
-                        "association": a,
-                    }));
-                    continue;
-                }
-                let name = object.map(|o| format!("{} {}", o.category, o.name)).unwrap_or_default();
-                let gone = if a.entry_gone { " (entry gone)" } else { "" };
-                outln!("{}\t{name}\t{}\t{}{gone}", a.connector, a.entry_id, a.dn);
-            }
+            let listed = admin::associations(config, &store, connector.as_deref())?;
             if json {
                 return print_json(&listed);
+            }
+            for AssociationView {
+                category,
+                name,
+                association: a,
+            } in listed
+            {
+                let name = match (category, name) {
+                    (Some(category), Some(name)) => format!("{category} {name}"),
+                    _ => String::new(),
+                };
+                let gone = if a.entry_gone { " (entry gone)" } else { "" };
+                outln!("{}\t{name}\t{}\t{}{gone}", a.connector, a.entry_id, a.dn);
             }
         }
         AssociationCommand::Show {
@@ -431,10 +311,7 @@ pub fn association(config: &Config, command: AssociationCommand, json: bool) -> 
             connector,
             category,
         } => {
-            let object = find(&store, category, &name)?;
-            let a = store
-                .association_by_object(&connector, object.id)?
-                .with_context(|| format!("{category} {name} has no association with connector {connector:?}"))?;
+            let a = admin::association(config, &store, &connector, category, &name)?;
             if json {
                 return print_json(&serde_json::json!({ "category": category, "name": name, "association": a }));
             }
@@ -457,19 +334,7 @@ pub fn association(config: &Config, command: AssociationCommand, json: bool) -> 
             connector,
             category,
         } => {
-            let object = find(&store, category, &name)?;
-            let journal = JournalEntry {
-                connector: connector.clone(),
-                ..local_journal(
-                    category,
-                    &name,
-                    Action::AssociationRemoved,
-                    serde_json::json!({ "operator": operator() }),
-                )
-            };
-            if !store.remove_association(&connector, object.id, &journal)? {
-                bail!("{category} {name} has no association with connector {connector:?}");
-            }
+            admin::remove_association(config, &mut store, &connector, category, &name, &operator())?;
             outln!("association of {category} {name} with connector {connector} removed");
         }
         AssociationCommand::Link {
@@ -545,7 +410,7 @@ pub fn password(config: &Config, name: &str, connector: &str) -> anyhow::Result<
         .as_ref()
         .with_context(|| format!("connector {} syncs no accounts", connector.name))?;
     let mut store = open_store(config)?;
-    let object = find(&store, Category::Account, name)?;
+    let object = admin::find(&store, Category::Account, name)?;
     let association = store
         .association_by_object(&connector.name, object.id)?
         .with_context(|| {
@@ -682,16 +547,13 @@ fn print_report(connector: &str, outcome: &worker::PollOutcome, dry_run: bool) {
 }
 
 pub fn journal(config: &Config, args: JournalArgs, json: bool) -> anyhow::Result<()> {
-    if let Some(connector) = &args.connector {
-        config.require_connector(connector)?;
-    }
     let store = open_store(config)?;
     let query = JournalQuery {
         connector: args.connector,
         object: args.object,
         limit: args.limit,
     };
-    let entries = store.journal(&query)?;
+    let entries = admin::journal(config, &store, &query)?;
     if json {
         let entries: Vec<serde_json::Value> = entries
             .iter()

@@ -31,6 +31,7 @@ fn hint(problem: &ConfigError) -> &'static str {
         ConfigError::NoPassthroughUpstream { .. } => {
             "add a directory URL of the listener's scheme, or let ldapsync end TLS (tls = \"terminate\")"
         }
+        ConfigError::Admin { .. } => "see docs/admin-api.md: [admin] listen, connector, admin_group, auditor_group",
         ConfigError::ClientCertificate => "a client certificate needs its key, and the other way round",
         ConfigError::Store { key, .. } => match key.as_str() {
             "url" => "store.url = \"postgresql://ldapsync@db.example.com:5432/ldapsync\", the password apart",

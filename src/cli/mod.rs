@@ -302,15 +302,24 @@ fn serve(config: Config, args: ServeArgs, file: Option<PathBuf>) -> anyhow::Resu
             Some(addr) => Some(monitor::bind(addr).await?),
             None => None,
         };
+        let admin_api = match &config.admin.listen {
+            Some(addr) => Some(crate::admin::api::bind(addr).await?),
+            None => None,
+        };
         let running = Running::new(&config.proxy)?;
         if let Some(reloader) = &connectors {
             running.set_connectors(running_connectors(reloader));
         }
+        // The API works on the whole configuration; the proxy takes its part.
+        let admin_config = admin_api.as_ref().map(|_| config.clone());
         let proxy = Proxy::new(config.proxy, sink)?;
         let listeners = proxy.bind().await?;
         running.set_listening(listeners.iter().map(|l| l.state()).collect());
         if let Some(listener) = metrics {
             workers.spawn(monitor::serve(listener, Arc::clone(&running), shutdown.clone()));
+        }
+        if let (Some(listener), Some(config)) = (admin_api, admin_config) {
+            workers.spawn(crate::admin::api::serve(listener, config, shutdown.clone()));
         }
         workers.spawn(monitor::serve_socket(
             config.store.admin_socket(),

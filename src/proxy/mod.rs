@@ -35,7 +35,8 @@ use crate::throttle::Throttle;
 use crate::tls::{self, ServerTls, TlsError};
 pub use capture::{CaptureLoss, CaptureSink, CapturedWrite, LogSink, Opacity, WriteKind};
 use codec::Budget;
-use limits::{AddressCounts, FailedBinds};
+use limits::AddressCounts;
+pub use limits::FailedBinds;
 
 /// A byte stream a session runs over: TCP, or TLS over TCP.
 trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}

@@ -1,0 +1,469 @@
+//! The administrator's operations on the local store — accounts and
+//! groups, their associations, the journal — in one place that the CLI and
+//! the HTTP API (`api`) both call, so that no operation's rules (which
+//! fields may be set, what a delete does, what the journal records) are
+//! written twice. Errors are typed, each with a stable code the API shows.
+
+pub mod api;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::config::{Config, ConfigError};
+use crate::directory::{Directory, DirectoryError};
+use crate::model::{Action, Category, ChangeSource, MEMBERS_FIELD, Values};
+use crate::store::{AnyStore, Association, JournalEntry, JournalQuery, LocalObject, Store, StoreError, now};
+use crate::sync::engine::{self, PassOptions, Report, SyncError, is_secret_field};
+
+/// Why an administrative operation was not done.
+#[derive(Debug, Error)]
+pub enum AdminError {
+    #[error("no {category} named {name:?}")]
+    NotFound { category: Category, name: String },
+    #[error("{category} {name:?} already exists")]
+    Exists { category: Category, name: String },
+    /// What the operator asked for is not valid, and why.
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(StoreError),
+    #[error(transparent)]
+    Sync(SyncError),
+}
+
+impl From<StoreError> for AdminError {
+    fn from(e: StoreError) -> AdminError {
+        match e {
+            StoreError::NotFound { category, name } => AdminError::NotFound { category, name },
+            StoreError::Exists { category, name } => AdminError::Exists { category, name },
+            other => AdminError::Store(other),
+        }
+    }
+}
+
+impl From<SyncError> for AdminError {
+    fn from(e: SyncError) -> AdminError {
+        match e {
+            SyncError::Store(e) => e.into(),
+            SyncError::Refused(why) => AdminError::Invalid(why),
+            other => AdminError::Sync(other),
+        }
+    }
+}
+
+impl From<DirectoryError> for AdminError {
+    fn from(e: DirectoryError) -> AdminError {
+        AdminError::Sync(SyncError::Directory(e))
+    }
+}
+
+impl AdminError {
+    /// A stable code for programs (the API's problem documents).
+    pub fn code(&self) -> &'static str {
+        match self {
+            AdminError::NotFound { .. } => "not-found",
+            AdminError::Exists { .. } => "exists",
+            AdminError::Invalid(_) => "invalid",
+            AdminError::Config(_) => "unknown-connector",
+            AdminError::Store(_) => "store-unavailable",
+            AdminError::Sync(_) => "directory-unavailable",
+        }
+    }
+}
+
+/// A change to a local object's fields, as an operator asks for it.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObjectEdit {
+    /// Fields replaced by these values.
+    pub set: BTreeMap<String, Vec<String>>,
+    /// Values added to a field.
+    pub add: BTreeMap<String, Vec<String>>,
+    /// Values removed from a field.
+    pub remove: BTreeMap<String, Vec<String>>,
+    /// Fields whose every value goes.
+    pub unset: Vec<String>,
+    pub rename: Option<String>,
+    pub enabled: Option<bool>,
+    /// Accept fields no connector maps (kept locally, synced nowhere).
+    pub unmapped: bool,
+}
+
+/// Names must be printable, one line, and of a reasonable length: they
+/// become RDN values and journal keys.
+const MAX_NAME: usize = 256;
+const MAX_VALUE: usize = 64 * 1024;
+
+fn check_name(name: &str) -> Result<(), AdminError> {
+    if name.is_empty() || name.len() > MAX_NAME || name.chars().any(char::is_control) || name.trim() != name {
+        return Err(AdminError::Invalid(format!(
+            "{name:?} is not a name: 1 to {MAX_NAME} bytes, no control characters, no leading or trailing space"
+        )));
+    }
+    Ok(())
+}
+
+impl ObjectEdit {
+    fn fields(&self) -> impl Iterator<Item = &String> {
+        self.set
+            .keys()
+            .chain(self.add.keys())
+            .chain(self.remove.keys())
+            .chain(&self.unset)
+    }
+
+    /// Refuses fields no connector of the category maps (a typo would
+    /// otherwise be stored and synced nowhere), unless `unmapped`; and
+    /// names and values that cannot be.
+    fn check(&self, config: &Config, category: Category) -> Result<(), AdminError> {
+        if let Some(name) = &self.rename {
+            check_name(name)?;
+        }
+        let values = self.set.values().chain(self.add.values()).flatten();
+        if let Some(value) = values.into_iter().find(|v| v.len() > MAX_VALUE) {
+            return Err(AdminError::Invalid(format!(
+                "a value of {} bytes is over the limit of {MAX_VALUE}",
+                value.len()
+            )));
+        }
+        if self.unmapped || config.connectors.is_empty() {
+            return Ok(());
+        }
+        let mapped: BTreeSet<&str> = config
+            .connectors
+            .iter()
+            .flat_map(|c| c.scopes().filter(|(c, _)| *c == category).map(|(_, s)| s))
+            .flat_map(|scope| {
+                let members = scope.membership.as_ref().map(|_| MEMBERS_FIELD);
+                scope.map.values().map(String::as_str).chain(members)
+            })
+            .collect();
+        if let Some(field) = self.fields().find(|f| !mapped.contains(f.as_str())) {
+            let known: Vec<&str> = mapped.iter().copied().collect();
+            return Err(AdminError::Invalid(format!(
+                "no connector maps the {category} field {field:?}; the mapped ones are {} \
+                 (unmapped keeps a field that is synced nowhere)",
+                if known.is_empty() {
+                    "none".into()
+                } else {
+                    known.join(", ")
+                }
+            )));
+        }
+        Ok(())
+    }
+
+    fn apply(&self, object: &mut LocalObject) {
+        for (field, values) in &self.set {
+            object.values.insert(field.clone(), values.clone());
+        }
+        for (field, added) in &self.add {
+            let values = object.values.entry(field.clone()).or_default();
+            for value in added {
+                if !values.contains(value) {
+                    values.push(value.clone());
+                }
+            }
+            values.sort();
+        }
+        for (field, removed) in &self.remove {
+            if let Some(values) = object.values.get_mut(field) {
+                values.retain(|v| !removed.contains(v));
+            }
+        }
+        for field in &self.unset {
+            object.values.remove(field);
+        }
+        object.values.retain(|_, v| !v.is_empty());
+        if let Some(name) = &self.rename {
+            object.name = name.clone();
+        }
+        if let Some(enabled) = self.enabled {
+            object.enabled = enabled;
+        }
+    }
+}
+
+/// Each field a local edit changed, with its old and new values (a secret
+/// field by name only), for the journal.
+fn edited_fields(before: &Values, after: &Values) -> serde_json::Value {
+    let fields: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    let mut changes = serde_json::Map::new();
+    for field in fields.into_iter().filter(|f| before.get(*f) != after.get(*f)) {
+        let entry = if is_secret_field(field) {
+            serde_json::json!("(secret: values not journaled)")
+        } else {
+            serde_json::json!({ "old": before.get(field), "new": after.get(field) })
+        };
+        changes.insert(field.clone(), entry);
+    }
+    serde_json::Value::Object(changes)
+}
+
+fn local_journal(category: Category, name: &str, action: Action, detail: serde_json::Value) -> JournalEntry {
+    JournalEntry {
+        at: now(),
+        connector: String::new(),
+        category,
+        object: name.to_owned(),
+        source: ChangeSource::Local,
+        action,
+        policy: String::new(),
+        detail: detail.to_string(),
+    }
+}
+
+/// One object with its associations.
+#[derive(Debug, Serialize)]
+pub struct ObjectView {
+    pub object: LocalObject,
+    pub associations: Vec<Association>,
+}
+
+/// The object named so, or `NotFound`.
+pub fn find(store: &AnyStore, category: Category, name: &str) -> Result<LocalObject, AdminError> {
+    store.object(category, name)?.ok_or_else(|| AdminError::NotFound {
+        category,
+        name: name.to_owned(),
+    })
+}
+
+pub fn show(store: &AnyStore, category: Category, name: &str) -> Result<ObjectView, AdminError> {
+    let object = find(store, category, name)?;
+    let associations = store
+        .associations(None)?
+        .into_iter()
+        .filter(|a| a.object_id == object.id)
+        .collect();
+    Ok(ObjectView { object, associations })
+}
+
+/// A page of a category's objects, by name: those after `after`, at most
+/// `limit`, those whose name contains `contains` (without case) only.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListQuery {
+    pub contains: Option<String>,
+    pub after: Option<String>,
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// Where the next page starts (`after`), when there is one.
+    pub next: Option<String>,
+}
+
+pub const MAX_PAGE: usize = 1000;
+
+pub fn list(store: &AnyStore, category: Category, query: &ListQuery) -> Result<Page<LocalObject>, AdminError> {
+    let limit = query.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
+    let needle = query.contains.as_deref().map(str::to_lowercase);
+    let mut matching = store
+        .objects(category)?
+        .into_iter()
+        .filter(|o| query.after.as_deref().is_none_or(|after| o.name.as_str() > after))
+        .filter(|o| needle.as_deref().is_none_or(|n| o.name.to_lowercase().contains(n)));
+    let items: Vec<LocalObject> = matching.by_ref().take(limit).collect();
+    let next = match matching.next() {
+        Some(_) => items.last().map(|o| o.name.clone()),
+        None => None,
+    };
+    Ok(Page { items, next })
+}
+
+/// Creates a local object; `operator` is journaled.
+pub fn create(
+    config: &Config,
+    store: &mut AnyStore,
+    category: Category,
+    name: &str,
+    edit: &ObjectEdit,
+    operator: &str,
+) -> Result<LocalObject, AdminError> {
+    check_name(name)?;
+    edit.check(config, category)?;
+    let mut object = LocalObject {
+        id: 0,
+        category,
+        name: name.to_owned(),
+        enabled: true,
+        values: Default::default(),
+    };
+    edit.apply(&mut object);
+    let detail = serde_json::json!({
+        "operator": operator,
+        "fields": edited_fields(&Default::default(), &object.values),
+    });
+    object.id = store.insert_object(
+        &object,
+        &local_journal(category, &object.name, Action::LocalAdd, detail),
+    )?;
+    Ok(object)
+}
+
+/// Changes a local object's fields; `operator` is journaled.
+pub fn edit(
+    config: &Config,
+    store: &mut AnyStore,
+    category: Category,
+    name: &str,
+    edit: &ObjectEdit,
+    operator: &str,
+) -> Result<LocalObject, AdminError> {
+    edit.check(config, category)?;
+    let mut object = find(store, category, name)?;
+    let before = object.clone();
+    edit.apply(&mut object);
+    let detail = serde_json::json!({
+        "operator": operator,
+        "fields": edited_fields(&before.values, &object.values),
+        "renamed": (before.name != object.name).then_some([&before.name, &object.name]),
+        "enabled": object.enabled,
+    });
+    store.update_object(&object, &local_journal(category, name, Action::LocalEdit, detail))?;
+    Ok(object)
+}
+
+/// How a delete goes.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeleteOptions {
+    /// Locally only, whatever the object's connector says.
+    pub force: bool,
+    /// Past the mass-delete guard.
+    pub confirm_deletes: bool,
+}
+
+/// What a delete did.
+#[derive(Debug, Serialize)]
+pub enum Deleted {
+    /// The object was removed locally only.
+    Locally,
+    /// Its connector applied its delete policy: the pass's report.
+    ByConnector { connector: String, report: Report },
+}
+
+/// Deletes a local object. An associated one is deleted as its connector
+/// says (the entry deleted, disabled or kept, under the mass-delete
+/// guard), over a service connection to its directory.
+pub async fn delete(
+    config: &Config,
+    store: &mut AnyStore,
+    category: Category,
+    name: &str,
+    options: DeleteOptions,
+    operator: &str,
+) -> Result<Deleted, AdminError> {
+    let object = find(store, category, name)?;
+    let association = store.association_of_object(object.id)?;
+    let Some(connector) = association
+        .filter(|_| !options.force)
+        .and_then(|a| config.connector(&a.connector))
+    else {
+        let detail = serde_json::json!({ "operator": operator, "forced": options.force });
+        store.delete_object(object.id, &local_journal(category, name, Action::LocalDelete, detail))?;
+        return Ok(Deleted::Locally);
+    };
+    let password = connector.password().map_err(AdminError::Config)?;
+    let mut directory = Directory::connect(&connector, password.expose(), config.proxy.connect_timeout).await?;
+    let pass = PassOptions {
+        dry_run: false,
+        confirm_deletes: options.confirm_deletes,
+    };
+    let report = engine::delete_object(store, &connector, &mut directory, object, pass, operator).await;
+    directory.close().await;
+    Ok(Deleted::ByConnector {
+        connector: connector.name.clone(),
+        report: report?,
+    })
+}
+
+/// Associations, of one connector or all, with their objects' names.
+#[derive(Debug, Serialize)]
+pub struct AssociationView {
+    pub category: Option<Category>,
+    pub name: Option<String>,
+    pub association: Association,
+}
+
+pub fn associations(
+    config: &Config,
+    store: &AnyStore,
+    connector: Option<&str>,
+) -> Result<Vec<AssociationView>, AdminError> {
+    if let Some(connector) = connector {
+        config.require_connector(connector)?;
+    }
+    store
+        .associations(connector)?
+        .into_iter()
+        .map(|association| {
+            let object = store.object_by_id(association.object_id)?;
+            Ok(AssociationView {
+                category: object.as_ref().map(|o| o.category),
+                name: object.map(|o| o.name),
+                association,
+            })
+        })
+        .collect()
+}
+
+/// The journal's most recent lines, newest last.
+pub fn journal(config: &Config, store: &AnyStore, query: &JournalQuery) -> Result<Vec<JournalEntry>, AdminError> {
+    if let Some(connector) = &query.connector {
+        config.require_connector(connector)?;
+    }
+    Ok(store.journal(query)?)
+}
+
+/// The association of one object with one connector's entry.
+pub fn association(
+    config: &Config,
+    store: &AnyStore,
+    connector: &str,
+    category: Category,
+    name: &str,
+) -> Result<Association, AdminError> {
+    config.require_connector(connector)?;
+    let object = find(store, category, name)?;
+    store.association_by_object(connector, object.id)?.ok_or_else(|| {
+        AdminError::Invalid(format!(
+            "{category} {name} has no association with connector {connector:?}"
+        ))
+    })
+}
+
+/// Removes an association, an explicit act journaled with its operator:
+/// the next sync matches the object afresh.
+pub fn remove_association(
+    config: &Config,
+    store: &mut AnyStore,
+    connector: &str,
+    category: Category,
+    name: &str,
+    operator: &str,
+) -> Result<(), AdminError> {
+    config.require_connector(connector)?;
+    let object = find(store, category, name)?;
+    let journal = JournalEntry {
+        connector: connector.to_owned(),
+        ..local_journal(
+            category,
+            name,
+            Action::AssociationRemoved,
+            serde_json::json!({ "operator": operator }),
+        )
+    };
+    match store.remove_association(connector, object.id, &journal)? {
+        true => Ok(()),
+        false => Err(AdminError::Invalid(format!(
+            "{category} {name} has no association with connector {connector:?}"
+        ))),
+    }
+}

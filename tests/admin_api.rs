@@ -1,0 +1,295 @@
+//! The admin HTTP API through real HTTP against the real binary, with a
+//! real slapd checking the operators' logins: who may log in and do what,
+//! accounts and groups listed, shown, created, edited and deleted, the
+//! journal naming the operator, and bad input answered with a problem
+//! document and a 4xx.
+
+mod common;
+
+use common::{Served, http, serve};
+use ldapsync_fixtures::{ROOT_DN, ROOT_PW, Slapd, person};
+use serde_json::{Value, json};
+
+/// ldapsync with a connector over the fixture directory and the admin API
+/// on: `cn=admins` (alice) administers, `cn=staff` (alice, bob, carol)
+/// audits; dave is in neither.
+struct Api {
+    _slapd: Slapd,
+    _dir: tempfile::TempDir,
+    served: Served,
+    addr: String,
+}
+
+impl Api {
+    fn start() -> Api {
+        let slapd = Slapd::start();
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("service.secret");
+        std::fs::write(&secret, format!("{ROOT_PW}\n")).unwrap();
+        let toml = format!(
+            r#"
+[proxy]
+listen = ["ldap://127.0.0.1:0"]
+upstream = ["{url}"]
+[store]
+path = "{db}"
+[admin]
+listen = "127.0.0.1:0"
+admin_group = "cn=admins,ou=groups,dc=example,dc=com"
+auditor_group = "cn=staff,ou=groups,dc=example,dc=com"
+max_failed_logins = 5
+[[connector]]
+name = "example"
+bind_dn = "{ROOT_DN}"
+password_file = "{secret}"
+direction = "both"
+poll_interval = "1h"
+[connector.accounts]
+base = "ou=people,dc=example,dc=com"
+filter = "(objectClass=inetOrgPerson)"
+naming = "uid"
+map = {{ mail = "mail", cn = "display_name" }}
+object_classes = ["inetOrgPerson"]
+defaults = {{ sn = "{{name}}" }}
+"#,
+            url = slapd.url(),
+            db = dir.path().join("ldapsync.db").display(),
+            secret = secret.display(),
+        );
+        let config = dir.path().join("ldapsync.toml");
+        std::fs::write(&config, toml).unwrap();
+        let served = serve(&["--config", config.to_str().unwrap()]);
+        let addr = served
+            .startup
+            .iter()
+            .find(|l| l.contains("admin API listening"))
+            .and_then(|l| l.split("addr=").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .expect("the admin API is announced")
+            .to_owned();
+        Api {
+            _slapd: slapd,
+            _dir: dir,
+            served,
+            addr,
+        }
+    }
+
+    fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, Value) {
+        let (status, content_type, body) = http(&self.addr, method, path, token, body);
+        if status >= 400 {
+            assert_eq!(content_type, "application/problem+json", "{method} {path}: {body}");
+        }
+        let value = match body.is_empty() {
+            true => Value::Null,
+            false => serde_json::from_str(&body).unwrap_or_else(|e| panic!("{method} {path}: {e}: {body}")),
+        };
+        if status >= 400 {
+            assert_eq!(value["status"], status, "{value}");
+            assert!(value["code"].is_string() && value["detail"].is_string(), "{value}");
+        }
+        (status, value)
+    }
+
+    fn login(&self, uid: &str, password: &str) -> (u16, Value) {
+        let body = json!({ "username": uid, "password": password }).to_string();
+        self.call("POST", "/api/v1/login", None, Some(&body))
+    }
+
+    /// A token of `uid`, logged in with the fixture password.
+    fn token(&self, uid: &str) -> String {
+        let (status, body) = self.login(uid, &person(uid).1);
+        assert_eq!(status, 200, "{body}");
+        body["token"].as_str().unwrap().to_owned()
+    }
+}
+
+#[test]
+fn operators_log_in_with_their_directory_credentials_and_their_groups_decide_what_they_may_do() {
+    let api = Api::start();
+    let (status, alice) = api.login("alice", "alice-secret");
+    assert_eq!((status, &alice["role"]), (200, &json!("admin")), "{alice}");
+    let (status, bob) = api.login("bob", "bob-secret");
+    assert_eq!((status, &bob["role"]), (200, &json!("auditor")), "{bob}");
+
+    // (who, password, status, code)
+    let refusals = [
+        ("alice", "wrong", 401, "bad-credentials"),
+        ("alice", "", 401, "bad-credentials"),
+        ("nobody", "x", 401, "bad-credentials"),
+        ("dave", "dave-secret", 403, "not-an-operator"),
+        ("*", "x", 401, "bad-credentials"),
+    ];
+    for (uid, password, status, code) in refusals {
+        let (got, body) = api.login(uid, password);
+        assert_eq!(
+            (got, body["code"].as_str().unwrap()),
+            (status, code),
+            "{uid}/{password:?}: {body}"
+        );
+    }
+    // Five refusals from this address, the limit: even the right password
+    // waits now.
+    let (status, body) = api.login("alice", "alice-secret");
+    assert_eq!(
+        (status, body["code"].as_str().unwrap()),
+        (429, "too-many-failed-logins"),
+        "{body}"
+    );
+
+    let admin = alice["token"].as_str().unwrap();
+    let auditor = bob["token"].as_str().unwrap();
+    let (status, me) = api.call("GET", "/api/v1/whoami", Some(admin), None);
+    assert_eq!((status, me), (200, json!({ "operator": "alice", "role": "admin" })));
+    assert_eq!(api.call("GET", "/api/v1/accounts", None, None).0, 401, "no token");
+    assert_eq!(
+        api.call("GET", "/api/v1/accounts", Some("forged"), None).0,
+        401,
+        "a forged token"
+    );
+    assert_eq!(
+        api.call("GET", "/api/v1/accounts", Some(auditor), None).0,
+        200,
+        "auditors read"
+    );
+    let create = json!({ "name": "eve", "set": { "mail": ["eve@example.com"] } }).to_string();
+    let (status, body) = api.call("POST", "/api/v1/accounts", Some(auditor), Some(&create));
+    assert_eq!((status, body["code"].as_str().unwrap()), (403, "read-only"), "{body}");
+    assert_eq!(api.call("POST", "/api/v1/accounts", Some(admin), Some(&create)).0, 201);
+
+    assert_eq!(api.call("POST", "/api/v1/logout", Some(admin), None).0, 204);
+    assert_eq!(
+        api.call("GET", "/api/v1/whoami", Some(admin), None).0,
+        401,
+        "logged out"
+    );
+    let (exit, log) = api.served.terminate();
+    assert!(exit.success());
+    assert!(
+        !log.contains("alice-secret") && !log.contains("bob-secret"),
+        "no password in the log"
+    );
+    assert!(!log.contains(admin), "no token in the log");
+}
+
+#[test]
+fn accounts_are_listed_shown_created_edited_and_deleted_over_http_and_journaled_with_their_operator() {
+    let api = Api::start();
+    let token = api.token("alice");
+    let token = Some(token.as_str());
+    // The worker's first pass imports the directory's people.
+    assert!(
+        common::eventually(|| api.call("GET", "/api/v1/accounts/frank", token, None).0 == 200),
+        "the first pass imported the accounts"
+    );
+
+    let (status, page) = api.call("GET", "/api/v1/accounts?limit=2", token, None);
+    assert_eq!(status, 200, "{page}");
+    let names = |page: &Value| -> Vec<String> {
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(names(&page), ["alice", "bob"]);
+    let (_, next) = api.call(
+        "GET",
+        &format!("/api/v1/accounts?limit=2&after={}", page["next"].as_str().unwrap()),
+        token,
+        None,
+    );
+    assert_eq!(names(&next), ["carol", "dave"]);
+    let (_, found) = api.call("GET", "/api/v1/accounts?contains=RI", token, None);
+    assert_eq!(names(&found), ["erin"]);
+
+    let (status, alice) = api.call("GET", "/api/v1/accounts/alice", token, None);
+    assert_eq!(status, 200);
+    assert_eq!(alice["object"]["values"]["mail"], json!(["alice@example.com"]));
+    assert_eq!(alice["associations"][0]["connector"], "example", "{alice}");
+
+    let zed = json!({ "name": "zed", "set": { "mail": ["zed@example.com"], "display_name": ["Zed"] } }).to_string();
+    let (status, created) = api.call("POST", "/api/v1/accounts", token, Some(&zed));
+    assert_eq!((status, &created["name"]), (201, &json!("zed")), "{created}");
+    let (status, again) = api.call("POST", "/api/v1/accounts", token, Some(&zed));
+    assert_eq!((status, again["code"].as_str().unwrap()), (409, "exists"));
+    let edit = json!({ "set": { "mail": ["zed@changed.example"] }, "enabled": false }).to_string();
+    let (status, edited) = api.call("PATCH", "/api/v1/accounts/zed", token, Some(&edit));
+    assert_eq!(status, 200, "{edited}");
+    assert_eq!(
+        (&edited["values"]["mail"], &edited["enabled"]),
+        (&json!(["zed@changed.example"]), &json!(false))
+    );
+    let (status, deleted) = api.call("DELETE", "/api/v1/accounts/zed", token, None);
+    assert_eq!(
+        (status, deleted),
+        (200, json!("Locally")),
+        "not associated: removed here only"
+    );
+    assert_eq!(api.call("GET", "/api/v1/accounts/zed", token, None).0, 404);
+
+    // An associated account is deleted as its connector says (delete =
+    // ignore by default: the entry stays; the next full pass re-imports).
+    let (status, report) = api.call("DELETE", "/api/v1/accounts/frank", token, None);
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["ByConnector"]["connector"], "example", "{report}");
+
+    let (status, journal) = api.call("GET", "/api/v1/journal?object=zed", token, None);
+    assert_eq!(status, 200);
+    let actions: Vec<&str> = journal
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["local-add", "local-edit", "local-delete"], "{journal}");
+    assert!(
+        journal.to_string().contains("api:alice"),
+        "the operator is journaled: {journal}"
+    );
+
+    // Bad input: a 4xx and a problem document, never a 500.
+    let big = format!(
+        "{{\"name\": \"big\", \"set\": {{\"mail\": [\"{}\"]}}}}",
+        "x".repeat(100 * 1024)
+    );
+    let cases: [(&str, &str, Option<&str>, u16, &str); 8] = [
+        ("POST", "/api/v1/accounts", Some("{\"name\": "), 400, "bad-json"),
+        (
+            "POST",
+            "/api/v1/accounts",
+            Some("{\"name\": \"x\", \"colour\": \"red\"}"),
+            422,
+            "bad-json",
+        ),
+        ("POST", "/api/v1/accounts", Some(&big), 413, "too-large"),
+        (
+            "POST",
+            "/api/v1/accounts",
+            Some("{\"name\": \"a\\nb\"}"),
+            422,
+            "invalid",
+        ),
+        (
+            "POST",
+            "/api/v1/accounts",
+            Some("{\"name\": \"y\", \"set\": {\"shoe_size\": [\"9\"]}}"),
+            422,
+            "invalid",
+        ),
+        ("GET", "/api/v1/accounts?limit=many", None, 400, "bad-query"),
+        ("GET", "/api/v1/printers", None, 404, "no-such-resource"),
+        ("GET", "/api/v1/journal?connector=nope", None, 422, "unknown-connector"),
+    ];
+    for (method, path, body, status, code) in cases {
+        let (got, problem) = api.call(method, path, token, body);
+        assert_eq!(
+            (got, problem["code"].as_str().unwrap()),
+            (status, code),
+            "{method} {path}: {problem}"
+        );
+    }
+    let (exit, _) = api.served.terminate();
+    assert!(exit.success());
+}
