@@ -249,6 +249,36 @@ fn accounts_are_listed_shown_created_edited_and_deleted_over_http_and_journaled_
         "the operator is journaled: {journal}"
     );
 
+    // Associations change only by an explicit, confirmed act.
+    let alice_association = "/api/v1/associations/example/accounts/alice";
+    let (status, association) = api.call("GET", alice_association, token, None);
+    assert_eq!(status, 200, "{association}");
+    let alice_dn = association["dn"].as_str().unwrap().to_owned();
+    let (status, refused) = api.call("DELETE", alice_association, token, Some("{\"confirm\": false}"));
+    assert_eq!((status, refused["code"].as_str().unwrap()), (422, "not-confirmed"));
+    assert_eq!(
+        api.call("DELETE", alice_association, token, Some("{\"confirm\": true}"))
+            .0,
+        204
+    );
+    let (status, gone) = api.call("GET", alice_association, token, None);
+    assert_eq!((status, gone["code"].as_str().unwrap()), (404, "no-association"));
+    let link = json!({ "confirm": true, "dn": alice_dn }).to_string();
+    let (status, report) = api.call("PUT", alice_association, token, Some(&link));
+    assert_eq!(status, 200, "{report}");
+    let (_, relinked) = api.call("GET", alice_association, token, None);
+    assert_eq!(
+        relinked["entry_id"], association["entry_id"],
+        "linked to the same entry again"
+    );
+    let (_, journal) = api.call("GET", "/api/v1/journal?object=alice", token, None);
+    let removed_by_alice = journal
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["action"] == "association-removed" && e["detail"].to_string().contains("api:alice"));
+    assert!(removed_by_alice, "{journal}");
+
     // Bad input: a 4xx and a problem document, never a 500.
     let big = format!(
         "{{\"name\": \"big\", \"set\": {{\"mail\": [\"{}\"]}}}}",

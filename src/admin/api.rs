@@ -35,6 +35,7 @@ use crate::directory::{Directory, DirectoryError, DirectoryOps};
 use crate::model::Category;
 use crate::proxy::FailedBinds;
 use crate::store::{self, AnyStore, JournalQuery};
+use crate::sync::engine::LinkTarget;
 
 /// What an operator may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -100,7 +101,7 @@ impl IntoResponse for Problem {
 impl From<AdminError> for Problem {
     fn from(e: AdminError) -> Problem {
         let status = match &e {
-            AdminError::NotFound { .. } => StatusCode::NOT_FOUND,
+            AdminError::NotFound { .. } | AdminError::NoAssociation { .. } => StatusCode::NOT_FOUND,
             AdminError::Exists { .. } => StatusCode::CONFLICT,
             AdminError::Invalid(_) | AdminError::Config(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AdminError::Store(_) | AdminError::Sync(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -241,6 +242,10 @@ fn router(state: Arc<ApiState>) -> Router {
         .route("/api/v1/{category}", get(list).post(create))
         .route("/api/v1/{category}/{name}", get(show).patch(edit).delete(delete))
         .route("/api/v1/associations", get(associations))
+        .route(
+            "/api/v1/associations/{connector}/{category}/{name}",
+            get(association).delete(remove_association).put(link),
+        )
         .route("/api/v1/journal", get(journal))
         .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "no-such-resource", "see docs/admin-api.md") })
         .with_state(state)
@@ -565,6 +570,91 @@ async fn associations(
     })
     .await?;
     Ok(Json(listed).into_response())
+}
+
+async fn association(
+    State(state): State<Arc<ApiState>>,
+    _operator: Operator,
+    Path((connector, segment, name)): Path<(String, String, String)>,
+) -> Result<Response, Problem> {
+    let category = category(&segment)?;
+    let found = with_store(&state, |config, store| {
+        super::association(config, store, &connector, category, &name)
+    })
+    .await?;
+    Ok(Json(found).into_response())
+}
+
+/// An association changes only by an explicit act: the request says so.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Confirmed {
+    confirm: bool,
+}
+
+fn confirmed(body: Result<Json<Confirmed>, JsonRejection>, what: &str) -> Result<(), Problem> {
+    let Json(Confirmed { confirm }) = body.map_err(bad_json)?;
+    match confirm {
+        true => Ok(()),
+        false => Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not-confirmed",
+            format!("{what} is done only with {{\"confirm\": true}}"),
+        )),
+    }
+}
+
+async fn remove_association(
+    State(state): State<Arc<ApiState>>,
+    operator: Operator,
+    Path((connector, segment, name)): Path<(String, String, String)>,
+    body: Result<Json<Confirmed>, JsonRejection>,
+) -> Result<StatusCode, Problem> {
+    let category = category(&segment)?;
+    operator.may_change()?;
+    confirmed(body, "removing an association")?;
+    let who = operator.journaled();
+    with_store(&state, |config, store| {
+        super::remove_association(config, store, &connector, category, &name, &who)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The entry an object is linked with: by DN or by stable id.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Link {
+    confirm: bool,
+    dn: Option<String>,
+    entry_id: Option<String>,
+}
+
+async fn link(
+    State(state): State<Arc<ApiState>>,
+    operator: Operator,
+    Path((connector, segment, name)): Path<(String, String, String)>,
+    body: Result<Json<Link>, JsonRejection>,
+) -> Result<Response, Problem> {
+    let category = category(&segment)?;
+    operator.may_change()?;
+    let Json(link) = body.map_err(bad_json)?;
+    confirmed(Ok(Json(Confirmed { confirm: link.confirm })), "linking")?;
+    let target = match (link.dn, link.entry_id) {
+        (Some(dn), None) => LinkTarget::Dn(dn),
+        (None, Some(id)) => LinkTarget::EntryId(id),
+        _ => {
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                "name the entry with dn or entry_id, one of them",
+            ));
+        }
+    };
+    let mut store = state.store.lock().await;
+    let who = operator.journaled();
+    let report = super::link(&state.config, &mut store, &connector, category, &name, &target, &who).await?;
+    Ok(Json(report).into_response())
 }
 
 #[derive(Deserialize)]

@@ -15,7 +15,7 @@ use crate::config::{Config, ConfigError};
 use crate::directory::{Directory, DirectoryError};
 use crate::model::{Action, Category, ChangeSource, MEMBERS_FIELD, Values};
 use crate::store::{AnyStore, Association, JournalEntry, JournalQuery, LocalObject, Store, StoreError, now};
-use crate::sync::engine::{self, PassOptions, Report, SyncError, is_secret_field};
+use crate::sync::engine::{self, LinkTarget, PassOptions, Report, SyncError, is_secret_field};
 
 /// Why an administrative operation was not done.
 #[derive(Debug, Error)]
@@ -24,6 +24,12 @@ pub enum AdminError {
     NotFound { category: Category, name: String },
     #[error("{category} {name:?} already exists")]
     Exists { category: Category, name: String },
+    #[error("{category} {name} has no association with connector {connector:?}")]
+    NoAssociation {
+        category: Category,
+        name: String,
+        connector: String,
+    },
     /// What the operator asked for is not valid, and why.
     #[error("{0}")]
     Invalid(String),
@@ -67,6 +73,7 @@ impl AdminError {
         match self {
             AdminError::NotFound { .. } => "not-found",
             AdminError::Exists { .. } => "exists",
+            AdminError::NoAssociation { .. } => "no-association",
             AdminError::Invalid(_) => "invalid",
             AdminError::Config(_) => "unknown-connector",
             AdminError::Store(_) => "store-unavailable",
@@ -432,11 +439,12 @@ pub fn association(
 ) -> Result<Association, AdminError> {
     config.require_connector(connector)?;
     let object = find(store, category, name)?;
-    store.association_by_object(connector, object.id)?.ok_or_else(|| {
-        AdminError::Invalid(format!(
-            "{category} {name} has no association with connector {connector:?}"
-        ))
-    })
+    let none = || AdminError::NoAssociation {
+        category,
+        name: name.to_owned(),
+        connector: connector.to_owned(),
+    };
+    store.association_by_object(connector, object.id)?.ok_or_else(none)
 }
 
 /// Removes an association, an explicit act journaled with its operator:
@@ -462,8 +470,31 @@ pub fn remove_association(
     };
     match store.remove_association(connector, object.id, &journal)? {
         true => Ok(()),
-        false => Err(AdminError::Invalid(format!(
-            "{category} {name} has no association with connector {connector:?}"
-        ))),
+        false => Err(AdminError::NoAssociation {
+            category,
+            name: name.to_owned(),
+            connector: connector.to_owned(),
+        }),
     }
+}
+
+/// Says which directory entry an object belongs to (the way out of a
+/// dispute), an explicit act journaled with its operator; refused if
+/// either is associated already. The pair is then synced as at a first
+/// sync, over a service connection: the pass's report.
+pub async fn link(
+    config: &Config,
+    store: &mut AnyStore,
+    connector: &str,
+    category: Category,
+    name: &str,
+    target: &LinkTarget,
+    operator: &str,
+) -> Result<Report, AdminError> {
+    let connector = config.require_connector(connector)?;
+    let password = connector.password()?;
+    let mut directory = Directory::connect(&connector, password.expose(), config.proxy.connect_timeout).await?;
+    let report = engine::link(store, &connector, &mut directory, category, name, target, operator).await;
+    directory.close().await;
+    Ok(report?)
 }

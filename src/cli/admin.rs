@@ -15,7 +15,7 @@ use crate::config::{Config, ConnectorConfig, Preset, Secret};
 use crate::directory::{Directory, DirectoryOps, PasswordKind};
 use crate::model::{Action, Category, ChangeSource};
 use crate::store::{self, AnyStore, JournalEntry, JournalQuery, Store, now};
-use crate::sync::engine::{self, LinkTarget, PassOptions, Report};
+use crate::sync::engine::{LinkTarget, PassOptions, Report};
 use crate::sync::progress::{Bar, Lines, Progress};
 use crate::worker::{self, Poll};
 
@@ -344,18 +344,17 @@ pub fn association(config: &Config, command: AssociationCommand, json: bool) -> 
             dn,
             entry_id,
         } => {
-            let connector = config.require_connector(&connector)?;
             let target = match (dn, entry_id) {
                 (Some(dn), _) => LinkTarget::Dn(dn),
                 (None, Some(id)) => LinkTarget::EntryId(id),
                 (None, None) => bail!("name the entry with --dn or --entry-id"),
             };
-            let password = connector.password()?;
-            let report = with_directory(config, &connector, &password, async |directory| {
-                Ok(engine::link(&mut store, &connector, directory, category, &name, &target, &operator()).await?)
-            })?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            let operator = operator();
+            let linked = admin::link(config, &mut store, &connector, category, &name, &target, &operator);
+            let report = runtime.block_on(linked)?;
             if json {
-                print_json(&report_json(&connector.name, &report))?;
+                print_json(&report_json(&connector, &report))?;
             } else {
                 for line in report.all_lines() {
                     outln!("{line}");
