@@ -562,7 +562,8 @@ impl Preset {
                 ..none
             },
             (Preset::Ds389, Category::Group) => ScopeDefaults {
-                filter: "(|(objectClass=groupOfNames)(objectClass=groupOfUniqueNames))",
+                // groupOfUniqueNames holds uniqueMember: a scope of its own.
+                filter: "(objectClass=groupOfNames)",
                 naming: "cn",
                 object_classes: &["top", "groupOfNames"],
                 map: &[("description", "description")],
@@ -606,12 +607,13 @@ impl ConnectorConfig {
                     .map(|(a, f)| (a.to_string(), f.to_string()))
                     .collect();
             }
-            if scope.defaults.is_empty() {
-                scope.defaults = defaults
+            // Per key: the file's values win, the preset's fill in the rest
+            // (a person's required cn and sn among them).
+            for (attr, value) in defaults.defaults {
+                scope
                     .defaults
-                    .iter()
-                    .map(|(a, v)| (a.to_string(), v.to_string()))
-                    .collect();
+                    .entry(attr.to_string())
+                    .or_insert_with(|| value.to_string());
             }
             if scope.membership.is_none() {
                 scope.membership = defaults.membership.map(Into::into);

@@ -958,6 +958,12 @@ pub async fn poll<S: Store>(
             report.absorb(
                 engine::apply_departures(store, connector, directory, watermark.category, &changes.departures).await?,
             );
+            if let Some(reason) = &changes.resync {
+                info!(connector = %connector.name, %reason, "a full reconciliation is due");
+                store.mark_out_of_sync(&connector.name, reason)?;
+                set_out_of_sync(&connector.name, true);
+                report.say(format!("full reconciliation due: {reason}"));
+            }
             watermark.value = changes.watermark;
             watermark.updated_at = now();
         }

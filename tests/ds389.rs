@@ -301,7 +301,8 @@ fn moves_and_polls(ds: &Ds389, mechanism: &str, configured: bool) {
          newsuperior: ou=elsewhere,{base}\n\n\
          dn: uid=ann,ou=elsewhere,{base}\nchangetype: modify\nreplace: displayName\ndisplayName: Ann Smith\n\n\
          dn: uid=ben,ou=staff,{base}\nchangetype: modify\nreplace: mail\nmail: ben@changed.example\n\n\
-         dn: uid=ben,ou=staff,{base}\nchangetype: modify\nreplace: nsAccountLock\nnsAccountLock: TRUE\n"
+         dn: uid=ben,ou=staff,{base}\nchangetype: modify\nreplace: nsAccountLock\nnsAccountLock: TRUE\n\n\
+         dn: cn=team,{base}\nchangetype: modrdn\nnewrdn: cn=crew\ndeleteoldrdn: 1\n"
     ));
     let polled = connector.sync();
     assert!(
@@ -322,6 +323,20 @@ fn moves_and_polls(ds: &Ds389, mechanism: &str, configured: bool) {
     assert!(
         ben.contains("mail: ben@changed.example") && ben.contains("enabled: false"),
         "nsAccountLock: TRUE disables: {ben}"
+    );
+
+    // A group renamed under the base it shares with the accounts is the
+    // same group, renamed; the accounts' read must not judge it.
+    assert!(
+        !polled.contains("deleted group")
+            && !polled.contains("disabled group")
+            && !polled.contains("created locally group"),
+        "{polled}"
+    );
+    assert_eq!(
+        connector.ok(&["group", "list"]).trim(),
+        "crew",
+        "renamed, not deleted and created"
     );
 
     // Deleted in 389 DS: the next poll sees it (delete = disable).
@@ -565,13 +580,23 @@ fn a_cookie_the_directory_no_longer_takes_means_a_refresh_from_the_start() {
     ));
     let polled = connector.sync();
     assert!(polled.starts_with("incremental poll (syncrepl)"), "{polled}");
-    assert!(polled.contains("disabled account cleo"), "{polled}");
+    assert!(
+        polled.contains("full reconciliation due: the directory refused the stored sync cookie"),
+        "{polled}"
+    );
+    let reconciled = connector.sync();
+    assert!(reconciled.starts_with("full reconciliation (syncrepl)"), "{reconciled}");
+    assert!(reconciled.contains("disabled account cleo"), "{reconciled}");
     assert!(
         connector
             .ok(&["account", "show", "cody"])
             .contains("mail: cody@example.com")
     );
-    assert!(connector.sync().contains(" 0 updated"), "settled on a new cookie");
+    let settled = connector.sync();
+    assert!(
+        settled.starts_with("incremental poll (syncrepl)") && settled.contains(" 0 updated"),
+        "on a new cookie: {settled}"
+    );
 }
 
 #[test]
@@ -596,4 +621,35 @@ fn local_to_ldap_creates_in_389_ds_and_puts_its_edits_back() {
         lena.contains("mail: lena@example.com") && !lena.contains("nsAccountLock"),
         "the local values, the lock lifted: {lena}"
     );
+}
+
+#[test]
+fn a_subtree_renamed_in_389_ds_brings_a_full_reconciliation() {
+    let Some(ds) = Ds389::shared() else { return };
+    let _changelog = CHANGELOG.lock().unwrap_or_else(|e| e.into_inner());
+    let base = format!("ou=sync-subtree,{BASE}");
+    ds.ldapmodify(&format!(
+        "dn: {base}\nchangetype: add\nobjectClass: organizationalUnit\n\n\
+         dn: ou=old,{base}\nchangetype: add\nobjectClass: organizationalUnit\n\n\
+         dn: uid=sam,ou=old,{base}\nchangetype: add\nobjectClass: inetOrgPerson\nuid: sam\ncn: Sam\nsn: S\n"
+    ));
+    let connector =
+        connector(&base, &base, "ldap-to-local", ds).with("conflict = \"ldap-wins\"", "poll_mechanism = \"changelog\"");
+    connector.sync();
+    // The changelog names the OU alone; sam moved with it.
+    ds.ldapmodify(&format!(
+        "dn: ou=old,{base}\nchangetype: modrdn\nnewrdn: ou=new\ndeleteoldrdn: 1\n"
+    ));
+    let polled = connector.sync();
+    assert!(
+        polled.contains(&format!("full reconciliation due: ou=new,{base} was renamed")),
+        "{polled}"
+    );
+    let reconciled = connector.sync();
+    assert!(
+        reconciled.starts_with("full reconciliation (changelog)"),
+        "{reconciled}"
+    );
+    let association = connector.ok(&["association", "show", "sam", "--connector", "ds"]);
+    assert!(association.contains(&format!("uid=sam,ou=new,{base}")), "{association}");
 }

@@ -451,3 +451,58 @@ async fn a_relayed_session_never_presents_ldapsyncs_own_client_certificate() {
         ldap.unbind().await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_silent_client_of_a_passthrough_listener_is_dropped_without_reaching_the_directory() {
+    let pki = Pki::new("ldapsync test");
+    let slapd = Slapd::start_with_tls(&pki);
+    let proxy = ProxyHandle::start_with(&[slapd.ldaps_url().unwrap()], |config| {
+        config.listen = vec![Listener {
+            tls: ListenerTls::Passthrough,
+            ..Listener::from("ldaps://127.0.0.1:0".parse::<LdapUrl>().unwrap())
+        }];
+        config.handshake_timeout = Duration::from_millis(500);
+    });
+    let mut silent = RawConn::connect(proxy.addr()).await;
+    assert_eq!(silent.receive(Duration::from_secs(5)).await, Received::Closed);
+    let url = slapd.ldaps_url().unwrap().parse::<LdapUrl>().unwrap().to_string();
+    let sessions = ldapsync::metrics::METRICS
+        .upstream_sessions_started
+        .get_or_create(&ldapsync::metrics::UrlLabel { url })
+        .get();
+    assert_eq!(sessions, 0, "no directory connection for a client that said nothing");
+}
+
+#[test]
+fn a_passthrough_starttls_the_directory_refuses_answers_as_the_directory_does() {
+    // No TLS on this directory: its refusal reaches the client as is.
+    let slapd = Slapd::start();
+    let pki = Pki::new("ldapsync test");
+    let proxy = passthrough_proxy(&[slapd.url()], "ldap://127.0.0.1:0");
+    let refused = |url: &str| {
+        let out = ldap_util("ldapwhoami", &pki.ca, &["-x", "-ZZ", "-H", url]);
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let direct = refused(&slapd.url());
+    assert_ne!(direct.0, Some(0), "{direct:?}");
+    assert_eq!(refused(&proxy.url()), direct);
+    // -Z (try): the session goes on in clear text, relayed and answered.
+    let tried = ldap_util("ldapwhoami", &pki.ca, &["-x", "-Z", "-H", &proxy.url()]);
+    assert_eq!(stdout(&tried).trim(), "anonymous");
+}
+
+#[tokio::test]
+async fn a_request_pipelined_behind_a_passthrough_starttls_ends_the_session() {
+    let pki = Pki::new("ldapsync test");
+    let slapd = Slapd::start_with_tls(&pki);
+    let proxy = passthrough_proxy(&[slapd.url()], "ldap://127.0.0.1:0");
+    let mut conn = RawConn::connect(proxy.addr()).await;
+    // StartTLS and a search in one write: the search would reach the
+    // directory's TLS as garbage.
+    let mut both = extended_request(1, STARTTLS_OID);
+    both.extend_from_slice(&protocol_tests::root_dse_search(2));
+    conn.send(&both).await;
+    let notice = protocol_tests::expect_notice_of_disconnection(&mut conn, ResultCode::ProtocolError).await;
+    assert!(notice.contains("after StartTLS"), "{notice}");
+    assert_eq!(conn.receive(Duration::from_secs(5)).await, Received::Closed);
+}

@@ -86,6 +86,10 @@ pub struct Read {
     pub removed: Vec<String>,
     /// The last change number read.
     pub last: u64,
+    /// DNs entries were renamed to (checked for entries below them).
+    renamed: Vec<String>,
+    /// A renamed entry with entries below it: they moved unseen.
+    pub subtree_moved: Option<String>,
 }
 
 /// One changelog entry, as far as the poller needs it.
@@ -98,8 +102,15 @@ struct Change {
     new_superior: Option<String>,
 }
 
+/// Change numbers read per search: a backlog (a bulk import, ldapsync
+/// down for a while) is read in windows, within the server's size limit
+/// and a bounded memory.
+const WINDOW: u64 = 500;
+
 /// The changes after `since` up to the changelog's last (read at the
 /// start, so that later ones are the next poll's), in `scope`'s subtree.
+/// Every number must be there: a missing one was trimmed meanwhile or is
+/// hidden from the service account, and skipping it would lose a change.
 pub async fn changes(
     directory: &mut Directory,
     bounds: &Bounds,
@@ -110,38 +121,61 @@ pub async fn changes(
         last: since,
         ..Read::default()
     };
-    if bounds.last <= since {
-        return Ok(read);
-    }
-    let filter = format!("(&(changeNumber>={})(changeNumber<={}))", since + 1, bounds.last);
-    let attrs = vec!["changeNumber", "changeType", "targetDn", "newRDN", "newSuperior"];
-    let (entries, _) = directory
-        .ldap()
-        .search(&bounds.base, Scope::OneLevel, &filter, attrs)
-        .await
-        .and_then(|r| r.success())
-        .map_err(|e| read_error(bounds, e))?;
-    let mut changes: Vec<Change> = entries
-        .into_iter()
-        .filter_map(|raw| change(SearchEntry::construct(raw)))
-        .collect();
-    // The server returns them in no promised order.
-    changes.sort_by_key(|c| c.number);
-    // Numbers run without gaps: a missing first one was trimmed meanwhile.
-    if changes.first().is_some_and(|c| c.number != since + 1) {
-        return Err(DirectoryError::Operation {
-            operation: "changelog read",
-            dn: bounds.base.clone(),
-            message: format!("change {} was trimmed from the changelog before it was read", since + 1),
-        });
-    }
-    read.last = bounds.last;
-    for change in changes {
-        read.apply(change, &scope.base);
+    let mut next = since + 1;
+    while next <= bounds.last {
+        let upto = (next + WINDOW - 1).min(bounds.last);
+        let filter = format!("(&(changeNumber>={next})(changeNumber<={upto}))");
+        let attrs = vec!["changeNumber", "changeType", "targetDn", "newRDN", "newSuperior"];
+        let (entries, _) = directory
+            .ldap()
+            .search(&bounds.base, Scope::OneLevel, &filter, attrs)
+            .await
+            .and_then(|r| r.success())
+            .map_err(|e| read_error(bounds, e))?;
+        let mut changes: Vec<Change> = entries
+            .into_iter()
+            .filter_map(|raw| change(SearchEntry::construct(raw)))
+            .collect();
+        // The server returns them in no promised order.
+        changes.sort_by_key(|c| c.number);
+        let numbers = changes.iter().map(|c| c.number);
+        if let Some(missing) = (next..=upto)
+            .zip(numbers.chain(std::iter::repeat(0)))
+            .find(|(want, got)| want != got)
+        {
+            return Err(DirectoryError::Operation {
+                operation: "changelog read",
+                dn: bounds.base.clone(),
+                message: format!(
+                    "change {} is not in the changelog: trimmed meanwhile, or not readable by the service account",
+                    missing.0
+                ),
+            });
+        }
+        for change in changes {
+            read.apply(change, &scope.base);
+        }
+        read.last = upto;
+        next = upto + 1;
     }
     read.written.dedup();
     read.removed.sort();
     read.removed.dedup();
+    // A renamed entry with entries below it moved them all, and the
+    // changelog names only it.
+    for dn in std::mem::take(&mut read.renamed) {
+        // sizeLimitExceeded says there are; a DN gone since says nothing.
+        let ldap3::SearchResult(children, _) = directory
+            .ldap()
+            .with_search_options(ldap3::SearchOptions::new().sizelimit(1))
+            .search(&dn, Scope::OneLevel, "(objectClass=*)", vec!["1.1"])
+            .await
+            .map_err(|e| read_error(bounds, e))?;
+        if !children.is_empty() {
+            read.subtree_moved = Some(dn);
+            break;
+        }
+    }
     Ok(read)
 }
 
@@ -154,10 +188,14 @@ impl Read {
                 let Some(rdn) = change.new_rdn else { return };
                 let parent = change.new_superior.as_deref().unwrap_or(dn::parent(&change.target));
                 let now = dn::with_rdn(&rdn, parent);
-                if dn::is_within(&change.target, base) {
+                let (was_in, is_in) = (dn::is_within(&change.target, base), dn::is_within(&now, base));
+                if was_in || is_in {
+                    self.renamed.push(now.clone());
+                }
+                if was_in {
                     self.removed.push(change.target);
                 }
-                if dn::is_within(&now, base) {
+                if is_in {
                     self.written.push(now);
                 }
             }

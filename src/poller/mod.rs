@@ -49,6 +49,17 @@ pub async fn detect(
     // whatever the connector's id attribute: with another, its changelog serves.
     let syncrepl_names_ids =
         !has("vendorname", DS389_VENDOR) || directory.id_attribute().eq_ignore_ascii_case("nsUniqueId");
+    if configured == Some(Mechanism::Syncrepl) && !syncrepl_names_ids {
+        return Err(DirectoryError::Operation {
+            operation: "poll",
+            dn: String::new(),
+            message: format!(
+                "389 DS's Content Synchronization names entries by nsUniqueId, not {}: \
+                 use poll_mechanism = \"changelog\" or id_attribute = \"nsUniqueId\"",
+                directory.id_attribute()
+            ),
+        });
+    }
     let mechanism = configured.unwrap_or(
         if has("supportedcontrol", syncrepl::SYNC_REQUEST_OID) && syncrepl_names_ids {
             Mechanism::Syncrepl
@@ -138,6 +149,9 @@ pub struct Changes {
     pub departures: Departures,
     /// The watermark covering these changes.
     pub watermark: Vec<u8>,
+    /// Why a full reconciliation is due beyond these changes (what the
+    /// mechanism saw but cannot follow in detail).
+    pub resync: Option<String>,
 }
 
 /// The changes in `scope` since `watermark`.
@@ -150,10 +164,15 @@ pub async fn changes_since(
     match mechanism {
         Mechanism::Syncrepl => {
             let refresh = match syncrepl::refresh(directory, scope, Some(watermark), &["1.1"]).await {
-                // A full listing: every entry as written, the rest gone.
+                // The full reconciliation reads a fresh cookie before it starts.
                 Err(e) if e.result_code() == Some(syncrepl::REFRESH_REQUIRED) => {
-                    tracing::info!(base = %scope.base, "the directory wants a sync refresh from the start: {e}");
-                    syncrepl::refresh(directory, scope, None, &["1.1"]).await?
+                    return Ok(Changes {
+                        written: Vec::new(),
+                        removed: Vec::new(),
+                        departures: Departures::NotReported,
+                        watermark: watermark.to_vec(),
+                        resync: Some(format!("the directory refused the stored sync cookie ({e})")),
+                    });
                 }
                 refreshed => refreshed?,
             };
@@ -167,6 +186,7 @@ pub async fn changes_since(
                     None => Departures::Listed(refresh.deleted),
                 },
                 watermark: refresh.cookie.unwrap_or_else(|| watermark.to_vec()),
+                resync: None,
             })
         }
         Mechanism::Timestamp => {
@@ -196,6 +216,7 @@ pub async fn changes_since(
                 removed: Vec::new(),
                 departures: Departures::NotReported,
                 watermark: watermark.into_bytes(),
+                resync: None,
             })
         }
         Mechanism::Usn => {
@@ -221,6 +242,7 @@ pub async fn changes_since(
                 removed: Vec::new(),
                 departures: Departures::Listed(deleted),
                 watermark: highest.to_string().into_bytes(),
+                resync: None,
             })
         }
         Mechanism::Dirsync => {
@@ -230,6 +252,7 @@ pub async fn changes_since(
                 removed: Vec::new(),
                 departures: Departures::Listed(synced.gone),
                 watermark: synced.cookie,
+                resync: None,
             })
         }
         Mechanism::Changelog => {
@@ -252,6 +275,9 @@ pub async fn changes_since(
                 removed: read.removed,
                 departures: Departures::NotReported,
                 watermark: read.last.to_string().into_bytes(),
+                resync: read
+                    .subtree_moved
+                    .map(|dn| format!("{dn} was renamed or moved with the entries below it")),
             })
         }
         Mechanism::Full => Ok(Changes {
@@ -259,6 +285,7 @@ pub async fn changes_since(
             removed: Vec::new(),
             departures: Departures::NotReported,
             watermark: watermark.to_vec(),
+            resync: None,
         }),
     }
 }

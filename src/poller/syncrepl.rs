@@ -181,14 +181,18 @@ pub async fn refresh(
     if let Some(cookie) = done_value.cookie {
         refresh.cookie = Some(cookie.to_vec());
     }
-    // A present phase only says what has gone if it named what is still
-    // there. 389 DS answers a refresh from a cookie with the changed
-    // entries (as adds) and an id set of deleted ones, and a syncDone
-    // without refreshDeletes: taken as a present phase, every unchanged
-    // entry would look deleted. (When every entry in scope changed, a
-    // present phase names none either; the full reconciliation then finds
-    // the deletes.)
-    if !done_value.refresh_deletes && (cookie.is_none() || refresh.named_present) {
+    // 389 DS (its ids are nsUniqueIds) answers a refresh from a cookie
+    // with the changed entries (as adds), an id set of the deleted ones and
+    // a syncDone without refreshDeletes: taken as a present phase, every
+    // unchanged entry would look deleted. From it, a present phase is one
+    // only when it named unchanged entries.
+    let present_phase = match refresh.ids {
+        IdFormat::UniqueId => cookie.is_none() || refresh.named_present,
+        // slapd's changed entries count as present: a present phase in
+        // which every entry changed names none as unchanged.
+        IdFormat::Uuid => true,
+    };
+    if !done_value.refresh_deletes && present_phase {
         refresh.present = Some(present);
     }
     Ok(refresh)

@@ -257,6 +257,12 @@ impl Proxy {
             })?)),
             None => None,
         };
+        if config.upstream_tls.client_cert.is_some() {
+            info!(
+                "proxy.upstream_tls.client_cert is the connectors' identity: relayed client sessions do not present it \
+                 (a directory that demands client certificates needs tls = \"passthrough\" listeners)"
+            );
+        }
         let pool = Arc::new(pool::Pool::default());
         pool.admit(&config.upstream);
         Ok(Proxy {

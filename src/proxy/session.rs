@@ -90,9 +90,20 @@ enum OnSuccess {
 struct Inflight {
     ops: Mutex<HashMap<i64, Pending>>,
     drained: Notify,
+    /// When the responder last relayed opaque bytes (a tunnel's idle
+    /// timer counts both directions).
+    relayed_at: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Inflight {
+    fn relayed_now(&self) {
+        *self.relayed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::time::Instant::now());
+    }
+
+    fn relayed_at(&self) -> Option<tokio::time::Instant> {
+        *self.relayed_at.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn insert(&self, id: i64, pending: Pending) {
         self.ops.lock().unwrap_or_else(|e| e.into_inner()).insert(id, pending);
     }
@@ -200,6 +211,8 @@ enum End {
     Shutdown,
     /// A TLS handshake failed: the connection is in no state for a notice.
     TlsFailed(String),
+    /// The directory closed an opaque session.
+    TunnelClosed,
 }
 
 enum Event {
@@ -296,8 +309,11 @@ struct Session {
     /// bind succeeded, or StartTLS passed through): from then on, bytes that
     /// are not an LDAPMessage are taken as wrapped, not as garbage.
     wrapped: Arc<AtomicBool>,
-    /// StartTLS was relayed to the directory (a passthrough listener).
-    start_tls_passed: bool,
+    /// Set once the directory accepted a StartTLS passed through to it.
+    end_to_end: Arc<AtomicBool>,
+    /// The message id of a StartTLS relayed to the directory: nothing may
+    /// follow it until it is answered.
+    start_tls_id: Option<i64>,
     /// The session relays opaque bytes (a SASL security layer or the
     /// client's own TLS with the directory), so ldapsync can no longer
     /// speak LDAP to the client itself.
@@ -324,11 +340,13 @@ impl Session {
             .map(|report| Arc::new(Mutex::new(Checker::new(Arc::clone(report), id))));
         let inflight = Arc::<Inflight>::default();
         let wrapped = Arc::<AtomicBool>::default();
+        let end_to_end = Arc::<AtomicBool>::default();
         let responder = Responder {
             session: id,
             peer,
             checker: checker.clone(),
             wrapped: Arc::clone(&wrapped),
+            end_to_end: Arc::clone(&end_to_end),
             shared: Arc::clone(&shared),
             inflight: Arc::clone(&inflight),
             io_timeout: settings.config.io_timeout,
@@ -348,7 +366,8 @@ impl Session {
             inflight,
             upstream: None,
             wrapped,
-            start_tls_passed: false,
+            end_to_end,
+            start_tls_id: None,
             tunneled: false,
             abandoned: VecDeque::new(),
         }
@@ -368,6 +387,18 @@ impl Session {
     async fn pass_through(&mut self, shutdown: &CancellationToken) -> End {
         // Nothing ldapsync could write would be readable inside the client's TLS.
         self.tunneled = true;
+        // A client that says nothing holds no directory connection: its
+        // ClientHello within the handshake timeout, as a TLS listener's.
+        let mut hello = BytesMut::new();
+        let waited = timeout(
+            self.settings.config.handshake_timeout,
+            self.requests.get_mut().read_buf(&mut hello),
+        );
+        match waited.await {
+            Ok(Ok(0)) | Ok(Err(_)) => return End::ClientClosed,
+            Ok(Ok(_)) => self.requests.read_buffer_mut().extend_from_slice(&hello),
+            Err(_) => return End::TlsFailed("no TLS handshake from the client within the handshake timeout".into()),
+        }
         let route = self.settings.passthrough_route(true);
         let (stream, slot) = match upstream::connect(&route, &self.shared.pool).await {
             Ok(connected) => connected,
@@ -438,7 +469,7 @@ impl Session {
                     return End::ClientClosed;
                 }
                 Event::Request(Some(Err(FrameError::NotASequence(_)))) if self.wrapped.load(Ordering::Acquire) => {
-                    let opacity = match self.start_tls_passed {
+                    let opacity = match self.end_to_end.load(Ordering::Acquire) {
                         true => Opacity::EndToEndTls,
                         false => Opacity::SecurityLayer,
                     };
@@ -463,6 +494,13 @@ impl Session {
 
     /// Relays one client PDU; `Some` ends the session.
     async fn request(&mut self, pdu: Bytes) -> Option<End> {
+        // RFC 4511 §4.14.1: nothing follows a StartTLS request until its
+        // response; here it would reach the directory's TLS as garbage.
+        if let Some(id) = self.start_tls_id
+            && self.inflight.occupancy(id).0
+        {
+            return Some(End::Malformed("a request was sent while StartTLS was pending".into()));
+        }
         if let Some(checker) = &self.checker {
             checker.lock().unwrap_or_else(|e| e.into_inner()).client(&pdu);
         }
@@ -639,6 +677,8 @@ impl Session {
         };
         let mut chunk = std::mem::take(self.requests.read_buffer_mut());
         let io_timeout = self.settings.config.io_timeout;
+        let idle_timeout = self.settings.config.idle_timeout;
+        let mut client_at = tokio::time::Instant::now();
         loop {
             if !chunk.is_empty() {
                 match timeout(io_timeout, upstream.writer.write_all(&chunk)).await {
@@ -651,12 +691,21 @@ impl Session {
                     }
                 }
             }
+            let active = self.inflight.relayed_at().map_or(client_at, |at| at.max(client_at));
             tokio::select! {
                 _ = shutdown.cancelled() => return End::Shutdown,
-                _ = &mut upstream.ended => return End::UpstreamLost("the directory closed the connection".into()),
+                // A directory closing an opaque session (after an unbind
+                // inside it, say) is the session's end, not a lost directory.
+                _ = &mut upstream.ended => return End::TunnelClosed,
+                () = sleep_until(active + idle_timeout) => {
+                    let active = self.inflight.relayed_at().map_or(client_at, |at| at.max(client_at));
+                    if active + idle_timeout <= tokio::time::Instant::now() {
+                        return End::Idle;
+                    }
+                }
                 read = self.requests.get_mut().read_buf(&mut chunk) => match read {
                     Ok(0) | Err(_) => return End::ClientClosed,
-                    Ok(_) => {}
+                    Ok(_) => client_at = tokio::time::Instant::now(),
                 },
             }
         }
@@ -790,6 +839,9 @@ impl Session {
     /// that the handshake after its success is between the client and the
     /// directory (which then sees the client's certificate).
     async fn pass_start_tls(&mut self, request: &Envelope, pdu: Bytes) -> Option<End> {
+        if !self.requests.read_buffer().is_empty() {
+            return Some(End::Malformed("data sent after StartTLS before its response".into()));
+        }
         if !self.inflight.is_empty() {
             let why = "operations are outstanding; StartTLS must be requested alone";
             let response =
@@ -807,7 +859,7 @@ impl Session {
         if let Err(end) = self.connect(&settings.passthrough_route(false), request).await {
             return end;
         }
-        self.start_tls_passed = true;
+        self.start_tls_id = Some(request.message_id);
         self.send(request, pdu, OnSuccess::EndToEndTls);
         None
     }
@@ -843,7 +895,7 @@ impl Session {
             let _ = self.write_upstream().await;
         }
         let notice = match &end {
-            End::ClientClosed | End::Unbind | End::TlsFailed(_) => None,
+            End::ClientClosed | End::Unbind | End::TlsFailed(_) | End::TunnelClosed => None,
             End::Malformed(reason) => {
                 warn!(%reason, "protocol error from client; disconnecting");
                 Some((ResultCode::ProtocolError, reason.clone()))
@@ -888,7 +940,9 @@ impl Session {
         outcome_unknown(&self.shared, self.id, self.inflight.abandon_all());
         match end {
             // A lost directory was said above, once per interval.
-            End::ClientClosed | End::Unbind | End::UpstreamLost(_) => debug!(?end, "session closed"),
+            End::ClientClosed | End::Unbind | End::UpstreamLost(_) | End::TunnelClosed => {
+                debug!(?end, "session closed")
+            }
             End::TlsFailed(reason) => info!(%reason, "TLS handshake failed; session closed"),
             _ => info!(?end, "session closed"),
         }
@@ -936,6 +990,7 @@ struct Responder {
     peer: IpAddr,
     checker: Option<Arc<Mutex<Checker>>>,
     wrapped: Arc<AtomicBool>,
+    end_to_end: Arc<AtomicBool>,
     shared: Arc<Shared>,
     inflight: Arc<Inflight>,
     /// A client that accepts nothing for this long is dropped.
@@ -1035,6 +1090,7 @@ impl Responder {
             Ok(_) => {}
         }
         if reader.framing == Framing::Opaque {
+            self.inflight.relayed_now();
             out.extend_from_slice(&reader.buffer.split());
             return None;
         }
@@ -1153,6 +1209,7 @@ impl Responder {
             OnSuccess::SaslBound => self.wrapped.store(true, Ordering::Release),
             OnSuccess::EndToEndTls => {
                 // Before the response reaches the client, whose handshake follows it.
+                self.end_to_end.store(true, Ordering::Release);
                 self.wrapped.store(true, Ordering::Release);
                 return true;
             }

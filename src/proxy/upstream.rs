@@ -71,7 +71,11 @@ pub async fn connect(route: &Route<'_>, pool: &Arc<Pool>) -> Result<(Box<dyn Io>
                 if route.urls.first() != Some(url) {
                     METRICS.upstream_failovers.inc();
                 }
-                pool.answered(url);
+                // A TCP connect to an ldaps:// URL for a passthrough says
+                // nothing of its TLS, which the probe checks.
+                if !(url.is_ldaps() && route.tls.is_none()) {
+                    pool.answered(url);
+                }
                 return Ok((stream, pool.take(url)));
             }
             Ok(Err(reason)) => reason,

@@ -96,10 +96,20 @@ pub async fn apply_event<S: Store, D: DirectoryOps>(
             }
         }
         Change::EntryRemoved { dn, .. } => {
-            let Some(object) = pass.store.object_associated_at(&connector.name, dn)? else {
+            // Accounts and groups may share a base: a DN the accounts' read
+            // names may be a group's, which is the groups' to judge.
+            let Some(object) = pass
+                .store
+                .object_associated_at(&connector.name, dn)?
+                .filter(|o| o.category == category)
+            else {
                 return Ok(pass.report);
             };
-            let Some(association) = pass.store.association_by_object(&connector.name, object.id)? else {
+            let Some(association) = pass
+                .store
+                .association_by_object(&connector.name, object.id)?
+                .filter(|a| !a.entry_gone)
+            else {
                 return Ok(pass.report);
             };
             // The association follows the entry, not the DN: if the entry

@@ -46,7 +46,7 @@ fn dispute_lines<S: serde::Serializer>(
 }
 
 impl Report {
-    pub(super) fn say(&mut self, line: String) {
+    pub fn say(&mut self, line: String) {
         self.lines.push(line);
     }
 
