@@ -199,6 +199,9 @@ pub struct Config {
 pub struct AdminConfig {
     /// `host:port`, e.g. `127.0.0.1:8389`.
     pub listen: Option<String>,
+    /// HTTPS with this certificate and key (PEM; may be the listeners'
+    /// `proxy.tls` files); plain HTTP when unset.
+    pub tls: Option<ServerTlsConfig>,
     /// The connector whose directory and accounts scope authenticate
     /// operators; the first connector when unset.
     pub connector: Option<String>,
@@ -223,6 +226,7 @@ impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: None,
+            tls: None,
             connector: None,
             admin_group: None,
             auditor_group: None,

@@ -22,6 +22,11 @@ struct Api {
 
 impl Api {
     fn start() -> Api {
+        Api::start_with("")
+    }
+
+    /// With `admin` lines added to the `[admin]` table.
+    fn start_with(admin: &str) -> Api {
         let slapd = Slapd::start();
         let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("service.secret");
@@ -38,6 +43,7 @@ listen = "127.0.0.1:0"
 admin_group = "cn=admins,ou=groups,dc=example,dc=com"
 auditor_group = "cn=staff,ou=groups,dc=example,dc=com"
 max_failed_logins = 5
+{admin}
 [[connector]]
 name = "example"
 bind_dn = "{ROOT_DN}"
@@ -322,4 +328,58 @@ fn accounts_are_listed_shown_created_edited_and_deleted_over_http_and_journaled_
     }
     let (exit, _) = api.served.terminate();
     assert!(exit.success());
+}
+
+/// An HTTPS request trusting `ca`: (status, body).
+fn https(addr: &str, ca: &std::path::Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let config = ldapsync::tls::client_config(&ldapsync::config::ClientTlsConfig {
+        ca: Some(ca.to_owned()),
+        ..Default::default()
+    })
+    .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let connection = rustls::ClientConnection::new(config, name).unwrap();
+    let mut tls = rustls::StreamOwned::new(connection, std::net::TcpStream::connect(addr).unwrap());
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(request.as_bytes()).unwrap();
+    let mut response = Vec::new();
+    let _ = tls.read_to_end(&mut response);
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn with_a_certificate_the_api_speaks_https_only() {
+    let pki = ldapsync_fixtures::Pki::new("admin api");
+    let api = Api::start_with(&format!(
+        "tls = {{ cert = \"{}\", key = \"{}\" }}",
+        pki.cert.display(),
+        pki.key.display()
+    ));
+    let login = json!({ "username": "alice", "password": "alice-secret" }).to_string();
+    let (status, body) = https(&api.addr, &pki.ca, "POST", "/api/v1/login", &login);
+    assert_eq!(status, 200, "{body}");
+    let logged_in: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(logged_in["role"], "admin");
+    // Plain HTTP gets no HTTP answer: a password never crosses in clear text.
+    let (status, _, _) = http(&api.addr, "POST", "/api/v1/login", None, Some(&login));
+    assert_eq!(status, 0, "no HTTP response over plain TCP");
+    // A client that never handshakes holds up no one.
+    let _silent = std::net::TcpStream::connect(&api.addr).unwrap();
+    let (status, _) = https(&api.addr, &pki.ca, "POST", "/api/v1/login", &login);
+    assert_eq!(status, 200);
 }

@@ -25,17 +25,23 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::net::TcpListener;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{AdminError, DeleteOptions, ListQuery, ObjectEdit};
-use crate::config::{Config, ConnectorConfig};
+use crate::config::{AdminConfig, Config, ConnectorConfig};
 use crate::directory::{Directory, DirectoryError, DirectoryOps};
 use crate::model::Category;
 use crate::proxy::FailedBinds;
 use crate::store::{self, AnyStore, JournalQuery};
 use crate::sync::engine::LinkTarget;
+use crate::tls::ServerTls;
 
 /// What an operator may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -194,19 +200,124 @@ fn new_token() -> Result<String, Problem> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Binds `listen` now, so that a taken port fails the start.
-pub async fn bind(listen: &str) -> std::io::Result<TcpListener> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|e| std::io::Error::new(e.kind(), format!("admin.listen {listen}: {e}")))?;
-    if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "admin API listening");
-    }
-    Ok(listener)
+/// The API's listening socket, with the TLS it serves when configured.
+pub struct Bound {
+    tcp: TcpListener,
+    tls: Option<TlsAcceptor>,
 }
 
-/// Serves the API on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, config: Config, shutdown: CancellationToken) {
+/// Binds `admin.listen` now, so that a taken port or a broken certificate
+/// fails the start.
+pub async fn bind(admin: &AdminConfig) -> Result<Option<Bound>, ApiError> {
+    let Some(listen) = &admin.listen else {
+        return Ok(None);
+    };
+    let tls = match &admin.tls {
+        Some(paths) => Some(ServerTls::load(paths)?.acceptor()),
+        None => None,
+    };
+    let tcp = TcpListener::bind(listen).await.map_err(|source| ApiError::Bind {
+        listen: listen.clone(),
+        source,
+    })?;
+    if let Ok(addr) = tcp.local_addr() {
+        info!(%addr, https = tls.is_some(), "admin API listening");
+    }
+    Ok(Some(Bound { tcp, tls }))
+}
+
+/// Why the API cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("admin.listen {listen}: {source}")]
+    Bind { listen: String, source: std::io::Error },
+    #[error("admin.tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+/// TLS connections, handshaken apart from one another (a slow client
+/// holds up no one), at most `HANDSHAKES` at once, each within the
+/// proxy's handshake timeout.
+struct TlsListener {
+    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    addr: SocketAddr,
+}
+
+const HANDSHAKES: usize = 256;
+
+impl TlsListener {
+    fn start(tcp: TcpListener, acceptor: TlsAcceptor, handshake_timeout: Duration) -> std::io::Result<TlsListener> {
+        let addr = tcp.local_addr()?;
+        let (done, ready) = mpsc::channel(HANDSHAKES);
+        let slots = Arc::new(Semaphore::new(HANDSHAKES));
+        tokio::spawn(async move {
+            loop {
+                let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                    return;
+                };
+                let (stream, peer) = match tcp.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        debug!(error = %e, "admin API: accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let (acceptor, handed) = (acceptor.clone(), done.clone());
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = handed.send((tls, peer)).await;
+                        }
+                        Ok(Err(e)) => debug!(%peer, error = %e, "admin API: TLS handshake failed"),
+                        Err(_) => debug!(%peer, "admin API: no TLS handshake within the timeout"),
+                    }
+                });
+                if done.is_closed() {
+                    return;
+                }
+            }
+        });
+        Ok(TlsListener { ready, addr })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(accepted) => accepted,
+            // The acceptor is gone only when the runtime stops.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.addr)
+    }
+}
+
+/// The client's address, for the failed-login limiter, over TCP or TLS.
+#[derive(Clone, Copy)]
+struct Peer(SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TcpListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TcpListener>) -> Peer {
+        Peer(*stream.remote_addr())
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Peer {
+        Peer(*stream.remote_addr())
+    }
+}
+
+/// Serves the API on `bound` until `shutdown`.
+pub async fn serve(bound: Bound, config: Config, shutdown: CancellationToken) {
     let store = match tokio::task::spawn_blocking({
         let settings = config.store.clone();
         move || store::open(&settings)
@@ -225,10 +336,18 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: Cancellation
         sessions: Mutex::default(),
         failed_logins,
     });
-    let app = router(state).layer(DefaultBodyLimit::max(max_body));
-    let served = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
+    let handshake_timeout = state.config.proxy.handshake_timeout;
+    let app = router(state)
+        .layer(DefaultBodyLimit::max(max_body))
+        .into_make_service_with_connect_info::<Peer>();
+    let stop = async move { shutdown.cancelled().await };
+    let served = match bound.tls {
+        None => axum::serve(bound.tcp, app).with_graceful_shutdown(stop).await,
+        Some(acceptor) => match TlsListener::start(bound.tcp, acceptor, handshake_timeout) {
+            Ok(listener) => axum::serve(listener, app).with_graceful_shutdown(stop).await,
+            Err(e) => Err(e),
+        },
+    };
     if let Err(e) = served {
         warn!(error = %e, "admin API stopped");
     }
@@ -269,7 +388,7 @@ struct LoggedIn {
 
 async fn login(
     State(state): State<Arc<ApiState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
     body: Result<Json<Login>, JsonRejection>,
 ) -> Result<Json<LoggedIn>, Problem> {
     let Json(login) = body.map_err(bad_json)?;

@@ -302,10 +302,7 @@ fn serve(config: Config, args: ServeArgs, file: Option<PathBuf>) -> anyhow::Resu
             Some(addr) => Some(monitor::bind(addr).await?),
             None => None,
         };
-        let admin_api = match &config.admin.listen {
-            Some(addr) => Some(crate::admin::api::bind(addr).await?),
-            None => None,
-        };
+        let admin_api = crate::admin::api::bind(&config.admin).await?;
         let running = Running::new(&config.proxy)?;
         if let Some(reloader) = &connectors {
             running.set_connectors(running_connectors(reloader));
