@@ -347,13 +347,33 @@ pub struct DeleteOptions {
     pub confirm_deletes: bool,
 }
 
+/// What a connector's pass did, with the lines that say so.
+#[derive(Debug, Serialize)]
+pub struct Outcome {
+    pub connector: String,
+    #[serde(flatten)]
+    pub report: Report,
+    pub lines: Vec<String>,
+}
+
+impl Outcome {
+    pub fn new(connector: &str, report: Report) -> Outcome {
+        Outcome {
+            connector: connector.to_owned(),
+            lines: report.all_lines().cloned().collect(),
+            report,
+        }
+    }
+}
+
 /// What a delete did.
 #[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "outcome")]
 pub enum Deleted {
     /// The object was removed locally only.
     Locally,
-    /// Its connector applied its delete policy: the pass's report.
-    ByConnector { connector: String, report: Report },
+    /// Its connector applied its delete policy.
+    ByConnector(Outcome),
 }
 
 /// Deletes a local object. An associated one is deleted as its connector
@@ -385,10 +405,7 @@ pub async fn delete(
     };
     let report = engine::delete_object(store, &connector, &mut directory, object, pass, operator).await;
     directory.close().await;
-    Ok(Deleted::ByConnector {
-        connector: connector.name.clone(),
-        report: report?,
-    })
+    Ok(Deleted::ByConnector(Outcome::new(&connector.name, report?)))
 }
 
 /// Associations, of one connector or all, with their objects' names.
@@ -490,11 +507,11 @@ pub async fn link(
     name: &str,
     target: &LinkTarget,
     operator: &str,
-) -> Result<Report, AdminError> {
+) -> Result<Outcome, AdminError> {
     let connector = config.require_connector(connector)?;
     let password = connector.password()?;
     let mut directory = Directory::connect(&connector, password.expose(), config.proxy.connect_timeout).await?;
     let report = engine::link(store, &connector, &mut directory, category, name, target, operator).await;
     directory.close().await;
-    Ok(report?)
+    Ok(Outcome::new(&connector.name, report?))
 }

@@ -226,20 +226,20 @@ pub fn object(config: &Config, category: Category, command: ObjectCommand, json:
             let options = DeleteOptions { force, confirm_deletes };
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             let deleted = runtime.block_on(admin::delete(config, &mut store, category, &name, options, &operator()))?;
-            let (connector, report) = match deleted {
+            let outcome = match deleted {
                 Deleted::Locally => {
                     outln!("{category} {name} removed");
                     return Ok(());
                 }
-                Deleted::ByConnector { connector, report } => (connector, report),
+                Deleted::ByConnector(outcome) => outcome,
             };
             if json {
-                return print_json(&report_json(&connector, &report));
+                return print_json(&outcome);
             }
-            for line in report.all_lines() {
+            for line in &outcome.lines {
                 outln!("{line}");
             }
-            if report.failed > 0 {
+            if outcome.report.failed > 0 {
                 bail!("{category} {name} could not be deleted; see `ldapsync journal --object {name}`");
             }
         }
@@ -352,15 +352,15 @@ pub fn association(config: &Config, command: AssociationCommand, json: bool) -> 
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             let operator = operator();
             let linked = admin::link(config, &mut store, &connector, category, &name, &target, &operator);
-            let report = runtime.block_on(linked)?;
+            let outcome = runtime.block_on(linked)?;
             if json {
-                print_json(&report_json(&connector, &report))?;
+                print_json(&outcome)?;
             } else {
-                for line in report.all_lines() {
+                for line in &outcome.lines {
                     outln!("{line}");
                 }
             }
-            if report.failed > 0 {
+            if outcome.report.failed > 0 {
                 bail!("the pair was linked but could not be synced; see `ldapsync journal --object {name}`");
             }
         }
