@@ -56,7 +56,7 @@ macro_rules! named {
 
 named! {
     /// Accounts or groups.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
     #[serde(rename_all = "lowercase")]
     pub enum Category ("category") {
         Account = "account",
@@ -66,7 +66,7 @@ named! {
 
 named! {
     /// Where a change was seen.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
     #[serde(rename_all = "lowercase")]
     pub enum ChangeSource ("change source") {
         /// A write that went through the proxy.
@@ -81,7 +81,7 @@ named! {
 named! {
     /// What a journal line records: a decision of the engine, or an
     /// administrator's act.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
     #[serde(rename_all = "kebab-case")]
     pub enum Action ("journal action") {
         /// First sync matched an object and an entry by name.

@@ -388,3 +388,61 @@ fn with_a_certificate_the_api_speaks_https_only() {
     let (status, _) = https(&api.addr, &pki.ca, "POST", "/api/v1/login", &login);
     assert_eq!(status, 200);
 }
+
+#[test]
+fn the_api_serves_its_openapi_document_naming_every_route() {
+    let api = Api::start();
+    let (status, doc) = api.call("GET", "/api/v1/openapi.json", None, None);
+    assert_eq!(status, 200, "public, like the docs");
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+    let mut routes: Vec<String> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, methods)| {
+            methods
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(move |method| format!("{} {path}", method.to_uppercase()))
+        })
+        .collect();
+    routes.sort();
+    assert_eq!(
+        routes,
+        [
+            "DELETE /api/v1/associations/{connector}/{category}/{name}",
+            "DELETE /api/v1/{category}/{name}",
+            "GET /api/v1/associations",
+            "GET /api/v1/associations/{connector}/{category}/{name}",
+            "GET /api/v1/journal",
+            "GET /api/v1/whoami",
+            "GET /api/v1/{category}",
+            "GET /api/v1/{category}/{name}",
+            "PATCH /api/v1/{category}/{name}",
+            "POST /api/v1/login",
+            "POST /api/v1/logout",
+            "POST /api/v1/{category}",
+            "PUT /api/v1/associations/{connector}/{category}/{name}",
+        ]
+    );
+    let schemas = doc["components"]["schemas"].as_object().unwrap();
+    for schema in [
+        "LocalObject",
+        "ObjectEdit",
+        "ProblemDocument",
+        "JournalEntry",
+        "Outcome",
+        "Deleted",
+    ] {
+        assert!(
+            schemas.contains_key(schema),
+            "{schema} in {:?}",
+            schemas.keys().collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    // Every documented route answers (401 without a token, not 404).
+    let (status, _) = api.call("GET", "/api/v1/journal", None, None);
+    assert_eq!(status, 401);
+}

@@ -34,17 +34,17 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{AdminError, DeleteOptions, ListQuery, ObjectEdit};
+use super::{AdminError, AssociationView, DeleteOptions, Deleted, ListQuery, ObjectEdit, ObjectView, Outcome, Page};
 use crate::config::{AdminConfig, Config, ConnectorConfig};
 use crate::directory::{Directory, DirectoryError, DirectoryOps};
 use crate::model::Category;
 use crate::proxy::FailedBinds;
-use crate::store::{self, AnyStore, JournalQuery};
+use crate::store::{self, AnyStore, Association, JournalEntry, JournalQuery, LocalObject};
 use crate::sync::engine::LinkTarget;
 use crate::tls::ServerTls;
 
 /// What an operator may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     Admin,
@@ -67,6 +67,20 @@ struct ApiState {
     /// By the SHA-256 of their token: a memory dump shows no usable token.
     sessions: Mutex<HashMap<[u8; 32], Session>>,
     failed_logins: FailedBinds,
+}
+
+/// A problem document (RFC 9457) as the API sends it, for the OpenAPI
+/// document.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+struct ProblemDocument {
+    /// Always `about:blank`.
+    r#type: String,
+    title: String,
+    status: u16,
+    /// A stable code for programs: `bad-credentials`, `not-found`, …
+    code: String,
+    detail: String,
 }
 
 /// An error as the API answers it.
@@ -353,8 +367,36 @@ pub async fn serve(bound: Bound, config: Config, shutdown: CancellationToken) {
     }
 }
 
+/// The OpenAPI document, from the handlers' annotations and the types.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "ldapsync admin API", description = "See docs/admin-api.md."),
+    paths(login, logout, whoami, list, show, create, edit, delete, associations, association, remove_association, link, journal),
+    modifiers(&BearerAuth)
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+    }
+}
+
+async fn openapi() -> Response {
+    use utoipa::OpenApi;
+    match ApiDoc::openapi().to_json() {
+        Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
+        Err(e) => Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "openapi", e.to_string()).into_response(),
+    }
+}
+
 fn router(state: Arc<ApiState>) -> Router {
     Router::new()
+        .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/login", post(login))
         .route("/api/v1/logout", post(logout))
         .route("/api/v1/whoami", get(whoami))
@@ -370,14 +412,14 @@ fn router(state: Arc<ApiState>) -> Router {
         .with_state(state)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Login {
     username: String,
     password: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct LoggedIn {
     token: String,
     operator: String,
@@ -386,6 +428,7 @@ struct LoggedIn {
     timeout: u64,
 }
 
+#[utoipa::path(post, path = "/api/v1/login", summary = "Log in with directory credentials", request_body = Login, responses((status = 200, body = LoggedIn), (status = 401, body = ProblemDocument), (status = 403, body = ProblemDocument), (status = 429, body = ProblemDocument)))]
 async fn login(
     State(state): State<Arc<ApiState>>,
     ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
@@ -546,6 +589,7 @@ fn login_connector(config: &Config) -> Result<ConnectorConfig, Problem> {
     })
 }
 
+#[utoipa::path(post, path = "/api/v1/logout", summary = "End the session", responses((status = 204)), security(("bearer" = [])))]
 async fn logout(State(state): State<Arc<ApiState>>, parts: axum::http::HeaderMap) -> StatusCode {
     if let Some(token) = parts
         .get(header::AUTHORIZATION)
@@ -561,6 +605,7 @@ async fn logout(State(state): State<Arc<ApiState>>, parts: axum::http::HeaderMap
     StatusCode::NO_CONTENT
 }
 
+#[utoipa::path(get, path = "/api/v1/whoami", summary = "The operator and role of the session", responses((status = 200, body = Object), (status = 401, body = ProblemDocument)), security(("bearer" = [])))]
 async fn whoami(operator: Operator) -> Json<serde_json::Value> {
     Json(serde_json::json!({ "operator": operator.name, "role": operator.role }))
 }
@@ -586,6 +631,7 @@ async fn with_store<T: Send>(
     Ok(tokio::task::block_in_place(|| work(&state.config, &mut store))?)
 }
 
+#[utoipa::path(get, path = "/api/v1/{category}", summary = "A page of local accounts or groups", params(("category" = String, Path, description = "accounts or groups"), ListQuery), responses((status = 200, body = Page<LocalObject>), (status = 401, body = ProblemDocument)), security(("bearer" = [])))]
 async fn list(
     State(state): State<Arc<ApiState>>,
     _operator: Operator,
@@ -598,6 +644,7 @@ async fn list(
     Ok(Json(page).into_response())
 }
 
+#[utoipa::path(get, path = "/api/v1/{category}/{name}", summary = "One object and its associations", params(("category" = String, Path, description = "accounts or groups"), ("name" = String, Path)), responses((status = 200, body = ObjectView), (status = 404, body = ProblemDocument)), security(("bearer" = [])))]
 async fn show(
     State(state): State<Arc<ApiState>>,
     _operator: Operator,
@@ -608,7 +655,7 @@ async fn show(
     Ok(Json(view).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Create {
     name: String,
@@ -616,6 +663,7 @@ struct Create {
     edit: ObjectEdit,
 }
 
+#[utoipa::path(post, path = "/api/v1/{category}", summary = "Create a local account or group", params(("category" = String, Path, description = "accounts or groups")), request_body = Create, responses((status = 201, body = LocalObject), (status = 403, body = ProblemDocument), (status = 409, body = ProblemDocument), (status = 422, body = ProblemDocument)), security(("bearer" = [])))]
 async fn create(
     State(state): State<Arc<ApiState>>,
     operator: Operator,
@@ -633,6 +681,7 @@ async fn create(
     Ok((StatusCode::CREATED, Json(object)).into_response())
 }
 
+#[utoipa::path(patch, path = "/api/v1/{category}/{name}", summary = "Change a local object", params(("category" = String, Path, description = "accounts or groups"), ("name" = String, Path)), request_body = ObjectEdit, responses((status = 200, body = LocalObject), (status = 404, body = ProblemDocument), (status = 422, body = ProblemDocument)), security(("bearer" = [])))]
 async fn edit(
     State(state): State<Arc<ApiState>>,
     operator: Operator,
@@ -650,6 +699,7 @@ async fn edit(
     Ok(Json(object).into_response())
 }
 
+#[utoipa::path(delete, path = "/api/v1/{category}/{name}", summary = "Delete a local object (an associated one as its connector says)", params(("category" = String, Path, description = "accounts or groups"), ("name" = String, Path), DeleteOptions), responses((status = 200, body = Deleted), (status = 404, body = ProblemDocument)), security(("bearer" = [])))]
 async fn delete(
     State(state): State<Arc<ApiState>>,
     operator: Operator,
@@ -672,12 +722,14 @@ async fn delete(
     Ok(Json(deleted).into_response())
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::IntoParams)]
 #[serde(deny_unknown_fields, default)]
+#[into_params(parameter_in = Query)]
 struct AssociationQuery {
     connector: Option<String>,
 }
 
+#[utoipa::path(get, path = "/api/v1/associations", summary = "Every association with its object", params(AssociationQuery), responses((status = 200, body = Vec<AssociationView>)), security(("bearer" = [])))]
 async fn associations(
     State(state): State<Arc<ApiState>>,
     _operator: Operator,
@@ -691,6 +743,7 @@ async fn associations(
     Ok(Json(listed).into_response())
 }
 
+#[utoipa::path(get, path = "/api/v1/associations/{connector}/{category}/{name}", summary = "One object's association with a connector", params(("connector" = String, Path), ("category" = String, Path, description = "accounts or groups"), ("name" = String, Path)), responses((status = 200, body = Association), (status = 404, body = ProblemDocument)), security(("bearer" = [])))]
 async fn association(
     State(state): State<Arc<ApiState>>,
     _operator: Operator,
@@ -705,7 +758,7 @@ async fn association(
 }
 
 /// An association changes only by an explicit act: the request says so.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Confirmed {
     confirm: bool,
@@ -723,6 +776,7 @@ fn confirmed(body: Result<Json<Confirmed>, JsonRejection>, what: &str) -> Result
     }
 }
 
+#[utoipa::path(delete, path = "/api/v1/associations/{connector}/{category}/{name}", summary = "Remove an association (confirmed)", params(("connector" = String, Path), ("category" = String, Path, description = "accounts or groups"), ("name" = String, Path)), request_body = Confirmed, responses((status = 204), (status = 404, body = ProblemDocument), (status = 422, body = ProblemDocument)), security(("bearer" = [])))]
 async fn remove_association(
     State(state): State<Arc<ApiState>>,
     operator: Operator,
@@ -741,7 +795,7 @@ async fn remove_association(
 }
 
 /// The entry an object is linked with: by DN or by stable id.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Link {
     confirm: bool,
@@ -749,6 +803,7 @@ struct Link {
     entry_id: Option<String>,
 }
 
+#[utoipa::path(put, path = "/api/v1/associations/{connector}/{category}/{name}", summary = "Link an object with an entry (confirmed)", params(("connector" = String, Path), ("category" = String, Path, description = "accounts or groups"), ("name" = String, Path)), request_body = Link, responses((status = 200, body = Outcome), (status = 422, body = ProblemDocument)), security(("bearer" = [])))]
 async fn link(
     State(state): State<Arc<ApiState>>,
     operator: Operator,
@@ -776,11 +831,13 @@ async fn link(
     Ok(Json(report).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct JournalParams {
     connector: Option<String>,
     object: Option<String>,
+    /// The most recent lines (1–1000; 100 when unset).
     #[serde(default = "default_journal_limit")]
     limit: usize,
 }
@@ -789,6 +846,7 @@ fn default_journal_limit() -> usize {
     100
 }
 
+#[utoipa::path(get, path = "/api/v1/journal", summary = "The latest journal lines", params(JournalParams), responses((status = 200, body = Vec<JournalEntry>)), security(("bearer" = [])))]
 async fn journal(
     State(state): State<Arc<ApiState>>,
     _operator: Operator,

@@ -83,7 +83,7 @@ impl AdminError {
 }
 
 /// A change to a local object's fields, as an operator asks for it.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ObjectEdit {
     /// Fields replaced by these values.
@@ -225,7 +225,7 @@ fn local_journal(category: Category, name: &str, action: Action, detail: serde_j
 }
 
 /// One object with its associations.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ObjectView {
     pub object: LocalObject,
     pub associations: Vec<Association>,
@@ -251,15 +251,16 @@ pub fn show(store: &AnyStore, category: Category, name: &str) -> Result<ObjectVi
 
 /// A page of a category's objects, by name: those after `after`, at most
 /// `limit`, those whose name contains `contains` (without case) only.
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields, default)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     pub contains: Option<String>,
     pub after: Option<String>,
     pub limit: Option<usize>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Page<T> {
     pub items: Vec<T>,
     /// Where the next page starts (`after`), when there is one.
@@ -338,7 +339,8 @@ pub fn edit(
 }
 
 /// How a delete goes.
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeleteOptions {
     /// Locally only, whatever the object's connector says.
@@ -348,7 +350,7 @@ pub struct DeleteOptions {
 }
 
 /// What a connector's pass did, with the lines that say so.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Outcome {
     pub connector: String,
     #[serde(flatten)]
@@ -367,7 +369,7 @@ impl Outcome {
 }
 
 /// What a delete did.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case", tag = "outcome")]
 pub enum Deleted {
     /// The object was removed locally only.
@@ -409,7 +411,7 @@ pub async fn delete(
 }
 
 /// Associations, of one connector or all, with their objects' names.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct AssociationView {
     pub category: Option<Category>,
     pub name: Option<String>,

@@ -69,7 +69,7 @@ impl StoreError {
 }
 
 /// An account or group of the application, keyed by category and name.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct LocalObject {
     pub id: i64,
     pub category: Category,
@@ -80,7 +80,7 @@ pub struct LocalObject {
 }
 
 /// A local object tied to one directory entry by its stable id.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Association {
     pub connector: String,
     pub object_id: i64,
@@ -110,7 +110,7 @@ pub struct HeldDelete {
 }
 
 /// One line of the audit trail.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct JournalEntry {
     /// Seconds since the Unix epoch.
     pub at: i64,

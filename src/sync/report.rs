@@ -10,7 +10,7 @@ use crate::model::{Action, Category};
 use crate::store::HeldDelete;
 
 /// What a pass did (or, in a dry run, would do).
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
 pub struct Report {
     pub associated: usize,
     pub created_local: usize,
@@ -35,6 +35,7 @@ pub struct Report {
     /// however many events of one poll concern it. Stored with the last
     /// reconciliation's result, for `status`: the lines only.
     #[serde(serialize_with = "dispute_lines")]
+    #[schema(value_type = Vec<String>)]
     pub(super) disputes: BTreeMap<(Category, String), String>,
 }
 
