@@ -210,6 +210,19 @@ fn accounts_are_listed_shown_created_edited_and_deleted_over_http_and_journaled_
     let (_, found) = api.call("GET", "/api/v1/accounts?contains=RI", token, None);
     assert_eq!(names(&found), ["erin"]);
 
+    let (status, connectors) = api.call("GET", "/api/v1/connectors", token, None);
+    assert_eq!(status, 200, "{connectors}");
+    let example = &connectors[0];
+    assert_eq!(
+        (&example["name"], &example["direction"], &example["conflict"]),
+        (&json!("example"), &json!("both"), &json!("ldap-wins"))
+    );
+    assert!(
+        example["last_sync_at"].is_i64() && example["out_of_sync"].is_null(),
+        "{example}"
+    );
+    assert_eq!(example["watermarks"][0]["mechanism"], "syncrepl", "{example}");
+
     let (status, alice) = api.call("GET", "/api/v1/accounts/alice", token, None);
     assert_eq!(status, 200);
     assert_eq!(alice["object"]["values"]["mail"], json!(["alice@example.com"]));
@@ -415,6 +428,7 @@ fn the_api_serves_its_openapi_document_naming_every_route() {
             "DELETE /api/v1/{category}/{name}",
             "GET /api/v1/associations",
             "GET /api/v1/associations/{connector}/{category}/{name}",
+            "GET /api/v1/connectors",
             "GET /api/v1/journal",
             "GET /api/v1/whoami",
             "GET /api/v1/{category}",

@@ -34,7 +34,10 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{AdminError, AssociationView, DeleteOptions, Deleted, ListQuery, ObjectEdit, ObjectView, Outcome, Page};
+use super::{
+    AdminError, AssociationView, ConnectorView, DeleteOptions, Deleted, ListQuery, ObjectEdit, ObjectView, Outcome,
+    Page,
+};
 use crate::config::{AdminConfig, Config, ConnectorConfig};
 use crate::directory::{Directory, DirectoryError, DirectoryOps};
 use crate::model::Category;
@@ -371,7 +374,22 @@ pub async fn serve(bound: Bound, config: Config, shutdown: CancellationToken) {
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(title = "ldapsync admin API", description = "See docs/admin-api.md."),
-    paths(login, logout, whoami, list, show, create, edit, delete, associations, association, remove_association, link, journal),
+    paths(
+        login,
+        logout,
+        whoami,
+        connectors,
+        list,
+        show,
+        create,
+        edit,
+        delete,
+        associations,
+        association,
+        remove_association,
+        link,
+        journal
+    ),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -402,6 +420,7 @@ fn router(state: Arc<ApiState>) -> Router {
         .route("/api/v1/whoami", get(whoami))
         .route("/api/v1/{category}", get(list).post(create))
         .route("/api/v1/{category}/{name}", get(show).patch(edit).delete(delete))
+        .route("/api/v1/connectors", get(connectors))
         .route("/api/v1/associations", get(associations))
         .route(
             "/api/v1/associations/{connector}/{category}/{name}",
@@ -720,6 +739,12 @@ async fn delete(
     )
     .await?;
     Ok(Json(deleted).into_response())
+}
+
+#[utoipa::path(get, path = "/api/v1/connectors", summary = "Every connector: its policy, watermarks, polls, held deletes", responses((status = 200, body = Vec<ConnectorView>)), security(("bearer" = [])))]
+async fn connectors(State(state): State<Arc<ApiState>>, _operator: Operator) -> Result<Response, Problem> {
+    let listed = with_store(&state, |config, store| super::connectors(config, store)).await?;
+    Ok(Json(listed).into_response())
 }
 
 #[derive(Deserialize, Default, utoipa::IntoParams)]

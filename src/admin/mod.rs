@@ -14,7 +14,9 @@ use thiserror::Error;
 use crate::config::{Config, ConfigError};
 use crate::directory::{Directory, DirectoryError};
 use crate::model::{Action, Category, ChangeSource, MEMBERS_FIELD, Values};
-use crate::store::{AnyStore, Association, JournalEntry, JournalQuery, LocalObject, Store, StoreError, now};
+use crate::store::{
+    AnyStore, Association, HeldDelete, JournalEntry, JournalQuery, LocalObject, Store, StoreError, now,
+};
 use crate::sync::engine::{self, LinkTarget, PassOptions, Report, SyncError, is_secret_field};
 
 /// Why an administrative operation was not done.
@@ -516,4 +518,66 @@ pub async fn link(
     let report = engine::link(store, &connector, &mut directory, category, name, target, operator).await;
     directory.close().await;
     Ok(Outcome::new(&connector.name, report?))
+}
+
+/// A connector as an operator watches it: what it syncs and how, and how
+/// its polls are going.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ConnectorView {
+    pub name: String,
+    /// `both`, `ldap-to-local` or `local-to-ldap`.
+    pub direction: String,
+    /// The conflict policy (`ldap-wins`, `merge/local-wins`, …).
+    pub conflict: String,
+    /// The configured poll mechanism; detected at the next poll when unset.
+    pub poll_mechanism: Option<String>,
+    /// Per category: the mechanism its watermark is of, and when it moved.
+    pub watermarks: Vec<WatermarkView>,
+    /// Seconds since the epoch.
+    pub last_sync_at: Option<i64>,
+    pub last_poll_at: Option<i64>,
+    /// Why a full reconciliation is due, when one is.
+    pub out_of_sync: Option<String>,
+    pub last_error: Option<String>,
+    pub held_deletes: Vec<HeldDelete>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct WatermarkView {
+    pub category: Category,
+    pub mechanism: String,
+    pub updated_at: i64,
+}
+
+/// Every configured connector with its state in the store.
+pub fn connectors(config: &Config, store: &AnyStore) -> Result<Vec<ConnectorView>, AdminError> {
+    config
+        .connectors
+        .iter()
+        .map(|connector| {
+            let state = store.connector_state(&connector.name)?.unwrap_or_default();
+            let mut watermarks = Vec::new();
+            for (category, _) in connector.scopes() {
+                if let Some(w) = store.watermark(&connector.name, category)? {
+                    watermarks.push(WatermarkView {
+                        category,
+                        mechanism: w.mechanism.to_string(),
+                        updated_at: w.updated_at,
+                    });
+                }
+            }
+            Ok(ConnectorView {
+                name: connector.name.clone(),
+                direction: connector.direction.to_string(),
+                conflict: connector.conflict_policy().to_string(),
+                poll_mechanism: connector.poll_mechanism.map(|m| m.to_string()),
+                watermarks,
+                last_sync_at: state.last_sync_at,
+                last_poll_at: state.last_poll_at,
+                out_of_sync: state.out_of_sync,
+                last_error: state.last_error,
+                held_deletes: store.held_deletes(&connector.name)?,
+            })
+        })
+        .collect()
 }

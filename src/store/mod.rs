@@ -98,7 +98,7 @@ pub struct Association {
 
 /// A delete the mass-delete guard refused: held, and reported by every
 /// pass, until an operator confirms it or the entry comes back.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct HeldDelete {
     pub category: Category,
     pub name: String,
