@@ -933,25 +933,18 @@ pub async fn poll<S: Store>(
                 .map(|(_, s)| s)
                 .expect("watermarks are of configured categories");
             let changes = poller::changes_since(directory, mechanism, scope, &watermark.value).await?;
+            let category = watermark.category;
             // Departures first: an entry deleted and another added at its
             // DN are two entries, in that order.
-            for dn in changes.removed {
+            let removed = changes
+                .removed
+                .into_iter()
+                .map(|dn| Change::EntryRemoved { category, dn });
+            let written = changes.written.into_iter().map(|dn| Change::Entry { category, dn });
+            for change in removed.chain(written) {
                 let event = ChangeEvent {
                     source: ChangeSource::Poll,
-                    change: Change::EntryRemoved {
-                        category: watermark.category,
-                        dn,
-                    },
-                };
-                report.absorb(engine::apply_event(store, connector, directory, &event).await?);
-            }
-            for dn in changes.written {
-                let event = ChangeEvent {
-                    source: ChangeSource::Poll,
-                    change: Change::Entry {
-                        category: watermark.category,
-                        dn,
-                    },
+                    change,
                 };
                 report.absorb(engine::apply_event(store, connector, directory, &event).await?);
             }

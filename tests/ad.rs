@@ -7,7 +7,7 @@ mod common;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use common::{CliConnector, serve};
+use common::{CliConnector, PresetConnector, ldapsearch, serve, without_cookies};
 use ldapsync_fixtures::{AD_ADMIN, AD_ADMIN_DN, AD_BASE, AD_LDAPS_URL, AD_PASSWORD, AD_URL, SambaDc};
 
 const OU: &str = "OU=ldapsync,DC=example,DC=com";
@@ -58,15 +58,6 @@ fn search_as_admin(args: &[&str]) -> String {
     ))
 }
 
-fn ldapsearch(url: &str, args: &[&str]) -> Output {
-    Command::new("ldapsearch")
-        .env("LDAPCONF", "/dev/null")
-        .args(["-x", "-LLL", "-o", "ldif-wrap=no", "-H", url])
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 /// stdout of a successful search, without what differs between two runs of
 /// the same search (control values carrying cookies).
 fn answer(out: &Output) -> String {
@@ -76,11 +67,7 @@ fn answer(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.starts_with("control:") && !l.starts_with("# "))
-        .collect::<Vec<_>>()
-        .join("\n")
+    without_cookies(&out.stdout)
 }
 
 #[test]
@@ -376,34 +363,17 @@ impl Connector {
     }
 
     fn reaching(url: &str, accounts: &str, groups: &str, direction: &str) -> Connector {
-        Connector(CliConnector::new("ad", |dir| {
-            let secret = dir.join("service.secret");
-            std::fs::write(&secret, format!("{AD_PASSWORD}\n")).unwrap();
-            format!(
-                r#"
-[proxy]
-listen = ["ldap://127.0.0.1:0"]
-upstream = ["{url}"]
-[store]
-path = "{db}"
-[[connector]]
-name = "ad"
-preset = "active-directory"
-bind_dn = "{AD_ADMIN_DN}"
-password_file = "{secret}"
-direction = "{direction}"
-conflict = "ldap-wins"
-delete = "disable"
-max_delete_percent = 100
-[connector.accounts]
-base = "{accounts}"
-[connector.groups]
-base = "{groups}"
-"#,
-                db = dir.join("ldapsync.db").display(),
-                secret = secret.display(),
-            )
-        }))
+        let connector = PresetConnector {
+            name: "ad",
+            preset: "active-directory",
+            url,
+            bind_dn: AD_ADMIN_DN,
+            password: AD_PASSWORD,
+            accounts,
+            groups,
+            direction,
+        };
+        Connector(connector.create())
     }
 
     /// Adds a `key = value` line to the connector's section.

@@ -359,24 +359,11 @@ fn https(addr: &str, ca: &std::path::Path, method: &str, path: &str, body: &str)
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
     let connection = rustls::ClientConnection::new(config, name).unwrap();
     let mut tls = rustls::StreamOwned::new(connection, std::net::TcpStream::connect(addr).unwrap());
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
+    let request = common::http_head("localhost", method, path, None, Some(body)) + body;
     tls.write_all(request.as_bytes()).unwrap();
     let mut response = Vec::new();
     let _ = tls.read_to_end(&mut response);
-    let response = String::from_utf8_lossy(&response).into_owned();
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let (status, _, body) = common::http_response(&response);
     (status, body)
 }
 

@@ -9,7 +9,7 @@ mod common;
 
 use std::process::{Command, Output};
 
-use common::{CliConnector, eventually, serve, serve_config};
+use common::{CliConnector, PresetConnector, eventually, ldapsearch, serve, serve_config, without_cookies};
 use ldapsync_fixtures::{DS_ADMIN_DN, DS_ADMIN_PASSWORD, Ds389, person};
 
 const BASE: &str = "dc=example,dc=com";
@@ -18,26 +18,14 @@ const BASE: &str = "dc=example,dc=com";
 /// would take another's watermark away.
 static CHANGELOG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn ldapsearch(url: &str, args: &[&str]) -> Output {
-    Command::new("ldapsearch")
-        .env("LDAPCONF", "/dev/null")
-        .args(["-x", "-LLL", "-o", "ldif-wrap=no", "-H", url])
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 /// What a user compares of a client's run: its exit code and output, less
 /// the lines that differ between any two runs (cookies in controls).
 fn outcome(out: &Output) -> (Option<i32>, String, String) {
-    let keep = |text: &[u8]| {
-        String::from_utf8_lossy(text)
-            .lines()
-            .filter(|l| !l.starts_with("control:") && !l.starts_with("# "))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    (out.status.code(), keep(&out.stdout), keep(&out.stderr))
+    (
+        out.status.code(),
+        without_cookies(&out.stdout),
+        without_cookies(&out.stderr),
+    )
 }
 
 /// An ldap-utils command with LDIF on its standard input.
@@ -204,35 +192,17 @@ fn the_relay_answers_as_389_ds_does() {
 
 /// A connector with the 389 DS preset, bound as the fixture's admin entry.
 fn connector(accounts: &str, groups: &str, direction: &str, ds: &Ds389) -> CliConnector {
-    CliConnector::new("ds", |dir| {
-        let secret = dir.join("service.secret");
-        std::fs::write(&secret, format!("{DS_ADMIN_PASSWORD}\n")).unwrap();
-        format!(
-            r#"
-[proxy]
-listen = ["ldap://127.0.0.1:0"]
-upstream = ["{url}"]
-[store]
-path = "{db}"
-[[connector]]
-name = "ds"
-preset = "389ds"
-bind_dn = "{DS_ADMIN_DN}"
-password_file = "{secret}"
-direction = "{direction}"
-conflict = "ldap-wins"
-delete = "disable"
-max_delete_percent = 100
-[connector.accounts]
-base = "{accounts}"
-[connector.groups]
-base = "{groups}"
-"#,
-            url = ds.url(),
-            db = dir.join("ldapsync.db").display(),
-            secret = secret.display(),
-        )
-    })
+    let connector = PresetConnector {
+        name: "ds",
+        preset: "389ds",
+        url: &ds.url(),
+        bind_dn: DS_ADMIN_DN,
+        password: DS_ADMIN_PASSWORD,
+        accounts,
+        groups,
+        direction,
+    };
+    connector.create()
 }
 
 fn unique_id(ds: &Ds389, base: &str, filter: &str) -> String {

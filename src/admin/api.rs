@@ -524,6 +524,7 @@ async fn authenticate(config: &Config, username: &str, password: &str) -> Result
         )
     };
     let secret = connector.password().map_err(|e| {
+        // The error names the file or variable, never what it holds.
         warn!(error = %e, "admin API: no service password");
         Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -555,10 +555,7 @@ impl Session {
                 }
             }
             Op::Extended if env.extended_name(&pdu) == Some(STARTTLS_OID.as_bytes()) => {
-                return match self.listener.tls {
-                    ListenerTls::Terminate => self.start_tls(&env).await,
-                    ListenerTls::Passthrough => self.pass_start_tls(&env, pdu).await,
-                };
+                return self.start_tls(&env, pdu).await;
             }
             // A password must not cross the network in clear text here.
             Op::Bind if self.listener.require_tls && !self.tls && !env.is_anonymous_bind(&pdu) => {
@@ -769,46 +766,52 @@ impl Session {
         }
     }
 
-    /// StartTLS (RFC 4511 §4.14), answered by ldapsync itself: success,
-    /// then the handshake on the same socket.
-    async fn start_tls(&mut self, request: &Envelope) -> Option<End> {
-        let answer = |code, why: &str| message::named_extended_response(request.message_id, STARTTLS_OID, code, why);
-        let refusal = if self.shared.tls.is_none() {
-            Some((
+    /// StartTLS (RFC 4511 §4.14): refused alone by the same rules on every
+    /// listener; otherwise the directory connection, which may hold a bind
+    /// made in clear text, is closed (the session continues anonymous, as
+    /// slapd's own StartTLS leaves it), and the TLS is ended here or, on a
+    /// passthrough listener, by the directory.
+    async fn start_tls(&mut self, request: &Envelope, pdu: Bytes) -> Option<End> {
+        let refusal = match self.listener.tls {
+            ListenerTls::Terminate if self.shared.tls.is_none() => Some((
                 ResultCode::Unavailable,
                 "StartTLS is not configured on this ldapsync listener",
-            ))
-        } else if self.tls {
-            Some((ResultCode::OperationsError, "TLS is already established"))
-        } else if !self.inflight.is_empty() {
-            Some((
+            )),
+            ListenerTls::Terminate if self.tls => Some((ResultCode::OperationsError, "TLS is already established")),
+            _ if !self.inflight.is_empty() => Some((
                 ResultCode::OperationsError,
                 "operations are outstanding; StartTLS must be requested alone",
-            ))
-        } else {
-            None
+            )),
+            _ => None,
         };
-        let response = match refusal {
-            Some((code, why)) => answer(code, why),
-            None if !self.requests.read_buffer().is_empty() => {
-                return Some(End::Malformed("data sent after StartTLS before its response".into()));
-            }
-            None => answer(ResultCode::Success, ""),
-        };
-        let Some(response) = response else {
-            return Some(End::Malformed("StartTLS request with an invalid message id".into()));
-        };
-        if refusal.is_some() {
-            return self.reply(response).await;
+        if let Some((code, why)) = refusal {
+            return match message::named_extended_response(request.message_id, STARTTLS_OID, code, why) {
+                Some(response) => self.reply(response).await,
+                None => Some(End::Malformed("StartTLS request with an invalid message id".into())),
+            };
         }
-        // A bind made in clear text does not carry over into TLS: close the
-        // directory connection that holds it (nothing is in flight on it),
-        // so the session continues anonymous, as slapd's own StartTLS does.
+        if !self.requests.read_buffer().is_empty() {
+            return Some(End::Malformed("data sent after StartTLS before its response".into()));
+        }
         // Before the response: after it, only TLS may reach the client.
         // Nothing awaits a response (see above); an abandon may be pending.
         if let Some(end) = self.end_directory_session().await {
             return Some(end);
         }
+        match self.listener.tls {
+            ListenerTls::Terminate => self.end_tls_here(request).await,
+            ListenerTls::Passthrough => self.pass_start_tls(request, pdu).await,
+        }
+    }
+
+    /// Answers StartTLS with success, then makes the handshake on the same
+    /// socket.
+    async fn end_tls_here(&mut self, request: &Envelope) -> Option<End> {
+        let Some(response) =
+            message::named_extended_response(request.message_id, STARTTLS_OID, ResultCode::Success, "")
+        else {
+            return Some(End::Malformed("StartTLS request with an invalid message id".into()));
+        };
         if let Some(end) = self.reply(response).await {
             return Some(end);
         }
@@ -834,27 +837,11 @@ impl Session {
         None
     }
 
-    /// StartTLS on a passthrough listener: relayed to the directory on a
-    /// fresh `ldap://` connection that ldapsync has not upgraded itself, so
-    /// that the handshake after its success is between the client and the
-    /// directory (which then sees the client's certificate).
+    /// StartTLS relayed to the directory on a fresh `ldap://` connection
+    /// that ldapsync has not upgraded itself, so that the handshake after
+    /// its success is between the client and the directory (which then
+    /// sees the client's certificate).
     async fn pass_start_tls(&mut self, request: &Envelope, pdu: Bytes) -> Option<End> {
-        if !self.requests.read_buffer().is_empty() {
-            return Some(End::Malformed("data sent after StartTLS before its response".into()));
-        }
-        if !self.inflight.is_empty() {
-            let why = "operations are outstanding; StartTLS must be requested alone";
-            let response =
-                message::named_extended_response(request.message_id, STARTTLS_OID, ResultCode::OperationsError, why);
-            return match response {
-                Some(response) => self.reply(response).await,
-                None => Some(End::Malformed("StartTLS request with an invalid message id".into())),
-            };
-        }
-        // The session continues anonymous, as after StartTLS ended here.
-        if let Some(end) = self.end_directory_session().await {
-            return Some(end);
-        }
         let settings = Arc::clone(&self.settings);
         if let Err(end) = self.connect(&settings.passthrough_route(false), request).await {
             return end;

@@ -175,30 +175,63 @@ pub fn serve_config(toml: &str) -> (tempfile::TempDir, Served) {
     (dir, served)
 }
 
+/// `ldapsearch -x -LLL`, lines unwrapped, without the user's ldap.conf.
+pub fn ldapsearch(url: &str, args: &[&str]) -> std::process::Output {
+    Command::new("ldapsearch")
+        .env("LDAPCONF", "/dev/null")
+        .args(["-x", "-LLL", "-o", "ldif-wrap=no", "-H", url])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A client's output without what differs between two runs of the same
+/// search (control values carrying cookies, comments).
+pub fn without_cookies(text: &[u8]) -> String {
+    String::from_utf8_lossy(text)
+        .lines()
+        .filter(|l| !l.starts_with("control:") && !l.starts_with("# "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// A plain HTTP/1.1 request with an optional bearer token and JSON body:
 /// (status code, content type, body).
 pub fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, String, String) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    if let Some(token) = token {
-        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
-    }
-    if let Some(body) = body {
-        request.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).unwrap();
+    stream
+        .write_all(http_head(addr, method, path, token, body).as_bytes())
+        .unwrap();
     if let Some(body) = body {
         // A server may answer (413) and close before reading it all.
         let _ = stream.write_all(body.as_bytes());
     }
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response);
-    let response = String::from_utf8_lossy(&response).into_owned();
+    http_response(&response)
+}
+
+/// A request's head, for a connection that closes after the response.
+pub fn http_head(host: &str, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> String {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    if let Some(token) = token {
+        head.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    if let Some(body) = body {
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    head.push_str("\r\n");
+    head
+}
+
+/// (status code, content type, body) of a whole response; status 0 when
+/// there was none.
+pub fn http_response(raw: &[u8]) -> (u16, String, String) {
+    let response = String::from_utf8_lossy(raw);
     let status = response
         .split_whitespace()
         .nth(1)
@@ -217,6 +250,61 @@ pub fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: Opt
 pub struct CliConnector {
     pub dir: tempfile::TempDir,
     pub name: String,
+}
+
+/// A connector of a directory preset (`active-directory`, `389ds`) as the
+/// directory tests run it: bound as `bind_dn`, the directory's values
+/// winning conflicts, deletes disabling, no percentage guard.
+pub struct PresetConnector<'a> {
+    pub name: &'a str,
+    pub preset: &'a str,
+    pub url: &'a str,
+    pub bind_dn: &'a str,
+    pub password: &'a str,
+    pub accounts: &'a str,
+    pub groups: &'a str,
+    pub direction: &'a str,
+}
+
+impl PresetConnector<'_> {
+    /// Its configuration, secret and store in a folder of their own.
+    pub fn create(&self) -> CliConnector {
+        CliConnector::new(self.name, |dir| {
+            let secret = dir.join("service.secret");
+            std::fs::write(&secret, format!("{}\n", self.password)).unwrap();
+            format!(
+                r#"
+[proxy]
+listen = ["ldap://127.0.0.1:0"]
+upstream = ["{url}"]
+[store]
+path = "{db}"
+[[connector]]
+name = "{name}"
+preset = "{preset}"
+bind_dn = "{bind_dn}"
+password_file = "{secret}"
+direction = "{direction}"
+conflict = "ldap-wins"
+delete = "disable"
+max_delete_percent = 100
+[connector.accounts]
+base = "{accounts}"
+[connector.groups]
+base = "{groups}"
+"#,
+                url = self.url,
+                db = dir.join("ldapsync.db").display(),
+                name = self.name,
+                preset = self.preset,
+                bind_dn = self.bind_dn,
+                secret = secret.display(),
+                direction = self.direction,
+                accounts = self.accounts,
+                groups = self.groups,
+            )
+        })
+    }
 }
 
 impl CliConnector {
