@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::model::NAME_FIELD;
-use crate::model::{Category, ConflictPolicy, Direction, Fallback, Mechanism};
+use crate::model::{Category, ChangeSource, ConflictPolicy, Direction, Fallback, Mechanism};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -33,6 +33,12 @@ pub enum ConfigError {
     OutOfRange { key: String, value: String, range: String },
     #[error("admin.{key}: {message}")]
     Admin { key: &'static str, message: String },
+    #[error("webhook {webhook:?}: {key}: {message}")]
+    Webhook {
+        webhook: String,
+        key: String,
+        message: String,
+    },
     #[error("connector {connector:?}: {key}: {message}")]
     Connector {
         connector: String,
@@ -188,6 +194,117 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default, rename = "webhook")]
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+/// `[[webhook]]`: changes to the local store POSTed to an application,
+/// signed with HMAC-SHA256, at least once, in order, retried with
+/// back-off; those still refused after `max_attempts` become dead letters.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    pub name: String,
+    /// `https://…`; `http://` only to a loopback address.
+    pub url: String,
+    /// The signing secret, from a file (first line) or a variable.
+    pub secret_file: Option<PathBuf>,
+    pub secret_env: Option<String>,
+    /// The categories sent; all when empty.
+    #[serde(default)]
+    pub categories: Vec<Category>,
+    /// The sources sent (`proxy`, `poll`, `local`); all when empty.
+    #[serde(default)]
+    pub sources: Vec<ChangeSource>,
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// The wait before the first retry; each further one waits twice as
+    /// long, up to ten minutes.
+    #[serde(default = "default_retry_backoff", with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    /// How long one delivery may take.
+    #[serde(default = "default_webhook_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_max_attempts() -> u32 {
+    8
+}
+
+fn default_retry_backoff() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn default_webhook_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl WebhookConfig {
+    /// The signing secret.
+    pub fn secret(&self) -> Result<Secret, ConfigError> {
+        let error = |key: &str, message: String| ConfigError::Webhook {
+            webhook: self.name.clone(),
+            key: key.replace("password", "secret"),
+            message: message.replace("password", "secret"),
+        };
+        read_secret(&self.secret_file, &self.secret_env, error)?
+            .ok_or_else(|| error("secret_file", "set secret_file or secret_env".into()))
+    }
+
+    fn problems(&self) -> Vec<ConfigError> {
+        let error = |key: &str, message: String| ConfigError::Webhook {
+            webhook: self.name.clone(),
+            key: key.into(),
+            message,
+        };
+        let mut problems = Vec::new();
+        if self.name.is_empty() || self.name.chars().any(|c| c.is_control() || c == '/') {
+            problems.push(error("name", "must be a non-empty name without '/'".into()));
+        }
+        match url::Url::parse(&self.url) {
+            Ok(url) if url.scheme() == "https" => {}
+            Ok(url) if url.scheme() == "http" => {
+                let loopback = match url.host() {
+                    Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                    Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                    Some(url::Host::Domain(name)) => name == "localhost",
+                    None => false,
+                };
+                if !loopback {
+                    problems.push(error(
+                        "url",
+                        format!(
+                            "{} would send changes unencrypted: use https:// (http:// only to loopback)",
+                            self.url
+                        ),
+                    ));
+                }
+            }
+            Ok(_) => problems.push(error("url", format!("{:?} is not an http(s) URL", self.url))),
+            Err(e) => problems.push(error("url", format!("{:?}: {e}", self.url))),
+        }
+        if self.secret_file.is_none() && self.secret_env.is_none() {
+            problems.push(error(
+                "secret_file",
+                "set secret_file or secret_env: deliveries are signed".into(),
+            ));
+        }
+        let key = |k: &str| format!("webhook {:?}: {k}", self.name);
+        problems.extend(count_in(&key("max_attempts"), self.max_attempts as usize, 1, 100));
+        problems.extend(duration_in(
+            &key("retry_backoff"),
+            self.retry_backoff,
+            Duration::from_millis(100),
+            Duration::from_secs(600),
+        ));
+        problems.extend(duration_in(
+            &key("timeout"),
+            self.timeout,
+            Duration::from_secs(1),
+            Duration::from_secs(300),
+        ));
+        problems
+    }
 }
 
 /// `[admin]`: the HTTP admin API, off unless `listen` is set. Operators log
@@ -220,6 +337,10 @@ pub struct AdminConfig {
     pub max_failed_logins: usize,
     #[serde(with = "humantime_serde")]
     pub failed_login_window: Duration,
+    /// How long the change feed keeps a change; a reader further behind
+    /// must read the objects afresh.
+    #[serde(with = "humantime_serde")]
+    pub feed_retention: Duration,
 }
 
 impl Default for AdminConfig {
@@ -234,6 +355,7 @@ impl Default for AdminConfig {
             max_body: 64 * 1024,
             max_failed_logins: 5,
             failed_login_window: Duration::from_secs(60),
+            feed_retention: Duration::from_secs(30 * 86_400),
         }
     }
 }
@@ -1278,13 +1400,32 @@ impl Config {
             }
         }
         problems.extend(self.admin_problems());
+        let mut names = std::collections::HashSet::new();
+        for webhook in &self.webhooks {
+            problems.extend(webhook.problems());
+            if !names.insert(&webhook.name) {
+                problems.push(ConfigError::Webhook {
+                    webhook: webhook.name.clone(),
+                    key: "name".into(),
+                    message: "two webhooks have this name".into(),
+                });
+            }
+        }
         problems
     }
 
     /// The admin API's problems: it authenticates through a connector.
     fn admin_problems(&self) -> Vec<ConfigError> {
         let a = &self.admin;
-        let mut problems = Vec::new();
+        let day = Duration::from_secs(86_400);
+        let mut problems: Vec<ConfigError> = duration_in(
+            "admin.feed_retention",
+            a.feed_retention,
+            Duration::from_secs(3600),
+            3650 * day,
+        )
+        .into_iter()
+        .collect();
         if a.listen.is_none() {
             return problems;
         }
@@ -1326,7 +1467,6 @@ impl Config {
         }
         problems.extend(count_in("admin.max_body", a.max_body, 1024, 16 * 1024 * 1024));
         problems.extend(count_in("admin.max_failed_logins", a.max_failed_logins, 1, 1_000_000));
-        let day = Duration::from_secs(86_400);
         problems.extend(duration_in(
             "admin.session_timeout",
             a.session_timeout,

@@ -52,6 +52,13 @@ pub struct ChangeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabels {
+    pub webhook: String,
+    /// `delivered`, `failed` (an attempt), `dead-letter`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectorLabel {
     pub connector: String,
 }
@@ -94,6 +101,7 @@ pub struct Metrics {
     /// 1 while this instance holds the connector's lease (PostgreSQL store).
     pub lease_held: Family<ConnectorLabel, Gauge>,
     pub leases_acquired: Family<ConnectorLabel, Counter>,
+    pub webhook_deliveries: Family<WebhookLabels, Counter>,
 }
 
 /// The process's metrics.
@@ -128,6 +136,7 @@ impl Metrics {
             out_of_sync: Family::default(),
             lease_held: Family::default(),
             leases_acquired: Family::default(),
+            webhook_deliveries: Family::default(),
         };
         let mut registry = Registry::with_prefix("ldapsync");
         registry.register(
@@ -230,6 +239,11 @@ impl Metrics {
             "leases_acquired",
             "Times this instance took a connector's lease (at start, or over from another instance)",
             metrics.leases_acquired.clone(),
+        );
+        registry.register(
+            "webhook_deliveries",
+            "Webhook delivery attempts by outcome: delivered, failed (retried), dead-letter (given up)",
+            metrics.webhook_deliveries.clone(),
         );
         let direction = |direction| metrics.bytes.get_or_create(&DirectionLabel { direction }).clone();
         Metrics {

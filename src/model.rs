@@ -111,6 +111,22 @@ named! {
         LocalDelete = "local-delete",
         AssociationRemoved = "association-removed",
         PasswordSet = "password-set",
+        /// An operator had a webhook's dead letter delivered again.
+        DeadLetterRetried = "dead-letter-retried",
+        /// An operator discarded a webhook's dead letter.
+        DeadLetterDiscarded = "dead-letter-discarded",
+    }
+}
+
+named! {
+    /// What an operator of the admin API and console may do.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+    #[serde(rename_all = "kebab-case")]
+    pub enum Role ("role") {
+        /// Read and change.
+        Admin = "admin",
+        /// Read only.
+        Auditor = "auditor",
     }
 }
 
@@ -255,6 +271,7 @@ mod tests {
         }
         check(Category::ALL);
         check(ChangeSource::ALL);
+        check(Role::ALL);
         check(Direction::ALL);
         check(Fallback::ALL);
         for m in Mechanism::ALL {

@@ -68,7 +68,7 @@ defaults = {{ sn = "{{name}}" }}
         let addr = served
             .startup
             .iter()
-            .find(|l| l.contains("admin API listening"))
+            .find(|l| l.contains("admin API and console listening"))
             .and_then(|l| l.split("addr=").nth(1))
             .and_then(|rest| rest.split_whitespace().next())
             .expect("the admin API is announced")
@@ -261,7 +261,7 @@ fn accounts_are_listed_shown_created_edited_and_deleted_over_http_and_journaled_
 
     let (status, journal) = api.call("GET", "/api/v1/journal?object=zed", token, None);
     assert_eq!(status, 200);
-    let actions: Vec<&str> = journal
+    let actions: Vec<&str> = journal["lines"]
         .as_array()
         .unwrap()
         .iter()
@@ -296,7 +296,7 @@ fn accounts_are_listed_shown_created_edited_and_deleted_over_http_and_journaled_
         "linked to the same entry again"
     );
     let (_, journal) = api.call("GET", "/api/v1/journal?object=alice", token, None);
-    let removed_by_alice = journal
+    let removed_by_alice = journal["lines"]
         .as_array()
         .unwrap()
         .iter()
@@ -412,19 +412,32 @@ fn the_api_serves_its_openapi_document_naming_every_route() {
         routes,
         [
             "DELETE /api/v1/associations/{connector}/{category}/{name}",
+            "DELETE /api/v1/webhooks/dead-letters/{id}",
             "DELETE /api/v1/{category}/{name}",
             "GET /api/v1/associations",
             "GET /api/v1/associations/{connector}/{category}/{name}",
+            "GET /api/v1/changes",
+            "GET /api/v1/changes/consumers",
+            "GET /api/v1/changes/stream",
             "GET /api/v1/connectors",
+            "GET /api/v1/disputes",
+            "GET /api/v1/instances",
             "GET /api/v1/journal",
+            "GET /api/v1/tokens",
+            "GET /api/v1/webhooks",
+            "GET /api/v1/webhooks/dead-letters",
             "GET /api/v1/whoami",
             "GET /api/v1/{category}",
             "GET /api/v1/{category}/{name}",
+            "GET /api/v1/{category}/{name}/compare",
             "PATCH /api/v1/{category}/{name}",
+            "POST /api/v1/connectors/{connector}/sync",
             "POST /api/v1/login",
             "POST /api/v1/logout",
+            "POST /api/v1/webhooks/dead-letters/{id}/retry",
             "POST /api/v1/{category}",
             "PUT /api/v1/associations/{connector}/{category}/{name}",
+            "PUT /api/v1/changes/consumers/{name}",
         ]
     );
     let schemas = doc["components"]["schemas"].as_object().unwrap();
@@ -432,9 +445,15 @@ fn the_api_serves_its_openapi_document_naming_every_route() {
         "LocalObject",
         "ObjectEdit",
         "ProblemDocument",
-        "JournalEntry",
+        "JournalLine",
+        "JournalPage",
         "Outcome",
         "Deleted",
+        "FeedPage",
+        "FeedChange",
+        "Comparison",
+        "DisputeView",
+        "DeadLetter",
     ] {
         assert!(
             schemas.contains_key(schema),

@@ -1,374 +1,39 @@
-//! The admin HTTP API (`[admin] listen`): JSON under `/api/v1`, over the
-//! admin core, for operators' scripts and the application side.
-//!
-//! Operators are authenticated by the directory itself: `POST
-//! /api/v1/login` finds the login name among the configured connector's
-//! accounts (as the service identity), binds as that entry with the given
-//! password, and reads the configured groups' members: `admin_group`
-//! grants read-write, `auditor_group` read-only. A login returns a bearer
-//! token (kept in memory as its SHA-256, expiring after `session_timeout`
-//! unused). Failed logins are limited per client address. Every error is a
-//! problem document (RFC 9457) with a stable `code`; a client's mistake is
-//! a 4xx, never a 500.
+//! The admin HTTP API: JSON under `/api/v1`, over the admin core, for
+//! operators' scripts and the application side — objects, associations,
+//! connectors and their passes, disputes, the journal, the change feed
+//! (pages, long polls, server-sent events) and webhooks. Who may call is
+//! `auth`'s; every error is a problem document with a stable `code`, and a
+//! client's mistake is a 4xx, never a 500.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, Query, State};
-use axum::http::request::Parts;
-use axum::http::{StatusCode, header};
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete as delete_route, get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
-
+use super::auth::{self, Operator};
+use super::feed::{self, FeedChange, FeedPage};
+use super::http::Peer;
+use super::state::{AdminState, Problem, ProblemDocument, bad_json, bad_query};
+use super::webhooks::{self, WebhookView};
 use super::{
-    AdminError, AssociationView, ConnectorView, DeleteOptions, Deleted, ListQuery, ObjectEdit, ObjectView, Outcome,
-    Page,
+    AdminError, AssociationView, Cluster, ConnectorView, DeleteOptions, Deleted, DisputeView, ListQuery, ObjectEdit,
+    ObjectView, Outcome, Page,
 };
-use crate::config::{AdminConfig, Config, ConnectorConfig};
-use crate::directory::{Directory, DirectoryError, DirectoryOps};
-use crate::model::Category;
-use crate::proxy::FailedBinds;
-use crate::store::{self, AnyStore, Association, JournalEntry, JournalQuery, LocalObject};
-use crate::sync::engine::LinkTarget;
-use crate::tls::ServerTls;
-
-/// What an operator may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "kebab-case")]
-pub enum Role {
-    Admin,
-    Auditor,
-}
-
-struct Session {
-    operator: String,
-    role: Role,
-    last_used: Instant,
-}
-
-/// Open sessions at most, so that logins cannot grow memory without bound.
-const MAX_SESSIONS: usize = 10_000;
-
-struct ApiState {
-    config: Config,
-    /// The API's own connection to the store; operations take turns.
-    store: tokio::sync::Mutex<AnyStore>,
-    /// By the SHA-256 of their token: a memory dump shows no usable token.
-    sessions: Mutex<HashMap<[u8; 32], Session>>,
-    failed_logins: FailedBinds,
-}
-
-/// A problem document (RFC 9457) as the API sends it, for the OpenAPI
-/// document.
-#[derive(utoipa::ToSchema)]
-#[allow(dead_code)]
-struct ProblemDocument {
-    /// Always `about:blank`.
-    r#type: String,
-    title: String,
-    status: u16,
-    /// A stable code for programs: `bad-credentials`, `not-found`, …
-    code: String,
-    detail: String,
-}
-
-/// An error as the API answers it.
-pub struct Problem {
-    status: StatusCode,
-    code: &'static str,
-    detail: String,
-}
-
-impl Problem {
-    fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Problem {
-        Problem {
-            status,
-            code,
-            detail: detail.into(),
-        }
-    }
-}
-
-impl IntoResponse for Problem {
-    fn into_response(self) -> Response {
-        let body = serde_json::json!({
-            "type": "about:blank",
-            "title": self.status.canonical_reason().unwrap_or("Error"),
-            "status": self.status.as_u16(),
-            "code": self.code,
-            "detail": self.detail,
-        });
-        (
-            self.status,
-            [(header::CONTENT_TYPE, "application/problem+json")],
-            body.to_string(),
-        )
-            .into_response()
-    }
-}
-
-impl From<AdminError> for Problem {
-    fn from(e: AdminError) -> Problem {
-        let status = match &e {
-            AdminError::NotFound { .. } | AdminError::NoAssociation { .. } => StatusCode::NOT_FOUND,
-            AdminError::Exists { .. } => StatusCode::CONFLICT,
-            AdminError::Invalid(_) | AdminError::Config(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            AdminError::Store(_) | AdminError::Sync(_) => StatusCode::SERVICE_UNAVAILABLE,
-        };
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            warn!(error = %e, "admin API: an operation failed");
-        }
-        Problem::new(status, e.code(), e.to_string())
-    }
-}
-
-fn bad_json(rejection: JsonRejection) -> Problem {
-    let status = rejection.status();
-    let code = match status {
-        StatusCode::PAYLOAD_TOO_LARGE => "too-large",
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => "not-json",
-        _ => "bad-json",
-    };
-    Problem::new(status, code, rejection.body_text())
-}
-
-fn bad_query(rejection: QueryRejection) -> Problem {
-    Problem::new(StatusCode::BAD_REQUEST, "bad-query", rejection.body_text())
-}
-
-/// The operator a request's bearer token names.
-struct Operator {
-    name: String,
-    role: Role,
-}
-
-impl Operator {
-    /// For state-changing calls: admins only.
-    fn may_change(&self) -> Result<(), Problem> {
-        match self.role {
-            Role::Admin => Ok(()),
-            Role::Auditor => Err(Problem::new(
-                StatusCode::FORBIDDEN,
-                "read-only",
-                format!("{} is an auditor: read-only", self.name),
-            )),
-        }
-    }
-
-    /// As the journal records them.
-    fn journaled(&self) -> String {
-        format!("api:{}", self.name)
-    }
-}
-
-impl FromRequestParts<Arc<ApiState>> for Operator {
-    type Rejection = Problem;
-
-    async fn from_request_parts(parts: &mut Parts, state: &Arc<ApiState>) -> Result<Operator, Problem> {
-        let unauthorized = |why: &str| Problem::new(StatusCode::UNAUTHORIZED, "unauthenticated", why);
-        let token = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| unauthorized("log in (POST /api/v1/login) and send Authorization: Bearer TOKEN"))?;
-        let mut sessions = state.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        let timeout = state.config.admin.session_timeout;
-        sessions.retain(|_, s| s.last_used.elapsed() < timeout);
-        let session = sessions
-            .get_mut(&digest(token))
-            .ok_or_else(|| unauthorized("the session is unknown or has expired: log in again"))?;
-        session.last_used = Instant::now();
-        Ok(Operator {
-            name: session.operator.clone(),
-            role: session.role,
-        })
-    }
-}
-
-fn digest(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
-}
-
-fn new_token() -> Result<String, Problem> {
-    let mut bytes = [0u8; 32];
-    getrandom::getrandom(&mut bytes).map_err(|e| {
-        warn!(error = %e, "admin API: no randomness for a session token");
-        Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no-randomness",
-            "cannot create a session now",
-        )
-    })?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// The API's listening socket, with the TLS it serves when configured.
-pub struct Bound {
-    tcp: TcpListener,
-    tls: Option<TlsAcceptor>,
-}
-
-/// Binds `admin.listen` now, so that a taken port or a broken certificate
-/// fails the start.
-pub async fn bind(admin: &AdminConfig) -> Result<Option<Bound>, ApiError> {
-    let Some(listen) = &admin.listen else {
-        return Ok(None);
-    };
-    let tls = match &admin.tls {
-        Some(paths) => Some(ServerTls::load(paths)?.acceptor()),
-        None => None,
-    };
-    let tcp = TcpListener::bind(listen).await.map_err(|source| ApiError::Bind {
-        listen: listen.clone(),
-        source,
-    })?;
-    if let Ok(addr) = tcp.local_addr() {
-        info!(%addr, https = tls.is_some(), "admin API listening");
-    }
-    Ok(Some(Bound { tcp, tls }))
-}
-
-/// Why the API cannot start.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    #[error("admin.listen {listen}: {source}")]
-    Bind { listen: String, source: std::io::Error },
-    #[error("admin.tls: {0}")]
-    Tls(#[from] crate::tls::TlsError),
-}
-
-/// TLS connections, handshaken apart from one another (a slow client
-/// holds up no one), at most `HANDSHAKES` at once, each within the
-/// proxy's handshake timeout.
-struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    addr: SocketAddr,
-}
-
-const HANDSHAKES: usize = 256;
-
-impl TlsListener {
-    fn start(tcp: TcpListener, acceptor: TlsAcceptor, handshake_timeout: Duration) -> std::io::Result<TlsListener> {
-        let addr = tcp.local_addr()?;
-        let (done, ready) = mpsc::channel(HANDSHAKES);
-        let slots = Arc::new(Semaphore::new(HANDSHAKES));
-        tokio::spawn(async move {
-            loop {
-                let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-                    return;
-                };
-                let (stream, peer) = match tcp.accept().await {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        debug!(error = %e, "admin API: accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let (acceptor, handed) = (acceptor.clone(), done.clone());
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = handed.send((tls, peer)).await;
-                        }
-                        Ok(Err(e)) => debug!(%peer, error = %e, "admin API: TLS handshake failed"),
-                        Err(_) => debug!(%peer, "admin API: no TLS handshake within the timeout"),
-                    }
-                });
-                if done.is_closed() {
-                    return;
-                }
-            }
-        });
-        Ok(TlsListener { ready, addr })
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(accepted) => accepted,
-            // The acceptor is gone only when the runtime stops.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.addr)
-    }
-}
-
-/// The client's address, for the failed-login limiter, over TCP or TLS.
-#[derive(Clone, Copy)]
-struct Peer(SocketAddr);
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TcpListener>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TcpListener>) -> Peer {
-        Peer(*stream.remote_addr())
-    }
-}
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Peer {
-        Peer(*stream.remote_addr())
-    }
-}
-
-/// Serves the API on `bound` until `shutdown`.
-pub async fn serve(bound: Bound, config: Config, shutdown: CancellationToken) {
-    let store = match tokio::task::spawn_blocking({
-        let settings = config.store.clone();
-        move || store::open(&settings)
-    })
-    .await
-    {
-        Ok(Ok(store)) => store,
-        Ok(Err(e)) => return warn!(error = %e, "admin API: the store cannot be opened; the API is off"),
-        Err(e) => return warn!(error = %e, "admin API: opening the store failed"),
-    };
-    let max_body = config.admin.max_body;
-    let failed_logins = FailedBinds::new(config.admin.max_failed_logins, config.admin.failed_login_window);
-    let state = Arc::new(ApiState {
-        config,
-        store: tokio::sync::Mutex::new(store),
-        sessions: Mutex::default(),
-        failed_logins,
-    });
-    let handshake_timeout = state.config.proxy.handshake_timeout;
-    let app = router(state)
-        .layer(DefaultBodyLimit::max(max_body))
-        .into_make_service_with_connect_info::<Peer>();
-    let stop = async move { shutdown.cancelled().await };
-    let served = match bound.tls {
-        None => axum::serve(bound.tcp, app).with_graceful_shutdown(stop).await,
-        Some(acceptor) => match TlsListener::start(bound.tcp, acceptor, handshake_timeout) {
-            Ok(listener) => axum::serve(listener, app).with_graceful_shutdown(stop).await,
-            Err(e) => Err(e),
-        },
-    };
-    if let Err(e) = served {
-        warn!(error = %e, "admin API stopped");
-    }
-}
+use crate::model::{Action, Category, ChangeSource, Role};
+use crate::store::{
+    self, ApiToken, Association, ConsumerState, Cursor, DeadLetter, JournalLine, JournalQuery, LocalObject,
+};
+use crate::sync::engine::{Comparison, LinkTarget, PassOptions};
+use crate::sync::progress::Quiet;
+use crate::worker::Poll;
 
 /// The OpenAPI document, from the handlers' annotations and the types.
 #[derive(utoipa::OpenApi)]
@@ -378,9 +43,12 @@ pub async fn serve(bound: Bound, config: Config, shutdown: CancellationToken) {
         login,
         logout,
         whoami,
+        instances,
         connectors,
+        sync,
         list,
         show,
+        compare,
         create,
         edit,
         delete,
@@ -388,7 +56,17 @@ pub async fn serve(bound: Bound, config: Config, shutdown: CancellationToken) {
         association,
         remove_association,
         link,
-        journal
+        disputes,
+        journal,
+        changes,
+        stream,
+        consumers,
+        acknowledge,
+        webhooks_list,
+        dead_letters,
+        retry_dead_letter,
+        discard_dead_letter,
+        tokens
     ),
     modifiers(&BearerAuth)
 )]
@@ -412,23 +90,35 @@ async fn openapi() -> Response {
     }
 }
 
-fn router(state: Arc<ApiState>) -> Router {
+pub fn router() -> Router<Arc<AdminState>> {
     Router::new()
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/login", post(login))
         .route("/api/v1/logout", post(logout))
         .route("/api/v1/whoami", get(whoami))
-        .route("/api/v1/{category}", get(list).post(create))
-        .route("/api/v1/{category}/{name}", get(show).patch(edit).delete(delete))
+        .route("/api/v1/instances", get(instances))
         .route("/api/v1/connectors", get(connectors))
+        .route("/api/v1/connectors/{connector}/sync", post(sync))
         .route("/api/v1/associations", get(associations))
         .route(
             "/api/v1/associations/{connector}/{category}/{name}",
             get(association).delete(remove_association).put(link),
         )
+        .route("/api/v1/disputes", get(disputes))
         .route("/api/v1/journal", get(journal))
+        .route("/api/v1/changes", get(changes))
+        .route("/api/v1/changes/stream", get(stream))
+        .route("/api/v1/changes/consumers", get(consumers))
+        .route("/api/v1/changes/consumers/{name}", put(acknowledge))
+        .route("/api/v1/webhooks", get(webhooks_list))
+        .route("/api/v1/webhooks/dead-letters", get(dead_letters))
+        .route("/api/v1/webhooks/dead-letters/{id}", delete_route(discard_dead_letter))
+        .route("/api/v1/webhooks/dead-letters/{id}/retry", post(retry_dead_letter))
+        .route("/api/v1/tokens", get(tokens))
+        .route("/api/v1/{category}", get(list).post(create))
+        .route("/api/v1/{category}/{name}", get(show).patch(edit).delete(delete))
+        .route("/api/v1/{category}/{name}/compare", get(compare))
         .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "no-such-resource", "see docs/admin-api.md") })
-        .with_state(state)
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -440,7 +130,11 @@ struct Login {
 
 #[derive(Serialize, utoipa::ToSchema)]
 struct LoggedIn {
+    /// For `Authorization: Bearer`; a browser gets the same session as a
+    /// cookie.
     token: String,
+    /// Sent as `X-CSRF-Token` with every change a cookie authenticates.
+    csrf: String,
     operator: String,
     role: Role,
     /// Seconds a session holds without being used.
@@ -449,185 +143,39 @@ struct LoggedIn {
 
 #[utoipa::path(post, path = "/api/v1/login", summary = "Log in with directory credentials", request_body = Login, responses((status = 200, body = LoggedIn), (status = 401, body = ProblemDocument), (status = 403, body = ProblemDocument), (status = 429, body = ProblemDocument)))]
 async fn login(
-    State(state): State<Arc<ApiState>>,
+    State(state): State<Arc<AdminState>>,
     ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
     body: Result<Json<Login>, JsonRejection>,
-) -> Result<Json<LoggedIn>, Problem> {
+) -> Result<Response, Problem> {
     let Json(login) = body.map_err(bad_json)?;
-    if let Some(wait) = state.failed_logins.blocked(peer.ip()) {
-        return Err(Problem::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too-many-failed-logins",
-            format!(
-                "too many failed logins from your address; retry in {} s",
-                wait.as_secs() + 1
-            ),
-        ));
-    }
-    let role = match authenticate(&state.config, &login.username, &login.password).await {
-        Ok(role) => role,
-        Err(problem) => {
-            if problem.status == StatusCode::UNAUTHORIZED || problem.status == StatusCode::FORBIDDEN {
-                state.failed_logins.record(peer.ip());
-                info!(%peer, user = %login.username, code = problem.code, "admin API: login refused");
-            }
-            return Err(problem);
-        }
-    };
-    let token = new_token()?;
-    {
-        let mut sessions = state.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        let timeout = state.config.admin.session_timeout;
-        sessions.retain(|_, s| s.last_used.elapsed() < timeout);
-        // Logins cost the directory a bind each; sessions cost memory.
-        if sessions.len() >= MAX_SESSIONS {
-            return Err(Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too-many-sessions",
-                "too many open sessions; log out unused ones or retry later",
-            ));
-        }
-        sessions.insert(
-            digest(&token),
-            Session {
-                operator: login.username.clone(),
-                role,
-                last_used: Instant::now(),
-            },
-        );
-    }
-    info!(%peer, operator = %login.username, ?role, "admin API: logged in");
-    Ok(Json(LoggedIn {
+    let (token, session) = auth::log_in(&state, peer.ip(), &login.username, &login.password).await?;
+    let cookie = auth::session_cookie(Some(&token), state.config.admin.tls.is_some());
+    let body = LoggedIn {
         token,
-        operator: login.username,
-        role,
-        timeout: state.config.admin.session_timeout.as_secs(),
-    }))
-}
-
-/// Whether the directory knows `username` with `password`, and what its
-/// groups let it do.
-async fn authenticate(config: &Config, username: &str, password: &str) -> Result<Role, Problem> {
-    let refused = || Problem::new(StatusCode::UNAUTHORIZED, "bad-credentials", "wrong name or password");
-    // An empty password would be an unauthenticated bind, which succeeds
-    // (RFC 4513 §5.1.2) without proving anything.
-    if username.is_empty() || password.is_empty() || username.len() > 256 || username.chars().any(char::is_control) {
-        return Err(refused());
-    }
-    let connector = login_connector(config)?;
-    let unavailable = |e: DirectoryError| {
-        warn!(error = %e, "admin API: the directory cannot check a login");
-        Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "directory-unavailable",
-            "the directory cannot check logins now",
-        )
+        csrf: session.csrf,
+        operator: session.operator,
+        role: session.role,
+        timeout: state.sessions.timeout().as_secs(),
     };
-    let secret = connector.password().map_err(|e| {
-        // The error names the file or variable, never what it holds.
-        warn!(error = %e, "admin API: no service password");
-        Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "directory-unavailable",
-            "the directory cannot check logins now",
-        )
-    })?;
-    let timeout = config.proxy.connect_timeout;
-    let mut service = Directory::connect(&connector, secret.expose(), timeout)
-        .await
-        .map_err(unavailable)?;
-    let scope = connector
-        .accounts
-        .as_ref()
-        .expect("check-config requires the login connector's accounts");
-    let found = service.entries_named(scope, username).await;
-    let entries = match found {
-        Ok(entries) => entries,
-        Err(e) => {
-            service.close().await;
-            return Err(unavailable(e));
-        }
-    };
-    let [entry] = entries.as_slice() else {
-        service.close().await;
-        return Err(refused());
-    };
-    let as_operator = ConnectorConfig {
-        bind_dn: entry.dn.clone(),
-        ..connector.clone()
-    };
-    match Directory::connect(&as_operator, password, timeout).await {
-        Ok(session) => session.close().await,
-        Err(DirectoryError::Bind { .. }) => {
-            service.close().await;
-            return Err(refused());
-        }
-        Err(e) => {
-            service.close().await;
-            return Err(unavailable(e));
-        }
-    }
-    let admin = &config.admin;
-    let mut role = None;
-    for (group, granted) in [(&admin.admin_group, Role::Admin), (&admin.auditor_group, Role::Auditor)] {
-        let Some(group) = group else { continue };
-        let members = service.read(group, &["member", "uniqueMember"]).await;
-        let members = match members {
-            Ok(members) => members,
-            Err(e) => {
-                service.close().await;
-                return Err(unavailable(e));
-            }
-        };
-        let key = crate::dn::key(&entry.dn);
-        if members.values().flatten().any(|m| crate::dn::key(m) == key) {
-            role = Some(granted);
-            break;
-        }
-    }
-    service.close().await;
-    role.ok_or_else(|| {
-        Problem::new(
-            StatusCode::FORBIDDEN,
-            "not-an-operator",
-            format!("{username} is in neither the admin nor the auditor group"),
-        )
-    })
-}
-
-fn login_connector(config: &Config) -> Result<ConnectorConfig, Problem> {
-    let name = match &config.admin.connector {
-        Some(name) => name.clone(),
-        None => config.connectors.first().map(|c| c.name.clone()).unwrap_or_default(),
-    };
-    config.connector(&name).ok_or_else(|| {
-        Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no-connector",
-            "no connector checks logins",
-        )
-    })
+    Ok(([(header::SET_COOKIE, cookie)], Json(body)).into_response())
 }
 
 #[utoipa::path(post, path = "/api/v1/logout", summary = "End the session", responses((status = 204)), security(("bearer" = [])))]
-async fn logout(State(state): State<Arc<ApiState>>, parts: axum::http::HeaderMap) -> StatusCode {
-    if let Some(token) = parts
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    {
-        state
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&digest(token));
-    }
-    StatusCode::NO_CONTENT
+async fn logout(State(state): State<Arc<AdminState>>, headers: HeaderMap) -> Response {
+    auth::log_out(&state, &headers);
+    let cookie = auth::session_cookie(None, state.config.admin.tls.is_some());
+    (StatusCode::NO_CONTENT, [(header::SET_COOKIE, cookie)]).into_response()
 }
 
 #[utoipa::path(get, path = "/api/v1/whoami", summary = "The operator and role of the session", responses((status = 200, body = Object), (status = 401, body = ProblemDocument)), security(("bearer" = [])))]
 async fn whoami(operator: Operator) -> Json<serde_json::Value> {
     Json(serde_json::json!({ "operator": operator.name, "role": operator.role }))
+}
+
+#[utoipa::path(get, path = "/api/v1/instances", summary = "The instances sharing the store and the connectors' leases (null on SQLite: one instance)", responses((status = 200, body = Option<Cluster>)), security(("bearer" = [])))]
+async fn instances(State(state): State<Arc<AdminState>>, _operator: Operator) -> Result<Response, Problem> {
+    let cluster = state.with_store(|config, store| super::cluster(config, store)).await?;
+    Ok(Json(cluster).into_response())
 }
 
 fn category(segment: &str) -> Result<Category, Problem> {
@@ -642,36 +190,29 @@ fn category(segment: &str) -> Result<Category, Problem> {
     }
 }
 
-/// Runs a store operation off the runtime's threads (the stores block).
-async fn with_store<T: Send>(
-    state: &ApiState,
-    work: impl FnOnce(&Config, &mut AnyStore) -> Result<T, AdminError> + Send,
-) -> Result<T, Problem> {
-    let mut store = state.store.lock().await;
-    Ok(tokio::task::block_in_place(|| work(&state.config, &mut store))?)
-}
-
 #[utoipa::path(get, path = "/api/v1/{category}", summary = "A page of local accounts or groups", params(("category" = String, Path, description = "accounts or groups"), ListQuery), responses((status = 200, body = Page<LocalObject>), (status = 401, body = ProblemDocument)), security(("bearer" = [])))]
 async fn list(
-    State(state): State<Arc<ApiState>>,
+    State(state): State<Arc<AdminState>>,
     _operator: Operator,
     Path(segment): Path<String>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, Problem> {
     let category = category(&segment)?;
     let Query(query) = query.map_err(bad_query)?;
-    let page = with_store(&state, |_, store| super::list(store, category, &query)).await?;
+    let page = state
+        .with_store(|_, store| super::list(store, category, &query))
+        .await?;
     Ok(Json(page).into_response())
 }
 
 #[utoipa::path(get, path = "/api/v1/{category}/{name}", summary = "One object and its associations", params(("category" = String, Path, description = "accounts or groups"), ("name" = String, Path)), responses((status = 200, body = ObjectView), (status = 404, body = ProblemDocument)), security(("bearer" = [])))]
 async fn show(
-    State(state): State<Arc<ApiState>>,
+    State(state): State<Arc<AdminState>>,
     _operator: Operator,
     Path((segment, name)): Path<(String, String)>,
 ) -> Result<Response, Problem> {
     let category = category(&segment)?;
-    let view = with_store(&state, |_, store| super::show(store, category, &name)).await?;
+    let view = state.with_store(|_, store| super::show(store, category, &name)).await?;
     Ok(Json(view).into_response())
 }
 
@@ -685,7 +226,7 @@ struct Create {
 
 #[utoipa::path(post, path = "/api/v1/{category}", summary = "Create a local account or group", params(("category" = String, Path, description = "accounts or groups")), request_body = Create, responses((status = 201, body = LocalObject), (status = 403, body = ProblemDocument), (status = 409, body = ProblemDocument), (status = 422, body = ProblemDocument)), security(("bearer" = [])))]
 async fn create(
-    State(state): State<Arc<ApiState>>,
+    State(state): State<Arc<AdminState>>,
     operator: Operator,
     Path(segment): Path<String>,
     body: Result<Json<Create>, JsonRejection>,
@@ -694,16 +235,15 @@ async fn create(
     operator.may_change()?;
     let Json(Create { name, edit }) = body.map_err(bad_json)?;
     let who = operator.journaled();
-    let object = with_store(&state, |config, store| {
-        super::create(config, store, category, &name, &edit, &who)
-    })
-    .await?;
+    let object = state
+        .with_store(|config, store| super::create(config, store, category, &name, &edit, &who))
+        .await?;
     Ok((StatusCode::CREATED, Json(object)).into_response())
 }
 
 #[utoipa::path(patch, path = "/api/v1/{category}/{name}", summary = "Change a local object", params(("category" = String, Path, description = "accounts or groups"), ("name" = String, Path)), request_body = ObjectEdit, responses((status = 200, body = LocalObject), (status = 404, body = ProblemDocument), (status = 422, body = ProblemDocument)), security(("bearer" = [])))]
 async fn edit(
-    State(state): State<Arc<ApiState>>,
+    State(state): State<Arc<AdminState>>,
     operator: Operator,
     Path((segment, name)): Path<(String, String)>,
     body: Result<Json<ObjectEdit>, JsonRejection>,
@@ -712,16 +252,15 @@ async fn edit(
     operator.may_change()?;
     let Json(edit) = body.map_err(bad_json)?;
     let who = operator.journaled();
-    let object = with_store(&state, |config, store| {
-        super::edit(config, store, category, &name, &edit, &who)
-    })
-    .await?;
+    let object = state
+        .with_store(|config, store| super::edit(config, store, category, &name, &edit, &who))
+        .await?;
     Ok(Json(object).into_response())
 }
 
 #[utoipa::path(delete, path = "/api/v1/{category}/{name}", summary = "Delete a local object (an associated one as its connector says)", params(("category" = String, Path, description = "accounts or groups"), ("name" = String, Path), DeleteOptions), responses((status = 200, body = Deleted), (status = 404, body = ProblemDocument)), security(("bearer" = [])))]
 async fn delete(
-    State(state): State<Arc<ApiState>>,
+    State(state): State<Arc<AdminState>>,
     operator: Operator,
     Path((segment, name)): Path<(String, String)>,
     options: Result<Query<DeleteOptions>, QueryRejection>,
@@ -743,8 +282,10 @@ async fn delete(
 }
 
 #[utoipa::path(get, path = "/api/v1/connectors", summary = "Every connector: its policy, watermarks, polls, held deletes", responses((status = 200, body = Vec<ConnectorView>)), security(("bearer" = [])))]
-async fn connectors(State(state): State<Arc<ApiState>>, _operator: Operator) -> Result<Response, Problem> {
-    let listed = with_store(&state, |config, store| super::connectors(config, store)).await?;
+async fn connectors(State(state): State<Arc<AdminState>>, _operator: Operator) -> Result<Response, Problem> {
+    let listed = state
+        .with_store(|config, store| super::connectors(config, store))
+        .await?;
     Ok(Json(listed).into_response())
 }
 
@@ -757,29 +298,27 @@ struct AssociationQuery {
 
 #[utoipa::path(get, path = "/api/v1/associations", summary = "Every association with its object", params(AssociationQuery), responses((status = 200, body = Vec<AssociationView>)), security(("bearer" = [])))]
 async fn associations(
-    State(state): State<Arc<ApiState>>,
+    State(state): State<Arc<AdminState>>,
     _operator: Operator,
     query: Result<Query<AssociationQuery>, QueryRejection>,
 ) -> Result<Response, Problem> {
     let Query(query) = query.map_err(bad_query)?;
-    let listed = with_store(&state, |config, store| {
-        super::associations(config, store, query.connector.as_deref())
-    })
-    .await?;
+    let listed = state
+        .with_store(|config, store| super::associations(config, store, query.connector.as_deref()))
+        .await?;
     Ok(Json(listed).into_response())
 }
 
 #[utoipa::path(get, path = "/api/v1/associations/{connector}/{category}/{name}", summary = "One object's association with a connector", params(("connector" = String, Path), ("category" = String, Path, description = "accounts or groups"), ("name" = String, Path)), responses((status = 200, body = Association), (status = 404, body = ProblemDocument)), security(("bearer" = [])))]
 async fn association(
-    State(state): State<Arc<ApiState>>,
+    State(state): State<Arc<AdminState>>,
     _operator: Operator,
     Path((connector, segment, name)): Path<(String, String, String)>,
 ) -> Result<Response, Problem> {
     let category = category(&segment)?;
-    let found = with_store(&state, |config, store| {
-        super::association(config, store, &connector, category, &name)
-    })
-    .await?;
+    let found = state
+        .with_store(|config, store| super::association(config, store, &connector, category, &name))
+        .await?;
     Ok(Json(found).into_response())
 }
 
@@ -804,7 +343,7 @@ fn confirmed(body: Result<Json<Confirmed>, JsonRejection>, what: &str) -> Result
 
 #[utoipa::path(delete, path = "/api/v1/associations/{connector}/{category}/{name}", summary = "Remove an association (confirmed)", params(("connector" = String, Path), ("category" = String, Path, description = "accounts or groups"), ("name" = String, Path)), request_body = Confirmed, responses((status = 204), (status = 404, body = ProblemDocument), (status = 422, body = ProblemDocument)), security(("bearer" = [])))]
 async fn remove_association(
-    State(state): State<Arc<ApiState>>,
+    State(state): State<Arc<AdminState>>,
     operator: Operator,
     Path((connector, segment, name)): Path<(String, String, String)>,
     body: Result<Json<Confirmed>, JsonRejection>,
@@ -813,10 +352,9 @@ async fn remove_association(
     operator.may_change()?;
     confirmed(body, "removing an association")?;
     let who = operator.journaled();
-    with_store(&state, |config, store| {
-        super::remove_association(config, store, &connector, category, &name, &who)
-    })
-    .await?;
+    state
+        .with_store(|config, store| super::remove_association(config, store, &connector, category, &name, &who))
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -831,7 +369,7 @@ struct Link {
 
 #[utoipa::path(put, path = "/api/v1/associations/{connector}/{category}/{name}", summary = "Link an object with an entry (confirmed)", params(("connector" = String, Path), ("category" = String, Path, description = "accounts or groups"), ("name" = String, Path)), request_body = Link, responses((status = 200, body = Outcome), (status = 422, body = ProblemDocument)), security(("bearer" = [])))]
 async fn link(
-    State(state): State<Arc<ApiState>>,
+    State(state): State<Arc<AdminState>>,
     operator: Operator,
     Path((connector, segment, name)): Path<(String, String, String)>,
     body: Result<Json<Link>, JsonRejection>,
@@ -857,33 +395,408 @@ async fn link(
     Ok(Json(report).into_response())
 }
 
-#[derive(Deserialize, utoipa::IntoParams)]
-#[serde(deny_unknown_fields)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, default)]
+struct SyncRequest {
+    /// Decide and report, change nothing.
+    dry_run: bool,
+    /// Apply deletes past the mass-delete guard.
+    confirm_deletes: bool,
+}
+
+#[utoipa::path(post, path = "/api/v1/connectors/{connector}/sync", summary = "Run a full pass now, or a dry run (its plan)", params(("connector" = String, Path)), request_body = SyncRequest, responses((status = 200, body = Outcome), (status = 403, body = ProblemDocument), (status = 422, body = ProblemDocument), (status = 503, body = ProblemDocument)), security(("bearer" = [])))]
+async fn sync(
+    State(state): State<Arc<AdminState>>,
+    operator: Operator,
+    Path(connector): Path<String>,
+    body: Result<Json<SyncRequest>, JsonRejection>,
+) -> Result<Response, Problem> {
+    let Json(request) = body.map_err(bad_json)?;
+    // A dry run changes nothing: an auditor may see the plan.
+    if !request.dry_run {
+        operator.may_change()?;
+    }
+    let outcome = run_pass(&state, &connector, request.dry_run, request.confirm_deletes).await?;
+    Ok(Json(outcome).into_response())
+}
+
+/// A connector's full pass on a store connection of its own: a pass is
+/// long, and the server's connection serves every other request.
+pub async fn run_pass(
+    state: &AdminState,
+    connector: &str,
+    dry_run: bool,
+    confirm_deletes: bool,
+) -> Result<Outcome, Problem> {
+    let config = &state.config;
+    config.require_connector(connector).map_err(AdminError::from)?;
+    let settings = config.store.clone();
+    let mut store = tokio::task::spawn_blocking(move || store::open(&settings))
+        .await
+        .map_err(|e| Problem::new(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", e.to_string()))?
+        .map_err(AdminError::from)?;
+    let poll = Poll::Full(PassOptions {
+        dry_run,
+        confirm_deletes,
+    });
+    let outcome = super::sync(config, &mut store, connector, poll, &mut Quiet).await?;
+    Ok(Outcome::new(connector, outcome.report))
+}
+
+#[derive(Deserialize, Default, utoipa::IntoParams)]
+#[serde(deny_unknown_fields, default)]
 #[into_params(parameter_in = Query)]
-struct JournalParams {
+struct CompareQuery {
+    /// The connector whose entry is compared; the object's only
+    /// association's when unset.
     connector: Option<String>,
-    object: Option<String>,
-    /// The most recent lines (1–1000; 100 when unset).
-    #[serde(default = "default_journal_limit")]
-    limit: usize,
 }
 
-fn default_journal_limit() -> usize {
-    100
+#[utoipa::path(get, path = "/api/v1/{category}/{name}/compare", summary = "Local, directory and baseline values side by side, and what the next pass would do", params(("category" = String, Path, description = "accounts or groups"), ("name" = String, Path), CompareQuery), responses((status = 200, body = Comparison), (status = 404, body = ProblemDocument), (status = 503, body = ProblemDocument)), security(("bearer" = [])))]
+async fn compare(
+    State(state): State<Arc<AdminState>>,
+    _operator: Operator,
+    Path((segment, name)): Path<(String, String)>,
+    query: Result<Query<CompareQuery>, QueryRejection>,
+) -> Result<Response, Problem> {
+    let category = category(&segment)?;
+    let Query(query) = query.map_err(bad_query)?;
+    let comparison = compare_object(&state, category, &name, query.connector).await?;
+    Ok(Json(comparison).into_response())
 }
 
-#[utoipa::path(get, path = "/api/v1/journal", summary = "The latest journal lines", params(JournalParams), responses((status = 200, body = Vec<JournalEntry>)), security(("bearer" = [])))]
+/// The comparison of an object with its entry of `connector`, or of its
+/// only association's connector.
+pub async fn compare_object(
+    state: &AdminState,
+    category: Category,
+    name: &str,
+    connector: Option<String>,
+) -> Result<Comparison, Problem> {
+    let mut store = state.store.lock().await;
+    let connector = match connector {
+        Some(connector) => connector,
+        None => {
+            let view = super::show(&store, category, name)?;
+            match view.associations.as_slice() {
+                [only] => only.connector.clone(),
+                [] => {
+                    return Err(Problem::new(
+                        StatusCode::NOT_FOUND,
+                        "no-association",
+                        format!("{category} {name} has no association to compare"),
+                    ));
+                }
+                _ => {
+                    return Err(Problem::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "invalid",
+                        format!("{category} {name} has several associations: name the connector (?connector=)"),
+                    ));
+                }
+            }
+        }
+    };
+    Ok(super::compare(&state.config, &mut store, &connector, category, name).await?)
+}
+
+#[utoipa::path(get, path = "/api/v1/disputes", summary = "The disputes each connector's last full pass left, with their candidates", responses((status = 200, body = Vec<DisputeView>)), security(("bearer" = [])))]
+async fn disputes(State(state): State<Arc<AdminState>>, _operator: Operator) -> Result<Response, Problem> {
+    let listed = state.with_store(|config, store| super::disputes(config, store)).await?;
+    Ok(Json(listed).into_response())
+}
+
+#[derive(Deserialize, Default, utoipa::IntoParams)]
+#[serde(deny_unknown_fields, default)]
+#[into_params(parameter_in = Query)]
+pub struct JournalParams {
+    pub connector: Option<String>,
+    pub object: Option<String>,
+    /// An action (`updated`, `conflict-resolved`, `disputed`, …).
+    #[param(value_type = Option<String>)]
+    #[serde(deserialize_with = "empty_as_none")]
+    pub action: Option<Action>,
+    /// `proxy`, `poll` or `local`.
+    #[param(value_type = Option<String>)]
+    #[serde(deserialize_with = "empty_as_none")]
+    pub source: Option<ChangeSource>,
+    /// Lines at or after this time (seconds since the epoch).
+    pub since: Option<i64>,
+    /// Lines before this time.
+    pub until: Option<i64>,
+    /// Lines older than this id: the next page back (`next_before`).
+    pub before: Option<i64>,
+    /// Lines per page (1–1000; 100 when unset).
+    pub limit: Option<usize>,
+}
+
+/// A filter left empty (a form's "any") filters nothing.
+fn empty_as_none<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr<Err = String>,
+{
+    let text: Option<String> = Option::deserialize(deserializer)?;
+    match text.as_deref() {
+        None | Some("") => Ok(None),
+        Some(text) => text.parse().map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
+impl JournalParams {
+    pub fn query(self) -> JournalQuery {
+        JournalQuery {
+            connector: self.connector,
+            object: self.object,
+            action: self.action,
+            source: self.source,
+            since: self.since,
+            until: self.until,
+            before: self.before,
+            limit: self.limit.unwrap_or(100).clamp(1, super::MAX_PAGE),
+        }
+    }
+}
+
+/// A page of the journal, oldest first, and where the page before it ends.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct JournalPage {
+    pub lines: Vec<JournalLine>,
+    /// `before=` for the page of older lines, when there may be one.
+    pub next_before: Option<i64>,
+}
+
+pub fn journal_page(lines: Vec<JournalLine>, limit: usize) -> JournalPage {
+    let next_before = match lines.len() >= limit {
+        true => lines.first().map(|l| l.id),
+        false => None,
+    };
+    JournalPage { lines, next_before }
+}
+
+#[utoipa::path(get, path = "/api/v1/journal", summary = "Journal lines, filtered, newest page first", params(JournalParams), responses((status = 200, body = JournalPage)), security(("bearer" = [])))]
 async fn journal(
-    State(state): State<Arc<ApiState>>,
+    State(state): State<Arc<AdminState>>,
     _operator: Operator,
     query: Result<Query<JournalParams>, QueryRejection>,
 ) -> Result<Response, Problem> {
     let Query(params) = query.map_err(bad_query)?;
-    let query = JournalQuery {
-        connector: params.connector,
-        object: params.object,
-        limit: params.limit.clamp(1, super::MAX_PAGE),
+    let query = params.query();
+    let limit = query.limit;
+    let lines = state
+        .with_store(|config, store| super::journal(config, store, &query))
+        .await?;
+    Ok(Json(journal_page(lines, limit)).into_response())
+}
+
+#[derive(Deserialize, Default, utoipa::IntoParams)]
+#[serde(deny_unknown_fields, default)]
+#[into_params(parameter_in = Query)]
+struct FeedQuery {
+    /// Changes after this cursor (`next` of the last page).
+    after: Option<String>,
+    /// A consumer whose acknowledged cursor is the start (instead of
+    /// `after`); a new one starts at the oldest change held.
+    consumer: Option<String>,
+    /// Changes per page (1–1000; 100 when unset).
+    limit: Option<usize>,
+    /// Seconds to wait for a change when there is none (0–60): a long poll.
+    wait: Option<u64>,
+}
+
+const MAX_WAIT: u64 = 60;
+/// How often a waiting reader looks at the store: the feed may be written
+/// by another instance, so there is nothing to be told by.
+const FEED_POLL: Duration = Duration::from_millis(500);
+
+fn cursor(text: &str) -> Result<Cursor, Problem> {
+    text.parse()
+        .map_err(|why: String| Problem::new(StatusCode::BAD_REQUEST, "bad-cursor", why))
+}
+
+impl FeedQuery {
+    async fn start(&self, state: &AdminState) -> Result<Cursor, Problem> {
+        match (&self.after, &self.consumer) {
+            (Some(_), Some(_)) => Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                "bad-query",
+                "say after or consumer, not both",
+            )),
+            (Some(after), None) => cursor(after),
+            (None, Some(name)) => {
+                let name = name.clone();
+                state
+                    .with_store(move |_, store| feed::consumer_cursor(store, &name))
+                    .await
+            }
+            (None, None) => Ok(Cursor::default()),
+        }
+    }
+}
+
+#[utoipa::path(get, path = "/api/v1/changes", summary = "Changes to the local store in commit order (a page, or a long poll with wait=)", params(FeedQuery), responses((status = 200, body = FeedPage), (status = 400, body = ProblemDocument), (status = 410, body = ProblemDocument)), security(("bearer" = [])))]
+async fn changes(
+    State(state): State<Arc<AdminState>>,
+    _operator: Operator,
+    query: Result<Query<FeedQuery>, QueryRejection>,
+) -> Result<Response, Problem> {
+    let Query(query) = query.map_err(bad_query)?;
+    let after = query.start(&state).await?;
+    let limit = query.limit.unwrap_or(100);
+    let wait = Duration::from_secs(query.wait.unwrap_or(0).min(MAX_WAIT));
+    let read = |after: Cursor| state.with_store(move |_, store| feed::changes(store, after, limit));
+    let page = read(after).await?;
+    if !page.changes.is_empty() || wait.is_zero() {
+        return Ok(Json(page).into_response());
+    }
+    let _slot = state.waiting.try_acquire().map_err(|_| too_many_waiting())?;
+    let deadline = Instant::now() + wait;
+    loop {
+        tokio::time::sleep(FEED_POLL).await;
+        let page = read(after).await?;
+        if !page.changes.is_empty() || Instant::now() >= deadline {
+            return Ok(Json(page).into_response());
+        }
+    }
+}
+
+fn too_many_waiting() -> Problem {
+    Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too-many-waiting",
+        "too many readers are waiting for changes; retry shortly",
+    )
+}
+
+#[utoipa::path(get, path = "/api/v1/changes/stream", summary = "Changes as server-sent events (id: the cursor; resumes from Last-Event-ID)", params(FeedQuery), responses((status = 200, content_type = "text/event-stream", body = FeedChange)), security(("bearer" = [])))]
+async fn stream(
+    State(state): State<Arc<AdminState>>,
+    _operator: Operator,
+    headers: HeaderMap,
+    query: Result<Query<FeedQuery>, QueryRejection>,
+) -> Result<Response, Problem> {
+    let Query(query) = query.map_err(bad_query)?;
+    let resumed = headers.get("last-event-id").and_then(|v| v.to_str().ok());
+    let after = match resumed {
+        Some(id) => cursor(id)?,
+        None => query.start(&state).await?,
     };
-    let entries = with_store(&state, |config, store| super::journal(config, store, &query)).await?;
-    Ok(Json(entries).into_response())
+    // Refused before the stream starts, rather than as an event.
+    state.with_store(move |_, store| feed::changes(store, after, 1)).await?;
+    let slot = Arc::clone(&state.waiting)
+        .try_acquire_owned()
+        .map_err(|_| too_many_waiting())?;
+    let events = futures_util::stream::unfold((state, after, slot), |(state, after, slot)| async move {
+        loop {
+            let read = state
+                .with_store(move |_, store| feed::changes(store, after, feed::MAX_CHANGES))
+                .await;
+            match read {
+                Ok(page) if !page.changes.is_empty() => {
+                    let events: Vec<Result<Event, Infallible>> = page.changes.iter().map(|c| Ok(event(c))).collect();
+                    return Some((futures_util::stream::iter(events), (state, page.next, slot)));
+                }
+                Ok(_) => tokio::time::sleep(FEED_POLL).await,
+                // The client reconnects with Last-Event-ID when the store is back.
+                Err(_) => return None,
+            }
+        }
+    });
+    let events = futures_util::StreamExt::flatten(events);
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
+}
+
+fn event(change: &FeedChange) -> Event {
+    Event::default()
+        .id(change.cursor.to_string())
+        .event("change")
+        .data(serde_json::to_string(change).expect("a change serializes"))
+}
+
+#[utoipa::path(get, path = "/api/v1/changes/consumers", summary = "The feed's consumers and their acknowledged cursors", responses((status = 200, body = Vec<ConsumerState>)), security(("bearer" = [])))]
+async fn consumers(State(state): State<Arc<AdminState>>, _operator: Operator) -> Result<Response, Problem> {
+    let listed = state
+        .with_store(|_, store| Ok(store::AdminStore::cursors(store, feed::CONSUMER)?))
+        .await?;
+    Ok(Json(listed).into_response())
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct Acknowledge {
+    /// Every change up to this one is handled.
+    cursor: String,
+}
+
+#[utoipa::path(put, path = "/api/v1/changes/consumers/{name}", summary = "Acknowledge a consumer's changes up to a cursor (durable)", params(("name" = String, Path)), request_body = Acknowledge, responses((status = 204), (status = 400, body = ProblemDocument)), security(("bearer" = [])))]
+async fn acknowledge(
+    State(state): State<Arc<AdminState>>,
+    _operator: Operator,
+    Path(name): Path<String>,
+    body: Result<Json<Acknowledge>, JsonRejection>,
+) -> Result<StatusCode, Problem> {
+    let Json(ack) = body.map_err(bad_json)?;
+    let at = cursor(&ack.cursor)?;
+    state
+        .with_store(move |_, store| feed::acknowledge(store, &name, at))
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/api/v1/webhooks", summary = "The configured webhooks, where each has delivered to, and their dead letters", responses((status = 200, body = Vec<WebhookView>)), security(("bearer" = [])))]
+async fn webhooks_list(State(state): State<Arc<AdminState>>, _operator: Operator) -> Result<Response, Problem> {
+    let listed = state.with_store(|config, store| webhooks::views(config, store)).await?;
+    Ok(Json(listed).into_response())
+}
+
+#[derive(Deserialize, Default, utoipa::IntoParams)]
+#[serde(deny_unknown_fields, default)]
+#[into_params(parameter_in = Query)]
+struct DeadLetterQuery {
+    webhook: Option<String>,
+}
+
+#[utoipa::path(get, path = "/api/v1/webhooks/dead-letters", summary = "Changes a webhook gave up on", params(DeadLetterQuery), responses((status = 200, body = Vec<DeadLetter>)), security(("bearer" = [])))]
+async fn dead_letters(
+    State(state): State<Arc<AdminState>>,
+    _operator: Operator,
+    query: Result<Query<DeadLetterQuery>, QueryRejection>,
+) -> Result<Response, Problem> {
+    let Query(query) = query.map_err(bad_query)?;
+    let listed = state
+        .with_store(move |_, store| Ok(store::AdminStore::dead_letters(store, query.webhook.as_deref())?))
+        .await?;
+    Ok(Json(listed).into_response())
+}
+
+#[utoipa::path(post, path = "/api/v1/webhooks/dead-letters/{id}/retry", summary = "Deliver a dead letter again now; it goes when delivered", params(("id" = i64, Path)), responses((status = 204), (status = 404, body = ProblemDocument), (status = 502, body = ProblemDocument)), security(("bearer" = [])))]
+async fn retry_dead_letter(
+    State(state): State<Arc<AdminState>>,
+    operator: Operator,
+    Path(id): Path<i64>,
+) -> Result<StatusCode, Problem> {
+    operator.may_change()?;
+    webhooks::retry_dead_letter(&state, id, &operator.journaled()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(delete, path = "/api/v1/webhooks/dead-letters/{id}", summary = "Discard a dead letter", params(("id" = i64, Path)), responses((status = 204), (status = 404, body = ProblemDocument)), security(("bearer" = [])))]
+async fn discard_dead_letter(
+    State(state): State<Arc<AdminState>>,
+    operator: Operator,
+    Path(id): Path<i64>,
+) -> Result<StatusCode, Problem> {
+    operator.may_change()?;
+    let who = operator.journaled();
+    state
+        .with_store(move |_, store| webhooks::discard_dead_letter(store, id, &who))
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/api/v1/tokens", summary = "The API tokens (names and roles; the CLI creates and revokes them)", responses((status = 200, body = Vec<ApiToken>), (status = 403, body = ProblemDocument)), security(("bearer" = [])))]
+async fn tokens(State(state): State<Arc<AdminState>>, operator: Operator) -> Result<Response, Problem> {
+    operator.may_change()?;
+    let listed = state.with_store(|_, store| super::tokens(store)).await?;
+    Ok(Json(listed).into_response())
 }

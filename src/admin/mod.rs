@@ -5,19 +5,29 @@
 //! written twice. Errors are typed, each with a stable code the API shows.
 
 pub mod api;
+mod auth;
+mod console;
+pub mod feed;
+pub mod http;
+mod state;
+pub mod webhooks;
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, ConnectorConfig};
 use crate::directory::{Directory, DirectoryError};
-use crate::model::{Action, Category, ChangeSource, MEMBERS_FIELD, Values};
+use crate::model::{Action, Category, ChangeSource, MEMBERS_FIELD, Role, Values};
+use crate::store::postgres::{Instance, Lease};
 use crate::store::{
-    AnyStore, Association, HeldDelete, JournalEntry, JournalQuery, LocalObject, Store, StoreError, now,
+    AdminStore, AnyStore, ApiToken, Association, HeldDelete, JournalEntry, JournalLine, JournalQuery, LocalObject,
+    Store, StoreError, now,
 };
-use crate::sync::engine::{self, LinkTarget, PassOptions, Report, SyncError, is_secret_field};
+use crate::sync::engine::{self, Comparison, Dispute, LinkTarget, PassOptions, Report, SyncError, is_secret_field};
+use crate::sync::progress::Progress;
+use crate::worker::{self, Poll, PollOutcome};
 
 /// Why an administrative operation was not done.
 #[derive(Debug, Error)]
@@ -35,6 +45,17 @@ pub enum AdminError {
     /// What the operator asked for is not valid, and why.
     #[error("{0}")]
     Invalid(String),
+    #[error("{what} {name:?} already exists")]
+    Taken { what: &'static str, name: String },
+    #[error("no API token named {0:?}")]
+    NoToken(String),
+    #[error("there is no dead letter {0}")]
+    NoDeadLetter(i64),
+    #[error(
+        "cursor {cursor} is older than the oldest change the feed still holds ({oldest}): \
+         changes after it were pruned; read the objects afresh and follow the feed from {oldest}"
+    )]
+    CursorExpired { cursor: String, oldest: String },
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
@@ -48,6 +69,7 @@ impl From<StoreError> for AdminError {
         match e {
             StoreError::NotFound { category, name } => AdminError::NotFound { category, name },
             StoreError::Exists { category, name } => AdminError::Exists { category, name },
+            StoreError::Taken { what, name } => AdminError::Taken { what, name },
             other => AdminError::Store(other),
         }
     }
@@ -73,8 +95,9 @@ impl AdminError {
     /// A stable code for programs (the API's problem documents).
     pub fn code(&self) -> &'static str {
         match self {
-            AdminError::NotFound { .. } => "not-found",
-            AdminError::Exists { .. } => "exists",
+            AdminError::NotFound { .. } | AdminError::NoToken(_) | AdminError::NoDeadLetter(_) => "not-found",
+            AdminError::Exists { .. } | AdminError::Taken { .. } => "exists",
+            AdminError::CursorExpired { .. } => "cursor-expired",
             AdminError::NoAssociation { .. } => "no-association",
             AdminError::Invalid(_) => "invalid",
             AdminError::Config(_) => "unknown-connector",
@@ -107,7 +130,7 @@ pub struct ObjectEdit {
 const MAX_NAME: usize = 256;
 const MAX_VALUE: usize = 64 * 1024;
 
-fn check_name(name: &str) -> Result<(), AdminError> {
+pub(crate) fn check_name(name: &str) -> Result<(), AdminError> {
     if name.is_empty() || name.len() > MAX_NAME || name.chars().any(char::is_control) || name.trim() != name {
         return Err(AdminError::Invalid(format!(
             "{name:?} is not a name: 1 to {MAX_NAME} bytes, no control characters, no leading or trailing space"
@@ -340,6 +363,20 @@ pub fn edit(
     Ok(object)
 }
 
+/// Runs `work` over a fresh service connection of `connector`, and
+/// closes the connection however the work ends.
+async fn with_directory<T>(
+    config: &Config,
+    connector: &ConnectorConfig,
+    work: impl AsyncFnOnce(&mut Directory) -> Result<T, AdminError>,
+) -> Result<T, AdminError> {
+    let password = connector.password()?;
+    let mut directory = Directory::connect(connector, password.expose(), config.proxy.connect_timeout).await?;
+    let result = work(&mut directory).await;
+    directory.close().await;
+    result
+}
+
 /// How a delete goes.
 #[derive(Debug, Clone, Copy, Default, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -401,15 +438,15 @@ pub async fn delete(
         store.delete_object(object.id, &local_journal(category, name, Action::LocalDelete, detail))?;
         return Ok(Deleted::Locally);
     };
-    let password = connector.password().map_err(AdminError::Config)?;
-    let mut directory = Directory::connect(&connector, password.expose(), config.proxy.connect_timeout).await?;
     let pass = PassOptions {
         dry_run: false,
         confirm_deletes: options.confirm_deletes,
     };
-    let report = engine::delete_object(store, &connector, &mut directory, object, pass, operator).await;
-    directory.close().await;
-    Ok(Deleted::ByConnector(Outcome::new(&connector.name, report?)))
+    let report = with_directory(config, &connector, async |directory| {
+        Ok(engine::delete_object(store, &connector, directory, object, pass, operator).await?)
+    })
+    .await?;
+    Ok(Deleted::ByConnector(Outcome::new(&connector.name, report)))
 }
 
 /// Associations, of one connector or all, with their objects' names.
@@ -442,8 +479,8 @@ pub fn associations(
         .collect()
 }
 
-/// The journal's most recent lines, newest last.
-pub fn journal(config: &Config, store: &AnyStore, query: &JournalQuery) -> Result<Vec<JournalEntry>, AdminError> {
+/// The journal's most recent lines that match, newest last.
+pub fn journal(config: &Config, store: &AnyStore, query: &JournalQuery) -> Result<Vec<JournalLine>, AdminError> {
     if let Some(connector) = &query.connector {
         config.require_connector(connector)?;
     }
@@ -513,11 +550,11 @@ pub async fn link(
     operator: &str,
 ) -> Result<Outcome, AdminError> {
     let connector = config.require_connector(connector)?;
-    let password = connector.password()?;
-    let mut directory = Directory::connect(&connector, password.expose(), config.proxy.connect_timeout).await?;
-    let report = engine::link(store, &connector, &mut directory, category, name, target, operator).await;
-    directory.close().await;
-    Ok(Outcome::new(&connector.name, report?))
+    let report = with_directory(config, &connector, async |directory| {
+        Ok(engine::link(store, &connector, directory, category, name, target, operator).await?)
+    })
+    .await?;
+    Ok(Outcome::new(&connector.name, report))
 }
 
 /// A connector as an operator watches it: what it syncs and how, and how
@@ -580,4 +617,194 @@ pub fn connectors(config: &Config, store: &AnyStore) -> Result<Vec<ConnectorView
             })
         })
         .collect()
+}
+
+/// A new random secret (256 bits, hex): API and session tokens.
+pub fn new_secret() -> Result<String, getrandom::Error> {
+    let mut bytes = [0u8; 32];
+    getrandom::getrandom(&mut bytes)?;
+    Ok(hex(&bytes))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A secret as it is kept: its SHA-256, so that the store (or a memory
+/// dump) holds nothing usable.
+pub fn digest(secret: &str) -> String {
+    use sha2::Digest;
+    hex(&sha2::Sha256::digest(secret.as_bytes()))
+}
+
+/// API tokens start so, to be told apart from session tokens in logs and
+/// by secret scanners.
+pub const TOKEN_PREFIX: &str = "lsk_";
+
+/// Creates an API token for scripts: returns the token, shown once.
+pub fn create_token(store: &mut AnyStore, name: &str, role: Role, created_by: &str) -> Result<String, AdminError> {
+    check_name(name)?;
+    let secret = new_secret().map_err(|e| AdminError::Invalid(format!("no randomness for a token: {e}")))?;
+    let token = format!("{TOKEN_PREFIX}{secret}");
+    let record = ApiToken {
+        name: name.to_owned(),
+        role,
+        created_at: now(),
+        created_by: created_by.to_owned(),
+        last_used_at: None,
+    };
+    store.create_token(&record, &digest(&token))?;
+    Ok(token)
+}
+
+pub fn tokens(store: &AnyStore) -> Result<Vec<ApiToken>, AdminError> {
+    Ok(store.tokens()?)
+}
+
+pub fn revoke_token(store: &mut AnyStore, name: &str) -> Result<(), AdminError> {
+    match store.revoke_token(name)? {
+        true => Ok(()),
+        false => Err(AdminError::NoToken(name.to_owned())),
+    }
+}
+
+/// A dispute of a connector's last full pass, with what settles it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DisputeView {
+    pub connector: String,
+    /// When the pass that found it ran (seconds since the epoch).
+    pub found_at: Option<i64>,
+    #[serde(flatten)]
+    pub dispute: Dispute,
+}
+
+/// The disputes the last full pass of each connector left.
+pub fn disputes(config: &Config, store: &AnyStore) -> Result<Vec<DisputeView>, AdminError> {
+    let mut views = Vec::new();
+    for connector in &config.connectors {
+        let Some(state) = store.connector_state(&connector.name)? else {
+            continue;
+        };
+        let last: serde_json::Value = serde_json::from_str(&state.last_result).unwrap_or_default();
+        let disputes = last
+            .get("disputes")
+            .and_then(|d| d.as_array())
+            .cloned()
+            .unwrap_or_default();
+        views.extend(
+            disputes
+                .into_iter()
+                .filter_map(|d| serde_json::from_value::<Dispute>(d).ok())
+                .map(|dispute| DisputeView {
+                    connector: connector.name.clone(),
+                    found_at: state.last_sync_at,
+                    dispute,
+                }),
+        );
+    }
+    Ok(views)
+}
+
+fn masked(values: &mut Values) {
+    for (field, values) in values.iter_mut() {
+        if is_secret_field(field) {
+            *values = vec!["(secret)".into()];
+        }
+    }
+}
+
+/// An object's local, directory and baseline values side by side, and
+/// what the next pass would do (secret fields masked), over a service
+/// connection to the connector's directory.
+pub async fn compare(
+    config: &Config,
+    store: &mut AnyStore,
+    connector: &str,
+    category: Category,
+    name: &str,
+) -> Result<Comparison, AdminError> {
+    let connector = config.require_connector(connector)?;
+    let object = find(store, category, name)?;
+    let mut comparison = with_directory(config, &connector, async |directory| {
+        Ok(engine::compare(store, &connector, directory, object).await?)
+    })
+    .await?;
+    for values in [&mut comparison.local, &mut comparison.baseline]
+        .into_iter()
+        .chain(comparison.directory.as_mut())
+        .chain(comparison.result.as_mut())
+    {
+        masked(values);
+    }
+    Ok(comparison)
+}
+
+/// Runs a connector's pass now: the captures not applied yet, then a full
+/// pass (or, with `Poll::Due`, whatever poll is due), over a service
+/// connection. A dry run decides and reports, changing nothing.
+pub async fn sync(
+    config: &Config,
+    store: &mut AnyStore,
+    connector: &str,
+    poll: Poll,
+    progress: &mut dyn Progress,
+) -> Result<PollOutcome, AdminError> {
+    let connector = config.require_connector(connector)?;
+    let dry_run = matches!(poll, Poll::Full(PassOptions { dry_run: true, .. }));
+    with_directory(config, &connector, async |directory| {
+        if !dry_run {
+            worker::apply_captures(store, &connector, directory).await?;
+        }
+        Ok(worker::poll(store, &connector, directory, poll, progress).await?)
+    })
+    .await
+}
+
+/// One instance sharing the store, as the registry shows it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct InstanceView {
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub instance: Instance,
+    /// Its heartbeat is younger than the lease time.
+    pub alive: bool,
+    /// The connectors whose lease it holds.
+    pub holds: Vec<String>,
+}
+
+/// The instances sharing a PostgreSQL store and the connectors' leases.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Cluster {
+    pub instances: Vec<InstanceView>,
+    #[schema(value_type = Vec<Object>)]
+    pub leases: Vec<Lease>,
+}
+
+/// The cluster on a PostgreSQL store; none on SQLite (one instance).
+pub fn cluster(config: &Config, store: &AnyStore) -> Result<Option<Cluster>, AdminError> {
+    let Some(shared) = store.shared() else {
+        return Ok(None);
+    };
+    let leases = shared.leases()?;
+    let ttl = config.store.lease_ttl.as_secs() as i64;
+    let instances = shared
+        .instances()?
+        .into_iter()
+        .map(|instance| InstanceView {
+            alive: instance.heartbeat_age <= ttl,
+            holds: leases
+                .iter()
+                .filter(|l| l.holder == instance.id && l.expires_in >= 0)
+                .map(|l| l.connector.clone())
+                .collect(),
+            instance,
+        })
+        .collect();
+    Ok(Some(Cluster { instances, leases }))
+}
+
+/// Seconds since the epoch as RFC 3339 UTC, for people.
+pub fn timestamp(secs: i64) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64);
+    humantime::format_rfc3339_seconds(at).to_string()
 }

@@ -13,7 +13,7 @@ use super::output::outln;
 use crate::admin::{self, AssociationView, DeleteOptions, Deleted, ObjectEdit, ObjectView};
 use crate::config::{Config, ConnectorConfig, Preset, Secret};
 use crate::directory::{Directory, DirectoryOps, PasswordKind};
-use crate::model::{Action, Category, ChangeSource};
+use crate::model::{Action, Category, ChangeSource, Role};
 use crate::store::{self, AnyStore, JournalEntry, JournalQuery, Store, now};
 use crate::sync::engine::{LinkTarget, PassOptions, Report};
 use crate::sync::progress::{Bar, Lines, Progress};
@@ -150,6 +150,22 @@ pub enum StoreCommand {
         #[arg(long)]
         to: String,
     },
+}
+
+/// API tokens for scripts calling the admin API (`Authorization: Bearer`).
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token; it is printed once, and only its SHA-256 is kept.
+    Create {
+        name: String,
+        /// `admin` (read and change) or `auditor` (read only).
+        #[arg(long, default_value = "auditor")]
+        role: Role,
+    },
+    /// The tokens: names, roles, who created them, when last used.
+    List,
+    /// Revoke a token: requests carrying it are refused from now on.
+    Revoke { name: String },
 }
 
 #[derive(Debug, Args)]
@@ -474,7 +490,6 @@ pub fn sync(config: &Config, command: SyncCommand, json: bool) -> anyhow::Result
         confirm_deletes,
     } = command;
     let connector = config.require_connector(&connector)?;
-    let password = connector.password()?;
     let mut store = open_store(config)?;
     let poll = if full || dry_run || confirm_deletes {
         Poll::Full(PassOptions {
@@ -484,15 +499,19 @@ pub fn sync(config: &Config, command: SyncCommand, json: bool) -> anyhow::Result
     } else {
         Poll::Due
     };
-    let outcome = with_directory(config, &connector, &password, async |directory| {
-        worker::apply_captures(&mut store, &connector, directory).await?;
-        let mut progress: Box<dyn Progress> = if std::io::stderr().is_terminal() {
-            Box::new(Bar::default())
-        } else {
-            Box::new(Lines::new(|line| eprintln!("{line}"), Duration::from_secs(10)))
-        };
-        Ok(worker::poll(&mut store, &connector, directory, poll, progress.as_mut()).await?)
-    })?;
+    let mut progress: Box<dyn Progress> = if std::io::stderr().is_terminal() {
+        Box::new(Bar::default())
+    } else {
+        Box::new(Lines::new(|line| eprintln!("{line}"), Duration::from_secs(10)))
+    };
+    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    let outcome = runtime.block_on(admin::sync(
+        config,
+        &mut store,
+        &connector.name,
+        poll,
+        progress.as_mut(),
+    ))?;
     let report = &outcome.report;
     if json {
         let mut value = report_json(&connector.name, report);
@@ -551,13 +570,14 @@ pub fn journal(config: &Config, args: JournalArgs, json: bool) -> anyhow::Result
         connector: args.connector,
         object: args.object,
         limit: args.limit,
+        ..JournalQuery::default()
     };
-    let entries = admin::journal(config, &store, &query)?;
+    let lines = admin::journal(config, &store, &query)?;
+    let entries = lines.into_iter().map(|l| l.entry);
     if json {
         let entries: Vec<serde_json::Value> = entries
-            .iter()
             .map(|e| {
-                let mut value = serde_json::to_value(e).expect("a journal line serializes");
+                let mut value = serde_json::to_value(&e).expect("a journal line serializes");
                 value["at"] = timestamp(e.at).into();
                 value["detail"] = serde_json::from_str(&e.detail).unwrap_or_else(|_| e.detail.clone().into());
                 value
@@ -582,10 +602,7 @@ pub fn journal(config: &Config, args: JournalArgs, json: bool) -> anyhow::Result
 }
 
 /// Seconds since the epoch as RFC 3339 UTC, for people.
-pub(super) fn timestamp(secs: i64) -> String {
-    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64);
-    humantime::format_rfc3339_seconds(at).to_string()
-}
+pub(super) use crate::admin::timestamp;
 
 /// The store one side of `store copy` names, with `[store]`'s password and
 /// TLS settings for PostgreSQL.
@@ -602,6 +619,44 @@ fn store_named(config: &Config, name: &str) -> anyhow::Result<AnyStore> {
         None => anyhow::bail!("{name:?}: say sqlite:PATH or postgresql://user@host/database"),
     }
     Ok(store::open(&settings)?)
+}
+
+pub fn token(config: &Config, command: TokenCommand, json: bool) -> anyhow::Result<()> {
+    let mut store = open_store(config)?;
+    match command {
+        TokenCommand::Create { name, role } => {
+            let token = admin::create_token(&mut store, &name, role, &operator())?;
+            if json {
+                print_json(&serde_json::json!({ "name": name, "role": role, "token": token }))?;
+            } else {
+                outln!("{token}");
+                eprintln!("API token {name:?} ({role}) created: it is shown this once, keep it secret");
+            }
+        }
+        TokenCommand::List => {
+            let tokens = admin::tokens(&store)?;
+            if json {
+                return print_json(&tokens);
+            }
+            for t in tokens {
+                let used = t
+                    .last_used_at
+                    .map_or_else(|| "never used".into(), |at| format!("last used {}", timestamp(at)));
+                outln!(
+                    "{}\t{}\tcreated {} by {}\t{used}",
+                    t.name,
+                    t.role,
+                    timestamp(t.created_at),
+                    t.created_by
+                );
+            }
+        }
+        TokenCommand::Revoke { name } => {
+            admin::revoke_token(&mut store, &name)?;
+            outln!("API token {name:?} revoked");
+        }
+    }
+    Ok(())
 }
 
 pub fn store_command(config: &Config, command: StoreCommand, json: bool) -> anyhow::Result<()> {

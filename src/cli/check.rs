@@ -32,6 +32,9 @@ fn hint(problem: &ConfigError) -> &'static str {
             "add a directory URL of the listener's scheme, or let ldapsync end TLS (tls = \"terminate\")"
         }
         ConfigError::Admin { .. } => "see docs/admin-api.md: [admin] listen, connector, admin_group, auditor_group",
+        ConfigError::Webhook { .. } => {
+            "see docs/change-feed.md: [[webhook]] name, url (https://), secret_file or secret_env"
+        }
         ConfigError::ClientCertificate => "a client certificate needs its key, and the other way round",
         ConfigError::Store { key, .. } => match key.as_str() {
             "url" => "store.url = \"postgresql://ldapsync@db.example.com:5432/ldapsync\", the password apart",

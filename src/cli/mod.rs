@@ -83,6 +83,9 @@ enum Command {
     },
     /// The audit trail of sync decisions and local edits.
     Journal(admin::JournalArgs),
+    /// API tokens for scripts calling the admin API.
+    #[command(subcommand)]
+    Token(admin::TokenCommand),
     /// The store itself: copy an installation between SQLite and PostgreSQL.
     #[command(subcommand)]
     Store(admin::StoreCommand),
@@ -227,6 +230,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sync(command) => admin::sync(&admin_config()?, command, cli.json),
         Command::Status { quiet } => status::status(&admin_config()?, cli.json, quiet),
         Command::Journal(args) => admin::journal(&admin_config()?, args, cli.json),
+        Command::Token(command) => admin::token(&admin_config()?, command, cli.json),
         Command::Store(command) => admin::store_command(&admin_config()?, command, cli.json),
         Command::Completions { shell } => generate::completions(shell),
         Command::ManPages { ref dir } => generate::man_pages(dir),
@@ -297,12 +301,15 @@ fn serve(config: Config, args: ServeArgs, file: Option<PathBuf>) -> anyhow::Resu
             let (router, reloader) = worker::start(&config, shutdown.clone(), &workers);
             (Arc::new(router), Some(reloader))
         };
+        if !config.connectors.is_empty() {
+            crate::admin::webhooks::start(&config, &shutdown, &workers);
+        }
         // Bound first, so that a taken port fails the start, not later.
         let metrics = match &config.metrics.listen {
             Some(addr) => Some(monitor::bind(addr).await?),
             None => None,
         };
-        let admin_api = crate::admin::api::bind(&config.admin).await?;
+        let admin_api = crate::admin::http::bind(&config.admin).await?;
         let running = Running::new(&config.proxy)?;
         if let Some(reloader) = &connectors {
             running.set_connectors(running_connectors(reloader));
@@ -316,7 +323,7 @@ fn serve(config: Config, args: ServeArgs, file: Option<PathBuf>) -> anyhow::Resu
             workers.spawn(monitor::serve(listener, Arc::clone(&running), shutdown.clone()));
         }
         if let (Some(listener), Some(config)) = (admin_api, admin_config) {
-            workers.spawn(crate::admin::api::serve(listener, config, shutdown.clone()));
+            workers.spawn(crate::admin::http::serve(listener, config, shutdown.clone()));
         }
         workers.spawn(monitor::serve_socket(
             config.store.admin_socket(),

@@ -8,9 +8,10 @@ use serde::Serialize;
 use super::Exit;
 use super::admin::{open_store, timestamp};
 use super::output::outln;
+use crate::admin::{self, InstanceView};
 use crate::config::Config;
 use crate::monitor::{self, RunningConnector, RunningState};
-use crate::store::postgres::{Instance, Lease};
+use crate::store::postgres::Lease;
 use crate::store::{HeldDelete, Store};
 use crate::sync::engine;
 
@@ -19,18 +20,8 @@ struct Status {
     /// `None` when no instance answers on the admin socket.
     running: Option<RunningState>,
     /// The instances sharing a PostgreSQL store; `None` on SQLite.
-    instances: Option<Vec<InstanceStatus>>,
+    instances: Option<Vec<InstanceView>>,
     connectors: Vec<ConnectorStatus>,
-}
-
-#[derive(Serialize)]
-struct InstanceStatus {
-    #[serde(flatten)]
-    instance: Instance,
-    /// Its heartbeat is younger than the lease time.
-    alive: bool,
-    /// The connectors whose lease it holds.
-    holds: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -81,25 +72,8 @@ struct WatermarkStatus {
 pub fn status(config: &Config, json: bool, quiet: bool) -> anyhow::Result<()> {
     let store = open_store(config)?;
     let running = tokio::runtime::Runtime::new()?.block_on(monitor::query_socket(&config.store.admin_socket()));
-    let (instances, leases) = match store.shared() {
-        Some(shared) => {
-            let leases = shared.leases()?;
-            let ttl = config.store.lease_ttl.as_secs() as i64;
-            let instances = shared
-                .instances()?
-                .into_iter()
-                .map(|instance| InstanceStatus {
-                    alive: instance.heartbeat_age <= ttl,
-                    holds: leases
-                        .iter()
-                        .filter(|l| l.holder == instance.id && l.expires_in >= 0)
-                        .map(|l| l.connector.clone())
-                        .collect(),
-                    instance,
-                })
-                .collect();
-            (Some(instances), Some(leases))
-        }
+    let (instances, leases) = match admin::cluster(config, &store)? {
+        Some(cluster) => (Some(cluster.instances), Some(cluster.leases)),
         None => (None, None),
     };
     let mut connectors = Vec::new();
@@ -136,7 +110,7 @@ pub fn status(config: &Config, json: bool, quiet: bool) -> anyhow::Result<()> {
             degraded.push(format!("last poll failed: {error}"));
         }
         // With no instance running, `status` says that already.
-        let cluster_runs = instances.iter().flatten().any(|i: &InstanceStatus| i.alive);
+        let cluster_runs = instances.iter().flatten().any(|i: &InstanceView| i.alive);
         if cluster_runs && lease.as_ref().is_none_or(|l| l.expires_in < 0) {
             degraded.push("no running instance holds its lease: nobody syncs it".into());
         }
@@ -168,7 +142,13 @@ pub fn status(config: &Config, json: bool, quiet: bool) -> anyhow::Result<()> {
             disputes: last
                 .get("disputes")
                 .and_then(|v| v.as_array())
-                .map(|lines| lines.iter().filter_map(|l| l.as_str().map(str::to_owned)).collect())
+                // A line each; stored as one before disputes had candidates.
+                .map(|disputes| {
+                    disputes
+                        .iter()
+                        .filter_map(|d| d.get("line").unwrap_or(d).as_str().map(str::to_owned))
+                        .collect()
+                })
                 .unwrap_or_default(),
             entry_gone: associations.iter().filter(|a| a.entry_gone).count(),
             pending_local_changes,

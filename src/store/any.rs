@@ -7,8 +7,9 @@ use std::str::FromStr;
 use super::copy::Tables;
 use super::postgres::{Fence, PostgresStore, Target};
 use super::{
-    Association, Capture, Commit, ConnectorState, HeldDelete, JournalEntry, JournalQuery, LocalObject, SqliteStore,
-    Store, StoreError, Watermark,
+    AdminStore, ApiToken, Association, Capture, ChangeRecord, Commit, ConnectorState, ConsumerState, Cursor,
+    DeadLetter, HeldDelete, JournalEntry, JournalLine, JournalQuery, LocalObject, SqliteStore, Store, StoreError,
+    Watermark,
 };
 use crate::config::StoreConfig;
 use crate::model::{Action, Category};
@@ -118,6 +119,68 @@ impl AnyStore {
     }
 }
 
+impl AdminStore for AnyStore {
+    fn create_token(&mut self, token: &ApiToken, digest: &str) -> Result<(), StoreError> {
+        each!(self, s => s.create_token(token, digest))
+    }
+
+    fn use_token(&mut self, digest: &str) -> Result<Option<ApiToken>, StoreError> {
+        each!(self, s => s.use_token(digest))
+    }
+
+    fn tokens(&self) -> Result<Vec<ApiToken>, StoreError> {
+        each!(self, s => s.tokens())
+    }
+
+    fn revoke_token(&mut self, name: &str) -> Result<bool, StoreError> {
+        each!(self, s => s.revoke_token(name))
+    }
+
+    fn changes(&self, after: Cursor, limit: usize) -> Result<Vec<ChangeRecord>, StoreError> {
+        each!(self, s => s.changes(after, limit))
+    }
+
+    fn feed_end(&self) -> Result<Cursor, StoreError> {
+        each!(self, s => s.feed_end())
+    }
+
+    fn prune_changes(&mut self, before: i64) -> Result<usize, StoreError> {
+        each!(self, s => s.prune_changes(before))
+    }
+
+    fn pruned_through(&self) -> Result<Cursor, StoreError> {
+        each!(self, s => s.pruned_through())
+    }
+
+    fn cursor(&self, kind: &str, name: &str) -> Result<Option<ConsumerState>, StoreError> {
+        each!(self, s => s.cursor(kind, name))
+    }
+
+    fn cursors(&self, kind: &str) -> Result<Vec<ConsumerState>, StoreError> {
+        each!(self, s => s.cursors(kind))
+    }
+
+    fn set_cursor(&mut self, kind: &str, name: &str, cursor: Cursor) -> Result<(), StoreError> {
+        each!(self, s => s.set_cursor(kind, name, cursor))
+    }
+
+    fn add_dead_letter(&mut self, letter: &DeadLetter) -> Result<(), StoreError> {
+        each!(self, s => s.add_dead_letter(letter))
+    }
+
+    fn dead_letters(&self, webhook: Option<&str>) -> Result<Vec<DeadLetter>, StoreError> {
+        each!(self, s => s.dead_letters(webhook))
+    }
+
+    fn dead_letter(&self, id: i64) -> Result<Option<DeadLetter>, StoreError> {
+        each!(self, s => s.dead_letter(id))
+    }
+
+    fn remove_dead_letter(&mut self, id: i64) -> Result<bool, StoreError> {
+        each!(self, s => s.remove_dead_letter(id))
+    }
+}
+
 impl Store for AnyStore {
     fn object(&self, category: Category, name: &str) -> Result<Option<LocalObject>, StoreError> {
         each!(self, s => s.object(category, name))
@@ -172,7 +235,7 @@ impl Store for AnyStore {
         each!(self, s => s.commit(commit))
     }
 
-    fn journal(&self, query: &JournalQuery) -> Result<Vec<JournalEntry>, StoreError> {
+    fn journal(&self, query: &JournalQuery) -> Result<Vec<JournalLine>, StoreError> {
         each!(self, s => s.journal(query))
     }
 

@@ -7,6 +7,7 @@
 //! together by [`Store::commit`]. [`open`] picks the backend the
 //! configuration names.
 
+pub mod admin;
 mod any;
 pub mod copy;
 pub mod postgres;
@@ -15,6 +16,7 @@ mod sqlite;
 use serde::Serialize;
 use thiserror::Error;
 
+pub use admin::{AdminStore, ApiToken, ChangeRecord, ConsumerState, Cursor, DeadLetter, ObjectState};
 pub use any::{AnyStore, open, reach};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -48,6 +50,9 @@ pub enum StoreError {
     Exists { category: Category, name: String },
     #[error("no {category} named {name:?}")]
     NotFound { category: Category, name: String },
+    /// A name other than an object's (a token's) is taken.
+    #[error("{what} {name:?} already exists")]
+    Taken { what: &'static str, name: String },
 }
 
 impl StoreError {
@@ -139,12 +144,29 @@ pub struct Commit {
     pub journal: Vec<JournalEntry>,
 }
 
-/// Filters for reading the journal.
+/// Filters for reading the journal: the most recent `limit` lines that
+/// match (all when 0), oldest first.
 #[derive(Debug, Default, Clone)]
 pub struct JournalQuery {
     pub connector: Option<String>,
     pub object: Option<String>,
+    pub action: Option<Action>,
+    pub source: Option<ChangeSource>,
+    /// Lines at or after this time (seconds since the epoch).
+    pub since: Option<i64>,
+    /// Lines before this time.
+    pub until: Option<i64>,
+    /// Lines older than the line with this id: the next page back.
+    pub before: Option<i64>,
     pub limit: usize,
+}
+
+/// A journal line with its id (the journal's order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct JournalLine {
+    pub id: i64,
+    #[serde(flatten)]
+    pub entry: JournalEntry,
 }
 
 /// Per-connector bookkeeping for `ldapsync status` and the worker.
@@ -248,7 +270,7 @@ pub trait Store {
     /// created or updated, if any.
     fn commit(&mut self, commit: Commit) -> Result<Option<i64>, StoreError>;
 
-    fn journal(&self, query: &JournalQuery) -> Result<Vec<JournalEntry>, StoreError>;
+    fn journal(&self, query: &JournalQuery) -> Result<Vec<JournalLine>, StoreError>;
 
     /// How many objects of a category a connector holds associations for.
     fn association_count(&self, connector: &str, category: Category) -> Result<usize, StoreError>;
@@ -322,6 +344,23 @@ pub trait Store {
 }
 
 /// Seconds since the Unix epoch, for journal lines and baselines.
+/// Values as the stores keep them: a JSON object of arrays.
+fn to_json(values: &Values) -> String {
+    serde_json::to_string(values).expect("a map of strings serializes")
+}
+
+fn from_json(what: &'static str, text: &str) -> Result<Values, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
+        what,
+        detail: e.to_string(),
+    })
+}
+
+/// One of the vocabulary's names, read back from a column.
+fn parse<T: std::str::FromStr<Err = String>>(what: &'static str, text: &str) -> Result<T, StoreError> {
+    text.parse().map_err(|detail| StoreError::Corrupt { what, detail })
+}
+
 pub fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -24,15 +24,17 @@ use serde::Serialize;
 use self::ahead::{Ahead, insert_created};
 use super::copy::Tables;
 use super::{
-    Association, Capture, CaptureKind, Commit, ConnectorState, HeldDelete, JournalEntry, JournalQuery, LocalObject,
-    Store, StoreError, Watermark,
+    Association, Capture, CaptureKind, Commit, ConnectorState, HeldDelete, JournalEntry, JournalLine, JournalQuery,
+    LocalObject, Store, StoreError, Watermark, from_json, parse, to_json,
 };
-use crate::model::{Action, Category, ChangeSource, Values};
+use crate::model::{Action, Category, ChangeSource};
 
+mod admin;
 mod ahead;
 
 /// Schema versions, applied in order; never edit one that has shipped.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE objects (
         id       BIGSERIAL PRIMARY KEY,
         category TEXT NOT NULL,
@@ -120,7 +122,80 @@ const MIGRATIONS: &[&str] = &[r#"
         acquired_at TIMESTAMPTZ NOT NULL,
         expires_at  TIMESTAMPTZ NOT NULL
     );
-"#];
+"#,
+    // The admin side (`store::admin`), as on SQLite; each change also
+    // keeps its transaction id, by which the feed is ordered (see
+    // `Cursor`).
+    r#"
+    CREATE TABLE changes (
+        id          BIGSERIAL PRIMARY KEY,
+        tx          XID8 NOT NULL DEFAULT pg_current_xact_id(),
+        at          BIGINT NOT NULL DEFAULT extract(epoch FROM now())::bigint,
+        object_id   BIGINT NOT NULL,
+        category    TEXT NOT NULL,
+        old_name    TEXT,
+        new_name    TEXT,
+        old_enabled BOOLEAN,
+        new_enabled BOOLEAN,
+        old_values  TEXT,
+        new_values  TEXT,
+        journal_id  BIGINT
+    );
+    CREATE INDEX changes_in_order ON changes (tx, id);
+    CREATE INDEX changes_unnamed ON changes (category) WHERE journal_id IS NULL;
+    CREATE INDEX changes_by_time ON changes (at);
+    CREATE FUNCTION ldapsync_object_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            INSERT INTO changes (object_id, category, new_name, new_enabled, new_values)
+            VALUES (NEW.id, NEW.category, NEW.name, NEW.enabled, NEW."values");
+        ELSIF TG_OP = 'DELETE' THEN
+            INSERT INTO changes (object_id, category, old_name, old_enabled, old_values)
+            VALUES (OLD.id, OLD.category, OLD.name, OLD.enabled, OLD."values");
+        ELSIF (OLD.name, OLD.enabled, OLD."values") IS DISTINCT FROM (NEW.name, NEW.enabled, NEW."values") THEN
+            INSERT INTO changes (object_id, category, old_name, new_name, old_enabled, new_enabled, old_values, new_values)
+            VALUES (NEW.id, NEW.category, OLD.name, NEW.name, OLD.enabled, NEW.enabled, OLD."values", NEW."values");
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER objects_changed AFTER INSERT OR UPDATE OF name, enabled, "values" OR DELETE ON objects
+        FOR EACH ROW EXECUTE FUNCTION ldapsync_object_changed();
+    CREATE FUNCTION ldapsync_journal_names_changes() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        UPDATE changes SET journal_id = NEW.id, at = NEW.at
+        WHERE journal_id IS NULL AND category = NEW.category
+          AND (old_name = NEW.object OR new_name = NEW.object);
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER journal_names_changes AFTER INSERT ON journal
+        FOR EACH ROW EXECUTE FUNCTION ldapsync_journal_names_changes();
+    CREATE TABLE cursors (
+        kind       TEXT NOT NULL,
+        name       TEXT NOT NULL,
+        cursor     TEXT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        PRIMARY KEY (kind, name)
+    );
+    CREATE TABLE dead_letters (
+        id         BIGSERIAL PRIMARY KEY,
+        webhook    TEXT NOT NULL,
+        cursor     TEXT NOT NULL,
+        body       TEXT NOT NULL,
+        attempts   BIGINT NOT NULL,
+        last_error TEXT NOT NULL,
+        failed_at  BIGINT NOT NULL
+    );
+    CREATE TABLE api_tokens (
+        name         TEXT PRIMARY KEY,
+        digest       TEXT NOT NULL UNIQUE,
+        role         TEXT NOT NULL,
+        created_at   BIGINT NOT NULL,
+        created_by   TEXT NOT NULL,
+        last_used_at BIGINT
+    );
+    INSERT INTO counters VALUES ('changes_pruned_tx', 0), ('changes_pruned_id', 0);
+"#,
+];
 
 /// Writes a batch holds at most before it commits them.
 const BATCH_WRITES: usize = 500;
@@ -780,21 +855,6 @@ impl PostgresStore {
     }
 }
 
-fn to_json(values: &Values) -> String {
-    serde_json::to_string(values).expect("a map of strings serializes")
-}
-
-fn from_json(what: &'static str, text: &str) -> Result<Values, StoreError> {
-    serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
-        what,
-        detail: e.to_string(),
-    })
-}
-
-fn parse<T: std::str::FromStr<Err = String>>(what: &'static str, text: &str) -> Result<T, StoreError> {
-    text.parse().map_err(|detail| StoreError::Corrupt { what, detail })
-}
-
 const OBJECT_COLUMNS: &str = r#"o.id, o.category, o.name, o.enabled, o."values""#;
 
 fn object_from(row: &Row) -> Result<LocalObject, StoreError> {
@@ -1171,32 +1231,47 @@ impl Store for PostgresStore {
         })
     }
 
-    fn journal(&self, query: &JournalQuery) -> Result<Vec<JournalEntry>, StoreError> {
+    fn journal(&self, query: &JournalQuery) -> Result<Vec<JournalLine>, StoreError> {
         let query = query.clone();
         let limit = if query.limit == 0 { i64::MAX } else { query.limit as i64 };
         self.call(move |s| {
             let rows = s
                 .client()?
                 .query(
-                    "SELECT at, connector, category, object, source, action, policy, detail FROM (
+                    "SELECT id, at, connector, category, object, source, action, policy, detail FROM (
                        SELECT * FROM journal
                        WHERE ($1::text IS NULL OR connector = $1) AND ($2::text IS NULL OR object = $2)
-                       ORDER BY id DESC LIMIT $3
+                         AND ($3::text IS NULL OR action = $3) AND ($4::text IS NULL OR source = $4)
+                         AND ($5::bigint IS NULL OR at >= $5) AND ($6::bigint IS NULL OR at < $6)
+                         AND ($7::bigint IS NULL OR id < $7)
+                       ORDER BY id DESC LIMIT $8
                      ) j ORDER BY id",
-                    &[&query.connector, &query.object, &limit],
+                    &[
+                        &query.connector,
+                        &query.object,
+                        &query.action.map(Action::as_str),
+                        &query.source.map(ChangeSource::as_str),
+                        &query.since,
+                        &query.until,
+                        &query.before,
+                        &limit,
+                    ],
                 )
                 .map_err(error)?;
             rows.iter()
                 .map(|r| {
-                    Ok(JournalEntry {
-                        at: r.get(0),
-                        connector: r.get(1),
-                        category: parse("category", r.get(2))?,
-                        object: r.get(3),
-                        source: parse::<ChangeSource>("journal source", r.get(4))?,
-                        action: parse::<Action>("journal action", r.get(5))?,
-                        policy: r.get(6),
-                        detail: r.get(7),
+                    Ok(JournalLine {
+                        id: r.get(0),
+                        entry: JournalEntry {
+                            at: r.get(1),
+                            connector: r.get(2),
+                            category: parse("category", r.get(3))?,
+                            object: r.get(4),
+                            source: parse::<ChangeSource>("journal source", r.get(5))?,
+                            action: parse::<Action>("journal action", r.get(6))?,
+                            policy: r.get(7),
+                            detail: r.get(8),
+                        },
                     })
                 })
                 .collect()
@@ -1546,13 +1621,8 @@ impl PostgresStore {
             associations: self.associations(None)?,
             ..Tables::default()
         };
-        let (objects, ids, states, captures, watermarks, held) = self.read(|c| {
+        let (objects, states, captures, watermarks, held) = self.read(|c| {
             let objects = c.query(&format!("SELECT {OBJECT_COLUMNS}, o.edit FROM objects o"), &[])?;
-            let ids: Vec<i64> = c
-                .query("SELECT id FROM journal ORDER BY id", &[])?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
             let states: Vec<String> = c
                 .query("SELECT connector FROM connector_state", &[])?
                 .iter()
@@ -1573,12 +1643,13 @@ impl PostgresStore {
                 .iter()
                 .map(|r| (r.get(0), r.get(1), r.get(2)))
                 .collect();
-            Ok((objects, ids, states, captures, watermarks, held))
+            Ok((objects, states, captures, watermarks, held))
         })?;
         for row in &objects {
             tables.objects.push((object_from(row)?, row.get(5)));
         }
-        tables.journal = ids.into_iter().zip(self.journal(&JournalQuery::default())?).collect();
+        let lines = self.journal(&JournalQuery::default())?;
+        tables.journal = lines.into_iter().map(|l| (l.id, l.entry)).collect();
         for name in states {
             tables.states.extend(self.connector_state(&name)?);
         }
@@ -1650,7 +1721,8 @@ impl PostgresStore {
             c.batch_execute(
                 "SELECT setval('objects_id_seq', coalesce((SELECT max(id) FROM objects), 0) + 1, false);
                  SELECT setval('journal_id_seq', coalesce((SELECT max(id) FROM journal), 0) + 1, false);
-                 SELECT setval('captures_id_seq', coalesce((SELECT max(id) FROM captures), 0) + 1, false);",
+                 SELECT setval('captures_id_seq', coalesce((SELECT max(id) FROM captures), 0) + 1, false);
+                 DELETE FROM changes;",
             )
             .map_err(error)?;
             Ok(())

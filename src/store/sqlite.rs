@@ -6,12 +6,14 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
+mod admin;
+
 use super::copy::Tables;
 use super::{
-    Association, Capture, CaptureKind, Commit, ConnectorState, HeldDelete, JournalEntry, JournalQuery, LocalObject,
-    Store, StoreError, Watermark,
+    Association, Capture, CaptureKind, Commit, ConnectorState, HeldDelete, JournalEntry, JournalLine, JournalQuery,
+    LocalObject, Store, StoreError, Watermark, from_json, parse, to_json,
 };
-use crate::model::{Action, Category, ChangeSource, Values};
+use crate::model::{Action, Category, ChangeSource};
 
 /// Schema versions, applied in order; never edit one that has shipped.
 const MIGRATIONS: &[&str] = &[
@@ -104,6 +106,71 @@ const MIGRATIONS: &[&str] = &[
         held_at   INTEGER NOT NULL,
         PRIMARY KEY (connector, object_id)
     );
+"#,
+    // The admin side (`store::admin`): the change feed, written by
+    // triggers so that no write path can miss a change, each named by the
+    // journal line of its transaction; consumers' and webhooks' cursors;
+    // dead letters; API tokens by digest.
+    r#"
+    CREATE TABLE changes (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        at          INTEGER NOT NULL DEFAULT (CAST(strftime('%s', 'now') AS INTEGER)),
+        object_id   INTEGER NOT NULL,
+        category    TEXT NOT NULL,
+        old_name    TEXT,
+        new_name    TEXT,
+        old_enabled INTEGER,
+        new_enabled INTEGER,
+        old_values  TEXT,
+        new_values  TEXT,
+        journal_id  INTEGER
+    );
+    CREATE INDEX changes_unnamed ON changes (category) WHERE journal_id IS NULL;
+    CREATE INDEX changes_by_time ON changes (at);
+    CREATE TRIGGER objects_inserted AFTER INSERT ON objects BEGIN
+        INSERT INTO changes (object_id, category, new_name, new_enabled, new_values)
+        VALUES (NEW.id, NEW.category, NEW.name, NEW.enabled, NEW."values");
+    END;
+    CREATE TRIGGER objects_updated AFTER UPDATE OF name, enabled, "values" ON objects
+    WHEN OLD.name IS NOT NEW.name OR OLD.enabled IS NOT NEW.enabled OR OLD."values" IS NOT NEW."values"
+    BEGIN
+        INSERT INTO changes (object_id, category, old_name, new_name, old_enabled, new_enabled, old_values, new_values)
+        VALUES (NEW.id, NEW.category, OLD.name, NEW.name, OLD.enabled, NEW.enabled, OLD."values", NEW."values");
+    END;
+    CREATE TRIGGER objects_deleted AFTER DELETE ON objects BEGIN
+        INSERT INTO changes (object_id, category, old_name, old_enabled, old_values)
+        VALUES (OLD.id, OLD.category, OLD.name, OLD.enabled, OLD."values");
+    END;
+    CREATE TRIGGER journal_names_changes AFTER INSERT ON journal BEGIN
+        UPDATE changes SET journal_id = NEW.id, at = NEW.at
+        WHERE journal_id IS NULL AND category = NEW.category
+          AND (old_name = NEW.object OR new_name = NEW.object);
+    END;
+    CREATE TABLE cursors (
+        kind       TEXT NOT NULL,
+        name       TEXT NOT NULL,
+        cursor     TEXT NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (kind, name)
+    );
+    CREATE TABLE dead_letters (
+        id         INTEGER PRIMARY KEY,
+        webhook    TEXT NOT NULL,
+        cursor     TEXT NOT NULL,
+        body       TEXT NOT NULL,
+        attempts   INTEGER NOT NULL,
+        last_error TEXT NOT NULL,
+        failed_at  INTEGER NOT NULL
+    );
+    CREATE TABLE api_tokens (
+        name         TEXT PRIMARY KEY,
+        digest       TEXT NOT NULL UNIQUE,
+        role         TEXT NOT NULL,
+        created_at   INTEGER NOT NULL,
+        created_by   TEXT NOT NULL,
+        last_used_at INTEGER
+    );
+    INSERT INTO counters VALUES ('changes_pruned', 0);
 "#,
 ];
 
@@ -287,24 +354,6 @@ fn owner_only(_: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn to_json(values: &Values) -> String {
-    serde_json::to_string(values).expect("a map of strings serializes")
-}
-
-fn from_json(what: &'static str, text: &str) -> Result<Values, StoreError> {
-    serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
-        what,
-        detail: e.to_string(),
-    })
-}
-
-fn parse_category(text: &str) -> Result<Category, StoreError> {
-    text.parse().map_err(|detail| StoreError::Corrupt {
-        what: "category",
-        detail,
-    })
-}
-
 const OBJECT_COLUMNS: &str = r#"id, category, name, enabled, "values""#;
 
 fn object_row(row: &Row) -> rusqlite::Result<(i64, String, String, bool, String)> {
@@ -315,7 +364,7 @@ fn object_from(raw: (i64, String, String, bool, String)) -> Result<LocalObject, 
     let (id, category, name, enabled, values) = raw;
     Ok(LocalObject {
         id,
-        category: parse_category(&category)?,
+        category: parse::<Category>("category", &category)?,
         name,
         enabled,
         values: from_json("object values", &values)?,
@@ -607,44 +656,56 @@ impl Store for SqliteStore {
         })
     }
 
-    fn journal(&self, query: &JournalQuery) -> Result<Vec<JournalEntry>, StoreError> {
+    fn journal(&self, query: &JournalQuery) -> Result<Vec<JournalLine>, StoreError> {
         let limit = if query.limit == 0 { i64::MAX } else { query.limit as i64 };
         let mut stmt = self.conn.prepare_cached(
-            "SELECT at, connector, category, object, source, action, policy, detail FROM (
+            "SELECT id, at, connector, category, object, source, action, policy, detail FROM (
                SELECT * FROM journal
                WHERE (?1 IS NULL OR connector = ?1) AND (?2 IS NULL OR object = ?2)
-               ORDER BY id DESC LIMIT ?3
+                 AND (?3 IS NULL OR action = ?3) AND (?4 IS NULL OR source = ?4)
+                 AND (?5 IS NULL OR at >= ?5) AND (?6 IS NULL OR at < ?6) AND (?7 IS NULL OR id < ?7)
+               ORDER BY id DESC LIMIT ?8
              ) ORDER BY id",
         )?;
-        let rows = stmt.query_map(params![query.connector, query.object, limit], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, String>(6)?,
-                r.get::<_, String>(7)?,
-            ))
-        })?;
+        let rows = stmt.query_map(
+            params![
+                query.connector,
+                query.object,
+                query.action.map(Action::as_str),
+                query.source.map(ChangeSource::as_str),
+                query.since,
+                query.until,
+                query.before,
+                limit
+            ],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, String>(6)?,
+                    r.get::<_, String>(7)?,
+                    r.get::<_, String>(8)?,
+                ))
+            },
+        )?;
         rows.map(|row| {
-            let (at, connector, category, object, source, action, policy, detail) = row?;
-            Ok(JournalEntry {
-                at,
-                connector,
-                category: parse_category(&category)?,
-                object,
-                source: source.parse::<ChangeSource>().map_err(|detail| StoreError::Corrupt {
-                    what: "journal source",
+            let (id, at, connector, category, object, source, action, policy, detail) = row?;
+            Ok(JournalLine {
+                id,
+                entry: JournalEntry {
+                    at,
+                    connector,
+                    category: parse("category", &category)?,
+                    object,
+                    source: parse("journal source", &source)?,
+                    action: parse("journal action", &action)?,
+                    policy,
                     detail,
-                })?,
-                action: action.parse::<Action>().map_err(|detail| StoreError::Corrupt {
-                    what: "journal action",
-                    detail,
-                })?,
-                policy,
-                detail,
+                },
             })
         })
         .collect()
@@ -769,7 +830,7 @@ impl Store for SqliteStore {
             Ok(Capture {
                 id,
                 connector,
-                category: parse_category(&category)?,
+                category: parse::<Category>("category", &category)?,
                 kind: CaptureKind::parse(&kind).ok_or(StoreError::Corrupt {
                     what: "capture kind",
                     detail: kind,
@@ -829,7 +890,7 @@ impl Store for SqliteStore {
         for row in rows {
             let (category, name, object_id, entry_id, dn, held_at) = row?;
             held.push(HeldDelete {
-                category: parse_category(&category)?,
+                category: parse::<Category>("category", &category)?,
                 name,
                 object_id,
                 entry_id,
@@ -1003,10 +1064,8 @@ impl SqliteStore {
             tables.objects.push((object_from(raw)?, edit));
         }
         tables.associations = self.associations(None)?;
-        let mut stmt = c.prepare("SELECT id FROM journal ORDER BY id")?;
-        let ids: Vec<i64> = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
         let lines = self.journal(&JournalQuery::default())?;
-        tables.journal = ids.into_iter().zip(lines).collect();
+        tables.journal = lines.into_iter().map(|l| (l.id, l.entry)).collect();
         let mut stmt = c.prepare("SELECT connector FROM connector_state")?;
         let names: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
         for name in names {
@@ -1024,7 +1083,7 @@ impl SqliteStore {
         for (connector, category) in keys {
             tables
                 .watermarks
-                .extend(self.watermark(&connector, parse_category(&category)?)?);
+                .extend(self.watermark(&connector, parse::<Category>("category", &category)?)?);
         }
         let mut stmt = c.prepare("SELECT connector, object_id, held_at FROM held_deletes")?;
         tables.held_deletes = stmt
@@ -1078,6 +1137,8 @@ impl SqliteStore {
                 "UPDATE counters SET value = ?1 WHERE name = 'local_edit'",
                 [tables.local_edit],
             )?;
+            // The copy is not a change: the target's feed starts empty.
+            tx.execute("DELETE FROM changes", [])?;
             Ok(())
         })
     }
@@ -1153,7 +1214,7 @@ mod tests {
             .journal(&JournalQuery::default())
             .unwrap()
             .into_iter()
-            .map(|j| j.action)
+            .map(|j| j.entry.action)
             .collect();
         assert_eq!(
             actions,
@@ -1293,7 +1354,7 @@ mod tests {
             .journal(&JournalQuery::default())
             .unwrap()
             .into_iter()
-            .map(|e| e.action)
+            .map(|e| e.entry.action)
             .collect();
         assert_eq!(
             actions,
@@ -1305,7 +1366,7 @@ mod tests {
                 ..JournalQuery::default()
             })
             .unwrap();
-        assert_eq!(last[0].action, Action::AssociationRemoved);
+        assert_eq!(last[0].entry.action, Action::AssociationRemoved);
     }
 
     #[test]

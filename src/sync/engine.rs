@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
+use serde::Serialize;
 use thiserror::Error;
 use tokio::sync::mpsc;
 
@@ -17,7 +18,7 @@ pub use super::mapping::is_secret_field;
 use super::mapping::{Mapping, MemberIndex};
 use super::policy::{self, Outcome, Side};
 use super::progress::Progress;
-pub use super::report::Report;
+pub use super::report::{Dispute, Report};
 use crate::config::{AccountSwitch, ConnectorConfig, DeletePolicy, ScopeConfig};
 use crate::directory::{AttrMod, DirectoryError, DirectoryOps, Entry, EntryStream};
 use crate::model::{
@@ -354,6 +355,93 @@ pub async fn link<S: Store, D: DirectoryOps>(
     Ok(pass.report)
 }
 
+/// One associated object seen three ways — its local values, its entry's,
+/// the baseline of the last sync — and what the next pass would do.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Comparison {
+    pub connector: String,
+    pub category: Category,
+    pub name: String,
+    pub entry_id: String,
+    /// The entry's DN now; the last one known when it is gone.
+    pub dn: String,
+    pub local: Values,
+    /// None when the entry is gone from the connector's scope.
+    pub directory: Option<Values>,
+    pub baseline: Values,
+    /// What the next pass would do, in words.
+    pub next: String,
+    /// The values both sides would hold afterwards.
+    pub result: Option<Values>,
+    /// Would the pass write the local object, the entry?
+    pub writes_local: bool,
+    pub writes_directory: bool,
+    /// The decision, as the journal would record it.
+    #[schema(value_type = Object)]
+    pub outcome: Option<Outcome>,
+}
+
+/// Compares an associated object with its entry, as the next pass
+/// would, changing nothing.
+pub async fn compare<S: Store, D: DirectoryOps>(
+    store: &mut S,
+    connector: &ConnectorConfig,
+    directory: &mut D,
+    object: LocalObject,
+) -> Result<Comparison, SyncError> {
+    let category = object.category;
+    let refused = |why: String| SyncError::Refused(format!("cannot compare {category} {}: {why}", object.name));
+    let scope = connector
+        .scope(category)
+        .ok_or_else(|| refused(format!("connector {} syncs no {category}s", connector.name)))?;
+    let association = store
+        .association_by_object(&connector.name, object.id)?
+        .ok_or_else(|| refused(format!("it is not associated with connector {}", connector.name)))?;
+    let mapping = Mapping { scope, category };
+    let local = mapping.local_values(&object);
+    let entry = directory.entry_by_id(scope, &association.entry_id).await?;
+    let mut comparison = Comparison {
+        connector: connector.name.clone(),
+        category,
+        name: object.name.clone(),
+        entry_id: association.entry_id.clone(),
+        dn: association.dn.clone(),
+        local,
+        directory: None,
+        baseline: association.baseline.clone(),
+        next: String::new(),
+        result: None,
+        writes_local: false,
+        writes_directory: false,
+        outcome: None,
+    };
+    let Some(entry) = entry else {
+        comparison.next = format!(
+            "its entry is gone from the scope: the next full pass applies delete = {}",
+            connector.delete.as_str()
+        );
+        return Ok(comparison);
+    };
+    let members = MemberIndex::for_pair(&*store, connector, &mapping, Some(&entry), Some(&object))?;
+    let pair = Pair::new(&mapping, object, &entry, &members);
+    let decision = policy::decide(
+        connector.direction,
+        connector.conflict_policy(),
+        &mapping.fields(),
+        &association.baseline,
+        &pair.local,
+        &pair.ldap,
+    );
+    comparison.dn = entry.dn.clone();
+    comparison.next = describe(&decision.outcome);
+    comparison.writes_local = decision.result != pair.local;
+    comparison.writes_directory = decision.result != pair.ldap;
+    comparison.directory = Some(pair.ldap);
+    comparison.result = Some(decision.result);
+    comparison.outcome = Some(decision.outcome);
+    Ok(comparison)
+}
+
 /// A local object and a directory entry decided together, with each
 /// side's mapped values.
 struct Pair<'e> {
@@ -448,10 +536,11 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
             connector: Some(entry.connector.clone()),
             object: Some(entry.object.clone()),
             limit: 1,
+            ..JournalQuery::default()
         })?;
         if last
             .first()
-            .is_some_and(|l| l.action == entry.action && l.detail == entry.detail)
+            .is_some_and(|l| l.entry.action == entry.action && l.entry.detail == entry.detail)
         {
             return Ok(());
         }
@@ -464,15 +553,14 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
 
     /// Leaves an object or entry alone, never guessing: said in the report
     /// (once per object) and journaled (once while it stands).
-    fn dispute(
-        &mut self,
-        category: Category,
-        key: &str,
-        line: String,
-        detail: serde_json::Value,
-    ) -> Result<(), StoreError> {
-        self.report.dispute(category, key.to_owned(), line);
-        self.journal_once(self.journal(category, key, self.source, Action::Disputed, detail))
+    fn dispute(&mut self, dispute: Dispute) -> Result<(), StoreError> {
+        let mut detail = serde_json::json!({ "reason": dispute.reason });
+        if !dispute.candidates.is_empty() {
+            detail["candidates"] = dispute.candidates.clone().into();
+        }
+        let journal = self.journal(dispute.category, &dispute.key, self.source, Action::Disputed, detail);
+        self.report.dispute(dispute);
+        self.journal_once(journal)
     }
 
     /// Compares every entry of the scope with its baseline, a page at a time.
@@ -593,10 +681,13 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
     ) -> Result<Option<i64>, SyncError> {
         let category = mapping.category;
         let Some(name) = entry.get(&mapping.scope.naming).first().cloned() else {
-            let detail =
-                serde_json::json!({ "dn": entry.dn, "reason": format!("entry has no {}", mapping.scope.naming) });
-            let line = format!("disputed {category} at {}: no {} value", entry.dn, mapping.scope.naming);
-            self.dispute(category, &entry.dn, line, detail)?;
+            self.dispute(Dispute {
+                category,
+                key: entry.dn.clone(),
+                reason: format!("entry has no {}", mapping.scope.naming),
+                candidates: Vec::new(),
+                line: format!("disputed {category} at {}: no {} value", entry.dn, mapping.scope.naming),
+            })?;
             return Ok(None);
         };
         let associated_elsewhere = match self.store.object(category, &name)? {
@@ -606,15 +697,19 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
         if let Some((object_id, other)) = associated_elsewhere {
             // The name is taken by an object associated with another entry:
             // this entry is what is in dispute, not the object.
-            let detail = serde_json::json!({
-                "dn": entry.dn,
-                "reason": format!("{name} is associated with entry {} ({}) of connector {}", other.entry_id, other.dn, other.connector),
-            });
-            let line = format!(
-                "disputed {category} entry {}: its {}={name} names {category} {name}, which is associated with {}",
-                entry.dn, mapping.scope.naming, other.dn
-            );
-            self.dispute(category, &entry.dn, line, detail)?;
+            self.dispute(Dispute {
+                category,
+                key: entry.dn.clone(),
+                reason: format!(
+                    "{name} is associated with entry {} ({}) of connector {}",
+                    other.entry_id, other.dn, other.connector
+                ),
+                candidates: Vec::new(),
+                line: format!(
+                    "disputed {category} entry {}: its {}={name} names {category} {name}, which is associated with {}",
+                    entry.dn, mapping.scope.naming, other.dn
+                ),
+            })?;
             return Ok(Some(object_id));
         }
         if name_taken {
@@ -633,10 +728,6 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
                 .into_iter()
                 .map(|e| e.dn)
                 .collect();
-            let detail = serde_json::json!({
-                "reason": format!("several entries have {}={name}", mapping.scope.naming),
-                "candidates": candidates,
-            });
             let line = format!(
                 "disputed {category} {name}: {} directory entries have {}={name} ({}); \
                  resolve with `ldapsync association link {name} --connector {} --dn DN`",
@@ -645,7 +736,13 @@ impl<'a, S: Store, D: DirectoryOps> Pass<'a, S, D> {
                 candidates.join("; "),
                 self.connector.name
             );
-            self.dispute(category, &name, line, detail)?;
+            self.dispute(Dispute {
+                category,
+                key: name.clone(),
+                reason: format!("several entries have {}={name}", mapping.scope.naming),
+                candidates,
+                line,
+            })?;
             return Ok(self.store.object(category, &name)?.map(|o| o.id));
         }
         let ldap_values = mapping.ldap_values(entry, &self.members);

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model::{Action, Category};
 use crate::store::HeldDelete;
@@ -30,17 +30,33 @@ pub struct Report {
     /// One line per decision that changed something, for the operator.
     #[serde(skip)]
     pub lines: Vec<String>,
-    /// The line of each disputed object (or nameless entry), by category
-    /// and name: an object counts once however many entries it has and
-    /// however many events of one poll concern it. Stored with the last
-    /// reconciliation's result, for `status`: the lines only.
-    #[serde(serialize_with = "dispute_lines")]
-    #[schema(value_type = Vec<String>)]
-    pub(super) disputes: BTreeMap<(Category, String), String>,
+    /// Each disputed object (or nameless entry), by category and name:
+    /// an object counts once however many entries it has and however many
+    /// events of one poll concern it. Stored with the last reconciliation's
+    /// result, for `status`, the API and the console.
+    #[serde(serialize_with = "dispute_list")]
+    #[schema(value_type = Vec<Dispute>)]
+    pub(super) disputes: BTreeMap<(Category, String), Dispute>,
 }
 
-fn dispute_lines<S: serde::Serializer>(
-    disputes: &BTreeMap<(Category, String), String>,
+/// An object or entry the engine left alone rather than guess, and what
+/// an operator needs to settle it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Dispute {
+    pub category: Category,
+    /// The object's name, or the entry's DN when it has no name.
+    pub key: String,
+    /// Why it is disputed.
+    pub reason: String,
+    /// The DNs of the entries it could be linked with.
+    #[serde(default)]
+    pub candidates: Vec<String>,
+    /// The line the report says.
+    pub line: String,
+}
+
+fn dispute_list<S: serde::Serializer>(
+    disputes: &BTreeMap<(Category, String), Dispute>,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     serializer.collect_seq(disputes.values())
@@ -80,14 +96,15 @@ impl Report {
         self.deletes_refused += other.deletes_refused;
         self.failed += other.failed;
         self.lines.extend(other.lines);
-        for (key, line) in other.disputes {
-            self.dispute(key.0, key.1, line);
+        for (_, dispute) in other.disputes {
+            self.dispute(dispute);
         }
     }
 
-    pub(super) fn dispute(&mut self, category: Category, key: String, line: String) {
-        if let std::collections::btree_map::Entry::Vacant(vacant) = self.disputes.entry((category, key)) {
-            vacant.insert(line);
+    pub(super) fn dispute(&mut self, dispute: Dispute) {
+        let key = (dispute.category, dispute.key.clone());
+        if let std::collections::btree_map::Entry::Vacant(vacant) = self.disputes.entry(key) {
+            vacant.insert(dispute);
             self.disputed += 1;
         }
     }
@@ -115,6 +132,6 @@ impl Report {
 
     /// Every line for the operator: decisions, then disputes.
     pub fn all_lines(&self) -> impl Iterator<Item = &String> {
-        self.lines.iter().chain(self.disputes.values())
+        self.lines.iter().chain(self.disputes.values().map(|d| &d.line))
     }
 }

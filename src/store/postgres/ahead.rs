@@ -11,8 +11,9 @@
 
 use std::collections::HashMap;
 
-use super::{ASSOCIATION_COLUMNS, BATCH_WRITES, Db, OBJECT_COLUMNS, association_from, error, object_from, to_json};
+use super::{ASSOCIATION_COLUMNS, BATCH_WRITES, Db, OBJECT_COLUMNS, association_from, error, object_from};
 use crate::model::Category;
+use crate::store::to_json;
 use crate::store::{Association, Commit, LocalObject, StoreError};
 
 /// Object ids taken from the sequence at once for the creations of a pass.
