@@ -65,7 +65,7 @@ run-cluster: deps-run
 # Tests that cannot run here say so in $(SKIP_LOG), summed up last.
 SKIP_LOG := $(CURDIR)/target/skipped-suites.txt
 # The suites that run on both stores (tests named *sqlite* are about the file).
-PG_TESTS := --test sync --test cli
+PG_TESTS := --test sync --test cli --test admin_side
 
 test: deps
 	fuzz/run.sh $(FUZZ_SECONDS)

@@ -1470,7 +1470,7 @@ impl Config {
         problems.extend(duration_in(
             "admin.session_timeout",
             a.session_timeout,
-            Duration::from_secs(60),
+            Duration::from_secs(5),
             30 * day,
         ));
         problems.extend(duration_in(
@@ -2057,7 +2057,7 @@ mod tests {
             [
                 "admin.connector: no connector is called \"d\"",
                 "admin.auditor_group: \"not a dn\" is not a DN",
-                "admin.session_timeout = \"1s\" is out of range: 1m to 30days",
+                "admin.session_timeout = \"1s\" is out of range: 5s to 30days",
             ]
         );
         let without_connectors = format!("{base}\n[admin]\nlisten = \"127.0.0.1:0\"\nadmin_group = \"cn=a,dc=b\"");

@@ -6,109 +6,9 @@
 
 mod common;
 
-use common::{Served, http, serve};
-use ldapsync_fixtures::{ROOT_DN, ROOT_PW, Slapd, person};
+use common::admin::Api;
+use common::http;
 use serde_json::{Value, json};
-
-/// ldapsync with a connector over the fixture directory and the admin API
-/// on: `cn=admins` (alice) administers, `cn=staff` (alice, bob, carol)
-/// audits; dave is in neither.
-struct Api {
-    _slapd: Slapd,
-    _dir: tempfile::TempDir,
-    served: Served,
-    addr: String,
-}
-
-impl Api {
-    fn start() -> Api {
-        Api::start_with("")
-    }
-
-    /// With `admin` lines added to the `[admin]` table.
-    fn start_with(admin: &str) -> Api {
-        let slapd = Slapd::start();
-        let dir = tempfile::tempdir().unwrap();
-        let secret = dir.path().join("service.secret");
-        std::fs::write(&secret, format!("{ROOT_PW}\n")).unwrap();
-        let toml = format!(
-            r#"
-[proxy]
-listen = ["ldap://127.0.0.1:0"]
-upstream = ["{url}"]
-[store]
-path = "{db}"
-[admin]
-listen = "127.0.0.1:0"
-admin_group = "cn=admins,ou=groups,dc=example,dc=com"
-auditor_group = "cn=staff,ou=groups,dc=example,dc=com"
-max_failed_logins = 5
-{admin}
-[[connector]]
-name = "example"
-bind_dn = "{ROOT_DN}"
-password_file = "{secret}"
-direction = "both"
-poll_interval = "1h"
-[connector.accounts]
-base = "ou=people,dc=example,dc=com"
-filter = "(objectClass=inetOrgPerson)"
-naming = "uid"
-map = {{ mail = "mail", cn = "display_name" }}
-object_classes = ["inetOrgPerson"]
-defaults = {{ sn = "{{name}}" }}
-"#,
-            url = slapd.url(),
-            db = dir.path().join("ldapsync.db").display(),
-            secret = secret.display(),
-        );
-        let config = dir.path().join("ldapsync.toml");
-        std::fs::write(&config, toml).unwrap();
-        let served = serve(&["--config", config.to_str().unwrap()]);
-        let addr = served
-            .startup
-            .iter()
-            .find(|l| l.contains("admin API and console listening"))
-            .and_then(|l| l.split("addr=").nth(1))
-            .and_then(|rest| rest.split_whitespace().next())
-            .expect("the admin API is announced")
-            .to_owned();
-        Api {
-            _slapd: slapd,
-            _dir: dir,
-            served,
-            addr,
-        }
-    }
-
-    fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, Value) {
-        let (status, content_type, body) = http(&self.addr, method, path, token, body);
-        if status >= 400 {
-            assert_eq!(content_type, "application/problem+json", "{method} {path}: {body}");
-        }
-        let value = match body.is_empty() {
-            true => Value::Null,
-            false => serde_json::from_str(&body).unwrap_or_else(|e| panic!("{method} {path}: {e}: {body}")),
-        };
-        if status >= 400 {
-            assert_eq!(value["status"], status, "{value}");
-            assert!(value["code"].is_string() && value["detail"].is_string(), "{value}");
-        }
-        (status, value)
-    }
-
-    fn login(&self, uid: &str, password: &str) -> (u16, Value) {
-        let body = json!({ "username": uid, "password": password }).to_string();
-        self.call("POST", "/api/v1/login", None, Some(&body))
-    }
-
-    /// A token of `uid`, logged in with the fixture password.
-    fn token(&self, uid: &str) -> String {
-        let (status, body) = self.login(uid, &person(uid).1);
-        assert_eq!(status, 200, "{body}");
-        body["token"].as_str().unwrap().to_owned()
-    }
-}
 
 #[test]
 fn operators_log_in_with_their_directory_credentials_and_their_groups_decide_what_they_may_do() {
@@ -370,11 +270,14 @@ fn https(addr: &str, ca: &std::path::Path, method: &str, path: &str, body: &str)
 #[test]
 fn with_a_certificate_the_api_speaks_https_only() {
     let pki = ldapsync_fixtures::Pki::new("admin api");
-    let api = Api::start_with(&format!(
-        "tls = {{ cert = \"{}\", key = \"{}\" }}",
-        pki.cert.display(),
-        pki.key.display()
-    ));
+    let api = Api::start_with(
+        &format!(
+            "tls = {{ cert = \"{}\", key = \"{}\" }}",
+            pki.cert.display(),
+            pki.key.display()
+        ),
+        "",
+    );
     let login = json!({ "username": "alice", "password": "alice-secret" }).to_string();
     let (status, body) = https(&api.addr, &pki.ca, "POST", "/api/v1/login", &login);
     assert_eq!(status, 200, "{body}");

@@ -156,8 +156,11 @@ impl FromRequestParts<Arc<AdminState>> for Operator {
                 csrf: None,
             });
         }
-        let operator = from_cookie(state, &parts.headers).ok_or_else(|| {
-            unauthorized("log in (POST /api/v1/login) and send Authorization: Bearer TOKEN, or the session cookie")
+        let operator = from_cookie(state, &parts.headers).ok_or_else(|| match cookie(&parts.headers) {
+            Some(_) => unauthorized("the session is unknown or has expired: log in again"),
+            None => {
+                unauthorized("log in (POST /api/v1/login) and send Authorization: Bearer TOKEN, or the session cookie")
+            }
         })?;
         // A browser sends the cookie with any request, a forged one too:
         // a change must also prove it comes from a page of the session.
@@ -307,4 +310,21 @@ fn login_connector(config: &Config) -> Result<ConnectorConfig, Problem> {
             "no connector checks logins",
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_session_cookie_is_found_among_others() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_static("theme=dark; ldapsync_session=abc123; x=y"),
+        );
+        assert_eq!(cookie(&headers), Some("abc123"));
+        headers.insert(header::COOKIE, HeaderValue::from_static("other=1"));
+        assert_eq!(cookie(&headers), None);
+    }
 }

@@ -3,6 +3,8 @@
 // Each test crate includes this module and uses a part of it.
 #![allow(dead_code)]
 
+pub mod admin;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -142,6 +144,20 @@ impl Served {
             .status()
             .unwrap();
         assert!(status.success(), "kill -{name}");
+    }
+
+    /// The first line logged from now on that contains `needle`, within
+    /// `limit`.
+    pub fn wait_for(&self, needle: &str, limit: Duration) -> Option<String> {
+        let deadline = Instant::now() + limit;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.log.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return Some(line),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
     }
 
     /// SIGTERM, then the exit status and everything logged.
