@@ -9,8 +9,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUN_PACKAGES := slapd ldap-utils
 # The tests add PostgreSQL, 389 Directory Server (and iproute2, with which
 # its fixture sets up a private network namespace), man (the man pages must
-# render), and libldap2-dev and libsasl2-dev, from which python-ldap builds.
-TEST_PACKAGES := $(RUN_PACKAGES) libldap2-dev libsasl2-dev postgresql 389-ds-base iproute2 man-db
+# render), libldap2-dev and libsasl2-dev, from which python-ldap builds, and
+# chromium with its WebDriver, in which the web console is tested.
+TEST_PACKAGES := $(RUN_PACKAGES) libldap2-dev libsasl2-dev postgresql 389-ds-base iproute2 man-db \
+  chromium chromium-driver
 # The Python LDAP clients the protocol tests drive, in a project-local venv.
 VENV := .venv
 PY_REQUIREMENTS := protocol-tests/python/requirements.txt

@@ -77,7 +77,7 @@ fn api_tokens_made_by_the_cli_work_for_scripts_until_revoked_and_are_kept_as_dig
     );
 
     // The store holds digests only: a copy of it gives nobody access.
-    if let TestStore::Sqlite = TestStore::start() {
+    if !TestStore::is_postgres() {
         for file in ["ldapsync.db", "ldapsync.db-wal"] {
             let bytes = std::fs::read(api.dir.path().join(file)).unwrap_or_default();
             let text = String::from_utf8_lossy(&bytes);
@@ -288,6 +288,23 @@ fn a_dry_run_plans_without_changing_anything_and_only_an_admin_runs_the_pass() {
     assert_eq!(api.call("GET", "/api/v1/accounts/quinn", Some(&alice), None).0, 200);
     let (status, unknown) = api.call("POST", "/api/v1/connectors/nope/sync", Some(&alice), Some("{}"));
     assert_eq!((status, unknown["code"].as_str().unwrap()), (422, "unknown-connector"));
+
+    // The connector's state after the pass, and who syncs it.
+    let (_, connectors) = api.call("GET", "/api/v1/connectors", Some(&bob), None);
+    assert!(connectors[0]["last_sync_at"].is_i64(), "{connectors}");
+    let (status, cluster) = api.call("GET", "/api/v1/instances", Some(&bob), None);
+    assert_eq!(status, 200);
+    if TestStore::is_postgres() {
+        let instances = cluster["instances"].as_array().unwrap();
+        assert!(
+            instances
+                .iter()
+                .any(|i| i["alive"] == true && i["holds"] == json!(["example"])),
+            "{cluster}"
+        );
+    } else {
+        assert_eq!(cluster, Value::Null, "one instance, no registry");
+    }
 }
 
 #[test]

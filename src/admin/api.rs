@@ -629,7 +629,12 @@ impl FeedQuery {
                     .with_store(move |_, store| feed::consumer_cursor(store, &name))
                     .await
             }
-            (None, None) => Ok(Cursor::default()),
+            // From the oldest change kept.
+            (None, None) => {
+                state
+                    .with_store(|_, store| Ok(store::AdminStore::pruned_through(store)?))
+                    .await
+            }
         }
     }
 }

@@ -70,6 +70,15 @@ async fn style() -> Response {
     ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE).into_response()
 }
 
+/// An object's page, its name escaped as a path segment.
+fn object_href(category: Category, name: &str) -> String {
+    let mut url = url::Url::parse("http://console/console/objects").expect("a constant URL");
+    if let Ok(mut segments) = url.path_segments_mut() {
+        segments.push(category.as_str()).push(name);
+    }
+    url.path().to_owned()
+}
+
 fn time(secs: i64) -> String {
     super::timestamp(secs)
 }
@@ -136,6 +145,22 @@ fn failed(operator: &Operator) -> impl Fn(Problem) -> Response + '_ {
     move |problem| problem_page(Some(operator), problem)
 }
 
+/// A form that acts: whole, posted from a page of this session (its CSRF
+/// token), and, when `admins_only`, by an admin.
+fn acting<T>(
+    operator: &Operator,
+    form: Result<Form<T>, FormRejection>,
+    csrf: impl Fn(&T) -> Option<&str>,
+    admins_only: bool,
+) -> Result<T, Problem> {
+    let Form(form) = form.map_err(bad_form)?;
+    operator.check_csrf(csrf(&form))?;
+    if admins_only {
+        operator.may_change()?;
+    }
+    Ok(form)
+}
+
 #[derive(Deserialize, Default)]
 #[serde(default)]
 struct LoginForm {
@@ -199,8 +224,7 @@ async fn logout(
     headers: axum::http::HeaderMap,
     form: Result<Form<CsrfForm>, FormRejection>,
 ) -> PageResult {
-    let Form(form) = form.map_err(|r| problem_page(Some(&operator), bad_form(r)))?;
-    operator.check_csrf(form.csrf.as_deref()).map_err(failed(&operator))?;
+    acting(&operator, form, |f| f.csrf.as_deref(), false).map_err(failed(&operator))?;
     auth::log_out(&state, &headers);
     let cookie = auth::session_cookie(None, state.config.admin.tls.is_some());
     Ok(([(header::SET_COOKIE, cookie)], Redirect::to("/console/login")).into_response())
@@ -318,7 +342,7 @@ fn journal_table(lines: &[JournalLine]) -> Markup {
                 @let e = &line.entry;
                 tr {
                     td { (time(e.at)) } td { (if e.connector.is_empty() { "-" } else { &e.connector }) }
-                    td { a href={ "/console/objects/" (e.category) "/" (e.object) } { (e.category) " " (e.object) } }
+                    td { a href=(object_href(e.category, &e.object)) { (e.category) " " (e.object) } }
                     td { (e.source) } td { span class={ "action " (e.action) } { (e.action) } }
                     td { (detail(e.action, &e.detail)) }
                 }
@@ -455,8 +479,7 @@ async fn dry_run(
     Path(name): Path<String>,
     form: Result<Form<CsrfForm>, FormRejection>,
 ) -> PageResult {
-    let Form(form) = form.map_err(|r| problem_page(Some(&operator), bad_form(r)))?;
-    operator.check_csrf(form.csrf.as_deref()).map_err(failed(&operator))?;
+    acting(&operator, form, |f| f.csrf.as_deref(), false).map_err(failed(&operator))?;
     let outcome = run_pass(&state, &name, true, false).await.map_err(failed(&operator))?;
     let body = html! {
         p { "What a full pass of " (name) " would do now (nothing was changed):" }
@@ -508,9 +531,7 @@ async fn run(
     Path(name): Path<String>,
     form: Result<Form<RunForm>, FormRejection>,
 ) -> PageResult {
-    let Form(form) = form.map_err(|r| problem_page(Some(&operator), bad_form(r)))?;
-    operator.check_csrf(form.csrf.as_deref()).map_err(failed(&operator))?;
-    operator.may_change().map_err(failed(&operator))?;
+    let form = acting(&operator, form, |f| f.csrf.as_deref(), true).map_err(failed(&operator))?;
     confirmed(&form.confirm).map_err(failed(&operator))?;
     let confirm_deletes = form.confirm_deletes.as_deref() == Some("true");
     tracing::info!(operator = %operator.name, connector = %name, "console: a full pass requested");
@@ -565,7 +586,7 @@ async fn objects(
             caption { (found.items.len()) " " (category) "(s)" @if found.next.is_some() { ", the first 100" } }
             thead { tr { th scope="col" { "Name" } th scope="col" { "Enabled" } th scope="col" { "Fields" } } }
             tbody { @for o in &found.items { tr {
-                th scope="row" { a href={ "/console/objects/" (o.category) "/" (o.name) } { (o.name) } }
+                th scope="row" { a href=(object_href(o.category, &o.name)) { (o.name) } }
                 td { @if o.enabled { "yes" } @else { "no" } }
                 td { (o.values.keys().cloned().collect::<Vec<_>>().join(", ")) }
             } } }
@@ -743,9 +764,7 @@ async fn link(
     ConsoleOperator(operator): ConsoleOperator,
     form: Result<Form<AssociationForm>, FormRejection>,
 ) -> PageResult {
-    let Form(form) = form.map_err(|r| problem_page(Some(&operator), bad_form(r)))?;
-    operator.check_csrf(form.csrf.as_deref()).map_err(failed(&operator))?;
-    operator.may_change().map_err(failed(&operator))?;
+    let form = acting(&operator, form, |f| f.csrf.as_deref(), true).map_err(failed(&operator))?;
     confirmed(&form.confirm).map_err(failed(&operator))?;
     let category = form.category().map_err(failed(&operator))?;
     let Some(dn) = form.dn.clone() else {
@@ -774,7 +793,7 @@ async fn link(
     let body = html! {
         p role="status" { (category) " " (form.name) " is linked with " (dn) "." }
         (outcome_summary(&outcome))
-        p { a href={ "/console/objects/" (category) "/" (form.name) } { "See " (form.name) } }
+        p { a href=(object_href(category, &form.name)) { "See " (form.name) } }
     };
     Ok(page("Linked", Some(&operator), body).into_response())
 }
@@ -784,9 +803,7 @@ async fn remove_association(
     ConsoleOperator(operator): ConsoleOperator,
     form: Result<Form<AssociationForm>, FormRejection>,
 ) -> PageResult {
-    let Form(form) = form.map_err(|r| problem_page(Some(&operator), bad_form(r)))?;
-    operator.check_csrf(form.csrf.as_deref()).map_err(failed(&operator))?;
-    operator.may_change().map_err(failed(&operator))?;
+    let form = acting(&operator, form, |f| f.csrf.as_deref(), true).map_err(failed(&operator))?;
     confirmed(&form.confirm).map_err(failed(&operator))?;
     let category = form.category().map_err(failed(&operator))?;
     let who = format!("console:{}", operator.name);
@@ -798,7 +815,7 @@ async fn remove_association(
         .map_err(failed(&operator))?;
     let body = html! {
         p role="status" { "The association of " (category) " " (form.name) " with " (form.connector) " is removed; the next pass matches it afresh." }
-        p { a href={ "/console/objects/" (category) "/" (form.name) } { "See " (form.name) } }
+        p { a href=(object_href(category, &form.name)) { "See " (form.name) } }
     };
     Ok(page("Association removed", Some(&operator), body).into_response())
 }

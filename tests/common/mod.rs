@@ -20,6 +20,11 @@ pub enum TestStore {
 }
 
 impl TestStore {
+    /// This run's store is PostgreSQL (`make test`'s second run).
+    pub fn is_postgres() -> bool {
+        std::env::var("LDAPSYNC_TEST_STORE").as_deref() == Ok("postgresql")
+    }
+
     pub fn start() -> TestStore {
         match std::env::var("LDAPSYNC_TEST_STORE").as_deref() {
             Ok("postgresql") => TestStore::Postgres(ldapsync_fixtures::Postgres::start()),
