@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete as delete_route, get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use tracing::info;
 
 use super::auth::{self, Operator};
 use super::feed::{self, FeedChange, FeedPage};
@@ -416,7 +417,8 @@ async fn sync(
     if !request.dry_run {
         operator.may_change()?;
     }
-    let outcome = run_pass(&state, &connector, request.dry_run, request.confirm_deletes).await?;
+    let who = operator.journaled();
+    let outcome = run_pass(&state, &connector, request.dry_run, request.confirm_deletes, &who).await?;
     Ok(Json(outcome).into_response())
 }
 
@@ -427,9 +429,16 @@ pub async fn run_pass(
     connector: &str,
     dry_run: bool,
     confirm_deletes: bool,
+    operator: &str,
 ) -> Result<Outcome, Problem> {
     let config = &state.config;
     config.require_connector(connector).map_err(AdminError::from)?;
+    // A dry run changes nothing: any number may run.
+    let _running = match dry_run {
+        true => None,
+        false => Some(state.start_pass(connector)?),
+    };
+    info!(%operator, %connector, dry_run, confirm_deletes, "admin server: a full pass requested");
     let settings = config.store.clone();
     let mut store = tokio::task::spawn_blocking(move || store::open(&settings))
         .await

@@ -68,6 +68,11 @@ impl Operator {
         }
     }
 
+    /// As the journal records the console's acts.
+    pub fn journaled_from_console(&self) -> String {
+        format!("console:{}", self.name)
+    }
+
     /// A form's CSRF token must be the session's.
     pub fn check_csrf(&self, sent: Option<&str>) -> Result<(), Problem> {
         match (&self.csrf, sent) {

@@ -480,7 +480,10 @@ async fn dry_run(
     form: Result<Form<CsrfForm>, FormRejection>,
 ) -> PageResult {
     acting(&operator, form, |f| f.csrf.as_deref(), false).map_err(failed(&operator))?;
-    let outcome = run_pass(&state, &name, true, false).await.map_err(failed(&operator))?;
+    let who = operator.journaled_from_console();
+    let outcome = run_pass(&state, &name, true, false, &who)
+        .await
+        .map_err(failed(&operator))?;
     let body = html! {
         p { "What a full pass of " (name) " would do now (nothing was changed):" }
         (outcome_summary(&outcome))
@@ -534,8 +537,8 @@ async fn run(
     let form = acting(&operator, form, |f| f.csrf.as_deref(), true).map_err(failed(&operator))?;
     confirmed(&form.confirm).map_err(failed(&operator))?;
     let confirm_deletes = form.confirm_deletes.as_deref() == Some("true");
-    tracing::info!(operator = %operator.name, connector = %name, "console: a full pass requested");
-    let outcome = run_pass(&state, &name, false, confirm_deletes)
+    let who = operator.journaled_from_console();
+    let outcome = run_pass(&state, &name, false, confirm_deletes, &who)
         .await
         .map_err(failed(&operator))?;
     let body = html! {
@@ -777,7 +780,7 @@ async fn link(
             ),
         ));
     };
-    let who = format!("console:{}", operator.name);
+    let who = operator.journaled_from_console();
     let mut store = state.store.lock().await;
     let outcome = super::link(
         &state.config,
@@ -806,7 +809,7 @@ async fn remove_association(
     let form = acting(&operator, form, |f| f.csrf.as_deref(), true).map_err(failed(&operator))?;
     confirmed(&form.confirm).map_err(failed(&operator))?;
     let category = form.category().map_err(failed(&operator))?;
-    let who = format!("console:{}", operator.name);
+    let who = operator.journaled_from_console();
     state
         .with_store(|config, store| {
             super::remove_association(config, store, &form.connector, category, &form.name, &who)

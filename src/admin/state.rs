@@ -2,7 +2,7 @@
 //! server's own store connection, the open sessions, the failed-login
 //! limiter — and the problem document (RFC 9457) every error becomes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,25 @@ pub struct AdminState {
     /// Requests waiting for changes (long polls and event streams) at
     /// most: each reads the store twice a second while it waits.
     pub waiting: Arc<Semaphore>,
+    /// The connectors a pass started here is running for: one at a time
+    /// each, so that two operators' clicks do not create an entry twice.
+    passes: Mutex<HashSet<String>>,
+}
+
+/// A pass started here, running; its connector is free again when dropped.
+pub struct RunningPass<'a> {
+    state: &'a AdminState,
+    connector: String,
+}
+
+impl Drop for RunningPass<'_> {
+    fn drop(&mut self) {
+        self.state
+            .passes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.connector);
+    }
 }
 
 /// Waiting feed readers at most.
@@ -39,8 +58,25 @@ impl AdminState {
             sessions: Sessions::new(config.admin.session_timeout),
             store: tokio::sync::Mutex::new(store),
             waiting: Arc::new(Semaphore::new(MAX_WAITING)),
+            passes: Mutex::default(),
             config,
         }
+    }
+
+    /// Marks a pass of `connector` as running, unless one is.
+    pub fn start_pass(&self, connector: &str) -> Result<RunningPass<'_>, Problem> {
+        let mut passes = self.passes.lock().unwrap_or_else(|e| e.into_inner());
+        if !passes.insert(connector.to_owned()) {
+            return Err(Problem::new(
+                StatusCode::CONFLICT,
+                "pass-running",
+                format!("a pass of {connector} started here is running; wait for its report"),
+            ));
+        }
+        Ok(RunningPass {
+            state: self,
+            connector: connector.to_owned(),
+        })
     }
 
     /// Runs a store operation off the runtime's threads (the stores block).
@@ -224,4 +260,23 @@ pub fn bad_form(rejection: FormRejection) -> Problem {
         _ => "bad-form",
     };
     Problem::new(status, code, rejection.body_text())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SqliteStore;
+
+    #[test]
+    fn a_connector_runs_one_pass_started_here_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AnyStore::Sqlite(SqliteStore::open(&dir.path().join("db")).unwrap());
+        let state = AdminState::new(Config::default(), store);
+        let running = state.start_pass("example").unwrap();
+        let refused = state.start_pass("example").map(|_| ()).unwrap_err();
+        assert_eq!((refused.status, refused.code), (StatusCode::CONFLICT, "pass-running"));
+        assert!(state.start_pass("other").is_ok(), "another connector's pass may run");
+        drop(running);
+        assert!(state.start_pass("example").is_ok(), "free again once the pass is over");
+    }
 }
