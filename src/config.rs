@@ -33,6 +33,8 @@ pub enum ConfigError {
     OutOfRange { key: String, value: String, range: String },
     #[error("admin.{key}: {message}")]
     Admin { key: &'static str, message: String },
+    #[error("proxy.multiplex.{key}: {message}")]
+    Multiplex { key: String, message: String },
     #[error("webhook {webhook:?}: {key}: {message}")]
     Webhook {
         webhook: String,
@@ -1062,6 +1064,8 @@ pub struct ProxyConfig {
     pub on_directory_loss: DirectoryLoss,
     /// How new sessions choose among the directory URLs that are up.
     pub balance: Balance,
+    /// The shared connections of multiplexed listeners.
+    pub multiplex: Option<MultiplexConfig>,
     /// How often a directory URL that is up is probed (a root DSE read).
     #[serde(with = "humantime_serde")]
     pub health_interval: Duration,
@@ -1138,6 +1142,56 @@ pub struct Listener {
     pub require_tls: bool,
     /// Who ends the client's TLS: ldapsync, or the directory.
     pub tls: ListenerTls,
+    /// A directory connection per session, or a few shared by all.
+    pub mode: ListenerMode,
+}
+
+/// How a listener's sessions reach the directory (`mode` in a listener's
+/// table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ListenerMode {
+    /// Each session has a directory connection of its own, which carries
+    /// its bytes untouched.
+    #[default]
+    Transparent,
+    /// Sessions share a few directory connections bound as
+    /// `proxy.multiplex.bind_dn`: each operation carries the client's
+    /// identity in a Proxied Authorization control (RFC 4370), and binds
+    /// are checked on connections of their own. A SASL bind takes the
+    /// session to a dedicated connection.
+    Multiplexed,
+}
+
+/// `[proxy.multiplex]`: the identity and size of the shared directory
+/// connections of `mode = "multiplexed"` listeners.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MultiplexConfig {
+    /// An identity the directory lets assert other identities (slapd:
+    /// `authzTo` on its entry, `olcAuthzPolicy: to`).
+    pub bind_dn: String,
+    pub password_file: Option<PathBuf>,
+    pub password_env: Option<String>,
+    /// Shared connections; two per core when unset.
+    pub connections: Option<usize>,
+}
+
+impl MultiplexConfig {
+    pub fn password(&self) -> Result<Secret, ConfigError> {
+        let error = |key: &str, message: String| ConfigError::Multiplex {
+            key: key.into(),
+            message,
+        };
+        read_secret(&self.password_file, &self.password_env, error)?
+            .ok_or_else(|| error("password_file", "set password_file or password_env".into()))
+    }
+
+    /// Shared connections to open.
+    pub fn connections(&self) -> usize {
+        self.connections
+            .unwrap_or_else(|| 2 * std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
+    }
 }
 
 /// Who ends a client's TLS on a listener (`tls` in a listener's table).
@@ -1168,7 +1222,7 @@ impl<'de> Deserialize<'de> for Listener {
 
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str(
-                    r#"a listen URL such as "ldap://127.0.0.1:389", or { url = "…", require_tls = true, tls = "passthrough" }"#,
+                    r#"a listen URL such as "ldap://127.0.0.1:389", or { url = "…", require_tls = true, tls = "passthrough", mode = "multiplexed" }"#,
                 )
             }
 
@@ -1185,12 +1239,15 @@ impl<'de> Deserialize<'de> for Listener {
                     require_tls: bool,
                     #[serde(default)]
                     tls: ListenerTls,
+                    #[serde(default)]
+                    mode: ListenerMode,
                 }
                 let table = Table::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
                 Ok(Listener {
                     url: table.url,
                     require_tls: table.require_tls,
                     tls: table.tls,
+                    mode: table.mode,
                 })
             }
         }
@@ -1204,6 +1261,7 @@ impl From<LdapUrl> for Listener {
             url,
             require_tls: false,
             tls: ListenerTls::Terminate,
+            mode: ListenerMode::Transparent,
         }
     }
 }
@@ -1268,6 +1326,7 @@ impl Default for ProxyConfig {
             max_request_buffer: 64 * 1024 * 1024,
             on_directory_loss: DirectoryLoss::default(),
             balance: Balance::default(),
+            multiplex: None,
             health_interval: Duration::from_secs(10),
             weight: BTreeMap::new(),
             tier: BTreeMap::new(),
@@ -1555,6 +1614,42 @@ impl Config {
         }
         if (p.upstream_tls.client_cert.is_some()) != (p.upstream_tls.client_key.is_some()) {
             problems.push(ConfigError::ClientCertificate);
+        }
+        let multiplexed = p.listen.iter().filter(|l| l.mode == ListenerMode::Multiplexed);
+        for listener in multiplexed {
+            let url = listener.url.to_string();
+            if listener.tls == ListenerTls::Passthrough {
+                problems.push(ConfigError::Multiplex {
+                    key: "mode".into(),
+                    message: format!("listener {url} passes TLS through: its sessions cannot share connections"),
+                });
+            }
+            if p.multiplex.is_none() {
+                problems.push(ConfigError::Multiplex {
+                    key: "bind_dn".into(),
+                    message: format!(
+                        "listener {url} is multiplexed: set [proxy.multiplex] bind_dn and password_file, \
+                         the identity of the shared connections"
+                    ),
+                });
+            }
+        }
+        if let Some(m) = &p.multiplex {
+            if !crate::dn::is_valid(&m.bind_dn) || m.bind_dn.is_empty() {
+                problems.push(ConfigError::Multiplex {
+                    key: "bind_dn".into(),
+                    message: format!("{:?} is not a DN", m.bind_dn),
+                });
+            }
+            if m.password_file.is_none() && m.password_env.is_none() {
+                problems.push(ConfigError::Multiplex {
+                    key: "password_file".into(),
+                    message: "set password_file or password_env".into(),
+                });
+            }
+            if let Some(n) = m.connections {
+                problems.extend(count_in("proxy.multiplex.connections", n, 1, 1024));
+            }
         }
         const MIB: usize = 1024 * 1024;
         let counts = [

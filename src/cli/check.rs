@@ -32,6 +32,9 @@ fn hint(problem: &ConfigError) -> &'static str {
             "add a directory URL of the listener's scheme, or let ldapsync end TLS (tls = \"terminate\")"
         }
         ConfigError::Admin { .. } => "see docs/admin-api.md: [admin] listen, connector, admin_group, auditor_group",
+        ConfigError::Multiplex { .. } => {
+            "see docs/relay.md, \"Multiplexed listeners\": [proxy.multiplex] bind_dn, password_file, connections"
+        }
         ConfigError::Webhook { .. } => {
             "see docs/change-feed.md: [[webhook]] name, url (https://), secret_file or secret_env"
         }

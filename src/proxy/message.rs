@@ -202,6 +202,11 @@ impl Envelope {
         Some((name, auth.tag, credentials))
     }
 
+    /// A BindRequest's name (a DN for a simple bind).
+    pub fn bind_name<'a>(&self, pdu: &'a [u8]) -> Option<&'a [u8]> {
+        self.bind_parts(pdu).map(|(name, _, _)| name)
+    }
+
     /// Whether a BindRequest uses SASL (`authentication` is `[3] SaslCredentials`).
     pub fn is_sasl_bind(&self, pdu: &[u8]) -> bool {
         const SASL_CREDENTIALS: u8 = 0xa3;
@@ -303,6 +308,19 @@ pub fn root_dse_search(message_id: u32) -> Bytes {
             false,
             Filter::Present("objectClass".into()),
             vec!["supportedLDAPVersion".into()],
+        )),
+    )
+}
+
+/// A simple BindRequest, as the multiplexed connections bind.
+pub fn simple_bind_request(message_id: u32, dn: &str, password: &str) -> Bytes {
+    use rasn_ldap::{AuthenticationChoice, BindRequest};
+    encode(
+        message_id,
+        ProtocolOp::BindRequest(BindRequest::new(
+            3,
+            dn.into(),
+            AuthenticationChoice::Simple(password.as_bytes().to_vec().into()),
         )),
     )
 }

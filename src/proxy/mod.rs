@@ -12,6 +12,7 @@ pub mod codec;
 mod conformance;
 mod limits;
 pub mod message;
+mod multiplex;
 mod pool;
 mod session;
 mod upstream;
@@ -30,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::{ClientTlsConfig, LdapUrl, Listener, ProxyConfig};
+use crate::config::{ClientTlsConfig, LdapUrl, Listener, ListenerMode, ProxyConfig};
 use crate::throttle::Throttle;
 use crate::tls::{self, ServerTls, TlsError};
 pub use capture::{CaptureLoss, CaptureSink, CapturedWrite, LogSink, Opacity, WriteKind};
@@ -139,6 +140,8 @@ struct Shared {
     directory_lost: Throttle,
     /// Which directory URLs are known down, and the sessions on each.
     pool: Arc<pool::Pool>,
+    /// The shared connections of multiplexed listeners, when there are any.
+    multiplexer: Option<Arc<multiplex::Multiplexer>>,
 }
 
 impl Shared {
@@ -194,6 +197,8 @@ pub enum ProxyError {
     Tls(#[from] TlsError),
     #[error("conformance report {path}: {source}")]
     Report { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Multiplex(crate::config::ConfigError),
 }
 
 /// A listener as `ldapsync status` shows it.
@@ -265,6 +270,17 @@ impl Proxy {
         }
         let pool = Arc::new(pool::Pool::default());
         pool.admit(&config.upstream);
+        let multiplexer = match &config.multiplex {
+            Some(multiplex) if config.listen.iter().any(|l| l.mode == ListenerMode::Multiplexed) => {
+                let password = multiplex.password().map_err(ProxyError::Multiplex)?;
+                Some(Arc::new(multiplex::Multiplexer::new(
+                    multiplex,
+                    password,
+                    config.max_upstream_pdu,
+                )))
+            }
+            _ => None,
+        };
         Ok(Proxy {
             shared: Arc::new(Shared {
                 settings: RwLock::new(Arc::new(Settings::new(config)?)),
@@ -275,6 +291,7 @@ impl Proxy {
                 conformance,
                 directory_lost: Throttle::new(Duration::from_secs(10)),
                 pool,
+                multiplexer,
             }),
             connections,
             max_connections: config_max_connections,

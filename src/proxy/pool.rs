@@ -56,6 +56,18 @@ pub struct Slot {
     url: String,
 }
 
+impl Slot {
+    /// Another session on the same URL (one that shares this slot's
+    /// connection, in multiplexed mode).
+    pub fn another(&self) -> Slot {
+        self.pool.take_named(self.url.clone())
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut state = self.pool.state();
@@ -114,7 +126,10 @@ impl Pool {
 
     /// A session connected to `url`: counted until the slot is dropped.
     pub fn take(self: &Arc<Self>, url: &LdapUrl) -> Slot {
-        let url = url.to_string();
+        self.take_named(url.to_string())
+    }
+
+    fn take_named(self: &Arc<Self>, url: String) -> Slot {
         let mut state = self.state();
         let open = state.sessions.entry(url.clone()).or_default();
         *open += 1;

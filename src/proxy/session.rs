@@ -39,7 +39,7 @@ use super::message::{self, Envelope, Op, STARTTLS_OID};
 use super::pool::Slot;
 use super::upstream;
 use super::{Io, Settings, Shared};
-use crate::config::{DirectoryLoss, Listener, ListenerTls};
+use crate::config::{DirectoryLoss, Listener, ListenerMode, ListenerTls};
 use crate::metrics::{METRICS, OpLabel, OperationLabels};
 
 type Stream = Box<dyn Io>;
@@ -602,7 +602,11 @@ impl Session {
     /// Opens the session's directory connection over `route`; when there
     /// is none, `Err` holds what `request` returns.
     async fn connect(&mut self, route: &upstream::Route<'_>, request: &Envelope) -> Result<(), Option<End>> {
-        match upstream::connect(route, &self.shared.pool).await {
+        let connected = match (&self.shared.multiplexer, self.listener.mode) {
+            (Some(multiplexer), ListenerMode::Multiplexed) => multiplexer.open(route, &self.shared.pool).await,
+            _ => upstream::connect(route, &self.shared.pool).await,
+        };
+        match connected {
             Ok((stream, slot)) => match self.start_upstream(stream, slot, Framing::Pdus).await {
                 None => Ok(()),
                 Some(end) => Err(Some(end)),

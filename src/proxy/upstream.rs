@@ -28,6 +28,15 @@ pub struct UnreachableError {
     attempts: Vec<(String, ConnectError)>,
 }
 
+impl UnreachableError {
+    /// A URL that answered but refused what it was asked.
+    pub fn refused(url: &str, why: String) -> UnreachableError {
+        UnreachableError {
+            attempts: vec![(url.to_owned(), ConnectError::Probe(why))],
+        }
+    }
+}
+
 /// Why one directory URL could not be used.
 #[derive(Debug, Error)]
 pub enum ConnectError {

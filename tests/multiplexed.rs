@@ -1,0 +1,270 @@
+//! Multiplexed listeners against a real slapd: client sessions share two
+//! directory connections bound as a service identity allowed to assert
+//! others (`authzTo`), each operation carrying the client's identity in a
+//! Proxied Authorization control. The directory sees the client's identity
+//! (whoami, ACLs give the answers they give directly), failed binds leave
+//! the session anonymous, a client's own proxied authorization is refused,
+//! abandon reaches the right operation, SASL takes a dedicated connection,
+//! and fifty sessions cost the directory a handful of connections.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::serve_config;
+use ldapsync_fixtures::{ROOT_DN, ROOT_PW, Slapd, ldapmodify, person};
+
+const SERVICE: &str = "cn=ldapsync,dc=example,dc=com";
+
+struct Mux {
+    slapd: Slapd,
+    _dir: tempfile::TempDir,
+    served: common::Served,
+}
+
+impl Mux {
+    fn start() -> Mux {
+        let slapd = Slapd::start();
+        // The service may assert the people's identities (and anonymity).
+        ldapmodify(
+            &slapd.url(),
+            ROOT_DN,
+            ROOT_PW,
+            &format!(
+                "dn: {SERVICE}\nchangetype: add\nobjectClass: organizationalRole\nobjectClass: simpleSecurityObject\n\
+                 cn: ldapsync\nuserPassword: mux-secret\nauthzTo: {{0}}dn.regex:^uid=[^,]*,ou=people,dc=example,dc=com$\n"
+            ),
+        );
+        let secret = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(secret.path(), "mux-secret\n").unwrap();
+        let (dir, served) = serve_config(&format!(
+            r#"
+[proxy]
+listen = [{{ url = "ldap://127.0.0.1:0", mode = "multiplexed" }}]
+upstream = ["{}"]
+[proxy.multiplex]
+bind_dn = "{SERVICE}"
+password_file = "{}"
+connections = 2
+"#,
+            slapd.url(),
+            secret.path().display()
+        ));
+        std::fs::copy(secret.path(), dir.path().join("kept.secret")).unwrap();
+        Mux {
+            slapd,
+            _dir: dir,
+            served,
+        }
+    }
+}
+
+fn run(tool: &str, args: &[&str]) -> Output {
+    Command::new(tool).args(args).output().unwrap()
+}
+
+/// (exit code, stdout) of an ldap-utils tool.
+fn tool(tool: &str, url: &str, args: &[&str]) -> (i32, String) {
+    let out = run(tool, &[&["-x", "-H", url][..], args].concat());
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+fn whoami(url: &str, uid: Option<&str>) -> (i32, String) {
+    match uid {
+        Some(uid) => {
+            let (dn, password) = person(uid);
+            tool("ldapwhoami", url, &["-D", &dn, "-w", &password])
+        }
+        None => tool("ldapwhoami", url, &[]),
+    }
+}
+
+#[test]
+fn the_directory_sees_each_clients_identity_and_its_acls_answer_as_they_do_directly() {
+    let mux = Mux::start();
+    let (proxied, direct) = (mux.served.url.as_str(), mux.slapd.url());
+    for uid in [Some("alice"), Some("bob"), None] {
+        let through = whoami(proxied, uid);
+        assert_eq!(through, whoami(&direct, uid), "{uid:?}");
+        assert_eq!(through.0, 0, "{through:?}");
+    }
+    assert!(
+        whoami(proxied, Some("alice"))
+            .1
+            .contains("dn:uid=alice,ou=people,dc=example,dc=com")
+    );
+    assert!(whoami(proxied, None).1.contains("anonymous"));
+
+    // Self write, others' entries refused, passwords readable by their
+    // owner only: through the shared connections as directly.
+    let (alice, alice_pw) = person("alice");
+    let (bob, _) = person("bob");
+    let modify = |url: &str, target: &str| {
+        let ldif = format!("dn: {target}\nchangetype: modify\nreplace: description\ndescription: by alice\n");
+        let mut child = Command::new("ldapmodify")
+            .args(["-x", "-H", url, "-D", &alice, "-w", &alice_pw])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(ldif.as_bytes()).unwrap();
+        child.wait().unwrap().code()
+    };
+    // (target, exit code): 0 success, 50 insufficientAccessRights.
+    for (target, code) in [(&alice, Some(0)), (&bob, Some(50))] {
+        assert_eq!(modify(proxied, target), code, "through ldapsync, {target}");
+        assert_eq!(modify(&direct, target), code, "directly, {target}");
+    }
+    let password_of = |url: &str, reader: Option<&str>, owner: &str| {
+        let owner_dn = person(owner).0;
+        let mut args = vec!["-LLL", "-b", owner_dn.as_str(), "-s", "base", "userPassword"];
+        let creds;
+        if let Some(reader) = reader {
+            creds = person(reader);
+            args.extend(["-D", creds.0.as_str(), "-w", creds.1.as_str()]);
+        }
+        tool("ldapsearch", url, &args).1.contains("userPassword")
+    };
+    for (reader, sees) in [(Some("alice"), true), (Some("bob"), false), (None, false)] {
+        assert_eq!(
+            password_of(proxied, reader, "alice"),
+            sees,
+            "{reader:?} through ldapsync"
+        );
+        assert_eq!(password_of(&direct, reader, "alice"), sees, "{reader:?} directly");
+    }
+}
+
+#[test]
+fn failed_binds_leave_the_session_anonymous_and_a_clients_own_proxied_authorization_is_refused() {
+    let mux = Mux::start();
+    let url = mux.served.url.clone();
+    let (code, said) = tool("ldapwhoami", &url, &["-D", &person("alice").0, "-w", "wrong"]);
+    assert_eq!(code, 49, "invalidCredentials, as the directory says: {said}");
+    // Asserting bob's identity with alice's session would run with the
+    // shared connections' right to be anyone: refused.
+    let (alice, password) = person("alice");
+    let authzid = format!("!authzid=dn:{}", person("bob").0);
+    let (code, said) = tool("ldapwhoami", &url, &["-D", &alice, "-w", &password, "-e", &authzid]);
+    assert_ne!(code, 0);
+    assert!(
+        said.contains("(53)") && said.contains("multiplexed"),
+        "unwillingToPerform: {said}"
+    );
+
+    // One session: a wrong password, then the right one (ldap3, one
+    // connection throughout).
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (conn, mut ldap) = ldap3::LdapConnAsync::new(&url).await.unwrap();
+        ldap3::drive!(conn);
+        let refused = ldap.simple_bind(&alice, "wrong").await.unwrap();
+        assert_eq!(refused.rc, 49);
+        let who = async |ldap: &mut ldap3::Ldap| {
+            let (exop, _) = ldap.extended(ldap3::exop::WhoAmI).await.unwrap().success().unwrap();
+            String::from_utf8_lossy(&exop.val.unwrap_or_default()).into_owned()
+        };
+        assert_eq!(who(&mut ldap).await, "", "anonymous after a failed bind");
+        assert_eq!(ldap.simple_bind(&alice, &password).await.unwrap().rc, 0);
+        assert_eq!(who(&mut ldap).await, format!("dn:{alice}"));
+        ldap.unbind().await.unwrap();
+    });
+}
+
+#[test]
+fn many_sessions_share_a_few_directory_connections_and_sasl_takes_one_of_its_own() {
+    let mux = Mux::start();
+    let url = mux.served.url.clone();
+    let port = mux
+        .slapd
+        .url()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_owned();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let directory_connections = runtime.block_on(async {
+        let mut sessions = Vec::new();
+        for i in 0..50 {
+            let (conn, mut ldap) = ldap3::LdapConnAsync::new(&url).await.unwrap();
+            ldap3::drive!(conn);
+            let (dn, password) = person(["alice", "bob", "carol"][i % 3]);
+            assert_eq!(ldap.simple_bind(&dn, &password).await.unwrap().rc, 0);
+            let (entries, result) = ldap
+                .search(&dn, ldap3::Scope::Base, "(objectClass=*)", vec!["uid"])
+                .await
+                .unwrap()
+                .success()
+                .unwrap();
+            assert_eq!((entries.len(), result.rc), (1, 0));
+            sessions.push(ldap);
+        }
+        let out = Command::new("ss")
+            .args(["-Htn", "state", "established", &format!("( dport = :{port} )")])
+            .output()
+            .unwrap();
+        let open = String::from_utf8_lossy(&out.stdout).lines().count();
+        for mut ldap in sessions {
+            ldap.unbind().await.unwrap();
+        }
+        open
+    });
+    // Two shared connections and at most two that check binds.
+    assert!(
+        directory_connections <= 4,
+        "{directory_connections} directory connections for 50 sessions"
+    );
+
+    // A SASL bind goes over a connection of its own, and works.
+    let out = run(
+        "ldapwhoami",
+        &[
+            "-H",
+            &url,
+            "-Y",
+            "DIGEST-MD5",
+            "-U",
+            "alice",
+            "-w",
+            "alice-secret",
+            "-O",
+            "maxssf=0",
+        ],
+    );
+    let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("dn:uid=alice,ou=people,dc=example,dc=com"), "{said}");
+}
+
+#[test]
+fn an_abandon_is_relayed_for_its_operation_and_the_session_goes_on() {
+    use common::raw;
+    let mux = Mux::start();
+    let mut client = raw::Raw::connect(&mux.served.url);
+    // A search, abandoned at once, then a whoami: the session goes on, and
+    // what comes back carries the client's message ids.
+    client.send(&[
+        raw::search_base(2, "ou=nowhere,dc=example,dc=com"),
+        raw::abandon(3, 2),
+        raw::whoami(4),
+    ]);
+    let mut seen = Vec::new();
+    while let Some(response) = client.response() {
+        seen.push(response.message_id);
+        if response.message_id == 4 {
+            break;
+        }
+    }
+    assert_eq!(
+        seen.last(),
+        Some(&4),
+        "the whoami after the abandon is answered: {seen:?}"
+    );
+    assert!(seen.iter().all(|id| [2, 4].contains(id)), "{seen:?}");
+}
