@@ -167,6 +167,61 @@ impl Drop for ProxyHandle {
     }
 }
 
+/// `LDAPSYNC_TEST_LISTENER=multiplexed` (`make test`'s third run): the
+/// differential suites run through a multiplexed listener.
+pub fn multiplexed() -> bool {
+    match std::env::var("LDAPSYNC_TEST_LISTENER").as_deref() {
+        Ok("multiplexed") => true,
+        Ok("transparent") | Ok("") | Err(_) => false,
+        Ok(other) => panic!("LDAPSYNC_TEST_LISTENER={other}: say transparent or multiplexed"),
+    }
+}
+
+/// The identity a multiplexed listener's shared connections bind as: an
+/// entry allowed to assert any identity the tests use (the root DN too).
+pub struct MultiplexService {
+    secret: tempfile::NamedTempFile,
+}
+
+pub const MULTIPLEX_SERVICE: &str = "cn=ldapsync,dc=example,dc=com";
+
+impl MultiplexService {
+    pub fn add(directories: &[&Slapd]) -> MultiplexService {
+        for directory in directories {
+            ldapsync_fixtures::ldapmodify(
+                &directory.url(),
+                ldapsync_fixtures::ROOT_DN,
+                ldapsync_fixtures::ROOT_PW,
+                &format!(
+                    "dn: {MULTIPLEX_SERVICE}\nchangetype: add\nobjectClass: organizationalRole\n\
+                     objectClass: simpleSecurityObject\ncn: ldapsync\nuserPassword: mux-secret\n\
+                     authzTo: {{0}}dn.regex:.*\n"
+                ),
+            );
+        }
+        let secret = tempfile::NamedTempFile::new().expect("a temporary file");
+        std::fs::write(secret.path(), "mux-secret\n").expect("writing the secret");
+        MultiplexService { secret }
+    }
+
+    /// A multiplexed listener over two shared connections.
+    pub fn configure(&self, config: &mut ProxyConfig) {
+        let mut listener: Listener = config
+            .listen
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "ldap://127.0.0.1:0".parse::<LdapUrl>().unwrap().into());
+        listener.mode = ldapsync::config::ListenerMode::Multiplexed;
+        config.listen = vec![listener];
+        config.multiplex = Some(ldapsync::config::MultiplexConfig {
+            bind_dn: MULTIPLEX_SERVICE.into(),
+            password_file: Some(self.secret.path().to_owned()),
+            password_env: None,
+            connections: Some(2),
+        });
+    }
+}
+
 /// Two identical directories: one reached directly, one through ldapsync.
 pub struct Pair {
     pub direct: Slapd,
@@ -182,7 +237,14 @@ impl Pair {
     pub fn start_with_bulk(bulk: usize) -> Pair {
         let direct = Slapd::start_with_bulk(bulk);
         let behind_proxy = Slapd::start_with_bulk(bulk);
-        let proxy = ProxyHandle::start(&[behind_proxy.url()]);
+        let proxy = match multiplexed() {
+            false => ProxyHandle::start(&[behind_proxy.url()]),
+            true => {
+                // Both directories get the service entry: they stay alike.
+                let service = MultiplexService::add(&[&direct, &behind_proxy]);
+                ProxyHandle::start_with(&[behind_proxy.url()], |config| service.configure(config))
+            }
+        };
         Pair {
             direct,
             behind_proxy,
