@@ -2060,6 +2060,41 @@ mod tests {
     }
 
     #[test]
+    fn a_multiplexed_listener_needs_an_identity_to_share_and_cannot_pass_tls_through() {
+        let problems = |listen: &str, multiplex: &str| -> Vec<String> {
+            let text = format!("[proxy]\nupstream = [\"ldap://dir.example.com\"]\nlisten = [{listen}]\n{multiplex}");
+            let config = Config::parse(&text, Path::new("c.toml")).unwrap();
+            config.proxy_problems().iter().map(ToString::to_string).collect()
+        };
+        let multiplexed = r#"{ url = "ldap://127.0.0.1:389", mode = "multiplexed" }"#;
+        let identity = "[proxy.multiplex]\nbind_dn = \"cn=ldapsync,dc=example,dc=com\"\npassword_env = \"MUX\"\n";
+        assert_eq!(problems(multiplexed, identity), Vec::<String>::new());
+        assert_eq!(
+            problems(multiplexed, ""),
+            [
+                "proxy.multiplex.bind_dn: listener ldap://127.0.0.1:389 is multiplexed: set [proxy.multiplex] bind_dn \
+                 and password_file, the identity of the shared connections"
+            ]
+        );
+        let both = r#"{ url = "ldap://127.0.0.1:389", mode = "multiplexed", tls = "passthrough" }"#;
+        assert_eq!(
+            problems(both, identity),
+            [
+                "proxy.multiplex.mode: listener ldap://127.0.0.1:389 passes TLS through: its sessions cannot share connections"
+            ]
+        );
+        let bad_dn = "[proxy.multiplex]\nbind_dn = \"not a dn\"\nconnections = 0\n";
+        assert_eq!(
+            problems(multiplexed, bad_dn),
+            [
+                "proxy.multiplex.bind_dn: \"not a dn\" is not a DN",
+                "proxy.multiplex.password_file: set password_file or password_env",
+                "proxy.multiplex.connections = 0 is out of range: 1 to 1024",
+            ]
+        );
+    }
+
+    #[test]
     fn presets_fill_what_the_file_leaves_unset() {
         let text = |preset: &str, extra: &str| {
             format!(

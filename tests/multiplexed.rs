@@ -18,12 +18,17 @@ const SERVICE: &str = "cn=ldapsync,dc=example,dc=com";
 
 struct Mux {
     slapd: Slapd,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     served: common::Served,
 }
 
 impl Mux {
     fn start() -> Mux {
+        Mux::start_with("")
+    }
+
+    /// With `extra` at the end of the configuration (a connector).
+    fn start_with(extra: &str) -> Mux {
         let slapd = Slapd::start();
         // The service may assert the people's identities (and anonymity).
         ldapmodify(
@@ -46,16 +51,13 @@ upstream = ["{}"]
 bind_dn = "{SERVICE}"
 password_file = "{}"
 connections = 2
+{extra}
 "#,
             slapd.url(),
             secret.path().display()
         ));
         std::fs::copy(secret.path(), dir.path().join("kept.secret")).unwrap();
-        Mux {
-            slapd,
-            _dir: dir,
-            served,
-        }
+        Mux { slapd, dir, served }
     }
 }
 
@@ -267,4 +269,63 @@ fn an_abandon_is_relayed_for_its_operation_and_the_session_goes_on() {
         "the whoami after the abandon is answered: {seen:?}"
     );
     assert!(seen.iter().all(|id| [2, 4].contains(id)), "{seen:?}");
+}
+
+#[test]
+fn a_write_through_a_multiplexed_listener_is_captured_like_any_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("service.secret");
+    std::fs::write(&secret, format!("{ROOT_PW}\n")).unwrap();
+    // Polls once an hour: only capture can bring the change in.
+    let mux = Mux::start_with(&format!(
+        r#"
+[store]
+path = "{}"
+[[connector]]
+name = "example"
+bind_dn = "{ROOT_DN}"
+password_file = "{}"
+direction = "ldap-to-local"
+poll_interval = "1h"
+[connector.accounts]
+base = "ou=people,dc=example,dc=com"
+filter = "(objectClass=inetOrgPerson)"
+naming = "uid"
+map = {{ mail = "mail" }}
+"#,
+        dir.path().join("ldapsync.db").display(),
+        secret.display()
+    ));
+    let config = mux.dir.path().join("ldapsync.toml");
+    let show = || {
+        let out = common::ldapsync()
+            .args([
+                "--json",
+                "account",
+                "show",
+                "alice",
+                "--config",
+                config.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        common::eventually(|| show().contains("alice@example.com")),
+        "imported: {}",
+        show()
+    );
+    let (alice, password) = person("alice");
+    ldapmodify(
+        &mux.served.url,
+        &alice,
+        &password,
+        &format!("dn: {alice}\nchangetype: modify\nreplace: mail\nmail: alice@multiplexed.example\n"),
+    );
+    assert!(
+        common::eventually(|| show().contains("alice@multiplexed.example")),
+        "captured: {}",
+        show()
+    );
 }
