@@ -8,6 +8,8 @@
 #
 #   uid=user000001,ou=bulk,dc=example,dc=com   password "bulk-secret"
 #   cn=group0001,ou=bulkgroups,dc=example,dc=com
+#   cn=ldapsync,dc=example,dc=com   password "mux-secret", may assert any
+#                                   identity (a multiplexed listener's)
 set -euo pipefail
 PEOPLE=${1:-100000}
 NGROUPS=${2:-1000}
@@ -17,6 +19,8 @@ cat "$here/../fixtures/data/example.ldif"
 awk -v people="$PEOPLE" -v groups="$NGROUPS" 'BEGIN {
     base = "dc=example,dc=com"
     printf "\ndn: ou=bulkgroups,%s\nobjectClass: organizationalUnit\nou: bulkgroups\n", base
+    printf "\ndn: cn=ldapsync,%s\nobjectClass: organizationalRole\nobjectClass: simpleSecurityObject\n", base
+    printf "cn: ldapsync\nuserPassword: mux-secret\nauthzTo: {0}dn.regex:.*\n"
     split("Anna Ben Chloe David Emma Felix Grace Hugo Iris Jonas Kim Lea Max Nina Omar Paula", given, " ")
     split("Smith Muller Rossi Dubois Novak Silva Jensen Kowalski Garcia Berg Costa Weber", family, " ")
     for (i = 1; i <= people; i++) {

@@ -15,8 +15,9 @@ import sys
 # haproxy-tcp next to slapd: both are limits (the directory itself, and a
 # relay that does no LDAP work) rather than alternatives to ldapsync.
 # ldapsync+pg: capture on, its store on PostgreSQL (docs/high-availability.md).
-TARGETS = ["slapd", "haproxy-tcp", "ldapsync", "ldapsync+cap", "ldapsync+pg", "ldapsync+pool", "back-ldap",
-           "back-asyncmeta"]
+# ldapsync-mux: a multiplexed listener (docs/relay.md, "Multiplexed listeners").
+TARGETS = ["slapd", "haproxy-tcp", "ldapsync", "ldapsync-mux", "ldapsync+cap", "ldapsync+pg", "ldapsync+pool",
+           "back-ldap", "back-asyncmeta"]
 
 
 def load(path):

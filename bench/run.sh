@@ -8,6 +8,8 @@
 #             haproxy-tcp    HAProxy in TCP mode relaying to it: a byte pump that
 #                            parses no LDAP, the limit of any relay on this box
 #             ldapsync       ldapsync relaying to it (no connector)
+#             ldapsync-mux   ldapsync with a multiplexed listener (sessions share
+#                            a few directory connections, RFC 4370 identities)
 #             ldapsync+cap   ldapsync relaying to it with a connector (capture on)
 #             back-ldap      a second slapd, back_ldap pointing at the first
 #             back-asyncmeta a third slapd, back_asyncmeta pointing at the first
@@ -180,9 +182,15 @@ start_ldapsync() { # NAME CONNECTOR [STORE [EXTRA_STORE_LINES]]
     mkdir -p "$dir"
     echo secret >"$dir/service.secret"
     chmod 600 "$dir/service.secret"
+    local listen="\"${URL[$1]}\""
+    if [[ -n ${MULTIPLEXED:-} ]]; then
+        echo mux-secret >"$dir/multiplex.secret"
+        chmod 600 "$dir/multiplex.secret"
+        listen="{ url = \"${URL[$1]}\", mode = \"multiplexed\" }"
+    fi
     cat >"$dir/ldapsync.toml" <<TOML
 [proxy]
-listen = ["${URL[$1]}"]
+listen = [$listen]
 upstream = [$upstreams]
 ${PROXY_LINES:-}
 max_connections = 30000
@@ -192,6 +200,9 @@ max_connections_per_address = 30000
 level = "warn"
 
 TOML
+    if [[ -n ${MULTIPLEXED:-} ]]; then
+        printf '[proxy.multiplex]\nbind_dn = "cn=ldapsync,dc=example,dc=com"\npassword_file = "%s/multiplex.secret"\n\n' "$dir" >>"$dir/ldapsync.toml"
+    fi
     if [[ -n ${3:-} ]]; then
         printf '[store]\nurl = "%s"\nadmin_socket = "%s/ldapsync.sock"\n%s\n' "$3" "$dir" "${4:-}" >>"$dir/ldapsync.toml"
     else
@@ -257,6 +268,7 @@ start_slapd slapd "$data/slapd.d" 2
 start_postgres
 start_haproxy haproxy-tcp
 start_ldapsync ldapsync 0
+MULTIPLEXED=1 start_ldapsync ldapsync-mux 0
 start_ldapsync ldapsync+cap 1
 capurl=$(pg_db capture)
 start_ldapsync ldapsync+pg 1 "$capurl"
@@ -289,7 +301,7 @@ bench() { # TARGET ARGS… : one scenario, its JSON tagged with the target
     printf '%s\n' "$out" | python3 -c 'import json,sys; d=json.load(sys.stdin); d["target"]=sys.argv[1]; print(json.dumps(d))' "$target" >>"$results"
 }
 
-proxies="slapd haproxy-tcp ldapsync back-ldap back-asyncmeta"
+proxies="slapd haproxy-tcp ldapsync ldapsync-mux back-ldap back-asyncmeta"
 say "(a) search by uid, 1 connection, $LAT_OPS sequential operations"
 for t in $proxies; do bench "$t" latency --ops "$LAT_OPS"; done
 for conns in 32 256; do

@@ -14,6 +14,9 @@
 //! that carries its own proxied authorization is refused: it would run with
 //! the shared connections' right to assert anyone.
 //!
+//! The directory holds at most twice `connections` of ldapsync's: the
+//! shared ones, and as many checking binds.
+//!
 //! The bytes are rewritten, not decoded: the message id and the controls
 //! element are replaced, the protocolOp is copied as it came.
 
@@ -25,7 +28,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::StreamExt;
 use rasn_ldap::ResultCode;
 use tokio::io::{AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -59,6 +62,9 @@ pub struct Multiplexer {
     next: AtomicUsize,
     /// Idle connections that check binds, one bind at a time each.
     binds: Mutex<Vec<FramedIo>>,
+    /// Binds checked at once, at most: a storm of clients binding waits
+    /// its turn rather than open a directory connection each.
+    checking: Semaphore,
     max_pdu: usize,
 }
 
@@ -94,6 +100,7 @@ impl Multiplexer {
                 .collect(),
             next: AtomicUsize::new(0),
             binds: Mutex::default(),
+            checking: Semaphore::new(config.connections()),
             max_pdu,
         }
     }
@@ -176,6 +183,7 @@ impl Multiplexer {
     /// Checks a client's bind on a connection of the binds' (message id
     /// rewritten); the directory's response, with the client's id.
     async fn check_bind(&self, route: &Route<'_>, pool: &Arc<Pool>, pdu: &Bytes, client_id: i64) -> Option<Bytes> {
+        let _turn = self.checking.acquire().await.ok()?;
         let idle = self.binds.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let mut framed = match idle {
             Some(framed) => framed,
