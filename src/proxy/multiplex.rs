@@ -317,6 +317,17 @@ impl SharedConnection {
     async fn send(&self, pdu: &[u8]) -> bool {
         self.writer.lock().await.write_all(pdu).await.is_ok()
     }
+
+    /// Abandons the operation with message id `shared`: its answers, if
+    /// any still come, go nowhere.
+    async fn abandon(&self, shared: i32) {
+        let id = {
+            let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+            routes.remove(&shared);
+            self.next_id(&routes)
+        };
+        self.send(&abandon_request(id, shared)).await;
+    }
 }
 
 /// One client session's end of the pipe.
@@ -462,17 +473,9 @@ impl VirtualSession {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&target);
-        let Some(shared) = shared else { return };
-        self.connection
-            .routes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&shared);
-        let id = {
-            let routes = self.connection.routes.lock().unwrap_or_else(|e| e.into_inner());
-            self.connection.next_id(&routes)
-        };
-        self.connection.send(&abandon_request(id, shared)).await;
+        if let Some(shared) = shared {
+            self.connection.abandon(shared).await;
+        }
     }
 
     /// The session is over: what it left in flight is abandoned.
@@ -485,16 +488,7 @@ impl VirtualSession {
             .map(|(_, shared)| shared)
             .collect();
         for shared in left {
-            self.connection
-                .routes
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&shared);
-            let id = {
-                let routes = self.connection.routes.lock().unwrap_or_else(|e| e.into_inner());
-                self.connection.next_id(&routes)
-            };
-            self.connection.send(&abandon_request(id, shared)).await;
+            self.connection.abandon(shared).await;
         }
     }
 }
