@@ -725,3 +725,40 @@ fn an_instance_starts_and_relays_while_postgresql_is_down() {
     wait_for_holder(&cluster, &[&instance], Duration::from_secs(30));
     assert!(eventually_within(Duration::from_secs(30), || cluster.local() == cluster.directory()));
 }
+
+#[test]
+fn the_change_feed_never_skips_a_change_whose_transaction_commits_late() {
+    use ldapsync::store::{self, AdminStore, Cursor, Store};
+
+    let postgres = Postgres::start();
+    let config = on(&postgres);
+    let mut early = store::open(&config).unwrap();
+    let mut late = store::open(&config).unwrap();
+    let reader = store::open(&config).unwrap();
+    let names = |after: Cursor| -> Vec<String> {
+        let changes = reader.changes(after, 100).unwrap();
+        changes.into_iter().map(|c| c.new.unwrap().name).collect()
+    };
+    // A batch holds its transaction open: its change has the older
+    // transaction id, and commits after the other.
+    early.begin_batch();
+    early.commit(created_locally("early")).unwrap();
+    late.commit(created_locally("late")).unwrap();
+    // "late" is committed, but a reader that took it now could be overtaken
+    // by "early": it is held back while the older transaction runs.
+    assert_eq!(names(Cursor::default()), Vec::<String>::new());
+    early.end_batch().unwrap();
+    assert_eq!(
+        names(Cursor::default()),
+        ["early", "late"],
+        "both, in transaction order"
+    );
+    let first = reader.changes(Cursor::default(), 1).unwrap()[0].cursor;
+    assert_eq!(names(first), ["late"], "resumed after the first");
+    let journaled = reader.changes(Cursor::default(), 1).unwrap().remove(0);
+    assert_eq!(
+        (journaled.connector.as_str(), journaled.action.map(|a| a.to_string())),
+        ("example", Some("created-local".to_string())),
+        "named by the journal line of its transaction"
+    );
+}
