@@ -14,8 +14,11 @@ fn main() {
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "commit unknown".to_owned());
     println!("cargo:rustc-env=LDAPSYNC_COMMIT={commit}");
-    // Again when HEAD moves: a commit, a checkout.
+    // Again when HEAD moves: a commit, a checkout. Only files that exist:
+    // cargo takes a missing one as changed, and would build again each time.
     for path in [".git/HEAD", ".git/refs/heads", ".git/packed-refs"] {
-        println!("cargo:rerun-if-changed={path}");
+        if std::path::Path::new(path).exists() {
+            println!("cargo:rerun-if-changed={path}");
+        }
     }
 }

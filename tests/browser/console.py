@@ -14,11 +14,15 @@ import os
 import sys
 
 from selenium import webdriver
-from selenium.common.exceptions import WebDriverException
+from selenium.common.exceptions import (
+    NoSuchElementException,
+    StaleElementReferenceException,
+    TimeoutException,
+    WebDriverException,
+)
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
-from selenium.webdriver.support import expected_conditions as ready
 from selenium.webdriver.support.ui import WebDriverWait
 
 base, shots, user, password, disputed, candidate = sys.argv[1:7]
@@ -30,7 +34,8 @@ for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--win
     options.add_argument(flag)
 # The driver from Debian's package: nothing is downloaded.
 browser = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-wait = WebDriverWait(browser, 20)
+# A page being replaced loses its elements under a check: look again.
+wait = WebDriverWait(browser, 20, ignored_exceptions=[NoSuchElementException, StaleElementReferenceException])
 step = 0
 
 
@@ -52,8 +57,11 @@ def heading():
 
 
 def expect_heading(text):
-    wait.until(ready.presence_of_element_located((By.TAG_NAME, "h1")))
-    if heading() != text:
+    """Waits for the page whose heading is `text`: after a click, the page
+    before it may still be there for a moment."""
+    try:
+        wait.until(lambda b: any(h.text == text for h in b.find_elements(By.TAG_NAME, "h1")))
+    except TimeoutException:
         fail(f"expected the page {text!r}, got {heading()!r}")
 
 
@@ -101,7 +109,7 @@ try:
     labelled()
     search = browser.find_element(By.ID, "q")
     search.send_keys("ali", Keys.ENTER)
-    wait.until(ready.presence_of_element_located((By.LINK_TEXT, "alice")))
+    wait.until(lambda b: b.find_elements(By.LINK_TEXT, "alice"))
     shot("search")
     browser.find_element(By.LINK_TEXT, "alice").click()
     expect_heading("account alice")
@@ -140,9 +148,12 @@ try:
         fail("the dry run page does not say it changed nothing")
     shot("dry-run")
     submit("Run the pass")
-    # Unconfirmed, the browser itself refuses (the box is required).
-    if heading() != "Dry run of example":
-        fail("the pass ran without its confirmation")
+    # Unconfirmed, the browser itself refuses (the box is required): the
+    # form is not sent, and the box says why.
+    message = browser.find_element(By.ID, "confirm").get_attribute("validationMessage")
+    if not message:
+        fail("the pass's form was sent without its confirmation")
+    expect_heading("Dry run of example")
     browser.find_element(By.ID, "confirm").click()
     submit("Run the pass")
     expect_heading("Pass of example")
@@ -154,6 +165,12 @@ try:
     labelled()
     browser.find_element(By.CSS_SELECTOR, "#action option[value='linked']").click()
     submit("Filter")
+    # The filtered page has the same heading: wait for its address.
+    try:
+        wait.until(lambda b: "action=linked" in b.current_url)
+    except TimeoutException:
+        fail("the journal's filter was not applied")
+    expect_heading("Journal")
     rows = browser.find_elements(By.CSS_SELECTOR, "table.journal > tbody > tr")
     if not rows or any("linked" not in row.text for row in rows):
         fail("the journal filtered by 'linked' shows other lines, or none")
