@@ -111,6 +111,8 @@ named! {
         LocalDelete = "local-delete",
         AssociationRemoved = "association-removed",
         PasswordSet = "password-set",
+        /// An operator started a full pass from the API or the console.
+        PassRequested = "pass-requested",
         /// An operator had a webhook's dead letter delivered again.
         DeadLetterRetried = "dead-letter-retried",
         /// An operator discarded a webhook's dead letter.

@@ -285,6 +285,13 @@ fn a_dry_run_plans_without_changing_anything_and_only_an_admin_runs_the_pass() {
     assert_eq!((status, refused["code"].as_str().unwrap()), (403, "read-only"));
     let done = api.sync(&alice, false);
     assert_eq!(done["created_local"], 1, "{done}");
+    let (_, requested) = api.call("GET", "/api/v1/journal?action=pass-requested", Some(&alice), None);
+    let lines = requested["lines"].as_array().unwrap();
+    assert_eq!(lines.len(), 1, "the pass, not the dry runs: {requested}");
+    assert!(
+        lines[0]["detail"].as_str().unwrap().contains("api:alice"),
+        "{requested}"
+    );
     assert_eq!(api.call("GET", "/api/v1/accounts/quinn", Some(&alice), None).0, 200);
     let (status, unknown) = api.call("POST", "/api/v1/connectors/nope/sync", Some(&alice), Some("{}"));
     assert_eq!((status, unknown["code"].as_str().unwrap()), (422, "unknown-connector"));

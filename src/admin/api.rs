@@ -439,6 +439,13 @@ pub async fn run_pass(
         false => Some(state.start_pass(connector)?),
     };
     info!(%operator, %connector, dry_run, confirm_deletes, "admin server: a full pass requested");
+    if !dry_run {
+        state
+            .with_store(|config, store| {
+                super::journal_pass_request(config, store, connector, confirm_deletes, operator)
+            })
+            .await?;
+    }
     let settings = config.store.clone();
     let mut store = tokio::task::spawn_blocking(move || store::open(&settings))
         .await

@@ -739,6 +739,35 @@ pub async fn compare(
     Ok(comparison)
 }
 
+/// Journals that `operator` started a full pass of `connector`: a line
+/// per category it syncs, before the pass's own lines.
+pub fn journal_pass_request(
+    config: &Config,
+    store: &mut AnyStore,
+    connector: &str,
+    confirm_deletes: bool,
+    operator: &str,
+) -> Result<(), AdminError> {
+    let connector = config.require_connector(connector)?;
+    let journal = connector
+        .scopes()
+        .map(|(category, _)| JournalEntry {
+            connector: connector.name.clone(),
+            ..local_journal(
+                category,
+                "*",
+                Action::PassRequested,
+                serde_json::json!({ "operator": operator, "confirm_deletes": confirm_deletes }),
+            )
+        })
+        .collect();
+    store.commit(crate::store::Commit {
+        journal,
+        ..Default::default()
+    })?;
+    Ok(())
+}
+
 /// Runs a connector's pass now: the captures not applied yet, then a full
 /// pass (or, with `Poll::Due`, whatever poll is due), over a service
 /// connection. A dry run decides and reports, changing nothing.
