@@ -342,7 +342,11 @@ fn journal_table(lines: &[JournalLine]) -> Markup {
                 @let e = &line.entry;
                 tr {
                     td { (time(e.at)) } td { (if e.connector.is_empty() { "-" } else { &e.connector }) }
-                    td { a href=(object_href(e.category, &e.object)) { (e.category) " " (e.object) } }
+                    td {
+                        // "*": a line about the connector's whole scope (a pass, held deletes).
+                        @if e.object == "*" { (e.category) "s" }
+                        @else { a href=(object_href(e.category, &e.object)) { (e.category) " " (e.object) } }
+                    }
                     td { (e.source) } td { span class={ "action " (e.action) } { (e.action) } }
                     td { (detail(e.action, &e.detail)) }
                 }
