@@ -759,10 +759,19 @@ struct AssociationForm {
 }
 
 impl AssociationForm {
-    fn category(&self) -> Result<Category, Problem> {
-        self.category
+    /// The form of an admin's confirmed act on an association, with the
+    /// category it names.
+    fn confirmed(
+        operator: &Operator,
+        form: Result<Form<AssociationForm>, FormRejection>,
+    ) -> Result<(AssociationForm, Category), Problem> {
+        let form = acting(operator, form, |f| f.csrf.as_deref(), true)?;
+        confirmed(&form.confirm)?;
+        let category = form
+            .category
             .parse()
-            .map_err(|e: String| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e))
+            .map_err(|e: String| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e))?;
+        Ok((form, category))
     }
 }
 
@@ -771,9 +780,7 @@ async fn link(
     ConsoleOperator(operator): ConsoleOperator,
     form: Result<Form<AssociationForm>, FormRejection>,
 ) -> PageResult {
-    let form = acting(&operator, form, |f| f.csrf.as_deref(), true).map_err(failed(&operator))?;
-    confirmed(&form.confirm).map_err(failed(&operator))?;
-    let category = form.category().map_err(failed(&operator))?;
+    let (form, category) = AssociationForm::confirmed(&operator, form).map_err(failed(&operator))?;
     let Some(dn) = form.dn.clone() else {
         return Err(problem_page(
             Some(&operator),
@@ -810,9 +817,7 @@ async fn remove_association(
     ConsoleOperator(operator): ConsoleOperator,
     form: Result<Form<AssociationForm>, FormRejection>,
 ) -> PageResult {
-    let form = acting(&operator, form, |f| f.csrf.as_deref(), true).map_err(failed(&operator))?;
-    confirmed(&form.confirm).map_err(failed(&operator))?;
-    let category = form.category().map_err(failed(&operator))?;
+    let (form, category) = AssociationForm::confirmed(&operator, form).map_err(failed(&operator))?;
     let who = operator.journaled_from_console();
     state
         .with_store(|config, store| {
