@@ -1175,6 +1175,10 @@ pub struct MultiplexConfig {
     pub password_env: Option<String>,
     /// Shared connections; two per core when unset.
     pub connections: Option<usize>,
+    /// Answers held for one session whose client reads them slower than
+    /// the directory sends them, in bytes; past it the session is closed,
+    /// so that it cannot hold up the others on its shared connection.
+    pub max_unread: Option<usize>,
 }
 
 impl MultiplexConfig {
@@ -1191,6 +1195,10 @@ impl MultiplexConfig {
     pub fn connections(&self) -> usize {
         self.connections
             .unwrap_or_else(|| 2 * std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
+    }
+
+    pub fn max_unread(&self) -> usize {
+        self.max_unread.unwrap_or(4 * 1024 * 1024)
     }
 }
 
@@ -1650,6 +1658,9 @@ impl Config {
             if let Some(n) = m.connections {
                 problems.extend(count_in("proxy.multiplex.connections", n, 1, 1024));
             }
+            if let Some(n) = m.max_unread {
+                problems.extend(count_in("proxy.multiplex.max_unread", n, 64 * 1024, 1024 * 1024 * 1024));
+            }
         }
         const MIB: usize = 1024 * 1024;
         let counts = [
@@ -2083,13 +2094,14 @@ mod tests {
                 "proxy.multiplex.mode: listener ldap://127.0.0.1:389 passes TLS through: its sessions cannot share connections"
             ]
         );
-        let bad_dn = "[proxy.multiplex]\nbind_dn = \"not a dn\"\nconnections = 0\n";
+        let bad_dn = "[proxy.multiplex]\nbind_dn = \"not a dn\"\nconnections = 0\nmax_unread = 1000\n";
         assert_eq!(
             problems(multiplexed, bad_dn),
             [
                 "proxy.multiplex.bind_dn: \"not a dn\" is not a DN",
                 "proxy.multiplex.password_file: set password_file or password_env",
                 "proxy.multiplex.connections = 0 is out of range: 1 to 1024",
+                "proxy.multiplex.max_unread = 1000 is out of range: 65536 to 1073741824",
             ]
         );
     }

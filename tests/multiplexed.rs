@@ -10,6 +10,7 @@
 mod common;
 
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use common::serve_config;
 use ldapsync_fixtures::{ROOT_DN, ROOT_PW, Slapd, ldapmodify, person};
@@ -327,5 +328,72 @@ map = {{ mail = "mail" }}
         common::eventually(|| show().contains("alice@multiplexed.example")),
         "captured: {}",
         show()
+    );
+}
+
+#[test]
+fn a_client_that_stops_reading_is_closed_and_holds_up_no_one_on_its_shared_connection() {
+    use common::raw;
+    let mux = Mux::start_with("max_unread = 65536");
+    // 100 KB in each of the six people: 100 searches of them all are
+    // 60 MB and 700 answers, more than the buffers between a client and
+    // ldapsync (and, before, the session's queue) hold.
+    let people = ["alice", "bob", "carol", "dave", "erin", "frank"];
+    for uid in people {
+        let ldif = format!(
+            "dn: {}\nchangetype: modify\nreplace: description\ndescription: {}\n",
+            person(uid).0,
+            "x".repeat(100_000)
+        );
+        ldapmodify(&mux.slapd.url(), ROOT_DN, ROOT_PW, &ldif);
+    }
+    let mut stuck = raw::Raw::connect_with_small_window(&mux.served.url);
+    let searches: Vec<_> = (1..=100)
+        .map(|id| raw::search(id, "ou=people,dc=example,dc=com", 2))
+        .collect();
+    stuck.send(&searches);
+    // More sessions: with two shared connections, every other one shares
+    // the stuck client's. Each is answered while it is stuck (before,
+    // they waited for `io_timeout` to drop it: a minute).
+    let (alice, _) = person("alice");
+    for _ in 0..6 {
+        let out = Command::new("timeout")
+            .args([
+                "10",
+                "ldapsearch",
+                "-x",
+                "-H",
+                &mux.served.url,
+                "-b",
+                &alice,
+                "-s",
+                "base",
+                "uid",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "a search beside a stuck client: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("uid: alice"));
+    }
+    let closed = mux
+        .served
+        .wait_for("reads its answers too slowly", Duration::from_secs(20));
+    assert!(
+        closed.is_some(),
+        "the stuck client's session is closed, and the log says why"
+    );
+    // What it reads now is what was on its way, then the end: not all
+    // hundred answers.
+    let mut done = 0;
+    while let Some(op) = stuck.op() {
+        done += usize::from(op == 0x65);
+    }
+    assert!(
+        done < 100,
+        "the stuck client's session ended early ({done} searches done)"
     );
 }

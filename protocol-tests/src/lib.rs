@@ -218,6 +218,7 @@ impl MultiplexService {
             password_file: Some(self.secret.path().to_owned()),
             password_env: None,
             connections: Some(2),
+            max_unread: None,
         });
     }
 }

@@ -115,8 +115,9 @@ impl PduCodec {
         Ok(())
     }
 
-    /// The first whole PDU in `src`, if it is there.
-    fn frame(&self, src: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
+    /// The length of the PDU at the start of `src`, once known: the PDU
+    /// itself may not be whole yet.
+    pub fn pdu_len(&self, src: &[u8]) -> Result<Option<usize>, FrameError> {
         if let Some(&tag) = src.first()
             && tag != SEQUENCE
         {
@@ -132,6 +133,14 @@ impl PduCodec {
                 max: self.max_len,
             });
         }
+        Ok(Some(total))
+    }
+
+    /// The first whole PDU in `src`, if it is there.
+    fn frame(&self, src: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
+        let Some(total) = self.pdu_len(src)? else {
+            return Ok(None);
+        };
         if src.len() < total {
             // What a header announces is only a promise: grow towards it
             // by what can arrive next, never by the whole announced length

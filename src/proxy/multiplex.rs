@@ -1,18 +1,25 @@
 //! Multiplexed listeners (`mode = "multiplexed"`): many client sessions
 //! share a few directory connections, bound as `proxy.multiplex.bind_dn`.
 //!
-//! The session above sees an ordinary directory connection: the other end
-//! of an in-memory pipe, served here. Each request it writes is sent on the
-//! session's shared connection (one per session, so that what the directory
-//! keeps per connection — paged results' cookies — stays whole) under a
-//! message id of that connection's, with a Proxied Authorization control
-//! (RFC 4370) that asserts the client's identity; each response comes back
-//! with the client's message id. A simple bind is checked on a connection
-//! of its own and sets the identity asserted from then on (a failed one
-//! leaves the session anonymous, as the directory would). A SASL bind takes
-//! the session to a dedicated connection, relayed byte for byte. A request
-//! that carries its own proxied authorization is refused: it would run with
-//! the shared connections' right to assert anyone.
+//! The session above sees an ordinary directory connection: a
+//! [`MuxStream`], whose writes are taken here as they are made. Each request
+//! is queued on the session's shared connection (one per session, so that
+//! what the directory keeps per connection — paged results' cookies — stays
+//! whole) under a message id of that connection's, with a Proxied
+//! Authorization control (RFC 4370) that asserts the client's identity.
+//! Per shared connection, one writer task sends whatever has queued in one
+//! write, and one reader task puts each response, with the client's message
+//! id, where its session reads. No task stands between a session and its
+//! shared connection, and no session can hold up the others: one whose
+//! client leaves more than `max_unread` bytes of answers unread is closed.
+//!
+//! A simple bind is checked on a connection of its own and sets the
+//! identity asserted from then on (a failed one leaves the session
+//! anonymous, as the directory would); the session's next requests wait for
+//! it. A SASL bind takes the session to a dedicated connection, relayed
+//! byte for byte. A request that carries its own proxied authorization is
+//! refused: it would run with the shared connections' right to assert
+//! anyone.
 //!
 //! The directory holds at most twice `connections` of ldapsync's: the
 //! shared ones, and as many checking binds.
@@ -21,14 +28,18 @@
 //! element are replaced, the protocolOp is copied as it came.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
-use futures_util::StreamExt;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::{FutureExt, StreamExt};
 use rasn_ldap::ResultCode;
-use tokio::io::{AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -40,6 +51,7 @@ use super::message::{self, Envelope, Op};
 use super::pool::{Pool, Slot};
 use super::upstream::{self, Route, UnreachableError};
 use crate::config::{LdapUrl, MultiplexConfig, Secret};
+use crate::throttle::Throttle;
 
 const PROXIED_AUTHZ_OID: &[u8] = b"2.16.840.1.113730.3.4.18";
 /// Proxied Authorization v1 (draft-weltman), which some servers still take.
@@ -49,10 +61,15 @@ const SEQUENCE: u8 = 0x30;
 const INTEGER: u8 = 0x02;
 const OCTET_STRING: u8 = 0x04;
 const BOOLEAN: u8 = 0x01;
-/// The pipe between a session and its end here.
-const PIPE: usize = 256 * 1024;
-/// Responses queued for one session before its shared connection waits.
-const SESSION_QUEUE: usize = 256;
+/// A session's requests held while its bind is checked, or on their way
+/// to its dedicated connection, before its writes wait; and the answers a
+/// dedicated connection reads ahead of the client.
+const HELD: usize = 256 * 1024;
+/// Bytes read from a dedicated connection at a time.
+const READ_CHUNK: usize = 8 * 1024;
+/// Bytes read from a shared connection at a time (more when a PDU needs
+/// it): the answers of many sessions.
+const SHARED_READ: usize = 64 * 1024;
 
 /// The shared connections and the binds' connections.
 pub struct Multiplexer {
@@ -60,34 +77,49 @@ pub struct Multiplexer {
     password: Secret,
     shared: Vec<tokio::sync::Mutex<Option<Arc<SharedConnection>>>>,
     next: AtomicUsize,
+    next_session: AtomicU64,
     /// Idle connections that check binds, one bind at a time each.
     binds: Mutex<Vec<FramedIo>>,
     /// Binds checked at once, at most: a storm of clients binding waits
     /// its turn rather than open a directory connection each.
     checking: Semaphore,
     max_pdu: usize,
+    max_unread: usize,
+    /// Sessions closed for reading too slowly, said at most once per interval.
+    too_slow: Throttle,
 }
 
 type FramedIo = FramedRead<Box<dyn Io>, PduCodec>;
 
-/// One shared directory connection: who waits for which message id.
+/// One shared directory connection: its queue of requests, and who waits
+/// for which message id.
 struct SharedConnection {
     /// Counts the connection on its URL; each session takes another.
     slot: Slot,
-    writer: tokio::sync::Mutex<WriteHalf<Box<dyn Io>>>,
+    /// Requests not yet written, sent together by the writer task.
+    outgoing: Mutex<BytesMut>,
+    queued: Notify,
     routes: Mutex<HashMap<i32, Waiting>>,
     next_id: AtomicI32,
-    /// Cancelled when the connection is lost: its sessions end.
+    /// The sessions on this connection, ended when it is lost.
+    sessions: Mutex<HashMap<u64, Weak<VirtualSession>>>,
     lost: CancellationToken,
+}
+
+/// What handing a response to its session needs done.
+enum Routed {
+    /// Wake the session once the read's other responses are handed over.
+    Wake(Waker),
+    /// Wake the session after the next read, or when there is none.
+    WakeLater(Waker),
+    /// Nothing: the session was awake, or is gone.
+    Quiet,
 }
 
 /// An operation in flight on a shared connection.
 struct Waiting {
     client_id: i64,
-    to: mpsc::Sender<Bytes>,
-    /// The session's own map of its operations in flight (client id →
-    /// shared id), cleared as they finish.
-    outstanding: Arc<Mutex<HashMap<i64, i32>>>,
+    session: Arc<VirtualSession>,
 }
 
 impl Multiplexer {
@@ -99,14 +131,17 @@ impl Multiplexer {
                 .map(|_| tokio::sync::Mutex::new(None))
                 .collect(),
             next: AtomicUsize::new(0),
+            next_session: AtomicU64::new(0),
             binds: Mutex::default(),
             checking: Semaphore::new(config.connections()),
             max_pdu,
+            max_unread: config.max_unread(),
+            too_slow: Throttle::new(Duration::from_secs(10)),
         }
     }
 
-    /// A session's directory connection: the near end of a pipe whose far
-    /// end is served here, over the next shared connection.
+    /// A session's directory connection, served over the next shared
+    /// connection.
     pub async fn open(
         self: &Arc<Self>,
         route: &Route<'_>,
@@ -114,17 +149,25 @@ impl Multiplexer {
     ) -> Result<(Box<dyn Io>, Slot), UnreachableError> {
         let connection = self.shared_connection(route, pool).await?;
         let slot = connection.slot.another();
-        let (near, far) = tokio::io::duplex(PIPE);
-        let session = VirtualSession {
+        let session = Arc::new(VirtualSession {
+            id: self.next_session.fetch_add(1, Ordering::Relaxed),
             mux: Arc::clone(self),
-            connection,
-            identity: Vec::new(),
-            outstanding: Arc::default(),
-        };
-        let route = OwnedRoute::of(route);
-        let pool = Arc::clone(pool);
-        tokio::spawn(session.serve(far, route, pool));
-        Ok((Box::new(near), slot))
+            connection: Arc::clone(&connection),
+            route: OwnedRoute::of(route),
+            pool: Arc::clone(pool),
+            state: Mutex::new(State {
+                mode: Mode::Shared,
+                control: proxied_authorization(b""),
+                requests: BytesMut::new(),
+                outstanding: HashMap::new(),
+                answers: BytesMut::new(),
+                ending: Ending::Open,
+                reader: None,
+                writer: None,
+            }),
+        });
+        connection.attach(&session);
+        Ok((Box::new(MuxStream(session)), slot))
     }
 
     /// The next shared connection, opened (again) if need be.
@@ -144,12 +187,15 @@ impl Multiplexer {
         let (reader, writer) = tokio::io::split(stream);
         let connection = Arc::new(SharedConnection {
             slot,
-            writer: tokio::sync::Mutex::new(writer),
+            outgoing: Mutex::default(),
+            queued: Notify::new(),
             routes: Mutex::default(),
             next_id: AtomicI32::new(1),
+            sessions: Mutex::default(),
             lost: CancellationToken::new(),
         });
-        tokio::spawn(Arc::clone(&connection).read(FramedRead::new(reader, PduCodec::new(self.max_pdu))));
+        tokio::spawn(Arc::clone(&connection).read(reader, PduCodec::new(self.max_pdu)));
+        tokio::spawn(Arc::clone(&connection).write(writer));
         info!(
             index,
             url = connection.slot.url(),
@@ -256,47 +302,160 @@ impl OwnedRoute {
 }
 
 impl SharedConnection {
+    fn attach(&self, session: &Arc<VirtualSession>) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(session.id, Arc::downgrade(session));
+        // Lost while the session was being made: it ends as the others did.
+        if self.lost.is_cancelled() {
+            session.lost();
+        }
+    }
+
     /// Routes each response to the session waiting for it; when the
     /// connection ends, so do its sessions.
-    async fn read(self: Arc<Self>, mut frames: FramedRead<ReadHalf<Box<dyn Io>>, PduCodec>) {
-        while let Some(frame) = frames.next().await {
-            let Ok(pdu) = frame else { break };
-            let Ok(env) = Envelope::peek(&pdu) else { break };
-            let Ok(id) = i32::try_from(env.message_id) else {
-                continue;
-            };
-            if id == 0 {
-                // A Notice of Disconnection: the directory is closing it.
-                break;
-            }
-            let waiting = {
-                let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-                match env.op.is_final_response() {
-                    true => routes.remove(&id).map(|w| {
-                        w.outstanding
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .remove(&w.client_id);
-                        (w.to, w.client_id)
-                    }),
-                    false => routes.get(&id).map(|w| (w.to.clone(), w.client_id)),
+    ///
+    /// A session is woken once the responses of a read are all handed
+    /// over, and when all it got was part of an operation's answer (a
+    /// search's entry), one read later or as soon as nothing more is
+    /// there to read: the directory writes an entry and its search's
+    /// result apart, and a client sent both at once costs one write
+    /// instead of two.
+    async fn read(self: Arc<Self>, mut from: ReadHalf<Box<dyn Io>>, codec: PduCodec) {
+        let lost = self.lost.clone();
+        let lost = lost.cancelled();
+        tokio::pin!(lost);
+        let mut buffer = BytesMut::new();
+        let mut woken = Vec::new();
+        let (mut later, mut held) = (Vec::new(), Vec::new());
+        let why = 'reading: loop {
+            buffer.reserve(SHARED_READ);
+            let read = match from.read_buf(&mut buffer).now_or_never() {
+                Some(read) => read,
+                None => {
+                    held.drain(..).for_each(Waker::wake);
+                    tokio::select! {
+                        biased;
+                        read = from.read_buf(&mut buffer) => read,
+                        () = &mut lost => return,
+                    }
                 }
             };
-            let Some((to, client_id)) = waiting else {
-                debug!(id, "multiplexed: a response for an operation no session waits for");
-                continue;
-            };
-            if let Some(response) = rewrite(&pdu, client_id, None) {
-                // A session that is gone no longer needs it.
-                let _ = to.send(response).await;
+            match read {
+                Ok(0) => break "the directory closed it".to_owned(),
+                Ok(_) => {}
+                Err(e) => break e.to_string(),
             }
-        }
+            let mut taken = 0;
+            loop {
+                let len = match codec.pdu_len(&buffer[taken..]) {
+                    Ok(Some(len)) if taken + len <= buffer.len() => len,
+                    Ok(_) => break,
+                    Err(e) => break 'reading format!("it sent an unreadable PDU: {e}"),
+                };
+                let pdu = &buffer[taken..taken + len];
+                taken += len;
+                match self.route(pdu) {
+                    Some(Routed::Wake(waker)) => woken.push(waker),
+                    Some(Routed::WakeLater(waker)) => later.push(waker),
+                    Some(Routed::Quiet) => {}
+                    None => break 'reading "it sent a Notice of Disconnection".to_owned(),
+                }
+            }
+            buffer.advance(taken);
+            woken.drain(..).chain(held.drain(..)).for_each(Waker::wake);
+            std::mem::swap(&mut held, &mut later);
+        };
+        woken.into_iter().chain(held).chain(later).for_each(Waker::wake);
         warn!(
             url = self.slot.url(),
+            %why,
             "multiplexed: a shared directory connection is lost; its sessions end"
         );
+        self.lose();
+    }
+
+    /// Hands one response to the session waiting for it; `None` when the
+    /// directory is closing the connection.
+    fn route(&self, pdu: &[u8]) -> Option<Routed> {
+        let Ok(env) = Envelope::peek(pdu) else {
+            return Some(Routed::Quiet);
+        };
+        if env.message_id == 0 {
+            // A Notice of Disconnection: the directory is closing it.
+            return None;
+        }
+        let id = i32::try_from(env.message_id).ok();
+        let last = env.op.is_final_response();
+        let waiting = id.and_then(|id| {
+            let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+            match last {
+                true => routes.remove(&id).map(|w| (w.session, w.client_id)),
+                false => routes.get(&id).map(|w| (Arc::clone(&w.session), w.client_id)),
+            }
+        });
+        match (waiting, parts(pdu)) {
+            (Some((session, client_id)), Some(parts)) => Some(session.deliver(&parts, client_id, last)),
+            _ => {
+                debug!(id, "multiplexed: a response for an operation no session waits for");
+                Some(Routed::Quiet)
+            }
+        }
+    }
+
+    /// Sends what the sessions queued, as much as has queued at a time.
+    async fn write(self: Arc<Self>, mut writer: WriteHalf<Box<dyn Io>>) {
+        let mut batch = BytesMut::new();
+        loop {
+            std::mem::swap(
+                &mut batch,
+                &mut *self.outgoing.lock().unwrap_or_else(|e| e.into_inner()),
+            );
+            if batch.is_empty() {
+                tokio::select! {
+                    () = self.queued.notified() => {}
+                    () = self.lost.cancelled() => return,
+                }
+                // The sessions that are ready to run add their requests
+                // first: one write carries them all.
+                tokio::task::yield_now().await;
+                continue;
+            }
+            if let Err(e) = writer.write_all(&batch).await {
+                warn!(url = self.slot.url(), error = %e, "multiplexed: writing to a shared directory connection failed");
+                break;
+            }
+            batch.clear();
+        }
+        self.lose();
+    }
+
+    /// Appends to the requests not yet written, waking the writer when it
+    /// may be waiting.
+    fn queue(&self, append: impl FnOnce(&mut BytesMut)) {
+        let mut outgoing = self.outgoing.lock().unwrap_or_else(|e| e.into_inner());
+        let was_empty = outgoing.is_empty();
+        append(&mut outgoing);
+        drop(outgoing);
+        if was_empty {
+            self.queued.notify_one();
+        }
+    }
+
+    /// The connection is gone: its sessions end (those on dedicated
+    /// connections go on).
+    fn lose(&self) {
+        if self.lost.is_cancelled() {
+            return;
+        }
         self.lost.cancel();
-        self.routes.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let waiting = std::mem::take(&mut *self.routes.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(waiting);
+        let sessions = std::mem::take(&mut *self.sessions.lock().unwrap_or_else(|e| e.into_inner()));
+        for session in sessions.into_values().filter_map(|s| s.upgrade()) {
+            session.lost();
+        }
     }
 
     /// A message id of this connection's that no operation uses.
@@ -314,200 +473,392 @@ impl SharedConnection {
         }
     }
 
-    async fn send(&self, pdu: &[u8]) -> bool {
-        self.writer.lock().await.write_all(pdu).await.is_ok()
-    }
-
     /// Abandons the operation with message id `shared`: its answers, if
     /// any still come, go nowhere.
-    async fn abandon(&self, shared: i32) {
-        let id = {
+    fn abandon(&self, shared: i32) {
+        let (id, waiting) = {
             let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-            routes.remove(&shared);
-            self.next_id(&routes)
+            let waiting = routes.remove(&shared);
+            (self.next_id(&routes), waiting)
         };
-        self.send(&abandon_request(id, shared)).await;
+        // Dropped outside the lock: it may be the session's last reference.
+        drop(waiting);
+        self.queue(|out| abandon_request(out, id, shared));
     }
 }
 
-/// One client session's end of the pipe.
+/// A client session's directory connection, as the session above sees it.
+pub struct MuxStream(Arc<VirtualSession>);
+
+/// One client session on a shared connection.
 struct VirtualSession {
+    id: u64,
     mux: Arc<Multiplexer>,
     connection: Arc<SharedConnection>,
-    /// The authzId asserted: `dn:…`, or empty for anonymous.
-    identity: Vec<u8>,
-    outstanding: Arc<Mutex<HashMap<i64, i32>>>,
+    /// Where a bind is checked, or a dedicated connection opened.
+    route: OwnedRoute,
+    pool: Arc<Pool>,
+    state: Mutex<State>,
 }
 
-/// How a session's pipe ended.
-enum Ended {
-    /// The client unbound or closed, or its shared connection was lost.
+struct State {
+    mode: Mode,
+    /// The Proxied Authorization control asserting the client's identity
+    /// (`dn:…`, or empty for anonymous).
+    control: Vec<u8>,
+    /// The client's bytes not taken yet: part of a PDU, requests held
+    /// while a bind is checked, or bytes for a dedicated connection.
+    requests: BytesMut,
+    /// Operations in flight: client message id → shared message id.
+    outstanding: HashMap<i64, i32>,
+    /// Answers for the client not read yet.
+    answers: BytesMut,
+    ending: Ending,
+    /// The session waiting for answers.
+    reader: Option<Waker>,
+    /// The session waiting to hand over requests.
+    writer: Option<Waker>,
+}
+
+/// Where a session's requests go.
+enum Mode {
+    /// On its shared connection.
+    Shared,
+    /// Held until the bind being checked is answered.
+    Binding,
+    /// To a connection of its own, after a SASL bind; its task is woken
+    /// by this when there are requests to send or room for answers.
+    Dedicated(Arc<Notify>),
+    /// Nowhere: the session unbound, or its connection is gone.
     Closed,
-    /// A SASL bind: the rest of the session goes over a connection of
-    /// its own.
-    Dedicated(Bytes),
+}
+
+/// How the answers end, once read.
+enum Ending {
+    Open,
+    /// As a closed connection.
+    Eof,
+    /// The client left more than `max_unread` bytes unread.
+    TooSlow,
 }
 
 impl VirtualSession {
-    async fn serve(mut self, far: DuplexStream, route: OwnedRoute, pool: Arc<Pool>) {
-        let (reader, writer) = tokio::io::split(far);
-        let (to, mut queue) = mpsc::channel::<Bytes>(SESSION_QUEUE);
-        let answers = tokio::spawn(async move {
-            let mut writer = writer;
-            while let Some(pdu) = queue.recv().await {
-                if writer.write_all(&pdu).await.is_err() {
-                    break;
-                }
-            }
-            writer
-        });
-        let mut frames = FramedRead::new(reader, PduCodec::new(self.mux.max_pdu));
-        let ended = self.requests(&mut frames, &to, &route, &pool).await;
-        self.forget().await;
-        drop(to);
-        let Ended::Dedicated(bind) = ended else { return };
-        // Every answer queued so far is written before the directory's own.
-        let Ok(writer) = answers.await else { return };
-        let rest = frames.read_buffer().clone();
-        let far = frames.into_inner().unsplit(writer);
-        dedicated(far, &route.route(), &pool, bind, rest).await;
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    async fn requests(
-        &mut self,
-        frames: &mut FramedRead<ReadHalf<DuplexStream>, PduCodec>,
-        to: &mpsc::Sender<Bytes>,
-        route: &OwnedRoute,
-        pool: &Arc<Pool>,
-    ) -> Ended {
-        loop {
-            let frame = tokio::select! {
-                frame = frames.next() => frame,
-                _ = self.connection.lost.cancelled() => return Ended::Closed,
-            };
-            let Some(Ok(pdu)) = frame else {
-                return Ended::Closed;
-            };
-            let Ok(env) = Envelope::peek(&pdu) else {
-                return Ended::Closed;
-            };
-            match env.op {
-                Op::Unbind => return Ended::Closed,
-                Op::Bind if env.is_sasl_bind(&pdu) => return Ended::Dedicated(pdu),
-                Op::Bind => {
-                    let answer = self.mux.check_bind(&route.route(), pool, &pdu, env.message_id).await;
-                    let answer = answer.unwrap_or_else(|| {
-                        refusal(
-                            &env,
-                            ResultCode::Unavailable,
-                            "ldapsync: the directory cannot check binds now",
-                        )
-                    });
-                    self.identity = match result_code(&answer) {
-                        Some(0) => env
-                            .bind_name(&pdu)
-                            .filter(|n| !n.is_empty())
-                            .map_or_else(Vec::new, |name| [b"dn:", name].concat()),
-                        // A failed bind leaves the session anonymous, as on the directory.
-                        _ => Vec::new(),
-                    };
-                    if to.send(answer).await.is_err() {
-                        return Ended::Closed;
-                    }
+    /// Takes the whole requests at the start of `written` while the
+    /// session is on its shared connection; how many bytes it took.
+    fn take(self: &Arc<Self>, state: &mut State, written: &[u8]) -> usize {
+        let mut taken = 0;
+        while matches!(state.mode, Mode::Shared) {
+            let rest = &written[taken..];
+            let len = match ber::read_header(rest) {
+                Ok(Some(header)) if rest.len() >= header.total_len() => header.total_len(),
+                Ok(_) => break,
+                // The session above frames what it writes: this is not LDAP.
+                Err(_) => {
+                    self.end(state, Ending::Eof);
+                    break;
                 }
-                Op::Abandon => self.abandon(&env, &pdu).await,
-                _ if asserts_identity(&pdu) => {
-                    let refused = refusal(
-                        &env,
-                        ResultCode::UnwillingToPerform,
-                        "ldapsync: a multiplexed listener asserts the client's identity itself; \
-                         proxied authorization from the client needs a transparent listener",
-                    );
-                    if to.send(refused).await.is_err() {
-                        return Ended::Closed;
-                    }
-                }
-                _ => {
-                    if !self.relay(&env, &pdu, to).await {
-                        return Ended::Closed;
-                    }
+            };
+            self.request(state, &rest[..len]);
+            taken += len;
+        }
+        taken
+    }
+
+    /// Takes the requests held while the session was not on its shared
+    /// connection (a bind was being checked).
+    fn take_held(self: &Arc<Self>, state: &mut State) {
+        let held = std::mem::take(&mut state.requests);
+        let taken = self.take(state, &held);
+        state.requests.extend_from_slice(&held[taken..]);
+    }
+
+    fn request(self: &Arc<Self>, state: &mut State, pdu: &[u8]) {
+        let (Ok(env), Some(parts)) = (Envelope::peek(pdu), parts(pdu)) else {
+            return self.end(state, Ending::Eof);
+        };
+        match env.op {
+            Op::Unbind => self.end(state, Ending::Eof),
+            Op::Bind if env.is_sasl_bind(pdu) => {
+                let wake = Arc::new(Notify::new());
+                state.mode = Mode::Dedicated(Arc::clone(&wake));
+                tokio::spawn(Arc::clone(self).dedicated(Bytes::copy_from_slice(pdu), wake));
+            }
+            Op::Bind => {
+                state.mode = Mode::Binding;
+                tokio::spawn(Arc::clone(self).bind(Bytes::copy_from_slice(pdu), env));
+            }
+            Op::Abandon => {
+                if let Some(shared) = env.abandoned_id(pdu).and_then(|t| state.outstanding.remove(&t)) {
+                    self.connection.abandon(shared);
                 }
             }
+            _ if asserts_identity(&parts) => {
+                let refused = refusal(
+                    &env,
+                    ResultCode::UnwillingToPerform,
+                    "ldapsync: a multiplexed listener asserts the client's identity itself; \
+                     proxied authorization from the client needs a transparent listener",
+                );
+                self.answer(state, &refused);
+            }
+            _ => self.relay(state, &env, &parts),
         }
     }
 
-    /// Sends one request on the shared connection, as the client.
-    async fn relay(&mut self, env: &Envelope, pdu: &Bytes, to: &mpsc::Sender<Bytes>) -> bool {
+    /// Queues one request on the shared connection, as the client.
+    fn relay(self: &Arc<Self>, state: &mut State, env: &Envelope, parts: &Parts<'_>) {
         let id = {
             let mut routes = self.connection.routes.lock().unwrap_or_else(|e| e.into_inner());
             let id = self.connection.next_id(&routes);
             if env.op.expects_response() {
+                let session = Arc::clone(self);
                 routes.insert(
                     id,
                     Waiting {
                         client_id: env.message_id,
-                        to: to.clone(),
-                        outstanding: Arc::clone(&self.outstanding),
+                        session,
                     },
                 );
-                self.outstanding
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(env.message_id, id);
+                state.outstanding.insert(env.message_id, id);
             }
             id
         };
-        let control = proxied_authorization(&self.identity);
-        let Some(request) = rewrite(pdu, i64::from(id), Some(&control)) else {
-            return false;
-        };
-        self.connection.send(&request).await
+        self.connection
+            .queue(|out| rewrite_into(out, parts, i64::from(id), Some(&state.control)));
     }
 
-    /// An AbandonRequest names the client's message id: the directory's is
-    /// the shared connection's.
-    async fn abandon(&mut self, env: &Envelope, pdu: &Bytes) {
-        let Some(target) = env.abandoned_id(pdu) else { return };
-        let shared = self
-            .outstanding
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&target);
-        if let Some(shared) = shared {
-            self.connection.abandon(shared).await;
+    /// Checks a simple bind; its answer sets the identity the requests
+    /// held meanwhile, and those after, are made with.
+    async fn bind(self: Arc<Self>, pdu: Bytes, env: Envelope) {
+        let answer = self
+            .mux
+            .check_bind(&self.route.route(), &self.pool, &pdu, env.message_id)
+            .await;
+        let answer = answer.unwrap_or_else(|| {
+            refusal(
+                &env,
+                ResultCode::Unavailable,
+                "ldapsync: the directory cannot check binds now",
+            )
+        });
+        let identity = match result_code(&answer) {
+            Some(0) => env
+                .bind_name(&pdu)
+                .filter(|n| !n.is_empty())
+                .map_or_else(Vec::new, |name| [b"dn:", name].concat()),
+            // A failed bind leaves the session anonymous, as on the directory.
+            _ => Vec::new(),
+        };
+        let mut state = self.state();
+        if !matches!(state.mode, Mode::Binding) {
+            return;
+        }
+        state.control = proxied_authorization(&identity);
+        self.answer(&mut state, &answer);
+        state.mode = Mode::Shared;
+        self.take_held(&mut state);
+        if let Some(writer) = state.writer.take() {
+            writer.wake();
         }
     }
 
-    /// The session is over: what it left in flight is abandoned.
-    async fn forget(&mut self) {
-        let left: Vec<i32> = self
-            .outstanding
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain()
-            .map(|(_, shared)| shared)
-            .collect();
-        for shared in left {
-            self.connection.abandon(shared).await;
+    /// The rest of the session, from its SASL bind, over a directory
+    /// connection of its own, byte for byte.
+    async fn dedicated(self: Arc<Self>, bind: Bytes, wake: Arc<Notify>) {
+        let Ok((stream, _slot)) = upstream::connect(&self.route.route(), &self.pool).await else {
+            let mut state = self.state();
+            if let Ok(env) = Envelope::peek(&bind) {
+                let refused = refusal(&env, ResultCode::Unavailable, "ldapsync: no directory server reachable");
+                self.answer(&mut state, &refused);
+            }
+            return self.end(&mut state, Ending::Eof);
+        };
+        info!("multiplexed: a SASL bind takes this session to a directory connection of its own");
+        let (mut from, mut to) = tokio::io::split(stream);
+        let mut sending = BytesMut::from(&bind[..]);
+        let mut read = BytesMut::new();
+        loop {
+            let room = {
+                let mut state = self.state();
+                if matches!(state.mode, Mode::Closed) {
+                    return;
+                }
+                sending.extend_from_slice(&state.requests.split());
+                if let Some(writer) = state.writer.take() {
+                    writer.wake();
+                }
+                state.answers.len() < HELD
+            };
+            if !sending.is_empty() {
+                if to.write_all(&sending).await.is_err() {
+                    break;
+                }
+                sending.clear();
+                continue;
+            }
+            read.reserve(READ_CHUNK);
+            tokio::select! {
+                () = wake.notified() => {}
+                n = from.read_buf(&mut read), if room => {
+                    if !matches!(n, Ok(1..)) {
+                        break;
+                    }
+                    let mut state = self.state();
+                    self.answer(&mut state, &read.split());
+                }
+            }
+        }
+        self.end(&mut self.state(), Ending::Eof);
+    }
+
+    /// A response from the shared connection, for the client.
+    fn deliver(&self, parts: &Parts<'_>, client_id: i64, last: bool) -> Routed {
+        let mut state = self.state();
+        if last {
+            state.outstanding.remove(&client_id);
+        }
+        if !matches!(state.ending, Ending::Open) {
+            return Routed::Quiet;
+        }
+        // One answer always fits, however large: the limit is on what
+        // piles up behind it.
+        if !state.answers.is_empty() && state.answers.len() + parts.len > self.mux.max_unread {
+            if let Some(held_back) = self.mux.too_slow.allow() {
+                warn!(
+                    max_unread = self.mux.max_unread,
+                    held_back, "multiplexed: a client reads its answers too slowly; its session is closed"
+                );
+            }
+            self.end(&mut state, Ending::TooSlow);
+            return Routed::Quiet;
+        }
+        rewrite_into(&mut state.answers, parts, client_id, None);
+        match (state.reader.take(), last) {
+            (Some(reader), true) => Routed::Wake(reader),
+            (Some(reader), false) => Routed::WakeLater(reader),
+            (None, _) => Routed::Quiet,
+        }
+    }
+
+    /// An answer ldapsync gives itself, or the checked bind's.
+    fn answer(&self, state: &mut State, pdu: &[u8]) {
+        state.answers.extend_from_slice(pdu);
+        if let Some(reader) = state.reader.take() {
+            reader.wake();
+        }
+    }
+
+    /// Its shared connection is lost: the session ends, unless it has a
+    /// connection of its own.
+    fn lost(&self) {
+        let mut state = self.state();
+        if !matches!(state.mode, Mode::Dedicated(_)) {
+            self.end(&mut state, Ending::Eof);
+        }
+    }
+
+    /// No more requests are taken; what was in flight is abandoned, and the
+    /// answers end as `ending` says once those already here are read (at
+    /// once, when the client is too slow to read them).
+    fn end(&self, state: &mut State, ending: Ending) {
+        for (_, shared) in state.outstanding.drain() {
+            self.connection.abandon(shared);
+        }
+        if let Mode::Dedicated(wake) = std::mem::replace(&mut state.mode, Mode::Closed) {
+            wake.notify_one();
+        }
+        if matches!(ending, Ending::TooSlow) {
+            state.answers = BytesMut::new();
+        }
+        if matches!(state.ending, Ending::Open) {
+            state.ending = ending;
+        }
+        for waker in [state.reader.take(), state.writer.take()].into_iter().flatten() {
+            waker.wake();
         }
     }
 }
 
-/// A session taken off the shared connections: a connection of its own,
-/// which gets `bind` and whatever the client sends next, byte for byte.
-async fn dedicated(mut far: DuplexStream, route: &Route<'_>, pool: &Arc<Pool>, bind: Bytes, rest: BytesMut) {
-    let Ok((mut stream, _slot)) = upstream::connect(route, pool).await else {
-        if let Ok(env) = Envelope::peek(&bind) {
-            let refused = refusal(&env, ResultCode::Unavailable, "ldapsync: no directory server reachable");
-            let _ = far.write_all(&refused).await;
+impl AsyncWrite for MuxStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let session = &self.0;
+        let mut state = session.state();
+        match &state.mode {
+            Mode::Closed => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            Mode::Binding | Mode::Dedicated(_) if state.requests.len() >= HELD => {
+                state.writer = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            _ => {}
         }
-        return;
-    };
-    info!("multiplexed: a SASL bind takes this session to a directory connection of its own");
-    if stream.write_all(&bind).await.is_err() || stream.write_all(&rest).await.is_err() {
-        return;
+        // Requests are taken from where the session wrote them when
+        // nothing is held before them.
+        let taken = match (&state.mode, state.requests.is_empty()) {
+            (Mode::Shared, true) => session.take(&mut state, buf),
+            _ => 0,
+        };
+        state.requests.extend_from_slice(&buf[taken..]);
+        if matches!(state.mode, Mode::Shared) && taken == 0 {
+            session.take_held(&mut state);
+        }
+        if let Mode::Dedicated(wake) = &state.mode {
+            wake.notify_one();
+        }
+        Poll::Ready(Ok(buf.len()))
     }
-    let _ = tokio::io::copy_bidirectional(&mut far, &mut stream).await;
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncRead for MuxStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let mut state = self.0.state();
+        if !state.answers.is_empty() {
+            let n = buf.remaining().min(state.answers.len());
+            buf.put_slice(&state.answers[..n]);
+            state.answers.advance(n);
+            if let Mode::Dedicated(wake) = &state.mode {
+                wake.notify_one();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        match state.ending {
+            Ending::Open => {
+                if !state.reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    state.reader = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            Ending::Eof => Poll::Ready(Ok(())),
+            Ending::TooSlow => Poll::Ready(Err(io::Error::other(
+                "the client read its answers too slowly for a multiplexed listener",
+            ))),
+        }
+    }
+}
+
+impl Drop for MuxStream {
+    /// The session is over: what it left in flight is abandoned.
+    fn drop(&mut self) {
+        let session = &self.0;
+        session.end(&mut session.state(), Ending::Eof);
+        session
+            .connection
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&session.id);
+    }
 }
 
 /// A response ldapsync makes itself for `request`.
@@ -516,8 +867,8 @@ fn refusal(request: &Envelope, code: ResultCode, diagnostic: &str) -> Bytes {
 }
 
 /// Whether a request carries a proxied authorization control of its own.
-fn asserts_identity(pdu: &[u8]) -> bool {
-    let Some(controls) = parts(pdu).and_then(|p| p.controls) else {
+fn asserts_identity(parts: &Parts<'_>) -> bool {
+    let Some(controls) = parts.controls else {
         return false;
     };
     let mut rest = controls;
@@ -535,6 +886,8 @@ fn asserts_identity(pdu: &[u8]) -> bool {
 
 /// An LDAPMessage's protocolOp element and its controls' contents.
 struct Parts<'a> {
+    /// The whole PDU's length.
+    len: usize,
     op: &'a [u8],
     controls: Option<&'a [u8]>,
 }
@@ -550,6 +903,7 @@ fn parts(pdu: &[u8]) -> Option<Parts<'_>> {
         _ => None,
     };
     Some(Parts {
+        len: pdu.len(),
         op: &rest[..op.total_len()],
         controls,
     })
@@ -558,17 +912,29 @@ fn parts(pdu: &[u8]) -> Option<Parts<'_>> {
 /// The PDU with message id `id`, and `control` added to its controls.
 fn rewrite(pdu: &[u8], id: i64, control: Option<&[u8]>) -> Option<Bytes> {
     let parts = parts(pdu)?;
-    let mut body = BytesMut::with_capacity(pdu.len() + control.map_or(0, <[u8]>::len) + 8);
-    put_integer(&mut body, id);
-    body.extend_from_slice(parts.op);
-    match (parts.controls, control) {
-        (None, None) => {}
-        (Some(controls), None) => put_tlv(&mut body, CONTROLS, controls),
-        (controls, Some(control)) => put_tlv(&mut body, CONTROLS, &[controls.unwrap_or_default(), control].concat()),
-    }
-    let mut out = BytesMut::with_capacity(body.len() + 6);
-    put_tlv(&mut out, SEQUENCE, &body);
+    let mut out = BytesMut::with_capacity(pdu.len() + control.map_or(0, <[u8]>::len) + 8);
+    rewrite_into(&mut out, &parts, id, control);
     Some(out.freeze())
+}
+
+/// Appends `parts` as a PDU with message id `id`, and `control` added to
+/// its controls, to `out`: written in place, lengths first, so that a
+/// request or response is copied once.
+fn rewrite_into(out: &mut BytesMut, parts: &Parts<'_>, id: i64, control: Option<&[u8]>) {
+    let id = Integer::new(id);
+    let id_octets = id.octets();
+    let controls = parts.controls.map_or(0, <[u8]>::len) + control.map_or(0, <[u8]>::len);
+    let has_controls = parts.controls.is_some() || control.is_some();
+    let body = tlv_len(id_octets.len()) + parts.op.len() + if has_controls { tlv_len(controls) } else { 0 };
+    out.reserve(tlv_len(body));
+    put_header(out, SEQUENCE, body);
+    put_tlv(out, INTEGER, id_octets);
+    out.extend_from_slice(parts.op);
+    if has_controls {
+        put_header(out, CONTROLS, controls);
+        out.extend_from_slice(parts.controls.unwrap_or_default());
+        out.extend_from_slice(control.unwrap_or_default());
+    }
 }
 
 /// The Proxied Authorization control (RFC 4370), critical: a directory
@@ -584,21 +950,19 @@ fn proxied_authorization(identity: &[u8]) -> Vec<u8> {
     control.to_vec()
 }
 
-fn abandon_request(id: i32, target: i32) -> Bytes {
-    let mut target_integer = BytesMut::new();
-    put_integer(&mut target_integer, i64::from(target));
+/// Appends an AbandonRequest with message id `id` for `target` to `out`.
+fn abandon_request(out: &mut BytesMut, id: i32, target: i32) {
+    let (id, target) = (Integer::new(i64::from(id)), Integer::new(i64::from(target)));
+    let (id, target) = (id.octets(), target.octets());
+    put_header(out, SEQUENCE, tlv_len(id.len()) + tlv_len(target.len()));
+    put_tlv(out, INTEGER, id);
     // [APPLICATION 16] MessageID: the INTEGER's contents under the op's tag.
-    let mut body = BytesMut::new();
-    put_integer(&mut body, i64::from(id));
-    put_tlv(&mut body, 0x50, &target_integer[2..]);
-    let mut out = BytesMut::new();
-    put_tlv(&mut out, SEQUENCE, &body);
-    out.freeze()
+    put_tlv(out, 0x50, target);
 }
 
-fn put_tlv(out: &mut BytesMut, tag: u8, contents: &[u8]) {
+/// A tag and the length of `len` octets of contents, in the fewest octets.
+fn put_header(out: &mut BytesMut, tag: u8, len: usize) {
     out.put_u8(tag);
-    let len = contents.len();
     if len < 0x80 {
         out.put_u8(len as u8);
     } else {
@@ -607,17 +971,38 @@ fn put_tlv(out: &mut BytesMut, tag: u8, contents: &[u8]) {
         out.put_u8(0x80 | (octets.len() - skip) as u8);
         out.extend_from_slice(&octets[skip..]);
     }
+}
+
+fn put_tlv(out: &mut BytesMut, tag: u8, contents: &[u8]) {
+    put_header(out, tag, contents.len());
     out.extend_from_slice(contents);
 }
 
-/// A non-negative INTEGER, in the fewest octets.
-fn put_integer(out: &mut BytesMut, value: i64) {
-    let octets = value.to_be_bytes();
-    let mut skip = 0;
-    while skip < 7 && octets[skip] == 0 && octets[skip + 1] & 0x80 == 0 {
-        skip += 1;
+/// An element's whole length, `len` octets of contents with their header.
+fn tlv_len(len: usize) -> usize {
+    let length_octets = match len {
+        0..0x80 => 1,
+        _ => 1 + (usize::BITS - len.leading_zeros()).div_ceil(8) as usize,
+    };
+    1 + length_octets + len
+}
+
+/// A non-negative INTEGER's contents, in the fewest octets.
+struct Integer([u8; 8], usize);
+
+impl Integer {
+    fn new(value: i64) -> Integer {
+        let octets = value.to_be_bytes();
+        let mut skip = 0;
+        while skip < 7 && octets[skip] == 0 && octets[skip + 1] & 0x80 == 0 {
+            skip += 1;
+        }
+        Integer(octets, skip)
     }
-    put_tlv(out, INTEGER, &octets[skip..]);
+
+    fn octets(&self) -> &[u8] {
+        &self.0[self.1..]
+    }
 }
 
 #[cfg(test)]
@@ -645,7 +1030,7 @@ mod tests {
         let p = parts(&rewritten).unwrap();
         assert_eq!(p.op, &pdu[5..]);
         assert_eq!(p.controls.unwrap(), &control[..]);
-        assert!(asserts_identity(&rewritten));
+        assert!(asserts_identity(&parts(&rewritten).unwrap()));
         // And back: the client's id, its bytes otherwise as they were.
         let back = rewrite(&search(1, &[]), 7, None).unwrap();
         assert_eq!(&back[..], &pdu[..]);
@@ -658,13 +1043,13 @@ mod tests {
         let mut controls = BytesMut::new();
         put_tlv(&mut controls, CONTROLS, &own);
         let pdu = search(9, &controls);
-        assert!(!asserts_identity(&pdu));
+        assert!(!asserts_identity(&parts(&pdu).unwrap()));
         let rewritten = rewrite(&pdu, 1, Some(&proxied_authorization(b""))).unwrap();
         let p = parts(&rewritten).unwrap();
         assert!(p.controls.unwrap().starts_with(&own));
         let mut theirs = BytesMut::new();
         put_tlv(&mut theirs, CONTROLS, &proxied_authorization(b"dn:cn=admin"));
-        assert!(asserts_identity(&search(3, &theirs)));
+        assert!(asserts_identity(&parts(&search(3, &theirs)).unwrap()));
     }
 
     #[test]
@@ -676,13 +1061,19 @@ mod tests {
             (i64::from(i32::MAX), vec![2, 4, 0x7f, 0xff, 0xff, 0xff]),
         ] {
             let mut out = BytesMut::new();
-            put_integer(&mut out, value);
+            put_tlv(&mut out, INTEGER, Integer::new(value).octets());
             assert_eq!(&out[..], &encoded[..], "{value}");
         }
         let mut out = BytesMut::new();
         put_tlv(&mut out, OCTET_STRING, &[0; 300]);
         assert_eq!(&out[..4], &[OCTET_STRING, 0x82, 0x01, 0x2c]);
-        let abandon = abandon_request(5, 300);
+        for len in [0, 1, 127, 128, 255, 256, 65_535, 65_536, 1 << 24] {
+            let mut out = BytesMut::new();
+            put_tlv(&mut out, OCTET_STRING, &vec![0; len]);
+            assert_eq!(out.len(), tlv_len(len), "{len}");
+        }
+        let mut abandon = BytesMut::new();
+        abandon_request(&mut abandon, 5, 300);
         let env = Envelope::peek(&abandon).unwrap();
         assert_eq!((env.message_id, env.abandoned_id(&abandon)), (5, Some(300)));
     }

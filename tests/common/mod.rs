@@ -428,13 +428,32 @@ pub mod raw {
             Raw(stream)
         }
 
+        /// A client whose kernel takes in little of what it is sent
+        /// before it reads: a slow client, without waiting for autotuning.
+        pub fn connect_with_small_window(url: &str) -> Raw {
+            let addr: std::net::SocketAddr = url.trim_start_matches("ldap://").parse().unwrap();
+            let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None).unwrap();
+            socket.set_recv_buffer_size(4096).unwrap();
+            socket.connect(&addr.into()).expect("connecting to ldapsync");
+            let stream = TcpStream::from(socket);
+            stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            Raw(stream)
+        }
+
         /// Writes the PDUs in one write, as a pipelining client does.
         pub fn send(&mut self, pdus: &[Vec<u8>]) {
             self.0.write_all(&pdus.concat()).unwrap();
         }
 
-        /// The next PDU; `None` when the connection closes.
-        pub fn response(&mut self) -> Option<Response> {
+        /// The next PDU's protocolOp tag, whatever it is (0x64 for a
+        /// search entry); `None` when the connection closes.
+        pub fn op(&mut self) -> Option<u8> {
+            let body = self.pdu()?;
+            Some(element(&body).1[0])
+        }
+
+        /// The next LDAPMessage's contents.
+        fn pdu(&mut self) -> Option<Vec<u8>> {
             let mut head = [0u8; 2];
             self.0.read_exact(&mut head).ok()?;
             assert_eq!(head[0], 0x30, "an LDAPMessage");
@@ -447,6 +466,13 @@ pub mod raw {
             };
             let mut body = vec![0u8; len];
             self.0.read_exact(&mut body).ok()?;
+            Some(body)
+        }
+
+        /// The next PDU, a response with a result; `None` when the
+        /// connection closes.
+        pub fn response(&mut self) -> Option<Response> {
+            let body = self.pdu()?;
             let (id, rest) = element(&body);
             let (op_tag, op) = (rest[0], element(rest).0);
             let (code, rest) = element(op);
@@ -533,9 +559,14 @@ pub mod raw {
 
     /// A base search of `dn` for its object classes.
     pub fn search_base(id: u8, dn: &str) -> Vec<u8> {
+        search(id, dn, 0)
+    }
+
+    /// A search for every entry under `dn` (scope 0, base; 2, subtree).
+    pub fn search(id: u8, dn: &str, scope: u8) -> Vec<u8> {
         let op = [
             tlv(0x04, dn.as_bytes()),
-            tlv(0x0a, &[0]),
+            tlv(0x0a, &[scope]),
             tlv(0x0a, &[0]),
             tlv(0x02, &[0]),
             tlv(0x02, &[0]),
