@@ -97,13 +97,20 @@ struct SharedConnection {
     /// Counts the connection on its URL; each session takes another.
     slot: Slot,
     /// Requests not yet written, sent together by the writer task.
-    outgoing: Mutex<BytesMut>,
+    outgoing: Mutex<Outgoing>,
     queued: Notify,
     routes: Mutex<HashMap<i32, Waiting>>,
     next_id: AtomicI32,
     /// The sessions on this connection, ended when it is lost.
     sessions: Mutex<HashMap<u64, Weak<VirtualSession>>>,
     lost: CancellationToken,
+}
+
+/// Requests queued on a shared connection.
+#[derive(Default)]
+struct Outgoing {
+    bytes: BytesMut,
+    requests: usize,
 }
 
 /// What handing a response to its session needs done.
@@ -317,11 +324,12 @@ impl SharedConnection {
     /// connection ends, so do its sessions.
     ///
     /// A session is woken once the responses of a read are all handed
-    /// over, and when all it got was part of an operation's answer (a
-    /// search's entry), one read later or as soon as nothing more is
-    /// there to read: the directory writes an entry and its search's
-    /// result apart, and a client sent both at once costs one write
-    /// instead of two.
+    /// over. When all it got was part of an operation's answer (a search's
+    /// entry) and the read brought others' too, it is woken one read
+    /// later, or as soon as nothing more is there to read: the directory
+    /// writes an entry and its search's result apart, and a client sent
+    /// both at once costs one write instead of two. A read of one response
+    /// says the connection is quiet: nothing is worth waiting for.
     async fn read(self: Arc<Self>, mut from: ReadHalf<Box<dyn Io>>, codec: PduCodec) {
         let lost = self.lost.clone();
         let lost = lost.cancelled();
@@ -347,7 +355,7 @@ impl SharedConnection {
                 Ok(_) => {}
                 Err(e) => break e.to_string(),
             }
-            let mut taken = 0;
+            let (mut taken, mut responses) = (0, 0);
             loop {
                 let len = match codec.pdu_len(&buffer[taken..]) {
                     Ok(Some(len)) if taken + len <= buffer.len() => len,
@@ -356,6 +364,7 @@ impl SharedConnection {
                 };
                 let pdu = &buffer[taken..taken + len];
                 taken += len;
+                responses += 1;
                 match self.route(pdu) {
                     Some(Routed::Wake(waker)) => woken.push(waker),
                     Some(Routed::WakeLater(waker)) => later.push(waker),
@@ -364,6 +373,9 @@ impl SharedConnection {
                 }
             }
             buffer.advance(taken);
+            if responses == 1 {
+                woken.append(&mut later);
+            }
             woken.drain(..).chain(held.drain(..)).for_each(Waker::wake);
             std::mem::swap(&mut held, &mut later);
         };
@@ -406,27 +418,34 @@ impl SharedConnection {
 
     /// Sends what the sessions queued, as much as has queued at a time.
     async fn write(self: Arc<Self>, mut writer: WriteHalf<Box<dyn Io>>) {
-        let mut batch = BytesMut::new();
+        let mut batch = Outgoing::default();
+        // The last write carried several requests: sessions are sending
+        // at once, and waiting for the others to run costs little.
+        let mut crowded = false;
         loop {
             std::mem::swap(
                 &mut batch,
                 &mut *self.outgoing.lock().unwrap_or_else(|e| e.into_inner()),
             );
-            if batch.is_empty() {
+            if batch.requests == 0 {
                 tokio::select! {
                     () = self.queued.notified() => {}
                     () = self.lost.cancelled() => return,
                 }
-                // The sessions that are ready to run add their requests
-                // first: one write carries them all.
-                tokio::task::yield_now().await;
+                if crowded {
+                    // The sessions that are ready to run add their
+                    // requests first: one write carries them all.
+                    tokio::task::yield_now().await;
+                }
                 continue;
             }
-            if let Err(e) = writer.write_all(&batch).await {
+            if let Err(e) = writer.write_all(&batch.bytes).await {
                 warn!(url = self.slot.url(), error = %e, "multiplexed: writing to a shared directory connection failed");
                 break;
             }
-            batch.clear();
+            crowded = batch.requests > 1;
+            batch.bytes.clear();
+            batch.requests = 0;
         }
         self.lose();
     }
@@ -435,8 +454,9 @@ impl SharedConnection {
     /// may be waiting.
     fn queue(&self, append: impl FnOnce(&mut BytesMut)) {
         let mut outgoing = self.outgoing.lock().unwrap_or_else(|e| e.into_inner());
-        let was_empty = outgoing.is_empty();
-        append(&mut outgoing);
+        let was_empty = outgoing.requests == 0;
+        append(&mut outgoing.bytes);
+        outgoing.requests += 1;
         drop(outgoing);
         if was_empty {
             self.queued.notify_one();
