@@ -591,6 +591,9 @@ impl VirtualSession {
     /// Takes the requests held while the session was not on its shared
     /// connection (a bind was being checked).
     fn take_held(self: &Arc<Self>, state: &mut State) {
+        if !matches!(state.mode, Mode::Shared) {
+            return;
+        }
         let held = std::mem::take(&mut state.requests);
         let taken = self.take(state, &held);
         state.requests.extend_from_slice(&held[taken..]);
@@ -817,12 +820,11 @@ impl AsyncWrite for MuxStream {
         }
         // Requests are taken from where the session wrote them when
         // nothing is held before them.
-        let taken = match (&state.mode, state.requests.is_empty()) {
-            (Mode::Shared, true) => session.take(&mut state, buf),
-            _ => 0,
-        };
-        state.requests.extend_from_slice(&buf[taken..]);
-        if matches!(state.mode, Mode::Shared) && taken == 0 {
+        if matches!(state.mode, Mode::Shared) && state.requests.is_empty() {
+            let taken = session.take(&mut state, buf);
+            state.requests.extend_from_slice(&buf[taken..]);
+        } else {
+            state.requests.extend_from_slice(buf);
             session.take_held(&mut state);
         }
         if let Mode::Dedicated(wake) = &state.mode {

@@ -196,6 +196,24 @@ pub async fn apply_departures<S: Store, D: DirectoryOps>(
     Ok(pass.report)
 }
 
+/// The connector's scope for `object` and the object's association with
+/// it; what is missing is refused with `refused`'s words.
+fn associated<'c, S: Store>(
+    store: &S,
+    connector: &'c ConnectorConfig,
+    object: &LocalObject,
+    refused: impl Fn(String) -> SyncError,
+) -> Result<(&'c ScopeConfig, Association), SyncError> {
+    let category = object.category;
+    let scope = connector
+        .scope(category)
+        .ok_or_else(|| refused(format!("connector {} syncs no {category}s", connector.name)))?;
+    let association = store
+        .association_by_object(&connector.name, object.id)?
+        .ok_or_else(|| refused(format!("it is not associated with connector {}", connector.name)))?;
+    Ok((scope, association))
+}
+
 /// Deletes an associated local object the way its connector's direction
 /// and delete policy say (docs/sync.md, "Directions and conflict policies"): under `ldap-to-local`
 /// the directory owns it and the delete is refused; otherwise the entry is
@@ -211,12 +229,7 @@ pub async fn delete_object<S: Store, D: DirectoryOps>(
 ) -> Result<Report, SyncError> {
     let (category, name) = (object.category, object.name.clone());
     let refused = |why: String| SyncError::Refused(format!("{category} {name} is not deleted: {why}"));
-    let scope = connector
-        .scope(category)
-        .ok_or_else(|| refused(format!("connector {} syncs no {category}s", connector.name)))?;
-    let association = store
-        .association_by_object(&connector.name, object.id)?
-        .ok_or_else(|| refused(format!("it is not associated with connector {}", connector.name)))?;
+    let (scope, association) = associated(store, connector, &object, refused)?;
     if connector.direction == Direction::LdapToLocal {
         return Err(refused(format!(
             "connector {} is ldap-to-local, so the directory owns it and the next full pass would bring \
@@ -391,12 +404,7 @@ pub async fn compare<S: Store, D: DirectoryOps>(
 ) -> Result<Comparison, SyncError> {
     let category = object.category;
     let refused = |why: String| SyncError::Refused(format!("cannot compare {category} {}: {why}", object.name));
-    let scope = connector
-        .scope(category)
-        .ok_or_else(|| refused(format!("connector {} syncs no {category}s", connector.name)))?;
-    let association = store
-        .association_by_object(&connector.name, object.id)?
-        .ok_or_else(|| refused(format!("it is not associated with connector {}", connector.name)))?;
+    let (scope, association) = associated(store, connector, &object, refused)?;
     let mapping = Mapping { scope, category };
     let local = mapping.local_values(&object);
     let entry = directory.entry_by_id(scope, &association.entry_id).await?;
