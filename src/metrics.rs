@@ -104,6 +104,40 @@ pub struct Metrics {
     pub webhook_deliveries: Family<WebhookLabels, Counter>,
 }
 
+/// The operation series one session has counted, each looked up in its
+/// family once per session rather than at every operation (a lookup hashes
+/// its labels under the family's lock: it showed in the relay's profile).
+#[derive(Default)]
+pub struct SessionOperations {
+    counts: Vec<(OperationLabels, Counter)>,
+    durations: Vec<(&'static str, Histogram)>,
+}
+
+impl SessionOperations {
+    /// An operation of type `op` ended with `result` after `seconds`.
+    pub fn done(&mut self, op: &'static str, result: i64, seconds: f64) {
+        let labels = OperationLabels { op, result };
+        match self.counts.iter().find(|(seen, _)| *seen == labels) {
+            Some((_, count)) => {
+                count.inc();
+            }
+            None => {
+                let count = METRICS.operations.get_or_create(&labels).clone();
+                count.inc();
+                self.counts.push((labels, count));
+            }
+        }
+        match self.durations.iter().find(|(seen, _)| *seen == op) {
+            Some((_, duration)) => duration.observe(seconds),
+            None => {
+                let duration = METRICS.operation_seconds.get_or_create(&OpLabel { op }).clone();
+                duration.observe(seconds);
+                self.durations.push((op, duration));
+            }
+        }
+    }
+}
+
 /// The process's metrics.
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
@@ -282,5 +316,32 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sessions_operations_land_in_the_process_series() {
+        let mut session = SessionOperations::default();
+        let mut other = SessionOperations::default();
+        session.done("test-op", 0, 0.001);
+        session.done("test-op", 0, 0.002);
+        session.done("test-op", 32, 0.003);
+        other.done("test-op", 0, 0.004);
+        let count = |result| {
+            METRICS
+                .operations
+                .get_or_create(&OperationLabels { op: "test-op", result })
+                .get()
+        };
+        assert_eq!((count(0), count(32)), (3, 1));
+        let text = METRICS.encode();
+        assert!(
+            text.contains("ldapsync_operation_duration_seconds_count{op=\"test-op\"} 4"),
+            "{text}"
+        );
     }
 }

@@ -136,8 +136,22 @@ impl PduCodec {
         Ok(Some(total))
     }
 
-    /// The first whole PDU in `src`, if it is there.
-    fn frame(&self, src: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
+    /// The length of the first PDU in `src` once it is whole, leaving it
+    /// there: a caller that frames in place needs no buffer per PDU.
+    pub fn whole(&mut self, src: &mut BytesMut) -> Result<Option<usize>, FrameError> {
+        let whole = self.whole_len(src)?;
+        if whole.is_some() || src.is_empty() {
+            self.partial_since = None;
+            self.account(0)?;
+        } else {
+            self.partial_since.get_or_insert_with(Instant::now);
+            // What the buffer holds in memory, reserved room included.
+            self.account(src.capacity())?;
+        }
+        Ok(whole)
+    }
+
+    fn whole_len(&self, src: &mut BytesMut) -> Result<Option<usize>, FrameError> {
         let Some(total) = self.pdu_len(src)? else {
             return Ok(None);
         };
@@ -148,7 +162,7 @@ impl PduCodec {
             src.reserve((total - src.len()).min(RESERVE_AHEAD));
             return Ok(None);
         }
-        Ok(Some(src.split_to(total).freeze()))
+        Ok(Some(total))
     }
 }
 
@@ -163,16 +177,7 @@ impl Decoder for PduCodec {
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
-        let frame = self.frame(src)?;
-        if frame.is_some() || src.is_empty() {
-            self.partial_since = None;
-            self.account(0)?;
-        } else {
-            self.partial_since.get_or_insert_with(Instant::now);
-            // What the buffer holds in memory, reserved room included.
-            self.account(src.capacity())?;
-        }
-        Ok(frame)
+        Ok(self.whole(src)?.map(|len| src.split_to(len).freeze()))
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
@@ -186,6 +191,8 @@ impl Decoder for PduCodec {
 
 #[cfg(test)]
 mod tests {
+    use bytes::Buf;
+
     use super::*;
 
     fn frames(input: &[u8], max: usize) -> (Vec<Bytes>, Option<FrameError>) {
@@ -209,6 +216,17 @@ mod tests {
         let (out, err) = frames(&input, 1024);
         assert!(err.is_none());
         assert_eq!(out, vec![Bytes::copy_from_slice(&a), Bytes::copy_from_slice(&b)]);
+    }
+
+    #[test]
+    fn frames_in_place_leaving_the_bytes_where_they_are() {
+        let mut codec = PduCodec::new(1024);
+        let mut buf = BytesMut::from(&[0x30, 0x03, 0x02, 0x01, 0x07, 0x30, 0x03][..]);
+        assert_eq!(codec.whole(&mut buf).unwrap(), Some(5));
+        assert_eq!(buf.len(), 7, "the caller relays the PDU from the buffer, then advances");
+        buf.advance(5);
+        assert_eq!(codec.whole(&mut buf).unwrap(), None);
+        assert!(codec.partial_since().is_some(), "the next PDU has begun to arrive");
     }
 
     #[test]

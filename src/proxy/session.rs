@@ -19,15 +19,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
+use bytes::{Buf, Bytes, BytesMut};
 use rasn_ldap::ResultCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout};
-use tokio_util::codec::{Decoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
@@ -40,7 +38,7 @@ use super::pool::Slot;
 use super::upstream;
 use super::{Io, Settings, Shared};
 use crate::config::{DirectoryLoss, Listener, ListenerMode, ListenerTls};
-use crate::metrics::{METRICS, OpLabel, OperationLabels};
+use crate::metrics::{METRICS, SessionOperations};
 
 type Stream = Box<dyn Io>;
 
@@ -88,7 +86,9 @@ enum OnSuccess {
 /// The operations in flight on one session, shared by its two relay tasks.
 #[derive(Default)]
 struct Inflight {
-    ops: Mutex<HashMap<i64, Pending>>,
+    ops: Mutex<HashMap<i64, Pending, foldhash::fast::RandomState>>,
+    /// Someone waits for `drained` (at shutdown): told when `ops` empties.
+    draining: AtomicBool,
     drained: Notify,
     /// When the responder last relayed opaque bytes (a tunnel's idle
     /// timer counts both directions).
@@ -111,7 +111,8 @@ impl Inflight {
     fn remove(&self, id: i64) -> Option<Pending> {
         let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
         let removed = ops.remove(&id);
-        if ops.is_empty() {
+        // Read under the lock that `wait_drained` checks `ops` with.
+        if ops.is_empty() && self.draining.load(Ordering::Acquire) {
             self.drained.notify_waiters();
         }
         removed
@@ -143,6 +144,7 @@ impl Inflight {
     }
 
     async fn wait_drained(&self) {
+        self.draining.store(true, Ordering::Release);
         let notified = self.drained.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
@@ -216,7 +218,8 @@ enum End {
 }
 
 enum Event {
-    Request(Option<Result<Bytes, FrameError>>),
+    /// The length of a whole request at the start of the inbox.
+    Request(Option<Result<usize, FrameError>>),
     Upstream(UpstreamEnd),
     Idle,
     Shutdown,
@@ -300,7 +303,11 @@ struct Session {
     tls: bool,
     /// Conformance mode: both directions' PDUs are checked.
     checker: Option<Arc<Mutex<Checker>>>,
-    requests: FramedRead<ReadHalf<Stream>, PduCodec>,
+    /// The client's side of its connection, and its requests as they
+    /// arrive: framed in place, relayed from this buffer.
+    client: ReadHalf<Stream>,
+    inbox: BytesMut,
+    codec: PduCodec,
     to_client: mpsc::Sender<ToClient>,
     responder: JoinHandle<()>,
     inflight: Arc<Inflight>,
@@ -321,6 +328,9 @@ struct Session {
     /// Operations abandoned lately, with when (see `outstanding`): they
     /// still count, and their message ids are not free yet.
     abandoned: VecDeque<(tokio::time::Instant, i64)>,
+    /// When the request being relayed was whole: its operation's start
+    /// (one clock read per request serves the idle timer too).
+    received_at: Instant,
 }
 
 impl Session {
@@ -350,11 +360,14 @@ impl Session {
             shared: Arc::clone(&shared),
             inflight: Arc::clone(&inflight),
             io_timeout: settings.config.io_timeout,
+            operations: SessionOperations::default(),
         }
         .spawn(write, queue);
         Session {
             id,
-            requests: FramedRead::new(read, client_codec(&shared, &settings)),
+            client: read,
+            inbox: BytesMut::with_capacity(READ_CHUNK),
+            codec: client_codec(&shared, &settings),
             settings,
             listener,
             peer,
@@ -370,6 +383,7 @@ impl Session {
             start_tls_id: None,
             tunneled: false,
             abandoned: VecDeque::new(),
+            received_at: Instant::now(),
         }
     }
 
@@ -389,14 +403,13 @@ impl Session {
         self.tunneled = true;
         // A client that says nothing holds no directory connection: its
         // ClientHello within the handshake timeout, as a TLS listener's.
-        let mut hello = BytesMut::new();
         let waited = timeout(
             self.settings.config.handshake_timeout,
-            self.requests.get_mut().read_buf(&mut hello),
+            self.client.read_buf(&mut self.inbox),
         );
         match waited.await {
             Ok(Ok(0)) | Ok(Err(_)) => return End::ClientClosed,
-            Ok(Ok(_)) => self.requests.read_buffer_mut().extend_from_slice(&hello),
+            Ok(Ok(_)) => {}
             Err(_) => return End::TlsFailed("no TLS handshake from the client within the handshake timeout".into()),
         }
         let route = self.settings.passthrough_route(true);
@@ -420,11 +433,15 @@ impl Session {
         // request that has been arriving for too long.
         let idle = sleep_until(last_request + idle_timeout.min(read_timeout));
         tokio::pin!(idle);
+        // Made once: each new one would join (and leave) a wait list all
+        // sessions share, twice per request.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
         loop {
             let event = tokio::select! {
-                _ = shutdown.cancelled() => Event::Shutdown,
+                () = &mut cancelled => Event::Shutdown,
                 end = upstream_ended(&mut self.upstream) => Event::Upstream(end),
-                frame = self.requests.next() => Event::Request(frame),
+                frame = next_request(&mut self.client, &mut self.inbox, &mut self.codec) => Event::Request(frame),
                 () = &mut idle => Event::Idle,
             };
             match event {
@@ -446,8 +463,7 @@ impl Session {
                     let now = tokio::time::Instant::now();
                     // A request still arriving: due in full by its deadline.
                     let read_by = self
-                        .requests
-                        .decoder()
+                        .codec
                         .partial_since()
                         .map(|since| tokio::time::Instant::from_std(since) + read_timeout);
                     if read_by.is_some_and(|by| by <= now) {
@@ -477,12 +493,18 @@ impl Session {
                 }
                 Event::Request(Some(Err(e @ FrameError::OverBudget(_)))) => return End::Overloaded(e.to_string()),
                 Event::Request(Some(Err(e))) => return End::Malformed(e.to_string()),
-                Event::Request(Some(Ok(pdu))) => {
-                    last_request = tokio::time::Instant::now();
-                    if let Some(end) = self.request(pdu).await {
+                Event::Request(Some(Ok(len))) => {
+                    self.received_at = Instant::now();
+                    last_request = tokio::time::Instant::from_std(self.received_at);
+                    // Lent out while the request is relayed from it.
+                    let mut inbox = std::mem::take(&mut self.inbox);
+                    let end = self.request(&inbox[..len], inbox.len() > len).await;
+                    inbox.advance(len);
+                    self.inbox = inbox;
+                    if let Some(end) = end {
                         return end;
                     }
-                    if !holds_whole_pdu(self.requests.read_buffer())
+                    if !holds_whole_pdu(&self.inbox)
                         && let Some(end) = self.write_upstream().await
                     {
                         return end;
@@ -492,8 +514,9 @@ impl Session {
         }
     }
 
-    /// Relays one client PDU; `Some` ends the session.
-    async fn request(&mut self, pdu: Bytes) -> Option<End> {
+    /// Relays one client PDU (`more`: the client has sent more bytes after
+    /// it); `Some` ends the session.
+    async fn request(&mut self, pdu: &[u8], more: bool) -> Option<End> {
         // RFC 4511 §4.14.1: nothing follows a StartTLS request until its
         // response; here it would reach the directory's TLS as garbage.
         if let Some(id) = self.start_tls_id
@@ -502,9 +525,9 @@ impl Session {
             return Some(End::Malformed("a request was sent while StartTLS was pending".into()));
         }
         if let Some(checker) = &self.checker {
-            checker.lock().unwrap_or_else(|e| e.into_inner()).client(&pdu);
+            checker.lock().unwrap_or_else(|e| e.into_inner()).client(pdu);
         }
-        let env = match Envelope::peek(&pdu) {
+        let env = match Envelope::peek(pdu) {
             Ok(env) => env,
             Err(e) => return Some(End::Malformed(format!("undecodable LDAPMessage: {e}"))),
         };
@@ -535,7 +558,7 @@ impl Session {
             Op::Unbind => {
                 if let Some(upstream) = &mut self.upstream {
                     // Best effort: the directory learns the client left cleanly.
-                    upstream.outgoing.extend_from_slice(&pdu);
+                    upstream.outgoing.extend_from_slice(pdu);
                     let _ = self.write_upstream().await;
                 }
                 return Some(End::Unbind);
@@ -545,7 +568,7 @@ impl Session {
             Op::Abandon => {
                 // An abandoned operation gets no further response; a write
                 // may have been applied all the same, unseen.
-                if let Some(target) = env.abandoned_id(&pdu)
+                if let Some(target) = env.abandoned_id(pdu)
                     && let Some(pending) = self.inflight.remove(target)
                 {
                     self.abandoned.push_back((tokio::time::Instant::now(), target));
@@ -554,11 +577,11 @@ impl Session {
                     }
                 }
             }
-            Op::Extended if env.extended_name(&pdu) == Some(STARTTLS_OID.as_bytes()) => {
-                return self.start_tls(&env, pdu).await;
+            Op::Extended if env.extended_name(pdu) == Some(STARTTLS_OID.as_bytes()) => {
+                return self.start_tls(&env, pdu, more).await;
             }
             // A password must not cross the network in clear text here.
-            Op::Bind if self.listener.require_tls && !self.tls && !env.is_anonymous_bind(&pdu) => {
+            Op::Bind if self.listener.require_tls && !self.tls && !env.is_anonymous_bind(pdu) => {
                 info!("bind refused: this listener requires TLS first");
                 let why = "ldapsync: this listener requires TLS (StartTLS or ldaps://) before a bind";
                 return self.refuse_bind(&env, ResultCode::ConfidentialityRequired, why).await;
@@ -591,8 +614,9 @@ impl Session {
             }
         }
         let on_success = match write_kind(env.op) {
-            Some(kind) => OnSuccess::Capture(kind, pdu.clone()),
-            None if env.is_sasl_bind(&pdu) => OnSuccess::SaslBound,
+            // Kept beyond the request buffer only for the capture sink.
+            Some(kind) => OnSuccess::Capture(kind, Bytes::copy_from_slice(pdu)),
+            None if env.is_sasl_bind(pdu) => OnSuccess::SaslBound,
             None => OnSuccess::Nothing,
         };
         self.send(&env, pdu, on_success);
@@ -631,25 +655,25 @@ impl Session {
 
     /// Queues a request for the directory connection, awaiting its
     /// response if it has one.
-    fn send(&mut self, request: &Envelope, pdu: Bytes, on_success: OnSuccess) {
+    fn send(&mut self, request: &Envelope, pdu: &[u8], on_success: OnSuccess) {
         if request.op.expects_response() {
             self.inflight.insert(
                 request.message_id,
                 Pending {
                     op: request.op,
-                    started: Instant::now(),
+                    started: self.received_at,
                     on_success,
                 },
             );
         }
         let upstream = self.upstream.as_mut().expect("connected before a request is sent");
-        upstream.outgoing.extend_from_slice(&pdu);
+        upstream.outgoing.extend_from_slice(pdu);
     }
 
     /// Writes the requests relayed so far to the directory.
     async fn write_upstream(&mut self) -> Option<End> {
         let upstream = self.upstream.as_mut().filter(|u| !u.outgoing.is_empty())?;
-        let written = timeout(
+        let written = within(
             self.settings.config.io_timeout,
             upstream.writer.write_all(&upstream.outgoing),
         )
@@ -676,13 +700,13 @@ impl Session {
         let Some(upstream) = self.upstream.as_mut() else {
             return End::ClientClosed;
         };
-        let mut chunk = std::mem::take(self.requests.read_buffer_mut());
+        let mut chunk = std::mem::take(&mut self.inbox);
         let io_timeout = self.settings.config.io_timeout;
         let idle_timeout = self.settings.config.idle_timeout;
         let mut client_at = tokio::time::Instant::now();
         loop {
             if !chunk.is_empty() {
-                match timeout(io_timeout, upstream.writer.write_all(&chunk)).await {
+                match within(io_timeout, upstream.writer.write_all(&chunk)).await {
                     Ok(Ok(())) => chunk.clear(),
                     Ok(Err(e)) => {
                         return End::UpstreamLost(format!("writing to the directory failed: {e}"));
@@ -704,7 +728,7 @@ impl Session {
                         return End::Idle;
                     }
                 }
-                read = self.requests.get_mut().read_buf(&mut chunk) => match read {
+                read = self.client.read_buf(&mut chunk) => match read {
                     Ok(0) | Err(_) => return End::ClientClosed,
                     Ok(_) => client_at = tokio::time::Instant::now(),
                 },
@@ -722,6 +746,9 @@ impl Session {
 
     /// Forgets the operations abandoned longer than `ABANDONED_GRACE` ago.
     fn forget_abandoned(&mut self) {
+        if self.abandoned.is_empty() {
+            return;
+        }
         let now = tokio::time::Instant::now();
         while self
             .abandoned
@@ -775,7 +802,7 @@ impl Session {
     /// made in clear text, is closed (the session continues anonymous, as
     /// slapd's own StartTLS leaves it), and the TLS is ended here or, on a
     /// passthrough listener, by the directory.
-    async fn start_tls(&mut self, request: &Envelope, pdu: Bytes) -> Option<End> {
+    async fn start_tls(&mut self, request: &Envelope, pdu: &[u8], more: bool) -> Option<End> {
         let refusal = match self.listener.tls {
             ListenerTls::Terminate if self.shared.tls.is_none() => Some((
                 ResultCode::Unavailable,
@@ -794,7 +821,7 @@ impl Session {
                 None => Some(End::Malformed("StartTLS request with an invalid message id".into())),
             };
         }
-        if !self.requests.read_buffer().is_empty() {
+        if more {
             return Some(End::Malformed("data sent after StartTLS before its response".into()));
         }
         // Before the response: after it, only TLS may reach the client.
@@ -828,13 +855,13 @@ impl Session {
             return Some(End::ClientClosed);
         };
         let (placeholder, _) = tokio::io::split(Box::new(tokio::io::empty()) as Stream);
-        let requests = std::mem::replace(&mut self.requests, FramedRead::new(placeholder, PduCodec::new(0)));
-        let stream = match handshake(&self.shared, &self.settings, requests.into_inner().unsplit(write)).await {
+        let client = std::mem::replace(&mut self.client, placeholder);
+        let stream = match handshake(&self.shared, &self.settings, client.unsplit(write)).await {
             Ok(stream) => stream,
             Err(reason) => return Some(End::TlsFailed(reason)),
         };
         let (read, write) = tokio::io::split(stream);
-        self.requests = FramedRead::new(read, client_codec(&self.shared, &self.settings));
+        self.client = read;
         self.responder = responder.spawn(write, queue);
         self.tls = true;
         info!("StartTLS: the session is now under TLS");
@@ -845,7 +872,7 @@ impl Session {
     /// that ldapsync has not upgraded itself, so that the handshake after
     /// its success is between the client and the directory (which then
     /// sees the client's certificate).
-    async fn pass_start_tls(&mut self, request: &Envelope, pdu: Bytes) -> Option<End> {
+    async fn pass_start_tls(&mut self, request: &Envelope, pdu: &[u8]) -> Option<End> {
         let settings = Arc::clone(&self.settings);
         if let Err(end) = self.connect(&settings.passthrough_route(false), request).await {
             return end;
@@ -958,6 +985,42 @@ fn holds_whole_pdu(buffer: &[u8]) -> bool {
     matches!(ber::read_header(buffer), Ok(Some(header)) if buffer.len() >= header.total_len())
 }
 
+/// The length of the client's next request, whole at the start of `inbox`
+/// (reading more as needed); `None` when the client closed between requests.
+async fn next_request(
+    client: &mut ReadHalf<Stream>,
+    inbox: &mut BytesMut,
+    codec: &mut PduCodec,
+) -> Option<Result<usize, FrameError>> {
+    loop {
+        match codec.whole(inbox) {
+            Ok(Some(len)) => return Some(Ok(len)),
+            Ok(None) => {}
+            Err(e) => return Some(Err(e)),
+        }
+        if inbox.len() == inbox.capacity() {
+            inbox.reserve(READ_CHUNK);
+        }
+        match client.read_buf(inbox).await {
+            Ok(0) if inbox.is_empty() => return None,
+            Ok(0) => return Some(Err(FrameError::Truncated)),
+            Ok(_) => {}
+            Err(e) => return Some(Err(e.into())),
+        }
+    }
+}
+
+/// `io` within `limit`. Most writes complete at once: the timer (a clock
+/// read and the runtime's timer handle, which showed in the relay's
+/// profile) is set only for one that waits.
+async fn within<F: Future>(limit: Duration, io: F) -> Result<F::Output, tokio::time::error::Elapsed> {
+    let mut io = std::pin::pin!(io);
+    if let std::task::Poll::Ready(done) = futures_util::poll!(io.as_mut()) {
+        return Ok(done);
+    }
+    timeout(limit, io).await
+}
+
 async fn upstream_ended(upstream: &mut Option<Upstream>) -> UpstreamEnd {
     match upstream {
         Some(u) => (&mut u.ended).await.unwrap_or(UpstreamEnd::ClientGone),
@@ -986,10 +1049,22 @@ struct Responder {
     inflight: Arc<Inflight>,
     /// A client that accepts nothing for this long is dropped.
     io_timeout: Duration,
+    operations: SessionOperations,
 }
 
-/// Bytes read from the directory at a time (more when a PDU needs it).
+/// Bytes read from either side at a time, at least.
 const READ_CHUNK: usize = 8 * 1024;
+/// The most read from the directory at a time for a PDU arriving in parts.
+const READ_AHEAD: usize = 64 * 1024;
+
+/// What a PDU from the directory means for the bytes after it.
+enum Seen {
+    Response,
+    /// A Notice of Disconnection: the directory is closing the connection.
+    Notice,
+    /// The bytes after it are opaque (StartTLS passed through succeeded).
+    Opaque,
+}
 
 enum Next {
     Queued(Option<ToClient>),
@@ -1004,9 +1079,8 @@ impl Responder {
         tokio::spawn(self.run(client, queue).in_current_span())
     }
 
-    async fn run(self, mut client: WriteHalf<Stream>, mut queue: mpsc::Receiver<ToClient>) {
+    async fn run(mut self, mut client: WriteHalf<Stream>, mut queue: mpsc::Receiver<ToClient>) {
         let mut directory: Option<DirectoryReader> = None;
-        let mut out = BytesMut::new();
         let mut captured = Vec::new();
         loop {
             let next = tokio::select! {
@@ -1034,12 +1108,12 @@ impl Responder {
                     let reader = directory
                         .as_mut()
                         .expect("only read while relaying a directory connection");
-                    let ended = self.relay(reader, read, &mut out, &mut captured);
+                    let (relayed, ended) = self.relay(reader, read, &mut captured);
                     // What came before the end (a Notice of Disconnection) still goes out.
-                    if !out.is_empty() {
-                        METRICS.bytes_to_client.inc_by(out.len() as u64);
-                        let written = self.write(&mut client, &out).await;
-                        out.clear();
+                    if relayed > 0 {
+                        METRICS.bytes_to_client.inc_by(relayed as u64);
+                        let written = self.write(&mut client, &reader.buffer[..relayed]).await;
+                        reader.buffer.advance(relayed);
                         // The writes the directory applied go to the sync core
                         // once their answers are on their way, whether or not
                         // the client is still there to read them.
@@ -1059,55 +1133,61 @@ impl Responder {
         let _ = client.shutdown().await;
     }
 
-    /// Takes in what one read from the directory brought: every whole PDU is
-    /// appended to `out`; `Some` when the directory connection is done.
+    /// Takes in what one read from the directory brought. Returns how many
+    /// bytes at the start of the reader's buffer go to the client (every
+    /// whole PDU, framed in place; all of them once they are opaque), and
+    /// `Some` when the directory connection is done.
     fn relay(
-        &self,
+        &mut self,
         reader: &mut DirectoryReader,
         read: std::io::Result<usize>,
-        out: &mut BytesMut,
         captured: &mut Vec<CapturedWrite>,
-    ) -> Option<UpstreamEnd> {
+    ) -> (usize, Option<UpstreamEnd>) {
         let noticed = reader.noticed;
         match read {
             Err(e) => {
                 debug!(error = %e, "directory read failed");
-                return Some(UpstreamEnd::Closed { noticed });
+                return (0, Some(UpstreamEnd::Closed { noticed }));
             }
             Ok(0) if reader.buffer.is_empty() || reader.framing == Framing::Opaque => {
-                return Some(UpstreamEnd::Closed { noticed });
+                return (0, Some(UpstreamEnd::Closed { noticed }));
             }
-            Ok(0) => return Some(UpstreamEnd::Failed(FrameError::Truncated)),
+            Ok(0) => return (0, Some(UpstreamEnd::Failed(FrameError::Truncated))),
             Ok(_) => {}
         }
         if reader.framing == Framing::Opaque {
             self.inflight.relayed_now();
-            out.extend_from_slice(&reader.buffer.split());
-            return None;
+            return (reader.buffer.len(), None);
         }
+        let mut whole = 0;
         loop {
-            match reader.codec.decode(&mut reader.buffer) {
-                Ok(Some(pdu)) => {
-                    self.pdu(reader, &pdu, out, captured);
-                    if reader.framing == Framing::Opaque {
-                        out.extend_from_slice(&reader.buffer.split());
-                        return None;
+            let rest = &reader.buffer[whole..];
+            match reader.codec.pdu_len(rest) {
+                Ok(Some(len)) if len <= rest.len() => {
+                    let seen = self.pdu(&rest[..len], captured);
+                    whole += len;
+                    match seen {
+                        Seen::Response => {}
+                        Seen::Notice => reader.noticed = true,
+                        Seen::Opaque => {
+                            reader.framing = Framing::Opaque;
+                            return (reader.buffer.len(), None);
+                        }
                     }
                 }
-                Ok(None) => return None,
+                Ok(_) => return (whole, None),
                 // The SASL bind negotiated a security layer (see `Session::tunnel`).
                 Err(FrameError::NotASequence(_)) if self.wrapped.load(Ordering::Acquire) => {
                     reader.framing = Framing::Opaque;
-                    out.extend_from_slice(&reader.buffer.split());
-                    return None;
+                    return (reader.buffer.len(), None);
                 }
-                Err(e) => return Some(UpstreamEnd::Failed(e)),
+                Err(e) => return (whole, Some(UpstreamEnd::Failed(e))),
             }
         }
     }
 
     /// One PDU from the directory: checked, its operation completed.
-    fn pdu(&self, reader: &mut DirectoryReader, pdu: &Bytes, out: &mut BytesMut, captured: &mut Vec<CapturedWrite>) {
+    fn pdu(&mut self, pdu: &[u8], captured: &mut Vec<CapturedWrite>) -> Seen {
         if let Some(checker) = &self.checker {
             checker.lock().unwrap_or_else(|e| e.into_inner()).directory(pdu);
         }
@@ -1117,20 +1197,20 @@ impl Responder {
                     result = env.result_code(pdu),
                     "unsolicited notification from the directory"
                 );
-                reader.noticed = true;
+                return Seen::Notice;
             }
             Ok(env) if env.op.is_final_response() => {
                 if let Some(pending) = self.inflight.remove(env.message_id)
                     && self.complete(&env, pdu, pending, captured)
                 {
-                    reader.framing = Framing::Opaque;
+                    return Seen::Opaque;
                 }
             }
             Ok(_) => {}
             // Relayed regardless: the client may understand what we don't.
             Err(e) => debug!(error = %e, "directory PDU not understood; relayed as is"),
         }
-        out.extend_from_slice(pdu);
+        Seen::Response
     }
 
     async fn write(&self, client: &mut WriteHalf<Stream>, bytes: &[u8]) -> Result<(), ClientGone> {
@@ -1139,7 +1219,7 @@ impl Responder {
             client.write_all(bytes).await?;
             client.flush().await
         };
-        match timeout(self.io_timeout, write).await {
+        match within(self.io_timeout, write).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 debug!(error = %e, "client write failed");
@@ -1161,25 +1241,22 @@ impl Responder {
 
     /// Completes an operation; true when the directory's bytes after this
     /// response are opaque (StartTLS passed through succeeded).
-    fn complete(&self, env: &Envelope, response: &[u8], pending: Pending, captured: &mut Vec<CapturedWrite>) -> bool {
+    fn complete(
+        &mut self,
+        env: &Envelope,
+        response: &[u8],
+        pending: Pending,
+        captured: &mut Vec<CapturedWrite>,
+    ) -> bool {
         let result = env.result_code(response);
+        let took = pending.started.elapsed();
         let op = pending.op.name();
-        METRICS
-            .operations
-            .get_or_create(&OperationLabels {
-                op,
-                result: result.unwrap_or(-1),
-            })
-            .inc();
-        METRICS
-            .operation_seconds
-            .get_or_create(&OpLabel { op })
-            .observe(pending.started.elapsed().as_secs_f64());
+        self.operations.done(op, result.unwrap_or(-1), took.as_secs_f64());
         debug!(
             message_id = env.message_id,
-            op = pending.op.name(),
+            op,
             result,
-            micros = pending.started.elapsed().as_micros() as u64,
+            micros = took.as_micros() as u64,
             "operation done"
         );
         const INVALID_CREDENTIALS: i64 = 49;
@@ -1213,7 +1290,13 @@ impl Responder {
 async fn fill(directory: &mut Option<DirectoryReader>) -> std::io::Result<usize> {
     match directory {
         Some(reader) => {
-            reader.buffer.reserve(READ_CHUNK);
+            // A PDU arriving in parts is read in larger parts, up to the
+            // whole of it: what its header announces is only a promise.
+            let missing = match reader.codec.pdu_len(&reader.buffer) {
+                Ok(Some(len)) => len.saturating_sub(reader.buffer.len()),
+                _ => 0,
+            };
+            reader.buffer.reserve(missing.clamp(READ_CHUNK, READ_AHEAD));
             reader.read.read_buf(&mut reader.buffer).await
         }
         None => std::future::pending().await,
