@@ -180,6 +180,37 @@ fn failed_binds_leave_the_session_anonymous_and_a_clients_own_proxied_authorizat
 }
 
 #[test]
+fn an_anonymous_bind_is_answered_here_once_the_directory_has_accepted_one_and_leaves_the_session_anonymous() {
+    let mux = Mux::start();
+    let url = mux.served.url.clone();
+    let (alice, password) = person("alice");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (conn, mut ldap) = ldap3::LdapConnAsync::new(&url).await.unwrap();
+        ldap3::drive!(conn);
+        let who = async |ldap: &mut ldap3::Ldap| {
+            let (exop, _) = ldap.extended(ldap3::exop::WhoAmI).await.unwrap().success().unwrap();
+            String::from_utf8_lossy(&exop.val.unwrap_or_default()).into_owned()
+        };
+        // The first is the directory's to answer: it accepts anonymous binds.
+        assert_eq!(ldap.simple_bind("", "").await.unwrap().rc, 0);
+        assert_eq!(ldap.simple_bind(&alice, &password).await.unwrap().rc, 0);
+        assert_eq!(who(&mut ldap).await, format!("dn:{alice}"));
+        // The next is answered without the directory (stopped here)…
+        mux.slapd.freeze();
+        let anonymous = tokio::time::timeout(Duration::from_secs(5), ldap.simple_bind("", "")).await;
+        mux.slapd.thaw();
+        let anonymous = anonymous.expect("an anonymous bind answered without the directory");
+        assert_eq!(anonymous.unwrap().rc, 0);
+        // …and the session no longer runs as alice.
+        assert_eq!(who(&mut ldap).await, "", "anonymous after an anonymous bind");
+        // A bind with a name still goes to the directory.
+        assert_eq!(ldap.simple_bind(&alice, "wrong").await.unwrap().rc, 49);
+        ldap.unbind().await.unwrap();
+    });
+}
+
+#[test]
 fn many_sessions_share_a_few_directory_connections_and_sasl_takes_one_of_its_own() {
     let mux = Mux::start();
     let url = mux.served.url.clone();

@@ -213,6 +213,15 @@ impl Envelope {
         self.bind_parts(pdu).is_some_and(|(_, tag, _)| tag == SASL_CREDENTIALS)
     }
 
+    /// A BindRequest's `version`.
+    pub fn bind_version(&self, pdu: &[u8]) -> Option<i64> {
+        if self.op != Op::Bind {
+            return None;
+        }
+        let (header, version) = ber::read_element(self.contents(pdu)).ok()?;
+        (header.tag == INTEGER).then(|| ber::integer(version))?
+    }
+
     /// Whether a BindRequest is anonymous: a simple bind with no name and no
     /// password (RFC 4513 §5.1.1), the one bind that carries no secret.
     pub fn is_anonymous_bind(&self, pdu: &[u8]) -> bool {
@@ -251,6 +260,11 @@ fn extended_response(code: ResultCode, diagnostic: &str, name: Option<&str>) -> 
         response_name: name.map(|n| n.as_bytes().to_vec().into()),
         response_value: None,
     }
+}
+
+/// A success response to `request`, which ldapsync answers itself.
+pub fn success_response(request: &Envelope) -> Option<Bytes> {
+    error_response(request, ResultCode::Success, "")
 }
 
 /// The response ldapsync sends itself when it cannot relay `request`

@@ -16,7 +16,10 @@
 //! A simple bind is checked on a connection of its own and sets the
 //! identity asserted from then on (a failed one leaves the session
 //! anonymous, as the directory would); the session's next requests wait for
-//! it. A SASL bind takes the session to a dedicated connection, relayed
+//! it. An anonymous bind is answered here once the directory has accepted
+//! one in the last minute: its answer is the directory's policy, and the
+//! session's operations assert the anonymous identity, which the directory
+//! judges at each. A SASL bind takes the session to a dedicated connection, relayed
 //! byte for byte. A request that carries its own proxied authorization is
 //! refused: it would run with the shared connections' right to assert
 //! anyone.
@@ -33,7 +36,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
@@ -57,6 +60,9 @@ const PROXIED_AUTHZ_OID: &[u8] = b"2.16.840.1.113730.3.4.18";
 /// Proxied Authorization v1 (draft-weltman), which some servers still take.
 const PROXIED_AUTHZ_V1_OID: &[u8] = b"2.16.840.1.113730.3.4.12";
 const CONTROLS: u8 = 0xa0;
+/// How long the directory's acceptance of an anonymous bind is taken as
+/// its policy, before the next anonymous bind is checked with it again.
+const ANONYMOUS_BINDS_KNOWN: Duration = Duration::from_secs(60);
 const SEQUENCE: u8 = 0x30;
 const INTEGER: u8 = 0x02;
 const OCTET_STRING: u8 = 0x04;
@@ -87,6 +93,8 @@ pub struct Multiplexer {
     max_unread: usize,
     /// Sessions closed for reading too slowly, said at most once per interval.
     too_slow: Throttle,
+    /// When the directory last accepted an anonymous bind checked here.
+    anonymous_accepted: Mutex<Option<Instant>>,
 }
 
 type FramedIo = FramedRead<Box<dyn Io>, PduCodec>;
@@ -144,7 +152,22 @@ impl Multiplexer {
             max_pdu,
             max_unread: config.max_unread(),
             too_slow: Throttle::new(Duration::from_secs(10)),
+            anonymous_accepted: Mutex::default(),
         }
+    }
+
+    /// Whether an anonymous bind may be answered here: the directory
+    /// accepted one lately. It changes nothing on the directory (the
+    /// session's operations assert the anonymous identity either way), and
+    /// a storm of clients that bind anonymously then waits for no bind
+    /// connection.
+    fn answers_anonymous_binds(&self) -> bool {
+        let accepted = *self.anonymous_accepted.lock().unwrap_or_else(|e| e.into_inner());
+        accepted.is_some_and(|at| at.elapsed() < ANONYMOUS_BINDS_KNOWN)
+    }
+
+    fn anonymous_bind_checked(&self, accepted: bool) {
+        *self.anonymous_accepted.lock().unwrap_or_else(|e| e.into_inner()) = accepted.then(Instant::now);
     }
 
     /// A session's directory connection, served over the next shared
@@ -610,6 +633,11 @@ impl VirtualSession {
                 state.mode = Mode::Dedicated(Arc::clone(&wake));
                 tokio::spawn(Arc::clone(self).dedicated(Bytes::copy_from_slice(pdu), wake));
             }
+            Op::Bind if plain_anonymous_bind(&env, pdu, &parts) && self.mux.answers_anonymous_binds() => {
+                state.control = proxied_authorization(&[]);
+                let accepted = message::success_response(&env).unwrap_or_default();
+                self.answer(state, &accepted);
+            }
             Op::Bind => {
                 state.mode = Mode::Binding;
                 tokio::spawn(Arc::clone(self).bind(Bytes::copy_from_slice(pdu), env));
@@ -668,14 +696,17 @@ impl VirtualSession {
                 "ldapsync: the directory cannot check binds now",
             )
         });
-        let identity = match result_code(&answer) {
-            Some(0) => env
-                .bind_name(&pdu)
-                .filter(|n| !n.is_empty())
-                .map_or_else(Vec::new, |name| [b"dn:", name].concat()),
-            // A failed bind leaves the session anonymous, as on the directory.
-            _ => Vec::new(),
-        };
+        let accepted = result_code(&answer) == Some(0);
+        if let Some(parts) = parts(&pdu)
+            && plain_anonymous_bind(&env, &pdu, &parts)
+        {
+            self.mux.anonymous_bind_checked(accepted);
+        }
+        // A failed bind leaves the session anonymous, as on the directory.
+        let identity = env
+            .bind_name(&pdu)
+            .filter(|name| accepted && !name.is_empty())
+            .map_or_else(Vec::new, |name| [b"dn:", name].concat());
         let mut state = self.state();
         if !matches!(state.mode, Mode::Binding) {
             return;
@@ -886,6 +917,12 @@ impl Drop for MuxStream {
 /// A response ldapsync makes itself for `request`.
 fn refusal(request: &Envelope, code: ResultCode, diagnostic: &str) -> Bytes {
     message::error_response(request, code, diagnostic).unwrap_or_default()
+}
+
+/// An LDAPv3 anonymous bind without controls: the one bind whose outcome
+/// depends on the directory's policy alone.
+fn plain_anonymous_bind(env: &Envelope, pdu: &[u8], parts: &Parts<'_>) -> bool {
+    parts.controls.is_none() && env.bind_version(pdu) == Some(3) && env.is_anonymous_bind(pdu)
 }
 
 /// Whether a request carries a proxied authorization control of its own.
