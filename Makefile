@@ -17,7 +17,7 @@ TEST_PACKAGES := $(RUN_PACKAGES) libldap2-dev libsasl2-dev postgresql 389-ds-bas
 VENV := .venv
 PY_REQUIREMENTS := protocol-tests/python/requirements.txt
 
-.PHONY: deps deps-run run run-cluster test fuzz lint clean bench bench-smoke bench-deps deb deb-deps test-deb
+.PHONY: deps deps-run run run-cluster test fuzz lint clean bench bench-smoke bench-instructions bench-deps deb deb-deps test-deb
 
 # Installs the Debian packages in $(1) that are missing, and only those.
 define apt_install
@@ -100,8 +100,13 @@ bench: bench-deps
 bench-smoke: bench-deps
 	bench/run.sh --smoke
 
+# User-space instructions per relayed search, ldapsync against HAProxy
+# (callgrind): the relay's own cost, exactly, where CPU time is noisy.
+bench-instructions: bench-deps
+	bench/instructions.sh
+
 bench-deps: deps
-	@$(call apt_install,389-ds-base haproxy time iproute2)
+	@$(call apt_install,389-ds-base haproxy time iproute2 valgrind)
 
 # The Debian package (docs/operations.md, "Install"): the release binary,
 # its man pages and completions generated from the CLI definition,

@@ -439,9 +439,15 @@ impl Session {
         tokio::pin!(cancelled);
         loop {
             let event = tokio::select! {
-                () = &mut cancelled => Event::Shutdown,
-                end = upstream_ended(&mut self.upstream) => Event::Upstream(end),
+                // The request first: a session woken by one polls nothing
+                // else (the others cost 5 % of the relay's instructions).
+                // Shutdown cannot starve behind a flood of requests: past
+                // its budget of operations in one turn, the runtime makes
+                // the socket read wait, and the token is looked at.
+                biased;
                 frame = next_request(&mut self.client, &mut self.inbox, &mut self.codec) => Event::Request(frame),
+                end = upstream_ended(&mut self.upstream) => Event::Upstream(end),
+                () = &mut cancelled => Event::Shutdown,
                 () = &mut idle => Event::Idle,
             };
             match event {
