@@ -10,8 +10,9 @@
 # Same directory as `bench/run.sh --smoke` (2,000 people, kept in
 # .run/bench), `ldapsync-bench search` as the load (anonymous searches by
 # uid on CONNECTIONS connections, default 8, for SECONDS, default 5),
-# counted from after a warm-up. Prints one line per relay and the ten
-# functions with the most instructions of their own.
+# counted from after a warm-up. Prints one line per relay; the profiles
+# stay in .run/bench/instructions/ (`callgrind_annotate --threshold=100
+# FILE` lists the functions).
 #
 # Needs valgrind, slapd, haproxy and cargo: `make bench-instructions`
 # installs them and runs it.
@@ -36,6 +37,9 @@ BENCH=$top/target/release/ldapsync-bench
 data=$top/.run/bench/slapd-2000
 "$here/slapd-data.sh" "$data" 2000 20
 work=$(mktemp -d /tmp/ldapsync-instructions.XXXXXX)
+kept=$top/.run/bench/instructions
+rm -rf "$kept"
+mkdir -p "$kept"
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"' EXIT
 
@@ -79,22 +83,21 @@ for relay in haproxy-tcp ldapsync; do
         haproxy-tcp) command=("$HAPROXY" -db -f "$work/haproxy.cfg") ;;
         ldapsync) command=("$top/target/release/ldapsync" serve --config "$work/ldapsync.toml") ;;
     esac
-    out=$work/$relay.callgrind
+    out=$kept/$relay.callgrind
     valgrind --tool=callgrind --callgrind-out-file="$out" "${command[@]}" >"$work/$relay.log" 2>&1 &
     pid=$!
     pids+=("$pid")
     wait_ldap ldap://127.0.0.1:24302
     "$BENCH" search --url ldap://127.0.0.1:24302 --users 2000 --conns "$conns" --secs 2 >/dev/null
     # A dump starts the count afresh: what follows is the measured run only.
-    callgrind_control --dump "$pid" >/dev/null
+    callgrind_control --dump "$pid" >/dev/null 2>&1
     ops=$("$BENCH" search --url ldap://127.0.0.1:24302 --users 2000 --conns "$conns" --secs "$secs" |
         python3 -c 'import json, sys; print(json.load(sys.stdin)["ops"])')
-    callgrind_control --dump "$pid" >/dev/null
+    callgrind_control --dump "$pid" >/dev/null 2>&1
     kill "$pid"
     wait "$pid" 2>/dev/null || true
-    dump=$(ls "$out".* | sort -t. -k3 -n | tail -1)
+    # The second dump (FILE.2): the measured run.
+    dump=$out.2
     total=$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
     printf '%-12s %8d searches  %6d user instructions per search\n' "$relay" "$ops" $((total / ops))
-    callgrind_annotate --auto=no "$dump" 2>/dev/null | sed -n '/file:function/,$p' | sed -n '3,12p' |
-        sed -e 's/ \[[^]]*\]$//' -e 's/^/    /' | cut -c1-150
 done
