@@ -22,14 +22,11 @@ here=$(cd "$(dirname "$0")" && pwd)
 top=$(dirname "$here")
 conns=${1:-8}
 secs=${2:-5}
-for tool in valgrind callgrind_control callgrind_annotate haproxy slapd ldapsearch; do
-    if ! command -v "$tool" >/dev/null && ! [[ -x /usr/sbin/$tool ]]; then
-        echo "instructions.sh: $tool is missing" >&2
-        exit 1
-    fi
-done
-SLAPD=$(command -v slapd || echo /usr/sbin/slapd)
-HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+source "$here/tools.sh"
+require_tools instructions.sh "make bench-instructions installs them" \
+    valgrind callgrind_control callgrind_annotate haproxy slapd ldapsearch python3 cargo
+SLAPD=$(tool_path slapd)
+HAPROXY=$(tool_path haproxy)
 
 (cd "$top" && cargo build --release --quiet --bin ldapsync)
 (cd "$here" && cargo build --release --quiet)

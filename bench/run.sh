@@ -59,15 +59,12 @@ if ((STORM * 2 > limit - 200)); then STORM=$(((limit - 200) / 2)); fi
 # open, two per relayed connection and a few of its own.
 HAPROXY_MAXCONN=$(((limit - 200) / 2))
 
-for tool in slapd slapadd ldapsearch ldclt haproxy python3 cargo; do
-    if ! command -v "$tool" >/dev/null && ! [[ -x /usr/sbin/$tool ]]; then
-        echo "run.sh: $tool is missing (make bench installs slapd, ldap-utils, 389-ds-base and haproxy)" >&2
-        exit 1
-    fi
-done
-SLAPD=$(command -v slapd || echo /usr/sbin/slapd)
-SLAPADD=$(command -v slapadd || echo /usr/sbin/slapadd)
-HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+source "$here/tools.sh"
+require_tools run.sh "make bench installs slapd, ldap-utils, 389-ds-base and haproxy" \
+    slapd slapadd ldapsearch ldclt haproxy python3 cargo
+SLAPD=$(tool_path slapd)
+SLAPADD=$(tool_path slapadd)
+HAPROXY=$(tool_path haproxy)
 
 say() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
 
