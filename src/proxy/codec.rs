@@ -156,13 +156,27 @@ impl PduCodec {
             return Ok(None);
         };
         if src.len() < total {
-            // What a header announces is only a promise: grow towards it
-            // by what can arrive next, never by the whole announced length
-            // (a 7-byte header once asked for 64 GiB up front).
-            src.reserve((total - src.len()).min(RESERVE_AHEAD));
+            Self::reserve_ahead(src, total);
             return Ok(None);
         }
         Ok(Some(total))
+    }
+
+    /// Room in `src` for more of the `total`-byte PDU arriving at its start.
+    /// What a header announces is only a promise: grow towards it by what
+    /// can arrive next, never by the whole announced length (a 7-byte
+    /// header once asked for 64 GiB up front).
+    fn reserve_ahead(src: &mut BytesMut, total: usize) {
+        src.reserve(total.saturating_sub(src.len()).min(RESERVE_AHEAD));
+    }
+
+    /// Makes room in `src` for the next read: at least `chunk` bytes, more
+    /// (within the same bound) for a PDU at its start that is not whole.
+    pub fn reserve_read(&self, src: &mut BytesMut, chunk: usize) {
+        if let Ok(Some(total)) = self.pdu_len(src) {
+            Self::reserve_ahead(src, total);
+        }
+        src.reserve(chunk);
     }
 }
 

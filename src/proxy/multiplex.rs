@@ -633,14 +633,15 @@ impl VirtualSession {
                 state.mode = Mode::Dedicated(Arc::clone(&wake));
                 tokio::spawn(Arc::clone(self).dedicated(Bytes::copy_from_slice(pdu), wake));
             }
-            Op::Bind if plain_anonymous_bind(&env, pdu, &parts) && self.mux.answers_anonymous_binds() => {
-                state.control = proxied_authorization(&[]);
-                let accepted = message::success_response(&env).unwrap_or_default();
-                self.answer(state, &accepted);
-            }
             Op::Bind => {
+                let anonymous = plain_anonymous_bind(&env, pdu, &parts);
+                if anonymous && self.mux.answers_anonymous_binds() {
+                    state.control = proxied_authorization(&[]);
+                    let accepted = message::success_response(&env).unwrap_or_default();
+                    return self.answer(state, &accepted);
+                }
                 state.mode = Mode::Binding;
-                tokio::spawn(Arc::clone(self).bind(Bytes::copy_from_slice(pdu), env));
+                tokio::spawn(Arc::clone(self).bind(Bytes::copy_from_slice(pdu), env, anonymous));
             }
             Op::Abandon => {
                 if let Some(shared) = env.abandoned_id(pdu).and_then(|t| state.outstanding.remove(&t)) {
@@ -683,8 +684,9 @@ impl VirtualSession {
     }
 
     /// Checks a simple bind; its answer sets the identity the requests
-    /// held meanwhile, and those after, are made with.
-    async fn bind(self: Arc<Self>, pdu: Bytes, env: Envelope) {
+    /// held meanwhile, and those after, are made with. The answer to a
+    /// plain `anonymous` one is also the directory's policy for the next.
+    async fn bind(self: Arc<Self>, pdu: Bytes, env: Envelope, anonymous: bool) {
         let answer = self
             .mux
             .check_bind(&self.route.route(), &self.pool, &pdu, env.message_id)
@@ -697,9 +699,7 @@ impl VirtualSession {
             )
         });
         let accepted = result_code(&answer) == Some(0);
-        if let Some(parts) = parts(&pdu)
-            && plain_anonymous_bind(&env, &pdu, &parts)
-        {
+        if anonymous {
             self.mux.anonymous_bind_checked(accepted);
         }
         // A failed bind leaves the session anonymous, as on the directory.

@@ -1060,8 +1060,6 @@ struct Responder {
 
 /// Bytes read from either side at a time, at least.
 const READ_CHUNK: usize = 8 * 1024;
-/// The most read from the directory at a time for a PDU arriving in parts.
-const READ_AHEAD: usize = 64 * 1024;
 
 /// What a PDU from the directory means for the bytes after it.
 enum Seen {
@@ -1296,13 +1294,7 @@ impl Responder {
 async fn fill(directory: &mut Option<DirectoryReader>) -> std::io::Result<usize> {
     match directory {
         Some(reader) => {
-            // A PDU arriving in parts is read in larger parts, up to the
-            // whole of it: what its header announces is only a promise.
-            let missing = match reader.codec.pdu_len(&reader.buffer) {
-                Ok(Some(len)) => len.saturating_sub(reader.buffer.len()),
-                _ => 0,
-            };
-            reader.buffer.reserve(missing.clamp(READ_CHUNK, READ_AHEAD));
+            reader.codec.reserve_read(&mut reader.buffer, READ_CHUNK);
             reader.read.read_buf(&mut reader.buffer).await
         }
         None => std::future::pending().await,
