@@ -62,7 +62,8 @@ run-cluster: deps-run
 	$(CARGO) build --release --bin ldapsync
 	fixtures/run-cluster.sh target/release/ldapsync
 
-# A short fuzz run of each target, then every test. The last line totals
+# A short fuzz run of each target, then every test (every suite runs even
+# after one fails, so that a run shows all its failures). The last line totals
 # every test binary's results ("N passed, N failed").
 # Tests that cannot run here say so in $(SKIP_LOG), summed up last.
 SKIP_LOG := $(CURDIR)/target/skipped-suites.txt
@@ -75,7 +76,7 @@ MUX_TESTS := --test ldap_utils --test relay_ldap3 --test python_clients
 test: deps
 	fuzz/run.sh $(FUZZ_SECONDS)
 	@mkdir -p target; rm -f $(SKIP_LOG)
-	@set -o pipefail; { LDAPSYNC_SKIP_LOG=$(SKIP_LOG) $(CARGO) test --workspace && \
+	@set -o pipefail; { LDAPSYNC_SKIP_LOG=$(SKIP_LOG) $(CARGO) test --workspace --no-fail-fast && \
 	  echo "== the store's integration tests again, on PostgreSQL ==" && \
 	  LDAPSYNC_TEST_STORE=postgresql LDAPSYNC_SKIP_LOG=$(SKIP_LOG) $(CARGO) test -p ldapsync $(PG_TESTS) -- --skip sqlite && \
 	  echo "== the differential suites again, through a multiplexed listener ==" && \
