@@ -1,32 +1,34 @@
-//! One client connection and the upstream connection that serves it.
+//! One client connection and the directory connection that serves it.
 //!
-//! Two tasks per session, one per direction, so that each applies TCP
-//! back-pressure on its own and a client that pipelines cannot deadlock the
-//! relay:
-//! - the session task reads client PDUs and writes them upstream;
-//! - the responder task reads directory PDUs and writes them to the client,
-//!   completing operations and handing successful writes to the capture
-//!   sink. It also writes what ldapsync answers itself, which the session
-//!   task queues for it (a bounded queue: a client that reads nothing
-//!   pauses the session).
+//! A session is one task that owns both sockets and polls them itself
+//! ([`Session::poll_event`]): what waits to be written goes first, then
+//! the client's requests, then the directory's responses. Each direction
+//! has its own back-pressure, so a client that pipelines and reads nothing
+//! cannot deadlock the relay:
+//! - requests are read while the directory takes what was relayed to it
+//!   and ldapsync's own answers (refusals, say) stay under
+//!   [`OUTBOX_LIMIT`] unwritten;
+//! - the directory is read while the client takes what was relayed to it.
 //!
-//! A response crosses no task boundary: one read from the directory, every
-//! whole PDU in it relayed in one write to the client.
+//! Nothing crosses a task boundary: one read from the directory, every
+//! whole PDU in it written to the client in one write, straight from the
+//! read buffer; the operations in flight are the session's own map.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::poll_fn;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use rasn_ldap::ResultCode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, mpsc, oneshot};
-use tokio::task::JoinHandle;
-use tokio::time::{sleep_until, timeout};
-use tokio_util::sync::CancellationToken;
+use tokio::time::{Sleep, sleep_until, timeout};
+use tokio_util::io::poll_read_buf;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{Instrument, debug, info, warn};
 
 use super::ber;
@@ -42,26 +44,14 @@ use crate::metrics::{METRICS, SessionOperations};
 
 type Stream = Box<dyn Io>;
 
-/// Messages the session task queues for the responder before it waits.
-const CLIENT_QUEUE: usize = 64;
+/// ldapsync's own answers a client may leave unread before its requests
+/// are no longer read.
+const OUTBOX_LIMIT: usize = 64 * 1024;
+/// Bytes read from either side at a time, at least.
+const READ_CHUNK: usize = 8 * 1024;
 /// How long an abandoned operation still counts against `max_outstanding`:
 /// the directory may be finishing it.
 const ABANDONED_GRACE: Duration = Duration::from_secs(1);
-
-/// What the session task asks of the responder, in order.
-enum ToClient {
-    /// A message ldapsync answers with itself.
-    Pdu(Bytes),
-    /// Relay this directory connection's responses from now on.
-    Upstream(DirectoryReader),
-    /// Relay nothing more from the directory connection (it is being
-    /// closed: StartTLS, or the end of the session).
-    DropUpstream,
-    /// Hand the socket back (for StartTLS) once everything before is
-    /// written, with the queue and the responder, to be started again on
-    /// the TLS stream.
-    Upgrade(oneshot::Sender<(Responder, WriteHalf<Stream>, mpsc::Receiver<ToClient>)>),
-}
 
 /// An operation the directory has not finished answering.
 struct Pending {
@@ -83,119 +73,69 @@ enum OnSuccess {
     EndToEndTls,
 }
 
-/// The operations in flight on one session, shared by its two relay tasks.
+/// The operations in flight on the session's directory connection, by
+/// message id.
 #[derive(Default)]
-struct Inflight {
-    ops: Mutex<HashMap<i64, Pending, foldhash::fast::RandomState>>,
-    /// Someone waits for `drained` (at shutdown): told when `ops` empties.
-    draining: AtomicBool,
-    drained: Notify,
-    /// When the responder last relayed opaque bytes (a tunnel's idle
-    /// timer counts both directions).
-    relayed_at: Mutex<Option<tokio::time::Instant>>,
-}
+struct Inflight(HashMap<i64, Pending, foldhash::fast::RandomState>);
 
 impl Inflight {
-    fn relayed_now(&self) {
-        *self.relayed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::time::Instant::now());
-    }
-
-    fn relayed_at(&self) -> Option<tokio::time::Instant> {
-        *self.relayed_at.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn insert(&self, id: i64, pending: Pending) {
-        self.ops.lock().unwrap_or_else(|e| e.into_inner()).insert(id, pending);
-    }
-
-    fn remove(&self, id: i64) -> Option<Pending> {
-        let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
-        let removed = ops.remove(&id);
-        // Read under the lock that `wait_drained` checks `ops` with.
-        if ops.is_empty() && self.draining.load(Ordering::Acquire) {
-            self.drained.notify_waiters();
-        }
-        removed
-    }
-
-    fn is_empty(&self) -> bool {
-        self.ops.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
-    }
-
-    /// Whether `id` names an operation in flight, and how many are: one
-    /// lock for both, on every request.
-    fn occupancy(&self, id: i64) -> (bool, usize) {
-        let ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
-        (ops.contains_key(&id), ops.len())
-    }
-
     /// Forgets every operation in flight; the kind of write among them, if
     /// any (a delete or rename before others: polls may not see those).
-    fn abandon_all(&self) -> Option<WriteKind> {
-        let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
-        let kinds = ops.values().filter_map(|p| match p.on_success {
+    fn abandon_all(&mut self) -> Option<WriteKind> {
+        let kinds = self.0.values().filter_map(|p| match p.on_success {
             OnSuccess::Capture(kind, _) => Some(kind),
             _ => None,
         });
         let kind = kinds.max_by_key(|kind| matches!(kind, WriteKind::Delete | WriteKind::ModifyDn));
-        ops.clear();
-        self.drained.notify_waiters();
+        self.0.clear();
         kind
     }
-
-    async fn wait_drained(&self) {
-        self.draining.store(true, Ordering::Release);
-        let notified = self.drained.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        if !self.is_empty() {
-            notified.await;
-        }
-    }
 }
 
-/// Why the responder stopped relaying the directory connection.
-#[derive(Debug)]
-enum UpstreamEnd {
-    /// The directory closed the connection; `noticed` if it said so first
-    /// with a Notice of Disconnection, which the client has then received.
-    Closed {
-        noticed: bool,
-    },
-    Failed(FrameError),
-    ClientGone,
-}
-
-/// The session task's side of the directory connection.
-struct Upstream {
-    writer: WriteHalf<Stream>,
-    /// Requests relayed but not written yet: those a client pipelined in
-    /// one read go to the directory in one write.
-    outgoing: BytesMut,
-    ended: oneshot::Receiver<UpstreamEnd>,
-    /// Counts this session on its directory URL while it is connected.
-    _slot: Slot,
-}
-
-/// The responder's side of the directory connection.
-struct DirectoryReader {
-    read: ReadHalf<Stream>,
-    buffer: BytesMut,
-    codec: PduCodec,
-    framing: Framing,
-    /// The directory announced it is closing (a Notice of Disconnection),
-    /// and the client has been told by that notice.
-    noticed: bool,
-    /// Told why the relaying stopped.
-    report: oneshot::Sender<UpstreamEnd>,
-}
-
-/// How the directory's bytes are read.
+/// How a side's bytes are read.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Framing {
     Pdus,
-    /// A SASL security layer wraps them: relayed as they come.
+    /// Wrapped (a SASL security layer, TLS the directory ends): relayed as
+    /// they come.
     Opaque,
+}
+
+/// The client's connection.
+struct Client {
+    stream: Stream,
+    /// Requests as they arrive: framed in place, relayed from here. Once the
+    /// client's bytes are opaque they are read straight into the
+    /// directory's `outgoing`.
+    inbox: BytesMut,
+    codec: PduCodec,
+    framing: Framing,
+    /// ldapsync's own messages for the client, written after what was
+    /// relayed before them.
+    outbox: BytesMut,
+    /// Written and not flushed yet (TLS holds records until flushed).
+    unflushed: bool,
+    /// Since when bytes for the client have waited for it to read.
+    stalled: Option<tokio::time::Instant>,
+}
+
+/// The session's directory connection.
+struct Directory {
+    stream: Stream,
+    /// What the directory sent; its first `relayed` bytes go to the client.
+    buffer: BytesMut,
+    relayed: usize,
+    codec: PduCodec,
+    framing: Framing,
+    /// The directory announced it is closing (a Notice of Disconnection),
+    /// and the client is told by that notice.
+    noticed: bool,
+    /// Requests relayed and not written yet.
+    outgoing: BytesMut,
+    /// Since when requests have waited for the directory to read.
+    stalled: Option<tokio::time::Instant>,
+    /// Counts this session on its directory URL while it is connected.
+    _slot: Slot,
 }
 
 /// Why the session ends; decides what the client is told.
@@ -217,12 +157,42 @@ enum End {
     TunnelClosed,
 }
 
+/// What woke the session.
 enum Event {
-    /// The length of a whole request at the start of the inbox.
-    Request(Option<Result<usize, FrameError>>),
-    Upstream(UpstreamEnd),
-    Idle,
+    /// A whole request of this length starts the inbox.
+    Request(usize),
+    /// The client's bytes could not be framed, or reading them failed.
+    Unframed(FrameError),
+    /// The client closed its connection between requests.
+    ClientClosed,
+    /// Opaque bytes from the client, now in the directory's `outgoing`.
+    ClientBytes,
+    /// One read from the directory.
+    Directory(std::io::Result<usize>),
+    /// Writing to the client failed.
+    ClientGone(std::io::Error),
+    /// Writing to the directory failed.
+    DirectoryGone(std::io::Error),
     Shutdown,
+    /// The session's timer: idle, a slow request, a stalled write.
+    Timer,
+}
+
+/// What a PDU from the directory means for the bytes after it.
+enum Seen {
+    Response,
+    /// A Notice of Disconnection: the directory is closing the connection.
+    Notice,
+    /// The bytes after it are opaque (StartTLS passed through succeeded).
+    Opaque,
+}
+
+/// How the directory connection ended, as one read showed it.
+enum DirectoryEnd {
+    /// It closed; `noticed` if it said so first with a Notice of
+    /// Disconnection, which the client then receives.
+    Closed { noticed: bool },
+    Failed(FrameError),
 }
 
 pub(super) async fn run(
@@ -254,12 +224,12 @@ pub(super) async fn run(
         } else {
             Box::new(stream)
         };
-        let session = Session::new(id, stream, peer.ip(), listener, shared, settings);
+        let session = Session::new(id, stream, peer.ip(), listener, shared, settings, shutdown);
         Session {
             tls: ldaps && !passthrough,
             ..session
         }
-        .run(shutdown)
+        .run()
         .await
     }
     .instrument(span)
@@ -302,22 +272,27 @@ struct Session {
     /// The client's connection is under TLS (`ldaps://` or StartTLS).
     tls: bool,
     /// Conformance mode: both directions' PDUs are checked.
-    checker: Option<Arc<Mutex<Checker>>>,
-    /// The client's side of its connection, and its requests as they
-    /// arrive: framed in place, relayed from this buffer.
-    client: ReadHalf<Stream>,
-    inbox: BytesMut,
-    codec: PduCodec,
-    to_client: mpsc::Sender<ToClient>,
-    responder: JoinHandle<()>,
-    inflight: Arc<Inflight>,
-    upstream: Option<Upstream>,
+    checker: Option<Checker>,
+    client: Client,
+    directory: Option<Directory>,
+    inflight: Inflight,
+    /// Requests are read (not while shutting down).
+    accepting: bool,
+    /// Made once: each new one would join (and leave) a wait list all
+    /// sessions share, twice per request.
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// One timer for the session, moved only when it fires or a write
+    /// starts to wait: re-arming it at every request would take the
+    /// runtime's timer lock twice per operation.
+    timer: Pin<Box<Sleep>>,
+    /// The last request, or in an opaque session the last bytes either way.
+    active_at: tokio::time::Instant,
     /// Set once the directory agreed to wrap the session's bytes (a SASL
     /// bind succeeded, or StartTLS passed through): from then on, bytes that
     /// are not an LDAPMessage are taken as wrapped, not as garbage.
-    wrapped: Arc<AtomicBool>,
+    wrapped: bool,
     /// Set once the directory accepted a StartTLS passed through to it.
-    end_to_end: Arc<AtomicBool>,
+    end_to_end: bool,
     /// The message id of a StartTLS relayed to the directory: nothing may
     /// follow it until it is answered.
     start_tls_id: Option<i64>,
@@ -331,6 +306,9 @@ struct Session {
     /// When the request being relayed was whole: its operation's start
     /// (one clock read per request serves the idle timer too).
     received_at: Instant,
+    operations: SessionOperations,
+    /// Writes the directory applied, from one read, for the capture sink.
+    captured: Vec<CapturedWrite>,
 }
 
 impl Session {
@@ -341,73 +319,64 @@ impl Session {
         listener: Arc<Listener>,
         shared: Arc<Shared>,
         settings: Arc<Settings>,
+        shutdown: CancellationToken,
     ) -> Self {
-        let (read, write) = tokio::io::split(stream);
-        let (to_client, queue) = mpsc::channel(CLIENT_QUEUE);
         let checker = shared
             .conformance
             .as_ref()
-            .map(|report| Arc::new(Mutex::new(Checker::new(Arc::clone(report), id))));
-        let inflight = Arc::<Inflight>::default();
-        let wrapped = Arc::<AtomicBool>::default();
-        let end_to_end = Arc::<AtomicBool>::default();
-        let responder = Responder {
-            session: id,
-            peer,
-            checker: checker.clone(),
-            wrapped: Arc::clone(&wrapped),
-            end_to_end: Arc::clone(&end_to_end),
-            shared: Arc::clone(&shared),
-            inflight: Arc::clone(&inflight),
-            io_timeout: settings.config.io_timeout,
-            operations: SessionOperations::default(),
-        }
-        .spawn(write, queue);
+            .map(|report| Checker::new(Arc::clone(report), id));
+        let now = tokio::time::Instant::now();
+        let first_check = settings.config.idle_timeout.min(settings.config.request_read_timeout);
         Session {
             id,
-            client: read,
-            inbox: BytesMut::with_capacity(READ_CHUNK),
-            codec: client_codec(&shared, &settings),
+            client: Client {
+                stream,
+                inbox: BytesMut::with_capacity(READ_CHUNK),
+                codec: client_codec(&shared, &settings),
+                framing: Framing::Pdus,
+                outbox: BytesMut::new(),
+                unflushed: false,
+                stalled: None,
+            },
+            directory: None,
+            inflight: Inflight::default(),
+            accepting: true,
+            shutdown: Box::pin(shutdown.cancelled_owned()),
+            timer: Box::pin(sleep_until(now + first_check)),
+            active_at: now,
             settings,
             listener,
             peer,
             tls: false,
             checker,
             shared,
-            to_client,
-            responder,
-            inflight,
-            upstream: None,
-            wrapped,
-            end_to_end,
+            wrapped: false,
+            end_to_end: false,
             start_tls_id: None,
             tunneled: false,
             abandoned: VecDeque::new(),
             received_at: Instant::now(),
+            operations: SessionOperations::default(),
+            captured: Vec::new(),
         }
     }
 
-    async fn run(mut self, shutdown: CancellationToken) {
+    async fn run(mut self) {
         debug!("session opened");
         let end = match (self.listener.url.is_ldaps(), self.listener.tls) {
-            (true, ListenerTls::Passthrough) => self.pass_through(&shutdown).await,
-            _ => self.relay(&shutdown).await,
+            (true, ListenerTls::Passthrough) => self.pass_through().await,
+            _ => self.relay().await,
         };
         self.close(end).await;
     }
 
     /// An `ldaps://` passthrough session: relayed untouched, from the first
     /// byte, to an `ldaps://` directory URL, which ends the client's TLS.
-    async fn pass_through(&mut self, shutdown: &CancellationToken) -> End {
-        // Nothing ldapsync could write would be readable inside the client's TLS.
-        self.tunneled = true;
+    async fn pass_through(&mut self) -> End {
         // A client that says nothing holds no directory connection: its
         // ClientHello within the handshake timeout, as a TLS listener's.
-        let waited = timeout(
-            self.settings.config.handshake_timeout,
-            self.client.read_buf(&mut self.inbox),
-        );
-        match waited.await {
+        let first = poll_fn(|cx| poll_read_buf(Pin::new(&mut self.client.stream), cx, &mut self.client.inbox));
+        match timeout(self.settings.config.handshake_timeout, first).await {
             Ok(Ok(0)) | Ok(Err(_)) => return End::ClientClosed,
             Ok(Ok(_)) => {}
             Err(_) => return End::TlsFailed("no TLS handshake from the client within the handshake timeout".into()),
@@ -417,121 +386,253 @@ impl Session {
             Ok(connected) => connected,
             Err(e) => return End::UpstreamLost(e.to_string()),
         };
-        if let Some(end) = self.start_upstream(stream, slot, Framing::Opaque).await {
-            return end;
-        }
-        self.tunnel(shutdown, Opacity::EndToEndTls).await
+        self.start_upstream(stream, slot, Framing::Opaque);
+        self.tunnel(Opacity::EndToEndTls);
+        self.relay().await
     }
 
-    async fn relay(&mut self, shutdown: &CancellationToken) -> End {
-        let idle_timeout = self.settings.config.idle_timeout;
-        let read_timeout = self.settings.config.request_read_timeout;
-        let mut last_request = tokio::time::Instant::now();
-        // One timer for the session, moved only when it fires: re-arming it
-        // at every request would take the runtime's timer lock twice per
-        // operation. It fires at least once per read timeout, to see a
-        // request that has been arriving for too long.
-        let idle = sleep_until(last_request + idle_timeout.min(read_timeout));
-        tokio::pin!(idle);
-        // Made once: each new one would join (and leave) a wait list all
-        // sessions share, twice per request.
-        let cancelled = shutdown.cancelled();
-        tokio::pin!(cancelled);
+    /// Relays until the session ends.
+    async fn relay(&mut self) -> End {
         loop {
-            let event = tokio::select! {
-                // The request first: a session woken by one polls nothing
-                // else (the others cost 5 % of the relay's instructions).
-                // Shutdown cannot starve behind a flood of requests: past
-                // its budget of operations in one turn, the runtime makes
-                // the socket read wait, and the token is looked at.
-                biased;
-                frame = next_request(&mut self.client, &mut self.inbox, &mut self.codec) => Event::Request(frame),
-                end = upstream_ended(&mut self.upstream) => Event::Upstream(end),
-                () = &mut cancelled => Event::Shutdown,
-                () = &mut idle => Event::Idle,
-            };
-            match event {
-                Event::Shutdown => return End::Shutdown,
-                Event::Upstream(end) => {
-                    self.upstream = None;
-                    match end {
-                        UpstreamEnd::ClientGone => return End::ClientClosed,
-                        UpstreamEnd::Closed { noticed: true } => return End::ClientClosed,
-                        UpstreamEnd::Closed { noticed: false } => {
-                            return End::UpstreamLost("the directory closed the connection".into());
-                        }
-                        UpstreamEnd::Failed(e) => {
-                            return End::UpstreamLost(format!("the directory sent an unreadable PDU: {e}"));
-                        }
-                    }
-                }
-                Event::Idle => {
-                    let now = tokio::time::Instant::now();
-                    // A request still arriving: due in full by its deadline.
-                    let read_by = self
-                        .codec
-                        .partial_since()
-                        .map(|since| tokio::time::Instant::from_std(since) + read_timeout);
-                    if read_by.is_some_and(|by| by <= now) {
-                        return End::SlowRequest(read_timeout);
-                    }
-                    let mut idle_until = last_request + idle_timeout;
-                    if idle_until <= now {
-                        if self.inflight.is_empty() {
-                            return End::Idle;
-                        }
-                        idle_until = now + idle_timeout;
-                    }
-                    idle.as_mut()
-                        .reset(idle_until.min(read_by.unwrap_or(now + read_timeout)));
-                }
-                Event::Request(None) => return End::ClientClosed,
-                Event::Request(Some(Err(FrameError::Io(e)))) => {
-                    debug!(error = %e, "client read failed");
-                    return End::ClientClosed;
-                }
-                Event::Request(Some(Err(FrameError::NotASequence(_)))) if self.wrapped.load(Ordering::Acquire) => {
-                    let opacity = match self.end_to_end.load(Ordering::Acquire) {
-                        true => Opacity::EndToEndTls,
-                        false => Opacity::SecurityLayer,
-                    };
-                    return self.tunnel(shutdown, opacity).await;
-                }
-                Event::Request(Some(Err(e @ FrameError::OverBudget(_)))) => return End::Overloaded(e.to_string()),
-                Event::Request(Some(Err(e))) => return End::Malformed(e.to_string()),
-                Event::Request(Some(Ok(len))) => {
-                    self.received_at = Instant::now();
-                    last_request = tokio::time::Instant::from_std(self.received_at);
-                    // Lent out while the request is relayed from it.
-                    let mut inbox = std::mem::take(&mut self.inbox);
-                    let end = self.request(&inbox[..len], inbox.len() > len).await;
-                    inbox.advance(len);
-                    self.inbox = inbox;
-                    if let Some(end) = end {
-                        return end;
-                    }
-                    if !holds_whole_pdu(&self.inbox)
-                        && let Some(end) = self.write_upstream().await
-                    {
-                        return end;
-                    }
-                }
+            let event = poll_fn(|cx| self.poll_event(cx)).await;
+            if let Some(end) = self.handle(event).await {
+                return end;
             }
         }
     }
 
+    /// What happens next: bytes written as far as the sockets take them,
+    /// then a request, a directory read, shutdown or the timer.
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        if let Poll::Ready(Err(e)) = self.poll_to_client(cx) {
+            return Poll::Ready(Event::ClientGone(e));
+        }
+        // Requests pipelined in one read go out in one write: written once
+        // no whole one is left to relay, or none can be taken now.
+        let takes_requests = self.accepting && self.client.outbox.len() < OUTBOX_LIMIT;
+        let batching = takes_requests && self.client.framing == Framing::Pdus && holds_whole_pdu(&self.client.inbox);
+        if let Some(directory) = self.directory.as_mut()
+            && !batching
+            && let Poll::Ready(Err(e)) = poll_to_directory(directory, cx)
+        {
+            return Poll::Ready(Event::DirectoryGone(e));
+        }
+        self.watch_stalls();
+        if takes_requests && let Poll::Ready(event) = self.poll_request(cx) {
+            return Poll::Ready(event);
+        }
+        if let Some(directory) = self.directory.as_mut().filter(|d| d.relayed == 0) {
+            directory.codec.reserve_read(&mut directory.buffer, READ_CHUNK);
+            if let Poll::Ready(read) = poll_read_buf(Pin::new(&mut directory.stream), cx, &mut directory.buffer) {
+                return Poll::Ready(Event::Directory(read));
+            }
+        }
+        if self.accepting && self.shutdown.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Event::Shutdown);
+        }
+        if self.timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Event::Timer);
+        }
+        Poll::Pending
+    }
+
+    /// Writes what waits for the client: the directory's relayed bytes,
+    /// then ldapsync's own. Ready once nothing waits.
+    fn poll_to_client(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let client = &mut self.client;
+        if let Some(directory) = self.directory.as_mut() {
+            while directory.relayed > 0 {
+                let relayed = &directory.buffer[..directory.relayed];
+                let n = std::task::ready!(write_some(&mut client.stream, cx, relayed, &mut client.stalled))?;
+                directory.buffer.advance(n);
+                directory.relayed -= n;
+                client.unflushed = true;
+            }
+        }
+        while !client.outbox.is_empty() {
+            let n = std::task::ready!(write_some(&mut client.stream, cx, &client.outbox, &mut client.stalled))?;
+            client.outbox.advance(n);
+            client.unflushed = true;
+        }
+        if client.unflushed {
+            // Under TLS, written means encrypted and sent.
+            if Pin::new(&mut client.stream).poll_flush(cx)?.is_pending() {
+                stalled_now(&mut client.stalled);
+                return Poll::Pending;
+            }
+            client.unflushed = false;
+        }
+        client.stalled = None;
+        Poll::Ready(Ok(()))
+    }
+
+    /// A write that began to wait must not wait past the I/O timeout: the
+    /// timer fires by then.
+    fn watch_stalls(&mut self) {
+        let io_timeout = self.settings.config.io_timeout;
+        let stalled = [self.client.stalled, self.directory.as_ref().and_then(|d| d.stalled)];
+        for since in stalled.into_iter().flatten() {
+            if since + io_timeout < self.timer.deadline() {
+                self.timer.as_mut().reset(since + io_timeout);
+            }
+        }
+    }
+
+    /// The next whole request in the inbox, reading more as needed (or, in
+    /// an opaque session, the client's next bytes).
+    fn poll_request(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        let client = &mut self.client;
+        if client.framing == Framing::Opaque {
+            // Straight to the directory, once it took the last bytes.
+            let Some(directory) = self.directory.as_mut().filter(|d| d.outgoing.is_empty()) else {
+                return Poll::Pending;
+            };
+            return poll_read_buf(Pin::new(&mut client.stream), cx, &mut directory.outgoing).map(|read| match read {
+                Ok(0) | Err(_) => Event::ClientClosed,
+                Ok(_) => Event::ClientBytes,
+            });
+        }
+        loop {
+            match client.codec.whole(&mut client.inbox) {
+                Ok(Some(len)) => return Poll::Ready(Event::Request(len)),
+                Ok(None) => {}
+                Err(e) => return Poll::Ready(Event::Unframed(e)),
+            }
+            // More is read once the directory took what was relayed.
+            if self.directory.as_ref().is_some_and(|d| !d.outgoing.is_empty()) {
+                return Poll::Pending;
+            }
+            if client.inbox.len() == client.inbox.capacity() {
+                client.inbox.reserve(READ_CHUNK);
+            }
+            match std::task::ready!(poll_read_buf(Pin::new(&mut client.stream), cx, &mut client.inbox)) {
+                Ok(0) if client.inbox.is_empty() => return Poll::Ready(Event::ClientClosed),
+                Ok(0) => return Poll::Ready(Event::Unframed(FrameError::Truncated)),
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Event::Unframed(e.into())),
+            }
+        }
+    }
+
+    /// Acts on an event; `Some` ends the session.
+    async fn handle(&mut self, event: Event) -> Option<End> {
+        match event {
+            Event::Shutdown => Some(End::Shutdown),
+            Event::ClientClosed => Some(End::ClientClosed),
+            Event::ClientGone(e) => {
+                debug!(error = %e, "client write failed");
+                Some(End::ClientClosed)
+            }
+            Event::DirectoryGone(e) => Some(End::UpstreamLost(format!("writing to the directory failed: {e}"))),
+            Event::ClientBytes => {
+                self.active_at = tokio::time::Instant::now();
+                None
+            }
+            Event::Directory(read) => self.directory_read(read),
+            Event::Timer => self.timer_fired(),
+            Event::Unframed(FrameError::Io(e)) => {
+                debug!(error = %e, "client read failed");
+                Some(End::ClientClosed)
+            }
+            Event::Unframed(FrameError::NotASequence(_)) if self.wrapped => {
+                let opacity = match self.end_to_end {
+                    true => Opacity::EndToEndTls,
+                    false => Opacity::SecurityLayer,
+                };
+                if self.directory.is_none() {
+                    return Some(End::ClientClosed);
+                }
+                self.tunnel(opacity);
+                None
+            }
+            Event::Unframed(e @ FrameError::OverBudget(_)) => Some(End::Overloaded(e.to_string())),
+            Event::Unframed(e) => Some(End::Malformed(e.to_string())),
+            Event::Request(len) => {
+                self.received_at = Instant::now();
+                self.active_at = tokio::time::Instant::from_std(self.received_at);
+                // Lent out while the request is relayed from it.
+                let mut inbox = std::mem::take(&mut self.client.inbox);
+                let end = self.request(&inbox[..len], inbox.len() > len).await;
+                inbox.advance(len);
+                self.client.inbox = inbox;
+                end
+            }
+        }
+    }
+
+    /// From now on the client's bytes are relayed as they come (a SASL
+    /// security layer, the client's TLS with the directory); the directory
+    /// side switches on its own (see `directory_read`).
+    fn tunnel(&mut self, opacity: Opacity) {
+        self.tunneled = true;
+        info!(relayed = opacity.as_str(), "relaying this session opaquely");
+        self.shared.sink.capture_lost(self.id, CaptureLoss::Opaque(opacity));
+        self.client.framing = Framing::Opaque;
+        let pending = std::mem::take(&mut self.client.inbox);
+        // Framed no more: a partial request's share of the budget is given back.
+        let _ = self.client.codec.whole(&mut BytesMut::new());
+        if let Some(directory) = self.directory.as_mut() {
+            directory.outgoing.extend_from_slice(&pending);
+        }
+    }
+
+    /// The timer fired: a session idle for too long, a request arriving for
+    /// too long, a write waiting for too long. Sets it for the next check.
+    fn timer_fired(&mut self) -> Option<End> {
+        let config = &self.settings.config;
+        let (idle_timeout, read_timeout, io_timeout) =
+            (config.idle_timeout, config.request_read_timeout, config.io_timeout);
+        let now = tokio::time::Instant::now();
+        if self.client.stalled.is_some_and(|since| since + io_timeout <= now) {
+            warn!("client accepted no data within the I/O timeout; dropping it");
+            return Some(End::ClientClosed);
+        }
+        if self
+            .directory
+            .as_ref()
+            .and_then(|d| d.stalled)
+            .is_some_and(|since| since + io_timeout <= now)
+        {
+            return Some(End::UpstreamLost("the directory stopped reading requests".into()));
+        }
+        // A request still arriving: due in full by its deadline.
+        let read_by = self
+            .client
+            .codec
+            .partial_since()
+            .map(|since| tokio::time::Instant::from_std(since) + read_timeout);
+        if read_by.is_some_and(|by| by <= now) {
+            return Some(End::SlowRequest(read_timeout));
+        }
+        let mut idle_until = self.active_at + idle_timeout;
+        if idle_until <= now {
+            if self.tunneled || self.inflight.0.is_empty() {
+                return Some(End::Idle);
+            }
+            idle_until = now + idle_timeout;
+        }
+        let stalled = [self.client.stalled, self.directory.as_ref().and_then(|d| d.stalled)];
+        let next = stalled
+            .into_iter()
+            .flatten()
+            .map(|since| since + io_timeout)
+            .chain(read_by)
+            .fold(idle_until.min(now + read_timeout), tokio::time::Instant::min);
+        self.timer.as_mut().reset(next);
+        None
+    }
     /// Relays one client PDU (`more`: the client has sent more bytes after
     /// it); `Some` ends the session.
     async fn request(&mut self, pdu: &[u8], more: bool) -> Option<End> {
         // RFC 4511 §4.14.1: nothing follows a StartTLS request until its
         // response; here it would reach the directory's TLS as garbage.
         if let Some(id) = self.start_tls_id
-            && self.inflight.occupancy(id).0
+            && self.inflight.0.contains_key(&id)
         {
             return Some(End::Malformed("a request was sent while StartTLS was pending".into()));
         }
-        if let Some(checker) = &self.checker {
-            checker.lock().unwrap_or_else(|e| e.into_inner()).client(pdu);
+        if let Some(checker) = &mut self.checker {
+            checker.client(pdu);
         }
         let env = match Envelope::peek(pdu) {
             Ok(env) => env,
@@ -550,7 +651,7 @@ impl Session {
         // Relaying a second one would make its response (and the first
         // one's capture) ambiguous.
         let (in_use, in_flight) = match env.op.expects_response() {
-            true => self.inflight.occupancy(env.message_id),
+            true => (self.inflight.0.contains_key(&env.message_id), self.inflight.0.len()),
             false => (false, 0),
         };
         self.forget_abandoned();
@@ -562,20 +663,20 @@ impl Session {
         }
         match env.op {
             Op::Unbind => {
-                if let Some(upstream) = &mut self.upstream {
-                    // Best effort: the directory learns the client left cleanly.
-                    upstream.outgoing.extend_from_slice(pdu);
-                    let _ = self.write_upstream().await;
+                // Best effort (see `close`): the directory learns the client
+                // left cleanly.
+                if let Some(directory) = &mut self.directory {
+                    directory.outgoing.extend_from_slice(pdu);
                 }
                 return Some(End::Unbind);
             }
             // Without a directory connection nothing is in flight to abandon.
-            Op::Abandon if self.upstream.is_none() => return None,
+            Op::Abandon if self.directory.is_none() => return None,
             Op::Abandon => {
                 // An abandoned operation gets no further response; a write
                 // may have been applied all the same, unseen.
                 if let Some(target) = env.abandoned_id(pdu)
-                    && let Some(pending) = self.inflight.remove(target)
+                    && let Some(pending) = self.inflight.0.remove(&target)
                 {
                     self.abandoned.push_back((tokio::time::Instant::now(), target));
                     if let OnSuccess::Capture(kind, _) = pending.on_success {
@@ -611,9 +712,9 @@ impl Session {
             if env.op == Op::Bind {
                 return self.refuse_bind(&env, ResultCode::Busy, why).await;
             }
-            return self.refuse(&env, ResultCode::Busy, why).await;
+            return self.refuse(&env, ResultCode::Busy, why);
         }
-        if self.upstream.is_none() {
+        if self.directory.is_none() {
             let settings = Arc::clone(&self.settings);
             if let Err(end) = self.connect(&settings.route(), &env).await {
                 return end;
@@ -637,10 +738,10 @@ impl Session {
             _ => upstream::connect(route, &self.shared.pool).await,
         };
         match connected {
-            Ok((stream, slot)) => match self.start_upstream(stream, slot, Framing::Pdus).await {
-                None => Ok(()),
-                Some(end) => Err(Some(end)),
-            },
+            Ok((stream, slot)) => {
+                self.start_upstream(stream, slot, Framing::Pdus);
+                Ok(())
+            }
             Err(e) => {
                 let diagnostic = format!("ldapsync: {e}");
                 if self.settings.config.on_directory_loss == DirectoryLoss::Close {
@@ -651,7 +752,7 @@ impl Session {
                 }
                 Err(
                     match message::error_response(request, ResultCode::Unavailable, &diagnostic) {
-                        Some(pdu) => self.reply(pdu).await,
+                        Some(pdu) => self.reply(&pdu),
                         None => Some(End::UpstreamLost(diagnostic)),
                     },
                 )
@@ -659,95 +760,25 @@ impl Session {
         }
     }
 
-    /// Queues a request for the directory connection, awaiting its
-    /// response if it has one.
+    /// Relays a request to the directory, awaiting its response if it has
+    /// one.
     fn send(&mut self, request: &Envelope, pdu: &[u8], on_success: OnSuccess) {
         if request.op.expects_response() {
-            self.inflight.insert(
-                request.message_id,
-                Pending {
-                    op: request.op,
-                    started: self.received_at,
-                    on_success,
-                },
-            );
+            let pending = Pending {
+                op: request.op,
+                started: self.received_at,
+                on_success,
+            };
+            self.inflight.0.insert(request.message_id, pending);
         }
-        let upstream = self.upstream.as_mut().expect("connected before a request is sent");
-        upstream.outgoing.extend_from_slice(pdu);
-    }
-
-    /// Writes the requests relayed so far to the directory.
-    async fn write_upstream(&mut self) -> Option<End> {
-        let upstream = self.upstream.as_mut().filter(|u| !u.outgoing.is_empty())?;
-        let written = within(
-            self.settings.config.io_timeout,
-            upstream.writer.write_all(&upstream.outgoing),
-        )
-        .await;
-        METRICS.bytes_from_client.inc_by(upstream.outgoing.len() as u64);
-        upstream.outgoing.clear();
-        match written {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(End::UpstreamLost(format!("writing to the directory failed: {e}"))),
-            Err(_) => Some(End::UpstreamLost("the directory stopped reading requests".into())),
-        }
-    }
-
-    /// Relays the client's bytes opaquely once they are wrapped (a SASL
-    /// security layer, the client's TLS with the directory); the directory
-    /// side switches on its own (see `Responder::relay`).
-    async fn tunnel(&mut self, shutdown: &CancellationToken, opacity: Opacity) -> End {
-        self.tunneled = true;
-        info!(relayed = opacity.as_str(), "relaying this session opaquely");
-        if let Some(end) = self.write_upstream().await {
-            return end;
-        }
-        self.shared.sink.capture_lost(self.id, CaptureLoss::Opaque(opacity));
-        let Some(upstream) = self.upstream.as_mut() else {
-            return End::ClientClosed;
-        };
-        let mut chunk = std::mem::take(&mut self.inbox);
-        let io_timeout = self.settings.config.io_timeout;
-        let idle_timeout = self.settings.config.idle_timeout;
-        let mut client_at = tokio::time::Instant::now();
-        loop {
-            if !chunk.is_empty() {
-                match within(io_timeout, upstream.writer.write_all(&chunk)).await {
-                    Ok(Ok(())) => chunk.clear(),
-                    Ok(Err(e)) => {
-                        return End::UpstreamLost(format!("writing to the directory failed: {e}"));
-                    }
-                    Err(_) => {
-                        return End::UpstreamLost("the directory stopped reading requests".into());
-                    }
-                }
-            }
-            let active = self.inflight.relayed_at().map_or(client_at, |at| at.max(client_at));
-            tokio::select! {
-                _ = shutdown.cancelled() => return End::Shutdown,
-                // A directory closing an opaque session (after an unbind
-                // inside it, say) is the session's end, not a lost directory.
-                _ = &mut upstream.ended => return End::TunnelClosed,
-                () = sleep_until(active + idle_timeout) => {
-                    let active = self.inflight.relayed_at().map_or(client_at, |at| at.max(client_at));
-                    if active + idle_timeout <= tokio::time::Instant::now() {
-                        return End::Idle;
-                    }
-                }
-                read = self.client.read_buf(&mut chunk) => match read {
-                    Ok(0) | Err(_) => return End::ClientClosed,
-                    Ok(_) => client_at = tokio::time::Instant::now(),
-                },
-            }
-        }
+        let directory = self.directory.as_mut().expect("connected before a request is sent");
+        directory.outgoing.extend_from_slice(pdu);
     }
 
     /// Queues a message ldapsync itself answers with.
-    async fn reply(&mut self, pdu: Bytes) -> Option<End> {
-        match self.to_client.send(ToClient::Pdu(pdu)).await {
-            Ok(()) => None,
-            Err(_) => Some(End::ClientClosed),
-        }
+    fn reply(&mut self, pdu: &[u8]) -> Option<End> {
+        self.client.outbox.extend_from_slice(pdu);
+        None
     }
 
     /// Forgets the operations abandoned longer than `ABANDONED_GRACE` ago.
@@ -774,28 +805,30 @@ impl Session {
         if let Some(end) = self.end_directory_session().await {
             return Some(end);
         }
-        self.refuse(request, code, why).await
+        self.refuse(request, code, why)
     }
 
     /// Closes the directory connection (with an unbind), so that whatever
-    /// identity it holds ends with it; writes in flight on it are reported
-    /// to the capture sink as of unknown outcome.
+    /// identity it holds ends with it; what it already answered still
+    /// reaches the client, and writes in flight on it are reported to the
+    /// capture sink as of unknown outcome.
     async fn end_directory_session(&mut self) -> Option<End> {
-        let mut upstream = self.upstream.take()?;
-        upstream.outgoing.extend_from_slice(&message::unbind_request());
-        let unbind = upstream.writer.write_all(&upstream.outgoing);
-        let _ = timeout(self.settings.config.io_timeout, unbind).await;
-        if self.to_client.send(ToClient::DropUpstream).await.is_err() {
-            return Some(End::ClientClosed);
+        self.directory.as_ref()?;
+        if let Err(end) = self.flush_to_client().await {
+            return Some(end);
         }
+        let mut directory = self.directory.take()?;
+        directory.outgoing.extend_from_slice(&message::unbind_request());
+        let unbind = directory.stream.write_all(&directory.outgoing);
+        let _ = timeout(self.settings.config.io_timeout, unbind).await;
         outcome_unknown(&self.shared, self.id, self.inflight.abandon_all());
         None
     }
 
     /// Answers a request with an error instead of relaying it.
-    async fn refuse(&mut self, request: &Envelope, code: ResultCode, why: &str) -> Option<End> {
+    fn refuse(&mut self, request: &Envelope, code: ResultCode, why: &str) -> Option<End> {
         match message::error_response(request, code, why) {
-            Some(pdu) => self.reply(pdu).await,
+            Some(pdu) => self.reply(&pdu),
             None => Some(End::Malformed(format!(
                 "{} with an invalid message id",
                 request.op.name()
@@ -815,7 +848,7 @@ impl Session {
                 "StartTLS is not configured on this ldapsync listener",
             )),
             ListenerTls::Terminate if self.tls => Some((ResultCode::OperationsError, "TLS is already established")),
-            _ if !self.inflight.is_empty() => Some((
+            _ if !self.inflight.0.is_empty() => Some((
                 ResultCode::OperationsError,
                 "operations are outstanding; StartTLS must be requested alone",
             )),
@@ -823,7 +856,7 @@ impl Session {
         };
         if let Some((code, why)) = refusal {
             return match message::named_extended_response(request.message_id, STARTTLS_OID, code, why) {
-                Some(response) => self.reply(response).await,
+                Some(response) => self.reply(&response),
                 None => Some(End::Malformed("StartTLS request with an invalid message id".into())),
             };
         }
@@ -842,33 +875,22 @@ impl Session {
     }
 
     /// Answers StartTLS with success, then makes the handshake on the same
-    /// socket.
+    /// socket, once the response is written.
     async fn end_tls_here(&mut self, request: &Envelope) -> Option<End> {
         let Some(response) =
             message::named_extended_response(request.message_id, STARTTLS_OID, ResultCode::Success, "")
         else {
             return Some(End::Malformed("StartTLS request with an invalid message id".into()));
         };
-        if let Some(end) = self.reply(response).await {
+        self.reply(&response);
+        if let Err(end) = self.flush_to_client().await {
             return Some(end);
         }
-        // Take the socket back from the writer once it has written the response.
-        let (give, take) = oneshot::channel();
-        if self.to_client.send(ToClient::Upgrade(give)).await.is_err() {
-            return Some(End::ClientClosed);
-        }
-        let Ok((responder, write, queue)) = take.await else {
-            return Some(End::ClientClosed);
-        };
-        let (placeholder, _) = tokio::io::split(Box::new(tokio::io::empty()) as Stream);
-        let client = std::mem::replace(&mut self.client, placeholder);
-        let stream = match handshake(&self.shared, &self.settings, client.unsplit(write)).await {
-            Ok(stream) => stream,
+        let plain = std::mem::replace(&mut self.client.stream, Box::new(tokio::io::empty()));
+        match handshake(&self.shared, &self.settings, plain).await {
+            Ok(stream) => self.client.stream = stream,
             Err(reason) => return Some(End::TlsFailed(reason)),
-        };
-        let (read, write) = tokio::io::split(stream);
-        self.client = read;
-        self.responder = responder.spawn(write, queue);
+        }
         self.tls = true;
         info!("StartTLS: the session is now under TLS");
         None
@@ -888,35 +910,220 @@ impl Session {
         None
     }
 
-    /// Hands the directory connection's reading side to the responder.
-    async fn start_upstream(&mut self, stream: Stream, slot: Slot, framing: Framing) -> Option<End> {
-        let (read, writer) = tokio::io::split(stream);
-        let (report, ended) = oneshot::channel();
-        let reader = DirectoryReader {
-            read,
+    /// Relays this directory connection from now on.
+    fn start_upstream(&mut self, stream: Stream, slot: Slot, framing: Framing) {
+        self.directory = Some(Directory {
+            stream,
             buffer: BytesMut::new(),
+            relayed: 0,
             codec: PduCodec::new(self.settings.config.max_upstream_pdu),
             framing,
             noticed: false,
-            report,
-        };
-        if self.to_client.send(ToClient::Upstream(reader)).await.is_err() {
-            return Some(End::ClientClosed);
-        }
-        self.upstream = Some(Upstream {
-            writer,
             outgoing: BytesMut::new(),
-            ended,
+            stalled: None,
             _slot: slot,
         });
-        None
+    }
+
+    /// Takes in what one read from the directory brought: every whole PDU
+    /// (all the bytes, once they are opaque) is for the client, and the
+    /// writes the directory applied go to the capture sink, their answers
+    /// on their way whether or not the client is still there to read them.
+    fn directory_read(&mut self, read: std::io::Result<usize>) -> Option<End> {
+        let mut directory = self.directory.take().expect("only read while relaying a directory connection");
+        let ended = self.take_in(&mut directory, read);
+        self.directory = Some(directory);
+        for write in self.captured.drain(..) {
+            self.shared.sink.write_succeeded(write);
+        }
+        // What came before the end (a Notice of Disconnection) still goes
+        // out, from `close`.
+        match ended? {
+            DirectoryEnd::Closed { .. } if self.tunneled => Some(End::TunnelClosed),
+            DirectoryEnd::Closed { noticed: true } => Some(End::ClientClosed),
+            DirectoryEnd::Closed { noticed: false } => {
+                Some(End::UpstreamLost("the directory closed the connection".into()))
+            }
+            DirectoryEnd::Failed(e) => Some(End::UpstreamLost(format!(
+                "the directory sent an unreadable PDU: {e}"
+            ))),
+        }
+    }
+
+    /// Frames what `read` added to the directory's buffer; sets how many
+    /// bytes at its start go to the client. `Some` when the directory
+    /// connection is done.
+    fn take_in(&mut self, directory: &mut Directory, read: std::io::Result<usize>) -> Option<DirectoryEnd> {
+        let noticed = directory.noticed;
+        match read {
+            Err(e) => {
+                debug!(error = %e, "directory read failed");
+                return Some(DirectoryEnd::Closed { noticed });
+            }
+            Ok(0) if directory.buffer.is_empty() || directory.framing == Framing::Opaque => {
+                return Some(DirectoryEnd::Closed { noticed });
+            }
+            Ok(0) => return Some(DirectoryEnd::Failed(FrameError::Truncated)),
+            Ok(_) => {}
+        }
+        let (whole, ended) = self.frame(directory);
+        directory.relayed = whole;
+        METRICS.bytes_to_client.inc_by(whole as u64);
+        if directory.framing == Framing::Opaque {
+            self.active_at = tokio::time::Instant::now();
+        }
+        ended
+    }
+
+    /// The length of the whole PDUs at the start of the directory's buffer
+    /// (of all its bytes once they are opaque), each completing its
+    /// operation.
+    fn frame(&mut self, directory: &mut Directory) -> (usize, Option<DirectoryEnd>) {
+        if directory.framing == Framing::Opaque {
+            return (directory.buffer.len(), None);
+        }
+        let mut whole = 0;
+        loop {
+            let rest = &directory.buffer[whole..];
+            match directory.codec.pdu_len(rest) {
+                Ok(Some(len)) if len <= rest.len() => {
+                    let seen = self.response(&rest[..len]);
+                    whole += len;
+                    match seen {
+                        Seen::Response => {}
+                        Seen::Notice => directory.noticed = true,
+                        Seen::Opaque => {
+                            directory.framing = Framing::Opaque;
+                            return (directory.buffer.len(), None);
+                        }
+                    }
+                }
+                Ok(_) => return (whole, None),
+                // The SASL bind negotiated a security layer (see `tunnel`).
+                Err(FrameError::NotASequence(_)) if self.wrapped => {
+                    directory.framing = Framing::Opaque;
+                    return (directory.buffer.len(), None);
+                }
+                Err(e) => return (whole, Some(DirectoryEnd::Failed(e))),
+            }
+        }
+    }
+
+    /// One PDU from the directory: checked, its operation completed.
+    fn response(&mut self, pdu: &[u8]) -> Seen {
+        if let Some(checker) = &mut self.checker {
+            checker.directory(pdu);
+        }
+        match Envelope::peek(pdu) {
+            Ok(env) if env.message_id == 0 && env.op == Op::ExtendedResponse => {
+                warn!(
+                    result = env.result_code(pdu),
+                    "unsolicited notification from the directory"
+                );
+                return Seen::Notice;
+            }
+            Ok(env) if env.op.is_final_response() => {
+                if let Some(pending) = self.inflight.0.remove(&env.message_id)
+                    && self.complete(&env, pdu, pending)
+                {
+                    return Seen::Opaque;
+                }
+            }
+            Ok(_) => {}
+            // Relayed regardless: the client may understand what we don't.
+            Err(e) => debug!(error = %e, "directory PDU not understood; relayed as is"),
+        }
+        Seen::Response
+    }
+
+    /// Completes an operation; true when the directory's bytes after this
+    /// response are opaque (StartTLS passed through succeeded).
+    fn complete(&mut self, env: &Envelope, response: &[u8], pending: Pending) -> bool {
+        let result = env.result_code(response);
+        let took = pending.started.elapsed();
+        let op = pending.op.name();
+        self.operations.done(op, result.unwrap_or(-1), took.as_secs_f64());
+        debug!(
+            message_id = env.message_id,
+            op,
+            result,
+            micros = took.as_micros() as u64,
+            "operation done"
+        );
+        const INVALID_CREDENTIALS: i64 = 49;
+        if pending.op == Op::Bind && result == Some(INVALID_CREDENTIALS) {
+            self.shared.failed_binds.record(self.peer);
+        }
+        if result != Some(0) {
+            return false;
+        }
+        match pending.on_success {
+            OnSuccess::Nothing => {}
+            OnSuccess::Capture(kind, request) => self.captured.push(CapturedWrite {
+                session: self.id,
+                message_id: env.message_id,
+                kind,
+                request,
+            }),
+            OnSuccess::SaslBound => self.wrapped = true,
+            OnSuccess::EndToEndTls => {
+                // Before the response reaches the client, whose handshake follows it.
+                self.end_to_end = true;
+                self.wrapped = true;
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Writes everything that waits for the client, within the I/O timeout.
+    async fn flush_to_client(&mut self) -> Result<(), End> {
+        let io_timeout = self.settings.config.io_timeout;
+        match timeout(io_timeout, poll_fn(|cx| self.poll_to_client(cx))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                debug!(error = %e, "client write failed");
+                Err(End::ClientClosed)
+            }
+            Err(_) => {
+                warn!("client accepted no data within the I/O timeout; dropping it");
+                Err(End::ClientClosed)
+            }
+        }
+    }
+
+    /// Relays the directory's answers to the operations in flight, and
+    /// nothing new from the client, until none is left or `grace` ends.
+    async fn drain(&mut self, grace: Duration) {
+        self.accepting = false;
+        let drained = async {
+            while !self.inflight.0.is_empty() {
+                let event = poll_fn(|cx| self.poll_event(cx)).await;
+                let end = match event {
+                    Event::Directory(read) => self.directory_read(read),
+                    Event::Timer => self.timer_fired(),
+                    Event::ClientGone(_) | Event::DirectoryGone(_) => Some(End::ClientClosed),
+                    _ => None,
+                };
+                if end.is_some() {
+                    return;
+                }
+            }
+        };
+        if timeout(grace, drained).await.is_err() {
+            info!("operations still in flight at the end of the shutdown grace period");
+        }
     }
 
     async fn close(mut self, end: End) {
+        let io_timeout = self.settings.config.io_timeout;
         // Requests already relayed reach the directory, which may answer
         // them within the shutdown grace period.
-        if !matches!(end, End::UpstreamLost(_)) {
-            let _ = self.write_upstream().await;
+        if !matches!(end, End::UpstreamLost(_))
+            && let Some(directory) = self.directory.as_mut()
+        {
+            let pending = poll_fn(|cx| poll_to_directory(directory, cx));
+            let _ = timeout(io_timeout, pending).await;
         }
         let notice = match &end {
             End::ClientClosed | End::Unbind | End::TlsFailed(_) | End::TunnelClosed => None,
@@ -941,26 +1148,24 @@ impl Session {
             )),
             End::Overloaded(reason) => Some((ResultCode::Unavailable, format!("ldapsync: {reason}; retry later"))),
             End::Shutdown => {
-                let grace = self.settings.config.shutdown_grace;
-                if timeout(grace, self.inflight.wait_drained()).await.is_err() {
-                    info!("operations still in flight at the end of the shutdown grace period");
-                }
+                self.drain(self.settings.config.shutdown_grace).await;
                 Some((ResultCode::Unavailable, "ldapsync is shutting down".to_owned()))
             }
         };
-        // Stop relaying directory responses before the notice, so it is last.
-        if self.upstream.take().is_some() {
-            let _ = self.to_client.send(ToClient::DropUpstream).await;
+        // What the directory answered goes out before the notice, which is
+        // last; a client that is gone is written no more.
+        let client_gone = matches!(end, End::ClientClosed | End::TlsFailed(_));
+        if !client_gone {
+            let _ = self.flush_to_client().await;
         }
+        self.directory = None;
         // Inside a SASL security layer a plain-text notice would be garbage.
         if let Some((code, reason)) = notice.filter(|_| !self.tunneled) {
-            let _ = self
-                .to_client
-                .send(ToClient::Pdu(message::notice_of_disconnection(code, &reason)))
-                .await;
+            self.client.outbox.extend_from_slice(&message::notice_of_disconnection(code, &reason));
         }
-        drop(self.to_client);
-        let _ = self.responder.await;
+        if !client_gone && self.flush_to_client().await.is_ok() {
+            let _ = timeout(io_timeout, self.client.stream.shutdown()).await;
+        }
         outcome_unknown(&self.shared, self.id, self.inflight.abandon_all());
         match end {
             // A lost directory was said above, once per interval.
@@ -971,6 +1176,41 @@ impl Session {
             _ => info!(?end, "session closed"),
         }
     }
+}
+
+/// Writes what was relayed to the directory. Ready once nothing waits.
+fn poll_to_directory(directory: &mut Directory, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+    while !directory.outgoing.is_empty() {
+        let written = write_some(&mut directory.stream, cx, &directory.outgoing, &mut directory.stalled);
+        let n = std::task::ready!(written)?;
+        METRICS.bytes_from_client.inc_by(n as u64);
+        directory.outgoing.advance(n);
+    }
+    directory.stalled = None;
+    Poll::Ready(Ok(()))
+}
+
+/// One write of `bytes` to `stream`; a write that must wait marks since
+/// when in `stalled`.
+fn write_some(
+    stream: &mut Stream,
+    cx: &mut Context<'_>,
+    bytes: &[u8],
+    stalled: &mut Option<tokio::time::Instant>,
+) -> Poll<std::io::Result<usize>> {
+    match Pin::new(stream).poll_write(cx, bytes) {
+        Poll::Ready(Ok(0)) => Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+        Poll::Pending => {
+            stalled_now(stalled);
+            Poll::Pending
+        }
+        done => done,
+    }
+}
+
+/// Marks the start of a write's wait (one clock read, only when one waits).
+fn stalled_now(stalled: &mut Option<tokio::time::Instant>) {
+    stalled.get_or_insert_with(tokio::time::Instant::now);
 }
 
 /// A write of this kind was relayed on `session` and its outcome will never
@@ -991,49 +1231,6 @@ fn holds_whole_pdu(buffer: &[u8]) -> bool {
     matches!(ber::read_header(buffer), Ok(Some(header)) if buffer.len() >= header.total_len())
 }
 
-/// The length of the client's next request, whole at the start of `inbox`
-/// (reading more as needed); `None` when the client closed between requests.
-async fn next_request(
-    client: &mut ReadHalf<Stream>,
-    inbox: &mut BytesMut,
-    codec: &mut PduCodec,
-) -> Option<Result<usize, FrameError>> {
-    loop {
-        match codec.whole(inbox) {
-            Ok(Some(len)) => return Some(Ok(len)),
-            Ok(None) => {}
-            Err(e) => return Some(Err(e)),
-        }
-        if inbox.len() == inbox.capacity() {
-            inbox.reserve(READ_CHUNK);
-        }
-        match client.read_buf(inbox).await {
-            Ok(0) if inbox.is_empty() => return None,
-            Ok(0) => return Some(Err(FrameError::Truncated)),
-            Ok(_) => {}
-            Err(e) => return Some(Err(e.into())),
-        }
-    }
-}
-
-/// `io` within `limit`. Most writes complete at once: the timer (a clock
-/// read and the runtime's timer handle, which showed in the relay's
-/// profile) is set only for one that waits.
-async fn within<F: Future>(limit: Duration, io: F) -> Result<F::Output, tokio::time::error::Elapsed> {
-    let mut io = std::pin::pin!(io);
-    if let std::task::Poll::Ready(done) = futures_util::poll!(io.as_mut()) {
-        return Ok(done);
-    }
-    timeout(limit, io).await
-}
-
-async fn upstream_ended(upstream: &mut Option<Upstream>) -> UpstreamEnd {
-    match upstream {
-        Some(u) => (&mut u.ended).await.unwrap_or(UpstreamEnd::ClientGone),
-        None => std::future::pending().await,
-    }
-}
-
 fn write_kind(op: Op) -> Option<WriteKind> {
     match op {
         Op::Add => Some(WriteKind::Add),
@@ -1041,270 +1238,5 @@ fn write_kind(op: Op) -> Option<WriteKind> {
         Op::Delete => Some(WriteKind::Delete),
         Op::ModifyDn => Some(WriteKind::ModifyDn),
         _ => None,
-    }
-}
-
-/// The directory-to-client half of a session (see the module doc).
-struct Responder {
-    session: u64,
-    peer: IpAddr,
-    checker: Option<Arc<Mutex<Checker>>>,
-    wrapped: Arc<AtomicBool>,
-    end_to_end: Arc<AtomicBool>,
-    shared: Arc<Shared>,
-    inflight: Arc<Inflight>,
-    /// A client that accepts nothing for this long is dropped.
-    io_timeout: Duration,
-    operations: SessionOperations,
-}
-
-/// Bytes read from either side at a time, at least.
-const READ_CHUNK: usize = 8 * 1024;
-
-/// What a PDU from the directory means for the bytes after it.
-enum Seen {
-    Response,
-    /// A Notice of Disconnection: the directory is closing the connection.
-    Notice,
-    /// The bytes after it are opaque (StartTLS passed through succeeded).
-    Opaque,
-}
-
-enum Next {
-    Queued(Option<ToClient>),
-    Read(std::io::Result<usize>),
-}
-
-/// The client's connection failed or it stopped reading.
-struct ClientGone;
-
-impl Responder {
-    fn spawn(self, client: WriteHalf<Stream>, queue: mpsc::Receiver<ToClient>) -> JoinHandle<()> {
-        tokio::spawn(self.run(client, queue).in_current_span())
-    }
-
-    async fn run(mut self, mut client: WriteHalf<Stream>, mut queue: mpsc::Receiver<ToClient>) {
-        let mut directory: Option<DirectoryReader> = None;
-        let mut captured = Vec::new();
-        loop {
-            let next = tokio::select! {
-                // The queue first: once the session says DropUpstream,
-                // nothing more from the directory reaches the client.
-                biased;
-                queued = queue.recv() => Next::Queued(queued),
-                read = fill(&mut directory) => Next::Read(read),
-            };
-            match next {
-                // The session is over and everything it queued is written.
-                Next::Queued(None) => break,
-                Next::Queued(Some(ToClient::Pdu(pdu))) => {
-                    if self.write(&mut client, &pdu).await.is_err() {
-                        return client_gone(directory);
-                    }
-                }
-                Next::Queued(Some(ToClient::Upstream(reader))) => directory = Some(reader),
-                Next::Queued(Some(ToClient::DropUpstream)) => directory = None,
-                Next::Queued(Some(ToClient::Upgrade(give))) => {
-                    let _ = give.send((self, client, queue));
-                    return;
-                }
-                Next::Read(read) => {
-                    let reader = directory
-                        .as_mut()
-                        .expect("only read while relaying a directory connection");
-                    let (relayed, ended) = self.relay(reader, read, &mut captured);
-                    // What came before the end (a Notice of Disconnection) still goes out.
-                    if relayed > 0 {
-                        METRICS.bytes_to_client.inc_by(relayed as u64);
-                        let written = self.write(&mut client, &reader.buffer[..relayed]).await;
-                        reader.buffer.advance(relayed);
-                        // The writes the directory applied go to the sync core
-                        // once their answers are on their way, whether or not
-                        // the client is still there to read them.
-                        self.hand_over(&mut captured);
-                        if written.is_err() {
-                            return client_gone(directory);
-                        }
-                    }
-                    if let Some(end) = ended
-                        && let Some(reader) = directory.take()
-                    {
-                        let _ = reader.report.send(end);
-                    }
-                }
-            }
-        }
-        let _ = client.shutdown().await;
-    }
-
-    /// Takes in what one read from the directory brought. Returns how many
-    /// bytes at the start of the reader's buffer go to the client (every
-    /// whole PDU, framed in place; all of them once they are opaque), and
-    /// `Some` when the directory connection is done.
-    fn relay(
-        &mut self,
-        reader: &mut DirectoryReader,
-        read: std::io::Result<usize>,
-        captured: &mut Vec<CapturedWrite>,
-    ) -> (usize, Option<UpstreamEnd>) {
-        let noticed = reader.noticed;
-        match read {
-            Err(e) => {
-                debug!(error = %e, "directory read failed");
-                return (0, Some(UpstreamEnd::Closed { noticed }));
-            }
-            Ok(0) if reader.buffer.is_empty() || reader.framing == Framing::Opaque => {
-                return (0, Some(UpstreamEnd::Closed { noticed }));
-            }
-            Ok(0) => return (0, Some(UpstreamEnd::Failed(FrameError::Truncated))),
-            Ok(_) => {}
-        }
-        if reader.framing == Framing::Opaque {
-            self.inflight.relayed_now();
-            return (reader.buffer.len(), None);
-        }
-        let mut whole = 0;
-        loop {
-            let rest = &reader.buffer[whole..];
-            match reader.codec.pdu_len(rest) {
-                Ok(Some(len)) if len <= rest.len() => {
-                    let seen = self.pdu(&rest[..len], captured);
-                    whole += len;
-                    match seen {
-                        Seen::Response => {}
-                        Seen::Notice => reader.noticed = true,
-                        Seen::Opaque => {
-                            reader.framing = Framing::Opaque;
-                            return (reader.buffer.len(), None);
-                        }
-                    }
-                }
-                Ok(_) => return (whole, None),
-                // The SASL bind negotiated a security layer (see `Session::tunnel`).
-                Err(FrameError::NotASequence(_)) if self.wrapped.load(Ordering::Acquire) => {
-                    reader.framing = Framing::Opaque;
-                    return (reader.buffer.len(), None);
-                }
-                Err(e) => return (whole, Some(UpstreamEnd::Failed(e))),
-            }
-        }
-    }
-
-    /// One PDU from the directory: checked, its operation completed.
-    fn pdu(&mut self, pdu: &[u8], captured: &mut Vec<CapturedWrite>) -> Seen {
-        if let Some(checker) = &self.checker {
-            checker.lock().unwrap_or_else(|e| e.into_inner()).directory(pdu);
-        }
-        match Envelope::peek(pdu) {
-            Ok(env) if env.message_id == 0 && env.op == Op::ExtendedResponse => {
-                warn!(
-                    result = env.result_code(pdu),
-                    "unsolicited notification from the directory"
-                );
-                return Seen::Notice;
-            }
-            Ok(env) if env.op.is_final_response() => {
-                if let Some(pending) = self.inflight.remove(env.message_id)
-                    && self.complete(&env, pdu, pending, captured)
-                {
-                    return Seen::Opaque;
-                }
-            }
-            Ok(_) => {}
-            // Relayed regardless: the client may understand what we don't.
-            Err(e) => debug!(error = %e, "directory PDU not understood; relayed as is"),
-        }
-        Seen::Response
-    }
-
-    async fn write(&self, client: &mut WriteHalf<Stream>, bytes: &[u8]) -> Result<(), ClientGone> {
-        // Flushed too: under TLS, written means encrypted and sent.
-        let write = async {
-            client.write_all(bytes).await?;
-            client.flush().await
-        };
-        match within(self.io_timeout, write).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                debug!(error = %e, "client write failed");
-                Err(ClientGone)
-            }
-            Err(_) => {
-                warn!("client accepted no data within the I/O timeout; dropping it");
-                Err(ClientGone)
-            }
-        }
-    }
-
-    /// Hands the writes captured from one read to the capture sink.
-    fn hand_over(&self, captured: &mut Vec<CapturedWrite>) {
-        for write in captured.drain(..) {
-            self.shared.sink.write_succeeded(write);
-        }
-    }
-
-    /// Completes an operation; true when the directory's bytes after this
-    /// response are opaque (StartTLS passed through succeeded).
-    fn complete(
-        &mut self,
-        env: &Envelope,
-        response: &[u8],
-        pending: Pending,
-        captured: &mut Vec<CapturedWrite>,
-    ) -> bool {
-        let result = env.result_code(response);
-        let took = pending.started.elapsed();
-        let op = pending.op.name();
-        self.operations.done(op, result.unwrap_or(-1), took.as_secs_f64());
-        debug!(
-            message_id = env.message_id,
-            op,
-            result,
-            micros = took.as_micros() as u64,
-            "operation done"
-        );
-        const INVALID_CREDENTIALS: i64 = 49;
-        if pending.op == Op::Bind && result == Some(INVALID_CREDENTIALS) {
-            self.shared.failed_binds.record(self.peer);
-        }
-        if result != Some(0) {
-            return false;
-        }
-        match pending.on_success {
-            OnSuccess::Nothing => {}
-            OnSuccess::Capture(kind, request) => captured.push(CapturedWrite {
-                session: self.session,
-                message_id: env.message_id,
-                kind,
-                request,
-            }),
-            OnSuccess::SaslBound => self.wrapped.store(true, Ordering::Release),
-            OnSuccess::EndToEndTls => {
-                // Before the response reaches the client, whose handshake follows it.
-                self.end_to_end.store(true, Ordering::Release);
-                self.wrapped.store(true, Ordering::Release);
-                return true;
-            }
-        }
-        false
-    }
-}
-
-/// Reads more of the directory's bytes; never ready without a directory.
-async fn fill(directory: &mut Option<DirectoryReader>) -> std::io::Result<usize> {
-    match directory {
-        Some(reader) => {
-            reader.codec.reserve_read(&mut reader.buffer, READ_CHUNK);
-            reader.read.read_buf(&mut reader.buffer).await
-        }
-        None => std::future::pending().await,
-    }
-}
-
-/// Tells the session, through the directory connection's report if there
-/// is one (otherwise its next queued message fails).
-fn client_gone(directory: Option<DirectoryReader>) {
-    if let Some(reader) = directory {
-        let _ = reader.report.send(UpstreamEnd::ClientGone);
     }
 }
