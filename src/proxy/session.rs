@@ -19,10 +19,12 @@ use std::future::poll_fn;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures_util::task::AtomicWaker;
 use rasn_ldap::ResultCode;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -117,6 +119,7 @@ struct Client {
     unflushed: bool,
     /// Since when bytes for the client have waited for it to read.
     stalled: Option<tokio::time::Instant>,
+    parked: Parked,
 }
 
 /// The session's directory connection.
@@ -134,8 +137,70 @@ struct Directory {
     outgoing: BytesMut,
     /// Since when requests have waited for the directory to read.
     stalled: Option<tokio::time::Instant>,
+    parked: Parked,
     /// Counts this session on its directory URL while it is connected.
     _slot: Slot,
+}
+
+/// A socket's reads and writes that wait for it to wake the session: not
+/// polled again until it has.
+#[derive(Default)]
+struct Parked {
+    read: bool,
+    write: bool,
+}
+
+/// Which of the session's two sockets woke it since it last looked: a
+/// socket that waits is polled again only once it has woken the session,
+/// so a wake-up costs the polls of the side that woke it, not of both.
+struct Wakers {
+    task: Arc<AtomicWaker>,
+    client: Arc<Source>,
+    directory: Arc<Source>,
+    client_waker: Waker,
+    directory_waker: Waker,
+}
+
+/// One socket's waker: marks the socket, then wakes the session's task.
+struct Source {
+    woken: AtomicBool,
+    task: Arc<AtomicWaker>,
+}
+
+impl Wake for Source {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl Wakers {
+    fn new() -> Wakers {
+        let task = Arc::new(AtomicWaker::new());
+        let source = || {
+            Arc::new(Source {
+                woken: AtomicBool::new(false),
+                task: Arc::clone(&task),
+            })
+        };
+        let (client, directory) = (source(), source());
+        Wakers {
+            client_waker: Waker::from(Arc::clone(&client)),
+            directory_waker: Waker::from(Arc::clone(&directory)),
+            task,
+            client,
+            directory,
+        }
+    }
+}
+
+/// Whether `source` woke the session since the last look (and forgets it).
+fn woke(source: &Source) -> bool {
+    source.woken.load(Ordering::Relaxed) && source.woken.swap(false, Ordering::AcqRel)
 }
 
 /// Why the session ends; decides what the client is told.
@@ -278,13 +343,19 @@ struct Session {
     inflight: Inflight,
     /// Requests are read (not while shutting down).
     accepting: bool,
+    wakers: Wakers,
     /// Made once: each new one would join (and leave) a wait list all
-    /// sessions share, twice per request.
+    /// sessions share, twice per request. Polled once, then looked at
+    /// (`token`).
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    token: CancellationToken,
+    shutdown_armed: bool,
     /// One timer for the session, moved only when it fires or a write
     /// starts to wait: re-arming it at every request would take the
-    /// runtime's timer lock twice per operation.
+    /// runtime's timer lock twice per operation. Polled once after each
+    /// move, then looked at.
     timer: Pin<Box<Sleep>>,
+    timer_armed: bool,
     /// The last request, or in an opaque session the last bytes either way.
     active_at: tokio::time::Instant,
     /// Set once the directory agreed to wrap the session's bytes (a SASL
@@ -337,12 +408,17 @@ impl Session {
                 outbox: BytesMut::new(),
                 unflushed: false,
                 stalled: None,
+                parked: Parked::default(),
             },
             directory: None,
             inflight: Inflight::default(),
             accepting: true,
-            shutdown: Box::pin(shutdown.cancelled_owned()),
+            wakers: Wakers::new(),
+            shutdown: Box::pin(shutdown.clone().cancelled_owned()),
+            token: shutdown,
+            shutdown_armed: false,
             timer: Box::pin(sleep_until(now + first_check)),
+            timer_armed: false,
             active_at: now,
             settings,
             listener,
@@ -404,7 +480,19 @@ impl Session {
     /// What happens next: bytes written as far as the sockets take them,
     /// then a request, a directory read, shutdown or the timer.
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
-        if let Poll::Ready(Err(e)) = self.poll_to_client(cx) {
+        let wakers = &self.wakers;
+        wakers.task.register(cx.waker());
+        if woke(&wakers.client) {
+            self.client.parked = Parked::default();
+        }
+        if woke(&wakers.directory)
+            && let Some(directory) = self.directory.as_mut()
+        {
+            directory.parked = Parked::default();
+        }
+        let client_cx = &mut Context::from_waker(&wakers.client_waker);
+        let directory_cx = &mut Context::from_waker(&wakers.directory_waker);
+        if let Poll::Ready(Err(e)) = poll_to_client(&mut self.client, self.directory.as_mut(), client_cx) {
             return Poll::Ready(Event::ClientGone(e));
         }
         // Requests pipelined in one read go out in one write: written once
@@ -413,105 +501,54 @@ impl Session {
         let batching = takes_requests && self.client.framing == Framing::Pdus && holds_whole_pdu(&self.client.inbox);
         if let Some(directory) = self.directory.as_mut()
             && !batching
-            && let Poll::Ready(Err(e)) = poll_to_directory(directory, cx)
+            && let Poll::Ready(Err(e)) = poll_to_directory(directory, directory_cx)
         {
             return Poll::Ready(Event::DirectoryGone(e));
         }
-        self.watch_stalls();
-        if takes_requests && let Poll::Ready(event) = self.poll_request(cx) {
-            return Poll::Ready(event);
-        }
-        if let Some(directory) = self.directory.as_mut().filter(|d| d.relayed == 0) {
-            directory.codec.reserve_read(&mut directory.buffer, READ_CHUNK);
-            if let Poll::Ready(read) = poll_read_buf(Pin::new(&mut directory.stream), cx, &mut directory.buffer) {
-                return Poll::Ready(Event::Directory(read));
-            }
-        }
-        if self.accepting && self.shutdown.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Event::Shutdown);
-        }
-        if self.timer.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Event::Timer);
-        }
-        Poll::Pending
-    }
-
-    /// Writes what waits for the client: the directory's relayed bytes,
-    /// then ldapsync's own. Ready once nothing waits.
-    fn poll_to_client(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let client = &mut self.client;
-        if let Some(directory) = self.directory.as_mut() {
-            while directory.relayed > 0 {
-                let relayed = &directory.buffer[..directory.relayed];
-                let n = std::task::ready!(write_some(&mut client.stream, cx, relayed, &mut client.stalled))?;
-                directory.buffer.advance(n);
-                directory.relayed -= n;
-                client.unflushed = true;
-            }
-        }
-        while !client.outbox.is_empty() {
-            let n = std::task::ready!(write_some(&mut client.stream, cx, &client.outbox, &mut client.stalled))?;
-            client.outbox.advance(n);
-            client.unflushed = true;
-        }
-        if client.unflushed {
-            // Under TLS, written means encrypted and sent.
-            if Pin::new(&mut client.stream).poll_flush(cx)?.is_pending() {
-                stalled_now(&mut client.stalled);
-                return Poll::Pending;
-            }
-            client.unflushed = false;
-        }
-        client.stalled = None;
-        Poll::Ready(Ok(()))
-    }
-
-    /// A write that began to wait must not wait past the I/O timeout: the
-    /// timer fires by then.
-    fn watch_stalls(&mut self) {
+        // A write that began to wait must not wait past the I/O timeout.
         let io_timeout = self.settings.config.io_timeout;
         let stalled = [self.client.stalled, self.directory.as_ref().and_then(|d| d.stalled)];
         for since in stalled.into_iter().flatten() {
             if since + io_timeout < self.timer.deadline() {
                 self.timer.as_mut().reset(since + io_timeout);
+                self.timer_armed = false;
             }
         }
-    }
-
-    /// The next whole request in the inbox, reading more as needed (or, in
-    /// an opaque session, the client's next bytes).
-    fn poll_request(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
-        let client = &mut self.client;
-        if client.framing == Framing::Opaque {
-            // Straight to the directory, once it took the last bytes.
-            let Some(directory) = self.directory.as_mut().filter(|d| d.outgoing.is_empty()) else {
-                return Poll::Pending;
+        if takes_requests
+            && let Poll::Ready(event) = poll_request(&mut self.client, self.directory.as_mut(), client_cx)
+        {
+            return Poll::Ready(event);
+        }
+        if let Some(directory) = self.directory.as_mut().filter(|d| d.relayed == 0 && !d.parked.read) {
+            directory.codec.reserve_read(&mut directory.buffer, READ_CHUNK);
+            match poll_read_buf(Pin::new(&mut directory.stream), directory_cx, &mut directory.buffer) {
+                Poll::Ready(read) => return Poll::Ready(Event::Directory(read)),
+                Poll::Pending => directory.parked.read = true,
+            }
+        }
+        if self.accepting {
+            let cancelled = match self.shutdown_armed {
+                false => {
+                    self.shutdown_armed = true;
+                    self.shutdown.as_mut().poll(cx).is_ready()
+                }
+                true => self.token.is_cancelled(),
             };
-            return poll_read_buf(Pin::new(&mut client.stream), cx, &mut directory.outgoing).map(|read| match read {
-                Ok(0) | Err(_) => Event::ClientClosed,
-                Ok(_) => Event::ClientBytes,
-            });
-        }
-        loop {
-            match client.codec.whole(&mut client.inbox) {
-                Ok(Some(len)) => return Poll::Ready(Event::Request(len)),
-                Ok(None) => {}
-                Err(e) => return Poll::Ready(Event::Unframed(e)),
-            }
-            // More is read once the directory took what was relayed.
-            if self.directory.as_ref().is_some_and(|d| !d.outgoing.is_empty()) {
-                return Poll::Pending;
-            }
-            if client.inbox.len() == client.inbox.capacity() {
-                client.inbox.reserve(READ_CHUNK);
-            }
-            match std::task::ready!(poll_read_buf(Pin::new(&mut client.stream), cx, &mut client.inbox)) {
-                Ok(0) if client.inbox.is_empty() => return Poll::Ready(Event::ClientClosed),
-                Ok(0) => return Poll::Ready(Event::Unframed(FrameError::Truncated)),
-                Ok(_) => {}
-                Err(e) => return Poll::Ready(Event::Unframed(e.into())),
+            if cancelled {
+                return Poll::Ready(Event::Shutdown);
             }
         }
+        let fired = match self.timer_armed {
+            false => {
+                self.timer_armed = true;
+                self.timer.as_mut().poll(cx).is_ready()
+            }
+            true => self.timer.is_elapsed(),
+        };
+        if fired {
+            return Poll::Ready(Event::Timer);
+        }
+        Poll::Pending
     }
 
     /// Acts on an event; `Some` ends the session.
@@ -619,6 +656,7 @@ impl Session {
             .chain(read_by)
             .fold(idle_until.min(now + read_timeout), tokio::time::Instant::min);
         self.timer.as_mut().reset(next);
+        self.timer_armed = false;
         None
     }
     /// Relays one client PDU (`more`: the client has sent more bytes after
@@ -888,7 +926,10 @@ impl Session {
         }
         let plain = std::mem::replace(&mut self.client.stream, Box::new(tokio::io::empty()));
         match handshake(&self.shared, &self.settings, plain).await {
-            Ok(stream) => self.client.stream = stream,
+            Ok(stream) => {
+                self.client.stream = stream;
+                self.client.parked = Parked::default();
+            }
             Err(reason) => return Some(End::TlsFailed(reason)),
         }
         self.tls = true;
@@ -921,6 +962,7 @@ impl Session {
             noticed: false,
             outgoing: BytesMut::new(),
             stalled: None,
+            parked: Parked::default(),
             _slot: slot,
         });
     }
@@ -1079,7 +1121,11 @@ impl Session {
     /// Writes everything that waits for the client, within the I/O timeout.
     async fn flush_to_client(&mut self) -> Result<(), End> {
         let io_timeout = self.settings.config.io_timeout;
-        match timeout(io_timeout, poll_fn(|cx| self.poll_to_client(cx))).await {
+        // Polled with the task's own waker here, not the client's.
+        self.client.parked.write = false;
+        let (client, mut directory) = (&mut self.client, self.directory.as_mut());
+        let flushed = poll_fn(|cx| poll_to_client(client, directory.as_deref_mut(), cx));
+        match timeout(io_timeout, flushed).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 debug!(error = %e, "client write failed");
@@ -1122,6 +1168,7 @@ impl Session {
         if !matches!(end, End::UpstreamLost(_))
             && let Some(directory) = self.directory.as_mut()
         {
+            directory.parked.write = false;
             let pending = poll_fn(|cx| poll_to_directory(directory, cx));
             let _ = timeout(io_timeout, pending).await;
         }
@@ -1178,39 +1225,132 @@ impl Session {
     }
 }
 
-/// Writes what was relayed to the directory. Ready once nothing waits.
-fn poll_to_directory(directory: &mut Directory, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-    while !directory.outgoing.is_empty() {
-        let written = write_some(&mut directory.stream, cx, &directory.outgoing, &mut directory.stalled);
-        let n = std::task::ready!(written)?;
-        METRICS.bytes_from_client.inc_by(n as u64);
-        directory.outgoing.advance(n);
+/// Writes what waits for the client: the directory's relayed bytes, then
+/// ldapsync's own. Ready once nothing waits.
+fn poll_to_client(
+    client: &mut Client,
+    directory: Option<&mut Directory>,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<()>> {
+    if client.parked.write {
+        return Poll::Pending;
     }
-    directory.stalled = None;
+    if let Some(directory) = directory {
+        while directory.relayed > 0 {
+            let relayed = &directory.buffer[..directory.relayed];
+            let n = std::task::ready!(write_some(client, cx, relayed))?;
+            directory.buffer.advance(n);
+            directory.relayed -= n;
+        }
+    }
+    while !client.outbox.is_empty() {
+        let outbox = std::mem::take(&mut client.outbox);
+        let written = write_some(client, cx, &outbox);
+        client.outbox = outbox;
+        let n = std::task::ready!(written)?;
+        client.outbox.advance(n);
+    }
+    if client.unflushed {
+        // Under TLS, written means encrypted and sent.
+        if Pin::new(&mut client.stream).poll_flush(cx)?.is_pending() {
+            client.parked.write = true;
+            client.stalled.get_or_insert_with(tokio::time::Instant::now);
+            return Poll::Pending;
+        }
+        client.unflushed = false;
+    }
+    client.stalled = None;
     Poll::Ready(Ok(()))
 }
 
-/// One write of `bytes` to `stream`; a write that must wait marks since
-/// when in `stalled`.
-fn write_some(
-    stream: &mut Stream,
-    cx: &mut Context<'_>,
-    bytes: &[u8],
-    stalled: &mut Option<tokio::time::Instant>,
-) -> Poll<std::io::Result<usize>> {
-    match Pin::new(stream).poll_write(cx, bytes) {
+/// One write to the client; one that must wait parks the client's writes
+/// and marks since when.
+fn write_some(client: &mut Client, cx: &mut Context<'_>, bytes: &[u8]) -> Poll<std::io::Result<usize>> {
+    match Pin::new(&mut client.stream).poll_write(cx, bytes) {
         Poll::Ready(Ok(0)) => Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+        Poll::Ready(Ok(n)) => {
+            client.unflushed = true;
+            Poll::Ready(Ok(n))
+        }
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
         Poll::Pending => {
-            stalled_now(stalled);
+            client.parked.write = true;
+            client.stalled.get_or_insert_with(tokio::time::Instant::now);
             Poll::Pending
         }
-        done => done,
     }
 }
 
-/// Marks the start of a write's wait (one clock read, only when one waits).
-fn stalled_now(stalled: &mut Option<tokio::time::Instant>) {
-    stalled.get_or_insert_with(tokio::time::Instant::now);
+/// The client's next whole request in its inbox, reading more as needed
+/// (or, in an opaque session, its next bytes, read straight into the
+/// directory's `outgoing`).
+fn poll_request(client: &mut Client, directory: Option<&mut Directory>, cx: &mut Context<'_>) -> Poll<Event> {
+    if client.framing == Framing::Opaque {
+        // Once the directory took the last bytes.
+        let Some(directory) = directory.filter(|d| d.outgoing.is_empty()) else {
+            return Poll::Pending;
+        };
+        if client.parked.read {
+            return Poll::Pending;
+        }
+        return match poll_read_buf(Pin::new(&mut client.stream), cx, &mut directory.outgoing) {
+            Poll::Ready(Ok(0) | Err(_)) => Poll::Ready(Event::ClientClosed),
+            Poll::Ready(Ok(_)) => Poll::Ready(Event::ClientBytes),
+            Poll::Pending => {
+                client.parked.read = true;
+                Poll::Pending
+            }
+        };
+    }
+    // More is read once the directory took what was relayed.
+    let relaying = directory.is_some_and(|d| !d.outgoing.is_empty());
+    loop {
+        match client.codec.whole(&mut client.inbox) {
+            Ok(Some(len)) => return Poll::Ready(Event::Request(len)),
+            Ok(None) => {}
+            Err(e) => return Poll::Ready(Event::Unframed(e)),
+        }
+        if relaying || client.parked.read {
+            return Poll::Pending;
+        }
+        if client.inbox.len() == client.inbox.capacity() {
+            client.inbox.reserve(READ_CHUNK);
+        }
+        match poll_read_buf(Pin::new(&mut client.stream), cx, &mut client.inbox) {
+            Poll::Ready(Ok(0)) if client.inbox.is_empty() => return Poll::Ready(Event::ClientClosed),
+            Poll::Ready(Ok(0)) => return Poll::Ready(Event::Unframed(FrameError::Truncated)),
+            Poll::Ready(Ok(_)) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Event::Unframed(e.into())),
+            Poll::Pending => {
+                client.parked.read = true;
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
+/// Writes what was relayed to the directory. Ready once nothing waits.
+fn poll_to_directory(directory: &mut Directory, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+    if directory.parked.write {
+        return Poll::Pending;
+    }
+    while !directory.outgoing.is_empty() {
+        match Pin::new(&mut directory.stream).poll_write(cx, &directory.outgoing) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => {
+                METRICS.bytes_from_client.inc_by(n as u64);
+                directory.outgoing.advance(n);
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {
+                directory.parked.write = true;
+                directory.stalled.get_or_insert_with(tokio::time::Instant::now);
+                return Poll::Pending;
+            }
+        }
+    }
+    directory.stalled = None;
+    Poll::Ready(Ok(()))
 }
 
 /// A write of this kind was relayed on `session` and its outcome will never
