@@ -128,7 +128,6 @@ struct Directory {
     /// What the directory sent; its first `relayed` bytes go to the client.
     buffer: BytesMut,
     relayed: usize,
-    codec: PduCodec,
     framing: Framing,
     /// The directory announced it is closing (a Notice of Disconnection),
     /// and the client is told by that notice.
@@ -150,15 +149,19 @@ struct Parked {
     write: bool,
 }
 
-/// Which of the session's two sockets woke it since it last looked: a
-/// socket that waits is polled again only once it has woken the session,
-/// so a wake-up costs the polls of the side that woke it, not of both.
+/// Which of the session's sources woke it since it last looked: a socket
+/// (or the shutdown token and the timer) that waits is polled again only
+/// once it has woken the session, so a wake-up costs the polls of what
+/// woke it, not of everything.
 struct Wakers {
     task: Arc<AtomicWaker>,
     client: Arc<Source>,
     directory: Arc<Source>,
+    /// The shutdown token and the session's timer.
+    signals: Arc<Source>,
     client_waker: Waker,
     directory_waker: Waker,
+    signals_waker: Waker,
 }
 
 /// One socket's waker: marks the socket, then wakes the session's task.
@@ -187,13 +190,15 @@ impl Wakers {
                 task: Arc::clone(&task),
             })
         };
-        let (client, directory) = (source(), source());
+        let (client, directory, signals) = (source(), source(), source());
         Wakers {
             client_waker: Waker::from(Arc::clone(&client)),
             directory_waker: Waker::from(Arc::clone(&directory)),
+            signals_waker: Waker::from(Arc::clone(&signals)),
             task,
             client,
             directory,
+            signals,
         }
     }
 }
@@ -340,22 +345,22 @@ struct Session {
     checker: Option<Checker>,
     client: Client,
     directory: Option<Directory>,
+    /// Frames the directory's PDUs (of every directory connection the
+    /// session has).
+    directory_codec: PduCodec,
     inflight: Inflight,
     /// Requests are read (not while shutting down).
     accepting: bool,
     wakers: Wakers,
     /// Made once: each new one would join (and leave) a wait list all
-    /// sessions share, twice per request. Polled once, then looked at
-    /// (`token`).
+    /// sessions share, twice per request.
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
-    token: CancellationToken,
-    shutdown_armed: bool,
     /// One timer for the session, moved only when it fires or a write
     /// starts to wait: re-arming it at every request would take the
-    /// runtime's timer lock twice per operation. Polled once after each
-    /// move, then looked at.
+    /// runtime's timer lock twice per operation.
     timer: Pin<Box<Sleep>>,
-    timer_armed: bool,
+    /// The shutdown token and the timer wait for their waker (`wakers`).
+    signals_parked: bool,
     /// The last request, or in an opaque session the last bytes either way.
     active_at: tokio::time::Instant,
     /// Set once the directory agreed to wrap the session's bytes (a SASL
@@ -411,14 +416,13 @@ impl Session {
                 parked: Parked::default(),
             },
             directory: None,
+            directory_codec: PduCodec::new(settings.config.max_upstream_pdu),
             inflight: Inflight::default(),
             accepting: true,
             wakers: Wakers::new(),
-            shutdown: Box::pin(shutdown.clone().cancelled_owned()),
-            token: shutdown,
-            shutdown_armed: false,
+            shutdown: Box::pin(shutdown.cancelled_owned()),
             timer: Box::pin(sleep_until(now + first_check)),
-            timer_armed: false,
+            signals_parked: false,
             active_at: now,
             settings,
             listener,
@@ -490,6 +494,9 @@ impl Session {
         {
             directory.parked = Parked::default();
         }
+        if woke(&wakers.signals) {
+            self.signals_parked = false;
+        }
         let client_cx = &mut Context::from_waker(&wakers.client_waker);
         let directory_cx = &mut Context::from_waker(&wakers.directory_waker);
         if let Poll::Ready(Err(e)) = poll_to_client(&mut self.client, self.directory.as_mut(), client_cx) {
@@ -511,7 +518,7 @@ impl Session {
         for since in stalled.into_iter().flatten() {
             if since + io_timeout < self.timer.deadline() {
                 self.timer.as_mut().reset(since + io_timeout);
-                self.timer_armed = false;
+                self.signals_parked = false;
             }
         }
         if takes_requests
@@ -520,33 +527,21 @@ impl Session {
             return Poll::Ready(event);
         }
         if let Some(directory) = self.directory.as_mut().filter(|d| d.relayed == 0 && !d.parked.read) {
-            directory.codec.reserve_read(&mut directory.buffer, READ_CHUNK);
+            self.directory_codec.reserve_read(&mut directory.buffer, READ_CHUNK);
             match poll_read_buf(Pin::new(&mut directory.stream), directory_cx, &mut directory.buffer) {
                 Poll::Ready(read) => return Poll::Ready(Event::Directory(read)),
                 Poll::Pending => directory.parked.read = true,
             }
         }
-        if self.accepting {
-            let cancelled = match self.shutdown_armed {
-                false => {
-                    self.shutdown_armed = true;
-                    self.shutdown.as_mut().poll(cx).is_ready()
-                }
-                true => self.token.is_cancelled(),
-            };
-            if cancelled {
+        if !self.signals_parked {
+            let signals_cx = &mut Context::from_waker(&wakers.signals_waker);
+            if self.accepting && self.shutdown.as_mut().poll(signals_cx).is_ready() {
                 return Poll::Ready(Event::Shutdown);
             }
-        }
-        let fired = match self.timer_armed {
-            false => {
-                self.timer_armed = true;
-                self.timer.as_mut().poll(cx).is_ready()
+            if self.timer.as_mut().poll(signals_cx).is_ready() {
+                return Poll::Ready(Event::Timer);
             }
-            true => self.timer.is_elapsed(),
-        };
-        if fired {
-            return Poll::Ready(Event::Timer);
+            self.signals_parked = true;
         }
         Poll::Pending
     }
@@ -656,7 +651,7 @@ impl Session {
             .chain(read_by)
             .fold(idle_until.min(now + read_timeout), tokio::time::Instant::min);
         self.timer.as_mut().reset(next);
-        self.timer_armed = false;
+        self.signals_parked = false;
         None
     }
     /// Relays one client PDU (`more`: the client has sent more bytes after
@@ -957,7 +952,6 @@ impl Session {
             stream,
             buffer: BytesMut::new(),
             relayed: 0,
-            codec: PduCodec::new(self.settings.config.max_upstream_pdu),
             framing,
             noticed: false,
             outgoing: BytesMut::new(),
@@ -972,9 +966,14 @@ impl Session {
     /// writes the directory applied go to the capture sink, their answers
     /// on their way whether or not the client is still there to read them.
     fn directory_read(&mut self, read: std::io::Result<usize>) -> Option<End> {
-        let mut directory = self.directory.take().expect("only read while relaying a directory connection");
-        let ended = self.take_in(&mut directory, read);
-        self.directory = Some(directory);
+        let directory = self.directory.as_mut().expect("only read while relaying a directory connection");
+        // Lent out while its PDUs are taken in.
+        let buffer = std::mem::take(&mut directory.buffer);
+        let mut side = (directory.framing, directory.noticed);
+        let (relayed, ended) = self.take_in(&buffer, read, &mut side);
+        let directory = self.directory.as_mut().expect("still relaying");
+        (directory.buffer, directory.relayed) = (buffer, relayed);
+        (directory.framing, directory.noticed) = side;
         for write in self.captured.drain(..) {
             self.shared.sink.write_succeeded(write);
         }
@@ -992,59 +991,63 @@ impl Session {
         }
     }
 
-    /// Frames what `read` added to the directory's buffer; sets how many
-    /// bytes at its start go to the client. `Some` when the directory
-    /// connection is done.
-    fn take_in(&mut self, directory: &mut Directory, read: std::io::Result<usize>) -> Option<DirectoryEnd> {
-        let noticed = directory.noticed;
+    /// Frames what `read` added to the directory's `buffer` (its framing
+    /// and whether it gave notice in `side`): how many bytes at its start
+    /// go to the client, and `Some` when the directory connection is done.
+    fn take_in(
+        &mut self,
+        buffer: &[u8],
+        read: std::io::Result<usize>,
+        side: &mut (Framing, bool),
+    ) -> (usize, Option<DirectoryEnd>) {
+        let noticed = side.1;
         match read {
             Err(e) => {
                 debug!(error = %e, "directory read failed");
-                return Some(DirectoryEnd::Closed { noticed });
+                return (0, Some(DirectoryEnd::Closed { noticed }));
             }
-            Ok(0) if directory.buffer.is_empty() || directory.framing == Framing::Opaque => {
-                return Some(DirectoryEnd::Closed { noticed });
+            Ok(0) if buffer.is_empty() || side.0 == Framing::Opaque => {
+                return (0, Some(DirectoryEnd::Closed { noticed }));
             }
-            Ok(0) => return Some(DirectoryEnd::Failed(FrameError::Truncated)),
+            Ok(0) => return (0, Some(DirectoryEnd::Failed(FrameError::Truncated))),
             Ok(_) => {}
         }
-        let (whole, ended) = self.frame(directory);
-        directory.relayed = whole;
+        let (whole, ended) = self.frame(buffer, side);
         METRICS.bytes_to_client.inc_by(whole as u64);
-        if directory.framing == Framing::Opaque {
+        if side.0 == Framing::Opaque {
             self.active_at = tokio::time::Instant::now();
         }
-        ended
+        (whole, ended)
     }
 
     /// The length of the whole PDUs at the start of the directory's buffer
     /// (of all its bytes once they are opaque), each completing its
     /// operation.
-    fn frame(&mut self, directory: &mut Directory) -> (usize, Option<DirectoryEnd>) {
-        if directory.framing == Framing::Opaque {
-            return (directory.buffer.len(), None);
+    fn frame(&mut self, buffer: &[u8], (framing, noticed): &mut (Framing, bool)) -> (usize, Option<DirectoryEnd>) {
+        if *framing == Framing::Opaque {
+            return (buffer.len(), None);
         }
         let mut whole = 0;
         loop {
-            let rest = &directory.buffer[whole..];
-            match directory.codec.pdu_len(rest) {
+            let rest = &buffer[whole..];
+            match self.directory_codec.pdu_len(rest) {
                 Ok(Some(len)) if len <= rest.len() => {
                     let seen = self.response(&rest[..len]);
                     whole += len;
                     match seen {
                         Seen::Response => {}
-                        Seen::Notice => directory.noticed = true,
+                        Seen::Notice => *noticed = true,
                         Seen::Opaque => {
-                            directory.framing = Framing::Opaque;
-                            return (directory.buffer.len(), None);
+                            *framing = Framing::Opaque;
+                            return (buffer.len(), None);
                         }
                     }
                 }
                 Ok(_) => return (whole, None),
                 // The SASL bind negotiated a security layer (see `tunnel`).
                 Err(FrameError::NotASequence(_)) if self.wrapped => {
-                    directory.framing = Framing::Opaque;
-                    return (directory.buffer.len(), None);
+                    *framing = Framing::Opaque;
+                    return (buffer.len(), None);
                 }
                 Err(e) => return (whole, Some(DirectoryEnd::Failed(e))),
             }
