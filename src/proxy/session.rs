@@ -261,7 +261,9 @@ enum Seen {
 enum DirectoryEnd {
     /// It closed; `noticed` if it said so first with a Notice of
     /// Disconnection, which the client then receives.
-    Closed { noticed: bool },
+    Closed {
+        noticed: bool,
+    },
     Failed(FrameError),
 }
 
@@ -521,8 +523,7 @@ impl Session {
                 self.signals_parked = false;
             }
         }
-        if takes_requests
-            && let Poll::Ready(event) = poll_request(&mut self.client, self.directory.as_mut(), client_cx)
+        if takes_requests && let Poll::Ready(event) = poll_request(&mut self.client, self.directory.as_mut(), client_cx)
         {
             return Poll::Ready(event);
         }
@@ -966,7 +967,10 @@ impl Session {
     /// writes the directory applied go to the capture sink, their answers
     /// on their way whether or not the client is still there to read them.
     fn directory_read(&mut self, read: std::io::Result<usize>) -> Option<End> {
-        let directory = self.directory.as_mut().expect("only read while relaying a directory connection");
+        let directory = self
+            .directory
+            .as_mut()
+            .expect("only read while relaying a directory connection");
         // Lent out while its PDUs are taken in.
         let buffer = std::mem::take(&mut directory.buffer);
         let mut side = (directory.framing, directory.noticed);
@@ -985,9 +989,7 @@ impl Session {
             DirectoryEnd::Closed { noticed: false } => {
                 Some(End::UpstreamLost("the directory closed the connection".into()))
             }
-            DirectoryEnd::Failed(e) => Some(End::UpstreamLost(format!(
-                "the directory sent an unreadable PDU: {e}"
-            ))),
+            DirectoryEnd::Failed(e) => Some(End::UpstreamLost(format!("the directory sent an unreadable PDU: {e}"))),
         }
     }
 
@@ -1211,7 +1213,9 @@ impl Session {
         self.directory = None;
         // Inside a SASL security layer a plain-text notice would be garbage.
         if let Some((code, reason)) = notice.filter(|_| !self.tunneled) {
-            self.client.outbox.extend_from_slice(&message::notice_of_disconnection(code, &reason));
+            self.client
+                .outbox
+                .extend_from_slice(&message::notice_of_disconnection(code, &reason));
         }
         if !client_gone && self.flush_to_client().await.is_ok() {
             let _ = timeout(io_timeout, self.client.stream.shutdown()).await;
