@@ -162,6 +162,13 @@ impl PduCodec {
         Ok(Some(total))
     }
 
+    /// Frames no more (the bytes became opaque): a partial PDU's share of
+    /// the budget is given back, and its read deadline dropped.
+    pub fn forget_partial(&mut self) {
+        self.partial_since = None;
+        let _ = self.account(0);
+    }
+
     /// Room in `src` for more of the `total`-byte PDU arriving at its start.
     /// What a header announces is only a promise: grow towards it by what
     /// can arrive next, never by the whole announced length (a 7-byte

@@ -378,15 +378,13 @@ struct Session {
     /// client's own TLS with the directory), so ldapsync can no longer
     /// speak LDAP to the client itself.
     tunneled: bool,
-    /// Operations abandoned lately, with when (see `outstanding`): they
-    /// still count, and their message ids are not free yet.
+    /// Operations abandoned lately, with when (see `request`): they still
+    /// count, and their message ids are not free yet.
     abandoned: VecDeque<(tokio::time::Instant, i64)>,
     /// When the request being relayed was whole: its operation's start
     /// (one clock read per request serves the idle timer too).
     received_at: Instant,
     operations: SessionOperations,
-    /// Writes the directory applied, from one read, for the capture sink.
-    captured: Vec<CapturedWrite>,
 }
 
 impl Session {
@@ -439,7 +437,6 @@ impl Session {
             abandoned: VecDeque::new(),
             received_at: Instant::now(),
             operations: SessionOperations::default(),
-            captured: Vec::new(),
         }
     }
 
@@ -515,13 +512,11 @@ impl Session {
             return Poll::Ready(Event::DirectoryGone(e));
         }
         // A write that began to wait must not wait past the I/O timeout.
-        let io_timeout = self.settings.config.io_timeout;
-        let stalled = [self.client.stalled, self.directory.as_ref().and_then(|d| d.stalled)];
-        for since in stalled.into_iter().flatten() {
-            if since + io_timeout < self.timer.deadline() {
-                self.timer.as_mut().reset(since + io_timeout);
-                self.signals_parked = false;
-            }
+        if let Some(by) = self.stalled_until()
+            && by < self.timer.deadline()
+        {
+            self.timer.as_mut().reset(by);
+            self.signals_parked = false;
         }
         if takes_requests && let Poll::Ready(event) = poll_request(&mut self.client, self.directory.as_mut(), client_cx)
         {
@@ -602,8 +597,7 @@ impl Session {
         self.shared.sink.capture_lost(self.id, CaptureLoss::Opaque(opacity));
         self.client.framing = Framing::Opaque;
         let pending = std::mem::take(&mut self.client.inbox);
-        // Framed no more: a partial request's share of the budget is given back.
-        let _ = self.client.codec.whole(&mut BytesMut::new());
+        self.client.codec.forget_partial();
         if let Some(directory) = self.directory.as_mut() {
             directory.outgoing.extend_from_slice(&pending);
         }
@@ -616,16 +610,12 @@ impl Session {
         let (idle_timeout, read_timeout, io_timeout) =
             (config.idle_timeout, config.request_read_timeout, config.io_timeout);
         let now = tokio::time::Instant::now();
-        if self.client.stalled.is_some_and(|since| since + io_timeout <= now) {
+        let past = |since: Option<tokio::time::Instant>| since.is_some_and(|since| since + io_timeout <= now);
+        if past(self.client.stalled) {
             warn!("client accepted no data within the I/O timeout; dropping it");
             return Some(End::ClientClosed);
         }
-        if self
-            .directory
-            .as_ref()
-            .and_then(|d| d.stalled)
-            .is_some_and(|since| since + io_timeout <= now)
-        {
+        if past(self.directory.as_ref().and_then(|d| d.stalled)) {
             return Some(End::UpstreamLost("the directory stopped reading requests".into()));
         }
         // A request still arriving: due in full by its deadline.
@@ -644,17 +634,26 @@ impl Session {
             }
             idle_until = now + idle_timeout;
         }
-        let stalled = [self.client.stalled, self.directory.as_ref().and_then(|d| d.stalled)];
-        let next = stalled
+        let next = [self.stalled_until(), read_by]
             .into_iter()
             .flatten()
-            .map(|since| since + io_timeout)
-            .chain(read_by)
             .fold(idle_until.min(now + read_timeout), tokio::time::Instant::min);
         self.timer.as_mut().reset(next);
         self.signals_parked = false;
         None
     }
+
+    /// When the write that has waited longest, to either side, is past the
+    /// I/O timeout.
+    fn stalled_until(&self) -> Option<tokio::time::Instant> {
+        let directory = self.directory.as_ref().and_then(|d| d.stalled);
+        let since = match (self.client.stalled, directory) {
+            (Some(client), Some(directory)) => Some(client.min(directory)),
+            (client, directory) => client.or(directory),
+        };
+        since.map(|since| since + self.settings.config.io_timeout)
+    }
+
     /// Relays one client PDU (`more`: the client has sent more bytes after
     /// it); `Some` ends the session.
     async fn request(&mut self, pdu: &[u8], more: bool) -> Option<End> {
@@ -786,7 +785,10 @@ impl Session {
                 }
                 Err(
                     match message::error_response(request, ResultCode::Unavailable, &diagnostic) {
-                        Some(pdu) => self.reply(&pdu),
+                        Some(pdu) => {
+                            self.reply(&pdu);
+                            None
+                        }
                         None => Some(End::UpstreamLost(diagnostic)),
                     },
                 )
@@ -810,9 +812,8 @@ impl Session {
     }
 
     /// Queues a message ldapsync itself answers with.
-    fn reply(&mut self, pdu: &[u8]) -> Option<End> {
+    fn reply(&mut self, pdu: &[u8]) {
         self.client.outbox.extend_from_slice(pdu);
-        None
     }
 
     /// Forgets the operations abandoned longer than `ABANDONED_GRACE` ago.
@@ -862,7 +863,10 @@ impl Session {
     /// Answers a request with an error instead of relaying it.
     fn refuse(&mut self, request: &Envelope, code: ResultCode, why: &str) -> Option<End> {
         match message::error_response(request, code, why) {
-            Some(pdu) => self.reply(&pdu),
+            Some(pdu) => {
+                self.reply(&pdu);
+                None
+            }
             None => Some(End::Malformed(format!(
                 "{} with an invalid message id",
                 request.op.name()
@@ -890,7 +894,10 @@ impl Session {
         };
         if let Some((code, why)) = refusal {
             return match message::named_extended_response(request.message_id, STARTTLS_OID, code, why) {
-                Some(response) => self.reply(&response),
+                Some(response) => {
+                    self.reply(&response);
+                    None
+                }
                 None => Some(End::Malformed("StartTLS request with an invalid message id".into())),
             };
         }
@@ -963,9 +970,7 @@ impl Session {
     }
 
     /// Takes in what one read from the directory brought: every whole PDU
-    /// (all the bytes, once they are opaque) is for the client, and the
-    /// writes the directory applied go to the capture sink, their answers
-    /// on their way whether or not the client is still there to read them.
+    /// (all the bytes, once they are opaque) is for the client.
     fn directory_read(&mut self, read: std::io::Result<usize>) -> Option<End> {
         let directory = self
             .directory
@@ -978,9 +983,6 @@ impl Session {
         let directory = self.directory.as_mut().expect("still relaying");
         (directory.buffer, directory.relayed) = (buffer, relayed);
         (directory.framing, directory.noticed) = side;
-        for write in self.captured.drain(..) {
-            self.shared.sink.write_succeeded(write);
-        }
         // What came before the end (a Notice of Disconnection) still goes
         // out, from `close`.
         match ended? {
@@ -1106,7 +1108,9 @@ impl Session {
         }
         match pending.on_success {
             OnSuccess::Nothing => {}
-            OnSuccess::Capture(kind, request) => self.captured.push(CapturedWrite {
+            // Applied by the directory: the sync core has it whether or not
+            // the client is still there to read the answer.
+            OnSuccess::Capture(kind, request) => self.shared.sink.write_succeeded(CapturedWrite {
                 session: self.id,
                 message_id: env.message_id,
                 kind,
@@ -1204,22 +1208,17 @@ impl Session {
                 Some((ResultCode::Unavailable, "ldapsync is shutting down".to_owned()))
             }
         };
-        // What the directory answered goes out before the notice, which is
-        // last; a client that is gone is written no more.
-        let client_gone = matches!(end, End::ClientClosed | End::TlsFailed(_));
-        if !client_gone {
-            let _ = self.flush_to_client().await;
-        }
-        self.directory = None;
         // Inside a SASL security layer a plain-text notice would be garbage.
         if let Some((code, reason)) = notice.filter(|_| !self.tunneled) {
-            self.client
-                .outbox
-                .extend_from_slice(&message::notice_of_disconnection(code, &reason));
+            self.reply(&message::notice_of_disconnection(code, &reason));
         }
+        // What the directory answered goes out first, the notice last; a
+        // client that is gone is written no more.
+        let client_gone = matches!(end, End::ClientClosed | End::TlsFailed(_));
         if !client_gone && self.flush_to_client().await.is_ok() {
             let _ = timeout(io_timeout, self.client.stream.shutdown()).await;
         }
+        self.directory = None;
         outcome_unknown(&self.shared, self.id, self.inflight.abandon_all());
         match end {
             // A lost directory was said above, once per interval.
