@@ -214,20 +214,28 @@ impl Running {
     }
 }
 
-/// Serves the running state as one JSON document per connection on a Unix
-/// socket only the owner may open.
-pub async fn serve_socket(path: PathBuf, running: Arc<Running>, shutdown: CancellationToken) {
+/// The admin socket, bound owner-only before the proxy says it listens, so
+/// that `status` run right after the start finds it; `None` (said in the
+/// log) when it cannot be bound: `status` then reads the database only.
+pub fn bind_socket(path: &Path) -> Option<UnixListener> {
     // A socket left by a killed instance would make bind fail.
-    let _ = std::fs::remove_file(&path);
-    let listener = match UnixListener::bind(&path) {
+    let _ = std::fs::remove_file(path);
+    let listener = match UnixListener::bind(path) {
         Ok(listener) => listener,
         Err(e) => {
-            return tracing::warn!(path = %path.display(), error = %e, "no admin socket; status reads the database only");
+            tracing::warn!(path = %path.display(), error = %e, "no admin socket; status reads the database only");
+            return None;
         }
     };
-    if let Err(e) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
+    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
         tracing::warn!(path = %path.display(), error = %e, "cannot make the admin socket owner-only");
     }
+    Some(listener)
+}
+
+/// Serves the running state as one JSON document per connection on the
+/// socket `bind_socket` made, and removes it at shutdown.
+pub async fn serve_socket(listener: UnixListener, path: PathBuf, running: Arc<Running>, shutdown: CancellationToken) {
     loop {
         let (mut stream, _) = tokio::select! {
             _ = shutdown.cancelled() => break,

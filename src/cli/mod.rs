@@ -325,11 +325,15 @@ fn serve(config: Config, args: ServeArgs, file: Option<PathBuf>) -> anyhow::Resu
         if let (Some(listener), Some(config)) = (admin_api, admin_config) {
             workers.spawn(crate::admin::http::serve(listener, config, shutdown.clone()));
         }
-        workers.spawn(monitor::serve_socket(
-            config.store.admin_socket(),
-            Arc::clone(&running),
-            shutdown.clone(),
-        ));
+        let socket = config.store.admin_socket();
+        if let Some(listener) = monitor::bind_socket(&socket) {
+            workers.spawn(monitor::serve_socket(
+                listener,
+                socket,
+                Arc::clone(&running),
+                shutdown.clone(),
+            ));
+        }
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         tokio::spawn(reload_on_sighup(Reload {
             args,
