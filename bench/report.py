@@ -97,9 +97,12 @@ def main():
          {t: get(find(rows, "pipelined", t), "ops_per_s") for t in TARGETS})
     line("search by uid, 4 connections × 32 in flight (pipelined): latency p99", "µs", False,
          {t: get(find(rows, "pipelined", t), "latency", "p99_us") for t in TARGETS})
-    ldclt_threads = next((r.get("threads") for r in rows if r.get("scenario") == "ldclt" and r.get("threads")), 32)
-    line(f"ldclt search by uid, {ldclt_threads} threads: throughput", "ops/s", True,
-         {t: get(find(rows, "ldclt", t), "ops_per_s") for t in TARGETS})
+    ldclt_counts = sorted({r["threads"] for r in rows if r.get("scenario") == "ldclt" and r.get("threads")})
+    for threads in ldclt_counts:
+        line(f"ldclt search by uid, {threads} threads: throughput", "ops/s", True,
+             {t: get(find(rows, "ldclt", t, threads=threads), "ops_per_s") for t in TARGETS})
+        line(f"ldclt search by uid, {threads} threads: CPU per op, the proxy itself", "µs", False,
+             {t: get(find(rows, "ldclt", t, threads=threads), "cpu_us_per_op", "proxy") for t in TARGETS})
     line("connect+bind+search+unbind, 32 at once", "cycles/s", True,
          {t: get(find(rows, "churn", t, conns=32), "cycles_per_s") for t in TARGETS})
     line("new session, one at a time (connect+bind+search+unbind): p99", "ms", False,
@@ -186,10 +189,23 @@ def main():
     r = None if not ls or not hp else ls / hp
     goal("(informative) ldapsync's throughput ≥ 0.9× a byte-pump relay's (haproxy-tcp) at 32 connections",
          None if r is None else f"{r:.2f}×", None if r is None else r >= 0.9)
-    lc = [l for l in lines if l["label"].startswith("ldclt")][0]
+    ldclt_threads = ldclt_counts[0] if ldclt_counts else 32
+    lc = next((l for l in lines if l["label"] == f"ldclt search by uid, {ldclt_threads} threads: throughput"),
+              {"values": {}})
     r = ratio(lc, "ldapsync")
     goal(f"throughput via ldapsync ≥ 0.9× direct ({ldclt_threads} ldclt threads)",
          None if r is None else f"{r:.2f}×", None if r is None else r >= 0.9)
+    # Issue 21, part 1: the relay against a C byte pump, both generators.
+    for label, how in [(f"search by uid, {n} connections", f"ldapsync-bench, {n} connections") for n in (32, 256)] + \
+            [(f"ldclt search by uid, {n} threads", f"ldclt, {n} threads") for n in ldclt_counts]:
+        ops = {t: value(f"{label}: throughput", t) for t in ("ldapsync", "haproxy-tcp")}
+        cpu = {t: value(f"{label}: CPU per op, the proxy itself", t) for t in ("ldapsync", "haproxy-tcp")}
+        if None in ops.values() or None in cpu.values() or not ops["haproxy-tcp"]:
+            continue
+        r = ops["ldapsync"] / ops["haproxy-tcp"]
+        goal(f"ldapsync's throughput ≥ haproxy-tcp's and its CPU per op ≤ haproxy-tcp's ({how})",
+             f"{r:.2f}×, {cpu['ldapsync']:.1f} vs {cpu['haproxy-tcp']:.1f} µs",
+             r >= 1 and cpu["ldapsync"] <= cpu["haproxy-tcp"])
     for l, how in ((s32, "ldapsync-bench, 32 connections"), (lc, f"ldclt, {ldclt_threads} threads")):
         ls, bl = l["values"].get("ldapsync"), l["values"].get("back-ldap")
         r = None if not ls or not bl else ls / bl

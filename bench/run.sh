@@ -43,11 +43,12 @@ done
 
 if ((smoke)); then
     PEOPLE=2000 NGROUPS=20 SECS=1 LAT_OPS=1000 CAP_OPS=30 IDLE=300 IDLE_BIND=100 STORM=200
-    LDCLT_TARGETS="ldapsync" LDCLT_THREADS=8 RECON=0 FAILOVERS=1 name=smoke
+    LDCLT_TARGETS="ldapsync" LDCLT_THREADS="8" RECON=0 FAILOVERS=1 name=smoke
 else
     PEOPLE=${BENCH_PEOPLE:-100000} NGROUPS=${BENCH_GROUPS:-1000} SECS=${BENCH_SECS:-8}
     LAT_OPS=20000 CAP_OPS=500 IDLE=10000 IDLE_BIND=5000 STORM=1000
-    LDCLT_TARGETS="slapd haproxy-tcp ldapsync back-ldap back-asyncmeta" LDCLT_THREADS=32 RECON=1 FAILOVERS=10 name=latest
+    LDCLT_TARGETS="slapd haproxy-tcp ldapsync ldapsync-mux back-ldap back-asyncmeta" LDCLT_THREADS="32 256"
+    RECON=1 FAILOVERS=10 name=latest
 fi
 # Each needs one descriptor per connection (two for ldapsync with upstream,
 # and for a storm's clients through any relay).
@@ -415,22 +416,35 @@ for run in $(seq "$FAILOVERS"); do
     start_ldapsync "$dead" 1 "$fourl"
 done
 
-say "ldclt (389-ds-base): search by uid, $LDCLT_THREADS threads, one 10 s sample per target"
-for t in $LDCLT_TARGETS; do
-    port=${URL[$t]##*:}
-    out=$(cd "$work" && ldclt -h 127.0.0.1 -p "$port" -b ou=bulk,dc=example,dc=com \
-        -e esearch,random -f uid=userXXXXXX -r 1 -R "$PEOPLE" -n "$LDCLT_THREADS" -N 1 -q 2>&1 || true)
-    printf '%s\n' "$out" >"$work/ldclt-$t.log"
-    # "Global average rate: 12195.88/thr  (39026.80/sec), total: 390268"
-    # (ldclt pads the total: "total:  74020")
-    rate=$(printf '%s\n' "$out" | sed -n 's/.*Global average rate: .*(\([0-9.]*\)\/sec), total: *\([0-9]*\).*/\1 \2/p' | tail -1)
-    if [[ -z $rate ]]; then
-        say "  $t: ldclt printed no rate (see $work/ldclt-$t.log)"
-        echo "{\"target\":\"$t\",\"scenario\":\"ldclt\",\"failed\":true}" >>"$results"
-    else
+# CPU time (user + system) of a process so far, in clock ticks.
+ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+# µs per operation: TICKS of CPU over OPS operations.
+per_op() { python3 -c "import sys; print(round(int(sys.argv[1]) * 1e6 / $(getconf CLK_TCK) / int(sys.argv[2]), 2))" "$1" "$2"; }
+
+say "ldclt (389-ds-base): search by uid, $LDCLT_THREADS threads, one 10 s sample per target and count"
+for threads in $LDCLT_THREADS; do
+    for t in $LDCLT_TARGETS; do
+        port=${URL[$t]##*:}
+        # CPU per search, as ldapsync-bench's --cpu reports it: the
+        # directory's, and the relay's for a relay.
+        before=("$(ticks "${PID[slapd]}")" "$(ticks "${PID[$t]}")")
+        out=$(cd "$work" && ldclt -h 127.0.0.1 -p "$port" -b ou=bulk,dc=example,dc=com \
+            -e esearch,random -f uid=userXXXXXX -r 1 -R "$PEOPLE" -n "$threads" -N 1 -q 2>&1 || true)
+        after=("$(ticks "${PID[slapd]}")" "$(ticks "${PID[$t]}")")
+        printf '%s\n' "$out" >"$work/ldclt-$t-$threads.log"
+        # "Global average rate: 12195.88/thr  (39026.80/sec), total: 390268"
+        # (ldclt pads the total: "total:  74020")
+        rate=$(printf '%s\n' "$out" | sed -n 's/.*Global average rate: .*(\([0-9.]*\)\/sec), total: *\([0-9]*\).*/\1 \2/p' | tail -1)
+        if [[ -z $rate ]]; then
+            say "  $t: ldclt printed no rate (see $work/ldclt-$t-$threads.log)"
+            echo "{\"target\":\"$t\",\"scenario\":\"ldclt\",\"threads\":$threads,\"failed\":true}" >>"$results"
+            continue
+        fi
         set -- $rate
-        echo "{\"target\":\"$t\",\"scenario\":\"ldclt\",\"threads\":$LDCLT_THREADS,\"ops_per_s\":$1,\"ops\":$2,\"clean\":$(grep -q 'Global no error' <<<"$out" && echo true || echo false)}" >>"$results"
-    fi
+        cpu="\"slapd\":$(per_op $((after[0] - before[0])) "$2")"
+        [[ $t != slapd ]] && cpu+=",\"proxy\":$(per_op $((after[1] - before[1])) "$2")"
+        echo "{\"target\":\"$t\",\"scenario\":\"ldclt\",\"threads\":$threads,\"ops_per_s\":$1,\"ops\":$2,\"cpu_us_per_op\":{$cpu},\"clean\":$(grep -q 'Global no error' <<<"$out" && echo true || echo false)}" >>"$results"
+    done
 done
 
 # Idle connections last: fresh processes, so the RSS growth is the
