@@ -1075,6 +1075,9 @@ pub struct ProxyConfig {
     /// Per directory URL: its tier, 1 when not given. A tier's URLs are
     /// used only while every URL of the tiers below it is down.
     pub tier: BTreeMap<String, usize>,
+    /// Threads of their own for client sessions, each with a single-threaded
+    /// runtime; unset, sessions run on the main runtime's workers.
+    pub session_threads: Option<usize>,
     /// Conformance mode's report file (from `[conformance]` or the flag).
     #[serde(skip)]
     pub conformance_report: Option<PathBuf>,
@@ -1338,6 +1341,7 @@ impl Default for ProxyConfig {
             health_interval: Duration::from_secs(10),
             weight: BTreeMap::new(),
             tier: BTreeMap::new(),
+            session_threads: None,
             conformance_report: None,
         }
     }
@@ -1662,6 +1666,9 @@ impl Config {
                 problems.extend(count_in("proxy.multiplex.max_unread", n, 64 * 1024, 1024 * 1024 * 1024));
             }
         }
+        if let Some(n) = p.session_threads {
+            problems.extend(count_in("proxy.session_threads", n, 1, 1024));
+        }
         const MIB: usize = 1024 * 1024;
         let counts = [
             ("proxy.max_connections", p.max_connections, 1, MAX_CONNECTIONS),
@@ -1982,6 +1989,10 @@ mod tests {
                 "proxy.max_client_pdu = 1099511627776 is out of range: 64 to 268435456",
             ),
             ("max_outstanding = 0", "proxy.max_outstanding = 0 is out of range"),
+            (
+                "session_threads = 0",
+                "proxy.session_threads = 0 is out of range: 1 to 1024",
+            ),
             ("idle_timeout = \"18446744073709551615s\"", "proxy.idle_timeout = "),
             (
                 "connect_timeout = \"0s\"",

@@ -84,6 +84,7 @@ impl ProxyHandle {
         let mut config = ProxyConfig {
             upstream: upstreams.iter().map(|u| u.parse().expect("upstream URL")).collect(),
             connect_timeout: Duration::from_secs(2),
+            session_threads: session_threads(),
             ..ProxyConfig::default()
         };
         tune(&mut config);
@@ -175,6 +176,16 @@ pub fn multiplexed() -> bool {
         Ok("transparent") | Ok("") | Err(_) => false,
         Ok(other) => panic!("LDAPSYNC_TEST_LISTENER={other}: say transparent or multiplexed"),
     }
+}
+
+/// `LDAPSYNC_TEST_SESSION_THREADS=N` (`make test`'s fourth run): the relay's
+/// suites run with sessions on N session threads of their own.
+fn session_threads() -> Option<usize> {
+    let n = std::env::var("LDAPSYNC_TEST_SESSION_THREADS").ok()?;
+    Some(
+        n.parse()
+            .unwrap_or_else(|_| panic!("LDAPSYNC_TEST_SESSION_THREADS={n}: say a number of threads")),
+    )
 }
 
 /// The identity a multiplexed listener's shared connections bind as: an

@@ -15,6 +15,7 @@ pub mod message;
 mod multiplex;
 mod pool;
 mod session;
+mod threads;
 mod upstream;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +39,7 @@ pub use capture::{CaptureLoss, CaptureSink, CapturedWrite, LogSink, Opacity, Wri
 use codec::Budget;
 use limits::AddressCounts;
 pub use limits::FailedBinds;
+use threads::SessionThreads;
 
 /// A byte stream a session runs over: TCP, or TLS over TCP.
 trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -167,6 +169,7 @@ impl Reloader {
         let pending = [
             ("proxy.listen", old.listen != config.listen),
             ("proxy.max_connections", old.max_connections != config.max_connections),
+            ("proxy.session_threads", old.session_threads != config.session_threads),
             (
                 "proxy.max_request_buffer",
                 old.max_request_buffer != config.max_request_buffer,
@@ -195,6 +198,8 @@ impl Reloader {
 pub enum ProxyError {
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("cannot start the session threads: {0}")]
+    Threads(std::io::Error),
     #[error("conformance report {path}: {source}")]
     Report { path: String, source: std::io::Error },
     #[error(transparent)]
@@ -243,6 +248,8 @@ pub struct Proxy {
     refusals: Throttle,
     addresses: Arc<AddressCounts>,
     next_session: AtomicU64,
+    /// Where sessions run when `session_threads` is set.
+    threads: Option<SessionThreads>,
 }
 
 impl Proxy {
@@ -268,6 +275,11 @@ impl Proxy {
                  (a directory that demands client certificates needs tls = \"passthrough\" listeners)"
             );
         }
+        let threads = config
+            .session_threads
+            .map(SessionThreads::start)
+            .transpose()
+            .map_err(ProxyError::Threads)?;
         let pool = Arc::new(pool::Pool::default());
         pool.admit(&config.upstream);
         let multiplexer = match &config.multiplex {
@@ -298,6 +310,7 @@ impl Proxy {
             refusals: Throttle::new(Duration::from_secs(10)),
             addresses: Arc::default(),
             next_session: AtomicU64::new(1),
+            threads,
         })
     }
 
@@ -411,10 +424,14 @@ impl Proxy {
             let shared = Arc::clone(&self.shared);
             let shutdown = shutdown.clone();
             let config = Arc::clone(&listener.config);
-            sessions.spawn(async move {
+            let session = move |stream| async move {
                 session::run(id, stream, peer, config, shared, settings, shutdown).await;
                 drop((permit, slot));
-            });
+            };
+            match &self.threads {
+                Some(threads) => threads.spawn(sessions, stream, session),
+                None => drop(sessions.spawn(session(stream))),
+            }
         }
     }
 }

@@ -1,0 +1,109 @@
+//! Session threads (`proxy.session_threads`): single-threaded runtimes,
+//! each on an OS thread of its own. A session runs on one of them from its
+//! accept to its end, so its wake-ups never cross threads: clients that
+//! wait for each answer before the next request (one blocking connection
+//! per thread or process) cost less kernel time per operation than on the
+//! work-stealing runtime, clients that keep many connections busy at once
+//! more (docs/performance.md measures both). A new session goes to the
+//! thread with the fewest open.
+//!
+//! The rest of ldapsync (the accept loops, the workers, the admin side)
+//! stays on the main runtime.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::net::TcpStream;
+use tokio::runtime::{Builder, Handle};
+use tokio::sync::oneshot;
+use tokio_util::task::TaskTracker;
+use tracing::warn;
+
+/// The running session threads. Dropping it lets each thread end once the
+/// sessions still on it are gone from its runtime.
+pub(super) struct SessionThreads {
+    threads: Vec<SessionThread>,
+}
+
+struct SessionThread {
+    runtime: Handle,
+    /// Sessions placed on this thread and not ended yet.
+    open: Arc<AtomicUsize>,
+    /// Dropped with the thread's handle: the thread's runtime then stops.
+    _stop: oneshot::Sender<()>,
+}
+
+impl SessionThreads {
+    /// Starts `count` threads (at least one).
+    pub(super) fn start(count: usize) -> std::io::Result<SessionThreads> {
+        let threads = (0..count.max(1))
+            .map(|i| {
+                // Sessions need sockets and timers only: no signal or child-process driver
+                // to look at each time the thread parks.
+                let runtime = Builder::new_current_thread().enable_io().enable_time().build()?;
+                let handle = runtime.handle().clone();
+                let (stop, stopped) = oneshot::channel::<()>();
+                std::thread::Builder::new()
+                    .name(format!("ldapsync-sess-{i}"))
+                    // The runtime is dropped here, on its own thread, outside
+                    // any async context (where dropping one panics).
+                    .spawn(move || runtime.block_on(async move { _ = stopped.await }))?;
+                Ok(SessionThread {
+                    runtime: handle,
+                    open: Arc::default(),
+                    _stop: stop,
+                })
+            })
+            .collect::<std::io::Result<_>>()?;
+        Ok(SessionThreads { threads })
+    }
+
+    /// Runs `session` on the client's socket on the thread with the fewest
+    /// sessions open, tracked by `tracker`. The socket is moved to that
+    /// thread's reactor first, so that its readiness wakes that thread only.
+    pub(super) fn spawn<F, S>(&self, tracker: &TaskTracker, stream: TcpStream, session: S)
+    where
+        S: FnOnce(TcpStream) -> F + Send + 'static,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(e) => {
+                return warn!(error = %e, "connection dropped: its socket could not be handed to a session thread");
+            }
+        };
+        let thread = self
+            .threads
+            .iter()
+            .min_by_key(|t| t.open.load(Ordering::Relaxed))
+            .expect("at least one session thread");
+        let open = Open::new(&thread.open);
+        tracker.spawn_on(
+            async move {
+                let _open = open;
+                match TcpStream::from_std(stream) {
+                    Ok(stream) => session(stream).await,
+                    Err(e) => warn!(error = %e, "connection dropped: a session thread could not register its socket"),
+                }
+            },
+            &thread.runtime,
+        );
+    }
+}
+
+/// One session counted on its thread until it ends (or is dropped unrun).
+struct Open(Arc<AtomicUsize>);
+
+impl Open {
+    fn new(count: &Arc<AtomicUsize>) -> Open {
+        count.fetch_add(1, Ordering::Relaxed);
+        Open(Arc::clone(count))
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
