@@ -10,6 +10,8 @@
 #             ldapsync       ldapsync relaying to it (no connector)
 #             ldapsync-mux   ldapsync with a multiplexed listener (sessions share
 #                            a few directory connections, RFC 4370 identities)
+#             ldapsync-st    ldapsync with sessions on session threads, one per
+#                            core (proxy.session_threads; searches and ldclt)
 #             ldapsync+cap   ldapsync relaying to it with a connector (capture on)
 #             back-ldap      a second slapd, back_ldap pointing at the first
 #             back-asyncmeta a third slapd, back_asyncmeta pointing at the first
@@ -47,7 +49,7 @@ if ((smoke)); then
 else
     PEOPLE=${BENCH_PEOPLE:-100000} NGROUPS=${BENCH_GROUPS:-1000} SECS=${BENCH_SECS:-8}
     LAT_OPS=20000 CAP_OPS=500 IDLE=10000 IDLE_BIND=5000 STORM=1000
-    LDCLT_TARGETS="slapd haproxy-tcp ldapsync ldapsync-mux back-ldap back-asyncmeta" LDCLT_THREADS="32 256"
+    LDCLT_TARGETS="slapd haproxy-tcp ldapsync ldapsync-mux ldapsync-st back-ldap back-asyncmeta" LDCLT_THREADS="32 256"
     RECON=1 FAILOVERS=10 name=latest
 fi
 # Each needs one descriptor per connection (two for ldapsync with upstream,
@@ -267,6 +269,7 @@ start_postgres
 start_haproxy haproxy-tcp
 start_ldapsync ldapsync 0
 MULTIPLEXED=1 start_ldapsync ldapsync-mux 0
+PROXY_LINES="session_threads = $(nproc)" start_ldapsync ldapsync-st 0
 start_ldapsync ldapsync+cap 1
 capurl=$(pg_db capture)
 start_ldapsync ldapsync+pg 1 "$capurl"
@@ -304,7 +307,7 @@ say "(a) search by uid, 1 connection, $LAT_OPS sequential operations"
 for t in $proxies; do bench "$t" latency --ops "$LAT_OPS"; done
 for conns in 32 256; do
     say "(b) search by uid, $conns connections, ${SECS}s each"
-    for t in $proxies; do
+    for t in $proxies ldapsync-st; do
         cpu=(--cpu "slapd=${PID[slapd]}")
         [[ $t != slapd ]] && cpu+=(--cpu "proxy=${PID[$t]}")
         bench "$t" search --conns "$conns" --secs "$SECS" "${cpu[@]}"
