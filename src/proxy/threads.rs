@@ -20,8 +20,8 @@ use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
-/// The running session threads. Dropping it lets each thread end once the
-/// sessions still on it are gone from its runtime.
+/// The running session threads. Dropping it ends them (the proxy drops it
+/// once its sessions have ended).
 pub(super) struct SessionThreads {
     threads: Vec<SessionThread>,
 }
@@ -30,7 +30,7 @@ struct SessionThread {
     runtime: Handle,
     /// Sessions placed on this thread and not ended yet.
     open: Arc<AtomicUsize>,
-    /// Dropped with the thread's handle: the thread's runtime then stops.
+    /// Its drop ends the thread's `block_on`, and the runtime with it.
     _stop: oneshot::Sender<()>,
 }
 
@@ -39,8 +39,8 @@ impl SessionThreads {
     pub(super) fn start(count: usize) -> std::io::Result<SessionThreads> {
         let threads = (0..count.max(1))
             .map(|i| {
-                // Sessions need sockets and timers only: no signal or child-process driver
-                // to look at each time the thread parks.
+                // Sessions need sockets and timers only: no signal or
+                // child-process driver to look at each time the thread parks.
                 let runtime = Builder::new_current_thread().enable_io().enable_time().build()?;
                 let handle = runtime.handle().clone();
                 let (stop, stopped) = oneshot::channel::<()>();
