@@ -71,7 +71,8 @@ SKIP_LOG := $(CURDIR)/target/skipped-suites.txt
 PG_TESTS := --test sync --test cli --test admin_side
 # The differential suites (client by client, ldapsync against slapd) run a
 # third time through a multiplexed listener; the relay's suites a fourth
-# time with sessions on session threads of their own (proxy.session_threads).
+# time with sessions on session threads of their own (proxy.session_threads),
+# and the differential ones a fifth, multiplexed on session threads.
 MUX_TESTS := --test ldap_utils --test relay_ldap3 --test python_clients
 
 test: deps
@@ -79,11 +80,14 @@ test: deps
 	@mkdir -p target; rm -f $(SKIP_LOG)
 	@set -o pipefail; { LDAPSYNC_SKIP_LOG=$(SKIP_LOG) $(CARGO) test --workspace --no-fail-fast && \
 	  echo "== the store's integration tests again, on PostgreSQL ==" && \
-	  LDAPSYNC_TEST_STORE=postgresql LDAPSYNC_SKIP_LOG=$(SKIP_LOG) $(CARGO) test -p ldapsync $(PG_TESTS) -- --skip sqlite && \
+	  LDAPSYNC_TEST_STORE=postgresql LDAPSYNC_SKIP_LOG=$(SKIP_LOG) $(CARGO) test --no-fail-fast -p ldapsync $(PG_TESTS) -- --skip sqlite && \
 	  echo "== the differential suites again, through a multiplexed listener ==" && \
-	  LDAPSYNC_TEST_LISTENER=multiplexed LDAPSYNC_SKIP_LOG=$(SKIP_LOG) $(CARGO) test -p protocol-tests $(MUX_TESTS) && \
+	  LDAPSYNC_TEST_LISTENER=multiplexed LDAPSYNC_SKIP_LOG=$(SKIP_LOG) $(CARGO) test --no-fail-fast -p protocol-tests $(MUX_TESTS) && \
 	  echo "== the relay's suites again, with sessions on two session threads ==" && \
-	  LDAPSYNC_TEST_SESSION_THREADS=2 LDAPSYNC_SKIP_LOG=$(SKIP_LOG) $(CARGO) test -p protocol-tests; \
+	  LDAPSYNC_TEST_SESSION_THREADS=2 LDAPSYNC_SKIP_LOG=$(SKIP_LOG) $(CARGO) test --no-fail-fast -p protocol-tests && \
+	  echo "== the differential suites through a multiplexed listener on session threads ==" && \
+	  LDAPSYNC_TEST_LISTENER=multiplexed LDAPSYNC_TEST_SESSION_THREADS=2 LDAPSYNC_SKIP_LOG=$(SKIP_LOG) \
+	    $(CARGO) test --no-fail-fast -p protocol-tests $(MUX_TESTS); \
 	} 2>&1 | awk '{ print } \
 	  /^test result:/ { passed += $$4; failed += $$6 } \
 	  END { printf "%d passed, %d failed\n", passed, failed }'

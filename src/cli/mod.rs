@@ -317,7 +317,18 @@ fn serve(config: Config, args: ServeArgs, file: Option<PathBuf>) -> anyhow::Resu
         // The API works on the whole configuration; the proxy takes its part.
         let admin_config = admin_api.as_ref().map(|_| config.clone());
         let proxy = Proxy::new(config.proxy, sink)?;
-        let listeners = proxy.bind().await?;
+        // Bound before the proxy's listeners, which say "listening".
+        let socket = config.store.admin_socket();
+        let socket_listener = monitor::bind_socket(&socket);
+        let listeners = match proxy.bind().await {
+            Ok(listeners) => listeners,
+            Err(e) => {
+                if socket_listener.is_some() {
+                    let _ = std::fs::remove_file(&socket);
+                }
+                return Err(e.into());
+            }
+        };
         running.set_listening(listeners.iter().map(|l| l.state()).collect());
         if let Some(listener) = metrics {
             workers.spawn(monitor::serve(listener, Arc::clone(&running), shutdown.clone()));
@@ -325,8 +336,7 @@ fn serve(config: Config, args: ServeArgs, file: Option<PathBuf>) -> anyhow::Resu
         if let (Some(listener), Some(config)) = (admin_api, admin_config) {
             workers.spawn(crate::admin::http::serve(listener, config, shutdown.clone()));
         }
-        let socket = config.store.admin_socket();
-        if let Some(listener) = monitor::bind_socket(&socket) {
+        if let Some(listener) = socket_listener {
             workers.spawn(monitor::serve_socket(
                 listener,
                 socket,

@@ -1,6 +1,6 @@
 //! Session threads (`proxy.session_threads`): single-threaded runtimes,
 //! each on an OS thread of its own. A session runs on one of them from its
-//! accept to its end, so its wake-ups never cross threads: clients that
+//! accept to its end, so its own wake-ups never cross threads: clients that
 //! wait for each answer before the next request (one blocking connection
 //! per thread or process) cost less kernel time per operation than on the
 //! work-stealing runtime, clients that keep many connections busy at once
@@ -8,7 +8,9 @@
 //! thread with the fewest open.
 //!
 //! The rest of ldapsync (the accept loops, the workers, the admin side)
-//! stays on the main runtime.
+//! stays on the main runtime; a multiplexed listener's shared directory
+//! connections run on the session thread whose session opened them, and
+//! serve sessions on every thread.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -20,8 +22,9 @@ use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
-/// The running session threads. Dropping it ends them (the proxy drops it
-/// once its sessions have ended).
+/// The running session threads. Dropping it tells them to end, without
+/// waiting; tasks still on them are dropped (the proxy drops it once its
+/// sessions have ended).
 pub(super) struct SessionThreads {
     threads: Vec<SessionThread>,
 }
@@ -39,18 +42,28 @@ impl SessionThreads {
     pub(super) fn start(count: usize) -> std::io::Result<SessionThreads> {
         let threads = (0..count.max(1))
             .map(|i| {
-                // Sessions need sockets and timers only: no signal or
-                // child-process driver to look at each time the thread parks.
-                let runtime = Builder::new_current_thread().enable_io().enable_time().build()?;
-                let handle = runtime.handle().clone();
                 let (stop, stopped) = oneshot::channel::<()>();
+                let (started, runtime) = std::sync::mpsc::sync_channel(1);
+                // The runtime is built and dropped on its own thread: dropping
+                // one where async code runs (as the caller's) panics.
                 std::thread::Builder::new()
                     .name(format!("ldapsync-sess-{i}"))
-                    // The runtime is dropped here, on its own thread, outside
-                    // any async context (where dropping one panics).
-                    .spawn(move || runtime.block_on(async move { _ = stopped.await }))?;
+                    .spawn(move || {
+                        // Sessions need sockets and timers only: no signal or
+                        // child-process driver to look at each time it parks.
+                        match Builder::new_current_thread().enable_io().enable_time().build() {
+                            Ok(runtime) => {
+                                _ = started.send(Ok(runtime.handle().clone()));
+                                runtime.block_on(async move { _ = stopped.await });
+                            }
+                            Err(e) => _ = started.send(Err(e)),
+                        }
+                    })?;
+                let runtime = runtime
+                    .recv()
+                    .map_err(|_| std::io::Error::other("a session thread ended at its start"))??;
                 Ok(SessionThread {
-                    runtime: handle,
+                    runtime,
                     open: Arc::default(),
                     _stop: stop,
                 })
