@@ -107,6 +107,13 @@ struct Change {
 /// and a bounded memory.
 const WINDOW: u64 = 500;
 
+/// 389 DS numbers a change before its changelog entry is written, and
+/// concurrent writes commit in any order: a number the root DSE already
+/// counts may be missing for a moment. A window with a gap is read again
+/// this many times, this long apart, before the number counts as lost.
+const GAP_READS: u32 = 20;
+const GAP_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// The changes after `since` up to the changelog's last (read at the
 /// start, so that later ones are the next poll's), in `scope`'s subtree.
 /// Every number must be there: a missing one was trimmed meanwhile or is
@@ -124,34 +131,30 @@ pub async fn changes(
     let mut next = since + 1;
     while next <= bounds.last {
         let upto = (next + WINDOW - 1).min(bounds.last);
-        let filter = format!("(&(changeNumber>={next})(changeNumber<={upto}))");
-        let attrs = vec!["changeNumber", "changeType", "targetDn", "newRDN", "newSuperior"];
-        let (entries, _) = directory
-            .ldap()
-            .search(&bounds.base, Scope::OneLevel, &filter, attrs)
-            .await
-            .and_then(|r| r.success())
-            .map_err(|e| read_error(bounds, e))?;
-        let mut changes: Vec<Change> = entries
-            .into_iter()
-            .filter_map(|raw| change(SearchEntry::construct(raw)))
-            .collect();
-        // The server returns them in no promised order.
-        changes.sort_by_key(|c| c.number);
-        let numbers = changes.iter().map(|c| c.number);
-        if let Some(missing) = (next..=upto)
-            .zip(numbers.chain(std::iter::repeat(0)))
-            .find(|(want, got)| want != got)
-        {
-            return Err(DirectoryError::Operation {
-                operation: "changelog read",
-                dn: bounds.base.clone(),
-                message: format!(
-                    "change {} is not in the changelog: trimmed meanwhile, or not readable by the service account",
-                    missing.0
-                ),
-            });
-        }
+        let mut reads = 0;
+        let changes = loop {
+            let changes = window(directory, bounds, next, upto).await?;
+            let numbers = changes.iter().map(|c| c.number);
+            let gap = (next..=upto)
+                .zip(numbers.chain(std::iter::repeat(0)))
+                .find(|(want, got)| want != got);
+            match gap {
+                None => break changes,
+                Some(_) if reads < GAP_READS => {
+                    reads += 1;
+                    tokio::time::sleep(GAP_WAIT).await;
+                }
+                Some((missing, _)) => {
+                    return Err(DirectoryError::Operation {
+                        operation: "changelog read",
+                        dn: bounds.base.clone(),
+                        message: format!(
+                            "change {missing} is not in the changelog: trimmed meanwhile, or not readable by the service account"
+                        ),
+                    });
+                }
+            }
+        };
         for change in changes {
             read.apply(change, &scope.base);
         }
@@ -177,6 +180,30 @@ pub async fn changes(
         }
     }
     Ok(read)
+}
+
+/// The changes numbered `from` to `upto`, in order.
+async fn window(
+    directory: &mut Directory,
+    bounds: &Bounds,
+    from: u64,
+    upto: u64,
+) -> Result<Vec<Change>, DirectoryError> {
+    let filter = format!("(&(changeNumber>={from})(changeNumber<={upto}))");
+    let attrs = vec!["changeNumber", "changeType", "targetDn", "newRDN", "newSuperior"];
+    let (entries, _) = directory
+        .ldap()
+        .search(&bounds.base, Scope::OneLevel, &filter, attrs)
+        .await
+        .and_then(|r| r.success())
+        .map_err(|e| read_error(bounds, e))?;
+    let mut changes: Vec<Change> = entries
+        .into_iter()
+        .filter_map(|raw| change(SearchEntry::construct(raw)))
+        .collect();
+    // The server returns them in no promised order.
+    changes.sort_by_key(|c| c.number);
+    Ok(changes)
 }
 
 impl Read {
