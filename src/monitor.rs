@@ -215,31 +215,44 @@ impl Running {
 }
 
 /// The admin socket, bound owner-only before the proxy says it listens, so
-/// that `status` run right after the start finds it; `None` (said in the
-/// log) when it cannot be bound: `status` then reads the database only.
-pub fn bind_socket(path: &Path) -> Option<UnixListener> {
+/// that `status` run right after the start finds it. Dropping it removes
+/// the socket file, whether it was served or the start failed after it.
+pub struct AdminSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Drop for AdminSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds the admin socket; `None` (said in the log) when it cannot be
+/// bound: `status` then reads the database only.
+pub fn bind_socket(path: PathBuf) -> Option<AdminSocket> {
     // A socket left by a killed instance would make bind fail.
-    let _ = std::fs::remove_file(path);
-    let listener = match UnixListener::bind(path) {
+    let _ = std::fs::remove_file(&path);
+    let listener = match UnixListener::bind(&path) {
         Ok(listener) => listener,
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "no admin socket; status reads the database only");
             return None;
         }
     };
-    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+    if let Err(e) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
         tracing::warn!(path = %path.display(), error = %e, "cannot make the admin socket owner-only");
     }
-    Some(listener)
+    Some(AdminSocket { listener, path })
 }
 
 /// Serves the running state as one JSON document per connection on the
-/// socket `bind_socket` made, and removes it at shutdown.
-pub async fn serve_socket(listener: UnixListener, path: PathBuf, running: Arc<Running>, shutdown: CancellationToken) {
+/// admin socket until shutdown.
+pub async fn serve_socket(socket: AdminSocket, running: Arc<Running>, shutdown: CancellationToken) {
     loop {
         let (mut stream, _) = tokio::select! {
             _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
+            accepted = socket.listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(_) => continue,
             },
@@ -250,7 +263,6 @@ pub async fn serve_socket(listener: UnixListener, path: PathBuf, running: Arc<Ru
             let _ = stream.write_all(&state).await;
         });
     }
-    let _ = std::fs::remove_file(&path);
 }
 
 /// The running instance's state, if one answers on `path`.

@@ -366,6 +366,47 @@ fn a_changelog_trimmed_past_the_watermark_brings_a_full_reconciliation() {
 }
 
 #[test]
+fn a_change_lost_from_the_middle_of_a_poll_fails_it_rather_than_be_skipped() {
+    let Some(ds) = Ds389::shared() else { return };
+    let _changelog = CHANGELOG.lock().unwrap_or_else(|e| e.into_inner());
+    let base = format!("ou=sync-lost,{BASE}");
+    ds.ldapmodify(&format!(
+        "dn: {base}\nchangetype: add\nobjectClass: organizationalUnit\n\n\
+         dn: uid=lou,{base}\nchangetype: add\nobjectClass: inetOrgPerson\nuid: lou\ncn: Lou\nsn: L\n"
+    ));
+    let connector =
+        connector(&base, &base, "ldap-to-local", ds).with("conflict = \"ldap-wins\"", "poll_mechanism = \"changelog\"");
+    assert!(connector.sync().starts_with("full reconciliation (changelog)"));
+    for name in ["Lou Two", "Lou Three", "Lou Four"] {
+        ds.ldapmodify(&format!(
+            "dn: uid=lou,{base}\nchangetype: modify\nreplace: displayName\ndisplayName: {name}\n"
+        ));
+    }
+    let last = ds
+        .search(&["-s", "base", "-b", "", "(objectClass=*)", "lastchangenumber"])
+        .lines()
+        .find_map(|l| l.strip_prefix("lastchangenumber: ")?.parse::<u64>().ok())
+        .expect("lastchangenumber");
+    // Neither the first change after the watermark nor the last: a gap
+    // inside the read, which no waiting fills.
+    ds.lose_change(last - 1);
+    let out = connector
+        .command(&["sync", "run", "--connector", "ds"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the poll failed: {stderr}");
+    assert!(
+        stderr.contains(&format!("change {} is not in the changelog", last - 1)),
+        "{stderr}"
+    );
+    assert!(
+        !connector.ok(&["account", "show", "lou"]).contains("Lou Four"),
+        "nothing after the gap was applied as if the poll were whole"
+    );
+}
+
+#[test]
 fn local_objects_reach_389_ds_and_the_lock_goes_both_ways() {
     let Some(ds) = Ds389::shared() else { return };
     let base = format!("ou=sync-outbound,{BASE}");

@@ -318,17 +318,8 @@ fn serve(config: Config, args: ServeArgs, file: Option<PathBuf>) -> anyhow::Resu
         let admin_config = admin_api.as_ref().map(|_| config.clone());
         let proxy = Proxy::new(config.proxy, sink)?;
         // Bound before the proxy's listeners, which say "listening".
-        let socket = config.store.admin_socket();
-        let socket_listener = monitor::bind_socket(&socket);
-        let listeners = match proxy.bind().await {
-            Ok(listeners) => listeners,
-            Err(e) => {
-                if socket_listener.is_some() {
-                    let _ = std::fs::remove_file(&socket);
-                }
-                return Err(e.into());
-            }
-        };
+        let admin_socket = monitor::bind_socket(config.store.admin_socket());
+        let listeners = proxy.bind().await?;
         running.set_listening(listeners.iter().map(|l| l.state()).collect());
         if let Some(listener) = metrics {
             workers.spawn(monitor::serve(listener, Arc::clone(&running), shutdown.clone()));
@@ -336,13 +327,8 @@ fn serve(config: Config, args: ServeArgs, file: Option<PathBuf>) -> anyhow::Resu
         if let (Some(listener), Some(config)) = (admin_api, admin_config) {
             workers.spawn(crate::admin::http::serve(listener, config, shutdown.clone()));
         }
-        if let Some(listener) = socket_listener {
-            workers.spawn(monitor::serve_socket(
-                listener,
-                socket,
-                Arc::clone(&running),
-                shutdown.clone(),
-            ));
+        if let Some(socket) = admin_socket {
+            workers.spawn(monitor::serve_socket(socket, Arc::clone(&running), shutdown.clone()));
         }
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         tokio::spawn(reload_on_sighup(Reload {

@@ -109,7 +109,7 @@ const WINDOW: u64 = 500;
 
 /// 389 DS numbers a change before its changelog entry is written, and
 /// concurrent writes commit in any order: a number the root DSE already
-/// counts may be missing for a moment. A window with a gap is read again
+/// counts may be missing for a moment. A window is read again from its gap
 /// this many times, this long apart, before the number counts as lost.
 const GAP_READS: u32 = 20;
 const GAP_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
@@ -131,30 +131,29 @@ pub async fn changes(
     let mut next = since + 1;
     while next <= bounds.last {
         let upto = (next + WINDOW - 1).min(bounds.last);
+        // Read again from a gap only: what comes before it is in order.
+        let mut changes = Vec::new();
+        let mut from = next;
         let mut reads = 0;
-        let changes = loop {
-            let changes = window(directory, bounds, next, upto).await?;
-            let numbers = changes.iter().map(|c| c.number);
-            let gap = (next..=upto)
-                .zip(numbers.chain(std::iter::repeat(0)))
-                .find(|(want, got)| want != got);
-            match gap {
-                None => break changes,
-                Some(_) if reads < GAP_READS => {
-                    reads += 1;
-                    tokio::time::sleep(GAP_WAIT).await;
-                }
-                Some((missing, _)) => {
-                    return Err(DirectoryError::Operation {
-                        operation: "changelog read",
-                        dn: bounds.base.clone(),
-                        message: format!(
-                            "change {missing} is not in the changelog: trimmed meanwhile, or not readable by the service account"
-                        ),
-                    });
-                }
+        while from <= upto {
+            if reads > GAP_READS {
+                return Err(DirectoryError::Operation {
+                    operation: "changelog read",
+                    dn: bounds.base.clone(),
+                    message: format!(
+                        "change {from} is not in the changelog: trimmed meanwhile, or not readable by the service account"
+                    ),
+                });
             }
-        };
+            if reads > 0 {
+                tokio::time::sleep(GAP_WAIT).await;
+            }
+            reads += 1;
+            let got = window(directory, bounds, from, upto).await?;
+            let in_order = (from..).zip(&got).take_while(|(want, c)| *want == c.number).count();
+            changes.extend(got.into_iter().take(in_order));
+            from += in_order as u64;
+        }
         for change in changes {
             read.apply(change, &scope.base);
         }
