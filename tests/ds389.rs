@@ -343,13 +343,7 @@ fn a_changelog_trimmed_past_the_watermark_brings_a_full_reconciliation() {
     ));
     // Trimmed as the plugin's maximum age would: every change up to the
     // newest goes (the newest stays, as 389 DS keeps the last one).
-    let last = ds
-        .search(&["-s", "base", "-b", "", "(objectClass=*)", "lastchangenumber"])
-        .lines()
-        .find_map(|l| l.strip_prefix("lastchangenumber: ").map(str::to_owned))
-        .expect("lastchangenumber")
-        .parse::<u64>()
-        .unwrap();
+    let last = ds.last_change_number();
     ds.ldapmodify(&format!(
         "dn: uid=tess,{base}\nchangetype: modify\nreplace: displayName\ndisplayName: Tess Three\n"
     ));
@@ -382,11 +376,7 @@ fn a_change_lost_from_the_middle_of_a_poll_fails_it_rather_than_be_skipped() {
             "dn: uid=lou,{base}\nchangetype: modify\nreplace: displayName\ndisplayName: {name}\n"
         ));
     }
-    let last = ds
-        .search(&["-s", "base", "-b", "", "(objectClass=*)", "lastchangenumber"])
-        .lines()
-        .find_map(|l| l.strip_prefix("lastchangenumber: ")?.parse::<u64>().ok())
-        .expect("lastchangenumber");
+    let last = ds.last_change_number();
     // Neither the first change after the watermark nor the last: a gap
     // inside the read, which no waiting fills.
     ds.lose_change(last - 1);
