@@ -12,6 +12,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+mod striped;
+
+pub use striped::{LatencyHistogram, StripedCounter};
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OperationLabels {
     pub op: &'static str,
@@ -71,15 +75,15 @@ pub struct ConflictLabels {
 
 pub struct Metrics {
     registry: Registry,
-    pub operations: Family<OperationLabels, Counter>,
-    pub operation_seconds: Family<OpLabel, Histogram>,
+    pub operations: Family<OperationLabels, StripedCounter>,
+    pub operation_seconds: Family<OpLabel, LatencyHistogram>,
     pub sessions_open: Gauge,
     pub sessions: Counter,
-    bytes: Family<DirectionLabel, Counter>,
+    bytes: Family<DirectionLabel, StripedCounter>,
     /// The two series of `bytes`, looked up once: they are counted for
     /// every PDU.
-    pub bytes_from_client: Counter,
-    pub bytes_to_client: Counter,
+    pub bytes_from_client: StripedCounter,
+    pub bytes_to_client: StripedCounter,
     pub upstream_connect_failures: Family<UrlLabel, Counter>,
     pub upstream_failovers: Counter,
     pub upstream_up: Family<UrlLabel, Gauge>,
@@ -109,8 +113,8 @@ pub struct Metrics {
 /// its labels under the family's lock: it showed in the relay's profile).
 #[derive(Default)]
 pub struct SessionOperations {
-    counts: Vec<(OperationLabels, Counter)>,
-    durations: Vec<(&'static str, Histogram)>,
+    counts: Vec<(OperationLabels, StripedCounter)>,
+    durations: Vec<(&'static str, LatencyHistogram)>,
 }
 
 impl SessionOperations {
@@ -143,17 +147,16 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
 impl Metrics {
     fn new() -> Metrics {
-        let latency = || Histogram::new(exponential_buckets(0.000_05, 2.0, 18));
         let polls = || Histogram::new(exponential_buckets(0.001, 2.0, 18));
         let metrics = Metrics {
             registry: Registry::with_prefix("ldapsync"),
             operations: Family::default(),
-            operation_seconds: Family::new_with_constructor(latency),
+            operation_seconds: Family::default(),
             sessions_open: Gauge::default(),
             sessions: Counter::default(),
             bytes: Family::default(),
-            bytes_from_client: Counter::default(),
-            bytes_to_client: Counter::default(),
+            bytes_from_client: StripedCounter::default(),
+            bytes_to_client: StripedCounter::default(),
             upstream_connect_failures: Family::default(),
             upstream_failovers: Counter::default(),
             upstream_up: Family::default(),
