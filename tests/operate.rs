@@ -6,6 +6,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
+use std::time::Duration;
 
 use common::{eventually, serve};
 use ldapsync_fixtures::{ROOT_DN, ROOT_PW, Slapd, person};
@@ -403,7 +404,7 @@ fn a_worker_that_panics_is_restarted_and_its_connector_shown_out_of_sync() {
         )
     };
     assert!(
-        common::eventually_within(std::time::Duration::from_secs(30), || restarts() >= Some(2.0)),
+        common::eventually_within(Duration::from_secs(30), || restarts() >= Some(2.0)),
         "the worker fails, is restarted after 5 s, and fails again: {:?}",
         restarts()
     );
@@ -459,4 +460,36 @@ fn a_dead_directory_is_logged_once_per_interval_not_once_per_session() {
     // run straddles an interval on a slow machine.
     assert!((1..=2).contains(&warnings), "{warnings} warnings:\n{log}");
     assert!(!log.contains("session closed"), "no line per session at info:\n{log}");
+}
+
+#[test]
+fn running_out_of_descriptors_is_logged_once_per_interval_and_passes() {
+    let slapd = Slapd::start();
+    let served = serve(&["--listen", "ldap://127.0.0.1:0", "--upstream", &slapd.url()]);
+    let pid = served.pid().to_string();
+    // A few descriptors above what it holds now: its accepts fail with
+    // EMFILE once a handful of clients are connected.
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let limit = format!("--nofile={0}:{0}", open + 8);
+    let status = Command::new("prlimit").args(["--pid", &pid, &limit]).status().unwrap();
+    assert!(status.success(), "prlimit {limit}");
+    let addr = served.url.trim_start_matches("ldap://").to_owned();
+    let held: Vec<TcpStream> = (0..40).map(|_| TcpStream::connect(&addr).unwrap()).collect();
+    assert!(
+        served.wait_for("accept failed", Duration::from_secs(10)).is_some(),
+        "out of descriptors, the accept fails and says so"
+    );
+    // It retries every 100 ms: twenty failed accepts in these 2 s.
+    std::thread::sleep(Duration::from_secs(2));
+    drop(held);
+    let answered = || {
+        common::ldapsearch(&served.url, &["-b", "", "-s", "base", "objectClass=*"])
+            .status
+            .success()
+    };
+    assert!(eventually(answered), "with descriptors free again, clients are served");
+    let (exit, log) = served.terminate();
+    assert!(exit.success());
+    let repeated = log.lines().filter(|l| l.contains("accept failed")).count();
+    assert_eq!(repeated, 0, "said once per 10 s, not at every retry:\n{log}");
 }

@@ -246,6 +246,8 @@ pub struct Proxy {
     max_connections: usize,
     /// For "connection refused" warnings, which a storm repeats per connection.
     refusals: Throttle,
+    /// Failed accepts (out of descriptors), said once per interval.
+    accept_failures: Throttle,
     addresses: Arc<AddressCounts>,
     next_session: AtomicU64,
     /// Where sessions run when `session_threads` is set.
@@ -308,6 +310,7 @@ impl Proxy {
             connections,
             max_connections: config_max_connections,
             refusals: Throttle::new(Duration::from_secs(10)),
+            accept_failures: Throttle::new(Duration::from_secs(10)),
             addresses: Arc::default(),
             next_session: AtomicU64::new(1),
             threads,
@@ -386,8 +389,11 @@ impl Proxy {
             let (stream, peer) = match listener.socket.accept().await {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    // Typically out of file descriptors: back off rather than spin.
-                    warn!(error = %e, "accept failed");
+                    // Typically out of file descriptors: back off rather than
+                    // spin, and say so once per interval while it lasts.
+                    if let Some(held_back) = self.accept_failures.allow() {
+                        warn!(error = %e, held_back, "accept failed");
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }

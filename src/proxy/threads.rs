@@ -15,12 +15,15 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::runtime::{Builder, Handle};
 use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
+
+use crate::throttle::Throttle;
 
 /// The running session threads. Dropping it tells them to end, without
 /// waiting; tasks still on them are dropped (the proxy drops it once its
@@ -83,7 +86,10 @@ impl SessionThreads {
         let stream = match stream.into_std() {
             Ok(stream) => stream,
             Err(e) => {
-                return warn!(error = %e, "connection dropped: its socket could not be handed to a session thread");
+                if let Some(held_back) = HANDOVER_FAILURES.allow() {
+                    warn!(error = %e, held_back, "connection dropped: its socket could not be handed to a session thread");
+                }
+                return;
             }
         };
         let thread = self
@@ -97,13 +103,21 @@ impl SessionThreads {
                 let _open = open;
                 match TcpStream::from_std(stream) {
                     Ok(stream) => session(stream).await,
-                    Err(e) => warn!(error = %e, "connection dropped: a session thread could not register its socket"),
+                    Err(e) => {
+                        if let Some(held_back) = HANDOVER_FAILURES.allow() {
+                            warn!(error = %e, held_back, "connection dropped: a session thread could not register its socket");
+                        }
+                    }
                 }
             },
             &thread.runtime,
         );
     }
 }
+
+/// A failure here repeats for every connection while it lasts (out of
+/// memory, the epoll watch limit): said once per interval.
+static HANDOVER_FAILURES: Throttle = Throttle::new(Duration::from_secs(10));
 
 /// One session counted on its thread until it ends (or is dropped unrun).
 struct Open(Arc<AtomicUsize>);
