@@ -465,7 +465,15 @@ fn a_dead_directory_is_logged_once_per_interval_not_once_per_session() {
 #[test]
 fn running_out_of_descriptors_is_logged_once_per_interval_and_passes() {
     let slapd = Slapd::start();
-    let served = serve(&["--listen", "ldap://127.0.0.1:0", "--upstream", &slapd.url()]);
+    let served = serve(&[
+        "--listen",
+        "ldap://127.0.0.1:0",
+        "--upstream",
+        &slapd.url(),
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    let metrics = metrics_addr(&served.startup);
     let pid = served.pid().to_string();
     // A few descriptors above what it holds now: its accepts fail with
     // EMFILE once a handful of clients are connected.
@@ -488,6 +496,8 @@ fn running_out_of_descriptors_is_logged_once_per_interval_and_passes() {
             .success()
     };
     assert!(eventually(answered), "with descriptors free again, clients are served");
+    let failures = sample(&http_get(&metrics, "/metrics").1, "ldapsync_accept_failures_total").unwrap();
+    assert!(failures >= 2.0, "each failed accept is counted: {failures}");
     let (exit, log) = served.terminate();
     assert!(exit.success());
     let repeated = log.lines().filter(|l| l.contains("accept failed")).count();

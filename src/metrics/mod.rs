@@ -79,6 +79,8 @@ pub struct Metrics {
     pub operation_seconds: Family<OpLabel, LatencyHistogram>,
     pub sessions_open: Gauge,
     pub sessions: Counter,
+    /// Accepts that failed (typically out of descriptors).
+    pub accept_failures: Counter,
     bytes: Family<DirectionLabel, StripedCounter>,
     /// The two series of `bytes`, looked up once: they are counted for
     /// every PDU.
@@ -154,6 +156,7 @@ impl Metrics {
             operation_seconds: Family::default(),
             sessions_open: Gauge::default(),
             sessions: Counter::default(),
+            accept_failures: Counter::default(),
             bytes: Family::default(),
             bytes_from_client: StripedCounter::default(),
             bytes_to_client: StripedCounter::default(),
@@ -192,6 +195,11 @@ impl Metrics {
             metrics.sessions_open.clone(),
         );
         registry.register("sessions", "Client sessions accepted", metrics.sessions.clone());
+        registry.register(
+            "accept_failures",
+            "Connections the listeners could not accept (typically: out of file descriptors)",
+            metrics.accept_failures.clone(),
+        );
         registry.register(
             "bytes",
             "Bytes relayed, from clients and to clients",

@@ -33,6 +33,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::{ClientTlsConfig, LdapUrl, Listener, ListenerMode, ProxyConfig};
+use crate::metrics::METRICS;
 use crate::throttle::Throttle;
 use crate::tls::{self, ServerTls, TlsError};
 pub use capture::{CaptureLoss, CaptureSink, CapturedWrite, LogSink, Opacity, WriteKind};
@@ -391,6 +392,7 @@ impl Proxy {
                 Err(e) => {
                     // Typically out of file descriptors: back off rather than
                     // spin, and say so once per interval while it lasts.
+                    METRICS.accept_failures.inc();
                     if let Some(held_back) = self.accept_failures.allow() {
                         warn!(error = %e, held_back, "accept failed");
                     }
