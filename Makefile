@@ -98,7 +98,7 @@ fuzz: deps
 
 # The benchmarks (bench/run.sh; docs/performance.md): installs what they need
 # (slapd, ldap-utils, 389-ds-base for ldclt, haproxy, time, iproute2), then
-# about 5 minutes of runs.
+# about 27 minutes of runs.
 # `bench/run.sh --smoke` is a seconds-long version.
 bench: bench-deps
 	bench/run.sh

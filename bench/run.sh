@@ -19,6 +19,10 @@
 #             (kept in .run/bench/slapd between runs)
 #   load      bench/ (ldapsync-bench, Rust/tokio, HDR histograms) and ldclt
 #             (389-ds-base) for an independent search rate
+#   rounds    searches at 32 and 256 connections and ldclt run BENCH_ROUNDS
+#             (3) interleaved rounds for slapd, HAProxy and ldapsync's three
+#             relays; the report takes medians (of each round's ratio to
+#             HAProxy for issue 21's goals)
 #
 # Prints a table (absolute figures and ratios to direct slapd, the issue's
 # goals) and writes bench/results/latest.json and bench/results/latest.svg.
@@ -45,12 +49,12 @@ done
 
 if ((smoke)); then
     PEOPLE=2000 NGROUPS=20 SECS=1 LAT_OPS=1000 CAP_OPS=30 IDLE=300 IDLE_BIND=100 STORM=200
-    LDCLT_TARGETS="ldapsync" LDCLT_THREADS="8" RECON=0 FAILOVERS=1 name=smoke
+    LDCLT_TARGETS="ldapsync" LDCLT_THREADS="8" RECON=0 FAILOVERS=1 ROUNDS=1 name=smoke
 else
     PEOPLE=${BENCH_PEOPLE:-100000} NGROUPS=${BENCH_GROUPS:-1000} SECS=${BENCH_SECS:-8}
     LAT_OPS=20000 CAP_OPS=500 IDLE=10000 IDLE_BIND=5000 STORM=1000
     LDCLT_TARGETS="slapd haproxy-tcp ldapsync ldapsync-mux ldapsync-st back-ldap back-asyncmeta" LDCLT_THREADS="32 256"
-    RECON=1 FAILOVERS=10 name=latest
+    RECON=1 FAILOVERS=10 ROUNDS=${BENCH_ROUNDS:-3} name=latest
 fi
 # Each needs one descriptor per connection (two for ldapsync with upstream,
 # and for a storm's clients through any relay).
@@ -290,7 +294,7 @@ for i in $(seq 600); do
     sleep 0.1
 done
 
-bench() { # TARGET ARGS… : one scenario, its JSON tagged with the target
+bench() { # TARGET ARGS… : one scenario, its JSON tagged with the target (and ROUND)
     local target=$1
     shift
     local out
@@ -299,20 +303,30 @@ bench() { # TARGET ARGS… : one scenario, its JSON tagged with the target
         echo "{\"target\":\"$target\",\"scenario\":\"$1\",\"failed\":true}" >>"$results"
         return 0
     fi
-    printf '%s\n' "$out" | python3 -c 'import json,sys; d=json.load(sys.stdin); d["target"]=sys.argv[1]; print(json.dumps(d))' "$target" >>"$results"
+    printf '%s\n' "$out" | python3 -c 'import json,sys; d=json.load(sys.stdin); d["target"]=sys.argv[1]; d["round"]=int(sys.argv[2]); print(json.dumps(d))' "$target" "${ROUND:-1}" >>"$results"
 }
 
 proxies="slapd haproxy-tcp ldapsync ldapsync-mux back-ldap back-asyncmeta"
 say "(a) search by uid, 1 connection, $LAT_OPS sequential operations"
 for t in $proxies; do bench "$t" latency --ops "$LAT_OPS"; done
-for conns in 32 256; do
-    say "(b) search by uid, $conns connections, ${SECS}s each"
-    for t in $proxies ldapsync-st; do
-        cpu=(--cpu "slapd=${PID[slapd]}")
-        [[ $t != slapd ]] && cpu+=(--cpu "proxy=${PID[$t]}")
-        bench "$t" search --conns "$conns" --secs "$SECS" "${cpu[@]}"
+# Issue 21's yardsticks run in ROUNDS interleaved rounds (the report takes
+# each round's ratio to HAProxy, then their median): on a shared box one
+# sample of each moves by more than the differences it is to show. The
+# other relays run in the first round only.
+part1="slapd haproxy-tcp ldapsync ldapsync-mux ldapsync-st"
+for ROUND in $(seq "$ROUNDS"); do
+    for conns in 32 256; do
+        say "(b) search by uid, $conns connections, ${SECS}s each (round $ROUND of $ROUNDS)"
+        targets=$part1
+        ((ROUND == 1)) && targets="$proxies ldapsync-st"
+        for t in $targets; do
+            cpu=(--cpu "slapd=${PID[slapd]}")
+            [[ $t != slapd ]] && cpu+=(--cpu "proxy=${PID[$t]}")
+            bench "$t" search --conns "$conns" --secs "$SECS" "${cpu[@]}"
+        done
     done
 done
+ROUND=1
 say "(b2) search by uid pipelined: 4 connections with 32 searches in flight each, ${SECS}s each"
 for t in $proxies; do bench "$t" pipelined --conns 4 --depth 32 --secs "$SECS"; done
 say "(c) connect + bind + search + unbind, 32 at once, ${SECS}s each"
@@ -424,29 +438,33 @@ ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 # µs per operation: TICKS of CPU over OPS operations.
 per_op() { python3 -c "import sys; print(round(int(sys.argv[1]) * 1e6 / $(getconf CLK_TCK) / int(sys.argv[2]), 2))" "$1" "$2"; }
 
-say "ldclt (389-ds-base): search by uid, $LDCLT_THREADS threads, one 10 s sample per target and count"
-for threads in $LDCLT_THREADS; do
-    for t in $LDCLT_TARGETS; do
-        port=${URL[$t]##*:}
-        # CPU per search, as ldapsync-bench's --cpu reports it: the
-        # directory's, and the relay's for a relay.
-        before=("$(ticks "${PID[slapd]}")" "$(ticks "${PID[$t]}")")
-        out=$(cd "$work" && ldclt -h 127.0.0.1 -p "$port" -b ou=bulk,dc=example,dc=com \
-            -e esearch,random -f uid=userXXXXXX -r 1 -R "$PEOPLE" -n "$threads" -N 1 -q 2>&1 || true)
-        after=("$(ticks "${PID[slapd]}")" "$(ticks "${PID[$t]}")")
-        printf '%s\n' "$out" >"$work/ldclt-$t-$threads.log"
-        # "Global average rate: 12195.88/thr  (39026.80/sec), total: 390268"
-        # (ldclt pads the total: "total:  74020")
-        rate=$(printf '%s\n' "$out" | sed -n 's/.*Global average rate: .*(\([0-9.]*\)\/sec), total: *\([0-9]*\).*/\1 \2/p' | tail -1)
-        if [[ -z $rate ]]; then
-            say "  $t: ldclt printed no rate (see $work/ldclt-$t-$threads.log)"
-            echo "{\"target\":\"$t\",\"scenario\":\"ldclt\",\"threads\":$threads,\"failed\":true}" >>"$results"
-            continue
-        fi
-        set -- $rate
-        cpu="\"slapd\":$(per_op $((after[0] - before[0])) "$2")"
-        [[ $t != slapd ]] && cpu+=",\"proxy\":$(per_op $((after[1] - before[1])) "$2")"
-        echo "{\"target\":\"$t\",\"scenario\":\"ldclt\",\"threads\":$threads,\"ops_per_s\":$1,\"ops\":$2,\"cpu_us_per_op\":{$cpu},\"clean\":$(grep -q 'Global no error' <<<"$out" && echo true || echo false)}" >>"$results"
+say "ldclt (389-ds-base): search by uid, $LDCLT_THREADS threads, one 10 s sample per target and count, $ROUNDS round(s)"
+for round in $(seq "$ROUNDS"); do
+    targets=$LDCLT_TARGETS
+    ((round > 1)) && targets=$(for t in $LDCLT_TARGETS; do [[ " $part1 " == *" $t "* ]] && printf '%s ' "$t"; done)
+    for threads in $LDCLT_THREADS; do
+        for t in $targets; do
+            port=${URL[$t]##*:}
+            # CPU per search, as ldapsync-bench's --cpu reports it: the
+            # directory's, and the relay's for a relay.
+            before=("$(ticks "${PID[slapd]}")" "$(ticks "${PID[$t]}")")
+            out=$(cd "$work" && ldclt -h 127.0.0.1 -p "$port" -b ou=bulk,dc=example,dc=com \
+                -e esearch,random -f uid=userXXXXXX -r 1 -R "$PEOPLE" -n "$threads" -N 1 -q 2>&1 || true)
+            after=("$(ticks "${PID[slapd]}")" "$(ticks "${PID[$t]}")")
+            printf '%s\n' "$out" >"$work/ldclt-$t-$threads-$round.log"
+            # "Global average rate: 12195.88/thr  (39026.80/sec), total: 390268"
+            # (ldclt pads the total: "total:  74020")
+            rate=$(printf '%s\n' "$out" | sed -n 's/.*Global average rate: .*(\([0-9.]*\)\/sec), total: *\([0-9]*\).*/\1 \2/p' | tail -1)
+            if [[ -z $rate ]]; then
+                say "  $t: ldclt printed no rate (see $work/ldclt-$t-$threads-$round.log)"
+                echo "{\"target\":\"$t\",\"scenario\":\"ldclt\",\"threads\":$threads,\"round\":$round,\"failed\":true}" >>"$results"
+                continue
+            fi
+            set -- $rate
+            cpu="\"slapd\":$(per_op $((after[0] - before[0])) "$2")"
+            [[ $t != slapd ]] && cpu+=",\"proxy\":$(per_op $((after[1] - before[1])) "$2")"
+            echo "{\"target\":\"$t\",\"scenario\":\"ldclt\",\"threads\":$threads,\"round\":$round,\"ops_per_s\":$1,\"ops\":$2,\"cpu_us_per_op\":{$cpu},\"clean\":$(grep -q 'Global no error' <<<"$out" && echo true || echo false)}" >>"$results"
+        done
     done
 done
 
@@ -539,4 +557,4 @@ cleanup
 trap - EXIT
 machine="$(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), $(uname -sr), $("$SLAPD" -VV 2>&1 | sed -n 's/.*\(slapd [0-9.]*\).*/\1/p' | head -1)"
 python3 "$here/report.py" "$results" "$here/results/$name.json" "$here/results/$name.svg" \
-    --people "$PEOPLE" --groups "$NGROUPS" --secs "$SECS" --machine "$machine" $( ((smoke)) && echo --smoke)
+    --people "$PEOPLE" --groups "$NGROUPS" --secs "$SECS" --rounds "$ROUNDS" --machine "$machine" $( ((smoke)) && echo --smoke)
