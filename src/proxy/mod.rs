@@ -17,6 +17,7 @@ mod pool;
 mod session;
 mod threads;
 mod upstream;
+mod wake;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};

@@ -19,12 +19,10 @@ use std::future::poll_fn;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use futures_util::task::AtomicWaker;
 use rasn_ldap::ResultCode;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -40,6 +38,7 @@ use super::conformance::Checker;
 use super::message::{self, Envelope, Op, STARTTLS_OID};
 use super::pool::Slot;
 use super::upstream;
+use super::wake::{Wakers, woke};
 use super::{Io, Settings, Shared};
 use crate::config::{DirectoryLoss, Listener, ListenerMode, ListenerTls};
 use crate::metrics::{METRICS, SessionOperations};
@@ -147,65 +146,6 @@ struct Directory {
 struct Parked {
     read: bool,
     write: bool,
-}
-
-/// Which of the session's sources woke it since it last looked: a socket
-/// (or the shutdown token and the timer) that waits is polled again only
-/// once it has woken the session, so a wake-up costs the polls of what
-/// woke it, not of everything.
-struct Wakers {
-    task: Arc<AtomicWaker>,
-    client: Arc<Source>,
-    directory: Arc<Source>,
-    /// The shutdown token and the session's timer.
-    signals: Arc<Source>,
-    client_waker: Waker,
-    directory_waker: Waker,
-    signals_waker: Waker,
-}
-
-/// One socket's waker: marks the socket, then wakes the session's task.
-struct Source {
-    woken: AtomicBool,
-    task: Arc<AtomicWaker>,
-}
-
-impl Wake for Source {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::Release);
-        self.task.wake();
-    }
-}
-
-impl Wakers {
-    fn new() -> Wakers {
-        let task = Arc::new(AtomicWaker::new());
-        let source = || {
-            Arc::new(Source {
-                woken: AtomicBool::new(false),
-                task: Arc::clone(&task),
-            })
-        };
-        let (client, directory, signals) = (source(), source(), source());
-        Wakers {
-            client_waker: Waker::from(Arc::clone(&client)),
-            directory_waker: Waker::from(Arc::clone(&directory)),
-            signals_waker: Waker::from(Arc::clone(&signals)),
-            task,
-            client,
-            directory,
-            signals,
-        }
-    }
-}
-
-/// Whether `source` woke the session since the last look (and forgets it).
-fn woke(source: &Source) -> bool {
-    source.woken.load(Ordering::Relaxed) && source.woken.swap(false, Ordering::AcqRel)
 }
 
 /// Why the session ends; decides what the client is told.
@@ -484,7 +424,7 @@ impl Session {
     /// then a request, a directory read, shutdown or the timer.
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
         let wakers = &self.wakers;
-        wakers.task.register(cx.waker());
+        wakers.register(cx.waker());
         if woke(&wakers.client) {
             self.client.parked = Parked::default();
         }
