@@ -318,7 +318,7 @@ for ROUND in $(seq "$ROUNDS"); do
     for conns in 32 256; do
         say "(b) search by uid, $conns connections, ${SECS}s each (round $ROUND of $ROUNDS)"
         targets=$part1
-        ((ROUND == 1)) && targets="$proxies ldapsync-st"
+        if ((ROUND == 1)); then targets="$proxies ldapsync-st"; fi
         for t in $targets; do
             cpu=(--cpu "slapd=${PID[slapd]}")
             [[ $t != slapd ]] && cpu+=(--cpu "proxy=${PID[$t]}")
@@ -440,8 +440,10 @@ per_op() { python3 -c "import sys; print(round(int(sys.argv[1]) * 1e6 / $(getcon
 
 say "ldclt (389-ds-base): search by uid, $LDCLT_THREADS threads, one 10 s sample per target and count, $ROUNDS round(s)"
 for round in $(seq "$ROUNDS"); do
-    targets=$LDCLT_TARGETS
-    ((round > 1)) && targets=$(for t in $LDCLT_TARGETS; do [[ " $part1 " == *" $t "* ]] && printf '%s ' "$t"; done)
+    targets=
+    for t in $LDCLT_TARGETS; do
+        if ((round == 1)) || [[ " $part1 " == *" $t "* ]]; then targets+=" $t"; fi
+    done
     for threads in $LDCLT_THREADS; do
         for t in $targets; do
             port=${URL[$t]##*:}
