@@ -10,9 +10,9 @@
 # Same directory as `bench/run.sh --smoke` (2,000 people, kept in
 # .run/bench), `ldapsync-bench search` as the load (anonymous searches by
 # uid on CONNECTIONS connections, default 8, for SECONDS, default 5),
-# counted from after a warm-up. Prints one line per relay; the profiles
-# stay in .run/bench/instructions/ (`callgrind_annotate --threshold=100
-# FILE` lists the functions).
+# counted from after a warm-up. Prints each relay's instructions per search
+# and the twelve functions with the most of their own
+# (bench/callgrind_top.py); the profiles stay in .run/bench/instructions/.
 #
 # Needs valgrind, slapd, haproxy and cargo: `make bench-instructions`
 # installs them and runs it.
@@ -96,5 +96,6 @@ for relay in haproxy-tcp ldapsync; do
     # The second dump (FILE.2): the measured run.
     dump=$out.2
     total=$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
-    printf '%-12s %8d searches  %6d user instructions per search\n' "$relay" "$ops" $((total / ops))
+    printf '%-12s %8d searches  %6d user instructions per search; the most, each its own:\n' "$relay" "$ops" $((total / ops))
+    python3 "$here/callgrind_top.py" "$dump" "$ops" 12
 done
