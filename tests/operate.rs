@@ -25,6 +25,21 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
 }
 
+/// ldapsync relaying to `upstream`, with its metrics listener: (the
+/// instance, the listener's address).
+fn serve_with_metrics(upstream: &str) -> (common::Served, String) {
+    let served = serve(&[
+        "--listen",
+        "ldap://127.0.0.1:0",
+        "--upstream",
+        upstream,
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    let metrics = metrics_addr(&served.startup);
+    (served, metrics)
+}
+
 fn metrics_addr(startup: &[String]) -> String {
     startup
         .iter()
@@ -36,15 +51,7 @@ fn metrics_addr(startup: &[String]) -> String {
 #[test]
 fn metrics_count_real_traffic_and_readiness_follows_the_directory() {
     let mut slapd = Slapd::start();
-    let served = serve(&[
-        "--listen",
-        "ldap://127.0.0.1:0",
-        "--upstream",
-        &slapd.url(),
-        "--metrics-listen",
-        "127.0.0.1:0",
-    ]);
-    let metrics = metrics_addr(&served.startup);
+    let (served, metrics) = serve_with_metrics(&slapd.url());
     assert_eq!(http_get(&metrics, "/healthz").0, 200);
     let ready = http_get(&metrics, "/readyz");
     assert_eq!(ready.0, 200, "{ready:?}");
@@ -465,15 +472,7 @@ fn a_dead_directory_is_logged_once_per_interval_not_once_per_session() {
 #[test]
 fn running_out_of_descriptors_is_logged_once_per_interval_and_passes() {
     let slapd = Slapd::start();
-    let served = serve(&[
-        "--listen",
-        "ldap://127.0.0.1:0",
-        "--upstream",
-        &slapd.url(),
-        "--metrics-listen",
-        "127.0.0.1:0",
-    ]);
-    let metrics = metrics_addr(&served.startup);
+    let (served, metrics) = serve_with_metrics(&slapd.url());
     let pid = served.pid().to_string();
     // A few descriptors above what it holds now: its accepts fail with
     // EMFILE once a handful of clients are connected.
