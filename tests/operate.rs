@@ -6,7 +6,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{eventually, serve};
 use ldapsync_fixtures::{ROOT_DN, ROOT_PW, Slapd, person};
@@ -486,6 +486,7 @@ fn running_out_of_descriptors_is_logged_once_per_interval_and_passes() {
         served.wait_for("accept failed", Duration::from_secs(10)).is_some(),
         "out of descriptors, the accept fails and says so"
     );
+    let first_said = Instant::now();
     // It retries every 100 ms: twenty failed accepts in these 2 s.
     std::thread::sleep(Duration::from_secs(2));
     drop(held);
@@ -500,5 +501,8 @@ fn running_out_of_descriptors_is_logged_once_per_interval_and_passes() {
     let (exit, log) = served.terminate();
     assert!(exit.success());
     let repeated = log.lines().filter(|l| l.contains("accept failed")).count();
-    assert_eq!(repeated, 0, "said once per 10 s, not at every retry:\n{log}");
+    // None in the ~2 s this takes; one per 10 s should a slow machine
+    // stretch it.
+    let allowed = ((first_said.elapsed().as_secs() + 1) / 10) as usize;
+    assert!(repeated <= allowed, "said once per 10 s, not at every retry:\n{log}");
 }
