@@ -85,12 +85,7 @@ impl SessionThreads {
     {
         let stream = match stream.into_std() {
             Ok(stream) => stream,
-            Err(e) => {
-                if let Some(held_back) = HANDOVER_FAILURES.allow() {
-                    warn!(error = %e, held_back, "connection dropped: its socket could not be handed to a session thread");
-                }
-                return;
-            }
+            Err(e) => return handover_failed(&e, "its socket could not leave the accepting thread's reactor"),
         };
         let thread = self
             .threads
@@ -103,11 +98,7 @@ impl SessionThreads {
                 let _open = open;
                 match TcpStream::from_std(stream) {
                     Ok(stream) => session(stream).await,
-                    Err(e) => {
-                        if let Some(held_back) = HANDOVER_FAILURES.allow() {
-                            warn!(error = %e, held_back, "connection dropped: a session thread could not register its socket");
-                        }
-                    }
+                    Err(e) => handover_failed(&e, "the session thread could not register its socket"),
                 }
             },
             &thread.runtime,
@@ -115,9 +106,15 @@ impl SessionThreads {
     }
 }
 
-/// A failure here repeats for every connection while it lasts (out of
-/// memory, the epoll watch limit): said once per interval.
-static HANDOVER_FAILURES: Throttle = Throttle::new(Duration::from_secs(10));
+/// A connection dropped on its way to a session thread. The failure
+/// repeats for every connection while it lasts (out of memory, the epoll
+/// watch limit): said once per interval.
+fn handover_failed(e: &std::io::Error, step: &str) {
+    static FAILURES: Throttle = Throttle::new(Duration::from_secs(10));
+    if let Some(held_back) = FAILURES.allow() {
+        warn!(error = %e, step, held_back, "connection dropped: it could not be handed to a session thread");
+    }
+}
 
 /// One session counted on its thread until it ends (or is dropped unrun).
 struct Open(Arc<AtomicUsize>);
