@@ -10,6 +10,7 @@ mod ber;
 pub mod capture;
 pub mod codec;
 mod conformance;
+mod event_loop;
 mod limits;
 pub mod message;
 mod multiplex;
@@ -31,7 +32,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{ClientTlsConfig, LdapUrl, Listener, ListenerMode, ProxyConfig};
 use crate::metrics::METRICS;
@@ -355,6 +356,9 @@ impl Proxy {
     /// Serves until `shutdown` is cancelled, then stops accepting and lets
     /// sessions finish their operations within the shutdown grace period.
     pub async fn serve(self, listeners: Vec<BoundListener>, shutdown: CancellationToken) {
+        if let Some(threads) = &self.threads {
+            threads.enter(&tokio::runtime::Handle::current());
+        }
         let this = Arc::new(self);
         let sessions = TaskTracker::new();
         let shared = Arc::clone(&this.shared);
@@ -429,6 +433,9 @@ impl Proxy {
                 ));
                 continue;
             };
+            if let Err(e) = stream.set_nodelay(true) {
+                debug!(error = %e, "could not set TCP_NODELAY");
+            }
             let id = self.next_session.fetch_add(1, Ordering::Relaxed);
             let shared = Arc::clone(&self.shared);
             let shutdown = shutdown.clone();
@@ -439,7 +446,7 @@ impl Proxy {
             };
             match &self.threads {
                 Some(threads) => threads.spawn(sessions, stream, session),
-                None => drop(sessions.spawn(session(stream))),
+                None => drop(sessions.spawn(session(Box::new(stream)))),
             }
         }
     }

@@ -50,6 +50,7 @@ use tracing::{debug, info, warn};
 use super::Io;
 use super::ber;
 use super::codec::PduCodec;
+use super::event_loop;
 use super::message::{self, Envelope, Op};
 use super::pool::{Pool, Slot};
 use super::upstream::{self, Route, UnreachableError};
@@ -224,8 +225,8 @@ impl Multiplexer {
             sessions: Mutex::default(),
             lost: CancellationToken::new(),
         });
-        tokio::spawn(Arc::clone(&connection).read(reader, PduCodec::new(self.max_pdu)));
-        tokio::spawn(Arc::clone(&connection).write(writer));
+        event_loop::spawn(Arc::clone(&connection).read(reader, PduCodec::new(self.max_pdu)));
+        event_loop::spawn(Arc::clone(&connection).write(writer));
         info!(
             index,
             url = connection.slot.url(),
@@ -631,7 +632,7 @@ impl VirtualSession {
             Op::Bind if env.is_sasl_bind(pdu) => {
                 let wake = Arc::new(Notify::new());
                 state.mode = Mode::Dedicated(Arc::clone(&wake));
-                tokio::spawn(Arc::clone(self).dedicated(Bytes::copy_from_slice(pdu), wake));
+                event_loop::spawn(Arc::clone(self).dedicated(Bytes::copy_from_slice(pdu), wake));
             }
             Op::Bind => {
                 let anonymous = plain_anonymous_bind(&env, pdu, &parts);
@@ -641,7 +642,7 @@ impl VirtualSession {
                     return self.answer(state, &accepted);
                 }
                 state.mode = Mode::Binding;
-                tokio::spawn(Arc::clone(self).bind(Bytes::copy_from_slice(pdu), env, anonymous));
+                event_loop::spawn(Arc::clone(self).bind(Bytes::copy_from_slice(pdu), env, anonymous));
             }
             Op::Abandon => {
                 if let Some(shared) = env.abandoned_id(pdu).and_then(|t| state.outstanding.remove(&t)) {

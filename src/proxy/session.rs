@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use rasn_ldap::ResultCode;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::{Sleep, sleep_until, timeout};
 use tokio_util::io::poll_read_buf;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
@@ -209,7 +208,7 @@ enum DirectoryEnd {
 
 pub(super) async fn run(
     id: u64,
-    stream: TcpStream,
+    stream: Stream,
     peer: SocketAddr,
     listener: Arc<Listener>,
     shared: Arc<Shared>,
@@ -223,9 +222,6 @@ pub(super) async fn run(
         METRICS.sessions_open.dec();
     });
     async move {
-        if let Err(e) = stream.set_nodelay(true) {
-            debug!(error = %e, "could not set TCP_NODELAY");
-        }
         let ldaps = listener.url.is_ldaps();
         let passthrough = listener.tls == ListenerTls::Passthrough;
         let stream: Stream = if ldaps && !passthrough {
@@ -234,7 +230,7 @@ pub(super) async fn run(
                 Err(reason) => return info!(%reason, "TLS handshake failed; connection closed"),
             }
         } else {
-            Box::new(stream)
+            stream
         };
         let session = Session::new(id, stream, peer.ip(), listener, shared, settings, shutdown);
         Session {

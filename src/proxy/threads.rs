@@ -1,6 +1,6 @@
-//! Session threads (`proxy.session_threads`): single-threaded runtimes,
-//! each on an OS thread of its own. A session runs on one of them from its
-//! accept to its end, so its own wake-ups never cross threads: clients that
+//! Session threads (`proxy.session_threads`): event loops of ldapsync's
+//! own ([`super::event_loop`]), each on an OS thread of its own. A session
+//! runs on one of them from its accept to its end, so its own wake-ups never cross threads: clients that
 //! wait for each answer before the next request (one blocking connection
 //! per thread or process) cost less kernel time per operation than on the
 //! work-stealing runtime, clients that keep many connections busy at once
@@ -18,11 +18,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::runtime::{Builder, Handle};
-use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
+use super::Io;
+use super::event_loop::{EventLoop, socket};
 use crate::throttle::Throttle;
 
 /// The running session threads. Dropping it tells them to end, without
@@ -33,54 +33,40 @@ pub(super) struct SessionThreads {
 }
 
 struct SessionThread {
-    runtime: Handle,
+    event_loop: EventLoop,
     /// Sessions placed on this thread and not ended yet.
     open: Arc<AtomicUsize>,
-    /// Its drop ends the thread's `block_on`, and the runtime with it.
-    _stop: oneshot::Sender<()>,
 }
 
 impl SessionThreads {
-    /// Starts `count` threads (at least one).
+    /// Starts `count` threads (at least one); they run sessions once
+    /// [`SessionThreads::enter`] has given them a runtime.
     pub(super) fn start(count: usize) -> std::io::Result<SessionThreads> {
         let threads = (0..count.max(1))
             .map(|i| {
-                let (stop, stopped) = oneshot::channel::<()>();
-                let (started, runtime) = std::sync::mpsc::sync_channel(1);
-                // The runtime is built and dropped on its own thread: dropping
-                // one where async code runs (as the caller's) panics.
-                std::thread::Builder::new()
-                    .name(format!("ldapsync-sess-{i}"))
-                    .spawn(move || {
-                        // Sessions need sockets and timers only: no signal or
-                        // child-process driver to look at each time it parks.
-                        match Builder::new_current_thread().enable_io().enable_time().build() {
-                            Ok(runtime) => {
-                                _ = started.send(Ok(runtime.handle().clone()));
-                                runtime.block_on(async move { _ = stopped.await });
-                            }
-                            Err(e) => _ = started.send(Err(e)),
-                        }
-                    })?;
-                let runtime = runtime
-                    .recv()
-                    .map_err(|_| std::io::Error::other("a session thread ended at its start"))??;
                 Ok(SessionThread {
-                    runtime,
+                    event_loop: EventLoop::start(format!("ldapsync-sess-{i}"))?,
                     open: Arc::default(),
-                    _stop: stop,
                 })
             })
             .collect::<std::io::Result<_>>()?;
         Ok(SessionThreads { threads })
     }
 
+    /// Lets the threads run, in the context of `runtime` (the proxy's):
+    /// sessions' timers and spawns are its.
+    pub(super) fn enter(&self, runtime: &tokio::runtime::Handle) {
+        for thread in &self.threads {
+            thread.event_loop.enter(runtime.clone());
+        }
+    }
+
     /// Runs `session` on the client's socket on the thread with the fewest
-    /// sessions open, tracked by `tracker`. The socket is moved to that
-    /// thread's reactor first, so that its readiness wakes that thread only.
+    /// sessions open, tracked by `tracker`. The socket moves to that
+    /// thread's loop, so that its readiness wakes that thread only.
     pub(super) fn spawn<F, S>(&self, tracker: &TaskTracker, stream: TcpStream, session: S)
     where
-        S: FnOnce(TcpStream) -> F + Send + 'static,
+        S: FnOnce(Box<dyn Io>) -> F + Send + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
         let stream = match stream.into_std() {
@@ -93,16 +79,13 @@ impl SessionThreads {
             .min_by_key(|t| t.open.load(Ordering::Relaxed))
             .expect("at least one session thread");
         let open = Open::new(&thread.open);
-        tracker.spawn_on(
-            async move {
-                let _open = open;
-                match TcpStream::from_std(stream) {
-                    Ok(stream) => session(stream).await,
-                    Err(e) => handover_failed(&e, "the session thread could not register its socket"),
-                }
-            },
-            &thread.runtime,
-        );
+        thread.event_loop.spawn(tracker.track_future(async move {
+            let _open = open;
+            match socket::adopt_std(stream) {
+                Ok(stream) => session(Box::new(stream)).await,
+                Err(e) => handover_failed(&e, "the session thread could not register its socket"),
+            }
+        }));
     }
 }
 

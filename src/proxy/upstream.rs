@@ -15,6 +15,7 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 use super::codec::PduCodec;
+use super::event_loop::socket;
 use super::message::{self, Envelope, Op, STARTTLS_OID};
 use super::pool::{Pool, Slot};
 use super::{Io, Settings};
@@ -137,8 +138,9 @@ async fn connect_one(url: &LdapUrl, route: &Route<'_>) -> Result<Box<dyn Io>, Co
             start_tls(&mut stream).await?;
             tls
         }
-        _ => return Ok(Box::new(stream)),
+        _ => return Ok(socket::adopt(stream)?),
     };
+    let stream = socket::adopt(stream)?;
     let name = crate::tls::server_name(url.host())?;
     let stream = tls.connect(name, stream).await.map_err(ConnectError::Handshake)?;
     Ok(Box::new(stream))
