@@ -2,6 +2,7 @@
 # Usage: bench/instructions.sh [CONNECTIONS [SECONDS]]
 #
 # User-space instructions per relayed search, ldapsync's release binary
+# (sessions on the work-stealing runtime, then on two session threads)
 # against HAProxy in TCP mode, each run under valgrind's callgrind in turn:
 # the relay's own work, counted exactly, which CPU time on a shared and
 # noisy machine cannot show below a few per cent. Kernel time (the TCP
@@ -75,10 +76,15 @@ level = "warn"
 path = "$work/store"
 CFG
 
-for relay in haproxy-tcp ldapsync; do
+# The same relay with its sessions on two session threads (their own
+# event loops), where tokio's per-wake-up machinery is not paid.
+sed 's/^\[log\]/session_threads = 2\n[log]/' "$work/ldapsync.toml" >"$work/session-threads.toml"
+
+for relay in haproxy-tcp ldapsync ldapsync-st; do
     case $relay in
         haproxy-tcp) command=("$HAPROXY" -db -f "$work/haproxy.cfg") ;;
         ldapsync) command=("$top/target/release/ldapsync" serve --config "$work/ldapsync.toml") ;;
+        ldapsync-st) command=("$top/target/release/ldapsync" serve --config "$work/session-threads.toml") ;;
     esac
     out=$kept/$relay.callgrind
     valgrind --tool=callgrind --callgrind-out-file="$out" "${command[@]}" >"$work/$relay.log" 2>&1 &
