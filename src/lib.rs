@@ -11,9 +11,9 @@
 //! `unreachable!` in the program; an `expect` states the invariant that
 //! makes it hold; a poisoned lock is taken over (`into_inner`), never a
 //! reason to stop; no lock is held across an `.await`. Unit tests may
-//! unwrap: a failing test is what they are for. No `unsafe` but one block,
-//! allowed where it stands: a session thread's socket reads into buffer
-//! space not zeroed first (`proxy::event_loop::socket`).
+//! unwrap: a failing test is what they are for. No `unsafe` but in one
+//! function, allowed where it stands: a session thread's socket reads into
+//! buffer space not zeroed first (`proxy::event_loop::socket`).
 #![deny(unsafe_code)]
 #![deny(clippy::unwrap_used, clippy::panic, clippy::unreachable, clippy::await_holding_lock)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::panic))]

@@ -1,16 +1,17 @@
 //! Session threads (`proxy.session_threads`): event loops of ldapsync's
 //! own ([`super::event_loop`]), each on an OS thread of its own. A session
-//! runs on one of them from its accept to its end, so its own wake-ups never cross threads: clients that
-//! wait for each answer before the next request (one blocking connection
-//! per thread or process) cost less kernel time per operation than on the
-//! work-stealing runtime, clients that keep many connections busy at once
-//! more (docs/performance.md measures both). A new session goes to the
-//! thread with the fewest open.
+//! runs on one of them from its accept to its end, so its own wake-ups
+//! never cross threads: clients that wait for each answer before the next
+//! request (one blocking connection per thread or process) cost less CPU
+//! per operation than on the work-stealing runtime, clients that keep many
+//! connections busy at once more (docs/performance.md measures both). A
+//! new session goes to the thread with the fewest open.
 //!
 //! The rest of ldapsync (the accept loops, the workers, the admin side)
 //! stays on the main runtime; a multiplexed listener's shared directory
 //! connections run on the session thread whose session opened them, and
-//! serve sessions on every thread.
+//! serve sessions on every thread (so do its idle bind-check connections,
+//! whose readiness then crosses threads).
 
 use std::future::Future;
 use std::sync::Arc;

@@ -7,8 +7,8 @@
 //! own work — the readiness registration's lock and tick bookkeeping, the
 //! timer driver visited and the clock read at every park, the scheduler's
 //! statistics (docs/performance.md counts them). Here a socket's readiness
-//! is a word and a waker slot ([`socket`]), a wake-up is a push onto a
-//! thread-local queue, and nothing else runs at a park.
+//! is a word and a waker slot per direction ([`socket`]), a wake-up is a
+//! push onto a thread-local queue, and nothing else runs at a park.
 //!
 //! What the sessions need besides sockets comes from the main runtime,
 //! whose context every loop thread enters: timers and timeouts (they fire
@@ -58,8 +58,9 @@ thread_local! {
 pub(super) struct EventLoop {
     shared: Arc<Shared>,
     /// Hands the loop the runtime whose context it enters before it runs
-    /// anything (see [`EventLoop::enter`]).
-    runtime: std::sync::mpsc::SyncSender<tokio::runtime::Handle>,
+    /// anything (see [`EventLoop::enter`]); dropped first at a stop.
+    runtime: Option<std::sync::mpsc::SyncSender<tokio::runtime::Handle>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// What the loop thread shares with the threads that wake it.
@@ -80,6 +81,8 @@ struct Remote {
     spawned: Vec<Task>,
     woken: Vec<TaskRef>,
     stop: bool,
+    /// The loop's thread has ended: nothing handed over would run.
+    ended: bool,
 }
 
 /// A task in the loop's slab; the generation tells a reused slot from the
@@ -129,8 +132,8 @@ impl Shared {
         if !self.notified.swap(true, Ordering::AcqRel)
             && let Err(e) = self.waker.wake()
         {
-            // An eventfd write fails only when its counter is full: the
-            // loop has a wake-up pending anyway.
+            // Not pending after all: the next hand-over tries again.
+            self.notified.store(false, Ordering::Release);
             warn_throttled(&e, "waking a session thread failed");
         }
     }
@@ -151,34 +154,79 @@ impl EventLoop {
         });
         let (runtime, entered) = std::sync::mpsc::sync_channel::<tokio::runtime::Handle>(1);
         let thread_shared = Arc::clone(&shared);
-        std::thread::Builder::new().name(name).spawn(move || {
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            let _ended = Ended(Arc::clone(&thread_shared));
             // No runtime comes when the proxy is dropped unserved.
             if let Ok(runtime) = entered.recv() {
                 let _runtime = runtime.enter();
-                run(poll, thread_shared);
+                run(poll, &thread_shared);
             }
         })?;
-        Ok(EventLoop { shared, runtime })
+        Ok(EventLoop {
+            shared,
+            runtime: Some(runtime),
+            thread: Some(thread),
+        })
     }
 
     /// Lets the loop run, in `runtime`'s context: its sessions' timers,
-    /// timeouts and `tokio::spawn`s are that runtime's.
+    /// timeouts and `tokio::spawn`s are that runtime's. Only the first
+    /// call's runtime is entered.
     pub(super) fn enter(&self, runtime: tokio::runtime::Handle) {
-        // Only a second call finds the channel full: the loop runs already.
-        _ = self.runtime.try_send(runtime);
+        if let Some(sender) = &self.runtime {
+            _ = sender.try_send(runtime);
+        }
     }
 
-    /// Runs `task` on the loop.
+    /// Runs `task` on the loop. Should its thread have ended (a panic
+    /// outside any task), the task is dropped with a warning: a session's
+    /// connection closes rather than waits for a thread that is gone.
     pub(super) fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
-        self.shared.lock_remote().spawned.push(Box::pin(task));
+        let mut remote = self.shared.lock_remote();
+        if remote.ended {
+            drop(remote);
+            drop(task);
+            return warn_throttled(
+                &std::io::Error::other("its thread has ended"),
+                "a session thread could not take a session",
+            );
+        }
+        remote.spawned.push(Box::pin(task));
+        drop(remote);
         self.shared.notify();
     }
 }
 
 impl Drop for EventLoop {
+    /// Stops the loop and waits for its thread, which drops the tasks left
+    /// while the runtime they may refer to is still there.
     fn drop(&mut self) {
+        drop(self.runtime.take());
         self.shared.lock_remote().stop = true;
         self.shared.notify();
+        if let Some(thread) = self.thread.take()
+            && thread.thread().id() != std::thread::current().id()
+        {
+            _ = thread.join();
+        }
+    }
+}
+
+/// Marks the loop ended when its thread ends, however it does (a panic
+/// outside any task included): what is handed over later is dropped, not
+/// left waiting, and the thread-locals no longer send wake-ups to it.
+struct Ended(Arc<Shared>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        LOOP.set(std::ptr::null());
+        HANDLE.set(None);
+        let spawned = {
+            let mut remote = self.0.lock_remote();
+            remote.ended = true;
+            std::mem::take(&mut remote.spawned)
+        };
+        drop(spawned);
     }
 }
 
@@ -201,12 +249,13 @@ struct Entry {
 
 /// The loop: the tasks woken, then the sockets' events (without waiting
 /// while tasks are queued), then what other threads handed over.
-fn run(mut poll: mio::Poll, shared: Arc<Shared>) {
-    LOOP.set(Arc::as_ptr(&shared));
-    HANDLE.set(Some(Arc::clone(&shared)));
+fn run(mut poll: mio::Poll, shared: &Arc<Shared>) {
+    LOOP.set(Arc::as_ptr(shared));
+    HANDLE.set(Some(Arc::clone(shared)));
     let mut tasks: Slab<Entry> = Slab::new();
     let mut generation = 0u64;
     let mut events = Events::with_capacity(EVENTS);
+    let mut ready = Vec::with_capacity(EVENTS);
     loop {
         // What is queued now runs now; what these polls wake runs after the
         // next look at the sockets, so that a busy session cannot starve
@@ -224,11 +273,18 @@ fn run(mut poll: mio::Poll, shared: Arc<Shared>) {
         };
         match poll.poll(&mut events, wait) {
             Ok(()) => {
-                let sockets = shared.lock_sockets();
-                for event in events.iter().filter(|event| event.token() != WAKE) {
-                    if let Some(state) = sockets.get(event.token().0) {
-                        state.ready(event);
+                // Taken out of the lock before any waker runs: a waker that
+                // dropped a socket would take it again.
+                {
+                    let sockets = shared.lock_sockets();
+                    for event in events.iter().filter(|event| event.token() != WAKE) {
+                        if let Some(state) = sockets.get(event.token().0) {
+                            ready.push((Arc::clone(state), socket::readiness(event)));
+                        }
                     }
+                }
+                for (state, bits) in ready.drain(..) {
+                    state.ready(bits);
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -256,7 +312,7 @@ fn run(mut poll: mio::Poll, shared: Arc<Shared>) {
             let header = Arc::new(Header {
                 task,
                 queued: AtomicBool::new(true),
-                shared: Arc::clone(&shared),
+                shared: Arc::clone(shared),
             });
             let waker = Waker::from(Arc::clone(&header));
             entry.insert(Entry { future, header, waker });
@@ -267,8 +323,6 @@ fn run(mut poll: mio::Poll, shared: Arc<Shared>) {
     drop(tasks);
     QUEUE.with_borrow_mut(VecDeque::clear);
     SPAWNED.take();
-    HANDLE.set(None);
-    LOOP.set(std::ptr::null());
 }
 
 /// Polls one task, if it is still the one the wake-up meant; a task that
@@ -281,13 +335,30 @@ fn poll_task(tasks: &mut Slab<Entry>, task: TaskRef) {
     // Cleared before the poll: a wake-up during it queues the task again.
     entry.header.queued.store(false, Ordering::Release);
     let mut cx = Context::from_waker(&entry.waker);
-    match std::panic::catch_unwind(AssertUnwindSafe(|| entry.future.as_mut().poll(&mut cx))) {
-        Ok(Poll::Pending) => {}
-        Ok(Poll::Ready(())) => drop(tasks.remove(task.key)),
-        Err(_) => {
-            error!("a session task panicked; its connections are closed");
-            drop(tasks.remove(task.key));
-        }
+    let polled = std::panic::catch_unwind(AssertUnwindSafe(|| entry.future.as_mut().poll(&mut cx)));
+    match polled {
+        Ok(Poll::Pending) => return,
+        Ok(Poll::Ready(())) => {}
+        Err(panic) => error!(
+            panic = panic_message(panic.as_ref()),
+            "a session task panicked; its connections are closed"
+        ),
+    }
+    // Its drop may panic too (a session's guards run there): caught alike.
+    let entry = tasks.remove(task.key);
+    if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| drop(entry))) {
+        error!(
+            panic = panic_message(panic.as_ref()),
+            "a session task panicked as it ended"
+        );
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(message), _) => message,
+        (_, Some(message)) => message,
+        _ => "(not a message)",
     }
 }
 
@@ -367,8 +438,25 @@ mod tests {
 
     #[test]
     fn a_task_that_panics_ends_alone() {
+        struct PanicsOnDrop;
+        impl Drop for PanicsOnDrop {
+            fn drop(&mut self) {
+                std::panic::panic_any("a session's bug in a guard");
+            }
+        }
+        /// Finished at its first poll; its guard is dropped with it, after.
+        struct Finished {
+            _guard: PanicsOnDrop,
+        }
+        impl Future for Finished {
+            type Output = ();
+            fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
+                Poll::Ready(())
+            }
+        }
         let (_runtime, event_loop) = running("loop-panics");
         event_loop.spawn(async { std::panic::panic_any("a session's bug") });
+        event_loop.spawn(Finished { _guard: PanicsOnDrop });
         let (done, finished) = mpsc::channel();
         event_loop.spawn(async move { done.send(()).unwrap() });
         finished.recv_timeout(PATIENCE).unwrap();

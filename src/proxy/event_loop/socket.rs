@@ -59,6 +59,24 @@ pub(super) struct IoState {
     write: Mutex<Option<Waker>>,
 }
 
+/// An event's readiness bits.
+pub(super) fn readiness(event: &mio::event::Event) -> u32 {
+    let mut bits = 0;
+    if event.is_readable() {
+        bits |= READABLE;
+    }
+    if event.is_writable() {
+        bits |= WRITABLE;
+    }
+    if event.is_read_closed() || event.is_error() {
+        bits |= READ_CLOSED | READABLE;
+    }
+    if event.is_write_closed() || event.is_error() {
+        bits |= WRITE_CLOSED | WRITABLE;
+    }
+    bits
+}
+
 impl IoState {
     fn optimistic() -> IoState {
         // A new socket is tried before any event: a request that came with
@@ -69,21 +87,9 @@ impl IoState {
         }
     }
 
-    /// Records an event; wakes a direction that was not ready before.
-    pub(super) fn ready(&self, event: &mio::event::Event) {
-        let mut bits = 0;
-        if event.is_readable() {
-            bits |= READABLE;
-        }
-        if event.is_writable() {
-            bits |= WRITABLE;
-        }
-        if event.is_read_closed() || event.is_error() {
-            bits |= READ_CLOSED | READABLE;
-        }
-        if event.is_write_closed() || event.is_error() {
-            bits |= WRITE_CLOSED | WRITABLE;
-        }
+    /// Records an event's readiness ([`readiness`]); wakes a direction
+    /// that was not ready before.
+    pub(super) fn ready(&self, bits: u32) {
         let update = |r: u32| Some(r.wrapping_add(EVENT) | bits);
         let Ok(before) = self.readiness.fetch_update(Ordering::AcqRel, Ordering::Acquire, update) else {
             return;
@@ -112,16 +118,17 @@ impl IoState {
         }
     }
 
-    /// Runs `io` when `way` is ready, `len` bytes asked; waits (the waker
-    /// kept first, so that an event after the look wakes it) when it is
-    /// not or the kernel says "would block". A short read or write drains
-    /// an edge-triggered socket too: then the next call waits without a
-    /// system call.
+    /// Runs `io` when `way` is ready; waits (the waker kept first, so that
+    /// an event after the look wakes it) when it is not or the kernel says
+    /// "would block". A read or write short of `drained_below` bytes
+    /// drained an edge-triggered socket too: then the next call waits
+    /// without a system call. (Not said of vectored writes, which the
+    /// standard library may cut at the kernel's slice limit.)
     fn poll_io(
         &self,
         cx: &Context<'_>,
         way: Way,
-        len: usize,
+        drained_below: Option<usize>,
         mut io: impl FnMut() -> std::io::Result<usize>,
     ) -> Poll<std::io::Result<usize>> {
         loop {
@@ -135,7 +142,7 @@ impl IoState {
             }
             match io() {
                 Ok(n) => {
-                    if n > 0 && n < len {
+                    if n > 0 && drained_below.is_some_and(|len| n < len) {
                         self.clear(seen, way);
                     }
                     return Poll::Ready(Ok(n));
@@ -227,7 +234,9 @@ impl AsyncRead for LoopStream {
             return Poll::Ready(Ok(()));
         }
         let this = self.get_mut();
-        let read = this.state.poll_io(cx, Way::Read, len, || read_into(&this.stream, buf));
+        let read = this
+            .state
+            .poll_io(cx, Way::Read, Some(len), || read_into(&this.stream, buf));
         read.map_ok(|_| ())
     }
 }
@@ -254,7 +263,7 @@ impl AsyncWrite for LoopStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, bytes: &[u8]) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         this.state
-            .poll_io(cx, Way::Write, bytes.len(), || (&this.stream).write(bytes))
+            .poll_io(cx, Way::Write, Some(bytes.len()), || (&this.stream).write(bytes))
     }
 
     fn poll_write_vectored(
@@ -263,9 +272,8 @@ impl AsyncWrite for LoopStream {
         bufs: &[IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        let len = bufs.iter().map(|b| b.len()).sum();
         this.state
-            .poll_io(cx, Way::Write, len, || (&this.stream).write_vectored(bufs))
+            .poll_io(cx, Way::Write, None, || (&this.stream).write_vectored(bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
