@@ -17,7 +17,7 @@
 
 pub(super) mod socket;
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -43,13 +43,12 @@ const WAKE: Token = Token(usize::MAX);
 const EVENTS: usize = 1024;
 
 thread_local! {
-    /// The loop this thread runs, if it runs one.
-    static LOOP: Cell<*const Shared> = const { Cell::new(std::ptr::null()) };
     /// The loop's run queue: its tasks woken on its own thread.
     static QUEUE: RefCell<VecDeque<TaskRef>> = const { RefCell::new(VecDeque::new()) };
     /// Tasks spawned on the loop's own thread, for its next turn.
     static SPAWNED: RefCell<Vec<Task>> = const { RefCell::new(Vec::new()) };
-    /// The loop's own handle, for the sockets adopted on its thread.
+    /// The loop this thread runs, if it runs one: where the sockets adopted
+    /// and the tasks spawned or woken on this thread go.
     static HANDLE: RefCell<Option<Arc<Shared>>> = const { RefCell::new(None) };
 }
 
@@ -110,7 +109,7 @@ impl Wake for Header {
         if self.queued.load(Ordering::Acquire) || self.queued.swap(true, Ordering::AcqRel) {
             return;
         }
-        if LOOP.get() == Arc::as_ptr(&self.shared) {
+        if runs(&self.shared) {
             QUEUE.with_borrow_mut(|queue| queue.push_back(self.task));
         } else {
             self.shared.lock_remote().woken.push(self.task);
@@ -219,7 +218,6 @@ struct Ended(Arc<Shared>);
 
 impl Drop for Ended {
     fn drop(&mut self) {
-        LOOP.set(std::ptr::null());
         HANDLE.set(None);
         let spawned = {
             let mut remote = self.0.lock_remote();
@@ -234,10 +232,15 @@ impl Drop for Ended {
 /// a multiplexed listener's shared connection stays with the session
 /// thread whose session opened it.
 pub(super) fn spawn(task: impl Future<Output = ()> + Send + 'static) {
-    match LOOP.get().is_null() {
-        true => drop(tokio::spawn(task)),
-        false => SPAWNED.with_borrow_mut(|spawned| spawned.push(Box::pin(task))),
+    match HANDLE.with_borrow(Option::is_some) {
+        true => SPAWNED.with_borrow_mut(|spawned| spawned.push(Box::pin(task))),
+        false => drop(tokio::spawn(task)),
     }
+}
+
+/// Whether this thread runs `shared`'s loop.
+fn runs(shared: &Arc<Shared>) -> bool {
+    HANDLE.with_borrow(|handle| handle.as_ref().is_some_and(|handle| Arc::ptr_eq(handle, shared)))
 }
 
 /// A task on the loop: the future, and its waker as the loop keeps it.
@@ -250,7 +253,6 @@ struct Entry {
 /// The loop: the tasks woken, then the sockets' events (without waiting
 /// while tasks are queued), then what other threads handed over.
 fn run(mut poll: mio::Poll, shared: &Arc<Shared>) {
-    LOOP.set(Arc::as_ptr(shared));
     HANDLE.set(Some(Arc::clone(shared)));
     let mut tasks: Slab<Entry> = Slab::new();
     let mut generation = 0u64;

@@ -183,9 +183,9 @@ pub(crate) struct LoopStream {
 /// Moves `stream` to this thread's loop if the thread runs one; elsewhere
 /// it stays with the runtime's reactor.
 pub(crate) fn adopt(stream: tokio::net::TcpStream) -> std::io::Result<Box<dyn Io>> {
-    match HANDLE.with_borrow(Clone::clone) {
-        Some(shared) => Ok(Box::new(LoopStream::register(stream.into_std()?, shared)?)),
-        None => Ok(Box::new(stream)),
+    match HANDLE.with_borrow(Option::is_some) {
+        true => Ok(Box::new(adopt_std(stream.into_std()?)?)),
+        false => Ok(Box::new(stream)),
     }
 }
 
