@@ -394,6 +394,29 @@ fn the_change_feed_has_every_local_change_in_order_and_a_consumer_resumes_after_
     let token = api.token("alice");
     synced(&api, &token);
     let imported = feed(&api, &token, "limit=1000");
+    // The pass writes its creations and their journal lines a batch at a
+    // time: each change is named by its own object's line.
+    let mut named: Vec<(String, String, String, String)> = imported["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let text = |key: &str| c[key].as_str().unwrap_or("unnamed").to_owned();
+            (text("object"), text("kind"), text("source"), text("connector"))
+        })
+        .collect();
+    named.sort();
+    let people = ["alice", "bob", "carol"];
+    for person in people {
+        assert!(
+            named.contains(&(person.into(), "created".into(), "poll".into(), "example".into())),
+            "{person} imported and named by its journal line: {named:?}"
+        );
+    }
+    assert!(
+        named.windows(2).all(|w| w[0].0 != w[1].0),
+        "one change per imported object: {named:?}"
+    );
     let alice = imported["changes"]
         .as_array()
         .unwrap()

@@ -172,6 +172,23 @@ const MIGRATIONS: &[&str] = &[
     );
     INSERT INTO counters VALUES ('changes_pruned', 0);
 "#,
+    // A journal line finds the changes it names by their name, one
+    // update per column (with OR, SQLite keys the search by category
+    // alone): each line walked every unnamed change of its category, a
+    // batch's worth in a pass and, left unnamed by a write that journals
+    // nothing, any number.
+    r#"
+    DROP TRIGGER journal_names_changes;
+    DROP INDEX changes_unnamed;
+    CREATE INDEX changes_unnamed_old ON changes (category, old_name) WHERE journal_id IS NULL;
+    CREATE INDEX changes_unnamed_new ON changes (category, new_name) WHERE journal_id IS NULL;
+    CREATE TRIGGER journal_names_changes AFTER INSERT ON journal BEGIN
+        UPDATE changes SET journal_id = NEW.id, at = NEW.at
+        WHERE journal_id IS NULL AND category = NEW.category AND old_name = NEW.object;
+        UPDATE changes SET journal_id = NEW.id, at = NEW.at
+        WHERE journal_id IS NULL AND category = NEW.category AND new_name = NEW.object;
+    END;
+"#,
 ];
 
 pub struct SqliteStore {
