@@ -181,7 +181,12 @@ impl Served {
             .recv_timeout(Duration::from_secs(20))
             .expect("ldapsync did not stop within 20 s of SIGTERM")
             .unwrap();
-        let log: Vec<String> = self.log.try_iter().collect();
+        // Everything up to the end of its stderr: the lines logged last
+        // (the shutdown's) may still be in the pipe when it has exited.
+        let mut log = Vec::new();
+        while let Ok(line) = self.log.recv_timeout(Duration::from_secs(5)) {
+            log.push(line);
+        }
         (exit, log.join("\n"))
     }
 }
