@@ -1403,6 +1403,54 @@ mod tests {
     }
 
     #[test]
+    fn a_store_of_the_previous_schema_is_upgraded_and_its_journal_still_names_each_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let previous = MIGRATIONS.len() - 1;
+        {
+            let old = Connection::open(&path).unwrap();
+            for sql in &MIGRATIONS[..previous] {
+                old.execute_batch(sql).unwrap();
+            }
+            old.pragma_update(None, "user_version", previous as i64).unwrap();
+            old.execute_batch(
+                r#"INSERT INTO objects (category, name, "values") VALUES ('account', 'alice', '{}');
+                   INSERT INTO journal (at, connector, category, object, source, action, policy, detail)
+                   VALUES (1, 'c', 'account', 'alice', 'local', 'local-add', '', '{}');"#,
+            )
+            .unwrap();
+        }
+        let mut store = SqliteStore::open(&path).unwrap();
+        let version: i64 = store
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        store
+            .insert_object(&account("bob"), &journal("bob", Action::LocalAdd))
+            .unwrap();
+        let mut named = store
+            .conn
+            .prepare(
+                "SELECT c.new_name, j.object FROM changes c LEFT JOIN journal j ON j.id = c.journal_id ORDER BY c.id",
+            )
+            .unwrap();
+        let named: Vec<(String, Option<String>)> = named
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            named,
+            [
+                ("alice".into(), Some("alice".into())),
+                ("bob".into(), Some("bob".into()))
+            ],
+            "each change named by its own object's line, before the upgrade and after"
+        );
+    }
+
+    #[test]
     fn concurrent_first_opens_migrate_once() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
