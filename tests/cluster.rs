@@ -558,6 +558,18 @@ fn a_first_import_commits_its_creations_a_batch_at_a_time() {
         "1200",
         "one journal line per creation"
     );
+    assert_eq!(
+        postgres.sql("SELECT count(*) FROM changes c JOIN journal j ON j.id = c.journal_id AND j.object = c.new_name"),
+        "1200",
+        "each creation's change named by its own object's journal line, 500 lines a statement"
+    );
+    assert_eq!(
+        postgres.sql(
+            "SELECT bool_and(reltuples > 500) FROM pg_class WHERE relname IN ('objects', 'associations', 'changes')"
+        ),
+        "t",
+        "the tables a batch fills are analysed once its writes have doubled"
+    );
 }
 
 /// The relay never waits for the store: with PostgreSQL restarted in the
