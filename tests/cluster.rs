@@ -681,6 +681,14 @@ fn store_copy_round_trips_sqlite_postgresql_sqlite() {
     // The copy goes on where the original would: new objects get new ids.
     run(&on_postgres, &["account", "add", "newcomer"]);
     assert!(run(&on_postgres, &["account", "list"]).lines().any(|l| l == "newcomer"));
+    // The change feed starts empty in the copy, and records what follows.
+    assert_eq!(
+        postgres.sql(
+            "SELECT string_agg(c.new_name || ' ' || j.action, ',') FROM changes c JOIN journal j ON j.id = c.journal_id"
+        ),
+        "newcomer local-add"
+    );
+    assert_eq!(postgres.sql("SELECT count(*) FROM changes"), "1");
 }
 
 /// `[store.tls]`: the store is reached over TLS, verified against the

@@ -1728,6 +1728,15 @@ impl PostgresStore {
     pub(super) fn import(&mut self, tables: &Tables) -> Result<(), StoreError> {
         let t = tables.clone();
         self.write(move |c| {
+            // The change feed starts empty in a copy: its triggers would
+            // write a change per object and name each by its journal line,
+            // only for the copy to delete them. Within the transaction, so
+            // a failed copy leaves them as they were.
+            c.batch_execute(
+                "ALTER TABLE objects DISABLE TRIGGER objects_changed;
+                 ALTER TABLE journal DISABLE TRIGGER journal_names_changes;",
+            )
+            .map_err(error)?;
             for (o, edit) in &t.objects {
                 c.execute(
                     r#"INSERT INTO objects (id, category, name, enabled, "values", edit) VALUES ($1, $2, $3, $4, $5, $6)"#,
@@ -1780,7 +1789,8 @@ impl PostgresStore {
                 "SELECT setval('objects_id_seq', coalesce((SELECT max(id) FROM objects), 0) + 1, false);
                  SELECT setval('journal_id_seq', coalesce((SELECT max(id) FROM journal), 0) + 1, false);
                  SELECT setval('captures_id_seq', coalesce((SELECT max(id) FROM captures), 0) + 1, false);
-                 DELETE FROM changes;",
+                 ALTER TABLE objects ENABLE TRIGGER objects_changed;
+                 ALTER TABLE journal ENABLE TRIGGER journal_names_changes;",
             )
             .map_err(error)?;
             Ok(())
