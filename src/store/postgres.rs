@@ -1785,12 +1785,15 @@ impl PostgresStore {
                 &[&t.local_edit],
             )
             .map_err(error)?;
+            // The feed's triggers back on; the tables analysed, so that
+            // the first pass after a copy is not planned for empty ones.
             c.batch_execute(
                 "SELECT setval('objects_id_seq', coalesce((SELECT max(id) FROM objects), 0) + 1, false);
                  SELECT setval('journal_id_seq', coalesce((SELECT max(id) FROM journal), 0) + 1, false);
                  SELECT setval('captures_id_seq', coalesce((SELECT max(id) FROM captures), 0) + 1, false);
                  ALTER TABLE objects ENABLE TRIGGER objects_changed;
-                 ALTER TABLE journal ENABLE TRIGGER journal_names_changes;",
+                 ALTER TABLE journal ENABLE TRIGGER journal_names_changes;
+                 ANALYZE objects, associations, journal;",
             )
             .map_err(error)?;
             Ok(())
