@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # Usage: bench/instructions.sh [CONNECTIONS [SECONDS]]
 #
-# User-space instructions per relayed search, ldapsync's release binary
-# (sessions on the work-stealing runtime, then on two session threads)
-# against HAProxy in TCP mode, each run under valgrind's callgrind in turn:
-# the relay's own work, counted exactly, which CPU time on a shared and
-# noisy machine cannot show below a few per cent. Kernel time (the TCP
-# stack, scheduling) is not counted here: `make bench` measures it.
+# User-space instructions and simulated cache misses per relayed search,
+# ldapsync's release binary (sessions on the work-stealing runtime, then on
+# two session threads) against HAProxy in TCP mode, each run under
+# valgrind's callgrind (with its cache simulation) in turn: the relay's own
+# work, counted exactly, which CPU time on a shared and noisy machine
+# cannot show below a few per cent. Kernel time (the TCP stack,
+# scheduling) is not counted here: `make bench` measures it.
 #
 # Same directory as `bench/run.sh --smoke` (2,000 people, kept in
 # .run/bench), `ldapsync-bench search` as the load (anonymous searches by
 # uid on CONNECTIONS connections, default 8, for SECONDS, default 5),
-# counted from after a warm-up. Prints each relay's instructions per search
-# and the twelve functions with the most of their own
-# (bench/callgrind_top.py); the profiles stay in .run/bench/instructions/.
+# after a warm-up on other connections. The profile covers the timed
+# period only: its connections are open before it starts (their set-up,
+# a session's first allocations, is not a search's cost). Prints per
+# search each relay's instructions, first-level data write misses (D1mw)
+# and last-level misses (DLmr + DLmw), and the functions with the most
+# instructions and write misses of their own (bench/callgrind_top.py); the
+# profiles stay in .run/bench/instructions/.
 #
 # Needs valgrind, slapd, haproxy and cargo: `make bench-instructions`
 # installs them and runs it.
@@ -87,21 +92,33 @@ for relay in haproxy-tcp ldapsync ldapsync-st; do
         ldapsync-st) command=("$top/target/release/ldapsync" serve --config "$work/session-threads.toml") ;;
     esac
     out=$kept/$relay.callgrind
-    valgrind --tool=callgrind --callgrind-out-file="$out" "${command[@]}" >"$work/$relay.log" 2>&1 &
+    valgrind --tool=callgrind --cache-sim=yes --callgrind-out-file="$out" "${command[@]}" >"$work/$relay.log" 2>&1 &
     pid=$!
     pids+=("$pid")
     wait_ldap ldap://127.0.0.1:24302
     "$BENCH" search --url ldap://127.0.0.1:24302 --users 2000 --conns "$conns" --secs 2 >/dev/null
-    # A dump starts the count afresh: what follows is the measured run only.
-    callgrind_control --dump "$pid" >/dev/null 2>&1
-    ops=$("$BENCH" search --url ldap://127.0.0.1:24302 --users 2000 --conns "$conns" --secs "$secs" |
+    # A dump starts the count afresh: the first as the timed period begins,
+    # the second (FILE.2) once its last search has ended.
+    ops=$("$BENCH" search --url ldap://127.0.0.1:24302 --users 2000 --conns "$conns" --secs "$secs" \
+        --at-edges "callgrind_control --dump $pid >/dev/null" |
         python3 -c 'import json, sys; print(json.load(sys.stdin)["ops"])')
-    callgrind_control --dump "$pid" >/dev/null 2>&1
     kill "$pid"
     wait "$pid" 2>/dev/null || true
-    # The second dump (FILE.2): the measured run.
     dump=$out.2
-    total=$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
-    printf '%-12s %8d searches  %6d user instructions per search; the most, each its own:\n' "$relay" "$ops" $((total / ops))
-    python3 "$here/callgrind_top.py" "$dump" "$ops" 12
+    python3 - "$dump" "$ops" "$relay" <<'PY'
+import sys
+dump, ops, relay = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+for line in open(dump):
+    if line.startswith("events:"):
+        events = line.split()[1:]
+    if line.startswith("totals:") or line.startswith("summary:"):
+        total = dict(zip(events, map(int, line.split()[1:])))
+        break
+print(f"{relay:<12} {ops:8d} searches; per search: {total['Ir'] / ops:6.0f} user instructions, "
+      f"{total.get('D1mw', 0) / ops:5.1f} D1 write misses, {(total.get('DLmr', 0) + total.get('DLmw', 0)) / ops:5.2f} LL misses")
+PY
+    echo "  instructions, each function's own:"
+    python3 "$here/callgrind_top.py" "$dump" "$ops" 12 Ir
+    echo "  first-level data write misses, each function's own:"
+    python3 "$here/callgrind_top.py" "$dump" "$ops" 8 D1mw
 done

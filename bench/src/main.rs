@@ -68,6 +68,12 @@ enum Cmd {
         /// is reported per operation, as NAME=PID (repeatable)
         #[arg(long)]
         cpu: Vec<String>,
+        /// A shell command run as the timed period starts and again once
+        /// its last operation has ended, the operations waiting for it
+        /// (`callgrind_control --dump PID`: a profile of the timed period
+        /// alone, without the connections' set-up)
+        #[arg(long)]
+        at_edges: Option<String>,
     },
     /// Search by uid with DEPTH operations in flight on each of N
     /// connections (pipelining): throughput.
@@ -159,7 +165,13 @@ fn main() -> Result<()> {
         // The sequential scenario runs on one thread: the least client
         // overhead per operation.
         Cmd::Latency { c, ops } => runtime(false)?.block_on(latency(c, ops))?,
-        Cmd::Search { c, conns, secs, cpu } => runtime(true)?.block_on(search(c, conns, secs, cpu))?,
+        Cmd::Search {
+            c,
+            conns,
+            secs,
+            cpu,
+            at_edges,
+        } => runtime(true)?.block_on(search(c, conns, secs, cpu, at_edges))?,
         Cmd::Pipelined { c, conns, depth, secs } => runtime(true)?.block_on(pipelined(c, conns, depth, secs))?,
         Cmd::Churn { c, conns, secs } => runtime(true)?.block_on(churn(c, conns, secs))?,
         Cmd::Modify { c, conns, secs, range } => runtime(true)?.block_on(modify(c, conns, secs, range))?,
@@ -296,17 +308,35 @@ where
     O: Fn(S, u32) -> OF + Send + Sync + 'static,
     OF: std::future::Future<Output = (S, Result<()>)> + Send,
 {
-    let (ok, errors, elapsed, h, _) = closed_loop_cpu(conns, secs, seed, &[], prepare, op).await?;
+    let (ok, errors, elapsed, h, _) = closed_loop_cpu(conns, secs, seed, &Watch::default(), prepare, op).await?;
     Ok((ok, errors, elapsed, h))
 }
 
-/// [`closed_loop`], also measuring the CPU time the processes `cpu` spend
-/// during the timed part (microseconds each).
+/// What a closed loop watches besides its own operations.
+#[derive(Default)]
+struct Watch {
+    /// Processes whose CPU time during the timed part is measured.
+    cpu: Vec<(String, u32)>,
+    /// Run at both edges of the timed part (`--at-edges`).
+    at_edges: Option<String>,
+}
+
+impl Watch {
+    fn edge(&self) -> Result<()> {
+        let Some(command) = &self.at_edges else { return Ok(()) };
+        let status = std::process::Command::new("sh").arg("-c").arg(command).status()?;
+        anyhow::ensure!(status.success(), "--at-edges command failed: {status}");
+        Ok(())
+    }
+}
+
+/// [`closed_loop`], also measuring the CPU time the processes `watch.cpu`
+/// spend during the timed part (microseconds each).
 async fn closed_loop_cpu<S, P, PF, O, OF>(
     conns: usize,
     secs: f64,
     seed: u64,
-    cpu: &[(String, u32)],
+    watch: &Watch,
     prepare: P,
     op: O,
 ) -> Result<(u64, u64, f64, Histogram<u64>, Vec<(String, f64)>)>
@@ -320,20 +350,24 @@ where
     let prepare = Arc::new(prepare);
     let op = Arc::new(op);
     let barrier = Arc::new(Barrier::new(conns + 1));
+    // Past the first edge: the timed part begins.
+    let go = Arc::new(Barrier::new(conns + 1));
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::with_capacity(conns);
     for i in 0..conns {
-        let (prepare, op, barrier, stop, errors) = (
+        let (prepare, op, barrier, go, stop, errors) = (
             prepare.clone(),
             op.clone(),
             barrier.clone(),
+            go.clone(),
             stop.clone(),
             errors.clone(),
         );
         tasks.push(tokio::spawn(async move {
             let state = prepare(i).await;
             barrier.wait().await;
+            go.wait().await;
             let mut state = state?;
             let mut h = hist();
             let mut rng = Rng::new(seed.wrapping_add(i as u64 * 7919));
@@ -358,11 +392,18 @@ where
         }));
     }
     barrier.wait().await;
+    watch.edge()?;
+    go.wait().await;
     let start = Instant::now();
-    let cpu_start = cpu.iter().map(|(_, pid)| cpu_us(*pid)).collect::<Result<Vec<_>>>()?;
+    let cpu_start = watch
+        .cpu
+        .iter()
+        .map(|(_, pid)| cpu_us(*pid))
+        .collect::<Result<Vec<_>>>()?;
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
     stop.store(true, Ordering::Relaxed);
-    let cpu_used = cpu
+    let cpu_used = watch
+        .cpu
         .iter()
         .zip(cpu_start)
         .map(|((name, pid), t0)| Ok((name.clone(), cpu_us(*pid)? - t0)))
@@ -385,6 +426,7 @@ where
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
+    watch.edge()?;
     if failed_workers > 0 {
         eprintln!("ldapsync-bench: {failed_workers} of {conns} workers failed to start");
     }
@@ -411,18 +453,28 @@ fn parse_cpu(cpu: &[String]) -> Result<Vec<(String, u32)>> {
         .collect()
 }
 
-async fn search(c: Common, conns: usize, secs: f64, cpu: Vec<String>) -> Result<Value> {
-    let cpu = parse_cpu(&cpu)?;
+async fn search(c: Common, conns: usize, secs: f64, cpu: Vec<String>, at_edges: Option<String>) -> Result<Value> {
+    let watch = Watch {
+        cpu: parse_cpu(&cpu)?,
+        at_edges,
+    };
     let users = c.users;
     let url = c.url.clone();
     let (ok, errors, elapsed, h, cpu_used) = closed_loop_cpu(
         conns,
         secs,
         c.seed,
-        &cpu,
+        &watch,
+        // A first search before the timed part: a relay that connects to
+        // the directory at a session's first request does so untimed, as
+        // one that connects at accept does.
         move |_| {
             let url = url.clone();
-            async move { connect(&url).await }
+            async move {
+                let mut ldap = connect(&url).await?;
+                search_one(&mut ldap, 1).await?;
+                Ok(ldap)
+            }
         },
         move |mut ldap: Ldap, r| async move {
             let res = search_one(&mut ldap, r % users + 1).await;
