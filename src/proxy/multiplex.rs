@@ -49,7 +49,7 @@ use tracing::{debug, info, warn};
 
 use super::Io;
 use super::ber;
-use super::codec::PduCodec;
+use super::codec::{PduCodec, rewind};
 use super::event_loop;
 use super::message::{self, Envelope, Op};
 use super::pool::{Pool, Slot};
@@ -397,6 +397,7 @@ impl SharedConnection {
                 }
             }
             buffer.advance(taken);
+            rewind(&mut buffer);
             if responses == 1 {
                 woken.append(&mut later);
             }
@@ -881,6 +882,7 @@ impl AsyncRead for MuxStream {
             let n = buf.remaining().min(state.answers.len());
             buf.put_slice(&state.answers[..n]);
             state.answers.advance(n);
+            rewind(&mut state.answers);
             if let Mode::Dedicated(wake) = &state.mode {
                 wake.notify_one();
             }

@@ -32,7 +32,7 @@ use tracing::{Instrument, debug, info, warn};
 
 use super::ber;
 use super::capture::{CaptureLoss, CapturedWrite, Opacity, WriteKind};
-use super::codec::{FrameError, PduCodec};
+use super::codec::{FrameError, PduCodec, rewind};
 use super::conformance::Checker;
 use super::message::{self, Envelope, Op, STARTTLS_OID};
 use super::pool::Slot;
@@ -518,6 +518,7 @@ impl Session {
                 let mut inbox = std::mem::take(&mut self.client.inbox);
                 let end = self.request(&inbox[..len], inbox.len() > len).await;
                 inbox.advance(len);
+                rewind(&mut inbox);
                 self.client.inbox = inbox;
                 end
             }
@@ -1183,6 +1184,7 @@ fn poll_to_client(
             let n = std::task::ready!(write_some(client, cx, relayed))?;
             directory.buffer.advance(n);
             directory.relayed -= n;
+            rewind(&mut directory.buffer);
         }
     }
     while !client.outbox.is_empty() {
@@ -1191,6 +1193,7 @@ fn poll_to_client(
         client.outbox = outbox;
         let n = std::task::ready!(written)?;
         client.outbox.advance(n);
+        rewind(&mut client.outbox);
     }
     if client.unflushed {
         // Under TLS, written means encrypted and sent.
@@ -1282,6 +1285,7 @@ fn poll_to_directory(directory: &mut Directory, cx: &mut Context<'_>) -> Poll<st
             Poll::Ready(Ok(n)) => {
                 METRICS.bytes_from_client.inc_by(n as u64);
                 directory.outgoing.advance(n);
+                rewind(&mut directory.outgoing);
             }
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => {
