@@ -31,6 +31,7 @@ use crate::model::{Action, Category, ChangeSource};
 
 mod admin;
 mod ahead;
+mod rows;
 
 /// Schema versions, applied in order; never edit one that has shipped.
 const MIGRATIONS: &[&str] = &[
@@ -233,6 +234,10 @@ const MIGRATIONS: &[&str] = &[
 
 /// Writes a batch holds at most before it commits them.
 const BATCH_WRITES: usize = 500;
+
+/// Rows a `store copy` writes per statement: few round trips, and a
+/// statement's arrays of a bounded size.
+const COPY_CHUNK: usize = 5_000;
 
 /// How long a session may sit in an open transaction: a worker paused
 /// (SIGSTOP) inside one would otherwise hold its lease row's lock, and no
@@ -1737,23 +1742,21 @@ impl PostgresStore {
                  ALTER TABLE journal DISABLE TRIGGER journal_names_changes;",
             )
             .map_err(error)?;
-            for (o, edit) in &t.objects {
-                c.execute(
-                    r#"INSERT INTO objects (id, category, name, enabled, "values", edit) VALUES ($1, $2, $3, $4, $5, $6)"#,
-                    &[&o.id, &o.category.as_str(), &o.name, &o.enabled, &to_json(&o.values), edit],
-                )
-                .map_err(error)?;
+            // A chunk at a time: a statement per table, not a round trip
+            // per row.
+            for chunk in t.objects.chunks(COPY_CHUNK) {
+                let ids: Vec<i64> = chunk.iter().map(|(o, _)| o.id).collect();
+                let objects: Vec<&LocalObject> = chunk.iter().map(|(o, _)| o).collect();
+                let edits: Vec<i64> = chunk.iter().map(|(_, edit)| *edit).collect();
+                rows::objects(c, &ids, &objects, &edits)?;
             }
-            for a in &t.associations {
-                c.execute(
-                    "INSERT INTO associations (connector, object_id, entry_id, dn, baseline, synced_at, entry_gone)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                    &[&a.connector, &a.object_id, &a.entry_id, &a.dn, &to_json(&a.baseline), &a.synced_at, &a.entry_gone],
-                )
-                .map_err(error)?;
+            for chunk in t.associations.chunks(COPY_CHUNK) {
+                let object_ids: Vec<i64> = chunk.iter().map(|a| a.object_id).collect();
+                rows::associations(c, &object_ids, &chunk.iter().collect::<Vec<_>>())?;
             }
-            for (id, e) in &t.journal {
-                insert_journal(c, Some(*id), e)?;
+            for chunk in t.journal.chunks(COPY_CHUNK) {
+                let ids: Vec<Option<i64>> = chunk.iter().map(|(id, _)| Some(*id)).collect();
+                rows::journal(c, &ids, &chunk.iter().map(|(_, e)| e).collect::<Vec<_>>())?;
             }
             for state in &t.states {
                 write_state(c, state)?;

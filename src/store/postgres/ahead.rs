@@ -11,9 +11,8 @@
 
 use std::collections::HashMap;
 
-use super::{ASSOCIATION_COLUMNS, BATCH_WRITES, Db, OBJECT_COLUMNS, association_from, error, object_from};
+use super::{ASSOCIATION_COLUMNS, BATCH_WRITES, Db, OBJECT_COLUMNS, association_from, error, object_from, rows};
 use crate::model::Category;
-use crate::store::to_json;
 use crate::store::{Association, Commit, LocalObject, StoreError};
 
 /// Object ids taken from the sequence at once for the creations of a pass.
@@ -238,52 +237,13 @@ impl Ahead {
 pub(super) fn insert_created(c: &mut Db<'_>, created: &[Created]) -> Result<(), StoreError> {
     let objects: Vec<&LocalObject> = created.iter().filter_map(|k| k.commit.object.as_ref()).collect();
     let ids: Vec<i64> = created.iter().map(|k| k.id).collect();
-    c.execute(
-        r#"INSERT INTO objects (id, category, name, enabled, "values")
-           SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::boolean[], $5::text[])"#,
-        &[
-            &ids,
-            &objects.iter().map(|o| o.category.as_str()).collect::<Vec<_>>(),
-            &objects.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(),
-            &objects.iter().map(|o| o.enabled).collect::<Vec<_>>(),
-            &objects.iter().map(|o| to_json(&o.values)).collect::<Vec<_>>(),
-        ],
-    )
-    .map_err(error)?;
+    rows::objects(c, &ids, &objects, &vec![0; ids.len()])?;
     let associations: Vec<&Association> = created.iter().filter_map(|k| k.commit.association.as_ref()).collect();
-    c.execute(
-        "INSERT INTO associations (connector, object_id, entry_id, dn, baseline, synced_at, entry_gone)
-         SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::boolean[])",
-        &[
-            &associations.iter().map(|a| a.connector.as_str()).collect::<Vec<_>>(),
-            &ids,
-            &associations.iter().map(|a| a.entry_id.as_str()).collect::<Vec<_>>(),
-            &associations.iter().map(|a| a.dn.as_str()).collect::<Vec<_>>(),
-            &associations.iter().map(|a| to_json(&a.baseline)).collect::<Vec<_>>(),
-            &associations.iter().map(|a| a.synced_at).collect::<Vec<_>>(),
-            &associations.iter().map(|a| a.entry_gone).collect::<Vec<_>>(),
-        ],
-    )
-    .map_err(error)?;
+    rows::associations(c, &ids, &associations)?;
     let journal: Vec<_> = created.iter().flat_map(|k| &k.commit.journal).collect();
     if journal.is_empty() {
         return Ok(());
     }
-    // In the order decided: the rows take the sequence's ids as unnest gives them.
-    c.execute(
-        "INSERT INTO journal (at, connector, category, object, source, action, policy, detail)
-         SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[])",
-        &[
-            &journal.iter().map(|e| e.at).collect::<Vec<_>>(),
-            &journal.iter().map(|e| e.connector.as_str()).collect::<Vec<_>>(),
-            &journal.iter().map(|e| e.category.as_str()).collect::<Vec<_>>(),
-            &journal.iter().map(|e| e.object.as_str()).collect::<Vec<_>>(),
-            &journal.iter().map(|e| e.source.as_str()).collect::<Vec<_>>(),
-            &journal.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(),
-            &journal.iter().map(|e| e.policy.as_str()).collect::<Vec<_>>(),
-            &journal.iter().map(|e| e.detail.as_str()).collect::<Vec<_>>(),
-        ],
-    )
-    .map_err(error)?;
-    Ok(())
+    // In the order decided: the lines take the sequence's ids in it.
+    rows::journal(c, &vec![None; journal.len()], &journal)
 }
