@@ -108,8 +108,9 @@ bench: bench-deps
 bench-smoke: bench-deps
 	bench/run.sh --smoke
 
-# User-space instructions per relayed search, ldapsync against HAProxy
-# (callgrind): the relay's own cost, exactly, where CPU time is noisy.
+# User-space instructions and simulated cache misses per relayed search,
+# ldapsync against HAProxy (callgrind): the relay's own cost, exactly,
+# where CPU time is noisy.
 bench-instructions: bench-deps
 	bench/instructions.sh
 
