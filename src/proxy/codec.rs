@@ -101,7 +101,10 @@ impl PduCodec {
 
     /// Charges (or gives back) the budget so that it holds `buffered` bytes.
     fn account(&mut self, buffered: usize) -> Result<(), FrameError> {
-        let Some(budget) = &self.budget else {
+        // Most calls change nothing (a whole PDU, nothing charged): they
+        // must not write the budget's counter, a cache line every session
+        // thread shares.
+        let Some(budget) = self.budget.as_ref().filter(|_| buffered != self.charged) else {
             return Ok(());
         };
         if buffered > self.charged {
