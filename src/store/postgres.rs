@@ -949,28 +949,7 @@ fn objects(rows: Vec<Row>) -> Result<Vec<LocalObject>, StoreError> {
 }
 
 fn write_journal(c: &mut Db<'_>, e: &JournalEntry) -> Result<(), StoreError> {
-    insert_journal(c, None, e)
-}
-
-/// A journal line; `id` keeps a copied line's (`store copy`), `None` takes the next.
-fn insert_journal(c: &mut Db<'_>, id: Option<i64>, e: &JournalEntry) -> Result<(), StoreError> {
-    c.execute(
-        "INSERT INTO journal (id, at, connector, category, object, source, action, policy, detail)
-         VALUES (coalesce($9, nextval('journal_id_seq')), $1, $2, $3, $4, $5, $6, $7, $8)",
-        &[
-            &e.at,
-            &e.connector,
-            &e.category.as_str(),
-            &e.object,
-            &e.source.as_str(),
-            &e.action.as_str(),
-            &e.policy,
-            &e.detail,
-            &id,
-        ],
-    )
-    .map_err(error)?;
-    Ok(())
+    rows::journal(c, &[None], &[e])
 }
 
 /// A new object; `id` is one taken from the sequence already, `None` the next.

@@ -1,7 +1,7 @@
 //! Rows written many at a time: one statement per table for a whole slice
 //! of rows (arrays `unnest`ed server-side), where a statement per row
 //! would cost a round trip each. A pass's creations and `store copy` write
-//! through them.
+//! through them; a single journal line is a slice of one.
 
 use super::{Db, error};
 use crate::store::to_json;
