@@ -14,6 +14,7 @@
 //! whole PDU in it written to the client in one write, straight from the
 //! read buffer; the operations in flight are the session's own map.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
 use std::net::{IpAddr, SocketAddr};
@@ -71,6 +72,16 @@ enum OnSuccess {
     /// StartTLS passed through: the directory's next bytes are its side of
     /// the client's TLS handshake.
     EndToEndTls,
+}
+
+/// A request the relay cannot finish without waiting: a session's first
+/// request opens the directory connection, StartTLS ends a session's
+/// identity, a bind refused here closes the directory's session first.
+enum Deferred {
+    Connect(Envelope, OnSuccess),
+    /// `more`: the client sent bytes after it.
+    StartTls(Envelope, bool),
+    RefuseBind(Envelope, ResultCode, Cow<'static, str>),
 }
 
 /// The operations in flight on the session's directory connection, by
@@ -225,7 +236,7 @@ pub(super) async fn run(
         let ldaps = listener.url.is_ldaps();
         let passthrough = listener.tls == ListenerTls::Passthrough;
         let stream: Stream = if ldaps && !passthrough {
-            match handshake(&shared, &settings, stream).await {
+            match Box::pin(handshake(&shared, &settings, stream)).await {
                 Ok(stream) => stream,
                 Err(reason) => return info!(%reason, "TLS handshake failed; connection closed"),
             }
@@ -233,10 +244,12 @@ pub(super) async fn run(
             stream
         };
         let session = Session::new(id, stream, peer.ip(), listener, shared, settings, shutdown);
-        Session {
+        // Boxed, as the rare paths' futures are: the futures a wake-up
+        // polls through down to the relay loop stay a few cache lines.
+        Box::new(Session {
             tls: ldaps && !passthrough,
             ..session
-        }
+        })
         .run()
         .await
     }
@@ -376,13 +389,13 @@ impl Session {
         }
     }
 
-    async fn run(mut self) {
+    async fn run(mut self: Box<Self>) {
         debug!("session opened");
         let end = match (self.listener.url.is_ldaps(), self.listener.tls) {
-            (true, ListenerTls::Passthrough) => self.pass_through().await,
+            (true, ListenerTls::Passthrough) => Box::pin(self.pass_through()).await,
             _ => self.relay().await,
         };
-        self.close(end).await;
+        Box::pin(self.close(end)).await;
     }
 
     /// An `ldaps://` passthrough session: relayed untouched, from the first
@@ -410,7 +423,13 @@ impl Session {
     async fn relay(&mut self) -> End {
         loop {
             let event = poll_fn(|cx| self.poll_event(cx)).await;
-            if let Some(end) = self.handle(event).await {
+            let end = match self.handle(event) {
+                Ok(end) => end,
+                // Boxed: its state stays out of this loop's future, which
+                // every wake-up of every session touches.
+                Err((deferred, len)) => Box::pin(self.finish_request(deferred, len)).await,
+            };
+            if let Some(end) = end {
                 return end;
             }
         }
@@ -479,8 +498,10 @@ impl Session {
     }
 
     /// Acts on an event; `Some` ends the session.
-    async fn handle(&mut self, event: Event) -> Option<End> {
-        match event {
+    /// Acts on an event without waiting; a request that must wait comes
+    /// back deferred, with its length at the start of the inbox.
+    fn handle(&mut self, event: Event) -> Result<Option<End>, (Deferred, usize)> {
+        Ok(match event {
             Event::Shutdown => Some(End::Shutdown),
             Event::ClientClosed => Some(End::ClientClosed),
             Event::ClientGone(e) => {
@@ -504,7 +525,7 @@ impl Session {
                     false => Opacity::SecurityLayer,
                 };
                 if self.directory.is_none() {
-                    return Some(End::ClientClosed);
+                    return Ok(Some(End::ClientClosed));
                 }
                 self.tunnel(opacity);
                 None
@@ -516,13 +537,39 @@ impl Session {
                 self.active_at = tokio::time::Instant::from_std(self.received_at);
                 // Lent out while the request is relayed from it.
                 let mut inbox = std::mem::take(&mut self.client.inbox);
-                let end = self.request(&inbox[..len], inbox.len() > len).await;
-                inbox.advance(len);
-                rewind(&mut inbox);
+                let relayed = self.request(&inbox[..len], inbox.len() > len);
+                if relayed.is_ok() {
+                    inbox.advance(len);
+                    rewind(&mut inbox);
+                }
                 self.client.inbox = inbox;
-                end
+                return relayed.map_err(|deferred| (deferred, len));
             }
-        }
+        })
+    }
+
+    /// Finishes a deferred request, the first `len` bytes of the inbox.
+    async fn finish_request(&mut self, deferred: Deferred, len: usize) -> Option<End> {
+        let mut inbox = std::mem::take(&mut self.client.inbox);
+        let pdu = &inbox[..len];
+        let end = match deferred {
+            Deferred::Connect(request, on_success) => {
+                let settings = Arc::clone(&self.settings);
+                match self.connect(&settings.route(), &request).await {
+                    Ok(()) => {
+                        self.send(&request, pdu, on_success);
+                        None
+                    }
+                    Err(end) => end,
+                }
+            }
+            Deferred::StartTls(request, more) => self.start_tls(&request, pdu, more).await,
+            Deferred::RefuseBind(request, code, why) => self.refuse_bind(&request, code, &why).await,
+        };
+        inbox.advance(len);
+        rewind(&mut inbox);
+        self.client.inbox = inbox;
+        end
     }
 
     /// From now on the client's bytes are relayed as they come (a SASL
@@ -592,30 +639,32 @@ impl Session {
     }
 
     /// Relays one client PDU (`more`: the client has sent more bytes after
-    /// it); `Some` ends the session.
-    async fn request(&mut self, pdu: &[u8], more: bool) -> Option<End> {
+    /// it); `Ok(Some)` ends the session, `Err` defers what must wait.
+    fn request(&mut self, pdu: &[u8], more: bool) -> Result<Option<End>, Deferred> {
         // RFC 4511 §4.14.1: nothing follows a StartTLS request until its
         // response; here it would reach the directory's TLS as garbage.
         if let Some(id) = self.start_tls_id
             && self.inflight.0.contains_key(&id)
         {
-            return Some(End::Malformed("a request was sent while StartTLS was pending".into()));
+            return Ok(Some(End::Malformed(
+                "a request was sent while StartTLS was pending".into(),
+            )));
         }
         if let Some(checker) = &mut self.checker {
             checker.client(pdu);
         }
         let env = match Envelope::peek(pdu) {
             Ok(env) => env,
-            Err(e) => return Some(End::Malformed(format!("undecodable LDAPMessage: {e}"))),
+            Err(e) => return Ok(Some(End::Malformed(format!("undecodable LDAPMessage: {e}")))),
         };
         debug!(message_id = env.message_id, op = env.op.name(), "request");
         // MessageID ::= INTEGER (0 .. maxInt) (RFC 4511 §4.1.1.1): anything
         // else cannot be answered, and directories just drop the connection.
         if !(0..=i64::from(i32::MAX)).contains(&env.message_id) {
-            return Some(End::Malformed(format!(
+            return Ok(Some(End::Malformed(format!(
                 "message id {} is outside 0..2147483647",
                 env.message_id
-            )));
+            ))));
         }
         // RFC 4511 §4.1.1.1: a message id names one operation at a time.
         // Relaying a second one would make its response (and the first
@@ -626,10 +675,10 @@ impl Session {
         };
         self.forget_abandoned();
         if env.op.expects_response() && (in_use || self.abandoned.iter().any(|(_, id)| *id == env.message_id)) {
-            return Some(End::Malformed(format!(
+            return Ok(Some(End::Malformed(format!(
                 "message id {} is already in use by an operation in progress",
                 env.message_id
-            )));
+            ))));
         }
         match env.op {
             Op::Unbind => {
@@ -638,10 +687,10 @@ impl Session {
                 if let Some(directory) = &mut self.directory {
                     directory.outgoing.extend_from_slice(pdu);
                 }
-                return Some(End::Unbind);
+                return Ok(Some(End::Unbind));
             }
             // Without a directory connection nothing is in flight to abandon.
-            Op::Abandon if self.directory.is_none() => return None,
+            Op::Abandon if self.directory.is_none() => return Ok(None),
             Op::Abandon => {
                 // An abandoned operation gets no further response; a write
                 // may have been applied all the same, unseen.
@@ -655,13 +704,17 @@ impl Session {
                 }
             }
             Op::Extended if env.extended_name(pdu) == Some(STARTTLS_OID.as_bytes()) => {
-                return self.start_tls(&env, pdu, more).await;
+                return Err(Deferred::StartTls(env, more));
             }
             // A password must not cross the network in clear text here.
             Op::Bind if self.listener.require_tls && !self.tls && !env.is_anonymous_bind(pdu) => {
                 info!("bind refused: this listener requires TLS first");
                 let why = "ldapsync: this listener requires TLS (StartTLS or ldaps://) before a bind";
-                return self.refuse_bind(&env, ResultCode::ConfidentialityRequired, why).await;
+                return Err(Deferred::RefuseBind(
+                    env,
+                    ResultCode::ConfidentialityRequired,
+                    why.into(),
+                ));
             }
             Op::Bind => {
                 if let Some(wait) = self.shared.failed_binds.blocked(self.peer) {
@@ -670,7 +723,7 @@ impl Session {
                         "ldapsync: too many failed binds from your address; retry in {} s",
                         wait.as_secs() + 1
                     );
-                    return self.refuse_bind(&env, ResultCode::UnwillingToPerform, &why).await;
+                    return Err(Deferred::RefuseBind(env, ResultCode::UnwillingToPerform, why.into()));
                 }
             }
             _ => {}
@@ -680,15 +733,9 @@ impl Session {
         if env.op.expects_response() && in_flight + self.abandoned.len() >= self.settings.config.max_outstanding {
             let why = "ldapsync: too many operations outstanding on this connection";
             if env.op == Op::Bind {
-                return self.refuse_bind(&env, ResultCode::Busy, why).await;
+                return Err(Deferred::RefuseBind(env, ResultCode::Busy, why.into()));
             }
-            return self.refuse(&env, ResultCode::Busy, why);
-        }
-        if self.directory.is_none() {
-            let settings = Arc::clone(&self.settings);
-            if let Err(end) = self.connect(&settings.route(), &env).await {
-                return end;
-            }
+            return Ok(self.refuse(&env, ResultCode::Busy, why));
         }
         let on_success = match write_kind(env.op) {
             // Kept beyond the request buffer only for the capture sink.
@@ -696,8 +743,11 @@ impl Session {
             None if env.is_sasl_bind(pdu) => OnSuccess::SaslBound,
             None => OnSuccess::Nothing,
         };
+        if self.directory.is_none() {
+            return Err(Deferred::Connect(env, on_success));
+        }
         self.send(&env, pdu, on_success);
-        None
+        Ok(None)
     }
 
     /// Opens the session's directory connection over `route`; when there
@@ -1107,7 +1157,7 @@ impl Session {
         }
     }
 
-    async fn close(mut self, end: End) {
+    async fn close(mut self: Box<Self>, end: End) {
         let io_timeout = self.settings.config.io_timeout;
         // Requests already relayed reach the directory, which may answer
         // them within the shutdown grace period.
