@@ -436,14 +436,16 @@ impl Proxy {
             if let Err(e) = stream.set_nodelay(true) {
                 debug!(error = %e, "could not set TCP_NODELAY");
             }
-            let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+            let accepted = session::Accepted {
+                id: self.next_session.fetch_add(1, Ordering::Relaxed),
+                peer,
+                permit,
+                slot,
+            };
             let shared = Arc::clone(&self.shared);
             let shutdown = shutdown.clone();
             let config = Arc::clone(&listener.config);
-            let session = move |stream| async move {
-                session::run(id, stream, peer, config, shared, settings, shutdown).await;
-                drop((permit, slot));
-            };
+            let session = move |stream| session::run(accepted, stream, config, shared, settings, shutdown);
             match &self.threads {
                 Some(threads) => threads.spawn(sessions, stream, session),
                 None => drop(sessions.spawn(session(Box::new(stream)))),

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use rasn_ldap::ResultCode;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Sleep, sleep_until, timeout};
 use tokio_util::io::poll_read_buf;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
@@ -35,10 +36,11 @@ use super::ber;
 use super::capture::{CaptureLoss, CapturedWrite, Opacity, WriteKind};
 use super::codec::{FrameError, PduCodec, rewind};
 use super::conformance::Checker;
+use super::limits::AddressSlot;
 use super::message::{self, Envelope, Op, STARTTLS_OID};
 use super::pool::Slot;
 use super::upstream;
-use super::wake::{Wakers, woke};
+use super::wake::{Source, Wakers};
 use super::{Io, Settings, Shared};
 use crate::config::{DirectoryLoss, Listener, ListenerMode, ListenerTls};
 use crate::metrics::{METRICS, SessionOperations};
@@ -85,21 +87,66 @@ enum Deferred {
 }
 
 /// The operations in flight on the session's directory connection, by
-/// message id.
+/// message id. One is kept in place, beside the rest of the session:
+/// a client that waits for each answer (most do) never reaches the map,
+/// which would be more cache lines per operation. `more` holds operations
+/// only while `one` does.
 #[derive(Default)]
-struct Inflight(HashMap<i64, Pending, foldhash::fast::RandomState>);
+struct Inflight {
+    one: Option<(i64, Pending)>,
+    more: HashMap<i64, Pending, foldhash::fast::RandomState>,
+}
 
 impl Inflight {
+    fn len(&self) -> usize {
+        match self.one {
+            Some(_) => 1 + self.more.len(),
+            None => 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.one.is_none()
+    }
+
+    fn contains(&self, id: i64) -> bool {
+        match &self.one {
+            Some((one, _)) => *one == id || (!self.more.is_empty() && self.more.contains_key(&id)),
+            None => false,
+        }
+    }
+
+    /// Adds an operation whose message id is not in flight.
+    fn insert(&mut self, id: i64, pending: Pending) {
+        match self.one {
+            None => self.one = Some((id, pending)),
+            Some(_) => drop(self.more.insert(id, pending)),
+        }
+    }
+
+    fn remove(&mut self, id: i64) -> Option<Pending> {
+        match &self.one {
+            Some((one, _)) if *one == id => {
+                let next = self.more.keys().next().copied();
+                let next = next.and_then(|next| self.more.remove_entry(&next));
+                std::mem::replace(&mut self.one, next).map(|(_, pending)| pending)
+            }
+            Some(_) if !self.more.is_empty() => self.more.remove(&id),
+            _ => None,
+        }
+    }
+
     /// Forgets every operation in flight; the kind of write among them, if
     /// any (a delete or rename before others: polls may not see those).
     fn abandon_all(&mut self) -> Option<WriteKind> {
-        let kinds = self.0.values().filter_map(|p| match p.on_success {
-            OnSuccess::Capture(kind, _) => Some(kind),
-            _ => None,
-        });
-        let kind = kinds.max_by_key(|kind| matches!(kind, WriteKind::Delete | WriteKind::ModifyDn));
-        self.0.clear();
-        kind
+        let one = self.one.take().map(|(_, pending)| pending);
+        let kinds = one.into_iter().chain(self.more.drain().map(|(_, pending)| pending));
+        kinds
+            .filter_map(|p| match p.on_success {
+                OnSuccess::Capture(kind, _) => Some(kind),
+                _ => None,
+            })
+            .max_by_key(|kind| matches!(kind, WriteKind::Delete | WriteKind::ModifyDn))
     }
 }
 
@@ -217,57 +264,47 @@ enum DirectoryEnd {
     Failed(FrameError),
 }
 
-pub(super) async fn run(
-    id: u64,
+/// A connection the accept loop admitted: its session's number, the
+/// client's address, and the limits' slots it holds until it ends.
+pub(super) struct Accepted {
+    pub(super) id: u64,
+    pub(super) peer: SocketAddr,
+    pub(super) permit: OwnedSemaphorePermit,
+    pub(super) slot: AddressSlot,
+}
+
+/// The session of an accepted connection, to run. Built here rather than
+/// in the future: every layer of async state between the task and the
+/// relay loop is memory that each wake-up of the session reads again.
+pub(super) fn run(
+    accepted: Accepted,
     stream: Stream,
-    peer: SocketAddr,
     listener: Arc<Listener>,
     shared: Arc<Shared>,
     settings: Arc<Settings>,
     shutdown: CancellationToken,
-) {
-    let span = tracing::info_span!("session", id, %peer);
+) -> impl Future<Output = ()> + Send + use<> {
+    let span = tracing::info_span!("session", id = accepted.id, peer = %accepted.peer);
     METRICS.sessions.inc();
-    METRICS.sessions_open.inc();
-    let _open = scopeguard(|| {
-        METRICS.sessions_open.dec();
-    });
-    async move {
-        let ldaps = listener.url.is_ldaps();
-        let passthrough = listener.tls == ListenerTls::Passthrough;
-        let stream: Stream = if ldaps && !passthrough {
-            match Box::pin(handshake(&shared, &settings, stream)).await {
-                Ok(stream) => stream,
-                Err(reason) => return info!(%reason, "TLS handshake failed; connection closed"),
-            }
-        } else {
-            stream
-        };
-        let session = Session::new(id, stream, peer.ip(), listener, shared, settings, shutdown);
-        // Boxed, as the rare paths' futures are: the futures a wake-up
-        // polls through down to the relay loop stay a few cache lines.
-        Box::new(Session {
-            tls: ldaps && !passthrough,
-            ..session
-        })
-        .run()
-        .await
-    }
-    .instrument(span)
-    .await
+    let handshake = listener.url.is_ldaps() && listener.tls != ListenerTls::Passthrough;
+    let session = Session::new(accepted, stream, listener, shared, settings, shutdown);
+    Box::new(session).run(handshake).instrument(span)
 }
 
-/// Runs `f` when dropped, however the session ends.
-fn scopeguard(f: impl FnOnce()) -> impl Drop {
-    struct Guard<F: FnOnce()>(Option<F>);
-    impl<F: FnOnce()> Drop for Guard<F> {
-        fn drop(&mut self) {
-            if let Some(f) = self.0.take() {
-                f();
-            }
-        }
+/// Counts a session among those open until it is dropped, however it ends.
+struct Open;
+
+impl Open {
+    fn count() -> Open {
+        METRICS.sessions_open.inc();
+        Open
     }
-    Guard(Some(f))
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        METRICS.sessions_open.dec();
+    }
 }
 
 /// The server side of a TLS handshake, within the handshake timeout.
@@ -334,18 +371,20 @@ struct Session {
     /// (one clock read per request serves the idle timer too).
     received_at: Instant,
     operations: SessionOperations,
+    _open: Open,
+    _admitted: (OwnedSemaphorePermit, AddressSlot),
 }
 
 impl Session {
     fn new(
-        id: u64,
+        accepted: Accepted,
         stream: Stream,
-        peer: IpAddr,
         listener: Arc<Listener>,
         shared: Arc<Shared>,
         settings: Arc<Settings>,
         shutdown: CancellationToken,
     ) -> Self {
+        let Accepted { id, peer, permit, slot } = accepted;
         let checker = shared
             .conformance
             .as_ref()
@@ -375,7 +414,7 @@ impl Session {
             active_at: now,
             settings,
             listener,
-            peer,
+            peer: peer.ip(),
             tls: false,
             checker,
             shared,
@@ -386,10 +425,24 @@ impl Session {
             abandoned: VecDeque::new(),
             received_at: Instant::now(),
             operations: SessionOperations::default(),
+            _open: Open::count(),
+            _admitted: (permit, slot),
         }
     }
 
-    async fn run(mut self: Box<Self>) {
+    /// Runs the session, after the TLS handshake of an `ldaps://` listener
+    /// that ends TLS itself if `handshake`.
+    async fn run(mut self: Box<Self>, handshake: bool) {
+        if handshake {
+            let plain = std::mem::replace(&mut self.client.stream, Box::new(tokio::io::empty()));
+            match Box::pin(self::handshake(&self.shared, &self.settings, plain)).await {
+                Ok(stream) => self.client.stream = stream,
+                Err(reason) => return info!(%reason, "TLS handshake failed; connection closed"),
+            }
+            self.tls = true;
+            // Idle from the end of the handshake, which has its own timeout.
+            self.active_at = tokio::time::Instant::now();
+        }
         debug!("session opened");
         let end = match (self.listener.url.is_ldaps(), self.listener.tls) {
             (true, ListenerTls::Passthrough) => Box::pin(self.pass_through()).await,
@@ -440,15 +493,15 @@ impl Session {
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
         let wakers = &self.wakers;
         wakers.register(cx.waker());
-        if woke(&wakers.client) {
+        if wakers.woke(Source::Client) {
             self.client.parked = Parked::default();
         }
-        if woke(&wakers.directory)
+        if wakers.woke(Source::Directory)
             && let Some(directory) = self.directory.as_mut()
         {
             directory.parked = Parked::default();
         }
-        if woke(&wakers.signals) {
+        if wakers.woke(Source::Signals) {
             self.signals_parked = false;
         }
         let client_cx = &mut Context::from_waker(&wakers.client_waker);
@@ -613,7 +666,7 @@ impl Session {
         }
         let mut idle_until = self.active_at + idle_timeout;
         if idle_until <= now {
-            if self.tunneled || self.inflight.0.is_empty() {
+            if self.tunneled || self.inflight.is_empty() {
                 return Some(End::Idle);
             }
             idle_until = now + idle_timeout;
@@ -644,7 +697,7 @@ impl Session {
         // RFC 4511 §4.14.1: nothing follows a StartTLS request until its
         // response; here it would reach the directory's TLS as garbage.
         if let Some(id) = self.start_tls_id
-            && self.inflight.0.contains_key(&id)
+            && self.inflight.contains(id)
         {
             return Ok(Some(End::Malformed(
                 "a request was sent while StartTLS was pending".into(),
@@ -670,7 +723,7 @@ impl Session {
         // Relaying a second one would make its response (and the first
         // one's capture) ambiguous.
         let (in_use, in_flight) = match env.op.expects_response() {
-            true => (self.inflight.0.contains_key(&env.message_id), self.inflight.0.len()),
+            true => (self.inflight.contains(env.message_id), self.inflight.len()),
             false => (false, 0),
         };
         self.forget_abandoned();
@@ -695,7 +748,7 @@ impl Session {
                 // An abandoned operation gets no further response; a write
                 // may have been applied all the same, unseen.
                 if let Some(target) = env.abandoned_id(pdu)
-                    && let Some(pending) = self.inflight.0.remove(&target)
+                    && let Some(pending) = self.inflight.remove(target)
                 {
                     self.abandoned.push_back((tokio::time::Instant::now(), target));
                     if let OnSuccess::Capture(kind, _) = pending.on_success {
@@ -792,7 +845,7 @@ impl Session {
                 started: self.received_at,
                 on_success,
             };
-            self.inflight.0.insert(request.message_id, pending);
+            self.inflight.insert(request.message_id, pending);
         }
         let directory = self.directory.as_mut().expect("connected before a request is sent");
         directory.outgoing.extend_from_slice(pdu);
@@ -873,7 +926,7 @@ impl Session {
                 "StartTLS is not configured on this ldapsync listener",
             )),
             ListenerTls::Terminate if self.tls => Some((ResultCode::OperationsError, "TLS is already established")),
-            _ if !self.inflight.0.is_empty() => Some((
+            _ if !self.inflight.is_empty() => Some((
                 ResultCode::OperationsError,
                 "operations are outstanding; StartTLS must be requested alone",
             )),
@@ -1059,7 +1112,7 @@ impl Session {
                 return Seen::Notice;
             }
             Ok(env) if env.op.is_final_response() => {
-                if let Some(pending) = self.inflight.0.remove(&env.message_id)
+                if let Some(pending) = self.inflight.remove(env.message_id)
                     && self.complete(&env, pdu, pending)
                 {
                     return Seen::Opaque;
@@ -1139,7 +1192,7 @@ impl Session {
     async fn drain(&mut self, grace: Duration) {
         self.accepting = false;
         let drained = async {
-            while !self.inflight.0.is_empty() {
+            while !self.inflight.is_empty() {
                 let event = poll_fn(|cx| self.poll_event(cx)).await;
                 let end = match event {
                     Event::Directory(read) => self.directory_read(read),
@@ -1374,5 +1427,55 @@ fn write_kind(op: Op) -> Option<WriteKind> {
         Op::Delete => Some(WriteKind::Delete),
         Op::ModifyDn => Some(WriteKind::ModifyDn),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(on_success: OnSuccess) -> Pending {
+        Pending {
+            op: Op::Search,
+            started: Instant::now(),
+            on_success,
+        }
+    }
+
+    fn write(kind: WriteKind) -> Pending {
+        pending(OnSuccess::Capture(kind, Bytes::new()))
+    }
+
+    #[test]
+    fn operations_in_flight_are_found_by_message_id_wherever_they_are_kept() {
+        let mut inflight = Inflight::default();
+        assert!(inflight.is_empty());
+        for id in [7, 3, 9] {
+            inflight.insert(id, pending(OnSuccess::Nothing));
+        }
+        assert_eq!(inflight.len(), 3);
+        assert!([7, 3, 9].iter().all(|&id| inflight.contains(id)) && !inflight.contains(4));
+        assert!(inflight.remove(7).is_some(), "the one kept in place");
+        assert!(inflight.remove(7).is_none() && !inflight.contains(7));
+        inflight.insert(4, pending(OnSuccess::Nothing));
+        for id in [3, 9, 4] {
+            assert!(inflight.remove(id).is_some(), "message id {id}");
+        }
+        assert!(inflight.is_empty());
+    }
+
+    #[test]
+    fn abandoning_all_reports_a_delete_or_rename_before_other_writes() {
+        let mut inflight = Inflight::default();
+        inflight.insert(1, write(WriteKind::Modify));
+        inflight.insert(2, write(WriteKind::Delete));
+        inflight.insert(3, write(WriteKind::Add));
+        assert_eq!(inflight.abandon_all(), Some(WriteKind::Delete));
+        assert!(inflight.is_empty());
+        inflight.insert(1, write(WriteKind::ModifyDn));
+        inflight.insert(2, pending(OnSuccess::Nothing));
+        assert_eq!(inflight.abandon_all(), Some(WriteKind::ModifyDn));
+        inflight.insert(1, pending(OnSuccess::Nothing));
+        assert_eq!(inflight.abandon_all(), None);
     }
 }

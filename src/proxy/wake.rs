@@ -13,65 +13,76 @@ use futures_util::task::AtomicWaker;
 /// once it has woken the session, so a wake-up costs the polls of what
 /// woke it, not of everything.
 pub(super) struct Wakers {
-    task: Arc<TaskWaker>,
-    pub(super) client: Arc<Source>,
-    pub(super) directory: Arc<Source>,
-    /// The shutdown token and the session's timer.
-    pub(super) signals: Arc<Source>,
+    marks: Arc<Marks>,
     pub(super) client_waker: Waker,
     pub(super) directory_waker: Waker,
     pub(super) signals_waker: Waker,
 }
 
+/// A source of wake-ups.
+#[derive(Clone, Copy)]
+pub(super) enum Source {
+    Client,
+    Directory,
+    /// The shutdown token and the session's timer.
+    Signals,
+}
+
+/// The sources' marks and the task's waker, in one allocation: a poll
+/// reads them all, and every other session's polls come between two of
+/// this one's, so each allocation is a cache line fetched again.
+#[derive(Default)]
+struct Marks {
+    woken: [AtomicBool; 3],
+    task: TaskWaker,
+}
+
 impl Wakers {
     pub(super) fn new() -> Wakers {
-        let task = Arc::new(TaskWaker::default());
-        let source = || {
-            Arc::new(Source {
-                woken: AtomicBool::new(false),
-                task: Arc::clone(&task),
-            })
+        let marks = Arc::new(Marks::default());
+        let waker = |source| {
+            Waker::from(Arc::new(SourceWaker {
+                marks: Arc::clone(&marks),
+                source,
+            }))
         };
-        let (client, directory, signals) = (source(), source(), source());
         Wakers {
-            client_waker: Waker::from(Arc::clone(&client)),
-            directory_waker: Waker::from(Arc::clone(&directory)),
-            signals_waker: Waker::from(Arc::clone(&signals)),
-            task,
-            client,
-            directory,
-            signals,
+            client_waker: waker(Source::Client),
+            directory_waker: waker(Source::Directory),
+            signals_waker: waker(Source::Signals),
+            marks,
         }
     }
 
     /// The waker of the task polling now is the one to wake; call before
     /// looking at what woke it.
     pub(super) fn register(&self, waker: &Waker) {
-        self.task.register(waker);
+        self.marks.task.register(waker);
+    }
+
+    /// Whether `source` woke the session since the last look (and forgets it).
+    pub(super) fn woke(&self, source: Source) -> bool {
+        let woken = &self.marks.woken[source as usize];
+        woken.load(Ordering::SeqCst) && woken.swap(false, Ordering::SeqCst)
     }
 }
 
 /// One source's waker: marks the source, then wakes the session's task.
-pub(super) struct Source {
-    woken: AtomicBool,
-    task: Arc<TaskWaker>,
+struct SourceWaker {
+    marks: Arc<Marks>,
+    source: Source,
 }
 
-impl Wake for Source {
+impl Wake for SourceWaker {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
         // SeqCst with `TaskWaker::register`'s: see there.
-        self.woken.store(true, Ordering::SeqCst);
-        self.task.wake();
+        self.marks.woken[self.source as usize].store(true, Ordering::SeqCst);
+        self.marks.task.wake();
     }
-}
-
-/// Whether `source` woke the session since the last look (and forgets it).
-pub(super) fn woke(source: &Source) -> bool {
-    source.woken.load(Ordering::SeqCst) && source.woken.swap(false, Ordering::SeqCst)
 }
 
 /// The session task's waker. A task's waker stays the same from poll to
@@ -149,8 +160,11 @@ mod tests {
         wakers.register(&first_waker);
         wakers.directory_waker.wake_by_ref();
         assert_eq!(first.0.load(Ordering::SeqCst), 1);
-        assert!(woke(&wakers.directory) && !woke(&wakers.directory), "marked once");
-        assert!(!woke(&wakers.client), "the client did not wake it");
+        assert!(
+            wakers.woke(Source::Directory) && !wakers.woke(Source::Directory),
+            "marked once"
+        );
+        assert!(!wakers.woke(Source::Client), "the client did not wake it");
 
         wakers.register(&first_waker);
         let (second, second_waker) = counting();
@@ -158,7 +172,7 @@ mod tests {
             wakers.register(&second_waker);
             wakers.client_waker.wake_by_ref();
             assert_eq!(second.0.load(Ordering::SeqCst), wakes, "a new waker is the one woken");
-            assert!(woke(&wakers.client));
+            assert!(wakers.woke(Source::Client));
         }
         assert_eq!(first.0.load(Ordering::SeqCst), 1, "the old one no longer");
     }
@@ -169,7 +183,7 @@ mod tests {
         wakers.signals_waker.wake_by_ref();
         let (task, waker) = counting();
         wakers.register(&waker);
-        assert!(woke(&wakers.signals));
+        assert!(wakers.woke(Source::Signals));
         assert_eq!(task.0.load(Ordering::SeqCst), 0);
     }
 }
