@@ -448,7 +448,9 @@ impl Proxy {
             let session = move |stream| session::run(accepted, stream, config, shared, settings, shutdown);
             match &self.threads {
                 Some(threads) => threads.spawn(sessions, stream, session),
-                None => drop(sessions.spawn(session(Box::new(stream)))),
+                // Built in the task, not here: the accept loop takes the
+                // next connection sooner (a storm of them waits on it).
+                None => drop(sessions.spawn(async move { session(Box::new(stream)).await })),
             }
         }
     }
