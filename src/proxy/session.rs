@@ -111,7 +111,7 @@ impl Inflight {
 
     fn contains(&self, id: i64) -> bool {
         match &self.one {
-            Some((one, _)) => *one == id || (!self.more.is_empty() && self.more.contains_key(&id)),
+            Some((one, _)) => *one == id || self.more.contains_key(&id),
             None => false,
         }
     }
@@ -131,8 +131,8 @@ impl Inflight {
                 let next = next.and_then(|next| self.more.remove_entry(&next));
                 std::mem::replace(&mut self.one, next).map(|(_, pending)| pending)
             }
-            Some(_) if !self.more.is_empty() => self.more.remove(&id),
-            _ => None,
+            Some(_) => self.more.remove(&id),
+            None => None,
         }
     }
 
@@ -286,9 +286,8 @@ pub(super) fn run(
 ) -> impl Future<Output = ()> + Send + use<> {
     let span = tracing::info_span!("session", id = accepted.id, peer = %accepted.peer);
     METRICS.sessions.inc();
-    let handshake = listener.url.is_ldaps() && listener.tls != ListenerTls::Passthrough;
     let session = Session::new(accepted, stream, listener, shared, settings, shutdown);
-    Box::new(session).run(handshake).instrument(span)
+    Box::new(session).run().instrument(span)
 }
 
 /// Counts a session among those open until it is dropped, however it ends.
@@ -430,12 +429,13 @@ impl Session {
         }
     }
 
-    /// Runs the session, after the TLS handshake of an `ldaps://` listener
-    /// that ends TLS itself if `handshake`.
-    async fn run(mut self: Box<Self>, handshake: bool) {
-        if handshake {
+    /// Runs the session, after the TLS handshake on an `ldaps://`
+    /// listener that ends TLS itself.
+    async fn run(mut self: Box<Self>) {
+        let (ldaps, tls) = (self.listener.url.is_ldaps(), self.listener.tls);
+        if ldaps && tls == ListenerTls::Terminate {
             let plain = std::mem::replace(&mut self.client.stream, Box::new(tokio::io::empty()));
-            match Box::pin(self::handshake(&self.shared, &self.settings, plain)).await {
+            match Box::pin(handshake(&self.shared, &self.settings, plain)).await {
                 Ok(stream) => self.client.stream = stream,
                 Err(reason) => return info!(%reason, "TLS handshake failed; connection closed"),
             }
@@ -444,7 +444,7 @@ impl Session {
             self.active_at = tokio::time::Instant::now();
         }
         debug!("session opened");
-        let end = match (self.listener.url.is_ldaps(), self.listener.tls) {
+        let end = match (ldaps, tls) {
             (true, ListenerTls::Passthrough) => Box::pin(self.pass_through()).await,
             _ => self.relay().await,
         };
@@ -550,8 +550,7 @@ impl Session {
         Poll::Pending
     }
 
-    /// Acts on an event; `Some` ends the session.
-    /// Acts on an event without waiting; a request that must wait comes
+    /// Acts on an event without waiting (`Some` ends the session); a request that must wait comes
     /// back deferred, with its length at the start of the inbox.
     fn handle(&mut self, event: Event) -> Result<Option<End>, (Deferred, usize)> {
         Ok(match event {
